@@ -1,0 +1,121 @@
+"""Priors p(θ) over parameter vectors: a box-uniform and a Gaussian, batched and seedable."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+__all__ = ["BoxUniform", "Gaussian", "Prior", "prior_from_config"]
+
+
+class Prior:
+    """Common interface of a prior over θ of shape `(dim,)`.
+
+    Attributes:
+        dim: number of parameters.
+        low, high: `(dim,)` support bounds (±inf where unbounded).
+    """
+
+    dim: int
+    low: torch.Tensor
+    high: torch.Tensor
+
+    def sample(self, n: int, *, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Draw `(n, dim)` samples."""
+        raise NotImplementedError
+
+    def log_prob(self, theta: torch.Tensor) -> torch.Tensor:
+        """Log-density of `(*, dim)` θ, `-inf` outside the support; returns `(*,)`."""
+        raise NotImplementedError
+
+    @property
+    def bounded(self) -> bool:
+        """True when every coordinate has a finite lower and upper bound."""
+        return bool(torch.isfinite(self.low).all() and torch.isfinite(self.high).all())
+
+    def in_support(self, theta: torch.Tensor) -> torch.Tensor:
+        """Boolean `(*,)`: θ lies inside the support."""
+        low, high = self.low.to(theta), self.high.to(theta)
+        return ((theta >= low) & (theta <= high)).all(-1)
+
+    def _check_n(self, n: int) -> None:
+        if not isinstance(n, int) or n <= 0:
+            raise ValueError(f"number of prior samples must be a positive int, got {n!r}")
+
+    def _check_theta(self, theta: torch.Tensor) -> None:
+        if theta.shape[-1] != self.dim:
+            raise ValueError(f"θ has last dimension {theta.shape[-1]}, the prior has dim {self.dim}")
+
+
+class BoxUniform(Prior):
+    """Independent uniform prior on the box `[low, high]`.
+
+    Arguments:
+        low, high: `(dim,)` finite bounds with low < high.
+    """
+
+    def __init__(self, low, high):
+        self.low = torch.as_tensor(low, dtype=torch.float32).flatten()
+        self.high = torch.as_tensor(high, dtype=torch.float32).flatten()
+        if self.low.shape != self.high.shape:
+            raise ValueError(f"low {tuple(self.low.shape)} and high {tuple(self.high.shape)} differ in shape")
+        if not (torch.isfinite(self.low).all() and torch.isfinite(self.high).all()):
+            raise ValueError("BoxUniform bounds must be finite")
+        if not (self.low < self.high).all():
+            raise ValueError("BoxUniform needs low < high in every coordinate")
+        self.dim = self.low.numel()
+        self._log_volume = float(torch.log(self.high.double() - self.low.double()).sum())
+
+    def sample(self, n, *, generator=None):
+        self._check_n(n)
+        u = torch.rand(n, self.dim, generator=generator)
+        return self.low + (self.high - self.low) * u
+
+    def log_prob(self, theta):
+        self._check_theta(theta)
+        inside = self.in_support(theta)
+        lp = torch.full(inside.shape, -self._log_volume, dtype=theta.dtype, device=theta.device)
+        return lp.masked_fill(~inside, -math.inf)
+
+    def config(self) -> dict:
+        return {"type": "BoxUniform", "low": self.low.tolist(), "high": self.high.tolist()}
+
+
+class Gaussian(Prior):
+    """Multivariate normal prior N(loc, covariance).
+
+    Arguments:
+        loc: `(dim,)` mean.
+        covariance: `(dim, dim)` symmetric positive-definite covariance.
+    """
+
+    def __init__(self, loc, covariance):
+        self.loc = torch.as_tensor(loc, dtype=torch.float32).flatten()
+        self.covariance = torch.as_tensor(covariance, dtype=torch.float32)
+        self.dim = self.loc.numel()
+        if self.covariance.shape != (self.dim, self.dim):
+            raise ValueError(f"covariance must be ({self.dim}, {self.dim}), got {tuple(self.covariance.shape)}")
+        self._dist = torch.distributions.MultivariateNormal(self.loc, covariance_matrix=self.covariance)
+        self.low = torch.full((self.dim,), -math.inf)
+        self.high = torch.full((self.dim,), math.inf)
+
+    def sample(self, n, *, generator=None):
+        self._check_n(n)
+        eps = torch.randn(n, self.dim, generator=generator)
+        return self.loc + eps @ self._dist.scale_tril.T
+
+    def log_prob(self, theta):
+        self._check_theta(theta)
+        return self._dist.log_prob(theta.float()).to(theta.dtype)
+
+    def config(self) -> dict:
+        return {"type": "Gaussian", "loc": self.loc.tolist(), "covariance": self.covariance.tolist()}
+
+
+def prior_from_config(config: dict) -> Prior:
+    """Rebuild a prior from `Prior.config()` (plain data, no pickled code)."""
+    kinds = {"BoxUniform": lambda c: BoxUniform(c["low"], c["high"]), "Gaussian": lambda c: Gaussian(c["loc"], c["covariance"])}
+    if config.get("type") not in kinds:
+        raise ValueError(f"unknown prior type {config.get('type')!r}; known: {sorted(kinds)}")
+    return kinds[config["type"]](config)
