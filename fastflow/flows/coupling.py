@@ -1,0 +1,120 @@
+"""Coupling layers (Dinh et al. 2017; Durkan et al. 2019): half the coordinates, plus an optional
+context, parametrize an elementwise bijection of the other half through an MLP conditioner."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from fastflow.flows.transforms import Transform
+from fastflow.ops.spline import rq_spline_ref, spline_param_count
+
+__all__ = ["MLP", "AffineCoupling", "SplineCoupling"]
+
+
+class MLP(nn.Sequential):
+    """Fully connected network `in_features → hidden × depth → out_features` with SiLU activations.
+
+    The last layer starts at zero so that a coupling layer starts as the identity.
+    """
+
+    def __init__(self, in_features: int, out_features: int, *, hidden: int = 64, depth: int = 2):
+        layers: list[nn.Module] = []
+        width = in_features
+        for _ in range(depth):
+            layers += [nn.Linear(width, hidden), nn.SiLU()]
+            width = hidden
+        last = nn.Linear(width, out_features)
+        nn.init.zeros_(last.weight)
+        nn.init.zeros_(last.bias)
+        super().__init__(*layers, last)
+
+
+class _Coupling(Transform):
+    """Shared split/merge logic: coordinates `[:split]` pass through, `[split:]` are transformed
+    (or the reverse when `flip`)."""
+
+    params_per_coordinate: int
+
+    def __init__(self, dim: int, context_dim: int, *, flip: bool, hidden: int, depth: int):
+        super().__init__()
+        if dim < 1:
+            raise ValueError(f"coupling needs dim >= 1, got {dim}")
+        self.dim, self.context_dim, self.flip = dim, context_dim, flip
+        identity_count = dim // 2 if not flip else dim - dim // 2
+        self.identity_count = identity_count
+        self.transformed_count = dim - identity_count
+        self.conditioner = MLP(
+            identity_count + context_dim, self.transformed_count * self.params_per_coordinate, hidden=hidden, depth=depth
+        )
+
+    def _split(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.flip:
+            return x[:, self.transformed_count :], x[:, : self.transformed_count]
+        return x[:, : self.identity_count], x[:, self.identity_count :]
+
+    def _merge(self, kept: torch.Tensor, changed: torch.Tensor) -> torch.Tensor:
+        return torch.cat([changed, kept] if self.flip else [kept, changed], dim=1)
+
+    def _params(self, kept: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
+        if self.context_dim:
+            if context is None:
+                raise ValueError(f"this coupling layer needs a context of dim {self.context_dim}")
+            kept = torch.cat([kept, context.to(kept.dtype)], dim=1)
+        out = self.conditioner(kept)
+        return out.view(kept.shape[0], self.transformed_count, self.params_per_coordinate)
+
+    def _elementwise(self, x, params, inverse):
+        raise NotImplementedError
+
+    def forward(self, x, context=None):
+        kept, changed = self._split(x)
+        changed, ladj = self._elementwise(changed, self._params(kept, context), inverse=False)
+        return self._merge(kept, changed), ladj.sum(-1)
+
+    def inverse(self, z, context=None):
+        kept, changed = self._split(z)
+        changed, ladj = self._elementwise(changed, self._params(kept, context), inverse=True)
+        return self._merge(kept, changed), ladj.sum(-1)
+
+
+class AffineCoupling(_Coupling):
+    """RealNVP affine coupling z = x · exp(s) + t with a soft-clamped log-scale s ∈ (-scale_bound, scale_bound).
+
+    Arguments:
+        dim: data dimension; context_dim: conditioning dimension (0 for none).
+        flip: transform the first half instead of the second.
+        hidden, depth: conditioner MLP width and number of hidden layers.
+        scale_bound: bound of the log-scale.
+    """
+
+    params_per_coordinate = 2
+
+    def __init__(self, dim, context_dim=0, *, flip=False, hidden=64, depth=2, scale_bound: float = 3.0):
+        super().__init__(dim, context_dim, flip=flip, hidden=hidden, depth=depth)
+        self.scale_bound = scale_bound
+
+    def _elementwise(self, x, params, inverse):
+        raw_scale, shift = params.unbind(-1)
+        log_scale = self.scale_bound * torch.tanh(raw_scale / self.scale_bound)
+        if inverse:
+            return (x - shift) * torch.exp(-log_scale), -log_scale
+        return x * torch.exp(log_scale) + shift, log_scale
+
+
+class SplineCoupling(_Coupling):
+    """Neural spline coupling: a rational-quadratic spline with `num_bins` bins on [-bound, bound],
+    identity tails outside.
+
+    Arguments:
+        dim, context_dim, flip, hidden, depth: as in `AffineCoupling`.
+        num_bins: K, bins per spline; bound: B, half-width of the spline interval.
+    """
+
+    def __init__(self, dim, context_dim=0, *, flip=False, hidden=64, depth=2, num_bins: int = 8, bound: float = 4.0):
+        self.params_per_coordinate = spline_param_count(num_bins)
+        super().__init__(dim, context_dim, flip=flip, hidden=hidden, depth=depth)
+        self.num_bins, self.bound = num_bins, bound
+
+    def _elementwise(self, x, params, inverse):
+        return rq_spline_ref(x, params, bound=self.bound, inverse=inverse)

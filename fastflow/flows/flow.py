@@ -1,0 +1,107 @@
+"""`Flow`: a (conditional) normalizing flow q(θ | context) with a torch.distributions-style API."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from fastflow.flows.transforms import Transform
+
+__all__ = ["Flow"]
+
+
+class Flow(nn.Module):
+    """A chain of `Transform`s (data → latent) on top of a base distribution.
+
+    Contexts broadcast: `log_prob(θ (N, D), context (C,) or (N, C))`; `sample(n, context (C,))` gives
+    `(n, D)` and `sample(n, context (B, C))` gives `(n, B, D)` — every draw for every context in one batch.
+
+    Arguments:
+        transforms: bijections applied in order from data to latent.
+        base: module with `log_prob((N, D)) → (N,)` and `rsample(n) → (n, D)`.
+        context_dim: dimension of the conditioning variable (0: unconditional).
+        embedding: optional module applied to the context before the transforms (e.g. a fixed
+            standardization or a summary network); it maps `(B, context_dim)` to the transforms' context.
+    """
+
+    def __init__(self, transforms: list[Transform], base: nn.Module, *, context_dim: int = 0, embedding: nn.Module | None = None):
+        super().__init__()
+        self.transforms = nn.ModuleList(transforms)
+        self.base = base
+        self.dim = base.dim
+        self.context_dim = context_dim
+        self.embedding = embedding if embedding is not None else nn.Identity()
+
+    # -- input handling -------------------------------------------------------------------------
+    def _embed(self, context: torch.Tensor | None) -> torch.Tensor | None:
+        """Embedded context with the context's batch shape: `(*, C)` → `(*, E)`."""
+        if self.context_dim == 0:
+            if context is not None:
+                raise ValueError("this flow is unconditional: pass no context")
+            return None
+        if context is None:
+            raise ValueError(f"this flow needs a context of dim {self.context_dim}")
+        if context.dim() == 0 or context.shape[-1] != self.context_dim:
+            raise ValueError(f"context must have last dimension {self.context_dim}, got {tuple(context.shape)}")
+        embedded = self.embedding(context.reshape(-1, self.context_dim))
+        return embedded.reshape(*context.shape[:-1], embedded.shape[-1])
+
+    @staticmethod
+    def _check_n(n: int) -> None:
+        if not isinstance(n, int) or isinstance(n, bool) or n <= 0:
+            raise ValueError(f"number of samples must be a positive int, got {n!r}")
+
+    # -- density ----------------------------------------------------------------------------------
+    def log_prob(self, theta: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        """log q(θ | context) for θ `(*, D)`; context `(C,)`, or `(*, C)` matching θ's batch shape."""
+        if theta.shape[-1] != self.dim:
+            raise ValueError(f"θ must have last dimension {self.dim}, got {tuple(theta.shape)}")
+        batch_shape = theta.shape[:-1]
+        x = theta.reshape(-1, self.dim)
+        embedded = self._embed(context)
+        if embedded is not None:
+            try:
+                embedded = embedded.expand(*batch_shape, embedded.shape[-1])
+            except RuntimeError:
+                raise ValueError(
+                    f"context batch shape {tuple(context.shape[:-1])} does not broadcast to θ batch shape {tuple(batch_shape)}"
+                ) from None
+            embedded = embedded.reshape(x.shape[0], -1)
+        total = x.new_zeros(x.shape[0])
+        for transform in self.transforms:
+            x, ladj = transform(x, embedded)
+            total = total + ladj
+        return (self.base.log_prob(x) + total).reshape(batch_shape)
+
+    # -- sampling ---------------------------------------------------------------------------------
+    def _sample(self, n: int, context: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        self._check_n(n)
+        if context is not None and context.dim() > 2:
+            raise ValueError(f"sampling takes a context (C,) or (B, C), got {tuple(context.shape)}")
+        embedded = self._embed(context)
+        if embedded is not None:
+            embedded = embedded.reshape(-1, embedded.shape[-1])
+        contexts = 1 if embedded is None else embedded.shape[0]
+        z = self.base.rsample(n * contexts)
+        log_q = self.base.log_prob(z)
+        if embedded is not None:
+            embedded = embedded.unsqueeze(0).expand(n, -1, -1).reshape(n * contexts, -1)
+        for transform in reversed(self.transforms):
+            z, ladj = transform.inverse(z, embedded)
+            log_q = log_q - ladj
+        if context is not None and context.dim() == 2:
+            return z.reshape(n, contexts, self.dim), log_q.reshape(n, contexts)
+        return z, log_q
+
+    def rsample(self, n: int, context: torch.Tensor | None = None) -> torch.Tensor:
+        """Reparametrized draws `(n, D)` or `(n, B, D)` (differentiable in the parameters)."""
+        return self._sample(n, context)[0]
+
+    @torch.no_grad()
+    def sample(self, n: int, context: torch.Tensor | None = None) -> torch.Tensor:
+        """Draws `(n, D)` or `(n, B, D)`, without gradients."""
+        return self._sample(n, context)[0]
+
+    def sample_and_log_prob(self, n: int, context: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Draws and their log q in one pass: `(n, [B,] D)` and `(n, [B])`."""
+        return self._sample(n, context)

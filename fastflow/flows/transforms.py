@@ -1,0 +1,135 @@
+"""Bijections for flows: the Transform interface, fixed standardization and box-to-real maps, permutations.
+
+Convention: `forward` maps data → latent (the density direction), `inverse` maps latent → data (the
+sampling direction); both return the output and log|det J| of the map they apply, shape `(N,)`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+__all__ = ["Transform", "Standardize", "BoxToReal", "ReversePermutation", "RandomPermutation", "LULinear"]
+
+_LOGIT_EPS = 1e-6
+
+
+class Transform(nn.Module):
+    """A bijection on `(N, dim)` tensors, optionally conditioned on a context `(N, context_dim)`."""
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def inverse(self, z: torch.Tensor, context: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+
+class Standardize(Transform):
+    """z = (x - mean) / std, with fixed (non-trained) statistics stored as buffers.
+
+    Arguments:
+        mean, std: `(dim,)` statistics.
+    """
+
+    def __init__(self, mean: torch.Tensor, std: torch.Tensor):
+        super().__init__()
+        self.register_buffer("mean", torch.as_tensor(mean, dtype=torch.float32).clone())
+        self.register_buffer("std", torch.as_tensor(std, dtype=torch.float32).clone())
+
+    def forward(self, x, context=None):
+        ladj = -self.std.log().sum().to(x.dtype)
+        return (x - self.mean) / self.std, ladj.expand(x.shape[0])
+
+    def inverse(self, z, context=None):
+        ladj = self.std.log().sum().to(z.dtype)
+        return z * self.std + self.mean, ladj.expand(z.shape[0])
+
+
+class BoxToReal(Transform):
+    """u = logit((x - low) / (high - low)): maps the open box (low, high) onto R^dim.
+
+    Arguments:
+        low, high: `(dim,)` finite bounds.
+    """
+
+    def __init__(self, low: torch.Tensor, high: torch.Tensor):
+        super().__init__()
+        self.register_buffer("low", torch.as_tensor(low, dtype=torch.float32).clone())
+        self.register_buffer("high", torch.as_tensor(high, dtype=torch.float32).clone())
+
+    def forward(self, x, context=None):
+        width = self.high - self.low
+        p = ((x - self.low) / width).clamp(_LOGIT_EPS, 1.0 - _LOGIT_EPS)
+        u = torch.logit(p)
+        ladj = (-torch.log(p) - torch.log1p(-p) - torch.log(width)).sum(-1)
+        return u, ladj
+
+    def inverse(self, u, context=None):
+        width = self.high - self.low
+        x = self.low + width * torch.sigmoid(u)
+        ladj = (F.logsigmoid(u) + F.logsigmoid(-u) + torch.log(width)).sum(-1)
+        return x, ladj
+
+
+class _Permutation(Transform):
+    """Fixed coordinate permutation (volume preserving)."""
+
+    def __init__(self, permutation: torch.Tensor):
+        super().__init__()
+        self.register_buffer("permutation", permutation)
+        self.register_buffer("inverse_permutation", torch.argsort(permutation))
+
+    def forward(self, x, context=None):
+        return x[:, self.permutation], x.new_zeros(x.shape[0])
+
+    def inverse(self, z, context=None):
+        return z[:, self.inverse_permutation], z.new_zeros(z.shape[0])
+
+
+class ReversePermutation(_Permutation):
+    """Reverses the coordinate order."""
+
+    def __init__(self, dim: int):
+        super().__init__(torch.arange(dim - 1, -1, -1))
+
+
+class RandomPermutation(_Permutation):
+    """A fixed random permutation drawn from `seed`."""
+
+    def __init__(self, dim: int, *, seed: int = 0):
+        super().__init__(torch.randperm(dim, generator=torch.Generator().manual_seed(seed)))
+
+
+class LULinear(Transform):
+    """Invertible linear map z = W x + b with W = L U (unit lower L, upper U with positive diagonal).
+
+    Initialized to the identity; log|det W| = Σ log diag(U).
+    """
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.dim = dim
+        self.lower = nn.Parameter(torch.zeros(dim, dim))
+        self.upper = nn.Parameter(torch.zeros(dim, dim))
+        self.raw_diagonal = nn.Parameter(torch.full((dim,), 0.5413248546129181))  # softplus(.) = 1
+        self.bias = nn.Parameter(torch.zeros(dim))
+
+    def _factors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        eye = torch.eye(self.dim, dtype=self.lower.dtype, device=self.lower.device)
+        diagonal = F.softplus(self.raw_diagonal) + 1e-3
+        lower = torch.tril(self.lower, -1) + eye
+        upper = torch.triu(self.upper, 1) + torch.diag(diagonal)
+        return lower, upper, diagonal
+
+    def forward(self, x, context=None):
+        lower, upper, diagonal = self._factors()
+        z = x @ (lower @ upper).T.to(x.dtype) + self.bias.to(x.dtype)
+        return z, diagonal.log().sum().to(x.dtype).expand(x.shape[0])
+
+    def inverse(self, z, context=None):
+        lower, upper, diagonal = self._factors()
+        rhs = (z - self.bias.to(z.dtype)).T
+        y = torch.linalg.solve_triangular(lower.to(z.dtype), rhs, upper=False, unitriangular=True)
+        x = torch.linalg.solve_triangular(upper.to(z.dtype), y, upper=True).T
+        return x, -diagonal.log().sum().to(z.dtype).expand(z.shape[0])

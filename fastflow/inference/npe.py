@@ -1,0 +1,144 @@
+"""Neural posterior estimation (Papamakarios & Murray 2016; Greenberg et al. 2019): fit a conditional
+flow q(θ | x) by maximum likelihood on simulated pairs (θ, x)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn as nn
+
+from fastflow.flows import BoxToReal, Flow, FlowConfig, Standardize, build_flow
+from fastflow.inference.posterior import Posterior, register_estimator
+from fastflow.priors import Prior
+from fastflow.train import fit
+
+__all__ = ["NPE", "TrainingConfig", "ZScore"]
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    """Options of `fastflow.train.fit` used by the estimators."""
+
+    batch_size: int = 256
+    learning_rate: float = 2e-3
+    max_epochs: int = 300
+    validation_fraction: float = 0.1
+    patience: int = 20
+    clip_grad_norm: float | None = 5.0
+    lr_schedule: str = "cosine"
+
+
+class ZScore(nn.Module):
+    """Fixed standardization `(B, C) → (B, C)` of the observations fed to a conditional estimator."""
+
+    def __init__(self, mean: torch.Tensor, std: torch.Tensor):
+        super().__init__()
+        self.register_buffer("mean", torch.as_tensor(mean, dtype=torch.float32).clone())
+        self.register_buffer("std", torch.as_tensor(std, dtype=torch.float32).clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+
+def _safe_std(values: torch.Tensor) -> torch.Tensor:
+    std = values.std(0)
+    return torch.where(std > 1e-8, std, torch.ones_like(std))
+
+
+def build_npe_flow(config: dict) -> Flow:
+    """The NPE flow described by a saved config (statistics are placeholders until `load_state_dict`)."""
+    dim_theta, dim_x = config["dim_theta"], config["dim_x"]
+    preprocess = []
+    if config["bounded"]:
+        preprocess.append(BoxToReal(torch.zeros(dim_theta), torch.ones(dim_theta)))
+    preprocess.append(Standardize(torch.zeros(dim_theta), torch.ones(dim_theta)))
+    embedding = ZScore(torch.zeros(dim_x), torch.ones(dim_x))
+    return build_flow(FlowConfig(**config["flow"]), dim_theta, dim_x, preprocess=preprocess, embedding=embedding)
+
+
+register_estimator("npe", build_npe_flow)
+
+
+def _negative_log_likelihood(flow: Flow, theta: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return -flow.log_prob(theta, x).mean()
+
+
+@dataclass
+class NPE:
+    """Neural posterior estimation with a coupling flow.
+
+    θ is mapped to unconstrained space when the prior is a bounded box (so no sample leaves the
+    support), then z-scored; x is z-scored. `fit(theta, x)` trains and returns a `Posterior`.
+
+    Arguments:
+        prior: the prior θ was drawn from.
+        flow: the flow architecture.
+        training: optimizer and stopping options.
+        seed: seed of the initialization and the minibatch order.
+        device: training device (default CPU).
+        progress: show a progress bar.
+    """
+
+    prior: Prior
+    flow: FlowConfig = field(default_factory=FlowConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    seed: int = 0
+    device: str = "cpu"
+    progress: bool = True
+
+    def fit(self, theta: torch.Tensor, x: torch.Tensor) -> Posterior:
+        """Train on pairs θ `(N, D)`, x `(N, C)`; returns the `Posterior` (its `history` holds the losses)."""
+        theta = torch.as_tensor(theta, dtype=torch.float32)
+        x = torch.as_tensor(x, dtype=torch.float32)
+        if theta.dim() != 2 or x.dim() != 2 or theta.shape[0] != x.shape[0]:
+            raise ValueError(f"θ must be (N, D) and x (N, C) with the same N; got {tuple(theta.shape)} and {tuple(x.shape)}")
+        if theta.shape[1] != self.prior.dim:
+            raise ValueError(f"θ has {theta.shape[1]} parameters but the prior has dim {self.prior.dim}")
+        if theta.shape[0] < 2:
+            raise ValueError("NPE needs at least 2 simulations")
+        if not (torch.isfinite(theta).all() and torch.isfinite(x).all()):
+            raise ValueError("θ and x must be finite: drop failed simulations first (fastflow.simulate does)")
+        if not self.prior.in_support(theta).all():
+            raise ValueError("some θ lie outside the prior support")
+        config = {
+            "method": "npe",
+            "dim_theta": theta.shape[1],
+            "dim_x": x.shape[1],
+            "bounded": self.prior.bounded,
+            "flow": self.flow.to_dict(),
+            "training": asdict(self.training),
+        }
+        torch.manual_seed(self.seed)
+        flow = build_npe_flow(config)
+        transforms = list(flow.transforms)
+        unconstrained = theta
+        if self.prior.bounded:
+            box = transforms.pop(0)
+            box.low.copy_(self.prior.low)
+            box.high.copy_(self.prior.high)
+            unconstrained, _ = box(theta)
+        standardize = transforms[0]
+        standardize.mean.copy_(unconstrained.mean(0))
+        standardize.std.copy_(_safe_std(unconstrained))
+        flow.embedding.mean.copy_(x.mean(0))
+        flow.embedding.std.copy_(_safe_std(x))
+
+        history = fit(
+            flow,
+            _negative_log_likelihood,
+            (theta, x),
+            batch_size=self.training.batch_size,
+            learning_rate=self.training.learning_rate,
+            max_epochs=self.training.max_epochs,
+            validation_fraction=self.training.validation_fraction,
+            patience=self.training.patience,
+            clip_grad_norm=self.training.clip_grad_norm,
+            lr_schedule=self.training.lr_schedule,
+            seed=self.seed,
+            device=self.device,
+            progress=self.progress,
+        )
+        posterior = Posterior(flow, self.prior, config=config)
+        posterior.history = history
+        return posterior

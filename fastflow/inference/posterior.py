@@ -1,0 +1,178 @@
+"""`Posterior`: a trained conditional density q(θ | x) with sampling, densities, moments, quantiles
+and MAP, batched over several observations, and saved as weights plus a plain config."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn as nn
+
+from fastflow.priors import Prior, prior_from_config
+
+__all__ = ["Posterior", "register_estimator", "FORMAT", "FORMAT_VERSION"]
+
+FORMAT = "fastflow.posterior"
+FORMAT_VERSION = 1
+_BUILDERS: dict[str, Callable[[dict], nn.Module]] = {}
+
+
+def register_estimator(method: str, builder: Callable[[dict], nn.Module]) -> None:
+    """Declare how `Posterior.load` rebuilds the estimator of `method` from its saved config."""
+    _BUILDERS[method] = builder
+
+
+class Posterior:
+    """q(θ | x) from an amortized estimator, restricted to the prior's support.
+
+    Observations are `(C,)` for one x or `(B, C)` for B of them; results then gain a `B` axis after
+    the sample axis: `sample(n, x (B, C))` is `(n, B, D)`, `mean(x (B, C))` is `(B, D)`.
+
+    Arguments:
+        estimator: module with `log_prob(θ, x)` and `sample(n, x)` (a conditional `Flow`, …).
+        prior: the prior the estimator was trained under.
+        config: plain data from which the registered builder of `config["method"]` rebuilds the estimator.
+    """
+
+    def __init__(self, estimator: nn.Module, prior: Prior, *, config: dict):
+        self.estimator = estimator.eval()
+        self.prior = prior
+        self.config = config
+        self.dim_theta = int(config["dim_theta"])
+        self.dim_x = int(config["dim_x"])
+        self.history = None
+
+    # -- validation -------------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return next(self.estimator.parameters()).device
+
+    def _check_x(self, x) -> torch.Tensor:
+        x = torch.as_tensor(x, dtype=torch.float32, device=self.device)
+        if x.dim() not in (1, 2) or x.shape[-1] != self.dim_x:
+            raise ValueError(f"x must have shape ({self.dim_x},) or (B, {self.dim_x}); got {tuple(x.shape)}")
+        if not torch.isfinite(x).all():
+            raise ValueError("x contains NaN or inf")
+        return x
+
+    @staticmethod
+    def _check_n(n: int, name: str = "number of samples") -> None:
+        if not isinstance(n, int) or isinstance(n, bool) or n <= 0:
+            raise ValueError(f"{name} must be a positive int, got {n!r}")
+
+    def to(self, device) -> "Posterior":
+        self.estimator.to(device)
+        return self
+
+    # -- sampling and density ---------------------------------------------------------------------
+    @torch.no_grad()
+    def sample(self, n: int, x) -> torch.Tensor:
+        """`n` draws of θ: `(n, D)` for x `(C,)`, `(n, B, D)` for x `(B, C)`."""
+        self._check_n(n)
+        return self.estimator.sample(n, self._check_x(x))
+
+    @torch.no_grad()
+    def log_prob(self, theta, x) -> torch.Tensor:
+        """log q(θ | x), `-inf` outside the prior support.
+
+        θ `(*, D)` with x `(C,)`, or x `(B, C)` broadcasting against θ's batch shape (e.g. θ `(n, B, D)`).
+        """
+        return self._log_prob(torch.as_tensor(theta, dtype=torch.float32, device=self.device), self._check_x(x))
+
+    def _log_prob(self, theta: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        if theta.shape[-1] != self.dim_theta:
+            raise ValueError(f"θ must have last dimension {self.dim_theta}; got {tuple(theta.shape)}")
+        log_q = self.estimator.log_prob(theta, x)
+        return log_q.masked_fill(~self.prior.in_support(theta), -math.inf)
+
+    # -- summaries --------------------------------------------------------------------------------
+    def mean(self, x, *, num_samples: int = 10_000) -> torch.Tensor:
+        """Posterior mean by Monte Carlo: `(D,)` or `(B, D)`."""
+        return self.sample(num_samples, x).mean(0)
+
+    def var(self, x, *, num_samples: int = 10_000) -> torch.Tensor:
+        """Marginal posterior variances by Monte Carlo: `(D,)` or `(B, D)`."""
+        return self.sample(num_samples, x).var(0)
+
+    def quantile(self, q, x, *, num_samples: int = 10_000) -> torch.Tensor:
+        """Marginal quantiles at levels `q` (scalar or `(Q,)` in [0, 1]): `([Q,] [B,] D)`."""
+        levels = torch.as_tensor(q, dtype=torch.float32, device=self.device)
+        if not torch.isfinite(levels).all() or (levels < 0).any() or (levels > 1).any():
+            raise ValueError(f"quantile levels must lie in [0, 1], got {q}")
+        return torch.quantile(self.sample(num_samples, x), levels, dim=0)
+
+    def map(self, x, *, num_samples: int = 1_000, num_starts: int = 10, steps: int = 200, learning_rate: float = 0.05) -> torch.Tensor:
+        """Maximum a posteriori θ: gradient ascent on log q(θ | x) from the best `num_starts` of
+        `num_samples` posterior draws (in standardized coordinates, kept inside the prior support).
+
+        Returns `(D,)` or `(B, D)`.
+        """
+        self._check_n(num_samples, "num_samples")
+        self._check_n(num_starts, "num_starts")
+        x = self._check_x(x)
+        single = x.dim() == 1
+        xs = x.reshape(-1, self.dim_x)
+        draws = self.estimator.sample(num_samples, xs)  # (n, B, D)
+        with torch.no_grad():
+            log_q = self._log_prob(draws, xs)
+        top = log_q.topk(min(num_starts, num_samples), dim=0).indices
+        starts = draws.gather(0, top.unsqueeze(-1).expand(-1, -1, self.dim_theta))
+        center, scale = draws.mean(0), draws.std(0).nan_to_num(1.0).clamp_min(1e-6)
+        low, high = self.prior.low.to(draws), self.prior.high.to(draws)
+        margin = 1e-5 * (high - low).nan_to_num(nan=0.0, posinf=0.0)
+        standardized = ((starts - center) / scale).requires_grad_(True)
+        optimizer = torch.optim.Adam([standardized], lr=learning_rate)
+        self.estimator.requires_grad_(False)
+        try:
+            for _ in range(steps):
+                theta = center + scale * standardized
+                loss = -self.estimator.log_prob(theta, xs).sum()
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                with torch.no_grad():
+                    clamped = torch.maximum(torch.minimum(center + scale * standardized, high - margin), low + margin)
+                    standardized.copy_((clamped - center) / scale)
+        finally:
+            self.estimator.requires_grad_(True)
+        with torch.no_grad():
+            theta = center + scale * standardized
+            best = self._log_prob(theta, xs).argmax(0)
+            result = theta[best, torch.arange(xs.shape[0])]
+        return result[0] if single else result
+
+    # -- persistence ------------------------------------------------------------------------------
+    def save(self, path: str | Path) -> None:
+        """Write weights and a plain config (no pickled code) to `path`."""
+        torch.save(
+            {
+                "format": FORMAT,
+                "format_version": FORMAT_VERSION,
+                "config": self.config,
+                "prior": self.prior.config(),
+                "state_dict": {k: v.detach().cpu() for k, v in self.estimator.state_dict().items()},
+            },
+            path,
+        )
+
+    @classmethod
+    def load(cls, path: str | Path, *, device: str | torch.device = "cpu") -> "Posterior":
+        """Read a posterior written by `save` (with `torch.load(weights_only=True)`)."""
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+            raise ValueError(f"{path} is not a saved fastflow posterior")
+        version = payload.get("format_version")
+        if version != FORMAT_VERSION:
+            raise ValueError(
+                f"{path} was saved in posterior format version {version}; this fastflow reads version {FORMAT_VERSION}: "
+                "retrain, or load it with the fastflow release that wrote it"
+            )
+        config = payload["config"]
+        method = config.get("method")
+        if method not in _BUILDERS:
+            raise ValueError(f"{path} holds a posterior of unknown method {method!r}; known: {sorted(_BUILDERS)}")
+        estimator = _BUILDERS[method](config)
+        estimator.load_state_dict(payload["state_dict"])
+        return cls(estimator.to(device), prior_from_config(payload["prior"]), config=config)

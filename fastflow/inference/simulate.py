@@ -1,0 +1,77 @@
+"""Simulate training pairs (θ, x) from a prior and a batched simulator, dropping failed simulations."""
+
+from __future__ import annotations
+
+import inspect
+import warnings
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from fastflow.priors import Prior
+
+__all__ = ["Simulations", "simulate"]
+
+
+@dataclass
+class Simulations:
+    """Training pairs `theta (N, D)`, `x (N, C)`, and how many NaN/inf simulations were dropped."""
+
+    theta: torch.Tensor
+    x: torch.Tensor
+    num_dropped: int
+
+
+def _accepts_generator(simulator: Callable) -> bool:
+    try:
+        return "generator" in inspect.signature(simulator).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def simulate(
+    simulator: Callable[..., torch.Tensor],
+    prior: Prior,
+    num_simulations: int,
+    *,
+    seed: int = 0,
+    batch_size: int = 100_000,
+) -> Simulations:
+    """Draw θ ~ prior and x ~ simulator(θ) in batches.
+
+    Arguments:
+        simulator: maps θ `(n, D)` to x `(n, C)`; when it takes a `generator` keyword (as the package's
+            tasks do) it gets a seeded `torch.Generator`, otherwise the global RNG is seeded.
+        num_simulations: N > 0.
+
+    Returns:
+        `Simulations` without the rows whose x has a NaN or inf (a warning gives their count).
+    """
+    if not isinstance(num_simulations, int) or isinstance(num_simulations, bool) or num_simulations <= 0:
+        raise ValueError(f"num_simulations must be a positive int, got {num_simulations!r}")
+    generator = torch.Generator().manual_seed(seed)
+    takes_generator = _accepts_generator(simulator)
+    if not takes_generator:
+        torch.manual_seed(seed)
+    thetas, xs = [], []
+    for start in range(0, num_simulations, batch_size):
+        count = min(batch_size, num_simulations - start)
+        theta = prior.sample(count, generator=generator)
+        x = simulator(theta, generator=generator) if takes_generator else simulator(theta)
+        x = torch.as_tensor(x)
+        if x.dim() == 1:
+            x = x.unsqueeze(-1)
+        if x.dim() != 2 or x.shape[0] != count:
+            raise ValueError(f"simulator returned shape {tuple(x.shape)} for a batch of {count} parameters; expected ({count}, dim_x)")
+        thetas.append(theta)
+        xs.append(x.to(theta.dtype))
+    theta, x = torch.cat(thetas), torch.cat(xs)
+    finite = torch.isfinite(x).all(-1)
+    num_dropped = int((~finite).sum())
+    if num_dropped:
+        warnings.warn(f"dropped {num_dropped} of {num_simulations} simulations with NaN/inf outputs", RuntimeWarning, stacklevel=2)
+        if num_dropped == num_simulations:
+            raise ValueError("every simulation returned NaN/inf: nothing to train on")
+        theta, x = theta[finite], x[finite]
+    return Simulations(theta, x, num_dropped)

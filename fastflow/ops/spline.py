@@ -1,0 +1,97 @@
+"""Monotonic rational-quadratic spline (Durkan et al. 2019) with linear (identity) tails outside [-B, B].
+
+`rq_spline_ref` is the pure-PyTorch reference: float64-capable, elementwise over any leading shape.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["rq_spline_ref", "spline_param_count", "DERIVATIVE_SHIFT"]
+
+MIN_BIN_WIDTH = 1e-3
+MIN_BIN_HEIGHT = 1e-3
+MIN_DERIVATIVE = 1e-3
+# softplus(DERIVATIVE_SHIFT) + MIN_DERIVATIVE == 1: zero conditioner outputs give the identity spline.
+DERIVATIVE_SHIFT = math.log(math.expm1(1.0 - MIN_DERIVATIVE))
+
+
+def spline_param_count(num_bins: int) -> int:
+    """Parameters per transformed coordinate: K widths, K heights, K-1 interior derivatives."""
+    return 3 * num_bins - 1
+
+
+def _knots(unnormalized: torch.Tensor, bound: float, min_size: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Bin sizes `(*, K)` and knot positions `(*, K+1)` spanning [-bound, bound]."""
+    num_bins = unnormalized.shape[-1]
+    sizes = min_size + (1.0 - min_size * num_bins) * torch.softmax(unnormalized, dim=-1)
+    knots = F.pad(torch.cumsum(sizes, dim=-1), (1, 0))
+    knots = (2.0 * bound) * knots - bound
+    knots = torch.cat([torch.full_like(knots[..., :1], -bound), knots[..., 1:-1], torch.full_like(knots[..., :1], bound)], dim=-1)
+    return knots[..., 1:] - knots[..., :-1], knots
+
+
+def rq_spline_ref(
+    inputs: torch.Tensor,
+    params: torch.Tensor,
+    *,
+    bound: float,
+    inverse: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Apply the spline elementwise.
+
+    Arguments:
+        inputs: `(*, D)` values.
+        params: `(*, D, 3K-1)` unnormalized widths (K), heights (K) and interior derivatives (K-1).
+        bound: the spline acts on [-bound, bound]; identity outside.
+        inverse: apply the inverse map instead.
+
+    Returns:
+        outputs `(*, D)` and the elementwise log|d output / d input| `(*, D)`.
+    """
+    num_bins = (params.shape[-1] + 1) // 3
+    widths, cumwidths = _knots(params[..., :num_bins], bound, MIN_BIN_WIDTH)
+    heights, cumheights = _knots(params[..., num_bins : 2 * num_bins], bound, MIN_BIN_HEIGHT)
+    interior = MIN_DERIVATIVE + F.softplus(params[..., 2 * num_bins :] + DERIVATIVE_SHIFT)
+    derivatives = F.pad(interior, (1, 1), value=1.0)
+
+    inside = (inputs >= -bound) & (inputs <= bound)
+    clamped = inputs.clamp(-bound, bound)
+    search_knots = cumheights if inverse else cumwidths
+    bin_index = torch.searchsorted(search_knots.contiguous(), clamped.unsqueeze(-1)) - 1
+    bin_index = bin_index.clamp(0, num_bins - 1)
+
+    def pick(table: torch.Tensor) -> torch.Tensor:
+        return torch.gather(table, -1, bin_index).squeeze(-1)
+
+    x_k, w_k = pick(cumwidths), pick(widths)
+    y_k, h_k = pick(cumheights), pick(heights)
+    d_k, d_k1 = pick(derivatives), pick(derivatives[..., 1:])
+    slope = h_k / w_k
+    curvature = d_k1 + d_k - 2.0 * slope
+
+    if inverse:
+        dy = clamped - y_k
+        a = h_k * (slope - d_k) + dy * curvature
+        b = h_k * d_k - dy * curvature
+        c = -slope * dy
+        discriminant = (b.square() - 4.0 * a * c).clamp_min(0.0)
+        xi = (2.0 * c) / (-b - discriminant.sqrt())
+        outputs = xi * w_k + x_k
+    else:
+        xi = (clamped - x_k) / w_k
+        xi_1mxi = xi * (1.0 - xi)
+        outputs = y_k + h_k * (slope * xi.square() + d_k * xi_1mxi) / (slope + curvature * xi_1mxi)
+
+    xi_1mxi = xi * (1.0 - xi)
+    denominator = slope + curvature * xi_1mxi
+    numerator = slope.square() * (d_k1 * xi.square() + 2.0 * slope * xi_1mxi + d_k * (1.0 - xi).square())
+    logabsdet = numerator.log() - 2.0 * denominator.log()
+    if inverse:
+        logabsdet = -logabsdet
+    outputs = torch.where(inside, outputs, inputs)
+    logabsdet = torch.where(inside, logabsdet, torch.zeros_like(logabsdet))
+    return outputs, logabsdet

@@ -1,0 +1,153 @@
+"""`fit`: the one training loop — Adam on minibatches, validation split, early stopping, gradient clipping."""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn as nn
+from tqdm.auto import tqdm
+
+__all__ = ["History", "fit"]
+
+
+@dataclass
+class History:
+    """What `fit` did: per-epoch mean losses, the epoch whose weights were kept, and the wall time."""
+
+    train_loss: list[float] = field(default_factory=list)
+    validation_loss: list[float] = field(default_factory=list)
+    best_epoch: int = -1
+    stopped_early: bool = False
+    seconds: float = 0.0
+
+    @property
+    def epochs(self) -> int:
+        return len(self.train_loss)
+
+
+def _split(count: int, validation_fraction: float, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    if not 0.0 <= validation_fraction < 1.0:
+        raise ValueError(f"validation_fraction must be in [0, 1), got {validation_fraction}")
+    order = torch.randperm(count, generator=generator)
+    validation_count = int(round(validation_fraction * count)) if validation_fraction > 0 else 0
+    if validation_fraction > 0 and validation_count == 0:
+        validation_count = 1
+    if count - validation_count < 1:
+        raise ValueError(f"{count} examples leave nothing to train on")
+    return order[validation_count:], order[:validation_count]
+
+
+def fit(
+    model: nn.Module,
+    loss_fn: Callable[..., torch.Tensor],
+    data: tuple[torch.Tensor, ...],
+    *,
+    batch_size: int = 256,
+    learning_rate: float = 1e-3,
+    max_epochs: int = 200,
+    validation_fraction: float = 0.1,
+    patience: int = 20,
+    clip_grad_norm: float | None = 5.0,
+    lr_schedule: str = "constant",
+    seed: int = 0,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+) -> History:
+    """Train `model` by minimizing `loss_fn(model, *batch)` (a mean over the batch).
+
+    Arguments:
+        data: tensors sharing their first dimension `(N, ...)`, sliced together into minibatches.
+        lr_schedule: "constant" or "cosine" (annealed to zero over `max_epochs`).
+        patience: stop after this many epochs without a better validation loss; the best weights are
+            restored. With `validation_fraction=0` every epoch trains and the last weights are kept.
+        device: where to train (default: the model's device); data is moved there once.
+        progress: show a tqdm bar.
+
+    Returns:
+        the `History`.
+    """
+    if not data:
+        raise ValueError("fit needs at least one data tensor")
+    count = data[0].shape[0]
+    if any(t.shape[0] != count for t in data):
+        raise ValueError(f"data tensors disagree in their first dimension: {[tuple(t.shape) for t in data]}")
+    for name, value in (("batch_size", batch_size), ("max_epochs", max_epochs), ("patience", patience)):
+        if value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
+    if lr_schedule not in ("constant", "cosine"):
+        raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {lr_schedule!r}")
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    model.to(device)
+    data = tuple(t.to(device) for t in data)
+    generator = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    train_index, validation_index = _split(count, validation_fraction, generator)
+    train_data = tuple(t[train_index] for t in data)
+    validation_data = tuple(t[validation_index] for t in data)
+    train_count = train_index.numel()
+    steps_per_epoch = math.ceil(train_count / batch_size)
+
+    optimizer = torch.optim.Adam(model.parameters(), lr=learning_rate, fused=True)
+    scheduler = (
+        torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max_epochs * steps_per_epoch)
+        if lr_schedule == "cosine"
+        else None
+    )
+    history = History()
+    best_loss, best_state, stale = math.inf, None, 0
+    start = time.perf_counter()
+    bar = tqdm(range(max_epochs), disable=not progress, desc="training", unit="epoch", leave=False)
+    for epoch in bar:
+        model.train()
+        order = torch.randperm(train_count, generator=generator).to(device)
+        running = torch.zeros((), device=device)
+        for step in range(steps_per_epoch):
+            index = order[step * batch_size : (step + 1) * batch_size]
+            loss = loss_fn(model, *(t[index] for t in train_data))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if clip_grad_norm is not None:
+                nn.utils.clip_grad_norm_(model.parameters(), clip_grad_norm)
+            optimizer.step()
+            if scheduler is not None:
+                scheduler.step()
+            running += loss.detach() * index.numel()
+        history.train_loss.append(float(running) / train_count)
+
+        if validation_index.numel() == 0:
+            history.best_epoch = epoch
+            continue
+        validation_loss = evaluate(model, loss_fn, validation_data, batch_size=max(batch_size, 4096))
+        history.validation_loss.append(validation_loss)
+        bar.set_postfix(train=f"{history.train_loss[-1]:.3f}", val=f"{validation_loss:.3f}")
+        if validation_loss < best_loss:
+            best_loss, stale, history.best_epoch = validation_loss, 0, epoch
+            best_state = copy.deepcopy(model.state_dict())
+        else:
+            stale += 1
+            if stale >= patience:
+                history.stopped_early = True
+                break
+    bar.close()
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    model.eval()
+    history.seconds = time.perf_counter() - start
+    return history
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loss_fn: Callable[..., torch.Tensor], data: tuple[torch.Tensor, ...], *, batch_size: int = 4096) -> float:
+    """Mean of `loss_fn` over `data` in chunks, without gradients."""
+    model.eval()
+    count = data[0].shape[0]
+    total = torch.zeros((), device=data[0].device)
+    for start in range(0, count, batch_size):
+        chunk = tuple(t[start : start + batch_size] for t in data)
+        total += loss_fn(model, *chunk) * chunk[0].shape[0]
+    return float(total) / count

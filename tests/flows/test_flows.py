@@ -1,0 +1,161 @@
+"""Flows: invertibility, log-determinants against autograd Jacobians, normalization, shapes, bad input."""
+
+import math
+
+import pytest
+import torch
+
+from fastflow.flows import (
+    AffineCoupling,
+    BoxToReal,
+    FlowConfig,
+    GaussianMixture,
+    LULinear,
+    RandomPermutation,
+    ReversePermutation,
+    SplineCoupling,
+    Standardize,
+    build_flow,
+)
+from fastflow.ops.spline import rq_spline_ref
+
+
+def _perturb(module, scale=0.2, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=generator, dtype=p.dtype))
+    return module
+
+
+TRANSFORMS = [
+    lambda: SplineCoupling(3, 2, num_bins=6, bound=3.0),
+    lambda: SplineCoupling(3, 2, flip=True, num_bins=6, bound=3.0),
+    lambda: SplineCoupling(1, 2, num_bins=4),
+    lambda: AffineCoupling(4, 2),
+    lambda: AffineCoupling(5, 2, flip=True),
+    lambda: LULinear(3),
+    lambda: ReversePermutation(3),
+    lambda: RandomPermutation(3, seed=3),
+    lambda: Standardize(torch.tensor([0.5, -1.0, 2.0]), torch.tensor([2.0, 0.5, 1.5])),
+    lambda: BoxToReal(-torch.ones(3), torch.tensor([1.0, 2.0, 3.0])),
+]
+
+
+@pytest.mark.parametrize("make", TRANSFORMS)
+def test_inverse_and_log_det_match_autograd_jacobian(make):
+    transform = _perturb(make().double())
+    dim = next(b for b in transform.buffers()).numel() if not list(transform.parameters()) else None
+    dim = getattr(transform, "dim", None) or dim or 3
+    generator = torch.Generator().manual_seed(1)
+    context = torch.randn(6, 2, generator=generator, dtype=torch.float64)
+    if isinstance(transform, BoxToReal):
+        x = -1 + torch.rand(6, dim, generator=generator, dtype=torch.float64) * (transform.high - transform.low).double()
+    else:
+        x = 2.5 * torch.randn(6, dim, generator=generator, dtype=torch.float64)  # reaches the spline tails
+    z, ladj = transform(x, context)
+    x_back, inverse_ladj = transform.inverse(z, context)
+    torch.testing.assert_close(x_back, x, atol=1e-9, rtol=1e-9)
+    torch.testing.assert_close(inverse_ladj, -ladj, atol=1e-9, rtol=1e-9)
+    for i in range(x.shape[0]):
+        jacobian = torch.autograd.functional.jacobian(lambda v: transform(v[None], context[i : i + 1])[0][0], x[i])
+        torch.testing.assert_close(ladj[i], torch.linalg.slogdet(jacobian)[1], atol=1e-9, rtol=1e-9)
+
+
+def test_spline_is_identity_in_tails_and_monotone():
+    params = torch.randn(1, 1, 3 * 5 - 1, dtype=torch.float64).expand(2001, 1, -1)
+    x = torch.linspace(-4, 4, 2001, dtype=torch.float64)[:, None]
+    y, ladj = rq_spline_ref(x, params, bound=2.0)
+    tails = x.abs() > 2.0
+    torch.testing.assert_close(y[tails], x[tails])
+    assert (ladj[tails] == 0).all()
+    assert (y[1:] > y[:-1]).all()
+    inside = x.abs() <= 2.0
+    assert (y[inside].abs() <= 2.0 + 1e-12).all()
+
+
+def test_spline_gradcheck_float64():
+    generator = torch.Generator().manual_seed(0)
+    x = (1.5 * torch.randn(5, 2, generator=generator, dtype=torch.float64)).requires_grad_()
+    params = torch.randn(5, 2, 3 * 4 - 1, generator=generator, dtype=torch.float64).requires_grad_()
+    for inverse in (False, True):
+        assert torch.autograd.gradcheck(lambda a, b: rq_spline_ref(a, b, bound=2.0, inverse=inverse), (x, params))
+
+
+def _grid_mass(log_prob, half_width=8.0, points=401):
+    axis = torch.linspace(-half_width, half_width, points, dtype=torch.float64)
+    grid = torch.stack(torch.meshgrid(axis, axis, indexing="ij"), -1).reshape(-1, 2)
+    cell = (axis[1] - axis[0]) ** 2
+    return float(log_prob(grid).exp().sum() * cell)
+
+
+@pytest.mark.parametrize(
+    "config",
+    [FlowConfig(num_layers=3), FlowConfig(transform="affine", permutation="lu"), FlowConfig(base="gmm", num_components=3)],
+)
+def test_log_prob_integrates_to_one_on_a_grid(config):
+    flow = _perturb(build_flow(config, 2, 1).double(), scale=0.1)
+    for c in (-1.0, 0.7):
+        context = torch.tensor([c], dtype=torch.float64)
+        with torch.no_grad():
+            mass = _grid_mass(lambda g: flow.log_prob(g, context))
+        assert abs(mass - 1.0) < 5e-3, mass
+
+
+def test_shapes_and_broadcasting():
+    flow = build_flow(FlowConfig(num_layers=2), 3, 2)
+    contexts = torch.randn(4, 2)
+    assert flow.sample(7, contexts[0]).shape == (7, 3)
+    draws = flow.sample(7, contexts)
+    assert draws.shape == (7, 4, 3)
+    assert flow.log_prob(draws, contexts).shape == (7, 4)
+    assert flow.log_prob(draws[:, 1], contexts[1]).shape == (7,)
+    torch.testing.assert_close(flow.log_prob(draws, contexts)[:, 1], flow.log_prob(draws[:, 1], contexts[1]))
+    theta, log_q = flow.sample_and_log_prob(5, contexts)
+    torch.testing.assert_close(log_q, flow.log_prob(theta, contexts), atol=1e-4, rtol=1e-4)
+    assert flow.rsample(3, contexts[0]).requires_grad
+
+
+def test_flow_moves_with_dtype_and_device():
+    flow = build_flow(FlowConfig(num_layers=2, base="gmm"), 2, 1).to("cpu", torch.float64)
+    assert flow.sample(3, torch.zeros(1, dtype=torch.float64)).dtype == torch.float64
+
+
+@pytest.mark.gpu
+def test_flow_on_cuda():
+    flow = build_flow(FlowConfig(num_layers=2), 2, 1).to("cuda")
+    draws = flow.sample(10, torch.zeros(1, device="cuda"))
+    assert draws.device.type == "cuda"
+    assert torch.isfinite(flow.log_prob(draws, torch.zeros(1, device="cuda"))).all()
+
+
+def test_gaussian_mixture_base_moments():
+    base = GaussianMixture(2, 2)
+    with torch.no_grad():
+        base.means.copy_(torch.tensor([[-2.0, 0.0], [2.0, 0.0]]))
+        base.logits.copy_(torch.tensor([0.0, math.log(3.0)]))
+    torch.manual_seed(0)
+    draws = base.rsample(200_000)
+    assert abs(float(draws[:, 0].mean()) - 1.0) < 0.02  # 0.25·(-2) + 0.75·2
+    normal = torch.distributions.Normal(0.0, 1.0)
+    positive = 0.75 * normal.cdf(torch.tensor(2.0)) + 0.25 * normal.cdf(torch.tensor(-2.0))
+    assert abs(float((draws[:, 0] > 0).float().mean()) - float(positive)) < 0.005  # binomial sd ≈ 0.001
+    assert abs(_grid_mass(base.log_prob) - 1.0) < 1e-3
+
+
+def test_bad_input_is_rejected():
+    flow = build_flow(FlowConfig(num_layers=2), 2, 3)
+    with pytest.raises(ValueError, match="last dimension"):
+        flow.log_prob(torch.zeros(4, 3), torch.zeros(3))
+    with pytest.raises(ValueError, match="context"):
+        flow.log_prob(torch.zeros(4, 2), torch.zeros(2))
+    with pytest.raises(ValueError, match="context"):
+        flow.sample(4)
+    with pytest.raises(ValueError, match="positive"):
+        flow.sample(0, torch.zeros(3))
+    with pytest.raises(ValueError, match="broadcast"):
+        flow.log_prob(torch.zeros(4, 2), torch.zeros(5, 3))
+    with pytest.raises(ValueError, match="transform"):
+        FlowConfig(transform="maf")
+    with pytest.raises(ValueError, match="num_bins"):
+        FlowConfig(num_bins=0)
