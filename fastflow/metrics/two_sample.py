@@ -1,0 +1,142 @@
+"""Two-sample metrics between a reference sample X and a sample Y: C2ST accuracy and unbiased squared MMD."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from sklearn.model_selection import KFold, cross_val_score
+from sklearn.neural_network import MLPClassifier
+from threadpoolctl import threadpool_limits
+
+__all__ = ["c2st", "mmd"]
+
+MEDIAN_SUBSAMPLE = 2000
+CHUNK = 4096
+
+
+def _as_samples(name: str, a) -> torch.Tensor:
+    """`a` as a CPU tensor `(n, dim)`, keeping a floating dtype, after shape and finiteness checks."""
+    t = torch.as_tensor(a).detach().cpu()
+    if not t.is_floating_point():
+        t = t.double()
+    if t.ndim != 2:
+        raise ValueError(f"{name} must have shape (n, dim), got {tuple(t.shape)}")
+    if t.shape[0] < 2:
+        raise ValueError(f"{name} needs at least 2 samples, got {t.shape[0]}")
+    if not torch.isfinite(t).all():
+        raise ValueError(f"{name} contains NaN or inf")
+    return t
+
+
+def _check_pair(X, Y) -> tuple[torch.Tensor, torch.Tensor]:
+    X, Y = _as_samples("X", X), _as_samples("Y", Y)
+    if X.shape[1] != Y.shape[1]:
+        raise ValueError(f"X and Y differ in dimension: {X.shape[1]} vs {Y.shape[1]}")
+    return X, Y
+
+
+def c2st(X, Y, *, seed: int = 1, n_folds: int = 5, z_score: bool = True, n_jobs: int = 2) -> float:
+    """Classifier two-sample test accuracy, as defined by sbibm (Lueckmann et al. 2021).
+
+    An MLP classifier (two ReLU hidden layers of 10·dim units, adam, max_iter 10000) is trained to tell
+    X from Y; the score is the mean accuracy over `n_folds` shuffled K-fold splits. 0.5 means the samples
+    are indistinguishable, 1.0 fully separable. With `z_score`, both samples are standardized with the
+    mean and (unbiased) standard deviation of X, the reference.
+
+    Arguments:
+        X: `(n, dim)` reference sample, a torch tensor or numpy array.
+        Y: `(m, dim)` sample to compare.
+        seed: seeds the classifier initialization and the fold shuffle.
+        n_folds: number of cross-validation folds, at least 2.
+        z_score: standardize with X's statistics first.
+        n_jobs: folds trained in parallel worker processes (scikit-learn `cross_val_score`); each
+            fit runs single-threaded, so the score does not depend on `n_jobs`. 2 measured fastest on
+            2 cores (1.3-1.8x over 1 for dim 2-5).
+
+    Returns:
+        The mean cross-validated accuracy.
+
+    References:
+        Lopez-Paz & Oquab (2017), "Revisiting classifier two-sample tests", ICLR.
+    """
+    X, Y = _check_pair(X, Y)
+    if isinstance(n_folds, bool) or not isinstance(n_folds, int) or n_folds < 2:
+        raise ValueError(f"n_folds must be an int >= 2, got {n_folds!r}")
+    if z_score:
+        mean, std = torch.mean(X, dim=0), torch.std(X, dim=0)
+        if not (std > 0).all():
+            raise ValueError("X has a constant coordinate; it cannot be z-scored (pass z_score=False)")
+        X, Y = (X - mean) / std, (Y - mean) / std
+    X, Y = X.numpy(), Y.numpy()
+    dim = X.shape[1]
+    classifier = MLPClassifier(
+        activation="relu",
+        hidden_layer_sizes=(10 * dim, 10 * dim),
+        max_iter=10000,
+        solver="adam",
+        random_state=seed,
+    )
+    data = np.concatenate((X, Y))
+    target = np.concatenate((np.zeros((X.shape[0],)), np.ones((Y.shape[0],))))
+    folds = KFold(n_splits=n_folds, shuffle=True, random_state=seed)
+    # single-threaded BLAS: faster for these small matrices, and the score no longer depends on n_jobs
+    with threadpool_limits(limits=1):
+        scores = cross_val_score(classifier, data, target, cv=folds, scoring="accuracy", n_jobs=n_jobs)
+    return float(np.mean(scores))
+
+
+def _kernel_sum(A: torch.Tensor, B: torch.Tensor, gamma: float) -> float:
+    """Σ_ij exp(−γ ‖a_i − b_j‖²) over `(n, dim)` A and `(m, dim)` B, in row chunks."""
+    total = 0.0
+    for start in range(0, A.shape[0], CHUNK):
+        sq = torch.cdist(A[start : start + CHUNK], B).square_()
+        total += torch.exp(sq.mul_(-gamma)).sum().item()
+    return total
+
+
+def _median_distance(X: torch.Tensor, Y: torch.Tensor) -> float:
+    """Median pairwise distance in the pooled sample (a fixed-seed subsample of at most 2000 rows)."""
+    Z = torch.cat((X, Y))
+    if Z.shape[0] > MEDIAN_SUBSAMPLE:
+        generator = torch.Generator().manual_seed(0)
+        Z = Z[torch.randperm(Z.shape[0], generator=generator)[:MEDIAN_SUBSAMPLE]]
+    d = torch.pdist(Z)
+    return float(d.median())
+
+
+def mmd(X, Y, *, bandwidth: float | None = None) -> float:
+    """Unbiased estimate of the squared maximum mean discrepancy with a Gaussian kernel.
+
+    k(a, b) = exp(−‖a − b‖² / (2 h²)); MMD² = E k(x, x') + E k(y, y') − 2 E k(x, y), each expectation over
+    distinct pairs, so the estimate is unbiased and can be slightly negative when X and Y match. Kernel
+    sums run in float64 over row chunks, so memory stays O(chunk · m).
+
+    Arguments:
+        X: `(n, dim)` sample, a torch tensor or numpy array.
+        Y: `(m, dim)` sample.
+        bandwidth: kernel width h > 0; default: the median pairwise distance of the pooled sample
+            (a fixed-seed subsample of at most 2000 rows).
+
+    Returns:
+        The unbiased squared MMD.
+
+    References:
+        Gretton et al. (2012), "A kernel two-sample test", JMLR.
+    """
+    X, Y = _check_pair(X, Y)
+    X, Y = X.double(), Y.double()
+    if bandwidth is None:
+        bandwidth = _median_distance(X, Y)
+        if bandwidth <= 0:
+            raise ValueError("the median pairwise distance is 0; pass a positive bandwidth")
+    elif not (isinstance(bandwidth, (int, float)) and math.isfinite(bandwidth) and bandwidth > 0):
+        raise ValueError(f"bandwidth must be a positive finite number, got {bandwidth!r}")
+    gamma = 1.0 / (2.0 * float(bandwidth) ** 2)
+    n, m = X.shape[0], Y.shape[0]
+    # the diagonal terms k(x, x) = 1 are removed from the within-sample sums
+    k_xx = (_kernel_sum(X, X, gamma) - n) / (n * (n - 1))
+    k_yy = (_kernel_sum(Y, Y, gamma) - m) / (m * (m - 1))
+    k_xy = _kernel_sum(X, Y, gamma) / (n * m)
+    return k_xx + k_yy - 2.0 * k_xy
