@@ -61,7 +61,7 @@ def _permutation(config: FlowConfig, dim: int, layer: int) -> Transform:
     if config.permutation == "lu":
         return LULinear(dim)
     if config.permutation == "random":
-        return RandomPermutation(dim, seed=config.seed + layer)
+        return RandomPermutation(dim, seed=config.seed + layer, split=dim // 2)
     return ReversePermutation(dim)
 
 
@@ -86,7 +86,7 @@ def build_flow(
     conditioning = context_dim if embedding_dim is None else embedding_dim
     transforms: list[Transform] = list(preprocess or [])
     for layer in range(config.num_layers):
-        flip = layer % 2 == 1 and config.permutation != "reverse"
+        flip = layer % 2 == 1 and config.permutation == "lu"
         if config.transform == "spline":
             coupling = SplineCoupling(
                 dim, conditioning, flip=flip, hidden=config.hidden, depth=config.depth, num_bins=config.num_bins, bound=config.bound

@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 
 from fastflow.flows.transforms import Transform
-from fastflow.ops.spline import rq_spline_ref, spline_param_count
+from fastflow.ops.spline import rq_spline, spline_param_count
 
 __all__ = ["MLP", "AffineCoupling", "SplineCoupling"]
 
@@ -109,12 +109,14 @@ class SplineCoupling(_Coupling):
     Arguments:
         dim, context_dim, flip, hidden, depth: as in `AffineCoupling`.
         num_bins: K, bins per spline; bound: B, half-width of the spline interval.
+        backend: spline kernel, see `fastflow.ops.spline.rq_spline` (None: automatic).
     """
 
-    def __init__(self, dim, context_dim=0, *, flip=False, hidden=64, depth=2, num_bins: int = 8, bound: float = 4.0):
+    def __init__(self, dim, context_dim=0, *, flip=False, hidden=64, depth=2, num_bins: int = 8, bound: float = 4.0,
+                 backend: str | None = None):
         self.params_per_coordinate = spline_param_count(num_bins)
         super().__init__(dim, context_dim, flip=flip, hidden=hidden, depth=depth)
-        self.num_bins, self.bound = num_bins, bound
+        self.num_bins, self.bound, self.backend = num_bins, bound, backend
 
     def _elementwise(self, x, params, inverse):
-        return rq_spline_ref(x, params, bound=self.bound, inverse=inverse)
+        return rq_spline(x, params, bound=self.bound, inverse=inverse, backend=self.backend)

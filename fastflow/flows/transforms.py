@@ -95,10 +95,24 @@ class ReversePermutation(_Permutation):
 
 
 class RandomPermutation(_Permutation):
-    """A fixed random permutation drawn from `seed`."""
+    """A fixed random permutation drawn from `seed`.
 
-    def __init__(self, dim: int, *, seed: int = 0):
-        super().__init__(torch.randperm(dim, generator=torch.Generator().manual_seed(seed)))
+    With `split`, coordinates `[split:]` are shuffled into the first places and `[:split]` into the
+    last ones, so a coupling layer that keeps `[:split]` and one after this permutation together
+    transform every coordinate (a fully random order can leave a coordinate untouched by every layer).
+    """
+
+    def __init__(self, dim: int, *, seed: int = 0, split: int | None = None):
+        generator = torch.Generator().manual_seed(seed)
+        if split is None:
+            permutation = torch.randperm(dim, generator=generator)
+        else:
+            if not 0 <= split <= dim:
+                raise ValueError(f"split must be in [0, {dim}], got {split}")
+            head = split + torch.randperm(dim - split, generator=generator)
+            tail = torch.randperm(split, generator=generator)
+            permutation = torch.cat([head, tail])
+        super().__init__(permutation)
 
 
 class LULinear(Transform):

@@ -159,3 +159,18 @@ def test_bad_input_is_rejected():
         FlowConfig(transform="maf")
     with pytest.raises(ValueError, match="num_bins"):
         FlowConfig(num_bins=0)
+
+
+@pytest.mark.parametrize("permutation", ["reverse", "random", "lu"])
+def test_every_coordinate_depends_on_the_context(permutation):
+    flow = _perturb(build_flow(FlowConfig(num_layers=2, permutation=permutation, transform="affine"), 5, 1).double(), 0.1)
+    theta = torch.randn(1, 5, dtype=torch.float64)
+
+    def latent(context):
+        z = theta
+        for transform in flow.transforms:
+            z, _ = transform(z, context[None])
+        return z[0]
+
+    sensitivity = torch.autograd.functional.jacobian(latent, torch.zeros(1, dtype=torch.float64))
+    assert (sensitivity.abs().squeeze(-1) > 1e-6).all()

@@ -1,0 +1,131 @@
+"""Backend dispatch: which implementation of a fused op runs — `reference` (PyTorch), `triton`
+(kernels/, CUDA tensors, or CPU under TRITON_INTERPRET=1) or `native` (fastflow._C on CPU,
+fastflow._C_cuda on CUDA).
+
+`resolve_backend` picks the fastest available one for a device (`"auto"`), or the one forced by the
+argument or the `FASTFLOW_BACKEND` environment variable; a forced backend that cannot run raises
+with the reason instead of falling back.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+from dataclasses import dataclass
+from functools import lru_cache
+from types import ModuleType
+
+import torch
+
+__all__ = ["BACKENDS", "BackendStatus", "backends", "native_module", "resolve_backend", "set_num_threads"]
+
+BACKENDS = ("reference", "triton", "native")
+_INSTALL_HINT = "reinstall fastflow with `pip install .` (or `make install`) so that the C++ extension is built"
+
+
+@dataclass(frozen=True)
+class BackendStatus:
+    """Whether a backend can run here, on which devices, and why not."""
+
+    name: str
+    available: bool
+    devices: tuple[str, ...]
+    reason: str
+
+
+@lru_cache(maxsize=None)
+def _import_extension(name: str) -> tuple[ModuleType | None, str]:
+    try:
+        return importlib.import_module(f"fastflow.{name}"), ""
+    except ImportError as error:
+        return None, f"fastflow.{name} is not importable ({error}); {_INSTALL_HINT}"
+
+
+def _cuda_devices() -> int:
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def backends() -> dict[str, BackendStatus]:
+    """What each backend can do on this machine, with the reason where it cannot."""
+    status = {"reference": BackendStatus("reference", True, ("cpu", "cuda") if _cuda_devices() else ("cpu",), "plain PyTorch")}
+
+    native_devices, native_reasons = [], []
+    cpu_module, cpu_reason = _import_extension("_C")
+    if cpu_module is not None:
+        info = cpu_module.build_info()
+        native_devices.append("cpu")
+        native_reasons.append(f"C++ ({'OpenMP, ' + str(info['omp_max_threads']) + ' threads' if info['openmp'] else 'no OpenMP'})")
+    else:
+        native_reasons.append(cpu_reason)
+    cuda_module, cuda_reason = _import_extension("_C_cuda")
+    if cuda_module is None:
+        native_reasons.append("no CUDA module: built without a CUDA compiler")
+    elif cuda_module.cuda_device_count() == 0 or not _cuda_devices():
+        native_reasons.append("CUDA module built, but no CUDA device is visible")
+    else:
+        native_devices.append("cuda")
+        native_reasons.append("CUDA")
+    status["native"] = BackendStatus("native", bool(native_devices), tuple(native_devices), "; ".join(native_reasons))
+
+    if importlib.util.find_spec("triton") is None:
+        status["triton"] = BackendStatus("triton", False, (), "triton is not installed (pip install 'fastflow[triton]')")
+    elif _cuda_devices():
+        status["triton"] = BackendStatus("triton", True, ("cuda",), "Triton on CUDA")
+    elif os.environ.get("TRITON_INTERPRET") == "1":
+        status["triton"] = BackendStatus("triton", True, ("cpu",), "Triton interpreter on CPU (TRITON_INTERPRET=1; for tests, slow)")
+    else:
+        status["triton"] = BackendStatus("triton", False, (), "no CUDA device (set TRITON_INTERPRET=1 to interpret kernels on CPU)")
+    return status
+
+
+def resolve_backend(
+    requested: str | None,
+    device: torch.device | str,
+    *,
+    supports: tuple[str, ...] = BACKENDS,
+) -> str:
+    """The backend an op runs with on `device`.
+
+    Arguments:
+        requested: None or "auto" (then `FASTFLOW_BACKEND` if set, else automatic), or a backend name.
+        device: where the op's tensors live.
+        supports: the backends this op (for these dtypes) implements.
+
+    Raises:
+        ValueError: unknown backend name. RuntimeError: a forced backend cannot run here, with why.
+    """
+    device_type = torch.device(device).type
+    source = "argument"
+    if requested in (None, "auto"):
+        requested, source = os.environ.get("FASTFLOW_BACKEND") or "auto", "FASTFLOW_BACKEND"
+    if requested not in (*BACKENDS, "auto"):
+        raise ValueError(f"unknown backend {requested!r} (from the {source}); choose one of {('auto', *BACKENDS)}")
+    status = backends()
+    if requested == "auto":
+        preference = ("triton", "native", "reference") if device_type == "cuda" else ("native", "reference")
+        return next(name for name in preference if name in supports and device_type in status[name].devices)
+    if requested not in supports:
+        raise RuntimeError(f"backend {requested!r} (from the {source}) does not implement this op for these inputs; it supports {supports}")
+    if device_type not in status[requested].devices:
+        raise RuntimeError(f"backend {requested!r} (from the {source}) cannot run on {device_type}: {status[requested].reason}")
+    return requested
+
+
+def native_module(device: torch.device | str) -> ModuleType:
+    """The compiled module for `device`: `fastflow._C` (CPU) or `fastflow._C_cuda` (CUDA)."""
+    name = "_C_cuda" if torch.device(device).type == "cuda" else "_C"
+    module, reason = _import_extension(name)
+    if module is None:
+        raise RuntimeError(reason)
+    return module
+
+
+def set_num_threads(n: int) -> None:
+    """Use `n` threads in PyTorch and in the OpenMP kernels of fastflow._C."""
+    if not isinstance(n, int) or n < 1:
+        raise ValueError(f"thread count must be a positive int, got {n!r}")
+    torch.set_num_threads(n)
+    module, _ = _import_extension("_C")
+    if module is not None:
+        module.set_num_threads(n)

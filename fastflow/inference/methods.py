@@ -1,0 +1,51 @@
+"""Inference methods by name, each turning (task, x_obs, budget) into posterior samples; the CLI's `--method`."""
+
+from __future__ import annotations
+
+from typing import Callable, Protocol
+
+import torch
+
+from fastflow.inference.npe import NPE
+from fastflow.inference.posterior import Posterior
+from fastflow.inference.simulate import simulate
+
+__all__ = ["METHODS", "posterior_samples", "train_npe"]
+
+
+class _Task(Protocol):
+    prior: object
+    dim_x: int
+
+    def simulate(self, theta: torch.Tensor, *, generator: torch.Generator | None = None) -> torch.Tensor: ...
+
+
+def train_npe(task: _Task, *, num_simulations: int, seed: int = 0, progress: bool = True) -> Posterior:
+    """Simulate `num_simulations` pairs from `task` and train NPE with the package defaults."""
+    simulations = simulate(task.simulate, task.prior, num_simulations, seed=seed)
+    return NPE(task.prior, seed=seed, progress=progress).fit(simulations.theta, simulations.x)
+
+
+def _npe_samples(task, x_obs, *, num_simulations, num_samples, seed, progress):
+    posterior = train_npe(task, num_simulations=num_simulations, seed=seed, progress=progress)
+    torch.manual_seed(seed)
+    return posterior.sample(num_samples, x_obs)
+
+
+METHODS: dict[str, Callable[..., torch.Tensor]] = {"npe": _npe_samples}
+
+
+def posterior_samples(
+    task: _Task, method: str, x_obs: torch.Tensor, *, num_simulations: int, num_samples: int, seed: int = 0, progress: bool = True
+) -> torch.Tensor:
+    """`(num_samples, dim_theta)` posterior draws for one observation `x_obs (dim_x,)` by `method`."""
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; known: {sorted(METHODS)}")
+    x_obs = torch.as_tensor(x_obs, dtype=torch.float32)
+    if x_obs.shape != (task.dim_x,):
+        raise ValueError(f"x_obs must be a 1-D array of length {task.dim_x} for this task, got shape {tuple(x_obs.shape)}")
+    if not torch.isfinite(x_obs).all():
+        raise ValueError("x_obs contains NaN or inf")
+    if not isinstance(num_samples, int) or num_samples <= 0:
+        raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
+    return METHODS[method](task, x_obs, num_simulations=num_simulations, num_samples=num_samples, seed=seed, progress=progress)

@@ -1,0 +1,73 @@
+"""Corner plots of posterior samples (matplotlib)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+__all__ = ["corner"]
+
+
+def corner(samples: dict[str, torch.Tensor], path: str | Path, *, labels: list[str] | None = None, bins: int = 60) -> Path:
+    """Write a corner plot of several `(n, D)` sample sets (name → samples) to a PNG at `path`.
+
+    Diagonal: marginal histograms; below it: 2-D density contours of every pair.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not samples:
+        raise ValueError("corner needs at least one sample set")
+    sets = {name: torch.as_tensor(s).detach().cpu().double() for name, s in samples.items()}
+    dims = {s.shape[-1] for s in sets.values()}
+    if len(dims) != 1:
+        raise ValueError(f"sample sets differ in dimension: {sorted(dims)}")
+    dim = dims.pop()
+    labels = labels or [f"θ{i + 1}" for i in range(dim)]
+    stacked = torch.cat(list(sets.values()))
+    low, high = stacked.quantile(0.001, dim=0), stacked.quantile(0.999, dim=0)
+    pad = 0.05 * (high - low)
+    low, high = low - pad, high + pad
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    figure, axes = plt.subplots(dim, dim, figsize=(2.4 * dim + 1, 2.4 * dim + 1), squeeze=False)
+    for row in range(dim):
+        for col in range(dim):
+            axis = axes[row][col]
+            if col > row:
+                axis.axis("off")
+                continue
+            for (name, s), color in zip(sets.items(), colors):
+                if row == col:
+                    axis.hist(s[:, col].numpy(), bins=bins, range=(float(low[col]), float(high[col])), density=True,
+                              histtype="step", color=color, label=name)
+                else:
+                    hist, xedges, yedges = torch.histogramdd(
+                        s[:, [col, row]], bins=[bins, bins],
+                        range=[float(low[col]), float(high[col]), float(low[row]), float(high[row])],
+                    )
+                    levels = _mass_levels(hist, (0.95, 0.68, 0.38))
+                    axis.contour(((xedges[1:] + xedges[:-1]) / 2).numpy(), ((yedges[1:] + yedges[:-1]) / 2).numpy(),
+                                 hist.T.numpy(), levels=levels, colors=[color])
+                    axis.set_ylim(float(low[row]), float(high[row]))
+            axis.set_xlim(float(low[col]), float(high[col]))
+            if row == dim - 1:
+                axis.set_xlabel(labels[col])
+            if col == 0 and row > 0:
+                axis.set_ylabel(labels[row])
+    axes[0][0].legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.05, 1.0) if dim > 1 else None)
+    figure.tight_layout()
+    path = Path(path)
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
+def _mass_levels(hist: torch.Tensor, masses: tuple[float, ...]) -> list[float]:
+    """Histogram heights enclosing the given probability masses, increasing and distinct."""
+    values = hist.flatten().sort(descending=True).values
+    cumulative = values.cumsum(0) / values.sum()
+    levels = sorted({float(values[min(int((cumulative < m).sum()), values.numel() - 1)]) for m in masses})
+    return [level for level in levels if level > 0] or [float(values[0]) / 2]

@@ -1,0 +1,180 @@
+"""NPE and Posterior: statistics against the analytic gaussian_linear posterior, the Posterior API,
+persistence, and bad input."""
+
+import math
+import warnings
+
+import pytest
+import torch
+
+from fastflow.flows import FlowConfig
+from fastflow.inference import NPE, Posterior, TrainingConfig, simulate
+from fastflow.inference.posterior import FORMAT_VERSION
+from fastflow.priors import BoxUniform
+from fastflow.tasks import get_task
+
+SMALL_TRAINING = TrainingConfig(batch_size=256, learning_rate=3e-3, max_epochs=40, patience=40)
+
+
+@pytest.fixture(scope="module")
+def linear_posterior():
+    task = get_task("gaussian_linear")
+    sims = simulate(task.simulate, task.prior, 10_000, seed=1)
+    flow = FlowConfig(transform="affine", num_layers=4, hidden=64, permutation="lu")
+    return task, NPE(task.prior, flow=flow, training=SMALL_TRAINING, progress=False).fit(sims.theta, sims.x)
+
+
+@pytest.fixture(scope="module")
+def box_posterior():
+    """A bounded-prior posterior: θ ~ U(-1, 1)^2, x = θ + 0.3·noise."""
+    prior = BoxUniform([-1.0, -1.0], [1.0, 1.0])
+    theta = prior.sample(3000, generator=torch.Generator().manual_seed(0))
+    x = theta + 0.3 * torch.randn(theta.shape, generator=torch.Generator().manual_seed(1))
+    training = TrainingConfig(batch_size=256, max_epochs=15, patience=15)
+    return NPE(prior, flow=FlowConfig(num_layers=2, hidden=32), training=training, progress=False).fit(theta, x)
+
+
+def test_gaussian_linear_moments_match_analytic(linear_posterior):
+    task, posterior = linear_posterior
+    for i in (1, 2):
+        x_obs = task.observation(i)
+        mean, covariance = task.reference_posterior_moments(x_obs)
+        torch.manual_seed(0)
+        samples = posterior.sample(20_000, x_obs).double()
+        sd = covariance.diagonal().sqrt()
+        # The posterior sd is 0.22; amortized NPE at 10^4 simulations lands within half of it
+        # (ignoring x, the error would be ~3 sd; 20k samples add only 0.01 sd of Monte Carlo noise).
+        assert ((samples.mean(0) - mean).abs() / sd).max() < 0.5
+        ratio = samples.var(0) / covariance.diagonal()
+        assert ((ratio > 0.75) & (ratio < 1.33)).all(), ratio
+        off_diagonal = torch.cov(samples.T) - torch.diag(samples.var(0))
+        assert off_diagonal.abs().max() < 0.2 * covariance.diagonal().min()
+        torch.testing.assert_close(posterior.mean(x_obs, num_samples=20_000).double(), mean, atol=0.5 * sd.max().item(), rtol=0)
+
+
+def test_map_is_near_the_analytic_mode(linear_posterior):
+    task, posterior = linear_posterior
+    x_obs = torch.stack([task.observation(1), task.observation(2)])
+    modes = posterior.map(x_obs, num_samples=500, steps=100)
+    assert modes.shape == (2, 10)
+    torch.manual_seed(1)
+    q_means = posterior.mean(x_obs, num_samples=50_000)
+    for row, i in enumerate((1, 2)):
+        mean, covariance = task.reference_posterior_moments(task.observation(i))
+        sd = covariance.diagonal().sqrt()
+        # q is close to Gaussian, so its mode is its mean (checked tightly); the analytic mode is as
+        # far as NPE's own error (see the moments test).
+        assert ((modes[row] - q_means[row]).abs().double() / sd).max() < 0.15
+        assert ((modes[row].double() - mean).abs() / sd).max() < 0.5
+
+
+def test_batched_posterior_api_shapes(linear_posterior):
+    task, posterior = linear_posterior
+    xs = torch.stack([task.observation(i) for i in (1, 2, 3)])
+    assert posterior.sample(5, xs[0]).shape == (5, 10)
+    draws = posterior.sample(5, xs)
+    assert draws.shape == (5, 3, 10)
+    assert posterior.log_prob(draws, xs).shape == (5, 3)
+    torch.testing.assert_close(posterior.log_prob(draws[:, 2], xs[2]), posterior.log_prob(draws, xs)[:, 2])
+    assert posterior.mean(xs, num_samples=100).shape == (3, 10)
+    assert posterior.var(xs, num_samples=100).shape == (3, 10)
+    assert posterior.quantile([0.1, 0.5, 0.9], xs, num_samples=100).shape == (3, 3, 10)
+    assert posterior.quantile(0.5, xs[0], num_samples=100).shape == (10,)
+
+
+def test_quantiles_are_ordered_and_calibrated(linear_posterior):
+    task, posterior = linear_posterior
+    x_obs = task.observation(3)
+    mean, covariance = task.reference_posterior_moments(x_obs)
+    torch.manual_seed(0)
+    q = posterior.quantile([0.05, 0.5, 0.95], x_obs, num_samples=20_000).double()
+    assert (q[0] < q[1]).all() and (q[1] < q[2]).all()
+    analytic = mean + 1.6449 * covariance.diagonal().sqrt()
+    assert ((q[2] - analytic).abs() / covariance.diagonal().sqrt()).max() < 0.35
+
+
+def test_bounded_prior_samples_stay_inside_and_log_prob_is_normalized(box_posterior):
+    x_obs = torch.tensor([0.9, -0.95])  # near the corner: much mass would leak without the transform
+    draws = box_posterior.sample(20_000, x_obs)
+    assert (draws.abs() <= 1.0).all()
+    outside = torch.tensor([[1.5, 0.0], [0.0, -1.01]])
+    assert torch.isinf(box_posterior.log_prob(outside, x_obs)).all()
+    axis = torch.linspace(-1 + 1e-4, 1 - 1e-4, 400)
+    grid = torch.stack(torch.meshgrid(axis, axis, indexing="ij"), -1).reshape(-1, 2)
+    mass = box_posterior.log_prob(grid, x_obs).double().exp().sum() * (axis[1] - axis[0]) ** 2
+    assert abs(float(mass) - 1.0) < 0.03
+
+
+def test_save_load_roundtrip(box_posterior, tmp_path):
+    path = tmp_path / "posterior.pt"
+    box_posterior.save(path)
+    loaded = Posterior.load(path)
+    theta = torch.tensor([[0.1, 0.2], [-0.5, 0.7]])
+    x_obs = torch.tensor([0.0, 0.3])
+    torch.testing.assert_close(loaded.log_prob(theta, x_obs), box_posterior.log_prob(theta, x_obs))
+    torch.manual_seed(3)
+    a = loaded.sample(10, x_obs)
+    torch.manual_seed(3)
+    torch.testing.assert_close(a, box_posterior.sample(10, x_obs))
+    payload = torch.load(path, weights_only=True)
+    assert isinstance(payload["config"], dict) and payload["config"]["method"] == "npe"
+
+
+def test_load_refuses_incompatible_files(box_posterior, tmp_path):
+    path = tmp_path / "posterior.pt"
+    box_posterior.save(path)
+    payload = torch.load(path, weights_only=True)
+    payload["format_version"] = FORMAT_VERSION + 1
+    torch.save(payload, path)
+    with pytest.raises(ValueError, match="format version"):
+        Posterior.load(path)
+    torch.save({"weights": torch.zeros(2)}, path)
+    with pytest.raises(ValueError, match="not a saved fastflow posterior"):
+        Posterior.load(path)
+
+
+def test_simulate_drops_nan_and_checks_batch_size():
+    prior = BoxUniform([0.0], [1.0])
+
+    def flaky(theta):
+        x = theta.clone()
+        x[::4] = math.nan
+        return x
+
+    with pytest.warns(RuntimeWarning, match="dropped 25 of 100"):
+        sims = simulate(flaky, prior, 100)
+    assert sims.num_dropped == 25 and sims.theta.shape == (75, 1) and torch.isfinite(sims.x).all()
+    with pytest.raises(ValueError, match="batch of 10"):
+        simulate(lambda theta: theta[:-1], prior, 10)
+    with pytest.raises(ValueError, match="positive"):
+        simulate(flaky, prior, 0)
+    with pytest.raises(ValueError, match="every simulation"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            simulate(lambda theta: theta * math.inf, prior, 10)
+
+
+def test_posterior_bad_input(box_posterior):
+    with pytest.raises(ValueError, match=r"shape \(2,\)"):
+        box_posterior.sample(10, torch.zeros(3))
+    with pytest.raises(ValueError, match="NaN"):
+        box_posterior.sample(10, torch.tensor([math.nan, 0.0]))
+    with pytest.raises(ValueError, match="positive"):
+        box_posterior.sample(0, torch.zeros(2))
+    with pytest.raises(ValueError, match="last dimension 2"):
+        box_posterior.log_prob(torch.zeros(4, 3), torch.zeros(2))
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        box_posterior.quantile(1.5, torch.zeros(2))
+
+
+def test_npe_bad_training_data():
+    prior = BoxUniform([-1.0], [1.0])
+    npe = NPE(prior, progress=False)
+    with pytest.raises(ValueError, match="prior has dim 1"):
+        npe.fit(torch.zeros(10, 2), torch.zeros(10, 1))
+    with pytest.raises(ValueError, match="same N"):
+        npe.fit(torch.zeros(10, 1), torch.zeros(9, 1))
+    with pytest.raises(ValueError, match="outside the prior"):
+        npe.fit(torch.full((10, 1), 2.0), torch.zeros(10, 1))
+    with pytest.raises(ValueError, match="finite"):
+        npe.fit(torch.zeros(10, 1), torch.full((10, 1), math.nan))
