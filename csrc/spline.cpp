@@ -37,7 +37,7 @@ struct Spline {
   T sh[kMaxBins];      // softmax of raw heights
   T X[kMaxBins + 1];   // x knots
   T Y[kMaxBins + 1];   // y knots
-  T D[kMaxBins + 1];   // derivatives at the knots (D[0] = D[K] = 1)
+  T raw_derivatives[kMaxBins];  // interior derivative parameters, shifted; see derivative()
 
   static void softmax(const T* raw, int K, T* out) {
     T m = raw[0];
@@ -68,8 +68,13 @@ struct Spline {
     softmax(raw + K, K, sh);
     knots(sw, K, bound, T(kMinBinWidth), X);
     knots(sh, K, bound, T(kMinBinHeight), Y);
-    D[0] = D[K] = T(1);
-    for (int j = 1; j < K; ++j) D[j] = T(kMinDerivative) + softplus(T(params[2 * K + j - 1]) + derivative_shift);
+    for (int j = 1; j < K; ++j) raw_derivatives[j - 1] = T(params[2 * K + j - 1]) + derivative_shift;
+  }
+
+  // Derivative at knot j: 1 at the ends (linear tails), min + softplus(raw + shift) inside. Computed
+  // on demand: an element only needs the two of its bin.
+  T derivative(int j) const {
+    return (j == 0 || j == K) ? T(1) : T(kMinDerivative) + softplus(raw_derivatives[j - 1]);
   }
 
   // Largest k in [0, K-1] with knot[k] <= v (torch.searchsorted(..., right=False) - 1, clamped).
@@ -92,8 +97,8 @@ struct Local {
     W = sp.X[k + 1] - sp.X[k];
     H = sp.Y[k + 1] - sp.Y[k];
     s = H / W;
-    D0 = sp.D[k];
-    D1 = sp.D[k + 1];
+    D0 = sp.derivative(k);
+    D1 = sp.derivative(k + 1);
     t = t_;
     u = t * (T(1) - t);
     den = s + (D1 + D0 - T(2) * s) * u;
@@ -173,7 +178,7 @@ void forward_kernel(const S* x, const S* params, S* out, S* ladj, int64_t n, int
     } else {
       const int k = Spline<T>::find_bin(sp.Y, K, v);
       const T W = sp.X[k + 1] - sp.X[k], H = sp.Y[k + 1] - sp.Y[k], s = H / W;
-      const T D0 = sp.D[k], D1 = sp.D[k + 1], dy = v - sp.Y[k], c = D1 + D0 - T(2) * s;
+      const T D0 = sp.derivative(k), D1 = sp.derivative(k + 1), dy = v - sp.Y[k], c = D1 + D0 - T(2) * s;
       const T a = H * (s - D0) + dy * c, b = H * D0 - dy * c, cc = -s * dy;
       T disc = b * b - T(4) * a * cc;
       disc = disc > T(0) ? disc : T(0);
@@ -209,7 +214,7 @@ void backward_kernel(const S* x, const S* params, const S* grad_out, const S* gr
       // x = f^{-1}(v; θ), ladj_inv = -ladj_f(x; θ): implicit differentiation through f.
       const int k = Spline<T>::find_bin(sp.Y, K, v);
       const T W = sp.X[k + 1] - sp.X[k], H = sp.Y[k + 1] - sp.Y[k], s = H / W;
-      const T D0 = sp.D[k], D1 = sp.D[k + 1], dy = v - sp.Y[k], c = D1 + D0 - T(2) * s;
+      const T D0 = sp.derivative(k), D1 = sp.derivative(k + 1), dy = v - sp.Y[k], c = D1 + D0 - T(2) * s;
       const T a = H * (s - D0) + dy * c, b = H * D0 - dy * c, cc = -s * dy;
       T disc = b * b - T(4) * a * cc;
       disc = disc > T(0) ? disc : T(0);

@@ -48,6 +48,12 @@ def _cuda_devices() -> int:
 
 def backends() -> dict[str, BackendStatus]:
     """What each backend can do on this machine, with the reason where it cannot."""
+    return dict(_backends(os.environ.get("TRITON_INTERPRET") == "1"))
+
+
+@lru_cache(maxsize=None)
+def _backends(triton_interpret: bool) -> tuple[tuple[str, BackendStatus], ...]:
+    """`backends()` for one value of TRITON_INTERPRET, computed once (ops resolve on every call)."""
     status = {"reference": BackendStatus("reference", True, ("cpu", "cuda") if _cuda_devices() else ("cpu",), "plain PyTorch")}
 
     native_devices, native_reasons = [], []
@@ -72,11 +78,11 @@ def backends() -> dict[str, BackendStatus]:
         status["triton"] = BackendStatus("triton", False, (), "triton is not installed (pip install 'fastflow[triton]')")
     elif _cuda_devices():
         status["triton"] = BackendStatus("triton", True, ("cuda",), "Triton on CUDA")
-    elif os.environ.get("TRITON_INTERPRET") == "1":
+    elif triton_interpret:
         status["triton"] = BackendStatus("triton", True, ("cpu",), "Triton interpreter on CPU (TRITON_INTERPRET=1; for tests, slow)")
     else:
         status["triton"] = BackendStatus("triton", False, (), "no CUDA device (set TRITON_INTERPRET=1 to interpret kernels on CPU)")
-    return status
+    return tuple(status.items())
 
 
 def resolve_backend(
