@@ -10,6 +10,9 @@ resampling from the prior in chunks finds the posterior region; random-walk Metr
 over chains, run in the folded space θ2, θ3 ≥ 0 (where the posterior has one mode) from the SIR draws,
 with a proposal covariance and scale adapted during burn-in and then frozen. Each retained sample gets
 independent random signs on θ2 and θ3, which is exact because prior and likelihood are symmetric in them.
+With the settings below, 10⁴ samples take about 3 s on 2 cores; tests/tasks/test_slcp.py checks them
+against defensive importance sampling (ESS > 2·10⁴) on all 10 observations: means within 4.5 standard
+errors, standard deviations within 5 %, C2ST < 0.55 (observed 0.50-0.51).
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ OBSERVATION_SEEDS = (1000000, 1000001, 1000002, 1000003, 1000004, 1000005, 10000
 SIR_DRAWS = 2_000_000
 SIR_CHUNK = 200_000
 SIR_KEEP = 20_000
-MAX_CHAINS = 10_000
+MIN_CHAINS, MAX_CHAINS = 1_000, 10_000
 BURN_IN = 1500
 ADAPT_EVERY = 25
 THIN = 50
@@ -67,7 +70,7 @@ def _log_likelihood(theta: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     theta, x = theta.double(), x.double()
     s1, s2 = theta[:, 2] ** 2, theta[:, 3] ** 2
     s00, s01, s11 = _covariance_terms(theta)
-    # det S = s1² s2² (1 − ρ²) + EPS (s1² + s2²) + EPS², with 1 − ρ² = 1 / cosh²(θ4), free of cancellation
+    # det S = s1² s2² (1 − ρ²) + EPS (s1² + s2²) + EPS², with 1 − ρ² = 1 / cosh²(θ4): no cancellation
     det = (s1 * s2 / torch.cosh(theta[:, 4])) ** 2 + EPS * (s1**2 + s2**2) + EPS**2
     d = x.reshape(-1, NUM_DRAWS, 2) - theta[:, None, :2]
     d0, d1 = d[..., 0], d[..., 1]
@@ -108,7 +111,8 @@ def _sir(x_obs: torch.Tensor, n: int, generator: torch.Generator) -> tuple[torch
 
 
 def _reference(x_obs: torch.Tensor, n: int, generator: torch.Generator) -> torch.Tensor:
-    n_chains = min(n, MAX_CHAINS)
+    # enough chains for a well-conditioned population covariance even when few samples are asked for
+    n_chains = min(max(n, MIN_CHAINS), MAX_CHAINS)
     state, covariance = _sir(x_obs, n_chains, generator)
     log_p = _log_target(state, x_obs)
     log_scale = math.log(2.38 / math.sqrt(DIM))
@@ -133,11 +137,11 @@ def _reference(x_obs: torch.Tensor, n: int, generator: torch.Generator) -> torch
             chol = torch.linalg.cholesky(centred.T @ centred / (n_chains - 1) + jitter)
 
     rounds = math.ceil(n / n_chains)
-    samples = []
-    for _ in range(rounds):
-        for _ in range(THIN):
-            state, log_p, _ = step(state, log_p, chol, math.exp(log_scale))
-        samples.append(state)
+    scale, samples = math.exp(log_scale), []
+    for step_index in range(1, rounds * THIN + 1):
+        state, log_p, _ = step(state, log_p, chol, scale)
+        if step_index % THIN == 0:
+            samples.append(state)
     samples = torch.cat(samples)[:n]
     signs = torch.where(torch.rand(n, 2, generator=generator, dtype=torch.float64) < 0.5, -1.0, 1.0)
     return torch.cat((samples[:, :2], signs * samples[:, 2:4], samples[:, 4:]), dim=-1)

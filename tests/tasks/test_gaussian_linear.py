@@ -13,7 +13,8 @@ def test_prior_and_likelihood_are_the_sbibm_gaussians():
     assert torch.allclose(TASK.prior.covariance, 0.1 * torch.eye(10))
     theta = TASK.prior.sample(50, generator=torch.Generator().manual_seed(0)).double()
     x = TASK.observation(1)
-    expected = torch.distributions.MultivariateNormal(theta, 0.1 * torch.eye(10, dtype=torch.float64)).log_prob(x.double())
+    noise = torch.distributions.MultivariateNormal(theta, 0.1 * torch.eye(10, dtype=torch.float64))
+    expected = noise.log_prob(x.double())
     torch.testing.assert_close(TASK.log_likelihood(theta, x), expected)
 
 

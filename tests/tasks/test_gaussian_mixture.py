@@ -14,8 +14,9 @@ TASK = get_task("gaussian_mixture")
 def test_likelihood_is_the_two_scale_mixture():
     theta = TASK.prior.sample(64, generator=torch.Generator().manual_seed(0)).double()
     x = torch.tensor([1.5, -2.0])
-    wide = torch.distributions.MultivariateNormal(theta, torch.eye(2, dtype=torch.float64)).log_prob(x.double())
-    narrow = torch.distributions.MultivariateNormal(theta, 0.01 * torch.eye(2, dtype=torch.float64)).log_prob(x.double())
+    eye = torch.eye(2, dtype=torch.float64)
+    wide = torch.distributions.MultivariateNormal(theta, eye).log_prob(x.double())
+    narrow = torch.distributions.MultivariateNormal(theta, 0.01 * eye).log_prob(x.double())
     expected = torch.logsumexp(torch.stack((wide, narrow)), 0) + math.log(0.5)
     torch.testing.assert_close(TASK.log_likelihood(theta, x), expected)
 
