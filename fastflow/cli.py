@@ -74,6 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", type=Path, default=Path("fastflow-demo.png"))
     demo.add_argument("--quiet", action="store_true", help="no progress bar")
     demo.set_defaults(run=_demo)
+    _add_threads(demo)
 
     posterior = commands.add_parser("posterior", help="posterior samples for one observation")
     posterior.add_argument("task")
@@ -85,11 +86,22 @@ def build_parser() -> argparse.ArgumentParser:
     posterior.add_argument("--out", type=Path, required=True, help=".npy file for the (num_samples, dim) samples")
     posterior.add_argument("--quiet", action="store_true")
     posterior.set_defaults(run=_posterior)
+    _add_threads(posterior)
     return parser
 
 
+def _add_threads(command: argparse.ArgumentParser) -> None:
+    command.add_argument(
+        "--threads", type=_positive_int, default=1,
+        help="CPU threads (default 1: small-batch training gains nothing from more, and loses much on a busy machine)",
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
+    from fastflow.backends import set_num_threads
+
     args = build_parser().parse_args(argv)
+    set_num_threads(args.threads)
     try:
         return args.run(args)
     except ValueError as error:

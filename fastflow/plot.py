@@ -44,7 +44,7 @@ def corner(samples: dict[str, torch.Tensor], path: str | Path, *, labels: list[s
                     axis.hist(s[:, col].numpy(), bins=bins, range=(float(low[col]), float(high[col])), density=True,
                               histtype="step", color=color, label=name)
                 else:
-                    hist, xedges, yedges = torch.histogramdd(
+                    hist, (xedges, yedges) = torch.histogramdd(
                         s[:, [col, row]], bins=[bins, bins],
                         range=[float(low[col]), float(high[col]), float(low[row]), float(high[row])],
                     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 
@@ -40,7 +41,7 @@ class Prior:
         return ((theta >= low) & (theta <= high)).all(-1)
 
     def _check_n(self, n: int) -> None:
-        if not isinstance(n, int) or n <= 0:
+        if not isinstance(n, numbers.Integral) or isinstance(n, bool) or n <= 0:
             raise ValueError(f"number of prior samples must be a positive int, got {n!r}")
 
     def _check_theta(self, theta: torch.Tensor) -> None:
@@ -107,7 +108,8 @@ class Gaussian(Prior):
 
     def log_prob(self, theta):
         self._check_theta(theta)
-        return self._dist.log_prob(theta.float()).to(theta.dtype)
+        scale_tril = self._dist.scale_tril.to(theta)
+        return torch.distributions.MultivariateNormal(self.loc.to(theta), scale_tril=scale_tril).log_prob(theta)
 
     def config(self) -> dict:
         return {"type": "Gaussian", "loc": self.loc.tolist(), "covariance": self.covariance.tolist()}

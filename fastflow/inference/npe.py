@@ -18,13 +18,14 @@ __all__ = ["NPE", "TrainingConfig", "ZScore"]
 
 @dataclass(frozen=True)
 class TrainingConfig:
-    """Options of `fastflow.train.fit` used by the estimators."""
+    """Options of `fastflow.train.fit` used by the estimators (defaults tuned on two_moons at 10^4
+    simulations: a cosine-annealed learning rate over 150 epochs of 512-pair batches)."""
 
-    batch_size: int = 256
-    learning_rate: float = 2e-3
-    max_epochs: int = 300
+    batch_size: int = 512
+    learning_rate: float = 3e-3
+    max_epochs: int = 150
     validation_fraction: float = 0.1
-    patience: int = 20
+    patience: int = 30
     clip_grad_norm: float | None = 5.0
     lr_schedule: str = "cosine"
 
@@ -64,6 +65,10 @@ def _negative_log_likelihood(flow: Flow, theta: torch.Tensor, x: torch.Tensor) -
     return -flow.log_prob(theta, x).mean()
 
 
+# Four spline couplings with 10 bins, width-128 conditioners, a 2-component Gaussian-mixture base.
+NPE_FLOW = FlowConfig(num_layers=4, hidden=128, num_bins=10, base="gmm", num_components=2)
+
+
 @dataclass
 class NPE:
     """Neural posterior estimation with a coupling flow.
@@ -81,7 +86,7 @@ class NPE:
     """
 
     prior: Prior
-    flow: FlowConfig = field(default_factory=FlowConfig)
+    flow: FlowConfig = field(default_factory=lambda: NPE_FLOW)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     seed: int = 0
     device: str = "cpu"
