@@ -1,0 +1,6 @@
+"""Approximate Bayesian computation: chunked Numba rejection (Dask-capable) and regression adjustment."""
+
+from fastflow.abc.regression import LLRegression
+from fastflow.abc.rejection import RejectionResult, rejection
+
+__all__ = ["LLRegression", "RejectionResult", "rejection"]

@@ -1,0 +1,316 @@
+"""Rejection ABC over many simulations in bounded memory: chunked simulation, a streaming top-k, Dask.
+
+Simulations are generated chunk by chunk; each chunk is reduced at once to the candidates that can still
+enter the best k (Numba, parallel over rows), so memory is O(k + chunk_size) whatever `n_sims` is. Chunk i
+draws θ and x from random streams derived from `(seed, i)` only, and candidates are ranked by
+(distance, global simulation index), so the accepted set does not depend on how the chunks are grouped:
+a Dask run (`client=`) merges its workers' top-k lists into exactly the single-process result.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass, replace
+from typing import Callable
+
+import numpy as np
+import torch
+
+from fastflow.abc._kernels import KERNELS, METRICS
+from fastflow.priors import Prior
+from fastflow.tasks import Task
+
+__all__ = ["RejectionResult", "rejection"]
+
+_MAD_TO_SD = 1.4826  # MAD of a standard normal is 1 / 1.4826
+_FRAMEWORKS = ("numpy", "torch")
+
+
+@dataclass(frozen=True)
+class RejectionResult:
+    """The accepted simulations of a rejection-ABC run, sorted by distance (ties by simulation index).
+
+    Attributes:
+        theta: `(k, dim_theta)` float64 accepted parameters.
+        summaries: `(k, dim_s)` float64 their summary statistics (unscaled), for regression adjustment.
+        distances: `(k,)` float64 their distances to s_obs, ascending.
+        index: `(k,)` int64 their global simulation indices in `0..n_sims-1`.
+        s_obs: `(dim_s,)` float64 summary statistics of the observation.
+        weight: the scaling used by the distance: `(dim_s,)` for euclidean/l1, `(dim_s, dim_s)` whitening
+            matrix for mahalanobis.
+        tolerance: the tolerance h actually used: the largest accepted distance with `quantile`, else `eps`.
+        num_accepted: k.
+        num_dropped: simulations whose summaries or distance were NaN/inf, never accepted.
+        num_simulations: simulations run, `n_sims`.
+    """
+
+    theta: np.ndarray
+    summaries: np.ndarray
+    distances: np.ndarray
+    index: np.ndarray
+    s_obs: np.ndarray
+    weight: np.ndarray
+    tolerance: float
+    num_accepted: int
+    num_dropped: int
+    num_simulations: int
+
+
+@dataclass(frozen=True)
+class _Candidates:
+    """The best candidates seen so far: distance, global index, θ and summaries, sorted by (d, index)."""
+
+    distances: np.ndarray
+    index: np.ndarray
+    theta: np.ndarray
+    summaries: np.ndarray
+    dropped: int
+
+    @staticmethod
+    def empty(dim_theta: int, dim_s: int) -> _Candidates:
+        return _Candidates(np.empty(0), np.empty(0, np.int64), np.empty((0, dim_theta)), np.empty((0, dim_s)), 0)
+
+    def merge(self, other: _Candidates, k: int | None) -> _Candidates:
+        """The best `k` (all when None) of both sets, ordered by (distance, index)."""
+        distances = np.concatenate((self.distances, other.distances))
+        index = np.concatenate((self.index, other.index))
+        order = np.lexsort((index, distances))[:k]
+        return _Candidates(
+            distances[order], index[order],
+            np.concatenate((self.theta, other.theta))[order], np.concatenate((self.summaries, other.summaries))[order],
+            self.dropped + other.dropped,
+        )
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """Everything a worker needs to run chunks: picklable, no state."""
+
+    simulator: Callable
+    prior: Prior
+    framework: str
+    summary: Callable | None
+    n_sims: int
+    chunk_size: int
+    seed: int
+    s_obs: np.ndarray
+    weight: np.ndarray
+    metric: str
+    backend: str
+    k: int | None
+    eps: float
+
+    def draw(self, chunk: int) -> tuple[np.ndarray, object]:
+        """`(θ (n, dim_theta) float64, x (n, dim_x))` for chunk `chunk`, from streams seeded by (seed, chunk);
+        x is in the simulator's framework."""
+        start = chunk * self.chunk_size
+        n = min(self.chunk_size, self.n_sims - start)
+        streams = np.random.SeedSequence([self.seed, chunk])
+        torch_seed, numpy_stream = streams.generate_state(1, np.uint64)[0] >> np.uint64(1), streams.spawn(1)[0]
+        generator = torch.Generator().manual_seed(int(torch_seed))
+        theta = self.prior.sample(n, generator=generator)
+        if isinstance(self.simulator, Task):
+            x = self.simulator.simulate(theta, generator=generator)
+        elif self.framework == "torch":
+            x = self.simulator(theta, generator)
+        else:
+            theta = theta.double().numpy()
+            x = self.simulator(theta, np.random.default_rng(numpy_stream))
+        if getattr(x, "ndim", None) != 2 or x.shape[0] != n:
+            shape = tuple(getattr(x, "shape", ()))
+            raise ValueError(f"the simulator must return an (n, dim_x) batch with n = {n} rows, got shape {shape}")
+        return _to_numpy(theta), x
+
+    def simulate(self, chunk: int) -> tuple[np.ndarray, np.ndarray]:
+        """`(θ (n, dim_theta), s (n, dim_s))` float64 for chunk `chunk`."""
+        theta, x = self.draw(chunk)
+        return theta, _summaries(x, self.summary)
+
+    def reduce(self, chunk: int, best: _Candidates, simulated=None) -> _Candidates:
+        """Fold chunk `chunk` (simulated now unless given) into the candidates `best`."""
+        theta, s = self.simulate(chunk) if simulated is None else simulated
+        distances_fn, below_fn = KERNELS[self.backend]
+        d = distances_fn(s, self.s_obs, self.weight, self.metric)
+        finite = d < np.inf
+        dropped = d.shape[0] - int(np.count_nonzero(finite))
+        threshold = self.eps
+        if self.k is not None:
+            if best.distances.shape[0] >= self.k:
+                threshold = min(threshold, best.distances[-1])
+            elif best.distances.shape[0] + d.shape[0] - dropped > self.k:
+                pooled = np.concatenate((best.distances, d[finite]))
+                threshold = min(threshold, np.partition(pooled, self.k - 1)[self.k - 1])
+        keep = below_fn(d, min(threshold, np.finfo(np.float64).max))
+        offset = chunk * self.chunk_size
+        new = _Candidates(d[keep], keep + offset, theta[keep], s[keep], dropped)
+        return best.merge(new, self.k)
+
+    def run(self, chunks: list[int]) -> _Candidates:
+        """The candidates of a group of chunks."""
+        best = _Candidates.empty(self.prior.dim, self.s_obs.shape[0])
+        for chunk in chunks:
+            best = self.reduce(chunk, best)
+        return best
+
+
+def _to_numpy(array) -> np.ndarray:
+    if isinstance(array, torch.Tensor):
+        array = array.detach().cpu().double().numpy()
+    return np.asarray(array, dtype=np.float64)
+
+
+def _summaries(x, summary: Callable | None) -> np.ndarray:
+    """`(n, dim_s)` float64 summaries of an `(n, dim_x)` batch."""
+    n = x.shape[0]
+    s = _to_numpy(x if summary is None else summary(x))
+    if s.ndim != 2 or s.shape[0] != n:
+        raise ValueError(f"the summary must map (n, dim_x) to (n, dim_s) with n = {n} rows, got shape {s.shape}")
+    return np.ascontiguousarray(s)
+
+
+def _weight(pilot: np.ndarray, scale, metric: str) -> np.ndarray:
+    """The distance scaling from the pilot chunk's finite summaries `(n, dim_s)`."""
+    dim_s = pilot.shape[1]
+    pilot = pilot[np.isfinite(pilot).all(axis=1)]
+    if metric == "mahalanobis":
+        if pilot.shape[0] <= dim_s:
+            raise ValueError(f"mahalanobis needs more than {dim_s} finite pilot simulations, got {pilot.shape[0]}")
+        covariance = np.cov(pilot, rowvar=False).reshape(dim_s, dim_s)
+        try:
+            return np.linalg.inv(np.linalg.cholesky(covariance))
+        except np.linalg.LinAlgError:
+            raise ValueError("the pilot covariance of the summaries is singular; use distance='euclidean'") from None
+    if isinstance(scale, str) and scale == "mad":
+        if pilot.shape[0] < 2:
+            raise ValueError("the pilot chunk has fewer than 2 finite simulations; cannot estimate the MAD scale")
+        mad = _MAD_TO_SD * np.median(np.abs(pilot - np.median(pilot, axis=0)), axis=0)
+        if not (mad > 0).all():
+            raise ValueError(f"summary statistics {np.flatnonzero(mad <= 0).tolist()} have zero MAD in the pilot chunk")
+        return 1.0 / mad
+    if scale is None:
+        return np.ones(dim_s)
+    scale = _to_numpy(scale)
+    if scale.shape != (dim_s,) or not (np.isfinite(scale) & (scale > 0)).all():
+        raise ValueError(f"scale must be 'mad', None or ({dim_s},) finite positive values, got {scale}")
+    return 1.0 / scale
+
+
+def rejection(
+    simulator: Task | Callable,
+    prior: Prior,
+    x_obs,
+    n_sims: int,
+    *,
+    quantile: float | None = None,
+    eps: float | None = None,
+    summary: Callable | None = None,
+    distance: str = "euclidean",
+    scale="mad",
+    chunk_size: int = 1_000_000,
+    seed: int = 0,
+    framework: str = "numpy",
+    backend: str = "numba",
+    client=None,
+) -> RejectionResult:
+    """Rejection ABC: keep the simulations whose summaries lie closest to the observation's.
+
+    Arguments:
+        simulator: a `fastflow.tasks.Task`, or a batched callable `(θ (n, dim_theta), rng) -> x (n, dim_x)`:
+            with `framework="numpy"` θ is a float64 array and rng a `numpy.random.Generator` (Numba
+            `@njit` functions taking a Generator work too); with `framework="torch"` θ is the prior's
+            tensor and rng a `torch.Generator`.
+        prior: the prior p(θ) (fastflow.priors), sampled with a `torch.Generator` per chunk.
+        x_obs: `(dim_x,)` observation, array or tensor.
+        n_sims: number of simulations, positive.
+        quantile: accept the best `ceil(quantile · n_sims)` simulations, 0 < quantile ≤ 1.
+        eps: accept the simulations with distance ≤ eps (with `quantile` too: both must hold). Without
+            `quantile` the accepted set is not bounded in size.
+        summary: `x (n, dim_x) -> s (n, dim_s)` in the simulator's framework; None uses x itself.
+        distance: `"euclidean"`, `"l1"` or `"mahalanobis"` (covariance of the pilot chunk's summaries,
+            which makes `scale` irrelevant).
+        scale: `"mad"` (median absolute deviation of the pilot chunk, chunk 0), None (no scaling) or
+            `(dim_s,)` positive scales; summaries are divided by it.
+        chunk_size: simulations per chunk (memory O(k + chunk_size)).
+        seed: chunk i uses random streams derived from (seed, i).
+        framework: `"numpy"` or `"torch"`, the calling convention of a callable simulator (tasks are torch).
+        backend: `"numba"` (parallel kernels) or `"numpy"` (the vectorized reference), same results.
+        client: a `dask.distributed.Client`: chunks are spread over its workers, same result.
+
+    Returns:
+        A `RejectionResult` sorted by distance.
+
+    Raises:
+        ValueError: bad arguments, x_obs of the wrong length or not finite, a simulator returning a wrong
+            batch, or no simulation accepted.
+    """
+    if not isinstance(prior, Prior):
+        raise TypeError(f"prior must be a fastflow.priors.Prior, got {type(prior).__name__}")
+    if not isinstance(simulator, Task) and not callable(simulator):
+        raise TypeError(f"simulator must be a Task or a callable, got {type(simulator).__name__}")
+    for name, value in (("n_sims", n_sims), ("chunk_size", chunk_size)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    if quantile is None and eps is None:
+        raise ValueError("give quantile, eps or both")
+    if quantile is not None and not (isinstance(quantile, numbers.Real) and 0 < quantile <= 1):
+        raise ValueError(f"quantile must lie in (0, 1], got {quantile!r}")
+    if eps is not None and not (isinstance(eps, numbers.Real) and eps > 0 and math.isfinite(eps)):
+        raise ValueError(f"eps must be a positive finite number, got {eps!r}")
+    if distance not in METRICS:
+        raise ValueError(f"unknown distance {distance!r}; known: {', '.join(METRICS)}")
+    if framework not in _FRAMEWORKS:
+        raise ValueError(f"unknown framework {framework!r}; known: {', '.join(_FRAMEWORKS)}")
+    if backend not in KERNELS:
+        raise ValueError(f"unknown backend {backend!r}; known: {', '.join(KERNELS)}")
+    if isinstance(simulator, Task) and simulator.prior.dim != prior.dim:
+        raise ValueError(f"prior has dim {prior.dim}, the task {simulator.name!r} has {simulator.dim_theta} parameters")
+
+    x = torch.as_tensor(x_obs).detach().cpu().double()
+    if x.ndim != 1:
+        raise ValueError(f"x_obs must be 1-D (dim_x,), got shape {tuple(x.shape)}")
+    if not torch.isfinite(x).all():
+        raise ValueError("x_obs contains NaN or inf")
+
+    k = None if quantile is None else max(1, math.ceil(quantile * n_sims - 1e-9))
+    plan = _Plan(simulator, prior, framework, summary, int(n_sims), int(chunk_size), int(seed),
+                 np.empty(0), np.empty(0), distance, backend, k, math.inf if eps is None else float(eps))
+    pilot_theta, pilot_x = plan.draw(0)
+    if x.shape[0] != pilot_x.shape[1]:
+        raise ValueError(f"x_obs has length {x.shape[0]} but the simulator returns x of length {pilot_x.shape[1]}")
+    x_native = x.to(pilot_x.dtype) if isinstance(pilot_x, torch.Tensor) else x.numpy()
+    s_obs = _summaries(x_native[None], summary)[0]
+    if not np.isfinite(s_obs).all():
+        raise ValueError("the summary statistics of x_obs contain NaN or inf")
+    pilot = (pilot_theta, _summaries(pilot_x, summary))
+    plan = replace(plan, s_obs=s_obs, weight=_weight(pilot[1], scale, distance))
+
+    n_chunks = math.ceil(n_sims / chunk_size)
+    best = plan.reduce(0, _Candidates.empty(prior.dim, s_obs.shape[0]), pilot)
+    rest = list(range(1, n_chunks))
+    if client is None:
+        for chunk in rest:
+            best = plan.reduce(chunk, best)
+    elif rest:
+        workers = max(1, len(client.scheduler_info()["workers"]))
+        groups = [rest[i::workers] for i in range(workers) if rest[i::workers]]
+        [plan_future] = client.scatter([plan], broadcast=True)
+        for part in client.gather(client.map(_run_group, [plan_future] * len(groups), groups, pure=False)):
+            best = best.merge(part, k)
+
+    if best.distances.shape[0] == 0:
+        raise ValueError(
+            f"no simulation accepted (eps={eps}, {best.dropped} of {n_sims} simulations dropped as NaN/inf); "
+            "raise eps or n_sims"
+        )
+    tolerance = float(eps) if k is None else float(best.distances[-1])
+    return RejectionResult(
+        theta=best.theta, summaries=best.summaries, distances=best.distances, index=best.index, s_obs=s_obs,
+        weight=plan.weight, tolerance=tolerance, num_accepted=int(best.distances.shape[0]),
+        num_dropped=best.dropped, num_simulations=int(n_sims),
+    )
+
+
+def _run_group(plan: _Plan, chunks: list[int]) -> _Candidates:
+    return plan.run(chunks)
+

@@ -1,0 +1,114 @@
+"""Rejection ABC: backends agree exactly, the streaming top-k is the exact top-k, posterior moments, bad input."""
+
+import numpy as np
+import pytest
+import torch
+
+from fastflow.abc import rejection
+from fastflow.priors import BoxUniform
+from fastflow.tasks import get_task
+from abc_conjugate import PRIOR, X_OBS, posterior_moments, simulate
+
+
+@pytest.mark.parametrize("distance", ["euclidean", "l1", "mahalanobis"])
+def test_numba_and_numpy_backends_accept_the_same_simulations(distance):
+    runs = [rejection(simulate, PRIOR, X_OBS, 20_000, quantile=0.01, distance=distance, chunk_size=3_000,
+                      seed=3, backend=backend) for backend in ("numba", "numpy")]
+    np.testing.assert_array_equal(runs[0].index, runs[1].index)
+    np.testing.assert_allclose(runs[0].distances, runs[1].distances, rtol=1e-12)
+    np.testing.assert_array_equal(runs[0].theta, runs[1].theta)
+    assert runs[0].num_accepted == 200 and runs[0].tolerance == runs[0].distances[-1]
+
+
+def test_streaming_top_k_equals_the_top_k_of_all_simulations():
+    everything = rejection(simulate, PRIOR, X_OBS, 5_000, quantile=1.0, chunk_size=700, seed=1)
+    best = rejection(simulate, PRIOR, X_OBS, 5_000, quantile=0.03, chunk_size=700, seed=1)
+    assert everything.num_accepted == 5_000 and best.num_accepted == 150
+    np.testing.assert_array_equal(np.sort(everything.index), np.arange(5_000))
+    np.testing.assert_array_equal(best.index, everything.index[:150])
+    np.testing.assert_array_equal(best.theta, everything.theta[:150])
+    assert np.all(np.diff(best.distances) >= 0)
+    # distances are MAD-scaled euclidean distances of the summaries
+    scaled = (best.summaries - best.s_obs) * best.weight
+    np.testing.assert_allclose(best.distances, np.linalg.norm(scaled, axis=1), rtol=1e-12)
+
+
+def test_eps_accepts_exactly_the_simulations_within_eps():
+    everything = rejection(simulate, PRIOR, X_OBS, 4_000, quantile=1.0, chunk_size=1_000, seed=2)
+    eps = float(np.quantile(everything.distances, 0.1))
+    within = rejection(simulate, PRIOR, X_OBS, 4_000, eps=eps, chunk_size=1_000, seed=2)
+    np.testing.assert_array_equal(within.index, everything.index[everything.distances <= eps])
+    assert within.tolerance == eps
+
+
+def test_conjugate_gaussian_rejection_moments_approach_the_posterior():
+    result = rejection(simulate, PRIOR, X_OBS, 200_000, quantile=0.01, chunk_size=50_000, seed=0)
+    mean, var = posterior_moments(X_OBS)
+    # a small tolerance: moments within a few standard errors plus the O(h²) bias
+    se_mean = np.sqrt(var / result.num_accepted)
+    assert np.all(np.abs(result.theta.mean(0) - mean) < 5 * se_mean + 0.02)
+    assert np.all(np.abs(result.theta.var(0) / var - 1) < 0.12)
+
+
+def test_nan_simulations_are_dropped_and_counted():
+    def flaky(theta, rng):
+        x = simulate(theta, rng)
+        x[::10, 0] = np.nan
+        return x
+
+    result = rejection(flaky, PRIOR, X_OBS, 10_000, quantile=0.05, chunk_size=2_500, seed=0)
+    assert result.num_dropped == 1_000 and result.num_accepted == 500
+    assert np.isfinite(result.distances).all() and np.all(result.index % 10 != 0)
+
+
+def test_torch_simulator_and_task_give_posterior_draws_inside_the_prior():
+    task = get_task("two_moons")
+
+    def torch_simulator(theta, generator):
+        return task.simulate(theta, generator=generator)
+
+    from_task = rejection(task, task.prior, task.observation(1), 50_000, quantile=0.01, chunk_size=20_000)
+    from_fn = rejection(torch_simulator, task.prior, task.observation(1), 50_000, quantile=0.01,
+                        chunk_size=20_000, framework="torch")
+    np.testing.assert_array_equal(from_task.theta, from_fn.theta)
+    assert from_task.theta.shape == (500, 2) and (np.abs(from_task.theta) <= 1).all()
+
+
+def test_task_summary_statistics_are_used():
+    task = get_task("slcp")
+    result = rejection(task, task.prior, task.observation(1), 5_000, quantile=0.01, summary=task.summary,
+                       chunk_size=5_000)
+    assert result.summaries.shape == (50, 5) and result.s_obs.shape == (5,)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(x_obs=np.zeros(3)), "length 3"),
+        (dict(x_obs=np.array([np.nan, 0.0])), "NaN"),
+        (dict(quantile=0.0), "quantile"),
+        (dict(quantile=1.5), "quantile"),
+        (dict(quantile=None), "quantile, eps"),
+        (dict(quantile=None, eps=-1.0), "eps"),
+        (dict(quantile=None, eps=1e-9), "no simulation accepted"),
+        (dict(n_sims=0), "n_sims"),
+        (dict(chunk_size=-5), "chunk_size"),
+        (dict(distance="cosine"), "unknown distance"),
+        (dict(backend="cuda"), "unknown backend"),
+        (dict(scale=np.array([1.0, -1.0])), "scale"),
+        (dict(simulator=lambda theta, rng: simulate(theta, rng)[:-1]), "n = 1000 rows"),
+    ],
+)
+def test_bad_input_is_refused(kwargs, message):
+    arguments = dict(simulator=simulate, prior=PRIOR, x_obs=X_OBS, n_sims=1_000, quantile=0.1, chunk_size=1_000)
+    arguments.update(kwargs)
+    with pytest.raises(ValueError, match=message):
+        rejection(arguments.pop("simulator"), arguments.pop("prior"), arguments.pop("x_obs"), arguments.pop("n_sims"),
+                  **arguments)
+
+
+def test_prior_and_simulator_types_are_checked():
+    with pytest.raises(TypeError, match="Prior"):
+        rejection(simulate, "normal", X_OBS, 100, quantile=0.1)
+    with pytest.raises(ValueError, match="prior has dim"):
+        rejection(get_task("two_moons"), BoxUniform(torch.zeros(3), torch.ones(3)), np.zeros(2), 100, quantile=0.1)
