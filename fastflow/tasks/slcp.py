@@ -147,6 +147,16 @@ def _reference(x_obs: torch.Tensor, n: int, generator: torch.Generator) -> torch
     return torch.cat((samples[:, :2], signs * samples[:, 2:4], samples[:, 4:]), dim=-1)
 
 
+def _summary(x: torch.Tensor) -> torch.Tensor:
+    """`(n, 5)` summaries of the 4 points: means and standard deviations of both coordinates, their correlation."""
+    points = x.reshape(-1, NUM_DRAWS, 2)
+    mean = points.mean(1)
+    centred = points - mean[:, None]
+    sd = centred.pow(2).mean(1).sqrt()
+    correlation = (centred[..., 0] * centred[..., 1]).mean(1) / (sd[:, 0] * sd[:, 1]).clamp_min(1e-12)
+    return torch.cat((mean, sd, correlation[:, None]), dim=-1)
+
+
 def slcp() -> Task:
     """The slcp task: θ ∈ [-3, 3]⁵, x of dimension 8 (4 draws of a 2-D Gaussian)."""
     return Task(
@@ -157,4 +167,5 @@ def slcp() -> Task:
         simulator_fn=_simulate,
         log_likelihood_fn=_log_likelihood,
         reference_fn=_reference,
+        summary_fn=_summary,
     )

@@ -33,6 +33,8 @@ class Task:
         reference_fn: `(x_obs (dim_x,) float64, n, generator) -> (n, dim_theta)`, unchecked.
         moments_fn: `x_obs (dim_x,) float64 -> (mean (dim_theta,), covariance (dim_theta, dim_theta))`,
             or None where the posterior moments have no closed form.
+        summary_fn: `x (n, dim_x) -> s (n, dim_s)` default summary statistics for distance-based methods
+            (ABC), or None where x itself serves.
 
     References:
         Lueckmann et al. (2021), "Benchmarking simulation-based inference", AISTATS.
@@ -46,6 +48,7 @@ class Task:
     log_likelihood_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
     reference_fn: Callable[[torch.Tensor, int, torch.Generator], torch.Tensor]
     moments_fn: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None
+    summary_fn: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     def __post_init__(self):
         if len(self.observation_seeds) != NUM_OBSERVATIONS:
@@ -70,6 +73,20 @@ class Task:
         if generator is not None and generator.device != theta.device:
             raise ValueError(f"generator is on {generator.device} but θ is on {theta.device}")
         return self.simulator_fn(theta, generator)
+
+    def summary(self, x: torch.Tensor) -> torch.Tensor:
+        """Default summary statistics of simulated or observed data, for distance-based methods (ABC).
+
+        Arguments:
+            x: `(n, dim_x)` data.
+
+        Returns:
+            `(n, dim_s)` summaries in x's dtype: `summary_fn(x)`, or x itself where the task has none.
+        """
+        x = torch.as_tensor(x)
+        if x.ndim != 2 or x.shape[1] != self.dim_x:
+            raise ValueError(f"x must have shape (n, {self.dim_x}) for {self.name}, got {tuple(x.shape)}")
+        return x if self.summary_fn is None else self.summary_fn(x)
 
     def log_likelihood(self, theta: torch.Tensor, x_obs: torch.Tensor) -> torch.Tensor:
         """Exact log-likelihood log p(x | θ).
