@@ -1,0 +1,103 @@
+"""Local-linear regression adjustment: exactness on a linear model, moments on the conjugate Gaussian,
+bounded transforms, kernels, heteroscedastic correction, predict, bad input."""
+
+import numpy as np
+import pytest
+
+from abc_conjugate import PRIOR, X_OBS, posterior_moments, simulate
+from fastflow.abc import LLRegression, rejection
+from fastflow.abc.regression import KERNELS
+from fastflow.priors import BoxUniform
+
+
+def test_adjustment_removes_an_exact_linear_dependence():
+    rng = np.random.default_rng(0)
+    s = rng.normal(size=(500, 3))
+    beta = np.array([[1.0, -2.0], [0.5, 0.0], [0.0, 3.0]])
+    noise = 0.1 * rng.normal(size=(500, 2))
+    theta = s @ beta + noise
+    s_obs = np.array([0.2, -0.1, 0.3])
+    distances = np.linalg.norm(s - s_obs, axis=1)
+    regression = LLRegression(kernel="uniform").fit(theta, s, s_obs, distances)
+    np.testing.assert_allclose(regression.coef_[1:], beta, atol=0.03)
+    adjusted = regression.predict()
+    np.testing.assert_allclose(adjusted, theta - (s - s_obs) @ regression.coef_[1:], atol=1e-10)
+    np.testing.assert_allclose(adjusted.mean(0), s_obs @ beta, atol=0.02)
+    # predict at a new s_obs shifts every sample by the fitted slope
+    moved = regression.predict(s_obs + np.array([1.0, 0.0, 0.0]))
+    np.testing.assert_allclose(moved - adjusted, np.broadcast_to(regression.coef_[1], adjusted.shape), atol=1e-10)
+
+
+def test_adjustment_improves_conjugate_moments_at_a_coarse_tolerance():
+    result = rejection(simulate, PRIOR, X_OBS, 40_000, quantile=0.2, chunk_size=20_000, seed=4)
+    mean, var = posterior_moments(X_OBS)
+    adjusted = LLRegression().fit(result.theta, result.summaries, result.s_obs, result.distances).predict()
+    plain_error = np.abs(result.theta.var(0) / var - 1).max()
+    adjusted_error = np.abs(adjusted.var(0) / var - 1).max()
+    assert plain_error > 0.5  # coarse: rejection alone is far too wide
+    assert adjusted_error < 0.1 and adjusted_error < plain_error / 5
+    se_mean = np.sqrt(var / result.num_accepted)
+    assert np.all(np.abs(adjusted.mean(0) - mean) < 5 * se_mean)
+    assert np.abs(result.theta.mean(0) - mean).max() > np.abs(adjusted.mean(0) - mean).max()
+
+
+@pytest.mark.parametrize("kernel", sorted(KERNELS))
+@pytest.mark.parametrize("heteroscedastic", [False, True])
+def test_bounded_parameters_stay_inside_the_support(kernel, heteroscedastic):
+    prior = BoxUniform(np.array([0.0, -1.0]), np.array([1.0, 5.0]))
+
+    def simulator(theta, rng):
+        return theta + 0.5 * rng.standard_normal(theta.shape)
+
+    result = rejection(simulator, prior, np.array([0.95, 4.9]), 20_000, quantile=0.1, chunk_size=10_000)
+    regression = LLRegression(kernel=kernel, low=prior.low, high=prior.high, heteroscedastic=heteroscedastic)
+    adjusted = regression.fit(result.theta, result.summaries, result.s_obs, result.distances).predict()
+    assert np.isfinite(adjusted).all()
+    assert (adjusted > prior.low.numpy()).all() and (adjusted < prior.high.numpy()).all()
+    assert regression.weights_.shape == (result.num_accepted,) and (regression.weights_ >= 0).all()
+
+
+def test_log_transform_for_one_sided_bounds_and_heteroscedastic_scale():
+    rng = np.random.default_rng(1)
+    s = rng.uniform(0.5, 2.0, size=(2_000, 1))
+    theta = s * np.exp(0.3 * s * rng.normal(size=(2_000, 1)))  # positive, log-scale spread grows with s
+    distances = np.abs(s[:, 0] - 1.0)
+    plain = LLRegression(low=[0.0]).fit(theta, s, [1.0], distances, bandwidth=2.0).predict()
+    corrected = LLRegression(low=[0.0], heteroscedastic=True).fit(theta, s, [1.0], distances, bandwidth=2.0).predict()
+    assert (plain > 0).all() and (corrected > 0).all()
+    # at s = 1 the log-scale sd is 0.3; the correction brings the spread of the adjusted samples there
+    assert abs(np.log(corrected).std() - 0.3) < abs(np.log(plain).std() - 0.3)
+    assert abs(np.log(corrected).std() - 0.3) < 0.03
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(bandwidth=0.0), "bandwidth"),
+        (dict(bandwidth=-1.0), "bandwidth"),
+        (dict(distances=np.zeros(50)), "bandwidth"),
+        (dict(s_obs=np.zeros(3)), "s_obs must have shape"),
+        (dict(s_obs=np.array([np.nan, 0.0])), "NaN"),
+        (dict(theta=np.zeros((49, 2))), "same number of rows"),
+        (dict(theta=np.full((50, 2), 7.0)), "outside"),
+        (dict(distances=np.r_[np.ones(3), 2.0, np.full(46, 5.0)], bandwidth=1.5), "positive kernel weight"),
+    ],
+)
+def test_bad_input_is_refused(kwargs, message):
+    rng = np.random.default_rng(0)
+    arguments = dict(theta=rng.uniform(size=(50, 2)), summaries=rng.normal(size=(50, 2)), s_obs=np.zeros(2),
+                     distances=rng.uniform(size=50), bandwidth=None)
+    arguments.update(kwargs)
+    regression = LLRegression(low=[0.0, 0.0], high=[1.0, 1.0])
+    with pytest.raises(ValueError, match=message):
+        regression.fit(arguments.pop("theta"), arguments.pop("summaries"), arguments.pop("s_obs"),
+                       arguments.pop("distances"), **arguments)
+
+
+def test_unknown_kernel_and_predict_before_fit_are_refused():
+    with pytest.raises(ValueError, match="unknown kernel"):
+        LLRegression(kernel="cosine")
+    with pytest.raises(ValueError, match="low < high"):
+        LLRegression(low=[1.0], high=[0.0])
+    with pytest.raises(ValueError, match="call fit"):
+        LLRegression().predict()
