@@ -44,8 +44,13 @@ def _posterior(args: argparse.Namespace) -> int:
     x_obs = np.load(args.x_obs)
     if x_obs.ndim != 1:
         raise ValueError(f"--x-obs must hold a 1-D array, got shape {x_obs.shape}")
+    method = args.method
+    if args.no_adjust:
+        if method != "abc":
+            raise ValueError(f"--no-adjust applies to --method abc only, not {method!r}")
+        method = "abc-rejection"
     samples = posterior_samples(
-        task, args.method, torch.from_numpy(x_obs.astype(np.float32)),
+        task, method, torch.from_numpy(x_obs.astype(np.float32)),
         num_simulations=args.sims, num_samples=args.num_samples, seed=args.seed, progress=not args.quiet,
     )
     np.save(args.out, samples.cpu().numpy())
@@ -85,6 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     posterior.add_argument("--seed", type=int, default=0)
     posterior.add_argument("--out", type=Path, required=True, help=".npy file for the (num_samples, dim) samples")
     posterior.add_argument("--quiet", action="store_true")
+    posterior.add_argument("--no-adjust", action="store_true", help="--method abc: plain rejection, no regression adjustment")
     posterior.set_defaults(run=_posterior)
     _add_threads(posterior)
     return parser

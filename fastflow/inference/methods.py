@@ -32,7 +32,22 @@ def _npe_samples(task, x_obs, *, num_simulations, num_samples, seed, progress):
     return posterior.sample(num_samples, x_obs)
 
 
-METHODS: dict[str, Callable[..., torch.Tensor]] = {"npe": _npe_samples}
+def _abc_samples(task, x_obs, *, num_simulations, num_samples, seed, progress, adjust=True):
+    from fastflow.abc import abc_posterior_samples
+
+    return abc_posterior_samples(task, x_obs, num_simulations=num_simulations, num_samples=num_samples, seed=seed,
+                                 adjust=adjust)
+
+
+def _abc_rejection_samples(task, x_obs, *, num_simulations, num_samples, seed, progress):
+    return _abc_samples(task, x_obs, num_simulations=num_simulations, num_samples=num_samples, seed=seed,
+                        progress=progress, adjust=False)
+
+
+# "abc": rejection + local-linear regression adjustment; "abc-rejection": plain rejection (CLI `--no-adjust`)
+METHODS: dict[str, Callable[..., torch.Tensor]] = {
+    "npe": _npe_samples, "abc": _abc_samples, "abc-rejection": _abc_rejection_samples,
+}
 
 
 def posterior_samples(
