@@ -49,3 +49,16 @@ def test_two_moons_c2st_improves_with_the_number_of_simulations():
     scores = [c2st(reference, abc_posterior_samples(task, x_obs, num_simulations=n, num_samples=1_000, adjust=False))
               for n in (2_000, 200_000)]
     assert scores[1] < scores[0] - 0.1 and scores[1] < 0.6
+
+
+def test_task_summary_defaults_to_x_and_checks_its_shape():
+    two_moons, slcp = get_task("two_moons"), get_task("slcp")
+    x = two_moons.observation(1)[None]
+    assert two_moons.summary(x) is x or np.array_equal(two_moons.summary(x), x)
+    s = slcp.summary(slcp.observation(1)[None])
+    points = slcp.observation(1).reshape(4, 2).double().numpy()
+    np.testing.assert_allclose(s[0, :2], points.mean(0), rtol=1e-5)
+    np.testing.assert_allclose(s[0, 2:4], points.std(0), rtol=1e-5)
+    np.testing.assert_allclose(s[0, 4], np.corrcoef(points.T)[0, 1], rtol=1e-4)
+    with pytest.raises(ValueError, match="shape"):
+        slcp.summary(x)
