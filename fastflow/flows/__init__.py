@@ -2,7 +2,7 @@
 
 from fastflow.flows.bases import GaussianMixture, StandardNormal
 from fastflow.flows.build import FlowConfig, build_flow
-from fastflow.flows.coupling import MLP, AffineCoupling, SplineCoupling
+from fastflow.nn.coupling import MLP, AffineCoupling, SplineCoupling
 from fastflow.flows.flow import Flow
 from fastflow.flows.transforms import BoxToReal, LULinear, RandomPermutation, ReversePermutation, Standardize, Transform
 

@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass
 import torch.nn as nn
 
 from fastflow.flows.bases import GaussianMixture, StandardNormal
-from fastflow.flows.coupling import AffineCoupling, SplineCoupling
+from fastflow.nn.coupling import AffineCoupling, SplineCoupling
 from fastflow.flows.flow import Flow
 from fastflow.flows.transforms import LULinear, RandomPermutation, ReversePermutation, Transform
 
@@ -73,6 +73,7 @@ def build_flow(
     preprocess: list[Transform] | None = None,
     embedding: nn.Module | None = None,
     embedding_dim: int | None = None,
+    backend: str | None = None,
 ) -> Flow:
     """Build the flow q(θ | context) described by `config`.
 
@@ -80,6 +81,7 @@ def build_flow(
         dim: dimension of θ; context_dim: dimension of the raw context (0: unconditional).
         preprocess: fixed bijections applied first (e.g. box-to-real, standardization).
         embedding: module applied to the context; embedding_dim: its output width (default context_dim).
+        backend: kernel backend of the coupling layers (None: automatic per call, see `fastflow.backends`).
     """
     if dim < 1:
         raise ValueError(f"dim must be >= 1, got {dim}")
@@ -89,10 +91,11 @@ def build_flow(
         flip = layer % 2 == 1 and config.permutation == "lu"
         if config.transform == "spline":
             coupling = SplineCoupling(
-                dim, conditioning, flip=flip, hidden=config.hidden, depth=config.depth, num_bins=config.num_bins, bound=config.bound
+                dim, conditioning, flip=flip, hidden=config.hidden, depth=config.depth, num_bins=config.num_bins, bound=config.bound,
+                backend=backend,
             )
         else:
-            coupling = AffineCoupling(dim, conditioning, flip=flip, hidden=config.hidden, depth=config.depth)
+            coupling = AffineCoupling(dim, conditioning, flip=flip, hidden=config.hidden, depth=config.depth, backend=backend)
         transforms.append(coupling)
         if layer < config.num_layers - 1 and dim > 1:
             transforms.append(_permutation(config, dim, layer))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from fastflow.backends import resolve_backend
 from fastflow.flows.transforms import Transform
 from fastflow.ops.spline import rq_spline, spline_param_count
 
@@ -86,15 +87,17 @@ class AffineCoupling(_Coupling):
         flip: transform the first half instead of the second.
         hidden, depth: conditioner MLP width and number of hidden layers.
         scale_bound: bound of the log-scale.
+        backend: None/"auto" or "reference" (the only implementation of the affine transform so far).
     """
 
     params_per_coordinate = 2
 
-    def __init__(self, dim, context_dim=0, *, flip=False, hidden=64, depth=2, scale_bound: float = 3.0):
+    def __init__(self, dim, context_dim=0, *, flip=False, hidden=64, depth=2, scale_bound: float = 3.0, backend: str | None = None):
         super().__init__(dim, context_dim, flip=flip, hidden=hidden, depth=depth)
-        self.scale_bound = scale_bound
+        self.scale_bound, self.backend = scale_bound, backend
 
     def _elementwise(self, x, params, inverse):
+        resolve_backend(self.backend, x.device, supports=("reference",))
         raw_scale, shift = params.unbind(-1)
         log_scale = self.scale_bound * torch.tanh(raw_scale / self.scale_bound)
         if inverse:
