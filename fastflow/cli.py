@@ -58,6 +58,23 @@ def _posterior(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(args: argparse.Namespace) -> int:
+    import json
+
+    from fastflow import benchmarks
+
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device is visible")
+    results = benchmarks.run(device, quick=args.quick, repeats=args.repeats, families=args.family)
+    print(f"device: {benchmarks.to_json(results, device)['device']}, torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(benchmarks.table(results))
+    if args.out is not None:
+        args.out.write_text(json.dumps(benchmarks.to_json(results, device), indent=1))
+        print(f"wrote {args.out}")
+    return 0
+
+
 def _positive_int(text: str) -> int:
     value = int(text)
     if value <= 0:
@@ -93,6 +110,15 @@ def build_parser() -> argparse.ArgumentParser:
     posterior.add_argument("--no-adjust", action="store_true", help="--method abc: plain rejection, no regression adjustment")
     posterior.set_defaults(run=_posterior)
     _add_threads(posterior)
+
+    bench = commands.add_parser("bench", help="the speed table: fastflow against its baselines on this device")
+    bench.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
+    bench.add_argument("--quick", action="store_true", help="small sizes (a smoke run)")
+    bench.add_argument("--repeats", type=_positive_int, default=5)
+    bench.add_argument("--family", action="append", help="only these benchmark families (repeatable)")
+    bench.add_argument("--out", type=Path, help="write the results as JSON here")
+    bench.set_defaults(run=_bench)
+    _add_threads(bench)
     return parser
 
 

@@ -1,0 +1,156 @@
+"""The package's speed table: benchmark families registered by op, run for one device, reported as
+ratios against a baseline measured in the same run (`fastflow bench`, and bench/ via pytest-benchmark)."""
+
+from __future__ import annotations
+
+import importlib.util
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+import torch
+
+__all__ = ["Case", "Result", "register", "cases", "run", "time_call"]
+
+
+@dataclass
+class Case:
+    """One measurement point: named implementations of the same work, one of them the baseline."""
+
+    family: str
+    name: str
+    baseline: str
+    implementations: dict[str, Callable[[], object]] = field(repr=False)
+
+
+@dataclass
+class Result:
+    family: str
+    case: str
+    implementation: str
+    seconds: float
+    ratio: float  # baseline seconds / these seconds (> 1: faster than the baseline)
+    baseline: str
+
+
+_FAMILIES: dict[str, Callable[[torch.device, bool], list[Case]]] = {}
+
+
+def register(family: str):
+    """Decorator: `builder(device, quick) -> list[Case]` joins the table under `family`."""
+
+    def wrap(builder):
+        _FAMILIES[family] = builder
+        return builder
+
+    return wrap
+
+
+def cases(device: str | torch.device, *, quick: bool = False, families: list[str] | None = None) -> list[Case]:
+    """Every registered case for `device` (`quick`: small sizes, for smoke tests)."""
+    device = torch.device(device)
+    unknown = set(families or []) - set(_FAMILIES)
+    if unknown:
+        raise ValueError(f"unknown benchmark families {sorted(unknown)}; known: {sorted(_FAMILIES)}")
+    return [case for name in (families or sorted(_FAMILIES)) for case in _FAMILIES[name](device, quick)]
+
+
+def time_call(fn: Callable[[], object], *, device: torch.device, repeats: int = 5, warmup: int = 1) -> float:
+    """Median wall time of `fn()` in seconds, synchronizing CUDA around each call."""
+    synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for _ in range(warmup):
+        fn()
+    synchronize()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def run(device: str | torch.device, *, quick: bool = False, repeats: int = 5, families: list[str] | None = None) -> list[Result]:
+    """Time every implementation of every case; ratios are against each case's baseline."""
+    device = torch.device(device)
+    results = []
+    for case in cases(device, quick=quick, families=families):
+        seconds = {name: time_call(fn, device=device, repeats=repeats) for name, fn in case.implementations.items()}
+        base = seconds[case.baseline]
+        results += [Result(case.family, case.name, name, s, base / s, case.baseline) for name, s in seconds.items()]
+    return results
+
+
+def table(results: list[Result]) -> str:
+    """The ratio table as text."""
+    lines = [f"{'family':<10} {'case':<34} {'implementation':<22} {'ms':>10} {'vs baseline':>12}"]
+    for r in results:
+        mark = " (baseline)" if r.implementation == r.baseline else ""
+        lines.append(f"{r.family:<10} {r.case:<34} {r.implementation:<22} {1e3 * r.seconds:>10.2f} {r.ratio:>11.2f}x{mark}")
+    return "\n".join(lines)
+
+
+def to_json(results: list[Result], device: torch.device) -> dict:
+    """Results with the facts needed to read them later (device, versions, threads)."""
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    return {
+        "device": name,
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "results": [asdict(r) for r in results],
+    }
+
+
+# -- coupling flows -----------------------------------------------------------------------------
+
+
+@register("coupling")
+def _coupling_cases(device: torch.device, quick: bool) -> list[Case]:
+    """Spline coupling flows, 5 layers, width 128, 8 bins: log_prob, sample, log_prob forward+backward;
+    fastflow on each available backend against zuko's NSF with the same architecture (coupling, passes=2)."""
+    from fastflow.backends import backends
+    from fastflow.flows import FlowConfig
+    from fastflow.nn import CouplingFlow
+
+    batch, dims = (2048, (2,)) if quick else (65_536, (2, 8, 32))
+    config = FlowConfig(num_layers=5, hidden=128, num_bins=8)
+    available = [b for b in ("native", "triton", "reference") if device.type in backends()[b].devices]
+    result = []
+    for dim in dims:
+        flows = {f"fastflow-{b}": CouplingFlow(dim, config=config, backend=b).to(device) for b in available}
+        if importlib.util.find_spec("zuko") is not None:
+            import zuko
+
+            zuko_flow = zuko.flows.NSF(dim, 0, transforms=5, hidden_features=(128, 128), bins=8, passes=2).to(device)
+            flows["zuko-nsf"] = _ZukoAdapter(zuko_flow)
+        baseline = "zuko-nsf" if "zuko-nsf" in flows else "fastflow-reference"
+        x = torch.randn(batch, dim, device=device)
+        result.append(Case("coupling", f"log_prob d={dim} n={batch}", baseline,
+                           {k: _no_grad(lambda f=f: f.log_prob(x)) for k, f in flows.items()}))
+        result.append(Case("coupling", f"sample d={dim} n={batch}", baseline,
+                           {k: _no_grad(lambda f=f: f.sample(batch)) for k, f in flows.items()}))
+        result.append(Case("coupling", f"log_prob+backward d={dim} n={batch}", baseline,
+                           {k: (lambda f=f: f.log_prob(x).mean().backward()) for k, f in flows.items()}))
+    return result
+
+
+class _ZukoAdapter:
+    """zuko's lazy flow behind the `log_prob(x)` / `sample(n)` calls the cases make."""
+
+    def __init__(self, flow):
+        self.flow = flow
+
+    def log_prob(self, x):
+        return self.flow().log_prob(x)
+
+    def sample(self, n):
+        return self.flow().sample((n,))
+
+
+def _no_grad(fn: Callable[[], object]) -> Callable[[], object]:
+    def call():
+        with torch.no_grad():
+            return fn()
+
+    return call

@@ -1,0 +1,31 @@
+"""The speed-table runner: every case times each implementation and reports ratios to its baseline."""
+
+import json
+
+import pytest
+
+from fastflow import benchmarks
+from fastflow.cli import main
+
+
+def test_quick_run_reports_ratios_against_the_baseline():
+    results = benchmarks.run("cpu", quick=True, repeats=1, families=["coupling"])
+    assert {r.case for r in results} == {"log_prob d=2 n=2048", "sample d=2 n=2048", "log_prob+backward d=2 n=2048"}
+    for r in results:
+        assert r.seconds > 0
+        if r.implementation == r.baseline:
+            assert r.ratio == 1.0
+    assert any(r.implementation == "fastflow-reference" for r in results)
+
+
+def test_bench_command_writes_json(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--device", "cpu", "--quick", "--repeats", "1", "--out", str(out)]) == 0
+    payload = json.loads(out.read_text())
+    assert payload["device"] == "cpu" and payload["results"]
+    assert "vs baseline" in capsys.readouterr().out
+
+
+def test_unknown_family_is_refused():
+    with pytest.raises(ValueError, match="unknown benchmark families"):
+        benchmarks.cases("cpu", families=["nope"])
