@@ -84,10 +84,10 @@ def run(device: str | torch.device, *, quick: bool = False, repeats: int = 5, fa
 
 def table(results: list[Result]) -> str:
     """The ratio table as text."""
-    lines = [f"{'family':<10} {'case':<34} {'implementation':<22} {'ms':>10} {'vs baseline':>12}"]
+    lines = [f"{'family':<10} {'case':<40} {'implementation':<20} {'ms':>10} {'vs baseline':>12}"]
     for r in results:
         mark = " (baseline)" if r.implementation == r.baseline else ""
-        lines.append(f"{r.family:<10} {r.case:<34} {r.implementation:<22} {1e3 * r.seconds:>10.2f} {r.ratio:>11.2f}x{mark}")
+        lines.append(f"{r.family:<10} {r.case:<40} {r.implementation:<20} {1e3 * r.seconds:>10.2f} {r.ratio:>11.2f}x{mark}")
     return "\n".join(lines)
 
 
@@ -107,32 +107,42 @@ def to_json(results: list[Result], device: torch.device) -> dict:
 
 @register("coupling")
 def _coupling_cases(device: torch.device, quick: bool) -> list[Case]:
-    """Spline coupling flows, 5 layers, width 128, 8 bins: log_prob, sample, log_prob forward+backward;
-    fastflow on each available backend against zuko's NSF with the same architecture (coupling, passes=2)."""
+    """Coupling flows, 5 layers, width 128: log_prob, sample, log_prob forward+backward. Spline flows
+    (8 bins) on the backends implementing the spline against zuko's NSF (coupling, passes=2); affine
+    flows against zuko's RealNVP. Triton runs only on CUDA here (the CPU interpreter is for tests)."""
     from fastflow.backends import backends
     from fastflow.flows import FlowConfig
     from fastflow.nn import CouplingFlow
 
     batch, dims = (2048, (2,)) if quick else (65_536, (2, 8, 32))
-    config = FlowConfig(num_layers=5, hidden=128, num_bins=8)
-    available = [b for b in ("native", "triton", "reference") if device.type in backends()[b].devices]
+    status = backends()
+    kinds = {"spline": ("native", "reference"), "affine": ("triton", "reference")}
+    has_zuko = importlib.util.find_spec("zuko") is not None
     result = []
-    for dim in dims:
-        flows = {f"fastflow-{b}": CouplingFlow(dim, config=config, backend=b).to(device) for b in available}
-        if importlib.util.find_spec("zuko") is not None:
-            import zuko
-
-            zuko_flow = zuko.flows.NSF(dim, 0, transforms=5, hidden_features=(128, 128), bins=8, passes=2).to(device)
-            flows["zuko-nsf"] = _ZukoAdapter(zuko_flow)
-        baseline = "zuko-nsf" if "zuko-nsf" in flows else "fastflow-reference"
-        x = torch.randn(batch, dim, device=device)
-        result.append(Case("coupling", f"log_prob d={dim} n={batch}", baseline,
-                           {k: _no_grad(lambda f=f: f.log_prob(x)) for k, f in flows.items()}))
-        result.append(Case("coupling", f"sample d={dim} n={batch}", baseline,
-                           {k: _no_grad(lambda f=f: f.sample(batch)) for k, f in flows.items()}))
-        result.append(Case("coupling", f"log_prob+backward d={dim} n={batch}", baseline,
-                           {k: (lambda f=f: f.log_prob(x).mean().backward()) for k, f in flows.items()}))
+    for transform, implemented in kinds.items():
+        config = FlowConfig(transform=transform, num_layers=5, hidden=128, num_bins=8)
+        runnable = [b for b in implemented if device.type in status[b].devices and not (b == "triton" and device.type == "cpu")]
+        for dim in dims:
+            flows = {f"fastflow-{b}": CouplingFlow(dim, config=config, backend=b).to(device) for b in runnable}
+            baseline = "fastflow-reference"
+            if has_zuko:
+                baseline = "zuko-nsf" if transform == "spline" else "zuko-realnvp"
+                flows[baseline] = _ZukoAdapter(_zuko_flow(transform, dim).to(device))
+            x = torch.randn(batch, dim, device=device)
+            prefix = f"{transform} d={dim} n={batch}"
+            result.append(Case("coupling", f"{prefix} log_prob", baseline, {k: _no_grad(lambda f=f: f.log_prob(x)) for k, f in flows.items()}))
+            result.append(Case("coupling", f"{prefix} sample", baseline, {k: _no_grad(lambda f=f: f.sample(batch)) for k, f in flows.items()}))
+            result.append(Case("coupling", f"{prefix} log_prob+backward", baseline,
+                               {k: (lambda f=f: f.log_prob(x).mean().backward()) for k, f in flows.items()}))
     return result
+
+
+def _zuko_flow(transform: str, dim: int):
+    import zuko
+
+    if transform == "spline":
+        return zuko.flows.NSF(dim, 0, transforms=5, hidden_features=(128, 128), bins=8, passes=2)
+    return zuko.flows.RealNVP(dim, 0, transforms=5, hidden_features=(128, 128))
 
 
 class _ZukoAdapter:

@@ -6,8 +6,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from fastflow.backends import resolve_backend
 from fastflow.flows.transforms import Transform
+from fastflow.ops.coupling import affine_coupling
 from fastflow.ops.spline import rq_spline, spline_param_count
 
 __all__ = ["MLP", "AffineCoupling", "SplineCoupling"]
@@ -32,8 +32,8 @@ class MLP(nn.Sequential):
 
 
 class _Coupling(Transform):
-    """Shared split/merge logic: coordinates `[:split]` pass through, `[split:]` are transformed
-    (or the reverse when `flip`)."""
+    """Shared split/merge and conditioner: coordinates `[:split]` pass through, `[split:]` are transformed
+    (or the reverse when `flip`); subclasses define `_transform(x, context, inverse)`."""
 
     params_per_coordinate: int
 
@@ -65,18 +65,14 @@ class _Coupling(Transform):
         out = self.conditioner(kept)
         return out.view(kept.shape[0], self.transformed_count, self.params_per_coordinate)
 
-    def _elementwise(self, x, params, inverse):
+    def _transform(self, x, context, inverse):
         raise NotImplementedError
 
     def forward(self, x, context=None):
-        kept, changed = self._split(x)
-        changed, ladj = self._elementwise(changed, self._params(kept, context), inverse=False)
-        return self._merge(kept, changed), ladj.sum(-1)
+        return self._transform(x, context, inverse=False)
 
     def inverse(self, z, context=None):
-        kept, changed = self._split(z)
-        changed, ladj = self._elementwise(changed, self._params(kept, context), inverse=True)
-        return self._merge(kept, changed), ladj.sum(-1)
+        return self._transform(z, context, inverse=True)
 
 
 class AffineCoupling(_Coupling):
@@ -87,7 +83,7 @@ class AffineCoupling(_Coupling):
         flip: transform the first half instead of the second.
         hidden, depth: conditioner MLP width and number of hidden layers.
         scale_bound: bound of the log-scale.
-        backend: None/"auto" or "reference" (the only implementation of the affine transform so far).
+        backend: None/"auto", "reference" or "triton" (the fused kernel: CUDA, or TRITON_INTERPRET=1).
     """
 
     params_per_coordinate = 2
@@ -96,13 +92,16 @@ class AffineCoupling(_Coupling):
         super().__init__(dim, context_dim, flip=flip, hidden=hidden, depth=depth)
         self.scale_bound, self.backend = scale_bound, backend
 
-    def _elementwise(self, x, params, inverse):
-        resolve_backend(self.backend, x.device, supports=("reference",))
-        raw_scale, shift = params.unbind(-1)
-        log_scale = self.scale_bound * torch.tanh(raw_scale / self.scale_bound)
-        if inverse:
-            return (x - shift) * torch.exp(-log_scale), -log_scale
-        return x * torch.exp(log_scale) + shift, log_scale
+    def _transform(self, x: torch.Tensor, context: torch.Tensor | None, inverse: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.context_dim and context is None:
+            raise ValueError(f"this coupling layer needs a context of dim {self.context_dim}")
+        kept, changed = self._split(x)
+        weights = tuple(p for layer in self.conditioner if isinstance(layer, nn.Linear) for p in (layer.weight, layer.bias))
+        changed, ladj = affine_coupling(
+            kept, context if self.context_dim else None, changed, weights,
+            scale_bound=self.scale_bound, inverse=inverse, backend=self.backend,
+        )
+        return self._merge(kept, changed), ladj
 
 
 class SplineCoupling(_Coupling):
@@ -121,5 +120,8 @@ class SplineCoupling(_Coupling):
         super().__init__(dim, context_dim, flip=flip, hidden=hidden, depth=depth)
         self.num_bins, self.bound, self.backend = num_bins, bound, backend
 
-    def _elementwise(self, x, params, inverse):
-        return rq_spline(x, params, bound=self.bound, inverse=inverse, backend=self.backend)
+    def _transform(self, x: torch.Tensor, context: torch.Tensor | None, inverse: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        kept, changed = self._split(x)
+        changed, ladj = rq_spline(changed, self._params(kept, context), bound=self.bound, inverse=inverse, backend=self.backend)
+        return self._merge(kept, changed), ladj.sum(-1)
+
