@@ -30,8 +30,8 @@ class BackendStatus:
 
     name: str
     available: bool
-    devices: tuple[str, ...]
     reason: str
+    devices: tuple[str, ...]
 
 
 @lru_cache(maxsize=None)
@@ -54,7 +54,7 @@ def backends() -> dict[str, BackendStatus]:
 @lru_cache(maxsize=None)
 def _backends(triton_interpret: bool) -> tuple[tuple[str, BackendStatus], ...]:
     """`backends()` for one value of TRITON_INTERPRET, computed once (ops resolve on every call)."""
-    status = {"reference": BackendStatus("reference", True, ("cpu", "cuda") if _cuda_devices() else ("cpu",), "plain PyTorch")}
+    status = {"reference": BackendStatus("reference", True, "plain PyTorch", ("cpu", "cuda") if _cuda_devices() else ("cpu",))}
 
     native_devices, native_reasons = [], []
     cpu_module, cpu_reason = _import_extension("_C")
@@ -65,23 +65,25 @@ def _backends(triton_interpret: bool) -> tuple[tuple[str, BackendStatus], ...]:
     else:
         native_reasons.append(cpu_reason)
     cuda_module, cuda_reason = _import_extension("_C_cuda")
-    if cuda_module is None:
-        native_reasons.append("no CUDA module: built without a CUDA compiler")
+    if cuda_module is None and importlib.util.find_spec("fastflow._C_cuda") is None:
+        native_reasons.append("no CUDA module: fastflow was built without a CUDA compiler (nvcc)")
+    elif cuda_module is None:
+        native_reasons.append(cuda_reason)
     elif cuda_module.cuda_device_count() == 0 or not _cuda_devices():
         native_reasons.append("CUDA module built, but no CUDA device is visible")
     else:
         native_devices.append("cuda")
         native_reasons.append("CUDA")
-    status["native"] = BackendStatus("native", bool(native_devices), tuple(native_devices), "; ".join(native_reasons))
+    status["native"] = BackendStatus("native", bool(native_devices), "; ".join(native_reasons), tuple(native_devices))
 
     if importlib.util.find_spec("triton") is None:
-        status["triton"] = BackendStatus("triton", False, (), "triton is not installed (pip install 'fastflow[triton]')")
+        status["triton"] = BackendStatus("triton", False, "triton is not installed (pip install 'fastflow[triton]')", ())
     elif _cuda_devices():
-        status["triton"] = BackendStatus("triton", True, ("cuda",), "Triton on CUDA")
+        status["triton"] = BackendStatus("triton", True, "Triton on CUDA", ("cuda",))
     elif triton_interpret:
-        status["triton"] = BackendStatus("triton", True, ("cpu",), "Triton interpreter on CPU (TRITON_INTERPRET=1; for tests, slow)")
+        status["triton"] = BackendStatus("triton", True, "Triton interpreter on CPU (TRITON_INTERPRET=1; for tests, slow)", ("cpu",))
     else:
-        status["triton"] = BackendStatus("triton", False, (), "no CUDA device (set TRITON_INTERPRET=1 to interpret kernels on CPU)")
+        status["triton"] = BackendStatus("triton", False, "no CUDA device (set TRITON_INTERPRET=1 to interpret kernels on CPU)", ())
     return tuple(status.items())
 
 
@@ -110,7 +112,11 @@ def resolve_backend(
     status = backends()
     if requested == "auto":
         preference = ("triton", "native", "reference") if device_type == "cuda" else ("native", "reference")
-        return next(name for name in preference if name in supports and device_type in status[name].devices)
+        for name in preference:
+            if name in supports and device_type in status[name].devices:
+                return name
+        reasons = "; ".join(f"{name}: {status[name].reason}" for name in preference if name in supports)
+        raise RuntimeError(f"no backend among {supports} runs on {device_type} here ({reasons})")
     if requested not in supports:
         raise RuntimeError(f"backend {requested!r} (from the {source}) does not implement this op for these inputs; it supports {supports}")
     if device_type not in status[requested].devices:

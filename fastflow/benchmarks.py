@@ -130,10 +130,10 @@ def _coupling_cases(device: torch.device, quick: bool) -> list[Case]:
                 flows[baseline] = _ZukoAdapter(_zuko_flow(transform, dim).to(device))
             x = torch.randn(batch, dim, device=device)
             prefix = f"{transform} d={dim} n={batch}"
-            result.append(Case("coupling", f"{prefix} log_prob", baseline, {k: _no_grad(lambda f=f: f.log_prob(x)) for k, f in flows.items()}))
+            result.append(Case("coupling", f"{prefix} log_prob", baseline, {k: _no_grad(lambda f=f, x=x: f.log_prob(x)) for k, f in flows.items()}))
             result.append(Case("coupling", f"{prefix} sample", baseline, {k: _no_grad(lambda f=f: f.sample(batch)) for k, f in flows.items()}))
             result.append(Case("coupling", f"{prefix} log_prob+backward", baseline,
-                               {k: (lambda f=f: f.log_prob(x).mean().backward()) for k, f in flows.items()}))
+                               {k: (lambda f=f, x=x: f.log_prob(x).mean().backward()) for k, f in flows.items()}))
     return result
 
 
