@@ -7,7 +7,7 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["affine_coupling_triton"]
+__all__ = ["affine_coupling_triton", "spline_coupling_triton"]
 
 
 @triton.jit
@@ -106,5 +106,174 @@ def affine_coupling_triton(kept, context, changed, weights, *, scale_bound: floa
         float(scale_bound),
         INVERSE=inverse, BLOCK_M=block_m, BLOCK_IN=_block(kept.shape[1] + n_context), BLOCK_H=_block(w1.shape[0]),
         BLOCK_OUT=_block(n_changed),
+    )
+    return out, ladj
+
+
+@triton.jit
+def _spline_knots(raw, bin_ok, bound, min_size, num_bins):
+    """Softmax over the bin axis of `raw (M, T, K)` → bin sizes and left knots on [-bound, bound]."""
+    raw = tl.where(bin_ok, raw, float("-inf"))
+    raw = raw - tl.max(raw, axis=2)[:, :, None]
+    weights = tl.where(bin_ok, tl.exp(raw), 0.0)
+    fraction = weights / tl.sum(weights, axis=2)[:, :, None]
+    sizes = tl.where(bin_ok, min_size + (1.0 - min_size * num_bins) * fraction, 0.0)
+    right = tl.cumsum(sizes, axis=2)
+    return 2.0 * bound * sizes, 2.0 * bound * (right - sizes) - bound
+
+
+@triton.jit
+def _softplus(x):
+    return tl.where(x > 20.0, x, tl.log(1.0 + tl.exp(tl.minimum(x, 20.0))))
+
+
+@triton.jit
+def _spline_coupling_kernel(
+    # pointers
+    kept_ptr, context_ptr, changed_ptr,
+    w1_ptr, b1_ptr, w2_ptr, b2_ptr,
+    w_width_ptr, b_width_ptr, w_height_ptr, b_height_ptr, w_dleft_ptr, b_dleft_ptr, w_dright_ptr, b_dright_ptr,
+    out_ptr, ladj_ptr,
+    # dimensions
+    n_rows, n_kept, n_context, n_hidden, n_changed, num_bins,
+    # scalars
+    bound, min_width, min_height, min_derivative, derivative_shift,
+    # meta-parameters
+    INVERSE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_IN: tl.constexpr, BLOCK_H: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < n_rows
+    cols_in = tl.arange(0, BLOCK_IN)
+    cols_h = tl.arange(0, BLOCK_H)
+    cols_p = tl.arange(0, BLOCK_T * BLOCK_K)  # (coordinate, bin) pairs, coordinate-major
+    n_in = n_kept + n_context
+
+    # conditioner: [kept, context] → SiLU → SiLU, as in the affine kernel
+    kept_mask = row_ok[:, None] & (cols_in[None, :] < n_kept)
+    x_in = tl.load(kept_ptr + rows[:, None] * n_kept + cols_in[None, :], mask=kept_mask, other=0.0)
+    context_mask = row_ok[:, None] & (cols_in[None, :] >= n_kept) & (cols_in[None, :] < n_in)
+    x_in += tl.load(context_ptr + rows[:, None] * n_context + (cols_in - n_kept)[None, :], mask=context_mask, other=0.0)
+    w1 = tl.load(w1_ptr + cols_h[None, :] * n_in + cols_in[:, None],
+                 mask=(cols_in[:, None] < n_in) & (cols_h[None, :] < n_hidden), other=0.0)
+    b1 = tl.load(b1_ptr + cols_h, mask=cols_h < n_hidden, other=0.0)
+    h = _silu(tl.dot(x_in, w1) + b1[None, :])
+    w2 = tl.load(w2_ptr + cols_h[None, :] * n_hidden + cols_h[:, None],
+                 mask=(cols_h[:, None] < n_hidden) & (cols_h[None, :] < n_hidden), other=0.0)
+    b2 = tl.load(b2_ptr + cols_h, mask=cols_h < n_hidden, other=0.0)
+    h = _silu(tl.dot(h, w2) + b2[None, :])
+
+    # spline parameters as (BLOCK_M, BLOCK_T, BLOCK_K) tiles (the launcher laid the rows out padded)
+    w_offsets = cols_p[None, :] * n_hidden + cols_h[:, None]
+    w_mask = cols_h[:, None] < n_hidden
+    raw_width = tl.dot(h, tl.load(w_width_ptr + w_offsets, mask=w_mask, other=0.0)) + tl.load(b_width_ptr + cols_p)[None, :]
+    raw_height = tl.dot(h, tl.load(w_height_ptr + w_offsets, mask=w_mask, other=0.0)) + tl.load(b_height_ptr + cols_p)[None, :]
+    raw_dleft = tl.dot(h, tl.load(w_dleft_ptr + w_offsets, mask=w_mask, other=0.0)) + tl.load(b_dleft_ptr + cols_p)[None, :]
+    raw_dright = tl.dot(h, tl.load(w_dright_ptr + w_offsets, mask=w_mask, other=0.0)) + tl.load(b_dright_ptr + cols_p)[None, :]
+    raw_width = tl.reshape(raw_width, (BLOCK_M, BLOCK_T, BLOCK_K))
+    raw_height = tl.reshape(raw_height, (BLOCK_M, BLOCK_T, BLOCK_K))
+    raw_dleft = tl.reshape(raw_dleft, (BLOCK_M, BLOCK_T, BLOCK_K))
+    raw_dright = tl.reshape(raw_dright, (BLOCK_M, BLOCK_T, BLOCK_K))
+
+    bins = tl.arange(0, BLOCK_K)[None, None, :]
+    bin_ok = bins < num_bins
+    widths, left_x = _spline_knots(raw_width, bin_ok, bound, min_width, num_bins)
+    heights, left_y = _spline_knots(raw_height, bin_ok, bound, min_height, num_bins)
+    # derivative at each bin's left and right knot: 1 at ±bound (linear tails), else min + softplus
+    d_left = tl.where(bins == 0, 1.0, min_derivative + _softplus(raw_dleft + derivative_shift))
+    d_right = tl.where(bins == num_bins - 1, 1.0, min_derivative + _softplus(raw_dright + derivative_shift))
+
+    cols_t = tl.arange(0, BLOCK_T)
+    changed_mask = row_ok[:, None] & (cols_t[None, :] < n_changed)
+    offsets = rows[:, None] * n_changed + cols_t[None, :]
+    value = tl.load(changed_ptr + offsets, mask=changed_mask, other=0.0)
+    inside = (value >= -bound) & (value <= bound)
+    clamped = tl.minimum(tl.maximum(value, -bound), bound)
+    search = left_y if INVERSE else left_x
+    bin_index = tl.sum(tl.where(bin_ok & (bins > 0) & (search < clamped[:, :, None]), 1, 0), axis=2)
+    onehot = bins == bin_index[:, :, None]
+    x_k = tl.sum(tl.where(onehot, left_x, 0.0), axis=2)
+    w_k = tl.sum(tl.where(onehot, widths, 0.0), axis=2)
+    y_k = tl.sum(tl.where(onehot, left_y, 0.0), axis=2)
+    h_k = tl.sum(tl.where(onehot, heights, 0.0), axis=2)
+    d_k = tl.sum(tl.where(onehot, d_left, 0.0), axis=2)
+    d_k1 = tl.sum(tl.where(onehot, d_right, 0.0), axis=2)
+    slope = h_k / w_k
+    curvature = d_k1 + d_k - 2.0 * slope
+    if INVERSE:
+        dy = clamped - y_k
+        a = h_k * (slope - d_k) + dy * curvature
+        b = h_k * d_k - dy * curvature
+        c = -slope * dy
+        xi = (2.0 * c) / (-b - tl.sqrt(tl.maximum(b * b - 4.0 * a * c, 0.0)))
+        result = xi * w_k + x_k
+    else:
+        xi = (clamped - x_k) / w_k
+        result = y_k + h_k * (slope * xi * xi + d_k * xi * (1.0 - xi)) / (slope + curvature * xi * (1.0 - xi))
+    xi_1mxi = xi * (1.0 - xi)
+    denominator = slope + curvature * xi_1mxi
+    numerator = slope * slope * (d_k1 * xi * xi + 2.0 * slope * xi_1mxi + d_k * (1.0 - xi) * (1.0 - xi))
+    logabsdet = tl.log(numerator) - 2.0 * tl.log(denominator)
+    if INVERSE:
+        logabsdet = -logabsdet
+    result = tl.where(inside, result, value)
+    logabsdet = tl.where(inside & changed_mask, logabsdet, 0.0)
+    tl.store(out_ptr + offsets, result, mask=changed_mask)
+    tl.store(ladj_ptr + rows, tl.sum(logabsdet, axis=1), mask=row_ok)
+
+
+def _spline_rows(w3, b3, n_changed, num_bins, block_t, block_k):
+    """Lay the last layer's rows (coordinate-major, 3K-1 each) out as four padded (T·K, H) matrices:
+    widths, heights, and the raw derivative at each bin's left and right knot (zero rows where none)."""
+    hidden = w3.shape[1]
+    per = 3 * num_bins - 1
+    w = w3.view(n_changed, per, hidden)
+    b = b3.view(n_changed, per)
+    layouts = []
+    for pick in ("width", "height", "dleft", "dright"):
+        weight = w3.new_zeros(block_t, block_k, hidden)
+        bias = b3.new_zeros(block_t, block_k)
+        if pick == "width":
+            weight[:n_changed, :num_bins], bias[:n_changed, :num_bins] = w[:, :num_bins], b[:, :num_bins]
+        elif pick == "height":
+            weight[:n_changed, :num_bins], bias[:n_changed, :num_bins] = w[:, num_bins:2 * num_bins], b[:, num_bins:2 * num_bins]
+        elif pick == "dleft":  # bin k's left knot k: interior derivative k-1 for k >= 1
+            weight[:n_changed, 1:num_bins], bias[:n_changed, 1:num_bins] = w[:, 2 * num_bins:], b[:, 2 * num_bins:]
+        else:  # bin k's right knot k+1: interior derivative k for k <= K-2
+            weight[:n_changed, :num_bins - 1], bias[:n_changed, :num_bins - 1] = w[:, 2 * num_bins:], b[:, 2 * num_bins:]
+        layouts += [weight.reshape(block_t * block_k, hidden).contiguous(), bias.reshape(-1).contiguous()]
+    return layouts
+
+
+def spline_coupling_triton(kept, context, changed, weights, *, num_bins: int, bound: float, inverse: bool,
+                           constants: tuple[float, float, float, float], block_m: int = 32):
+    """Launch the fused spline coupling kernel.
+
+    Arguments:
+        kept `(N, K)`, context `(N, C)` or None, changed `(N, T)`: float32 on one device.
+        weights: (w1, b1, w2, b2, w3 `(T·(3B-1), H)`, b3) of the conditioner (B = num_bins).
+        constants: (min bin width, min bin height, min derivative, derivative shift) of the reference.
+    Returns:
+        out `(N, T)` and log|det J| `(N,)`.
+    """
+    w1, b1, w2, b2, w3, b3 = (w.contiguous() for w in weights)
+    kept, changed = kept.contiguous(), changed.contiguous()
+    n_rows, n_changed = changed.shape
+    n_context = 0 if context is None else context.shape[1]
+    context = kept.new_empty(0) if context is None else context.contiguous()
+    block_t, block_k = triton.next_power_of_2(n_changed), triton.next_power_of_2(num_bins)
+    if block_t * block_k < 16:  # tl.dot needs 16 output columns
+        block_k = 16 // block_t
+    parameter_rows = _spline_rows(w3, b3, n_changed, num_bins, block_t, block_k)
+    out = torch.empty_like(changed)
+    ladj = changed.new_empty(n_rows)
+    min_width, min_height, min_derivative, shift = constants
+    grid = (triton.cdiv(n_rows, block_m),)
+    _spline_coupling_kernel[grid](
+        kept, context, changed, w1, b1, w2, b2, *parameter_rows, out, ladj,
+        n_rows, kept.shape[1], n_context, w1.shape[0], n_changed, num_bins,
+        float(bound), min_width, min_height, min_derivative, shift,
+        INVERSE=inverse, BLOCK_M=block_m, BLOCK_IN=_block(kept.shape[1] + n_context), BLOCK_H=_block(w1.shape[0]),
+        BLOCK_T=block_t, BLOCK_K=block_k,
     )
     return out, ladj

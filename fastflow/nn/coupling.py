@@ -7,8 +7,8 @@ import torch
 import torch.nn as nn
 
 from fastflow.flows.transforms import Transform
-from fastflow.ops.coupling import affine_coupling
-from fastflow.ops.spline import rq_spline, spline_param_count
+from fastflow.ops.coupling import affine_coupling, spline_coupling
+from fastflow.ops.spline import spline_param_count
 
 __all__ = ["MLP", "AffineCoupling", "SplineCoupling"]
 
@@ -57,13 +57,16 @@ class _Coupling(Transform):
     def _merge(self, kept: torch.Tensor, changed: torch.Tensor) -> torch.Tensor:
         return torch.cat([changed, kept] if self.flip else [kept, changed], dim=1)
 
-    def _params(self, kept: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
-        if self.context_dim:
-            if context is None:
-                raise ValueError(f"this coupling layer needs a context of dim {self.context_dim}")
-            kept = torch.cat([kept, context.to(kept.dtype)], dim=1)
-        out = self.conditioner(kept)
-        return out.view(kept.shape[0], self.transformed_count, self.params_per_coordinate)
+    def _context(self, context: torch.Tensor | None) -> torch.Tensor | None:
+        if not self.context_dim:
+            return None
+        if context is None:
+            raise ValueError(f"this coupling layer needs a context of dim {self.context_dim}")
+        return context
+
+    def _weights(self) -> tuple[torch.Tensor, ...]:
+        """The conditioner's (weight, bias) pairs in order, as the coupling ops take them."""
+        return tuple(p for layer in self.conditioner if isinstance(layer, nn.Linear) for p in (layer.weight, layer.bias))
 
     def _transform(self, x, context, inverse):
         raise NotImplementedError
@@ -93,13 +96,9 @@ class AffineCoupling(_Coupling):
         self.scale_bound, self.backend = scale_bound, backend
 
     def _transform(self, x: torch.Tensor, context: torch.Tensor | None, inverse: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.context_dim and context is None:
-            raise ValueError(f"this coupling layer needs a context of dim {self.context_dim}")
         kept, changed = self._split(x)
-        weights = tuple(p for layer in self.conditioner if isinstance(layer, nn.Linear) for p in (layer.weight, layer.bias))
         changed, ladj = affine_coupling(
-            kept, context if self.context_dim else None, changed, weights,
-            scale_bound=self.scale_bound, inverse=inverse, backend=self.backend,
+            kept, self._context(context), changed, self._weights(), scale_bound=self.scale_bound, inverse=inverse, backend=self.backend
         )
         return self._merge(kept, changed), ladj
 
@@ -111,7 +110,8 @@ class SplineCoupling(_Coupling):
     Arguments:
         dim, context_dim, flip, hidden, depth: as in `AffineCoupling`.
         num_bins: K, bins per spline; bound: B, half-width of the spline interval.
-        backend: spline kernel, see `fastflow.ops.spline.rq_spline` (None: automatic).
+        backend: None/"auto"; "triton" (the fused layer: CUDA, or TRITON_INTERPRET=1), "native" (C++
+            spline on CPU) or "reference".
     """
 
     def __init__(self, dim, context_dim=0, *, flip=False, hidden=64, depth=2, num_bins: int = 8, bound: float = 4.0,
@@ -122,6 +122,8 @@ class SplineCoupling(_Coupling):
 
     def _transform(self, x: torch.Tensor, context: torch.Tensor | None, inverse: bool) -> tuple[torch.Tensor, torch.Tensor]:
         kept, changed = self._split(x)
-        changed, ladj = rq_spline(changed, self._params(kept, context), bound=self.bound, inverse=inverse, backend=self.backend)
-        return self._merge(kept, changed), ladj.sum(-1)
-
+        changed, ladj = spline_coupling(
+            kept, self._context(context), changed, self._weights(),
+            num_bins=self.num_bins, bound=self.bound, inverse=inverse, backend=self.backend,
+        )
+        return self._merge(kept, changed), ladj

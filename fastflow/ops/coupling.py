@@ -1,91 +1,126 @@
-"""Affine coupling as one op: conditioner MLP on [kept, context], affine transform of the changed half,
-log|det J|. `affine_coupling_ref` is the PyTorch reference; the Triton path (kernels/coupling.py) fuses
-the whole layer in the forward pass and differentiates by recomputing through the reference."""
+"""Coupling layers as single ops: the conditioner MLP on [kept, context], then the elementwise
+transform of the changed half (affine, or rational-quadratic spline) and log|det J|.
+
+`affine_coupling_ref` / `spline_coupling_ref` are the PyTorch references. The Triton path
+(kernels/coupling.py) fuses the whole layer in the forward pass, so hidden activations never reach
+global memory, and differentiates by recomputing the layer through the reference (recompute-in-
+backward). Without Triton, the spline still runs its elementwise part through `rq_spline` (native
+C++ on CPU).
+"""
 
 from __future__ import annotations
 
 import os
+from functools import partial
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
 from fastflow.backends import resolve_backend
+from fastflow.ops.spline import DERIVATIVE_SHIFT, MIN_BIN_HEIGHT, MIN_BIN_WIDTH, MIN_DERIVATIVE, rq_spline, rq_spline_ref
 
-__all__ = ["affine_coupling", "affine_coupling_ref"]
+__all__ = ["affine_coupling", "affine_coupling_ref", "spline_coupling", "spline_coupling_ref"]
 
 
-def affine_coupling_ref(
-    kept: torch.Tensor,
-    context: torch.Tensor | None,
-    changed: torch.Tensor,
-    weights: tuple[torch.Tensor, ...],
-    *,
-    scale_bound: float,
-    inverse: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
+def conditioner_ref(kept: torch.Tensor, context: torch.Tensor | None, weights: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """The conditioner MLP: linear layers `(w1, b1, …, w_last, b_last)` with SiLU between them,
+    applied to [kept `(N, K)`, context `(N, C)`]; returns `(N, out)`."""
+    h = kept if context is None else torch.cat([kept, context.to(kept.dtype)], dim=1)
+    for layer in range(0, len(weights) - 2, 2):
+        h = F.silu(F.linear(h, weights[layer], weights[layer + 1]))
+    return F.linear(h, weights[-2], weights[-1])
+
+
+def affine_coupling_ref(kept, context, changed, weights, *, scale_bound: float, inverse: bool):
     """Reference affine coupling.
 
     Arguments:
         kept `(N, K)`: coordinates that pass through and parametrize the transform.
         context `(N, C)` or None; changed `(N, T)`: the coordinates transformed.
-        weights: (w1, b1, …, w_last, b_last) of the conditioner's linear layers (SiLU between them);
-            the last layer's `2T` outputs are (raw log-scale, shift) per changed coordinate.
-        scale_bound: log-scales are bound·tanh(raw / bound).
+        weights: the conditioner's `(w, b)` pairs; its `2T` outputs are (raw log-scale, shift) per
+            changed coordinate. scale_bound: log-scales are bound·tanh(raw / bound).
     Returns:
         out `(N, T)` and log|det J| `(N,)` of the map applied (the inverse's when `inverse`).
     """
-    h = kept if context is None else torch.cat([kept, context.to(kept.dtype)], dim=1)
-    for layer in range(0, len(weights) - 2, 2):
-        h = F.silu(F.linear(h, weights[layer], weights[layer + 1]))
-    params = F.linear(h, weights[-2], weights[-1]).view(changed.shape[0], changed.shape[1], 2)
-    raw_scale, shift = params.unbind(-1)
+    raw_scale, shift = conditioner_ref(kept, context, weights).view(changed.shape[0], changed.shape[1], 2).unbind(-1)
     log_scale = scale_bound * torch.tanh(raw_scale / scale_bound)
     if inverse:
         return (changed - shift) * torch.exp(-log_scale), -log_scale.sum(-1)
     return changed * torch.exp(log_scale) + shift, log_scale.sum(-1)
 
 
+def spline_coupling_ref(kept, context, changed, weights, *, num_bins: int, bound: float, inverse: bool, spline_backend: str = "reference"):
+    """Reference spline coupling: the conditioner's `T(3K-1)` outputs parametrize `rq_spline` per
+    changed coordinate. Shapes as `affine_coupling_ref`."""
+    params = conditioner_ref(kept, context, weights).view(changed.shape[0], changed.shape[1], 3 * num_bins - 1)
+    out, ladj = rq_spline(changed, params, bound=bound, inverse=inverse, backend=spline_backend)
+    return out, ladj.sum(-1)
+
+
+def _check(kept, context, changed, weights) -> tuple[bool, list[torch.Tensor]]:
+    tensors = [kept, changed, *weights] + ([] if context is None else [context])
+    if len({t.device for t in tensors}) != 1:
+        raise ValueError("coupling: inputs and weights must be on one device")
+    triton_device = kept.device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+    fusable = triton_device and len(weights) == 6 and all(t.dtype == torch.float32 for t in tensors)
+    return fusable, tensors
+
+
 def affine_coupling(kept, context, changed, weights, *, scale_bound: float, inverse: bool, backend: str | None = None):
     """`affine_coupling_ref` through the backend chosen by `fastflow.backends.resolve_backend`.
 
-    The Triton kernel covers float32 and conditioners with two hidden layers; other inputs support
-    only the reference (forcing `triton` for them raises).
+    Triton covers float32 conditioners with two hidden layers (CUDA, or TRITON_INTERPRET=1); other
+    inputs run the reference (forcing `triton` for them raises).
     """
-    tensors = [kept, changed, *weights] + ([] if context is None else [context])
-    if len({t.device for t in tensors}) != 1:
-        raise ValueError("affine_coupling: inputs and weights must be on one device")
-    fusable = len(weights) == 6 and all(t.dtype == torch.float32 for t in tensors)
-    triton_device = kept.device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
-    supports = ("reference", "triton") if fusable and triton_device else ("reference",)
+    fusable, _ = _check(kept, context, changed, weights)
+    supports = ("reference", "triton") if fusable else ("reference",)
+    reference = partial(affine_coupling_ref, scale_bound=scale_bound, inverse=inverse)
     if resolve_backend(backend, kept.device, supports=supports) == "triton":
-        return _FusedAffineCoupling.apply(kept, context, changed, scale_bound, inverse, *weights)
-    return affine_coupling_ref(kept, context, changed, weights, scale_bound=scale_bound, inverse=inverse)
-
-
-class _FusedAffineCoupling(torch.autograd.Function):
-    """Triton forward; backward recomputes the layer with the reference and differentiates it."""
-
-    @staticmethod
-    def forward(ctx, kept, context, changed, scale_bound, inverse, *weights):
         from fastflow.kernels.coupling import affine_coupling_triton
 
+        kernel = partial(affine_coupling_triton, scale_bound=scale_bound, inverse=inverse)
+        return _FusedCoupling.apply(kernel, reference, kept, context, changed, *weights)
+    return reference(kept, context, changed, weights)
+
+
+def spline_coupling(kept, context, changed, weights, *, num_bins: int, bound: float, inverse: bool, backend: str | None = None):
+    """`spline_coupling_ref` through the chosen backend: `triton` fuses the layer (float32, two hidden
+    layers); `native`/`reference` run the conditioner in PyTorch and the spline on that backend."""
+    fusable, tensors = _check(kept, context, changed, weights)
+    native_ok = kept.device.type == "cpu" and all(t.dtype in (torch.float32, torch.float64) for t in tensors)
+    supports = ("reference",) + (("native",) if native_ok else ()) + (("triton",) if fusable else ())
+    chosen = resolve_backend(backend, kept.device, supports=supports)
+    reference = partial(spline_coupling_ref, num_bins=num_bins, bound=bound, inverse=inverse)
+    if chosen == "triton":
+        from fastflow.kernels.coupling import spline_coupling_triton
+
+        constants = (MIN_BIN_WIDTH, MIN_BIN_HEIGHT, MIN_DERIVATIVE, DERIVATIVE_SHIFT)
+        kernel = partial(spline_coupling_triton, num_bins=num_bins, bound=bound, inverse=inverse, constants=constants)
+        return _FusedCoupling.apply(kernel, reference, kept, context, changed, *weights)
+    return reference(kept, context, changed, weights, spline_backend=chosen)
+
+
+class _FusedCoupling(torch.autograd.Function):
+    """A fused forward kernel; the backward recomputes the layer with its reference and differentiates it."""
+
+    @staticmethod
+    def forward(ctx, kernel: Callable, reference: Callable, kept, context, changed, *weights):
+        ctx.reference, ctx.has_context = reference, context is not None
         ctx.save_for_backward(kept, changed, *weights, *(() if context is None else (context,)))
-        ctx.has_context, ctx.scale_bound, ctx.inverse = context is not None, scale_bound, inverse
-        return affine_coupling_triton(kept, context, changed, weights, scale_bound=scale_bound, inverse=inverse)
+        return kernel(kept, context, changed, weights)
 
     @staticmethod
     def backward(ctx, grad_out, grad_ladj):
         saved = ctx.saved_tensors
-        kept, changed, weights = saved[0], saved[1], saved[2:8]
-        context = saved[8] if ctx.has_context else None
-        inputs = [t.detach().requires_grad_(t.requires_grad) for t in (kept, changed, *weights)]
+        context = saved[-1] if ctx.has_context else None
+        tensors = [saved[0], saved[1], *saved[2 : len(saved) - ctx.has_context]]
+        inputs = [t.detach().requires_grad_(t.requires_grad) for t in tensors]
         context_input = None if context is None else context.detach().requires_grad_(context.requires_grad)
         with torch.enable_grad():
-            out, ladj = affine_coupling_ref(
-                inputs[0], context_input, inputs[1], tuple(inputs[2:]), scale_bound=ctx.scale_bound, inverse=ctx.inverse
-            )
+            out, ladj = ctx.reference(inputs[0], context_input, inputs[1], tuple(inputs[2:]))
             wanted = [t for t in [*inputs, context_input] if t is not None and t.requires_grad]
-            grads = iter(torch.autograd.grad((out, ladj), wanted, (grad_out, grad_ladj), allow_unused=True))
+            grads = iter(torch.autograd.grad((out, ladj), wanted, (grad_out, grad_ladj)) if wanted else ())
         kept_g, changed_g, *weight_g = [next(grads) if t.requires_grad else None for t in inputs]
         context_g = next(grads) if context_input is not None and context_input.requires_grad else None
-        return (kept_g, context_g, changed_g, None, None, *weight_g)
+        return (None, None, kept_g, context_g, changed_g, *weight_g)
