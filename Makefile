@@ -1,23 +1,39 @@
-# Set-up and run commands. Each target creates .venv when missing, installs torch first (the CPU wheel
-# pinned in TORCH, so pip never pulls a CUDA build), then fastflow in editable mode with its C++
-# extension, and is idempotent: the install reruns only when the build inputs change.
+# Set-up and run commands. Every target creates .venv when missing, installs torch first (the pinned
+# $(TORCH), the CPU wheel here, so pip never pulls a CUDA build for the project's `torch>=2.3`), then
+# fastflow in editable mode with its C++ extension. Idempotent: stamps in .venv make repeat runs skip
+# the installs, and the editable install reruns (an incremental CMake build in build/) only when
+# pyproject.toml, CMakeLists.txt or csrc/ change. Python edits (fastflow/, kernels/) need no reinstall.
 PYTHON ?= python3
 TORCH ?= torch==2.13.0
 VENV := .venv
 PY := $(VENV)/bin/python
+TORCH_STAMP := $(VENV)/.torch-installed
 STAMP := $(VENV)/.fastflow-installed
+BENCH_STAMP := $(VENV)/.fastflow-bench-installed
 BUILD_INPUTS := pyproject.toml CMakeLists.txt $(wildcard csrc/*)
 
-.PHONY: install test demo bench clean
+.PHONY: venv install test demo bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
-$(STAMP): $(PY) $(BUILD_INPUTS)
-	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install "$(TORCH)"
+$(TORCH_STAMP): | $(PY)
+	$(PY) -m pip install "$(TORCH)"
+	touch $@
+
+# --no-build-isolation: the CMake cache in build/ must keep pointing at the same pybind11 and
+# scikit-build-core (isolated builds use a fresh temporary environment each time).
+$(STAMP): $(TORCH_STAMP) $(BUILD_INPUTS)
 	$(PY) -m pip install "scikit-build-core>=0.10" "pybind11>=2.12" ninja
+	command -v cmake >/dev/null || $(PY) -m pip install "cmake>=3.18"
 	$(PY) -m pip install --no-build-isolation -e ".[test]"
-	touch $(STAMP)
+	touch $@
+
+$(BENCH_STAMP): $(STAMP)
+	$(PY) -m pip install --no-build-isolation -e ".[test,bench]"
+	touch $@
+
+venv: $(STAMP)
 
 install: $(STAMP)
 
@@ -27,9 +43,8 @@ test: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/fastflow demo
 
-bench: $(STAMP)
-	$(PY) -m pip install -e ".[bench]" --no-build-isolation
-	$(PY) -m pytest bench/ --benchmark-only -s
+bench: $(BENCH_STAMP)
+	$(PY) -m pytest bench/ --benchmark-only -q -s
 
 clean:
 	rm -rf build $(VENV) fastflow-demo.png
