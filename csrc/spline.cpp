@@ -167,6 +167,23 @@ struct Local {
   }
 };
 
+// Bin k and local position of input v inside [-B, B]: for the forward map v is x; for the inverse v
+// is y, and the position solves the rational-quadratic equation (stable form of the quadratic root).
+template <typename T>
+Local<T> locate(const Spline<T>& sp, T v, bool inverse, int& k) {
+  if (!inverse) {
+    k = Spline<T>::find_bin(sp.X, sp.K, v);
+    return Local<T>(sp, k, (v - sp.X[k]) / (sp.X[k + 1] - sp.X[k]));
+  }
+  k = Spline<T>::find_bin(sp.Y, sp.K, v);
+  const T W = sp.X[k + 1] - sp.X[k], H = sp.Y[k + 1] - sp.Y[k], s = H / W;
+  const T D0 = sp.derivative(k), D1 = sp.derivative(k + 1), dy = v - sp.Y[k], c = D1 + D0 - T(2) * s;
+  const T a = H * (s - D0) + dy * c, b = H * D0 - dy * c, cc = -s * dy;
+  T disc = b * b - T(4) * a * cc;
+  disc = disc > T(0) ? disc : T(0);
+  return Local<T>(sp, k, (T(2) * cc) / (-b - std::sqrt(disc)));
+}
+
 // Accumulates d(gy*y + gl*ladj)/d(raw params) of one coordinate at fixed input x (forward map).
 template <typename T, typename S>
 void param_backward(const Spline<T>& sp, const Local<T>& L, int k, T gy, T gl, S* grad) {
@@ -223,23 +240,10 @@ void forward_kernel(const S* x, const S* params, S* out, S* ladj, int64_t n, int
       continue;
     }
     Spline<T> sp(params + i * P, K, bound, shift);
-    if (!inverse) {
-      const int k = Spline<T>::find_bin(sp.X, K, v);
-      Local<T> L(sp, k, (v - sp.X[k]) / (sp.X[k + 1] - sp.X[k]));
-      out[i] = S(L.y(sp.Y[k]));
-      ladj[i] = S(L.ladj());
-    } else {
-      const int k = Spline<T>::find_bin(sp.Y, K, v);
-      const T W = sp.X[k + 1] - sp.X[k], H = sp.Y[k + 1] - sp.Y[k], s = H / W;
-      const T D0 = sp.derivative(k), D1 = sp.derivative(k + 1), dy = v - sp.Y[k], c = D1 + D0 - T(2) * s;
-      const T a = H * (s - D0) + dy * c, b = H * D0 - dy * c, cc = -s * dy;
-      T disc = b * b - T(4) * a * cc;
-      disc = disc > T(0) ? disc : T(0);
-      const T t = (T(2) * cc) / (-b - std::sqrt(disc));
-      Local<T> L(sp, k, t);
-      out[i] = S(sp.X[k] + t * W);
-      ladj[i] = S(-L.ladj());
-    }
+    int k;
+    const Local<T> L = locate(sp, v, inverse, k);
+    out[i] = S(inverse ? sp.X[k] + L.t * L.W : L.y(sp.Y[k]));
+    ladj[i] = S(inverse ? -L.ladj() : L.ladj());
   }
 }
 
@@ -257,23 +261,14 @@ void backward_kernel(const S* x, const S* params, const S* grad_out, const S* gr
       continue;
     }
     Spline<T> sp(params + i * P, K, bound, shift);
+    int k;
+    const Local<T> L = locate(sp, v, inverse, k);
+    const T df_dx = L.derivative();
     if (!inverse) {
-      const int k = Spline<T>::find_bin(sp.X, K, v);
-      Local<T> L(sp, k, (v - sp.X[k]) / (sp.X[k + 1] - sp.X[k]));
-      const T dy_dx = L.derivative();
-      grad_x[i] = S(T(grad_out[i]) * dy_dx + T(grad_ladj[i]) * L.ladj_dt() / L.W);
+      grad_x[i] = S(T(grad_out[i]) * df_dx + T(grad_ladj[i]) * L.ladj_dt() / L.W);
       param_backward(sp, L, k, T(grad_out[i]), T(grad_ladj[i]), grad);
     } else {
       // x = f^{-1}(v; θ), ladj_inv = -ladj_f(x; θ): implicit differentiation through f.
-      const int k = Spline<T>::find_bin(sp.Y, K, v);
-      const T W = sp.X[k + 1] - sp.X[k], H = sp.Y[k + 1] - sp.Y[k], s = H / W;
-      const T D0 = sp.derivative(k), D1 = sp.derivative(k + 1), dy = v - sp.Y[k], c = D1 + D0 - T(2) * s;
-      const T a = H * (s - D0) + dy * c, b = H * D0 - dy * c, cc = -s * dy;
-      T disc = b * b - T(4) * a * cc;
-      disc = disc > T(0) ? disc : T(0);
-      const T t = (T(2) * cc) / (-b - std::sqrt(disc));
-      Local<T> L(sp, k, t);
-      const T df_dx = L.derivative();
       const T upstream = (T(grad_out[i]) - T(grad_ladj[i]) * L.ladj_dt() / L.W) / df_dx;
       grad_x[i] = S(upstream);
       param_backward(sp, L, k, -upstream, -T(grad_ladj[i]), grad);

@@ -16,6 +16,28 @@ def _silu(x):
 
 
 @triton.jit
+def _conditioner_hidden(kept_ptr, context_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, rows, row_ok,
+                        n_kept, n_context, n_hidden, BLOCK_IN: tl.constexpr, BLOCK_H: tl.constexpr):
+    """Second hidden layer `(BLOCK_M, BLOCK_H)` of the conditioner SiLU(W2 SiLU(W1 [kept, context] + b1) + b2),
+    zero-padded; weights are (out, in) row-major and loaded transposed as (in, out) tiles."""
+    cols_in = tl.arange(0, BLOCK_IN)
+    cols_h = tl.arange(0, BLOCK_H)
+    n_in = n_kept + n_context
+    kept_mask = row_ok[:, None] & (cols_in[None, :] < n_kept)
+    x_in = tl.load(kept_ptr + rows[:, None] * n_kept + cols_in[None, :], mask=kept_mask, other=0.0)
+    context_mask = row_ok[:, None] & (cols_in[None, :] >= n_kept) & (cols_in[None, :] < n_in)
+    x_in += tl.load(context_ptr + rows[:, None] * n_context + (cols_in - n_kept)[None, :], mask=context_mask, other=0.0)
+    w1 = tl.load(w1_ptr + cols_h[None, :] * n_in + cols_in[:, None],
+                 mask=(cols_in[:, None] < n_in) & (cols_h[None, :] < n_hidden), other=0.0)
+    b1 = tl.load(b1_ptr + cols_h, mask=cols_h < n_hidden, other=0.0)
+    h = _silu(tl.dot(x_in, w1) + b1[None, :])
+    w2 = tl.load(w2_ptr + cols_h[None, :] * n_hidden + cols_h[:, None],
+                 mask=(cols_h[:, None] < n_hidden) & (cols_h[None, :] < n_hidden), other=0.0)
+    b2 = tl.load(b2_ptr + cols_h, mask=cols_h < n_hidden, other=0.0)
+    return _silu(tl.dot(h, w2) + b2[None, :])
+
+
+@triton.jit
 def _affine_coupling_kernel(
     # pointers
     kept_ptr, context_ptr, changed_ptr,
@@ -30,27 +52,10 @@ def _affine_coupling_kernel(
 ):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < n_rows
-    cols_in = tl.arange(0, BLOCK_IN)
     cols_h = tl.arange(0, BLOCK_H)
     cols_out = tl.arange(0, BLOCK_OUT)
-    n_in = n_kept + n_context
-
-    # conditioner input [kept, context]: (BLOCK_M, BLOCK_IN), zero-padded
-    kept_mask = row_ok[:, None] & (cols_in[None, :] < n_kept)
-    x_in = tl.load(kept_ptr + rows[:, None] * n_kept + cols_in[None, :], mask=kept_mask, other=0.0)
-    context_cols = cols_in - n_kept
-    context_mask = row_ok[:, None] & (cols_in[None, :] >= n_kept) & (cols_in[None, :] < n_in)
-    x_in += tl.load(context_ptr + rows[:, None] * n_context + context_cols[None, :], mask=context_mask, other=0.0)
-
-    # hidden layers: weights are (out, in) row-major, loaded transposed as (in, out) tiles
-    w1 = tl.load(w1_ptr + cols_h[None, :] * n_in + cols_in[:, None],
-                 mask=(cols_in[:, None] < n_in) & (cols_h[None, :] < n_hidden), other=0.0)
-    b1 = tl.load(b1_ptr + cols_h, mask=cols_h < n_hidden, other=0.0)
-    h = _silu(tl.dot(x_in, w1) + b1[None, :])
-    w2 = tl.load(w2_ptr + cols_h[None, :] * n_hidden + cols_h[:, None],
-                 mask=(cols_h[:, None] < n_hidden) & (cols_h[None, :] < n_hidden), other=0.0)
-    b2 = tl.load(b2_ptr + cols_h, mask=cols_h < n_hidden, other=0.0)
-    h = _silu(tl.dot(h, w2) + b2[None, :])
+    h = _conditioner_hidden(kept_ptr, context_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, rows, row_ok,
+                            n_kept, n_context, n_hidden, BLOCK_IN, BLOCK_H)
 
     # transform parameters for the changed coordinates: raw log-scales and shifts, (BLOCK_M, BLOCK_OUT)
     out_mask = (cols_h[:, None] < n_hidden) & (cols_out[None, :] < n_changed)
@@ -144,24 +149,10 @@ def _spline_coupling_kernel(
 ):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < n_rows
-    cols_in = tl.arange(0, BLOCK_IN)
     cols_h = tl.arange(0, BLOCK_H)
     cols_p = tl.arange(0, BLOCK_T * BLOCK_K)  # (coordinate, bin) pairs, coordinate-major
-    n_in = n_kept + n_context
-
-    # conditioner: [kept, context] → SiLU → SiLU, as in the affine kernel
-    kept_mask = row_ok[:, None] & (cols_in[None, :] < n_kept)
-    x_in = tl.load(kept_ptr + rows[:, None] * n_kept + cols_in[None, :], mask=kept_mask, other=0.0)
-    context_mask = row_ok[:, None] & (cols_in[None, :] >= n_kept) & (cols_in[None, :] < n_in)
-    x_in += tl.load(context_ptr + rows[:, None] * n_context + (cols_in - n_kept)[None, :], mask=context_mask, other=0.0)
-    w1 = tl.load(w1_ptr + cols_h[None, :] * n_in + cols_in[:, None],
-                 mask=(cols_in[:, None] < n_in) & (cols_h[None, :] < n_hidden), other=0.0)
-    b1 = tl.load(b1_ptr + cols_h, mask=cols_h < n_hidden, other=0.0)
-    h = _silu(tl.dot(x_in, w1) + b1[None, :])
-    w2 = tl.load(w2_ptr + cols_h[None, :] * n_hidden + cols_h[:, None],
-                 mask=(cols_h[:, None] < n_hidden) & (cols_h[None, :] < n_hidden), other=0.0)
-    b2 = tl.load(b2_ptr + cols_h, mask=cols_h < n_hidden, other=0.0)
-    h = _silu(tl.dot(h, w2) + b2[None, :])
+    h = _conditioner_hidden(kept_ptr, context_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, rows, row_ok,
+                            n_kept, n_context, n_hidden, BLOCK_IN, BLOCK_H)
 
     # spline parameters as (BLOCK_M, BLOCK_T, BLOCK_K) tiles (the launcher laid the rows out padded)
     w_offsets = cols_p[None, :] * n_hidden + cols_h[:, None]
