@@ -1,0 +1,168 @@
+"""Continuous normalizing flows: sampling by integrating a velocity field from noise (t = 0) to data
+(t = 1), and log-density by the augmented ODE with a pluggable divergence."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Callable, Protocol
+
+import torch
+import torch.nn as nn
+
+from fastflow.fm.solvers import SOLVERS, odeint
+
+__all__ = ["CNF", "DIVERGENCES", "Divergence", "OdeConfig", "exact_divergence"]
+
+
+class Divergence(Protocol):
+    """`(velocity, t, x (n, D), *args) -> (v (n, D), div_x v (n,))`; differentiable when grad mode is on."""
+
+    def __call__(self, velocity: Callable[..., torch.Tensor], t: torch.Tensor, x: torch.Tensor, *args) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+def exact_divergence(velocity, t, x, *args):
+    """Exact divergence by autograd: one vector-Jacobian product per dimension (D backward passes)."""
+    differentiable = torch.is_grad_enabled()
+    with torch.enable_grad():
+        x_in = x if (differentiable and x.requires_grad) else x.detach().requires_grad_(True)
+        v = velocity(t, x_in, *args)
+        div = sum(
+            torch.autograd.grad(v[:, i].sum(), x_in, create_graph=differentiable, retain_graph=True)[0][:, i]
+            for i in range(x.shape[1])
+        )
+    return (v, div) if differentiable else (v.detach(), div.detach())
+
+
+DIVERGENCES: dict[str, Divergence] = {"exact": exact_divergence}
+
+
+@dataclass(frozen=True)
+class OdeConfig:
+    """How a CNF integrates: `method` from `fastflow.fm.SOLVERS`, `steps` for fixed-step methods,
+    `rtol`/`atol` for adaptive ones."""
+
+    method: str = "dopri5"
+    steps: int = 20
+    rtol: float = 1e-4
+    atol: float = 1e-4
+
+    def __post_init__(self):
+        if self.method not in SOLVERS:
+            raise ValueError(f"unknown ODE method {self.method!r}; known: {sorted(SOLVERS)}")
+        if not isinstance(self.steps, int) or self.steps < 1:
+            raise ValueError(f"steps must be a positive int, got {self.steps!r}")
+        if self.rtol <= 0 or self.atol <= 0:
+            raise ValueError(f"rtol and atol must be positive, got {self.rtol}, {self.atol}")
+
+    def times(self, t_0: float, t_1: float) -> torch.Tensor:
+        return torch.linspace(t_0, t_1, 2 if SOLVERS[self.method].adaptive else self.steps + 1, dtype=torch.float64)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class CNF(nn.Module):
+    """q(x | context): x_0 ~ N(0, I) carried to x_1 by dx_t/dt = v(t, x_t, context), then through the
+    inverses of `transforms` (fixed bijections from data to the flow's space, e.g. standardization).
+
+    Contexts broadcast as in `fastflow.flows.Flow`: `sample(n, context (C,))` is `(n, D)` and
+    `sample(n, context (B, C))` is `(n, B, D)`; `log_prob(x (*, D), context (C,) or (*, C))` is `(*,)`.
+
+    Arguments:
+        velocity: module `(t, x_t (n, D)[, context (n, E)]) -> (n, D)` (e.g. `VelocityMLP`).
+        dim: D.
+        context_dim: C, 0 for an unconditional flow.
+        transforms: `Transform`s applied data → flow space (their log-determinants enter `log_prob`).
+        embedding: module applied to the context `(B, C) -> (B, E)` before the velocity.
+        sampler: ODE options of `sample`.
+        likelihood: ODE options of `log_prob` (the augmented ODE, integrated from t = 1 to t = 0).
+        divergence: a key of `DIVERGENCES` or a `Divergence` callable.
+    """
+
+    def __init__(self, velocity: nn.Module, dim: int, *, context_dim: int = 0, transforms: list[nn.Module] = (),
+                 embedding: nn.Module | None = None, sampler: OdeConfig = OdeConfig(),
+                 likelihood: OdeConfig = OdeConfig(rtol=1e-5, atol=1e-5), divergence: str | Divergence = "exact"):
+        super().__init__()
+        if isinstance(divergence, str):
+            if divergence not in DIVERGENCES:
+                raise ValueError(f"unknown divergence {divergence!r}; known: {sorted(DIVERGENCES)}")
+            divergence = DIVERGENCES[divergence]
+        self.velocity = velocity
+        self.dim, self.context_dim = dim, context_dim
+        self.transforms = nn.ModuleList(transforms)
+        self.embedding = embedding if embedding is not None else nn.Identity()
+        self.sampler, self.likelihood, self.divergence = sampler, likelihood, divergence
+        self.last_evaluations = 0
+
+    # -- context ----------------------------------------------------------------------------------
+    def embed(self, context: torch.Tensor | None) -> torch.Tensor | None:
+        """The embedded context with its batch shape: `(*, C)` → `(*, E)` (None when unconditional)."""
+        if self.context_dim == 0:
+            if context is not None:
+                raise ValueError("this flow is unconditional: pass no context")
+            return None
+        if context is None or context.dim() == 0 or context.shape[-1] != self.context_dim:
+            raise ValueError(f"this flow needs a context of last dimension {self.context_dim}, got "
+                             f"{None if context is None else tuple(context.shape)}")
+        embedded = self.embedding(context.reshape(-1, self.context_dim))
+        return embedded.reshape(*context.shape[:-1], embedded.shape[-1])
+
+    def to_flow_space(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Apply `transforms` to `(n, D)` data: the flow-space points and their log|det J| `(n,)`."""
+        total = x.new_zeros(x.shape[0])
+        for transform in self.transforms:
+            x, ladj = transform(x)
+            total = total + ladj
+        return x, total
+
+    def _integrate(self, state, t_0, t_1, config: OdeConfig, f, args):
+        solution = odeint(f, state, config.times(t_0, t_1), method=config.method, args=args, rtol=config.rtol, atol=config.atol)
+        self.last_evaluations = solution.evaluations
+        return solution.x
+
+    # -- sampling and density ---------------------------------------------------------------------
+    @torch.no_grad()
+    def sample(self, n: int, context: torch.Tensor | None = None) -> torch.Tensor:
+        """Draws `(n, D)`, or `(n, B, D)` for a context `(B, C)`."""
+        if not isinstance(n, int) or isinstance(n, bool) or n <= 0:
+            raise ValueError(f"number of samples must be a positive int, got {n!r}")
+        if context is not None and context.dim() > 2:
+            raise ValueError(f"sampling takes a context (C,) or (B, C), got {tuple(context.shape)}")
+        embedded = self.embed(context)
+        contexts = 1 if embedded is None else embedded.reshape(-1, embedded.shape[-1]).shape[0]
+        param = next(self.velocity.parameters())
+        x_0 = torch.randn(n * contexts, self.dim, dtype=param.dtype, device=param.device)
+        args = () if embedded is None else (embedded.reshape(contexts, -1).repeat(n, 1),)
+        x = self._integrate(x_0, 0.0, 1.0, self.sampler, self.velocity, args)
+        for transform in reversed(self.transforms):
+            x, _ = transform.inverse(x)
+        return x.reshape(n, contexts, self.dim) if context is not None and context.dim() == 2 else x
+
+    def log_prob(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        """log q(x | context) for x `(*, D)` by the augmented ODE; context `(C,)` or `(*, C)`."""
+        if x.shape[-1] != self.dim:
+            raise ValueError(f"x must have last dimension {self.dim}, got {tuple(x.shape)}")
+        if not torch.isfinite(x).all():
+            raise ValueError("x contains NaN or inf")
+        batch_shape = x.shape[:-1]
+        x_1, ladj = self.to_flow_space(x.reshape(-1, self.dim))
+        embedded = self.embed(context)
+        args = ()
+        if embedded is not None:
+            try:
+                embedded = embedded.expand(*batch_shape, embedded.shape[-1])
+            except RuntimeError:
+                raise ValueError(f"context batch shape {tuple(context.shape[:-1])} does not broadcast to "
+                                 f"x batch shape {tuple(batch_shape)}") from None
+            args = (embedded.reshape(x_1.shape[0], -1),)
+
+        def augmented(t, state, *args):
+            v, div = self.divergence(self.velocity, t, state[:, : self.dim], *args)
+            return torch.cat([v, div.unsqueeze(-1)], -1)
+
+        state = torch.cat([x_1, x_1.new_zeros(x_1.shape[0], 1)], -1)
+        end = self._integrate(state, 1.0, 0.0, self.likelihood, augmented, args)
+        x_0, log_det = end[:, : self.dim], end[:, self.dim]
+        log_base = -0.5 * x_0.square().sum(-1) - 0.5 * self.dim * math.log(2 * math.pi)
+        return (log_base + log_det + ladj).reshape(batch_shape)

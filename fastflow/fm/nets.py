@@ -1,0 +1,75 @@
+"""Velocity networks v(t, x_t[, context]): an MLP on [Fourier features of t, x_t, context]."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+
+__all__ = ["ACTIVATIONS", "TimeEmbedding", "VelocityMLP"]
+
+ACTIVATIONS = {"silu": nn.SiLU, "tanh": nn.Tanh, "gelu": nn.GELU, "relu": nn.ReLU}
+
+
+class TimeEmbedding(nn.Module):
+    """t `(n,)` → `(n, 1 + 2F)`: [t, sin(π k t), cos(π k t)] for k = 1..F."""
+
+    def __init__(self, num_frequencies: int = 4):
+        super().__init__()
+        if num_frequencies < 0:
+            raise ValueError(f"num_frequencies must be >= 0, got {num_frequencies}")
+        self.register_buffer("frequencies", math.pi * torch.arange(1, num_frequencies + 1, dtype=torch.float32))
+        self.dim = 1 + 2 * num_frequencies
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        t = t.unsqueeze(-1)
+        angles = t * self.frequencies.to(t.dtype)
+        return torch.cat([t, angles.sin(), angles.cos()], -1)
+
+
+class VelocityMLP(nn.Module):
+    """MLP velocity field v(t, x_t, context) `(n, D)`.
+
+    Arguments:
+        dim: D, the state dimension.
+        context_dim: dimension of the (embedded) context, 0 for an unconditional field.
+        hidden: widths of the hidden layers.
+        activation: "silu", "tanh", "gelu" or "relu".
+        num_frequencies: Fourier features of t (see `TimeEmbedding`).
+        residual: add each hidden layer's input to its output where the widths agree.
+    """
+
+    def __init__(self, dim: int, *, context_dim: int = 0, hidden: tuple[int, ...] = (128, 128, 128),
+                 activation: str = "silu", num_frequencies: int = 4, residual: bool = False):
+        super().__init__()
+        if dim < 1 or context_dim < 0:
+            raise ValueError(f"need dim >= 1 and context_dim >= 0, got {dim}, {context_dim}")
+        if not hidden or min(hidden) < 1:
+            raise ValueError(f"hidden must be a non-empty tuple of positive widths, got {hidden!r}")
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"unknown activation {activation!r}; known: {sorted(ACTIVATIONS)}")
+        self.dim, self.context_dim, self.residual, self.activation = dim, context_dim, residual, activation
+        self.time_embedding = TimeEmbedding(num_frequencies)
+        widths = (self.time_embedding.dim + dim + context_dim, *hidden)
+        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(widths[:-1], widths[1:]))
+        self.act = ACTIVATIONS[activation]()
+        self.output = nn.Linear(widths[-1], dim)
+
+    def forward(self, t: torch.Tensor, x_t: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        """t scalar or `(n,)`, x_t `(n, D)`, context `(n, E)` or `(E,)` → `(n, D)`."""
+        if x_t.dim() != 2 or x_t.shape[1] != self.dim:
+            raise ValueError(f"x_t must be (n, {self.dim}), got {tuple(x_t.shape)}")
+        n = x_t.shape[0]
+        inputs = [self.time_embedding(torch.as_tensor(t, dtype=x_t.dtype, device=x_t.device).expand(n)), x_t]
+        if self.context_dim:
+            if context is None or context.shape[-1] != self.context_dim:
+                raise ValueError(f"this field needs a context of last dimension {self.context_dim}")
+            inputs.append(context.expand(n, self.context_dim))
+        elif context is not None:
+            raise ValueError("this velocity field is unconditional: pass no context")
+        h = torch.cat(inputs, -1)
+        for layer in self.layers:
+            out = self.act(layer(h))
+            h = h + out if self.residual and out.shape == h.shape else out
+        return self.output(h)

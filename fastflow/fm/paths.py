@@ -1,0 +1,204 @@
+"""Probability paths x_t = alpha_t x_1 + sigma_t x_0 (+ gamma_t z) from noise x_0 (t = 0) to data x_1 (t = 1),
+the conditional flow-matching loss, and the training-time distributions of t."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+__all__ = [
+    "PATHS",
+    "CondOTPath",
+    "CosinePath",
+    "LinearInterpolant",
+    "Path",
+    "PathCoefficients",
+    "TrigInterpolant",
+    "VPPath",
+    "cfm_loss",
+    "get_path",
+    "sample_time",
+]
+
+
+@dataclass(frozen=True)
+class PathCoefficients:
+    """alpha_t, sigma_t, gamma_t and their time derivatives, each shaped like t."""
+
+    alpha_t: torch.Tensor
+    sigma_t: torch.Tensor
+    gamma_t: torch.Tensor
+    d_alpha_t: torch.Tensor
+    d_sigma_t: torch.Tensor
+    d_gamma_t: torch.Tensor
+
+
+class Path:
+    """A path x_t = alpha_t x_1 + sigma_t x_0 + gamma_t z with x_0, z ~ N(0, I) independent.
+
+    Gaussian paths (Lipman et al. 2023) have gamma_t = 0; stochastic interpolants (Albergo &
+    Vanden-Eijnden 2023) add the latent term gamma_t z. Subclasses define `coefficients(t)`.
+    """
+
+    stochastic = False
+
+    def coefficients(self, t: torch.Tensor) -> PathCoefficients:
+        raise NotImplementedError
+
+    def sample(self, t: torch.Tensor, x_0: torch.Tensor, x_1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x_t and the conditional velocity dx_t for t `(n,)`, x_0 and x_1 `(n, D)`; both `(n, D)`."""
+        c = self.coefficients(t.unsqueeze(-1))
+        x_t = c.alpha_t * x_1 + c.sigma_t * x_0
+        dx_t = c.d_alpha_t * x_1 + c.d_sigma_t * x_0
+        if self.stochastic:
+            z = torch.randn_like(x_0)
+            x_t = x_t + c.gamma_t * z
+            dx_t = dx_t + c.d_gamma_t * z
+        return x_t, dx_t
+
+
+def _zeros(t: torch.Tensor) -> torch.Tensor:
+    return torch.zeros_like(t)
+
+
+@dataclass(frozen=True)
+class CondOTPath(Path):
+    """Conditional optimal-transport path: alpha_t = t, sigma_t = 1 - (1 - sigma_min) t (Lipman et al. 2023)."""
+
+    sigma_min: float = 0.0
+
+    def __post_init__(self):
+        if not 0.0 <= self.sigma_min < 1.0:
+            raise ValueError(f"sigma_min must lie in [0, 1), got {self.sigma_min}")
+
+    def coefficients(self, t):
+        one = torch.ones_like(t)
+        return PathCoefficients(t, 1 - (1 - self.sigma_min) * t, _zeros(t), one, -(1 - self.sigma_min) * one, _zeros(t))
+
+
+@dataclass(frozen=True)
+class CosinePath(Path):
+    """Variance-preserving cosine schedule: alpha_t = sin(πt/2), sigma_t = cos(πt/2)."""
+
+    def coefficients(self, t):
+        angle = 0.5 * math.pi * t
+        return PathCoefficients(
+            angle.sin(), angle.cos(), _zeros(t), 0.5 * math.pi * angle.cos(), -0.5 * math.pi * angle.sin(), _zeros(t)
+        )
+
+
+@dataclass(frozen=True)
+class VPPath(Path):
+    """Variance-preserving path of the VP-SDE (Song et al. 2021) with a linear β schedule, time reversed so
+    that t = 1 is data: alpha_t = exp(-T(1 - t) / 2), sigma_t = sqrt(1 - alpha_t²), T(s) = ∫_0^s β."""
+
+    beta_min: float = 0.1
+    beta_max: float = 20.0
+
+    def __post_init__(self):
+        if not 0.0 < self.beta_min <= self.beta_max:
+            raise ValueError(f"need 0 < beta_min <= beta_max, got {self.beta_min}, {self.beta_max}")
+
+    def coefficients(self, t):
+        s = 1 - t
+        integral = self.beta_min * s + 0.5 * (self.beta_max - self.beta_min) * s**2
+        beta = self.beta_min + (self.beta_max - self.beta_min) * s
+        alpha = torch.exp(-0.5 * integral)
+        sigma = (-torch.expm1(-integral)).clamp_min(1e-12).sqrt()
+        d_alpha = 0.5 * beta * alpha
+        return PathCoefficients(alpha, sigma, _zeros(t), d_alpha, -alpha * d_alpha / sigma, _zeros(t))
+
+
+@dataclass(frozen=True)
+class _Interpolant(Path):
+    """Stochastic interpolant with gamma_t = scale · t (1 - t) (smooth, so its regression target stays bounded)."""
+
+    scale: float = 0.1
+
+    def __post_init__(self):
+        if self.scale < 0:
+            raise ValueError(f"the interpolant's noise scale must be >= 0, got {self.scale}")
+
+    @property
+    def stochastic(self):
+        return self.scale > 0
+
+    def _gamma(self, t):
+        return self.scale * t * (1 - t), self.scale * (1 - 2 * t)
+
+
+@dataclass(frozen=True)
+class LinearInterpolant(_Interpolant):
+    """Linear stochastic interpolant: alpha_t = t, sigma_t = 1 - t, gamma_t = scale · t (1 - t)."""
+
+    def coefficients(self, t):
+        one = torch.ones_like(t)
+        gamma, d_gamma = self._gamma(t)
+        return PathCoefficients(t, 1 - t, gamma, one, -one, d_gamma)
+
+
+@dataclass(frozen=True)
+class TrigInterpolant(_Interpolant):
+    """Trigonometric stochastic interpolant: alpha_t = sin(πt/2), sigma_t = cos(πt/2), gamma_t = scale · t (1 - t)."""
+
+    def coefficients(self, t):
+        base = CosinePath().coefficients(t)
+        gamma, d_gamma = self._gamma(t)
+        return PathCoefficients(base.alpha_t, base.sigma_t, gamma, base.d_alpha_t, base.d_sigma_t, d_gamma)
+
+
+PATHS: dict[str, Callable[..., Path]] = {
+    "ot": CondOTPath,
+    "cosine": CosinePath,
+    "vp": VPPath,
+    "linear": LinearInterpolant,
+    "trig": TrigInterpolant,
+}
+
+
+def get_path(name: str, **options) -> Path:
+    """The path registered as `name` ("ot", "cosine", "vp", "linear", "trig") with its options."""
+    if name not in PATHS:
+        raise ValueError(f"unknown path {name!r}; known: {sorted(PATHS)}")
+    return PATHS[name](**options)
+
+
+def sample_time(n: int, *, distribution: str = "uniform", alpha: float = 0.0, generator: torch.Generator | None = None,
+                device=None) -> torch.Tensor:
+    """`(n,)` training times in [0, 1].
+
+    Arguments:
+        distribution: "uniform", or "power": p(t) ∝ t^(1/(1+alpha)) (FMPE, Dax et al. 2023), which puts
+            more weight near the data end t = 1; drawn by inverse CDF t = u^((1+alpha)/(2+alpha)).
+        alpha: exponent parameter of "power" (> -1).
+    """
+    if not isinstance(n, int) or n <= 0:
+        raise ValueError(f"n must be a positive int, got {n!r}")
+    u = torch.rand(n, generator=generator, device=device)
+    if distribution == "uniform":
+        return u
+    if distribution == "power":
+        if alpha <= -1:
+            raise ValueError(f"the power-law time distribution needs alpha > -1, got {alpha}")
+        return u ** ((1 + alpha) / (2 + alpha))
+    raise ValueError(f"unknown time distribution {distribution!r}; known: ['power', 'uniform']")
+
+
+def cfm_loss(velocity: Callable[..., torch.Tensor], path: Path, x_1: torch.Tensor, context: torch.Tensor | None = None, *,
+             time_distribution: str = "uniform", alpha: float = 0.0) -> torch.Tensor:
+    """Conditional flow-matching loss E ||v(t, x_t[, context]) - dx_t||² (mean over samples, sum over dims).
+
+    Arguments:
+        velocity: `(t (n,), x_t (n, D)[, context (n, E)]) -> (n, D)`.
+        x_1: `(n, D)` data; x_0 ~ N(0, I) is drawn here.
+        context: `(n, E)` conditioning variables, or None.
+    """
+    if x_1.dim() != 2:
+        raise ValueError(f"x_1 must be (n, D), got {tuple(x_1.shape)}")
+    t = sample_time(x_1.shape[0], distribution=time_distribution, alpha=alpha, device=x_1.device).to(x_1.dtype)
+    x_t, dx_t = path.sample(t, torch.randn_like(x_1), x_1)
+    v = velocity(t, x_t) if context is None else velocity(t, x_t, context)
+    return (v - dx_t).square().sum(-1).mean()

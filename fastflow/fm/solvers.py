@@ -1,0 +1,195 @@
+"""Batched ODE solvers dx/dt = f(t, x) for states `(n, S)`: explicit Runge–Kutta methods declared as
+Butcher tableaus, fixed-step (Euler, midpoint, Heun, RK4) or adaptive (Dopri5, per-sample error control)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+
+__all__ = ["SOLVERS", "ButcherTableau", "OdeSolution", "odeint"]
+
+
+@dataclass(frozen=True)
+class ButcherTableau:
+    """An explicit Runge–Kutta method: nodes c, lower-triangular rows a, weights b, its order, and for
+    embedded pairs the error weights b - b̂ (None for fixed-step methods)."""
+
+    c: tuple[float, ...]
+    a: tuple[tuple[float, ...], ...]
+    b: tuple[float, ...]
+    order: int
+    error: tuple[float, ...] | None = None
+
+    @property
+    def adaptive(self) -> bool:
+        return self.error is not None
+
+
+_DOPRI5_B = (35 / 384, 0.0, 500 / 1113, 125 / 192, -2187 / 6784, 11 / 84, 0.0)
+_DOPRI5_B_HAT = (5179 / 57600, 0.0, 7571 / 16695, 393 / 640, -92097 / 339200, 187 / 2100, 1 / 40)
+
+SOLVERS: dict[str, ButcherTableau] = {
+    "euler": ButcherTableau(c=(0.0,), a=((),), b=(1.0,), order=1),
+    "midpoint": ButcherTableau(c=(0.0, 0.5), a=((), (0.5,)), b=(0.0, 1.0), order=2),
+    "heun": ButcherTableau(c=(0.0, 1.0), a=((), (1.0,)), b=(0.5, 0.5), order=2),
+    "rk4": ButcherTableau(
+        c=(0.0, 0.5, 0.5, 1.0), a=((), (0.5,), (0.0, 0.5), (0.0, 0.0, 1.0)), b=(1 / 6, 1 / 3, 1 / 3, 1 / 6), order=4
+    ),
+    # Dormand & Prince (1980): 5th-order solution, embedded 4th-order estimate, first same as last.
+    "dopri5": ButcherTableau(
+        c=(0.0, 1 / 5, 3 / 10, 4 / 5, 8 / 9, 1.0, 1.0),
+        a=(
+            (),
+            (1 / 5,),
+            (3 / 40, 9 / 40),
+            (44 / 45, -56 / 15, 32 / 9),
+            (19372 / 6561, -25360 / 2187, 64448 / 6561, -212 / 729),
+            (9017 / 3168, -355 / 33, 46732 / 5247, 49 / 176, -5103 / 18656),
+            _DOPRI5_B[:6],
+        ),
+        b=_DOPRI5_B,
+        order=5,
+        error=tuple(b - b_hat for b, b_hat in zip(_DOPRI5_B, _DOPRI5_B_HAT)),
+    ),
+}
+
+
+@dataclass
+class OdeSolution:
+    """The state at the final time `(n, S)`, the number of (batched) evaluations of f, and for adaptive
+    methods the accepted and rejected steps summed over samples."""
+
+    x: torch.Tensor
+    evaluations: int
+    accepted: int = 0
+    rejected: int = 0
+
+
+def _combine(weights: Sequence[float], k: list[torch.Tensor]) -> torch.Tensor | None:
+    terms = [w * k_j for w, k_j in zip(weights, k) if w != 0.0]
+    return sum(terms[1:], terms[0]) if terms else None
+
+
+def _stages(f, tableau: ButcherTableau, t, x, h, args, k_1) -> list[torch.Tensor]:
+    """The stage derivatives k_1..k_s of one step of size h (scalar or `(n, 1)`) from (t, x)."""
+    k = [k_1]
+    h_t = h.squeeze(-1) if isinstance(h, torch.Tensor) else h
+    for c_i, a_i in zip(tableau.c[1:], tableau.a[1:]):
+        increment = _combine(a_i, k)
+        k.append(f(t + c_i * h_t, x if increment is None else x + h * increment, *args))
+    return k
+
+
+def _check_times(times) -> list[float]:
+    times = torch.as_tensor(times, dtype=torch.float64)
+    if times.dim() != 1 or times.numel() < 2:
+        raise ValueError(f"times must be a 1-D grid of at least 2 points, got shape {tuple(times.shape)}")
+    if not torch.isfinite(times).all():
+        raise ValueError("times must be finite")
+    steps = times.diff()
+    if not ((steps > 0).all() or (steps < 0).all()):
+        raise ValueError("times must be strictly increasing (forward) or strictly decreasing (backward in time)")
+    return times.tolist()
+
+
+def odeint(f: Callable[..., torch.Tensor], x: torch.Tensor, times, *, method: str = "rk4", args: tuple = (),
+           rtol: float = 1e-5, atol: float = 1e-5, max_steps: int = 10_000) -> OdeSolution:
+    """Integrate dx/dt = f(t, x, *args) from times[0] to times[-1] for a batch of states.
+
+    Arguments:
+        f: `(t, x (n, S), *args) -> (n, S)`; t is a 0-d tensor for fixed-step methods and `(n,)` (one time
+            per sample) for adaptive ones.
+        x: `(n, S)` initial states at times[0].
+        times: strictly monotone grid `(K + 1,)`; fixed-step methods take one step per interval
+            (decreasing grids integrate backward in time); adaptive methods use only its two end points.
+        method: a key of `SOLVERS`: "euler", "midpoint", "heun", "rk4" (fixed) or "dopri5" (adaptive).
+        args: tensors `(n, ...)` passed to f, sliced with the state when adaptive steps drop finished samples.
+        rtol, atol: per-sample error tolerances of adaptive methods (RMS norm over the state).
+        max_steps: limit on adaptive step attempts.
+
+    Returns:
+        `OdeSolution` with the final state `(n, S)`.
+    """
+    if method not in SOLVERS:
+        raise ValueError(f"unknown ODE method {method!r}; known: {sorted(SOLVERS)}")
+    if not isinstance(x, torch.Tensor) or x.dim() != 2 or not x.is_floating_point():
+        raise ValueError(f"x must be a floating (n, S) tensor, got {getattr(x, 'shape', type(x))}")
+    if not torch.isfinite(x).all():
+        raise ValueError("the initial state contains NaN or inf")
+    for a in args:
+        if not isinstance(a, torch.Tensor) or a.shape[:1] != x.shape[:1]:
+            raise ValueError(f"args must be tensors with leading dimension n = {x.shape[0]}")
+    grid = _check_times(times)
+    tableau = SOLVERS[method]
+    if not tableau.adaptive:
+        return _fixed(f, tableau, x, grid, args)
+    if rtol <= 0 or atol <= 0:
+        raise ValueError(f"rtol and atol must be positive, got {rtol}, {atol}")
+    if not isinstance(max_steps, int) or max_steps < 1:
+        raise ValueError(f"max_steps must be a positive int, got {max_steps!r}")
+    return _adaptive(f, tableau, x, grid[0], grid[-1], args, rtol, atol, max_steps)
+
+
+def _fixed(f, tableau, x, grid, args) -> OdeSolution:
+    stages = len(tableau.b)
+    for t_0, t_1 in zip(grid[:-1], grid[1:]):
+        t = torch.tensor(t_0, dtype=x.dtype, device=x.device)
+        h = t_1 - t_0
+        k = _stages(f, tableau, t, x, h, args, f(t, x, *args))
+        x = x + h * _combine(tableau.b, k)
+    return OdeSolution(x, evaluations=stages * (len(grid) - 1))
+
+
+def _rms(values: torch.Tensor) -> torch.Tensor:
+    return values.square().mean(-1).sqrt()
+
+
+def _adaptive(f, tableau, x, t_0, t_1, args, rtol, atol, max_steps) -> OdeSolution:
+    n = x.shape[0]
+    direction = 1.0 if t_1 > t_0 else -1.0
+    span = abs(t_1 - t_0)
+    exponent = -1.0 / tableau.order
+    t = torch.full((n,), t_0, dtype=x.dtype, device=x.device)
+    k_1 = f(t, x, *args)
+    # Initial step (Hairer, Nørsett & Wanner, II.4): 1 % of ||x|| / ||f||, at most the whole span.
+    scale = atol + rtol * x.abs()
+    d_0, d_1 = _rms(x / scale), _rms(k_1 / scale)
+    h = torch.where((d_0 < 1e-5) | (d_1 < 1e-5), torch.full_like(d_0, 1e-6), 0.01 * d_0 / d_1).clamp(max=span)
+    solution = OdeSolution(x, evaluations=1)
+    active = torch.arange(n, device=x.device)
+    for _ in range(max_steps):
+        if active.numel() == 0:
+            return solution
+        every = active.numel() == n
+        x_a, t_a, k_a = (x, t, k_1) if every else (x[active], t[active], k_1[active])
+        args_a = args if every else tuple(a[active] for a in args)
+        remaining = (t_1 - t_a).abs()
+        step = torch.minimum(h[active], remaining)
+        signed = (direction * step).unsqueeze(-1)
+        k = _stages(f, tableau, t_a, x_a, signed, args_a, k_a)
+        solution.evaluations += len(tableau.b) - 1
+        x_new = x_a + signed * _combine(tableau.b, k)
+        error = signed * _combine(tableau.error, k)
+        norm = _rms(error / (atol + rtol * torch.maximum(x_a.abs(), x_new.abs())))
+        accept = norm <= 1.0  # False for NaN
+        finished = accept & (step >= remaining)
+        rows = active[accept]
+        # out of place, so that gradients flow through the solve (e.g. MAP on a CNF's log-density)
+        x = x.index_copy(0, rows, x_new[accept])
+        k_1 = k_1.index_copy(0, rows, k[-1][accept])
+        solution.x = x
+        t[rows] = torch.where(finished[accept], torch.full_like(remaining[accept], t_1), t_a[accept] + direction * step[accept])
+        factor = (0.9 * norm.clamp_min(1e-10) ** exponent).clamp(0.2, 10.0).nan_to_num(0.2)
+        h[active] = step * factor
+        if (h[active] < 1e-12 * span).any():
+            raise RuntimeError("adaptive step size underflow: the ODE is too stiff or the velocity returned NaN")
+        solution.accepted += int(accept.sum())
+        solution.rejected += int((~accept).sum())
+        active = active[~finished]
+    raise RuntimeError(f"{method_name(tableau)} did not reach t = {t_1} within max_steps = {max_steps}")
+
+
+def method_name(tableau: ButcherTableau) -> str:
+    return next(name for name, value in SOLVERS.items() if value is tableau)

@@ -1,0 +1,89 @@
+"""Paths hit noise at t = 0 and data at t = 1, their derivatives match autograd, time sampling, bad input."""
+
+import pytest
+import torch
+
+from fastflow.fm import PATHS, VelocityMLP, cfm_loss, get_path, sample_time
+
+EXACT_ENDS = ["ot", "cosine", "linear", "trig"]
+
+
+@pytest.mark.parametrize("name", EXACT_ENDS)
+def test_endpoints(name):
+    path = get_path(name)
+    x_0, x_1 = torch.randn(6, 3), torch.randn(6, 3)
+    x_t, _ = path.sample(torch.zeros(6), x_0, x_1)
+    torch.testing.assert_close(x_t, x_0)
+    x_t, _ = path.sample(torch.ones(6), x_0, x_1)
+    torch.testing.assert_close(x_t, x_1)
+
+
+def test_vp_path_is_variance_preserving_and_nearly_noise_at_zero():
+    c = get_path("vp").coefficients(torch.linspace(0, 1, 11, dtype=torch.float64))
+    torch.testing.assert_close(c.alpha_t**2 + c.sigma_t**2, torch.ones(11, dtype=torch.float64))
+    assert c.alpha_t[0] < 0.01 and c.alpha_t[-1] == 1
+
+
+@pytest.mark.parametrize("name", sorted(PATHS))
+def test_derivatives_match_autograd(name):
+    t = torch.linspace(0.05, 0.95, 7, dtype=torch.float64, requires_grad=True)
+    c = get_path(name).coefficients(t)
+    for value, derivative in ((c.alpha_t, c.d_alpha_t), (c.sigma_t, c.d_sigma_t), (c.gamma_t, c.d_gamma_t)):
+        if not value.requires_grad:
+            continue
+        (grad,) = torch.autograd.grad(value.sum(), t, retain_graph=True)
+        torch.testing.assert_close(grad, derivative.detach())
+
+
+def test_ot_path_sigma_min():
+    path = get_path("ot", sigma_min=0.1)
+    x_0, x_1 = torch.randn(4, 2), torch.randn(4, 2)
+    x_t, dx_t = path.sample(torch.ones(4), x_0, x_1)
+    torch.testing.assert_close(x_t, x_1 + 0.1 * x_0)
+    torch.testing.assert_close(dx_t, x_1 - 0.9 * x_0)
+
+
+def test_power_law_time_mean():
+    # p(t) ∝ t^k with k = 1/(1+alpha) has mean (k+1)/(k+2)
+    for alpha in (0.0, 1.0, 4.0):
+        k = 1 / (1 + alpha)
+        t = sample_time(200_000, distribution="power", alpha=alpha, generator=torch.Generator().manual_seed(0))
+        assert abs(t.mean().item() - (k + 1) / (k + 2)) < 3e-3
+        assert t.min() >= 0 and t.max() <= 1
+    assert abs(sample_time(200_000).mean().item() - 0.5) < 3e-3
+
+
+def test_cfm_loss_is_smallest_at_the_true_velocity():
+    # data δ at μ under the OT path: the velocity (μ - x_t)/(1 - t) equals the regression target
+    mu = torch.tensor([[2.0, -1.0]]).expand(4096, 2)
+    true = lambda t, x_t: (mu - x_t) / (1 - t).unsqueeze(-1).clamp_min(1e-3)
+    path = get_path("ot")
+    assert cfm_loss(true, path, mu) < 1e-2 < cfm_loss(lambda t, x_t: torch.zeros_like(x_t), path, mu)
+    net = VelocityMLP(2, context_dim=3, hidden=(16,))
+    assert cfm_loss(net, path, mu[:8], torch.randn(8, 3), time_distribution="power", alpha=1.0).dim() == 0
+
+
+def test_bad_input():
+    with pytest.raises(ValueError, match="unknown path"):
+        get_path("nope")
+    with pytest.raises(ValueError, match="sigma_min"):
+        get_path("ot", sigma_min=1.5)
+    with pytest.raises(ValueError, match="alpha > -1"):
+        sample_time(3, distribution="power", alpha=-2)
+    with pytest.raises(ValueError, match="unknown time distribution"):
+        sample_time(3, distribution="beta")
+    with pytest.raises(ValueError, match="positive int"):
+        sample_time(0)
+    with pytest.raises(ValueError, match=r"\(n, D\)"):
+        cfm_loss(lambda t, x: x, get_path("ot"), torch.randn(3))
+    with pytest.raises(ValueError, match="activation"):
+        VelocityMLP(2, activation="sigmoid")
+    with pytest.raises(ValueError, match="unconditional"):
+        VelocityMLP(2)(torch.zeros(3), torch.randn(3, 2), torch.randn(3, 1))
+    with pytest.raises(ValueError, match="x_t must be"):
+        VelocityMLP(2)(torch.zeros(3), torch.randn(3, 4))
+
+
+def test_residual_mlp_shapes():
+    net = VelocityMLP(3, context_dim=2, hidden=(32, 32, 32), residual=True, activation="gelu")
+    assert net(torch.tensor(0.3), torch.randn(5, 3), torch.randn(2)).shape == (5, 3)

@@ -1,0 +1,91 @@
+"""ODE solvers: convergence order on an ODE with a known solution, adaptive accuracy, backward
+integration, per-sample step control, and bad input."""
+
+import math
+
+import pytest
+import torch
+
+from fastflow.fm import SOLVERS, odeint
+
+FIXED = {name: tableau.order for name, tableau in SOLVERS.items() if not tableau.adaptive}
+
+
+def rotation(t, x):
+    """dx/dt = (1 + t) J x: x(t) = R(t + t²/2) x(0), a rotation by θ(t) = t + t²/2."""
+    t = torch.as_tensor(t, dtype=x.dtype).reshape(-1, 1)
+    return (1 + t) * torch.stack([x[:, 1], -x[:, 0]], -1)
+
+
+def exact(x_0, t):
+    angle = torch.as_tensor(t + t * t / 2, dtype=x_0.dtype)
+    c, s = angle.cos(), angle.sin()
+    return torch.stack([c * x_0[:, 0] + s * x_0[:, 1], -s * x_0[:, 0] + c * x_0[:, 1]], -1)
+
+
+X_0 = torch.tensor([[1.0, 0.0], [0.3, -2.0], [0.0, 0.5]], dtype=torch.float64)
+
+
+@pytest.mark.parametrize("method", sorted(FIXED))
+def test_fixed_step_convergence_order(method):
+    errors = [(odeint(rotation, X_0, torch.linspace(0, 1.5, n + 1), method=method).x - exact(X_0, 1.5)).abs().max()
+              for n in (40, 80, 160)]
+    orders = [math.log2(errors[i] / errors[i + 1]) for i in range(2)]
+    assert all(abs(order - FIXED[method]) < 0.25 for order in orders), orders
+
+
+@pytest.mark.parametrize("method", sorted(FIXED))
+def test_backward_in_time_inverts_forward(method):
+    forward = odeint(rotation, X_0, torch.linspace(0, 1, 201), method=method).x
+    back = odeint(rotation, forward, torch.linspace(1, 0, 201), method=method).x
+    tol = {1: 0.05, 2: 1e-4, 4: 1e-9}[FIXED[method]]
+    assert (back - X_0).abs().max() < tol
+
+
+@pytest.mark.parametrize("tol", [1e-4, 1e-7, 1e-10])
+def test_dopri5_meets_its_tolerance(tol):
+    solution = odeint(rotation, X_0, [0.0, 2.0], method="dopri5", rtol=tol, atol=tol)
+    assert (solution.x - exact(X_0, 2.0)).abs().max() < 50 * tol
+    back = odeint(rotation, solution.x, [2.0, 0.0], method="dopri5", rtol=tol, atol=tol)
+    assert (back.x - X_0).abs().max() < 100 * tol
+
+
+def test_dopri5_per_sample_steps():
+    """Samples with a fast and a slow rate: the slow ones finish early and stop costing evaluations, and
+    each reaches its own tolerance."""
+    rates = torch.tensor([0.1, 0.1, 0.1, 20.0], dtype=torch.float64)
+    f = lambda t, x, rate: -rate.unsqueeze(-1) * x
+    x_0 = torch.ones(4, 1, dtype=torch.float64)
+    solution = odeint(f, x_0, [0.0, 1.0], method="dopri5", args=(rates,), rtol=1e-8, atol=1e-8)
+    torch.testing.assert_close(solution.x.squeeze(-1), torch.exp(-rates), atol=1e-7, rtol=1e-6)
+    alone = odeint(lambda t, x: -0.1 * x, x_0[:3], [0.0, 1.0], method="dopri5", rtol=1e-8, atol=1e-8)
+    # the slow samples take as many accepted steps as alone: the fast one does not shrink their steps
+    assert solution.accepted - alone.accepted > 0
+    assert (solution.accepted - alone.accepted) < solution.accepted
+
+
+def test_gradients_flow_through_adaptive_solve():
+    x_0 = X_0.clone().requires_grad_(True)
+    odeint(rotation, x_0, [0.0, 1.0], method="dopri5").x.sum().backward()
+    assert torch.isfinite(x_0.grad).all()
+
+
+def test_bad_input():
+    with pytest.raises(ValueError, match="strictly increasing"):
+        odeint(rotation, X_0, [0.0, 0.5, 0.5, 1.0])
+    with pytest.raises(ValueError, match="strictly increasing"):
+        odeint(rotation, X_0, [0.0, 0.7, 0.5])
+    with pytest.raises(ValueError, match="at least 2 points"):
+        odeint(rotation, X_0, [0.0])
+    with pytest.raises(ValueError, match="NaN"):
+        odeint(rotation, torch.tensor([[math.nan, 0.0]]), [0.0, 1.0])
+    with pytest.raises(ValueError, match=r"\(n, S\)"):
+        odeint(rotation, torch.ones(3), [0.0, 1.0])
+    with pytest.raises(ValueError, match="unknown ODE method"):
+        odeint(rotation, X_0, [0.0, 1.0], method="rk45")
+    with pytest.raises(ValueError, match="leading dimension"):
+        odeint(rotation, X_0, [0.0, 1.0], args=(torch.ones(2),))
+    with pytest.raises(ValueError, match="positive"):
+        odeint(rotation, X_0, [0.0, 1.0], method="dopri5", rtol=0)
+    with pytest.raises(RuntimeError, match="underflow|max_steps"):
+        odeint(lambda t, x: x * math.nan, X_0, [0.0, 1.0], method="dopri5")
