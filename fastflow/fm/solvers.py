@@ -188,8 +188,8 @@ def _adaptive(f, tableau, x, t_0, t_1, args, rtol, atol, max_steps) -> OdeSoluti
         solution.accepted += int(accept.sum())
         solution.rejected += int((~accept).sum())
         active = active[~finished]
-    raise RuntimeError(f"{method_name(tableau)} did not reach t = {t_1} within max_steps = {max_steps}")
+    raise RuntimeError(f"{_method_name(tableau)} did not reach t = {t_1} within max_steps = {max_steps}")
 
 
-def method_name(tableau: ButcherTableau) -> str:
+def _method_name(tableau: ButcherTableau) -> str:
     return next(name for name, value in SOLVERS.items() if value is tableau)

@@ -6,6 +6,7 @@ from typing import Callable, Protocol
 
 import torch
 
+from fastflow.inference.fmpe import FMPE
 from fastflow.inference.npe import NPE
 from fastflow.inference.posterior import Posterior
 from fastflow.inference.simulate import simulate
@@ -32,6 +33,13 @@ def _npe_samples(task, x_obs, *, num_simulations, num_samples, seed, progress):
     return posterior.sample(num_samples, x_obs)
 
 
+def _fmpe_samples(task, x_obs, *, num_simulations, num_samples, seed, progress):
+    simulations = simulate(task.simulate, task.prior, num_simulations, seed=seed)
+    posterior = FMPE(task.prior, seed=seed, progress=progress).fit(simulations.theta, simulations.x)
+    torch.manual_seed(seed)
+    return posterior.sample(num_samples, x_obs)
+
+
 def _abc_samples(task, x_obs, *, num_simulations, num_samples, seed, progress, adjust=True):
     from fastflow.abc import abc_posterior_samples
 
@@ -46,7 +54,7 @@ def _abc_rejection_samples(task, x_obs, *, num_simulations, num_samples, seed, p
 
 # "abc": rejection + local-linear regression adjustment; "abc-rejection": plain rejection (CLI `--no-adjust`)
 METHODS: dict[str, Callable[..., torch.Tensor]] = {
-    "npe": _npe_samples, "abc": _abc_samples, "abc-rejection": _abc_rejection_samples,
+    "npe": _npe_samples, "fmpe": _fmpe_samples, "abc": _abc_samples, "abc-rejection": _abc_rejection_samples,
 }
 
 

@@ -8,12 +8,12 @@ from dataclasses import asdict, dataclass, field
 import torch
 import torch.nn as nn
 
-from fastflow.flows import BoxToReal, Flow, FlowConfig, Standardize, build_flow
+from fastflow.flows import BoxToReal, Flow, FlowConfig, Standardize, Transform, build_flow
 from fastflow.inference.posterior import Posterior, register_estimator
 from fastflow.priors import Prior
 from fastflow.train import fit
 
-__all__ = ["NPE", "TrainingConfig", "ZScore"]
+__all__ = ["NPE", "TrainingConfig", "ZScore", "check_simulations", "fit_preprocessing", "preprocessing"]
 
 
 @dataclass(frozen=True)
@@ -47,14 +47,50 @@ def _safe_std(values: torch.Tensor) -> torch.Tensor:
     return torch.where(std > 1e-8, std, torch.ones_like(std))
 
 
+def preprocessing(dim_theta: int, dim_x: int, bounded: bool) -> tuple[list[Transform], ZScore]:
+    """The θ transforms (BoxToReal for a bounded prior, then Standardize) and the x `ZScore` shared by the
+    estimators, with placeholder statistics until `fit_preprocessing` or `load_state_dict`."""
+    transforms = [BoxToReal(torch.zeros(dim_theta), torch.ones(dim_theta))] if bounded else []
+    transforms.append(Standardize(torch.zeros(dim_theta), torch.ones(dim_theta)))
+    return transforms, ZScore(torch.zeros(dim_x), torch.ones(dim_x))
+
+
+def fit_preprocessing(transforms: list[Transform], embedding: ZScore, prior: Prior, theta: torch.Tensor, x: torch.Tensor) -> None:
+    """Set the statistics of `preprocessing`'s modules from training pairs θ `(N, D)`, x `(N, C)` (in place)."""
+    unconstrained = theta
+    if prior.bounded:
+        box = transforms[0]
+        box.low.copy_(prior.low)
+        box.high.copy_(prior.high)
+        unconstrained, _ = box(theta)
+    standardize = transforms[-1]
+    standardize.mean.copy_(unconstrained.mean(0))
+    standardize.std.copy_(_safe_std(unconstrained))
+    embedding.mean.copy_(x.mean(0))
+    embedding.std.copy_(_safe_std(x))
+
+
+def check_simulations(prior: Prior, theta, x, *, method: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Validate training pairs θ `(N, D)`, x `(N, C)` for an estimator `method`; returns them as float32."""
+    theta = torch.as_tensor(theta, dtype=torch.float32)
+    x = torch.as_tensor(x, dtype=torch.float32)
+    if theta.dim() != 2 or x.dim() != 2 or theta.shape[0] != x.shape[0]:
+        raise ValueError(f"θ must be (N, D) and x (N, C) with the same N; got {tuple(theta.shape)} and {tuple(x.shape)}")
+    if theta.shape[1] != prior.dim:
+        raise ValueError(f"θ has {theta.shape[1]} parameters but the prior has dim {prior.dim}")
+    if theta.shape[0] < 2:
+        raise ValueError(f"{method} needs at least 2 simulations")
+    if not (torch.isfinite(theta).all() and torch.isfinite(x).all()):
+        raise ValueError("θ and x must be finite: drop failed simulations first (fastflow.simulate does)")
+    if not prior.in_support(theta).all():
+        raise ValueError("some θ lie outside the prior support")
+    return theta, x
+
+
 def build_npe_flow(config: dict) -> Flow:
     """The NPE flow described by a saved config (statistics are placeholders until `load_state_dict`)."""
     dim_theta, dim_x = config["dim_theta"], config["dim_x"]
-    preprocess = []
-    if config["bounded"]:
-        preprocess.append(BoxToReal(torch.zeros(dim_theta), torch.ones(dim_theta)))
-    preprocess.append(Standardize(torch.zeros(dim_theta), torch.ones(dim_theta)))
-    embedding = ZScore(torch.zeros(dim_x), torch.ones(dim_x))
+    preprocess, embedding = preprocessing(dim_theta, dim_x, config["bounded"])
     return build_flow(FlowConfig(**config["flow"]), dim_theta, dim_x, preprocess=preprocess, embedding=embedding)
 
 
@@ -94,18 +130,7 @@ class NPE:
 
     def fit(self, theta: torch.Tensor, x: torch.Tensor) -> Posterior:
         """Train on pairs θ `(N, D)`, x `(N, C)`; returns the `Posterior` (its `history` holds the losses)."""
-        theta = torch.as_tensor(theta, dtype=torch.float32)
-        x = torch.as_tensor(x, dtype=torch.float32)
-        if theta.dim() != 2 or x.dim() != 2 or theta.shape[0] != x.shape[0]:
-            raise ValueError(f"θ must be (N, D) and x (N, C) with the same N; got {tuple(theta.shape)} and {tuple(x.shape)}")
-        if theta.shape[1] != self.prior.dim:
-            raise ValueError(f"θ has {theta.shape[1]} parameters but the prior has dim {self.prior.dim}")
-        if theta.shape[0] < 2:
-            raise ValueError("NPE needs at least 2 simulations")
-        if not (torch.isfinite(theta).all() and torch.isfinite(x).all()):
-            raise ValueError("θ and x must be finite: drop failed simulations first (fastflow.simulate does)")
-        if not self.prior.in_support(theta).all():
-            raise ValueError("some θ lie outside the prior support")
+        theta, x = check_simulations(self.prior, theta, x, method="NPE")
         config = {
             "method": "npe",
             "dim_theta": theta.shape[1],
@@ -116,18 +141,7 @@ class NPE:
         }
         torch.manual_seed(self.seed)
         flow = build_npe_flow(config)
-        transforms = list(flow.transforms)
-        unconstrained = theta
-        if self.prior.bounded:
-            box = transforms.pop(0)
-            box.low.copy_(self.prior.low)
-            box.high.copy_(self.prior.high)
-            unconstrained, _ = box(theta)
-        standardize = transforms[0]
-        standardize.mean.copy_(unconstrained.mean(0))
-        standardize.std.copy_(_safe_std(unconstrained))
-        flow.embedding.mean.copy_(x.mean(0))
-        flow.embedding.std.copy_(_safe_std(x))
+        fit_preprocessing(list(flow.transforms)[: 2 if self.prior.bounded else 1], flow.embedding, self.prior, theta, x)
 
         history = fit(
             flow,

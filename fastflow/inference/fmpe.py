@@ -1,0 +1,128 @@
+"""Flow matching posterior estimation (Dax et al. 2023): regress a velocity field v(t, θ_t, x) on the
+conditional flow-matching target over simulated pairs (θ, x); the posterior is the CNF it defines."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from fastflow.fm import CNF, OdeConfig, Path, VelocityMLP, cfm_loss, get_path
+from fastflow.inference.npe import TrainingConfig, check_simulations, fit_preprocessing, preprocessing
+from fastflow.inference.posterior import Posterior, register_estimator
+from fastflow.priors import Prior
+from fastflow.train import fit
+
+__all__ = ["FMPE", "VelocityConfig"]
+
+
+@dataclass(frozen=True)
+class VelocityConfig:
+    """The velocity MLP of FMPE (see `fastflow.fm.VelocityMLP`)."""
+
+    hidden: tuple[int, ...] = (128, 128, 128, 128)
+    activation: str = "silu"
+    num_frequencies: int = 4
+    residual: bool = False
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "hidden": list(self.hidden)}
+
+
+def build_fmpe_cnf(config: dict) -> CNF:
+    """The FMPE estimator described by a saved config (statistics are placeholders until `load_state_dict`)."""
+    dim_theta, dim_x = config["dim_theta"], config["dim_x"]
+    transforms, embedding = preprocessing(dim_theta, dim_x, config["bounded"])
+    network = {**config["network"], "hidden": tuple(config["network"]["hidden"])}
+    velocity = VelocityMLP(dim_theta, context_dim=dim_x, **network)
+    return CNF(velocity, dim_theta, context_dim=dim_x, transforms=transforms, embedding=embedding,
+               sampler=OdeConfig(**config["sampler"]), likelihood=OdeConfig(**config["likelihood"]))
+
+
+register_estimator("fmpe", build_fmpe_cnf)
+
+
+@dataclass(frozen=True)
+class _FlowMatchingLoss:
+    path: Path
+    time_distribution: str
+    alpha: float
+
+    def __call__(self, cnf: CNF, theta: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        theta_1, _ = cnf.to_flow_space(theta)
+        return cfm_loss(cnf.velocity, self.path, theta_1, cnf.embed(x), time_distribution=self.time_distribution, alpha=self.alpha)
+
+
+# Sampling: Dopri5 at 1e-3 reaches the accuracy of 100 RK4 steps on two_moons with ~4× fewer velocity
+# evaluations (bench/bench_fmpe.py); the density uses a tighter tolerance.
+FMPE_SAMPLER = OdeConfig(method="dopri5", rtol=1e-3, atol=1e-3)
+FMPE_LIKELIHOOD = OdeConfig(method="dopri5", rtol=1e-5, atol=1e-5)
+FMPE_TRAINING = TrainingConfig(batch_size=256, learning_rate=1e-3, max_epochs=200, patience=200)
+
+
+@dataclass
+class FMPE:
+    """Flow matching posterior estimation.
+
+    θ is mapped to unconstrained space when the prior is a bounded box, then z-scored; x is z-scored (the
+    same preprocessing as `NPE`). `fit(theta, x)` trains and returns a `Posterior` whose estimator is a `CNF`.
+
+    Arguments:
+        prior: the prior θ was drawn from.
+        network: the velocity MLP.
+        path: a `fastflow.fm.Path` (default: conditional OT with sigma_min = 1e-3).
+        time_distribution, alpha: training times, "uniform" or "power" (p(t) ∝ t^(1/(1+alpha))).
+        training: optimizer and stopping options.
+        sampler, likelihood: ODE options of `sample` and `log_prob`.
+        seed: seed of the initialization and the minibatch order.
+        device: training device (default CPU).
+        progress: show a progress bar.
+    """
+
+    prior: Prior
+    network: VelocityConfig = field(default_factory=VelocityConfig)
+    path: Path = field(default_factory=lambda: get_path("ot", sigma_min=1e-3))
+    time_distribution: str = "power"
+    alpha: float = 0.0
+    training: TrainingConfig = field(default_factory=lambda: FMPE_TRAINING)
+    sampler: OdeConfig = FMPE_SAMPLER
+    likelihood: OdeConfig = FMPE_LIKELIHOOD
+    seed: int = 0
+    device: str = "cpu"
+    progress: bool = True
+
+    def fit(self, theta: torch.Tensor, x: torch.Tensor) -> Posterior:
+        """Train on pairs θ `(N, D)`, x `(N, C)`; returns the `Posterior` (its `history` holds the losses)."""
+        theta, x = check_simulations(self.prior, theta, x, method="FMPE")
+        config = {
+            "method": "fmpe",
+            "dim_theta": theta.shape[1],
+            "dim_x": x.shape[1],
+            "bounded": self.prior.bounded,
+            "network": self.network.to_dict(),
+            "sampler": self.sampler.to_dict(),
+            "likelihood": self.likelihood.to_dict(),
+            "training": asdict(self.training),
+        }
+        torch.manual_seed(self.seed)
+        cnf = build_fmpe_cnf(config)
+        fit_preprocessing(list(cnf.transforms), cnf.embedding, self.prior, theta, x)
+        loss = _FlowMatchingLoss(self.path, self.time_distribution, self.alpha)
+        history = fit(
+            cnf,
+            loss,
+            (theta, x),
+            batch_size=self.training.batch_size,
+            learning_rate=self.training.learning_rate,
+            max_epochs=self.training.max_epochs,
+            validation_fraction=self.training.validation_fraction,
+            patience=self.training.patience,
+            clip_grad_norm=self.training.clip_grad_norm,
+            lr_schedule=self.training.lr_schedule,
+            seed=self.seed,
+            device=self.device,
+            progress=self.progress,
+        )
+        posterior = Posterior(cnf, self.prior, config=config)
+        posterior.history = history
+        return posterior

@@ -1,0 +1,93 @@
+"""FMPE: moments against the analytic gaussian_linear posterior, the Posterior API (log_prob, MAP,
+quantiles, save/load), the CLI method registry, and bad input."""
+
+import pytest
+import torch
+
+from fastflow.fm import OdeConfig
+from fastflow.inference import FMPE, Posterior, TrainingConfig, VelocityConfig, simulate
+from fastflow.inference.methods import METHODS
+from fastflow.priors import BoxUniform
+from fastflow.tasks import get_task
+
+SMALL_TRAINING = TrainingConfig(batch_size=256, learning_rate=2e-3, max_epochs=30, patience=30)
+
+
+@pytest.fixture(scope="module")
+def linear_posterior():
+    task = get_task("gaussian_linear")
+    sims = simulate(task.simulate, task.prior, 10_000, seed=1)
+    fmpe = FMPE(task.prior, network=VelocityConfig(hidden=(128, 128, 128)), training=SMALL_TRAINING, progress=False)
+    return task, fmpe.fit(sims.theta, sims.x)
+
+
+def test_gaussian_linear_moments_match_analytic(linear_posterior):
+    task, posterior = linear_posterior
+    for i in (1, 2):
+        x_obs = task.observation(i)
+        mean, covariance = task.reference_posterior_moments(x_obs)
+        torch.manual_seed(0)
+        samples = posterior.sample(20_000, x_obs).double()
+        sd = covariance.diagonal().sqrt()
+        # the same tolerances as NPE's test: half a posterior sd for the mean, ±30 % for the variances
+        assert ((samples.mean(0) - mean).abs() / sd).max() < 0.5
+        ratio = samples.var(0) / covariance.diagonal()
+        assert ((ratio > 0.75) & (ratio < 1.33)).all(), ratio
+
+
+def test_log_prob_matches_the_analytic_density_up_to_a_constant(linear_posterior):
+    task, posterior = linear_posterior
+    x_obs = task.observation(1)
+    mean, covariance = task.reference_posterior_moments(x_obs)
+    exact = torch.distributions.MultivariateNormal(mean, covariance)
+    theta = exact.sample((200,)).float()
+    log_q = posterior.log_prob(theta, x_obs).double()
+    log_p = exact.log_prob(theta.double())
+    difference = log_q - log_p
+    # log p varies with sd √(10/2) ≈ 2.2 over these draws; a 30-epoch fit tracks it within ~0.7
+    assert difference.mean().abs() < 0.5 and difference.std() < 1.0
+    assert torch.corrcoef(torch.stack([log_q, log_p]))[0, 1] > 0.9
+
+
+def test_posterior_api_batches_and_round_trips(linear_posterior, tmp_path):
+    task, posterior = linear_posterior
+    xs = torch.stack([task.observation(1), task.observation(2)])
+    assert posterior.sample(7, xs).shape == (7, 2, 10)
+    assert posterior.quantile([0.1, 0.9], xs, num_samples=500).shape == (2, 2, 10)
+    mode = posterior.map(xs[0], num_samples=50, num_starts=2, steps=5)
+    mean, covariance = task.reference_posterior_moments(xs[0])
+    assert mode.shape == (10,)
+    assert ((mode.double() - mean).abs() / covariance.diagonal().sqrt()).max() < 1.5
+    path = tmp_path / "fmpe.pt"
+    posterior.save(path)
+    loaded = Posterior.load(path)
+    theta = posterior.sample(5, xs[0])
+    torch.testing.assert_close(loaded.log_prob(theta, xs[0]), posterior.log_prob(theta, xs[0]))
+
+
+def test_bounded_prior_samples_stay_inside():
+    prior = BoxUniform([-1.0, -1.0], [1.0, 1.0])
+    theta = prior.sample(2000, generator=torch.Generator().manual_seed(0))
+    x = theta + 0.3 * torch.randn(theta.shape, generator=torch.Generator().manual_seed(1))
+    training = TrainingConfig(batch_size=256, max_epochs=5, patience=5)
+    posterior = FMPE(prior, network=VelocityConfig(hidden=(32, 32)), training=training,
+                     sampler=OdeConfig(method="rk4", steps=5), progress=False).fit(theta, x)
+    samples = posterior.sample(1000, torch.tensor([0.9, -0.9]))
+    assert prior.in_support(samples).all()
+
+
+def test_registered_as_a_method():
+    assert "fmpe" in METHODS
+
+
+def test_bad_input():
+    prior = BoxUniform([-1.0], [1.0])
+    fmpe = FMPE(prior, progress=False)
+    with pytest.raises(ValueError, match="same N"):
+        fmpe.fit(torch.zeros(5, 1), torch.zeros(4, 1))
+    with pytest.raises(ValueError, match="outside the prior"):
+        fmpe.fit(torch.full((5, 1), 2.0), torch.zeros(5, 1))
+    with pytest.raises(ValueError, match="FMPE needs at least 2"):
+        fmpe.fit(torch.zeros(1, 1), torch.zeros(1, 1))
+    with pytest.raises(ValueError, match="finite"):
+        fmpe.fit(torch.zeros(3, 1), torch.tensor([[0.0], [float("nan")], [1.0]]))
