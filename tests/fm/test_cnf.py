@@ -78,3 +78,22 @@ def test_bad_input():
         OdeConfig(method="rk45")
     with pytest.raises(ValueError, match="steps"):
         OdeConfig(method="rk4", steps=0)
+
+
+def eight_gaussians(n, generator):
+    angles = 2 * math.pi * torch.randint(0, 8, (n,), generator=generator) / 8
+    centers = 2.0 * torch.stack([angles.cos(), angles.sin()], -1)
+    return centers + 0.2 * torch.randn(n, 2, generator=generator)
+
+
+@pytest.mark.slow
+def test_eight_gaussians_c2st():
+    from fastflow.metrics import c2st
+
+    data = eight_gaussians(20_000, torch.Generator().manual_seed(0))
+    net = VelocityMLP(2, hidden=(128, 128, 128))
+    path = get_path("ot")
+    fit(net, lambda model, x_1: cfm_loss(model, path, x_1), (data,), batch_size=512, learning_rate=2e-3, max_epochs=150,
+        validation_fraction=0.0, lr_schedule="cosine", progress=False)
+    samples = CNF(net, 2).sample(5000)
+    assert c2st(samples, eight_gaussians(5000, torch.Generator().manual_seed(1))) <= 0.55
