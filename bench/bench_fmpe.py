@@ -1,0 +1,101 @@
+"""FMPE on two_moons at 10^4 simulations: fastflow against sbi's FMPE (defaults) on the same simulations;
+training time, time to draw 10^4 posterior samples, and C2ST against the package's reference over
+observations 1..FASTFLOW_BENCH_OBSERVATIONS (default 5). A sampler sweep on the trained fastflow model
+reports each ODE method's velocity evaluations, time and error against a tight Dopri5 (1e-7) solve
+from the same noise, the basis of FMPE's default sampler.
+
+Run: `python -m pytest bench/bench_fmpe.py --benchmark-only -s`; the sbi side needs the `bench` extra.
+"""
+
+import importlib.util
+import os
+import time
+
+import numpy as np
+import torch
+
+from fastflow.fm import OdeConfig, odeint
+from fastflow.inference import FMPE, simulate
+from fastflow.metrics import c2st
+from fastflow.tasks import get_task
+
+NUM_SIMULATIONS = 10_000
+NUM_SAMPLES = 10_000
+THREADS = int(os.environ.get("FASTFLOW_BENCH_THREADS", "1"))
+OBSERVATIONS = range(1, int(os.environ.get("FASTFLOW_BENCH_OBSERVATIONS", "5")) + 1)
+SWEEP = [OdeConfig("euler", steps=20), OdeConfig("heun", steps=10), OdeConfig("midpoint", steps=10),
+         OdeConfig("rk4", steps=5), OdeConfig("rk4", steps=10), OdeConfig("rk4", steps=25),
+         OdeConfig("dopri5", rtol=1e-3, atol=1e-3), OdeConfig("dopri5", rtol=1e-4, atol=1e-4),
+         OdeConfig("dopri5", rtol=1e-5, atol=1e-5)]
+
+
+def _scores(task, samples):
+    return [c2st(task.reference_posterior_samples(task.observation(i), NUM_SAMPLES, seed=0), samples[i]) for i in OBSERVATIONS]
+
+
+def _sample_all(draw):
+    start = time.perf_counter()
+    samples = {i: draw(task_observation) for i, task_observation in _OBS.items()}
+    return (time.perf_counter() - start) / len(_OBS), samples
+
+
+def _sweep(posterior, x_obs):
+    """Velocity evaluations, seconds and max error (flow space) of each sampler from the same noise."""
+    cnf = posterior.estimator
+    context = cnf.embed(x_obs.unsqueeze(0)).expand(NUM_SAMPLES, -1)
+    torch.manual_seed(0)
+    x_0 = torch.randn(NUM_SAMPLES, cnf.dim)
+    with torch.no_grad():
+        reference = odeint(cnf.velocity, x_0, [0.0, 1.0], method="dopri5", args=(context,), rtol=1e-7, atol=1e-7).x
+        rows = []
+        for config in SWEEP:
+            start = time.perf_counter()
+            solution = odeint(cnf.velocity, x_0, config.times(0.0, 1.0), method=config.method, args=(context,),
+                              rtol=config.rtol, atol=config.atol)
+            seconds = time.perf_counter() - start
+            rows.append((config, solution.evaluations, seconds, (solution.x - reference).abs().max().item()))
+    return rows
+
+
+_OBS: dict[int, torch.Tensor] = {}
+
+
+def test_fmpe_two_moons(benchmark):
+    torch.set_num_threads(THREADS)
+    task = get_task("two_moons")
+    _OBS.update({i: task.observation(i) for i in OBSERVATIONS})
+    sims = simulate(task.simulate, task.prior, NUM_SIMULATIONS, seed=0)
+    start = time.perf_counter()
+    posterior = FMPE(task.prior, progress=False).fit(sims.theta, sims.x)
+    train_seconds = time.perf_counter() - start
+    torch.manual_seed(0)
+    sample_seconds, samples = benchmark.pedantic(lambda: _sample_all(lambda x: posterior.sample(NUM_SAMPLES, x)), rounds=1, iterations=1)
+    scores = _scores(task, samples)
+    info = {"threads": THREADS, "fastflow_train_seconds": train_seconds, "fastflow_sample_seconds": sample_seconds,
+            "fastflow_c2st": scores, "fastflow_mean_c2st": float(np.mean(scores))}
+    lines = [f"fastflow FMPE: train {train_seconds:6.1f} s, 10^4 samples {sample_seconds:6.3f} s, "
+             f"C2ST {np.mean(scores):.3f} ({', '.join(f'{s:.3f}' for s in scores)})"]
+    sweep = _sweep(posterior, task.observation(1))
+    lines.append("sampler sweep (observation 1, flow space, error vs dopri5 1e-7):")
+    lines += [f"  {c.method:8s} steps={c.steps:3d} rtol={c.rtol:.0e}: {e:4d} evals {s:6.3f} s  max err {err:.1e}" for c, e, s, err in sweep]
+    info["sweep"] = [{"config": c.to_dict(), "evaluations": e, "seconds": s, "max_error": err} for c, e, s, err in sweep]
+    if importlib.util.find_spec("sbi") is not None:
+        from sbi.inference import FMPE as SbiFMPE
+        from sbi.utils import BoxUniform as SbiBoxUniform
+
+        start = time.perf_counter()
+        inference = SbiFMPE(prior=SbiBoxUniform(task.prior.low, task.prior.high), show_progress_bars=False)
+        estimator = inference.append_simulations(sims.theta, sims.x).train()
+        sbi_train = time.perf_counter() - start
+        sbi_posterior = inference.build_posterior(estimator)
+        sbi_seconds, sbi_samples = _sample_all(lambda x: sbi_posterior.sample((NUM_SAMPLES,), x=x, show_progress_bars=False))
+        sbi_scores = _scores(task, sbi_samples)
+        info.update(sbi_train_seconds=sbi_train, sbi_sample_seconds=sbi_seconds, sbi_c2st=sbi_scores,
+                    sbi_mean_c2st=float(np.mean(sbi_scores)), sample_speedup=sbi_seconds / sample_seconds)
+        lines.append(f"sbi FMPE:      train {sbi_train:6.1f} s, 10^4 samples {sbi_seconds:6.3f} s, "
+                     f"C2ST {np.mean(sbi_scores):.3f} ({', '.join(f'{s:.3f}' for s in sbi_scores)})")
+        lines.append(f"sampling speedup (sbi time / fastflow time): {sbi_seconds / sample_seconds:.1f}x")
+    else:
+        lines.append("sbi not installed (pip install -e '.[bench]'): no side-by-side run")
+    benchmark.extra_info.update(info)
+    print("\n" + "\n".join(lines))
