@@ -8,10 +8,9 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from fastflow.fm import CNF, OdeConfig, Path, VelocityMLP, cfm_loss, get_path
-from fastflow.inference.npe import TrainingConfig, check_simulations, fit_preprocessing, preprocessing
+from fastflow.inference.npe import TrainingConfig, check_simulations, fit_posterior, fit_preprocessing, preprocessing
 from fastflow.inference.posterior import Posterior, register_estimator
 from fastflow.priors import Prior
-from fastflow.train import fit
 
 __all__ = ["FMPE", "VelocityConfig"]
 
@@ -111,21 +110,5 @@ class FMPE:
         cnf = build_fmpe_cnf(config)
         fit_preprocessing(list(cnf.transforms), cnf.embedding, self.prior, theta, x)
         loss = _FlowMatchingLoss(self.path, self.time_distribution, self.alpha)
-        history = fit(
-            cnf,
-            loss,
-            (theta, x),
-            batch_size=self.training.batch_size,
-            learning_rate=self.training.learning_rate,
-            max_epochs=self.training.max_epochs,
-            validation_fraction=self.training.validation_fraction,
-            patience=self.training.patience,
-            clip_grad_norm=self.training.clip_grad_norm,
-            lr_schedule=self.training.lr_schedule,
-            seed=self.seed,
-            device=self.device,
-            progress=self.progress,
-        )
-        posterior = Posterior(cnf, self.prior, config=config)
-        posterior.history = history
-        return posterior
+        return fit_posterior(cnf, loss, theta, x, self.prior, config=config, training=self.training,
+                             seed=self.seed, device=self.device, progress=self.progress)

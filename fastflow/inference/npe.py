@@ -30,6 +30,15 @@ class TrainingConfig:
     lr_schedule: str = "cosine"
 
 
+def fit_posterior(estimator, loss_fn, theta, x, prior, *, config: dict, training: TrainingConfig, seed: int, device, progress: bool) -> Posterior:
+    """Train `estimator` on (θ, x) with `fastflow.train.fit` and wrap it as a `Posterior` (with `history`)."""
+    options = asdict(training)
+    history = fit(estimator, loss_fn, (theta, x), **options, seed=seed, device=device, progress=progress)
+    posterior = Posterior(estimator, prior, config=config)
+    posterior.history = history
+    return posterior
+
+
 class ZScore(nn.Module):
     """Fixed standardization `(B, C) → (B, C)` of the observations fed to a conditional estimator."""
 
@@ -143,21 +152,5 @@ class NPE:
         flow = build_npe_flow(config)
         fit_preprocessing(list(flow.transforms)[: 2 if self.prior.bounded else 1], flow.embedding, self.prior, theta, x)
 
-        history = fit(
-            flow,
-            _negative_log_likelihood,
-            (theta, x),
-            batch_size=self.training.batch_size,
-            learning_rate=self.training.learning_rate,
-            max_epochs=self.training.max_epochs,
-            validation_fraction=self.training.validation_fraction,
-            patience=self.training.patience,
-            clip_grad_norm=self.training.clip_grad_norm,
-            lr_schedule=self.training.lr_schedule,
-            seed=self.seed,
-            device=self.device,
-            progress=self.progress,
-        )
-        posterior = Posterior(flow, self.prior, config=config)
-        posterior.history = history
-        return posterior
+        return fit_posterior(flow, _negative_log_likelihood, theta, x, self.prior, config=config, training=self.training,
+                             seed=self.seed, device=self.device, progress=self.progress)
