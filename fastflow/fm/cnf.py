@@ -10,6 +10,8 @@ from typing import Callable, Protocol
 import torch
 import torch.nn as nn
 
+from fastflow.fm.fused import mlp_odeint
+from fastflow.fm.nets import VelocityMLP
 from fastflow.fm.solvers import SOLVERS, odeint
 
 __all__ = ["CNF", "DIVERGENCES", "Divergence", "OdeConfig", "exact_divergence"]
@@ -124,7 +126,8 @@ class CNF(nn.Module):
     # -- sampling and density ---------------------------------------------------------------------
     @torch.no_grad()
     def sample(self, n: int, context: torch.Tensor | None = None) -> torch.Tensor:
-        """Draws `(n, D)`, or `(n, B, D)` for a context `(B, C)`."""
+        """Draws `(n, D)`, or `(n, B, D)` for a context `(B, C)`. On CUDA, a `VelocityMLP` with a fixed-step
+        sampler integrates in the fused Triton kernel where it supports the field (`fastflow.fm.fused`)."""
         if not isinstance(n, int) or isinstance(n, bool) or n <= 0:
             raise ValueError(f"number of samples must be a positive int, got {n!r}")
         if context is not None and context.dim() > 2:
@@ -134,7 +137,13 @@ class CNF(nn.Module):
         param = next(self.velocity.parameters())
         x_0 = torch.randn(n * contexts, self.dim, dtype=param.dtype, device=param.device)
         args = () if embedded is None else (embedded.reshape(contexts, -1).repeat(n, 1),)
-        x = self._integrate(x_0, 0.0, 1.0, self.sampler, self.velocity, args)
+        if x_0.device.type == "cuda" and isinstance(self.velocity, VelocityMLP) and not SOLVERS[self.sampler.method].adaptive:
+            # the fused Triton integrator where it supports the field (backend "auto"), else odeint
+            solution = mlp_odeint(self.velocity, x_0, self.sampler.times(0.0, 1.0), self.sampler.method,
+                                  context=args[0] if args else None)
+            self.last_evaluations, x = solution.evaluations, solution.x
+        else:
+            x = self._integrate(x_0, 0.0, 1.0, self.sampler, self.velocity, args)
         for transform in reversed(self.transforms):
             x, _ = transform.inverse(x)
         return x.reshape(n, contexts, self.dim) if context is not None and context.dim() == 2 else x

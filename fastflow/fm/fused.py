@@ -1,0 +1,136 @@
+"""Fixed-step sampling ODE of a `VelocityMLP` as one fused Triton kernel (kernels/ode.py), with
+`odeint` on the same field as its reference.
+
+`mlp_odeint` is forward only (sampling runs under `torch.no_grad()`): the kernel keeps no graph, so
+it refuses inputs that would need one. For intermediate states, call it once per interval
+(`times[i : i + 2]`, a one-step grid): the same kernel, one launch per step.
+
+Tolerances against the reference (float32): exact fp32 products in the kernel (`precision="ieee"`, and
+always under TRITON_INTERPRET=1), summed in another order, agree to ~1e-6 relative per evaluation;
+`precision="tf32"` (used when `torch.backends.cuda.matmul.allow_tf32` is set) rounds the matmul inputs to
+10-bit mantissas, ~1e-3 relative per evaluation.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from fastflow.backends import resolve_backend
+from fastflow.fm.nets import VelocityMLP
+from fastflow.fm.solvers import SOLVERS, OdeSolution, _check_times, odeint
+
+__all__ = ["fused_unsupported", "mlp_odeint"]
+
+# mirrors kernels/ode.py (not imported here: Triton loads only when the Triton backend runs)
+_ACTIVATIONS = ("silu", "tanh", "gelu", "relu")
+_MAX_HIDDEN, _MAX_LAYERS, _MAX_STAGES, _MAX_STATE_DIM = 256, 4, 4, 256
+
+
+def fused_unsupported(velocity: torch.nn.Module, x: torch.Tensor, method: str,
+                      context: torch.Tensor | None = None) -> str | None:
+    """Why the fused kernel cannot integrate this field and these inputs, or None when it can."""
+    if not isinstance(velocity, VelocityMLP):
+        return f"the velocity is a {type(velocity).__name__}, not a VelocityMLP"
+    tableau = SOLVERS.get(method)
+    if tableau is None or tableau.adaptive or len(tableau.b) > _MAX_STAGES:
+        return f"method {method!r} is not a fixed-step method of at most {_MAX_STAGES} stages (euler, midpoint, heun, rk4)"
+    widths = [layer.out_features for layer in velocity.layers]
+    if len(set(widths)) != 1:
+        return f"hidden widths {tuple(widths)} are not all equal"
+    if len(widths) > _MAX_LAYERS or widths[0] > _MAX_HIDDEN:
+        return f"{len(widths)} hidden layers of width {widths[0]}: the kernel takes at most {_MAX_LAYERS} of width <= {_MAX_HIDDEN}"
+    if velocity.dim > _MAX_STATE_DIM:
+        return f"state dimension {velocity.dim} > {_MAX_STATE_DIM}"
+    if velocity.activation not in _ACTIVATIONS:
+        return f"activation {velocity.activation!r} is not one of {_ACTIVATIONS}"
+    if velocity.residual and velocity.layers[0].in_features == widths[0]:
+        return "residual first layer (its input width equals the hidden width)"
+    tensors = [x, *velocity.parameters(), *(() if context is None else (context,))]
+    if any(t.dtype != torch.float32 for t in tensors):
+        return f"dtypes {sorted({str(t.dtype) for t in tensors})}: the kernel runs float32 only"
+    if not x.is_contiguous() or (context is not None and not context.is_contiguous()):
+        return "non-contiguous state or context"
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return "inputs require grad: the kernel is forward only (sample under torch.no_grad())"
+    return None
+
+
+def mlp_odeint(velocity: VelocityMLP, x: torch.Tensor, times, method: str = "rk4", *,
+               context: torch.Tensor | None = None, backend: str | None = "auto",
+               precision: str | None = None) -> OdeSolution:
+    """`odeint(velocity, x, times, method=method, args=(context,))` through the chosen backend.
+
+    Arguments:
+        velocity: the field v(t, x (n, D)[, context (n, E)]).
+        x: `(n, D)` initial states at times[0].
+        times: strictly monotone grid `(K + 1,)` (forward or backward); one step per interval.
+        method: "euler", "midpoint", "heun" or "rk4".
+        context: `(n, E)` or `(E,)` for a conditional field, else None.
+        backend: "reference" (odeint), "triton" (fused kernel; unsupported inputs raise ValueError), or
+            "auto"/None: Triton for supported float32 CUDA inputs, the reference otherwise.
+        precision: the kernel's matmul precision, "ieee" or "tf32"; None follows
+            `torch.backends.cuda.matmul.allow_tf32` on CUDA ("ieee" on CPU).
+
+    Returns:
+        `OdeSolution` with the final states `(n, D)` and the number of batched velocity evaluations.
+    """
+    if not isinstance(x, torch.Tensor) or x.dim() != 2 or not x.is_floating_point():
+        raise ValueError(f"x must be a floating (n, D) tensor, got {getattr(x, 'shape', type(x))}")
+    if isinstance(velocity, VelocityMLP) and x.shape[1] != velocity.dim:
+        raise ValueError(f"x must be (n, {velocity.dim}), got {tuple(x.shape)}")
+    if method not in SOLVERS:
+        raise ValueError(f"unknown ODE method {method!r}; known: {sorted(SOLVERS)}")
+    devices = {t.device for t in (x, *velocity.parameters(), *(() if context is None else (context,)))}
+    if len(devices) != 1:
+        raise ValueError(f"state, context and velocity parameters must be on one device, got {sorted(map(str, devices))}")
+    if isinstance(velocity, VelocityMLP) and (context is None) != (velocity.context_dim == 0):
+        raise ValueError(f"this velocity field needs {'a context' if velocity.context_dim else 'no context'}")
+    if context is not None:
+        if context.dim() not in (1, 2) or (context.dim() == 2 and context.shape[0] != x.shape[0]) or (
+                isinstance(velocity, VelocityMLP) and context.shape[-1] != velocity.context_dim):
+            raise ValueError(f"context must be (E,) or (n = {x.shape[0]}, E) with E = {getattr(velocity, 'context_dim', 'E')}, "
+                             f"got {tuple(context.shape)}")
+        if context.dim() == 1:
+            context = context.expand(x.shape[0], -1).contiguous()
+    grid = _check_times(times)
+    if not torch.isfinite(x).all():
+        raise ValueError("the initial state contains NaN or inf")
+    reason = fused_unsupported(velocity, x, method, context)
+    if backend == "triton" and reason is not None:
+        raise ValueError(f"the fused Triton ODE kernel cannot run this: {reason}; use backend='reference' (odeint) instead")
+    chosen = resolve_backend(backend, x.device, supports=("reference",) if reason else ("reference", "triton"))
+    if chosen == "triton":
+        return _fused(velocity, x, grid, method, context, precision)
+    return odeint(velocity, x, times, method=method, args=() if context is None else (context,))
+
+
+def _fused(velocity: VelocityMLP, x, grid: list[float], method: str, context, precision: str | None) -> OdeSolution:
+    """Pack the field (first-layer time and context terms precomputed) and launch the kernel."""
+    from fastflow.kernels.ode import mlp_odeint_triton
+
+    if precision is None:
+        precision = "tf32" if x.device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32 else "ieee"
+    if precision not in ("ieee", "tf32"):
+        raise ValueError(f"precision must be 'ieee' or 'tf32', got {precision!r}")
+    tableau = SOLVERS[method]
+    first = velocity.layers[0]
+    n_time = velocity.time_embedding.dim
+    w_time, w_x, w_context = first.weight.split([n_time, velocity.dim, velocity.context_dim], dim=1)
+    # stage times as odeint forms them: float32 start + (c_s · h_k), one row per evaluation
+    starts = torch.tensor(grid[:-1], dtype=torch.float64)
+    steps = torch.tensor(grid[1:], dtype=torch.float64) - starts
+    offsets = (torch.tensor(tableau.c, dtype=torch.float64)[None, :] * steps[:, None]).float()
+    stage_times = (starts.float()[:, None] + offsets).reshape(-1).to(x.device)
+    time_bias = F.linear(velocity.time_embedding(stage_times), w_time, first.bias)
+    context_bias = None if context is None else F.linear(context, w_context).contiguous()
+    hidden = velocity.layers[1:]
+    width = first.out_features
+    w_hidden = torch.stack([layer.weight for layer in hidden]) if hidden else x.new_empty(0, width, width)
+    b_hidden = torch.stack([layer.bias for layer in hidden]) if hidden else x.new_empty(0, width)
+    out = mlp_odeint_triton(
+        x, steps.float().to(x.device), time_bias.contiguous(), context_bias, w_x.contiguous(), w_hidden.contiguous(),
+        b_hidden.contiguous(), velocity.output.weight.contiguous(), velocity.output.bias.contiguous(),
+        a=tableau.a, b=tableau.b, activation=velocity.activation, residual=velocity.residual, precision=precision,
+    )
+    return OdeSolution(out, evaluations=len(tableau.b) * (len(grid) - 1))

@@ -1,0 +1,238 @@
+"""Fused fixed-step ODE integration of an MLP velocity field in Triton: per tile of BLOCK_M samples, every
+step of the grid and every Runge–Kutta stage (Euler, midpoint, Heun, RK4: up to 4 stages, unrolled from
+constexpr Butcher coefficients) runs in one launch, with the state and the hidden activations in registers.
+
+The velocity is `fastflow.fm.VelocityMLP` with equal hidden widths, split on the host into
+    z_1 = act(W_x x + time_bias[evaluation] + context_bias[sample]),
+    z_{l+1} = act(W_l z_l + b_l) (+ z_l when residual),   v = W_out z_L + b_out,
+where the first layer's time and context columns are precomputed once per call (`fastflow.fm.fused`).
+Forward only; `fastflow.fm.fused.mlp_odeint` is the dispatch and `fastflow.fm.odeint` the reference.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["ACTIVATION_IDS", "MAX_HIDDEN", "MAX_LAYERS", "MAX_STAGES", "MAX_STATE_DIM", "mlp_odeint_triton"]
+
+ACTIVATION_IDS = {"silu": 0, "tanh": 1, "gelu": 2, "relu": 3}
+MAX_HIDDEN, MAX_LAYERS, MAX_STAGES, MAX_STATE_DIM = 256, 4, 4, 256
+
+
+@triton.jit
+def _activate(z, ACTIVATION: tl.constexpr):
+    if ACTIVATION == 0:
+        out = z * tl.sigmoid(z)
+    elif ACTIVATION == 1:
+        out = 2.0 * tl.sigmoid(2.0 * z) - 1.0  # tanh
+    elif ACTIVATION == 2:
+        out = 0.5 * z * (1.0 + tl.math.erf(z * 0.7071067811865476))  # exact GELU, as nn.GELU()
+    else:
+        out = tl.maximum(z, 0.0)
+    return out
+
+
+@triton.jit
+def _load_transposed(w_ptr, row_0, n_rows, n_cols, rows, cols):
+    """Rows [row_0, row_0 + len(rows)) of Wᵀ for W `(n_cols, n_rows)` row-major (out, in): an (in, out) tile."""
+    mask = (row_0 + rows[:, None] < n_rows) & (cols[None, :] < n_cols)
+    return tl.load(w_ptr + cols[None, :] * n_rows + (row_0 + rows)[:, None], mask=mask, other=0.0)
+
+
+@triton.jit
+def _halves(z, BLOCK_M: tl.constexpr, HALF: tl.constexpr):
+    """z `(BLOCK_M, 2·HALF)` → its column halves z[:, :HALF], z[:, HALF:] (in registers)."""
+    return tl.split(tl.permute(tl.reshape(z, (BLOCK_M, 2, HALF)), (0, 2, 1)))
+
+
+@triton.jit
+def _hidden_matmul(z, w_ptr, n_hidden, BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
+                   PRECISION: tl.constexpr):
+    """z `(BLOCK_M, BLOCK_H)` @ Wᵀ for W `(H, H)`, summed over BLOCK_H / BLOCK_K (1, 2 or 4) column chunks
+    of z so that a weight tile holds BLOCK_K × BLOCK_H values."""
+    ks = tl.arange(0, BLOCK_K)
+    cols = tl.arange(0, BLOCK_H)
+    if BLOCK_K == BLOCK_H:
+        out = tl.dot(z, _load_transposed(w_ptr, 0, n_hidden, n_hidden, ks, cols), input_precision=PRECISION)
+    elif 2 * BLOCK_K == BLOCK_H:
+        z_0, z_1 = _halves(z, BLOCK_M, BLOCK_K)
+        out = tl.dot(z_0, _load_transposed(w_ptr, 0, n_hidden, n_hidden, ks, cols), input_precision=PRECISION)
+        out += tl.dot(z_1, _load_transposed(w_ptr, BLOCK_K, n_hidden, n_hidden, ks, cols), input_precision=PRECISION)
+    else:
+        z_a, z_b = _halves(z, BLOCK_M, 2 * BLOCK_K)
+        z_0, z_1 = _halves(z_a, BLOCK_M, BLOCK_K)
+        z_2, z_3 = _halves(z_b, BLOCK_M, BLOCK_K)
+        out = tl.dot(z_0, _load_transposed(w_ptr, 0, n_hidden, n_hidden, ks, cols), input_precision=PRECISION)
+        out += tl.dot(z_1, _load_transposed(w_ptr, BLOCK_K, n_hidden, n_hidden, ks, cols), input_precision=PRECISION)
+        out += tl.dot(z_2, _load_transposed(w_ptr, 2 * BLOCK_K, n_hidden, n_hidden, ks, cols), input_precision=PRECISION)
+        out += tl.dot(z_3, _load_transposed(w_ptr, 3 * BLOCK_K, n_hidden, n_hidden, ks, cols), input_precision=PRECISION)
+    return out
+
+
+@triton.jit
+def _velocity(x, bias, w_x, w_h_ptr, b_h_ptr, w_out, b_out, n_hidden,
+              NUM_LAYERS: tl.constexpr, ACTIVATION: tl.constexpr, RESIDUAL: tl.constexpr, PRECISION: tl.constexpr,
+              BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
+    """v `(BLOCK_M, BLOCK_D)` at states x `(BLOCK_M, BLOCK_D)`, with the first layer's bias `(BLOCK_M, BLOCK_H)`
+    (time + context terms); padded columns stay zero (act(0) = 0 for every activation)."""
+    cols_h = tl.arange(0, BLOCK_H)
+    z = _activate(tl.dot(x, w_x, input_precision=PRECISION) + bias, ACTIVATION)
+    for layer in tl.static_range(NUM_LAYERS - 1):
+        b = tl.load(b_h_ptr + layer * n_hidden + cols_h, mask=cols_h < n_hidden, other=0.0)
+        out = _activate(_hidden_matmul(z, w_h_ptr + layer * n_hidden * n_hidden, n_hidden, BLOCK_M, BLOCK_H, BLOCK_K,
+                                       PRECISION) + b[None, :], ACTIVATION)
+        if RESIDUAL:
+            z = z + out
+        else:
+            z = out
+    return tl.dot(z, w_out, input_precision=PRECISION) + b_out[None, :]
+
+
+@triton.jit
+def _combine2(k_1, k_2, W_1: tl.constexpr, W_2: tl.constexpr):
+    """W_1 k_1 + W_2 k_2 with zero weights left out (as `fastflow.fm.solvers._combine`)."""
+    if W_1 == 0.0:
+        out = W_2 * k_2
+    elif W_2 == 0.0:
+        out = W_1 * k_1
+    else:
+        out = W_1 * k_1 + W_2 * k_2
+    return out
+
+
+@triton.jit
+def _combine3(k_1, k_2, k_3, W_1: tl.constexpr, W_2: tl.constexpr, W_3: tl.constexpr):
+    if W_3 == 0.0:
+        out = _combine2(k_1, k_2, W_1, W_2)
+    elif W_1 == 0.0 and W_2 == 0.0:
+        out = W_3 * k_3
+    else:
+        out = _combine2(k_1, k_2, W_1, W_2) + W_3 * k_3
+    return out
+
+
+@triton.jit
+def _accumulate(total, k, W: tl.constexpr, FIRST: tl.constexpr):
+    """total + W k, or W k when FIRST (zero weights skipped; the caller starts from zeros)."""
+    if W == 0.0:
+        out = total
+    elif FIRST:
+        out = W * k
+    else:
+        out = total + W * k
+    return out
+
+
+@triton.jit
+def _mlp_ode_kernel(
+    # pointers
+    x_ptr, out_ptr, context_bias_ptr, time_bias_ptr, step_ptr,
+    w_x_ptr, w_h_ptr, b_h_ptr, w_out_ptr, b_out_ptr,
+    # dimensions
+    n_rows, n_dim, n_hidden, n_steps,
+    # Butcher tableau (rows of a, weights b), zero where absent
+    A21: tl.constexpr, A31: tl.constexpr, A32: tl.constexpr, A41: tl.constexpr, A42: tl.constexpr, A43: tl.constexpr,
+    B1: tl.constexpr, B2: tl.constexpr, B3: tl.constexpr, B4: tl.constexpr,
+    # meta-parameters
+    STAGES: tl.constexpr, NUM_LAYERS: tl.constexpr, ACTIVATION: tl.constexpr, RESIDUAL: tl.constexpr,
+    HAS_CONTEXT: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < n_rows
+    cols_d = tl.arange(0, BLOCK_D)
+    cols_h = tl.arange(0, BLOCK_H)
+    state_mask = row_ok[:, None] & (cols_d[None, :] < n_dim)
+    state_offsets = rows[:, None] * n_dim + cols_d[None, :]
+    x = tl.load(x_ptr + state_offsets, mask=state_mask, other=0.0)
+    w_x = _load_transposed(w_x_ptr, 0, n_dim, n_hidden, cols_d, cols_h)  # (BLOCK_D, BLOCK_H)
+    w_out = _load_transposed(w_out_ptr, 0, n_hidden, n_dim, cols_h, cols_d)  # (BLOCK_H, BLOCK_D)
+    b_out = tl.load(b_out_ptr + cols_d, mask=cols_d < n_dim, other=0.0)
+    hidden_ok = cols_h < n_hidden
+    if HAS_CONTEXT:
+        context_bias = tl.load(context_bias_ptr + rows[:, None] * n_hidden + cols_h[None, :],
+                               mask=row_ok[:, None] & hidden_ok[None, :], other=0.0)
+    else:
+        context_bias = tl.zeros((BLOCK_M, BLOCK_H), dtype=tl.float32)
+
+    for step in range(n_steps):
+        h = tl.load(step_ptr + step)
+        time_bias = time_bias_ptr + step * STAGES * n_hidden
+        k_1 = _velocity(x, context_bias + tl.load(time_bias + cols_h, mask=hidden_ok, other=0.0)[None, :],
+                        w_x, w_h_ptr, b_h_ptr, w_out, b_out, n_hidden,
+                        NUM_LAYERS, ACTIVATION, RESIDUAL, PRECISION, BLOCK_M, BLOCK_H, BLOCK_K)
+        total = _accumulate(tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32), k_1, B1, True)
+        if STAGES >= 2:
+            k_2 = _velocity(x + h * (A21 * k_1),
+                            context_bias + tl.load(time_bias + n_hidden + cols_h, mask=hidden_ok, other=0.0)[None, :],
+                            w_x, w_h_ptr, b_h_ptr, w_out, b_out, n_hidden,
+                            NUM_LAYERS, ACTIVATION, RESIDUAL, PRECISION, BLOCK_M, BLOCK_H, BLOCK_K)
+            total = _accumulate(total, k_2, B2, B1 == 0.0)
+        if STAGES >= 3:
+            k_3 = _velocity(x + h * _combine2(k_1, k_2, A31, A32),
+                            context_bias + tl.load(time_bias + 2 * n_hidden + cols_h, mask=hidden_ok, other=0.0)[None, :],
+                            w_x, w_h_ptr, b_h_ptr, w_out, b_out, n_hidden,
+                            NUM_LAYERS, ACTIVATION, RESIDUAL, PRECISION, BLOCK_M, BLOCK_H, BLOCK_K)
+            total = _accumulate(total, k_3, B3, B1 == 0.0 and B2 == 0.0)
+        if STAGES >= 4:
+            k_4 = _velocity(x + h * _combine3(k_1, k_2, k_3, A41, A42, A43),
+                            context_bias + tl.load(time_bias + 3 * n_hidden + cols_h, mask=hidden_ok, other=0.0)[None, :],
+                            w_x, w_h_ptr, b_h_ptr, w_out, b_out, n_hidden,
+                            NUM_LAYERS, ACTIVATION, RESIDUAL, PRECISION, BLOCK_M, BLOCK_H, BLOCK_K)
+            total = _accumulate(total, k_4, B4, B1 == 0.0 and B2 == 0.0 and B3 == 0.0)
+        x = x + h * total
+    tl.store(out_ptr + state_offsets, x, mask=state_mask)
+
+
+def _block(n: int) -> int:
+    """Power-of-2 tile width >= 16 (tl.dot's minimum)."""
+    return max(16, triton.next_power_of_2(n))
+
+
+def _coefficients(a: tuple[tuple[float, ...], ...], b: tuple[float, ...]) -> dict[str, float]:
+    """The tableau as the kernel's constexpr A21..A43, B1..B4 (missing entries 0)."""
+    values = {f"A{i + 1}{j + 1}": 0.0 for i in range(1, MAX_STAGES) for j in range(i)}
+    values.update({f"B{i + 1}": 0.0 for i in range(MAX_STAGES)})
+    for i, row in enumerate(a[1:], start=1):
+        for j, a_ij in enumerate(row):
+            values[f"A{i + 1}{j + 1}"] = float(a_ij)
+    for i, b_i in enumerate(b):
+        values[f"B{i + 1}"] = float(b_i)
+    return values
+
+
+def mlp_odeint_triton(x, steps, time_bias, context_bias, w_x, w_hidden, b_hidden, w_out, b_out, *,
+                      a, b, activation: str, residual: bool, precision: str = "ieee",
+                      block_m: int = 64, block_k: int | None = None, num_warps: int | None = None):
+    """Integrate all steps in one launch.
+
+    Arguments:
+        x `(N, D)`: initial states. steps `(K,)`: signed step sizes h_k.
+        time_bias `(K·S, H)`: first-layer bias of evaluation (step k, stage s) at row k·S + s, S = len(b).
+        context_bias `(N, H)` or None. w_x `(H, D)`; w_hidden `(L-1, H, H)`, b_hidden `(L-1, H)`;
+        w_out `(D, H)`, b_out `(D,)`: float32, contiguous, on one device (checked by the caller).
+        a, b: the explicit Butcher tableau's rows and weights (at most 4 stages).
+        precision: tl.dot input precision, "ieee" (fp32) or "tf32".
+        block_k: chunk of the hidden width per weight tile (BLOCK_H, BLOCK_H/2 or BLOCK_H/4).
+    Returns:
+        the states after the last step `(N, D)`.
+    """
+    n_rows, n_dim = x.shape
+    n_hidden = w_x.shape[0]
+    block_h = _block(n_hidden)
+    block_k = block_k or max(block_h // 4, min(block_h, 64))
+    if block_h // block_k not in (1, 2, 4) or block_k < 16:
+        raise ValueError(f"block_k must be 16 or more and BLOCK_H / 1, 2 or 4 (BLOCK_H = {block_h}), got {block_k}")
+    out = torch.empty_like(x)
+    grid = (triton.cdiv(n_rows, block_m),)
+    _mlp_ode_kernel[grid](
+        x, out, x if context_bias is None else context_bias, time_bias, steps,
+        w_x, w_hidden, b_hidden, w_out, b_out,
+        n_rows, n_dim, n_hidden, steps.shape[0],
+        **_coefficients(a, b),
+        STAGES=len(b), NUM_LAYERS=w_hidden.shape[0] + 1, ACTIVATION=ACTIVATION_IDS[activation], RESIDUAL=residual,
+        HAS_CONTEXT=context_bias is not None, PRECISION=precision,
+        BLOCK_M=block_m, BLOCK_D=_block(n_dim), BLOCK_H=block_h, BLOCK_K=block_k,
+        num_warps=num_warps or (8 if block_h >= 256 else 4),
+    )
+    return out

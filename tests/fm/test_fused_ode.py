@@ -1,0 +1,172 @@
+"""Fused Triton ODE integration of a VelocityMLP (kernels/ode.py through `fastflow.fm.fused.mlp_odeint`)
+against the reference `odeint` on the same field, under TRITON_INTERPRET=1 on CPU; bad input and the
+fallbacks; a GPU run at a realistic size.
+
+float32 tolerance: the interpreter's products are exact fp32, summed in another order than torch.mm
+(and the first layer split into its time, state and context columns), so final states agree to a few
+ulps per evaluation: atol = 1e-5 · max(1, |x|), rtol = 1e-5 over at most 16 evaluations here.
+"""
+
+import os
+
+import pytest
+import torch
+
+if torch.cuda.is_available():
+    import fastflow.kernels.ode  # noqa: F401  compiled for the GPU test before any module sets TRITON_INTERPRET
+else:
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernels are imported (lazily, by mlp_odeint)
+
+from fastflow.backends import backends
+from fastflow.fm import CNF, OdeConfig, VelocityMLP, odeint
+from fastflow.fm import cnf as cnf_module
+from fastflow.fm.fused import fused_unsupported, mlp_odeint
+
+pytestmark = [
+    pytest.mark.triton,
+    pytest.mark.skipif(not backends()["triton"].available, reason=backends()["triton"].reason),
+]
+METHODS = ("euler", "midpoint", "heun", "rk4")
+GRIDS = {
+    "forward": torch.linspace(0.0, 1.0, 4),
+    "backward": torch.linspace(1.0, 0.0, 4),
+    "non-uniform": torch.tensor([0.0, 0.05, 0.3, 0.35, 1.0]),
+}
+
+
+def _field(dim, hidden, *, activation="silu", residual=False, context_dim=0, seed=0):
+    torch.manual_seed(seed)
+    return VelocityMLP(dim, context_dim=context_dim, hidden=hidden, activation=activation, residual=residual).requires_grad_(False)
+
+
+def _assert_fused_matches(net, x, times, method, context=None):
+    fused = mlp_odeint(net, x, times, method, context=context, backend="triton")
+    reference = odeint(net, x, times, method=method, args=() if context is None else (context,))
+    scale = max(1.0, reference.x.abs().max().item())
+    torch.testing.assert_close(fused.x, reference.x, atol=1e-5 * scale, rtol=1e-5)
+    assert fused.evaluations == reference.evaluations
+    return fused
+
+
+@pytest.mark.parametrize("grid", sorted(GRIDS))
+@pytest.mark.parametrize("method", METHODS)
+def test_each_method_and_grid_matches_reference(method, grid):
+    net = _field(3, (24, 24), context_dim=2)
+    _assert_fused_matches(net, torch.randn(37, 3), GRIDS[grid], method, torch.randn(37, 2))
+
+
+@pytest.mark.parametrize("dim, hidden, activation, residual, context_dim", [
+    (1, (16,), "silu", False, 0),              # one hidden layer, 1-D state
+    (2, (20, 20), "tanh", True, 0),            # width not a power of 2, residual
+    (3, (32, 32, 32), "gelu", False, 3),       # odd state dimension, context
+    (2, (24, 24, 24, 24), "relu", True, 1),    # four hidden layers
+    (5, (48, 48, 48), "silu", True, 4),
+    (2, (100, 100), "tanh", False, 0),         # BLOCK_H 128 in two weight chunks
+    (3, (130, 130), "silu", True, 2),          # BLOCK_H 256 in four weight chunks
+])
+def test_velocity_configurations_match_reference(dim, hidden, activation, residual, context_dim):
+    net = _field(dim, hidden, activation=activation, residual=residual, context_dim=context_dim)
+    n = 64 if hidden[0] <= 64 else 16
+    context = torch.randn(n, context_dim) if context_dim else None
+    _assert_fused_matches(net, torch.randn(n, dim), torch.tensor([0.0, 0.4, 1.0]), "rk4", context)
+
+
+def test_shared_context_vector_and_rows_not_a_multiple_of_the_tile():
+    net = _field(2, (16, 16), context_dim=3)
+    x, context = torch.randn(70, 2), torch.randn(3)  # 70 rows: two tiles of 64, the second partial
+    fused = _assert_fused_matches(net, x, GRIDS["forward"], "heun", context.expand(70, 3).contiguous())
+    torch.testing.assert_close(mlp_odeint(net, x, GRIDS["forward"], "heun", context=context, backend="triton").x, fused.x)
+
+
+def test_one_step_grids_chain_to_the_full_grid():
+    """Intermediate states: one launch per interval gives the same states as one launch for the grid."""
+    net = _field(2, (16, 16))
+    x_0, grid = torch.randn(16, 2), GRIDS["non-uniform"]
+    x = x_0
+    for i in range(len(grid) - 1):
+        x = mlp_odeint(net, x, grid[i : i + 2], "rk4", backend="triton").x
+    torch.testing.assert_close(x, mlp_odeint(net, x_0, grid, "rk4", backend="triton").x, atol=1e-6, rtol=1e-6)
+
+
+def test_auto_runs_the_reference_on_cpu_and_for_unsupported_configurations():
+    net, x = _field(2, (16, 16)), torch.randn(8, 2)
+    expected = odeint(net, x, GRIDS["forward"], method="rk4").x
+    assert torch.equal(mlp_odeint(net, x, GRIDS["forward"], "rk4").x, expected)  # CPU: the reference, bit for bit
+    double = _field(2, (16, 16)).double()
+    result = mlp_odeint(double, x.double(), GRIDS["forward"], "rk4", backend="auto")
+    assert result.x.dtype == torch.float64
+    dopri = mlp_odeint(net, x, GRIDS["forward"], "dopri5", backend="auto")
+    assert dopri.x.shape == (8, 2)
+
+
+@pytest.mark.parametrize("change, match", [
+    (lambda net, x: (_field(2, (16, 32)), x, "rk4"), "not all equal"),
+    (lambda net, x: (_field(2, (16,) * 5), x, "rk4"), "at most 4"),
+    (lambda net, x: (_field(2, (300,)), x, "rk4"), "width <= 256"),
+    (lambda net, x: (net, x, "dopri5"), "fixed-step"),
+    (lambda net, x: (net.double(), x.double(), "rk4"), "float32"),
+    (lambda net, x: (net, x.t().contiguous().t(), "rk4"), "non-contiguous"),
+])
+def test_unsupported_configurations_raise_and_name_the_reference(change, match):
+    net, x, method = change(_field(2, (16, 16)), torch.randn(8, 2))
+    with pytest.raises(ValueError, match=f"{match}.*backend='reference'"):
+        mlp_odeint(net, x, GRIDS["forward"], method, backend="triton")
+
+
+def test_unsupported_activation_and_grad_raise():
+    net, x = _field(2, (16, 16)), torch.randn(8, 2)
+    net.activation = "softplus"  # a field whose activation the kernel does not implement
+    with pytest.raises(ValueError, match="activation 'softplus'.*backend='reference'"):
+        mlp_odeint(net, x, GRIDS["forward"], "rk4", backend="triton")
+    trainable = _field(2, (16, 16)).requires_grad_(True)
+    with pytest.raises(ValueError, match="forward only.*no_grad"):
+        mlp_odeint(trainable, x, GRIDS["forward"], "rk4", backend="triton")
+    with torch.no_grad():
+        mlp_odeint(trainable, x, GRIDS["forward"], "euler", backend="triton")
+    assert fused_unsupported(torch.nn.Linear(2, 2), x, "rk4") is not None
+
+
+def test_bad_input():
+    net, x = _field(2, (16, 16), context_dim=2), torch.randn(8, 2)
+    context = torch.randn(8, 2)
+    with pytest.raises(ValueError, match="NaN"):
+        mlp_odeint(net, x.index_fill(0, torch.tensor([3]), float("nan")), GRIDS["forward"], context=context, backend="triton")
+    with pytest.raises(ValueError, match="strictly increasing"):
+        mlp_odeint(net, x, [0.0, 0.5, 0.3, 1.0], context=context, backend="triton")
+    with pytest.raises(ValueError, match="needs a context"):
+        mlp_odeint(net, x, GRIDS["forward"], backend="triton")
+    with pytest.raises(ValueError, match="context must be"):
+        mlp_odeint(net, x, GRIDS["forward"], context=torch.randn(5, 2), backend="triton")
+    with pytest.raises(ValueError, match=r"must be \(n, 2\)"):
+        mlp_odeint(net, torch.randn(8, 3), GRIDS["forward"], context=context, backend="triton")
+    with pytest.raises(ValueError, match="unknown ODE method"):
+        mlp_odeint(net, x, GRIDS["forward"], "rk5", context=context, backend="triton")
+    with pytest.raises(ValueError, match="one device"):
+        mlp_odeint(net, x.to("meta"), GRIDS["forward"], context=context, backend="triton")
+
+
+def test_cnf_sampling_on_cpu_keeps_the_reference_path(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("CPU sampling must not go through mlp_odeint")
+
+    monkeypatch.setattr(cnf_module, "mlp_odeint", refuse)
+    cnf = CNF(_field(2, (16,), context_dim=3), 2, context_dim=3, sampler=OdeConfig(method="rk4", steps=3))
+    assert cnf.sample(4, torch.randn(5, 3)).shape == (4, 5, 2)
+    assert cnf.last_evaluations == 12
+
+
+@pytest.mark.gpu
+def test_gpu_realistic_size_matches_reference():
+    """10^5 samples, 3 × 256 SiLU with context, 100 RK4 steps (400 evaluations) on CUDA, fp32 ("ieee")
+    products: the fused and reference states agree to atol = rtol = 1e-4 (differences accumulate over
+    400 evaluations of a width-256 field); TF32 products get 2e-2."""
+    net = _field(10, (256,) * 3, context_dim=4).cuda()
+    x, context = torch.randn(100_000, 10, device="cuda"), torch.randn(100_000, 4, device="cuda")
+    times = torch.linspace(0.0, 1.0, 101)
+    reference = odeint(net, x, times, method="rk4", args=(context,)).x
+    fused = mlp_odeint(net, x, times, "rk4", context=context, backend="triton", precision="ieee").x
+    torch.testing.assert_close(fused, reference, atol=1e-4, rtol=1e-4)
+    tf32 = mlp_odeint(net, x, times, "rk4", context=context, backend="triton", precision="tf32").x
+    torch.testing.assert_close(tf32, reference, atol=2e-2, rtol=2e-2)
+    cnf = CNF(net, 10, context_dim=4, sampler=OdeConfig(method="rk4", steps=10))
+    assert cnf.sample(1000, torch.randn(4, device="cuda")).isfinite().all()
