@@ -15,35 +15,44 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-__all__ = ["KERNELS", "METRICS"]
+__all__ = ["KERNELS", "METRICS", "METRIC_CODES", "row_distance"]
 
 METRICS = ("euclidean", "l1", "mahalanobis")
-_METRIC_CODES = {name: code for code, name in enumerate(METRICS)}
+METRIC_CODES = {name: code for code, name in enumerate(METRICS)}
 _BLOCKS = 64  # row blocks of the parallel compaction (a few per thread, balanced)
+
+
+@njit(inline="always")
+def row_distance(s, i, s_obs, weight, code):
+    """Distance of summary row `s[i]` (`s` is `(n, m)`) to `s_obs (m,)`: `weight` `(1, m)` for euclidean
+    (code 0) and l1 (code 1), `(m, m)` whitening matrix for mahalanobis (code 2); inf when not finite.
+    Rows are indexed, not sliced: a row view costs a reference count, as much as the distance itself."""
+    m = s.shape[1]
+    acc = 0.0
+    if code == 2:
+        for a in range(m):
+            projected = 0.0
+            for b in range(m):
+                projected += weight[a, b] * (s[i, b] - s_obs[b])
+            acc += projected * projected
+        acc = np.sqrt(acc)
+    elif code == 1:
+        for a in range(m):
+            acc += abs(weight[0, a] * (s[i, a] - s_obs[a]))
+    else:
+        for a in range(m):
+            diff = weight[0, a] * (s[i, a] - s_obs[a])
+            acc += diff * diff
+        acc = np.sqrt(acc)
+    return acc if np.isfinite(acc) else np.inf
 
 
 @njit(parallel=True, cache=True, fastmath=False)
 def _numba_distances(summaries, s_obs, weight, code):
-    n, m = summaries.shape
+    n = summaries.shape[0]
     out = np.empty(n)
     for i in prange(n):
-        acc = 0.0
-        if code == 2:
-            for a in range(m):
-                projected = 0.0
-                for b in range(m):
-                    projected += weight[a, b] * (summaries[i, b] - s_obs[b])
-                acc += projected * projected
-            acc = np.sqrt(acc)
-        elif code == 1:
-            for a in range(m):
-                acc += abs(weight[0, a] * (summaries[i, a] - s_obs[a]))
-        else:
-            for a in range(m):
-                diff = weight[0, a] * (summaries[i, a] - s_obs[a])
-                acc += diff * diff
-            acc = np.sqrt(acc)
-        out[i] = acc if np.isfinite(acc) else np.inf
+        out[i] = row_distance(summaries, i, s_obs, weight, code)
     return out
 
 
@@ -71,7 +80,7 @@ def _numba_below(d, threshold):
 
 def numba_distances(summaries: np.ndarray, s_obs: np.ndarray, weight: np.ndarray, metric: str) -> np.ndarray:
     """Numba face of `distances` (see the module docstring)."""
-    return _numba_distances(summaries, s_obs, np.atleast_2d(weight), _METRIC_CODES[metric])
+    return _numba_distances(summaries, s_obs, np.atleast_2d(weight), METRIC_CODES[metric])
 
 
 def numba_below(d: np.ndarray, threshold: float) -> np.ndarray:

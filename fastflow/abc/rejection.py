@@ -5,6 +5,12 @@ enter the best k (Numba, parallel over rows), so memory is O(k + chunk_size) wha
 draws θ and x from random streams derived from `(seed, i)` only, and candidates are ranked by
 (distance, global simulation index), so the accepted set does not depend on how the chunks are grouped:
 a Dask run (`client=`) merges its workers' top-k lists into exactly the single-process result.
+
+Two paths produce a chunk. The general one samples θ from the prior (torch), runs any batched simulator and
+summary, then reduces the chunk's distances with the Numba (or numpy) kernels. The fused one, chosen for a
+task with a `numba_simulator` under a box-uniform or Gaussian prior with no or the task's own summaries, runs
+prior, simulator, summaries, distance and top-k in one parallel Numba kernel (`_fused.py`) with a counter-
+based RNG: reproducible for a seed, but a different random stream from the general path's torch simulator.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from fastflow.abc._fused import FusedSimulator
 from fastflow.abc._kernels import KERNELS, METRICS
 from fastflow.priors import Prior
 from fastflow.tasks import Task
@@ -43,6 +50,7 @@ class RejectionResult:
         num_accepted: k.
         num_dropped: simulations whose summaries or distance were NaN/inf, never accepted.
         num_simulations: simulations run, `n_sims`.
+        fused: whether the fused Numba kernel ran prior, simulator and reduction.
     """
 
     theta: np.ndarray
@@ -55,6 +63,7 @@ class RejectionResult:
     num_accepted: int
     num_dropped: int
     num_simulations: int
+    fused: bool = False
 
 
 @dataclass(frozen=True)
@@ -100,15 +109,22 @@ class _Plan:
     backend: str
     k: int | None
     eps: float
+    fused: FusedSimulator | None = None
+
+    def length(self, chunk: int) -> int:
+        """Simulations in chunk `chunk`."""
+        return min(self.chunk_size, self.n_sims - chunk * self.chunk_size)
+
+    def key(self, chunk: int) -> int:
+        """The 63-bit seed of chunk `chunk` (torch generator seed, fused kernel RNG key), from (seed, chunk)."""
+        return int(np.random.SeedSequence([self.seed, chunk]).generate_state(1, np.uint64)[0] >> np.uint64(1))
 
     def draw(self, chunk: int) -> tuple[np.ndarray, object]:
-        """`(θ (n, dim_theta) float64, x (n, dim_x))` for chunk `chunk`, from streams seeded by (seed, chunk);
-        x is in the simulator's framework."""
-        start = chunk * self.chunk_size
-        n = min(self.chunk_size, self.n_sims - start)
-        streams = np.random.SeedSequence([self.seed, chunk])
-        torch_seed, numpy_stream = streams.generate_state(1, np.uint64)[0] >> np.uint64(1), streams.spawn(1)[0]
-        generator = torch.Generator().manual_seed(int(torch_seed))
+        """`(θ (n, dim_theta) float64, x (n, dim_x))` for chunk `chunk` on the general path, from streams
+        seeded by (seed, chunk); x is in the simulator's framework."""
+        n = self.length(chunk)
+        numpy_stream = np.random.SeedSequence([self.seed, chunk]).spawn(1)[0]
+        generator = torch.Generator().manual_seed(self.key(chunk))
         theta = self.prior.sample(n, generator=generator)
         if isinstance(self.simulator, Task):
             x = self.simulator.simulate(theta, generator=generator)
@@ -124,11 +140,15 @@ class _Plan:
 
     def simulate(self, chunk: int) -> tuple[np.ndarray, np.ndarray]:
         """`(θ (n, dim_theta), s (n, dim_s))` float64 for chunk `chunk`."""
+        if self.fused is not None:
+            return self.fused.rows(self.key(chunk), np.arange(self.length(chunk)))
         theta, x = self.draw(chunk)
         return theta, _summaries(x, self.summary)
 
     def reduce(self, chunk: int, best: _Candidates, simulated=None) -> _Candidates:
         """Fold chunk `chunk` (simulated now unless given) into the candidates `best`."""
+        if self.fused is not None and simulated is None:
+            return self._reduce_fused(chunk, best)
         theta, s = self.simulate(chunk) if simulated is None else simulated
         distances_fn, below_fn = KERNELS[self.backend]
         d = distances_fn(s, self.s_obs, self.weight, self.metric)
@@ -145,6 +165,22 @@ class _Plan:
         offset = chunk * self.chunk_size
         new = _Candidates(d[keep], keep + offset, theta[keep], s[keep], dropped)
         return best.merge(new, self.k)
+
+    def _reduce_fused(self, chunk: int, best: _Candidates) -> _Candidates:
+        """`reduce` by the fused kernel: only the rows entering the best k are replayed for θ and s."""
+        n, key, offset = self.length(chunk), self.key(chunk), chunk * self.chunk_size
+        threshold = self.eps
+        if self.k is not None and best.distances.shape[0] >= self.k:
+            threshold = min(threshold, best.distances[-1])
+        capacity = n if self.k is None else min(self.k, n)
+        d, rows, dropped = self.fused.best(key, n, self.s_obs, self.weight, self.metric, threshold, capacity)
+        if self.k is not None and d.shape[0]:
+            pooled = np.lexsort((np.concatenate((best.index, rows + offset)), np.concatenate((best.distances, d))))
+            entering = pooled[: self.k]
+            entering = entering[entering >= best.distances.shape[0]] - best.distances.shape[0]
+            d, rows = d[entering], rows[entering]
+        theta, s = self.fused.rows(key, rows)
+        return best.merge(_Candidates(d, rows + offset, theta, s, dropped), self.k)
 
     def run(self, chunks: list[int]) -> _Candidates:
         """The candidates of a group of chunks."""
@@ -211,6 +247,7 @@ def rejection(
     seed: int = 0,
     framework: str = "numpy",
     backend: str = "numba",
+    fused: bool | None = None,
     client=None,
 ) -> RejectionResult:
     """Rejection ABC: keep the simulations whose summaries lie closest to the observation's.
@@ -235,6 +272,10 @@ def rejection(
         seed: chunk i uses random streams derived from (seed, i).
         framework: `"numpy"` or `"torch"`, the calling convention of a callable simulator (tasks are torch).
         backend: `"numba"` (parallel kernels) or `"numpy"` (the vectorized reference), same results.
+        fused: run a task through the fused Numba kernel (prior, simulator, summaries, distance and top-k
+            in one pass; see the module docstring); None picks it whenever it applies (a task with a
+            `numba_simulator`, a BoxUniform/Gaussian prior, `summary` None or the task's, backend numba),
+            False forces the general path. Its random stream differs from the torch simulator's.
         client: a `dask.distributed.Client`: chunks are spread over its workers, same result.
 
     Returns:
@@ -265,6 +306,10 @@ def rejection(
         raise ValueError(f"unknown backend {backend!r}; known: {', '.join(KERNELS)}")
     if isinstance(simulator, Task) and simulator.prior.dim != prior.dim:
         raise ValueError(f"prior has dim {prior.dim}, the task {simulator.name!r} has {simulator.dim_theta} parameters")
+    unfused = "backend is numpy" if backend != "numba" else FusedSimulator.supports(simulator, prior, summary)
+    if fused and unfused:
+        raise ValueError(f"fused=True but the fused path does not apply: {unfused}")
+    fused_simulator = None if unfused or fused is False else FusedSimulator.build(simulator, prior, summary)
 
     x = torch.as_tensor(x_obs).detach().cpu().double()
     if x.ndim != 1:
@@ -274,15 +319,20 @@ def rejection(
 
     k = None if quantile is None else max(1, math.ceil(quantile * n_sims - 1e-9))
     plan = _Plan(simulator, prior, framework, summary, int(n_sims), int(chunk_size), int(seed),
-                 np.empty(0), np.empty(0), distance, backend, k, math.inf if eps is None else float(eps))
-    pilot_theta, pilot_x = plan.draw(0)
-    if x.shape[0] != pilot_x.shape[1]:
-        raise ValueError(f"x_obs has length {x.shape[0]} but the simulator returns x of length {pilot_x.shape[1]}")
-    x_native = x.to(pilot_x.dtype) if isinstance(pilot_x, torch.Tensor) else x.numpy()
+                 np.empty(0), np.empty(0), distance, backend, k, math.inf if eps is None else float(eps),
+                 fused_simulator)
+    if fused_simulator is None:
+        pilot_theta, pilot_x = plan.draw(0)
+        dim_x = pilot_x.shape[1]
+        x_native = x.to(pilot_x.dtype) if isinstance(pilot_x, torch.Tensor) else x.numpy()
+    else:
+        dim_x, x_native = fused_simulator.dim_x, x
+    if x.shape[0] != dim_x:
+        raise ValueError(f"x_obs has length {x.shape[0]} but the simulator returns x of length {dim_x}")
     s_obs = _summaries(x_native[None], summary)[0]
     if not np.isfinite(s_obs).all():
         raise ValueError("the summary statistics of x_obs contain NaN or inf")
-    pilot = (pilot_theta, _summaries(pilot_x, summary))
+    pilot = plan.simulate(0) if fused_simulator else (pilot_theta, _summaries(pilot_x, summary))
     plan = replace(plan, s_obs=s_obs, weight=_weight(pilot[1], scale, distance))
 
     n_chunks = math.ceil(n_sims / chunk_size)
@@ -307,7 +357,7 @@ def rejection(
     return RejectionResult(
         theta=best.theta, summaries=best.summaries, distances=best.distances, index=best.index, s_obs=s_obs,
         weight=plan.weight, tolerance=tolerance, num_accepted=int(best.distances.shape[0]),
-        num_dropped=best.dropped, num_simulations=int(n_sims),
+        num_dropped=best.dropped, num_simulations=int(n_sims), fused=fused_simulator is not None,
     )
 
 

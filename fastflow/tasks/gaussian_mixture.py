@@ -13,6 +13,7 @@ import math
 import torch
 
 from fastflow.priors import BoxUniform
+from fastflow.tasks.numba_simulator import NumbaSimulator, normal, uniform
 from fastflow.tasks.task import Task, rejection_batches
 
 __all__ = ["gaussian_mixture"]
@@ -35,6 +36,13 @@ def _mixture_noise(n: int, generator, *, dtype, device=None) -> torch.Tensor:
 
 def _simulate(theta: torch.Tensor, generator) -> torch.Tensor:
     return theta + _mixture_noise(theta.shape[0], generator, dtype=theta.dtype, device=theta.device)
+
+
+def _simulate_row(theta, x, i, key, counter):
+    """`_simulate` for row i, in Numba (1 counter for the component, then 2 per coordinate)."""
+    scale = SCALES[1] if uniform(key, counter) < WEIGHTS[1] else SCALES[0]
+    for j in range(DIM):
+        x[i, j] = theta[i, j] + scale * normal(key, counter + 1 + 2 * j)
 
 
 def _log_likelihood(theta: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -64,4 +72,5 @@ def gaussian_mixture() -> Task:
         simulator_fn=_simulate,
         log_likelihood_fn=_log_likelihood,
         reference_fn=_reference,
+        numba_simulator=NumbaSimulator(_simulate_row, draws=1 + 2 * DIM),
     )

@@ -22,6 +22,7 @@ import math
 import torch
 
 from fastflow.priors import BoxUniform
+from fastflow.tasks.numba_simulator import NumbaSimulator, normal
 from fastflow.tasks.task import Task
 
 __all__ = ["slcp"]
@@ -63,6 +64,19 @@ def _simulate(theta: torch.Tensor, generator) -> torch.Tensor:
     x0 = theta[:, None, 0] + a[:, None] * eps[..., 0]
     x1 = theta[:, None, 1] + b[:, None] * eps[..., 0] + c[:, None] * eps[..., 1]
     return torch.stack((x0, x1), dim=-1).reshape(n, 2 * NUM_DRAWS)
+
+
+def _simulate_row(theta, x, i, key, counter):
+    """`_simulate` for row i, in Numba (2 normals per point, 2 counters each)."""
+    s1, s2, rho = theta[i, 2] ** 2, theta[i, 3] ** 2, math.tanh(theta[i, 4])
+    s00 = s1**2 + EPS
+    a = math.sqrt(s00)
+    b = rho * s1 * s2 / a
+    c = math.sqrt((s2 / math.cosh(theta[i, 4])) ** 2 + (rho * s2) ** 2 * EPS / s00 + EPS)
+    for p in range(NUM_DRAWS):
+        e0, e1 = normal(key, counter + 4 * p), normal(key, counter + 4 * p + 2)
+        x[i, 2 * p] = theta[i, 0] + a * e0
+        x[i, 2 * p + 1] = theta[i, 1] + b * e0 + c * e1
 
 
 def _log_likelihood(theta: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -157,6 +171,24 @@ def _summary(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((mean, sd, correlation[:, None]), dim=-1)
 
 
+def _summary_row(x, s, i):
+    """`_summary` for row i, in Numba: s[i] = (mean0, mean1, sd0, sd1, correlation)."""
+    mean0, mean1 = 0.0, 0.0
+    for p in range(NUM_DRAWS):
+        mean0 += x[i, 2 * p]
+        mean1 += x[i, 2 * p + 1]
+    mean0, mean1 = mean0 / NUM_DRAWS, mean1 / NUM_DRAWS
+    var0, var1, cov = 0.0, 0.0, 0.0
+    for p in range(NUM_DRAWS):
+        d0, d1 = x[i, 2 * p] - mean0, x[i, 2 * p + 1] - mean1
+        var0 += d0 * d0
+        var1 += d1 * d1
+        cov += d0 * d1
+    sd0, sd1 = math.sqrt(var0 / NUM_DRAWS), math.sqrt(var1 / NUM_DRAWS)
+    s[i, 0], s[i, 1], s[i, 2], s[i, 3] = mean0, mean1, sd0, sd1
+    s[i, 4] = cov / NUM_DRAWS / max(sd0 * sd1, 1e-12)
+
+
 def slcp() -> Task:
     """The slcp task: θ ∈ [-3, 3]⁵, x of dimension 8 (4 draws of a 2-D Gaussian)."""
     return Task(
@@ -168,4 +200,5 @@ def slcp() -> Task:
         log_likelihood_fn=_log_likelihood,
         reference_fn=_reference,
         summary_fn=_summary,
+        numba_simulator=NumbaSimulator(_simulate_row, draws=4 * NUM_DRAWS, summary=_summary_row, dim_s=5),
     )

@@ -10,6 +10,7 @@ from typing import Callable
 import torch
 
 from fastflow.priors import Prior
+from fastflow.tasks.numba_simulator import NumbaSimulator
 
 __all__ = ["Task", "rejection_batches"]
 
@@ -35,6 +36,8 @@ class Task:
             or None where the posterior moments have no closed form.
         summary_fn: `x (n, dim_x) -> s (n, dim_s)` default summary statistics for distance-based methods
             (ABC), or None where x itself serves.
+        numba_simulator: the same simulator (and summary_fn) one row at a time in Numba, which the fused
+            ABC kernel runs (`fastflow.abc.rejection` picks it for the task), or None.
 
     References:
         Lueckmann et al. (2021), "Benchmarking simulation-based inference", AISTATS.
@@ -49,10 +52,13 @@ class Task:
     reference_fn: Callable[[torch.Tensor, int, torch.Generator], torch.Tensor]
     moments_fn: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None
     summary_fn: Callable[[torch.Tensor], torch.Tensor] | None = None
+    numba_simulator: NumbaSimulator | None = None
 
     def __post_init__(self):
         if len(self.observation_seeds) != NUM_OBSERVATIONS:
             raise ValueError(f"a task needs {NUM_OBSERVATIONS} observation seeds, got {len(self.observation_seeds)}")
+        if self.numba_simulator is not None and (self.numba_simulator.summary is None) != (self.summary_fn is None):
+            raise ValueError("numba_simulator must carry a summary exactly when the task has a summary_fn")
 
     @property
     def dim_theta(self) -> int:

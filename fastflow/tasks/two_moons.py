@@ -20,6 +20,9 @@ import math
 import torch
 
 from fastflow.priors import BoxUniform
+from numba import njit
+
+from fastflow.tasks.numba_simulator import ATTEMPT, NumbaSimulator, normal, uniform
 from fastflow.tasks.task import Task, rejection_batches
 
 __all__ = ["two_moons"]
@@ -50,6 +53,29 @@ def _shift(theta: torch.Tensor) -> torch.Tensor:
 def _simulate(theta: torch.Tensor, generator) -> torch.Tensor:
     p = _sample_p(theta.shape[0], generator, dtype=theta.dtype, device=theta.device)
     return p + _shift(theta)
+
+
+@njit(inline="always")
+def _half_circle(key, counter):
+    """(cos a, sin a) for a ~ U(A_LOW, A_HIGH) = U(-π/2, π/2): a point uniform in the right half disk,
+    normalized (no trig)."""
+    while True:
+        u, v = uniform(key, counter), 2.0 * uniform(key, counter + 1) - 1.0
+        q = u * u + v * v
+        if 0.0 < q < 1.0:
+            inverse = 1.0 / math.sqrt(q)
+            return u * inverse, v * inverse
+        counter += ATTEMPT
+
+
+def _simulate_row(theta, x, i, key, counter):
+    """`_simulate` for row i, in Numba (4 counters: the angle, then the radius's normal)."""
+    cos_a, sin_a = _half_circle(key, counter)
+    r = R_LOC + R_SCALE * normal(key, counter + 2)
+    z0 = _C * theta[i, 0] - _S * theta[i, 1]
+    z1 = _S * theta[i, 0] + _C * theta[i, 1]
+    x[i, 0] = r * cos_a + BASE_OFFSET - abs(z0)
+    x[i, 1] = r * sin_a + z1
 
 
 def _log_likelihood(theta: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -85,4 +111,5 @@ def two_moons() -> Task:
         simulator_fn=_simulate,
         log_likelihood_fn=_log_likelihood,
         reference_fn=_reference,
+        numba_simulator=NumbaSimulator(_simulate_row, draws=4),
     )

@@ -67,10 +67,12 @@ def test_torch_simulator_and_task_give_posterior_draws_inside_the_prior():
     def torch_simulator(theta, generator):
         return task.simulate(theta, generator=generator)
 
-    from_task = rejection(task, task.prior, task.observation(1), 50_000, quantile=0.01, chunk_size=20_000)
+    from_task = rejection(task, task.prior, task.observation(1), 50_000, quantile=0.01, chunk_size=20_000,
+                          fused=False)
     from_fn = rejection(torch_simulator, task.prior, task.observation(1), 50_000, quantile=0.01,
                         chunk_size=20_000, framework="torch")
     np.testing.assert_array_equal(from_task.theta, from_fn.theta)
+    assert not from_task.fused and not from_fn.fused
     assert from_task.theta.shape == (500, 2) and (np.abs(from_task.theta) <= 1).all()
 
 
