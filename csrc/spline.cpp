@@ -1,83 +1,26 @@
-// Rational-quadratic spline (Durkan et al. 2019) on [-B, B] with identity tails: forward/inverse
-// with log|det J|, and the backward pass w.r.t. inputs and the raw (unnormalized) parameters.
+// Rational-quadratic spline (Durkan et al. 2019) on [-B, B] with identity tails: the bindings of the
+// forward/inverse with log|det J| (blocked and vectorized, spline_blocked.inc), and the backward pass
+// w.r.t. inputs and the raw (unnormalized) parameters, per element in double.
 // Mirrors fastflow/ops/spline.py::rq_spline_ref exactly (same parametrization and constants).
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
 #include <cmath>
 #include <cstdint>
 #include <stdexcept>
+#include <algorithm>
 #include <string>
+#include <vector>
+
+#include "spline_blocked.h"
+#include "spline_math.h"
 
 namespace py = pybind11;
 
 namespace {
 
-constexpr int kMaxBins = 128;
-constexpr double kMinBinWidth = 1e-3;
-constexpr double kMinBinHeight = 1e-3;
-constexpr double kMinDerivative = 1e-3;
-
-// exp(x) for x <= 0, branch-free so that loops over it vectorize (std::exp does not): 2^n · e^r with
-// n = round(x / ln 2) by the 1.5·2^52 trick, |r| <= ln2/2, and a degree-11 Taylor polynomial
-// (truncation < 1e-16 relative); 2^n is assembled in the exponent bits. Below -700 it returns ~1e-304.
-inline double exp_nonpositive(double x) {
-  x = x < -700.0 ? -700.0 : x;
-  const double shifter = 6755399441055744.0;  // 1.5 * 2^52
-  const double kd = x * 1.4426950408889634 + shifter;
-  const double n = kd - shifter;
-  const double r = (x - n * 0.6931471803691238) - n * 1.9082149292705877e-10;
-  double p = 2.505210838544172e-08;  // 1/11!
-  p = p * r + 2.755731922398589e-07;
-  p = p * r + 2.7557319223985893e-06;
-  p = p * r + 2.48015873015873e-05;
-  p = p * r + 0.0001984126984126984;
-  p = p * r + 0.001388888888888889;
-  p = p * r + 0.008333333333333333;
-  p = p * r + 0.041666666666666664;
-  p = p * r + 0.16666666666666666;
-  p = p * r + 0.5;
-  p = p * r + 1.0;
-  p = p * r + 1.0;
-  const uint64_t bits = (__builtin_bit_cast(uint64_t, kd) + 1023) << 52;
-  return p * __builtin_bit_cast(double, bits);
-}
-
-// log(x) for finite x > 0 (normal), branch-free: x = 2^e · m with m in [√½, √2), and
-// log m = 2 atanh(z), z = (m-1)/(m+1), |z| <= 0.172, by its odd series to z^23 (error < 1e-17).
-inline double log_positive(double x) {
-  const uint64_t bits = __builtin_bit_cast(uint64_t, x);
-  // shift the mantissa range from [1, 2) to [√½, √2) by borrowing from the exponent
-  const uint64_t shifted = bits - 0x3FE6A09E667F3BCDULL;  // bits of √½
-  const int64_t exponent = static_cast<int64_t>(shifted) >> 52;
-  const double m = __builtin_bit_cast(double, bits - (static_cast<uint64_t>(exponent) << 52));
-  const double z = (m - 1.0) / (m + 1.0), z2 = z * z;
-  double p = 1.0 / 23;
-  p = p * z2 + 1.0 / 21;
-  p = p * z2 + 1.0 / 19;
-  p = p * z2 + 1.0 / 17;
-  p = p * z2 + 1.0 / 15;
-  p = p * z2 + 1.0 / 13;
-  p = p * z2 + 1.0 / 11;
-  p = p * z2 + 1.0 / 9;
-  p = p * z2 + 1.0 / 7;
-  p = p * z2 + 1.0 / 5;
-  p = p * z2 + 1.0 / 3;
-  p = p * z2 + 1.0;
-  return static_cast<double>(exponent) * 0.6931471805599453 + 2.0 * z * p;
-}
-
-// softplus(v) = max(v, 0) + log(1 + e^{-|v|}); absolute error ~1e-16.
-inline double softplus(double v) {
-  const double a = v < 0.0 ? -v : v;
-  return (v > 0.0 ? v : 0.0) + log_positive(1.0 + exp_nonpositive(-a));
-}
-
-// sigmoid(v) with e = e^{-|v|}: 1 / (1 + e) for v >= 0, e / (1 + e) otherwise.
-inline double sigmoid(double v) {
-  const double e = exp_nonpositive(v < 0.0 ? v : -v);
-  return (v < 0.0 ? e : 1.0) / (1.0 + e);
-}
+using namespace fastflow_spline;
 
 // Knots and derivatives of one coordinate's spline, built from its 3K-1 raw parameters.
 template <typename T>
@@ -157,9 +100,7 @@ struct Local {
     A = s * t * t + D0 * u;
     G = D1 * t * t + T(2) * s * u + D0 * (T(1) - t) * (T(1) - t);
   }
-  T y(T Yk) const { return Yk + H * A / den; }
   T derivative() const { return s * s * G / (den * den); }
-  T ladj() const { return log_positive(derivative()); }
   T ladj_dt() const {
     T den_t = (D1 + D0 - T(2) * s) * (T(1) - T(2) * t);
     T G_t = T(2) * D1 * t + T(2) * s * (T(1) - T(2) * t) - T(2) * D0 * (T(1) - t);
@@ -229,25 +170,6 @@ void param_backward(const Spline<T>& sp, const Local<T>& L, int k, T gy, T gl, S
 
 // Storage type S (float or double); all arithmetic in double (T), so float32 costs no accuracy here.
 template <typename S, typename T = double>
-void forward_kernel(const S* x, const S* params, S* out, S* ladj, int64_t n, int K, T bound, bool inverse, T shift) {
-  const int P = 3 * K - 1;
-#pragma omp parallel for schedule(static) if (n > 8192)
-  for (int64_t i = 0; i < n; ++i) {
-    const T v = x[i];
-    if (!(v >= -bound && v <= bound)) {
-      out[i] = x[i];
-      ladj[i] = S(0);
-      continue;
-    }
-    Spline<T> sp(params + i * P, K, bound, shift);
-    int k;
-    const Local<T> L = locate(sp, v, inverse, k);
-    out[i] = S(inverse ? sp.X[k] + L.t * L.W : L.y(sp.Y[k]));
-    ladj[i] = S(inverse ? -L.ladj() : L.ladj());
-  }
-}
-
-template <typename S, typename T = double>
 void backward_kernel(const S* x, const S* params, const S* grad_out, const S* grad_ladj, S* grad_x, S* grad_params,
                      int64_t n, int K, T bound, bool inverse, T shift) {
   const int P = 3 * K - 1;
@@ -293,17 +215,34 @@ int bins_of(const Array<T>& x, const Array<T>& params) {
   return K;
 }
 
+// The instruction sets the blocked forward was compiled for, best first, that this CPU runs.
+std::vector<std::string> cpu_isas() {
+  std::vector<std::string> isas;
+#ifdef FASTFLOW_HAVE_X86_64_V3
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) isas.push_back("x86_64_v3");
+#endif
+  isas.push_back("generic");
+  return isas;
+}
+
 template <typename T>
-void forward(Array<T> x, Array<T> params, Array<T> out, Array<T> ladj, double bound, bool inverse, double shift) {
+void forward(Array<T> x, Array<T> params, Array<T> out, Array<T> ladj, double bound, bool inverse, double shift,
+             const std::string& isa) {
   const int K = bins_of(x, params);
   check(out.size() == x.size() && ladj.size() == x.size(), "output buffers must match inputs");
+  const std::vector<std::string> isas = cpu_isas();
+  const std::string chosen = isa == "auto" ? isas.front() : isa;
+  check(std::find(isas.begin(), isas.end(), chosen) != isas.end(), "instruction set '" + isa + "' is not available");
   const int64_t n = x.shape(0);
   const T* px = x.data();
   const T* pp = params.data();
   T* po = out.mutable_data();
   T* pl = ladj.mutable_data();
   py::gil_scoped_release release;
-  forward_kernel<T>(px, pp, po, pl, n, K, bound, inverse, shift);
+#ifdef FASTFLOW_HAVE_X86_64_V3
+  if (chosen == "x86_64_v3") return x86_64_v3::forward(px, pp, po, pl, n, K, T(bound), inverse, T(shift));
+#endif
+  generic::forward(px, pp, po, pl, n, K, T(bound), inverse, T(shift));
 }
 
 template <typename T>
@@ -324,13 +263,16 @@ void backward(Array<T> x, Array<T> params, Array<T> grad_out, Array<T> grad_ladj
 }  // namespace
 
 void bind_spline(py::module_& m) {
-  const char* fwd_doc = "rq_spline_forward(x (n,), params (n, 3K-1), out (n,), ladj (n,), bound, inverse, derivative_shift)";
+  m.def("spline_isas", &cpu_isas, "Instruction sets of the blocked spline forward that this CPU runs, best first.");
+  const char* fwd_doc =
+      "rq_spline_forward(x (n,), params (n, 3K-1), out (n,), ladj (n,), bound, inverse, derivative_shift, isa='auto'): "
+      "isa is 'auto' (the best of spline_isas()) or one of spline_isas()";
   const char* bwd_doc =
       "rq_spline_backward(x, params, grad_out, grad_ladj, grad_x, grad_params, bound, inverse, derivative_shift)";
   m.def("rq_spline_forward", &forward<float>, fwd_doc, py::arg("x").noconvert(), py::arg("params").noconvert(),
-        py::arg("out").noconvert(), py::arg("ladj").noconvert(), py::arg("bound"), py::arg("inverse"), py::arg("derivative_shift"));
+        py::arg("out").noconvert(), py::arg("ladj").noconvert(), py::arg("bound"), py::arg("inverse"), py::arg("derivative_shift"), py::arg("isa") = "auto");
   m.def("rq_spline_forward", &forward<double>, fwd_doc, py::arg("x").noconvert(), py::arg("params").noconvert(),
-        py::arg("out").noconvert(), py::arg("ladj").noconvert(), py::arg("bound"), py::arg("inverse"), py::arg("derivative_shift"));
+        py::arg("out").noconvert(), py::arg("ladj").noconvert(), py::arg("bound"), py::arg("inverse"), py::arg("derivative_shift"), py::arg("isa") = "auto");
   m.def("rq_spline_backward", &backward<float>, bwd_doc, py::arg("x").noconvert(), py::arg("params").noconvert(),
         py::arg("grad_out").noconvert(), py::arg("grad_ladj").noconvert(), py::arg("grad_x").noconvert(),
         py::arg("grad_params").noconvert(), py::arg("bound"), py::arg("inverse"), py::arg("derivative_shift"));

@@ -31,8 +31,13 @@ def rq_spline_forward(
     bound: float,
     inverse: bool,
     derivative_shift: float,
+    isa: str = "auto",
 ) -> None:
-    """Rational-quadratic spline: x (n,), params (n, 3K-1) -> out (n,), ladj (n,) (log|det J|)."""
+    """Rational-quadratic spline: x (n,), params (n, 3K-1) -> out (n,), ladj (n,) (log|det J|), vectorized
+    across elements in the storage precision; `isa` picks the build ("auto": the best of `spline_isas()`)."""
+
+def spline_isas() -> list[str]:
+    """Instruction sets of the blocked spline forward this CPU runs, best first ("x86_64_v3", "generic")."""
 
 def rq_spline_backward(
     x: npt.NDArray[_Float],

@@ -5,20 +5,24 @@ transform of the changed half (affine, or rational-quadratic spline) and log|det
 (kernels/coupling.py) fuses the whole layer in the forward pass, so hidden activations never reach
 global memory, and differentiates by recomputing the layer through the reference (recompute-in-
 backward). Without Triton, the spline still runs its elementwise part through `rq_spline` (native
-C++ on CPU).
+C++ on CPU); without autograd, the native path also runs the layer block by block of rows
+(`conditioner_blocks`), the CPU counterpart of that fusion: the hidden activations of a block stay in
+cache, and buffers are reused instead of faulting in fresh full-batch tensors at every op.
 """
 
 from __future__ import annotations
 
 import os
 from functools import partial
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
 
 from fastflow.backends import resolve_backend
-from fastflow.ops.spline import DERIVATIVE_SHIFT, MIN_BIN_HEIGHT, MIN_BIN_WIDTH, MIN_DERIVATIVE, rq_spline, rq_spline_ref
+from fastflow.ops.spline import (
+    DERIVATIVE_SHIFT, MIN_BIN_HEIGHT, MIN_BIN_WIDTH, MIN_DERIVATIVE, rq_spline, rq_spline_native_into, rq_spline_ref,
+)
 
 __all__ = ["affine_coupling", "affine_coupling_ref", "spline_coupling", "spline_coupling_ref"]
 
@@ -30,6 +34,28 @@ def conditioner_ref(kept: torch.Tensor, context: torch.Tensor | None, weights: t
     for layer in range(0, len(weights) - 2, 2):
         h = F.silu(F.linear(h, weights[layer], weights[layer + 1]))
     return F.linear(h, weights[-2], weights[-1])
+
+
+BLOCK_ROWS = 4096
+
+
+def conditioner_blocks(kept: torch.Tensor, context: torch.Tensor | None, weights: tuple[torch.Tensor, ...],
+                       block_rows: int = BLOCK_ROWS) -> Iterator[tuple[slice, torch.Tensor]]:
+    """`conditioner_ref` block by block of rows, without autograd: yields (rows, output `(m, out)`) with
+    m <= block_rows. One buffer per layer serves every block (each yielded output is overwritten by
+    the next block), so the activations stay cache-sized and no full-batch intermediate is allocated."""
+    inputs = kept if context is None else torch.cat([kept, context.to(kept.dtype)], dim=1)
+    n = inputs.shape[0]
+    transposed, biases = [w.t() for w in weights[0::2]], weights[1::2]
+    buffers = [inputs.new_empty(min(n, block_rows), w.shape[1]) for w in transposed]
+    for start in range(0, n, block_rows):
+        stop = min(n, start + block_rows)
+        h = inputs[start:stop]
+        for layer, (w_t, b, buffer) in enumerate(zip(transposed, biases, buffers)):
+            h = torch.addmm(b, h, w_t, out=buffer[: stop - start])
+            if layer < len(buffers) - 1:
+                F.silu(h, inplace=True)
+        yield slice(start, stop), h
 
 
 def affine_coupling_ref(kept, context, changed, weights, *, scale_bound: float, inverse: bool):
@@ -56,6 +82,21 @@ def spline_coupling_ref(kept, context, changed, weights, *, num_bins: int, bound
     params = conditioner_ref(kept, context, weights).view(changed.shape[0], changed.shape[1], 3 * num_bins - 1)
     out, ladj = rq_spline(changed, params, bound=bound, inverse=inverse, backend=spline_backend)
     return out, ladj.sum(-1)
+
+
+def _spline_coupling_blocked(kept, context, changed, weights, *, num_bins: int, bound: float, inverse: bool):
+    """`spline_coupling_ref` with the native spline, block by block of rows (`conditioner_blocks`);
+    no autograd. Shapes as `affine_coupling_ref`."""
+    changed = changed.contiguous()
+    n, count = changed.shape
+    out, ladj = torch.empty_like(changed), changed.new_empty(n)
+    coordinate_ladj = changed.new_empty(min(n, BLOCK_ROWS), count)
+    for rows, params in conditioner_blocks(kept, context, weights):
+        block_ladj = coordinate_ladj[: rows.stop - rows.start]
+        rq_spline_native_into(changed[rows], params.view(-1, count, 3 * num_bins - 1), out[rows], block_ladj,
+                              bound=bound, inverse=inverse)
+        torch.sum(block_ladj, dim=1, out=ladj[rows])
+    return out, ladj
 
 
 def _check(kept, context, changed, weights) -> tuple[bool, list[torch.Tensor]]:
@@ -86,7 +127,8 @@ def affine_coupling(kept, context, changed, weights, *, scale_bound: float, inve
 
 def spline_coupling(kept, context, changed, weights, *, num_bins: int, bound: float, inverse: bool, backend: str | None = None):
     """`spline_coupling_ref` through the chosen backend: `triton` fuses the layer (float32, two hidden
-    layers); `native`/`reference` run the conditioner in PyTorch and the spline on that backend."""
+    layers); `native`/`reference` run the conditioner in PyTorch and the spline on that backend, and
+    `native` without autograd runs the layer by blocks of rows (`_spline_coupling_blocked`)."""
     fusable, tensors = _check(kept, context, changed, weights)
     native_ok = kept.device.type == "cpu" and all(t.dtype in (torch.float32, torch.float64) for t in tensors)
     supports = ("reference",) + (("native",) if native_ok else ()) + (("triton",) if fusable else ())
@@ -98,6 +140,8 @@ def spline_coupling(kept, context, changed, weights, *, num_bins: int, bound: fl
         constants = (MIN_BIN_WIDTH, MIN_BIN_HEIGHT, MIN_DERIVATIVE, DERIVATIVE_SHIFT)
         kernel = partial(spline_coupling_triton, num_bins=num_bins, bound=bound, inverse=inverse, constants=constants)
         return _FusedCoupling.apply(kernel, reference, kept, context, changed, *weights)
+    if chosen == "native" and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
+        return _spline_coupling_blocked(kept, context, changed, weights, num_bins=num_bins, bound=bound, inverse=inverse)
     return reference(kept, context, changed, weights, spline_backend=chosen)
 
 

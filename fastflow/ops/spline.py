@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from fastflow.backends import native_module, resolve_backend
 
-__all__ = ["rq_spline", "rq_spline_ref", "spline_param_count", "DERIVATIVE_SHIFT"]
+__all__ = ["rq_spline", "rq_spline_native_into", "rq_spline_ref", "spline_param_count", "DERIVATIVE_SHIFT"]
 
 MIN_BIN_WIDTH = 1e-3
 MIN_BIN_HEIGHT = 1e-3
@@ -134,12 +134,22 @@ def _flat(inputs: torch.Tensor, params: torch.Tensor) -> tuple[torch.Tensor, tor
     return inputs.detach().contiguous().reshape(-1), params.detach().contiguous().reshape(-1, params.shape[-1])
 
 
+def rq_spline_native_into(inputs: torch.Tensor, params: torch.Tensor, outputs: torch.Tensor, logabsdet: torch.Tensor,
+                          *, bound: float, inverse: bool) -> None:
+    """The native spline written into preallocated contiguous CPU tensors, without autograd: inputs,
+    outputs and logabsdet `(*batch)`, params `(*batch, 3K-1)`, all of one dtype (float32/float64)."""
+    x, p = _flat(inputs, params)
+    native_module(x.device).rq_spline_forward(
+        x.numpy(), p.numpy(), outputs.view(-1).numpy(), logabsdet.view(-1).numpy(), bound, inverse, DERIVATIVE_SHIFT
+    )
+
+
 @torch.library.custom_op("fastflow::rq_spline", mutates_args=())
 def _rq_spline_native(inputs: torch.Tensor, params: torch.Tensor, bound: float, inverse: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    x, p = _flat(inputs, params)
-    outputs, logabsdet = torch.empty_like(x), torch.empty_like(x)
-    native_module(x.device).rq_spline_forward(x.numpy(), p.numpy(), outputs.numpy(), logabsdet.numpy(), bound, inverse, DERIVATIVE_SHIFT)
-    return outputs.view(inputs.shape), logabsdet.view(inputs.shape)
+    outputs = torch.empty(inputs.shape, dtype=inputs.dtype)
+    logabsdet = torch.empty_like(outputs)
+    rq_spline_native_into(inputs, params, outputs, logabsdet, bound=bound, inverse=inverse)
+    return outputs, logabsdet
 
 
 @_rq_spline_native.register_fake

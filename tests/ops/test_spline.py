@@ -9,10 +9,13 @@ from fastflow.ops.spline import rq_spline, rq_spline_ref
 native_missing = not backends()["native"].available
 pytestmark = pytest.mark.skipif(native_missing, reason="fastflow._C is not built")
 
-# (dtype, atol, rtol) against the float64 reference: float64 agrees to rounding; float32 computes in
-# double inside the kernel, so its error is the rounding of inputs and outputs (~1e-4 of the scale
-# of the inverse's gradients with narrow bins, K=13).
+# (dtype, atol, rtol) against the float64 reference: float64 agrees to rounding; float32 runs the
+# forward in float (~1e-6 relative) and the backward in double, so its error is the rounding of inputs
+# and outputs (~1e-4 of the scale of the inverse's gradients with narrow bins, K=13).
 TOLERANCES = [(torch.float64, 1e-10, 1e-10), (torch.float32, 1e-3, 1e-3)]
+# The blocked forward computes float32 inputs in float: its error against the float64 reference may be
+# at most this many times the float32 reference's own error (plus 1e-6); measured ratios are 1-4.
+FLOAT32_ERROR_RATIO = 5.0
 
 
 def _inputs(shape, num_bins, dtype, seed=0, scale=1.5):
@@ -43,6 +46,44 @@ def test_native_matches_reference_forward_and_backward(dtype, atol, rtol, invers
         assert g.dtype == dtype
         # gradients reach ~1e3 for narrow bins: compare relative to their scale
         torch.testing.assert_close(g.double(), g_ref, atol=atol * (1 + g_ref.abs().max().item()), rtol=rtol)
+
+
+def _isas():
+    from fastflow import _C
+
+    return _C.spline_isas()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("inverse", [False, True])
+@pytest.mark.parametrize("count, num_bins", [(1000, 8), (130, 1), (67, 2), (129, 13), (65, 128)])
+def test_every_instruction_set_of_the_blocked_forward_matches_the_reference(dtype, inverse, count, num_bins):
+    """Each build of the blocked forward (x86-64-v3 where the CPU has it, and the portable one), over
+    counts that leave partial blocks of 64, tails included (scale 3 against bound 2)."""
+    from fastflow import _C
+    from fastflow.ops.spline import DERIVATIVE_SHIFT
+
+    x, params = (t.detach() for t in _inputs((count,), num_bins, dtype, seed=count, scale=3.0))
+    truth = rq_spline_ref(x.double(), params.double(), bound=2.0, inverse=inverse)
+    same_dtype = rq_spline_ref(x, params, bound=2.0, inverse=inverse)
+    for isa in _isas():
+        result = torch.empty_like(x), torch.empty_like(x)
+        _C.rq_spline_forward(x.numpy(), params.numpy(), *(t.numpy() for t in result), 2.0, inverse, DERIVATIVE_SHIFT, isa)
+        for name, value, expected, reference in zip(("out", "ladj"), result, truth, same_dtype):
+            if dtype == torch.float64:
+                torch.testing.assert_close(value, expected, atol=1e-10, rtol=1e-10)
+            else:
+                limit = FLOAT32_ERROR_RATIO * (reference.double() - expected).abs().max().item() + 1e-6
+                error = (value.double() - expected).abs().max().item()
+                assert error <= limit, f"{isa} {name}: error {error:.2e} > {limit:.2e}"
+
+
+def test_unknown_instruction_set_is_rejected():
+    from fastflow import _C
+
+    x, params = (t.detach() for t in _inputs((4,), 3, torch.float32))
+    with pytest.raises(ValueError, match="not available"):
+        _C.rq_spline_forward(x.numpy(), params.numpy(), x.clone().numpy(), x.clone().numpy(), 2.0, False, 0.5, "avx9000")
 
 
 def test_native_tails_and_inside_points():
