@@ -143,16 +143,33 @@ def _rows_kernel(simulate, summary, summarize, kind, shift, matrix, prior_draws,
     return theta_out, s_out
 
 
+def _chunk_kernel(simulate, summary, summarize, kind, shift, matrix, prior_draws, stride, dim_x, dim_s, key, n,
+                  blocks):
+    """θ `(n, dim_theta)` and summaries `(n, dim_s)` of rows `0..n-1` (a pilot chunk), in batches."""
+    dim, step = shift.shape[0], (n + blocks - 1) // blocks
+    theta_out, s_out = np.empty((n, dim)), np.empty((n, dim_s))
+    for block in prange(blocks):
+        z, scratch = np.empty(dim), np.empty((BATCH, dim_x))
+        stop = min(n, (block + 1) * step)
+        for first in range(block * step, stop, BATCH):
+            last = min(first + BATCH, stop)
+            x = scratch[: last - first] if summarize else s_out[first:last]
+            _draw(simulate, summary, summarize, kind, shift, matrix, prior_draws, stride, key, first,
+                  theta_out[first:last], z, x, s_out[first:last])
+    return theta_out, s_out
+
+
 @functools.cache
 def _kernels():
-    """The two kernels compiled for first-class task functions (once, cached on disk)."""
+    """The kernels (best, rows, chunk) compiled for first-class task functions (once, cached on disk)."""
     f8, i8 = types.float64, types.int64
     common = (types.FunctionType(SIMULATE_SIGNATURE), types.FunctionType(SUMMARY_SIGNATURE), types.boolean, i8, f8[::1],
               f8[:, ::1], i8, i8, i8, i8, i8)
     best = types.Tuple((f8[:, ::1], i8[:, ::1], i8[::1], i8[::1]))(*common, i8, f8[::1], f8[:, ::1], i8, f8, i8, i8)
     rows = types.Tuple((f8[:, ::1], f8[:, ::1]))(*common, i8[::1])
+    chunk = types.Tuple((f8[:, ::1], f8[:, ::1]))(*common, i8, i8)
     compile_ = functools.partial(njit, parallel=True, cache=True)
-    return compile_(best)(_best_kernel), compile_(rows)(_rows_kernel)
+    return compile_(best)(_best_kernel), compile_(rows)(_rows_kernel), compile_(chunk)(_chunk_kernel)
 
 
 @dataclass(frozen=True)
@@ -214,6 +231,10 @@ class FusedSimulator:
     def rows(self, key: int, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """θ `(m, dim_theta)` and summaries `(m, dim_s)` float64 of rows `(m,)` of the chunk with this key."""
         return _kernels()[1](*self._common(key), np.ascontiguousarray(rows, dtype=np.int64))
+
+    def chunk(self, key: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """θ `(n, dim_theta)` and summaries `(n, dim_s)` float64 of rows `0..n-1` of the chunk with this key."""
+        return _kernels()[2](*self._common(key), int(n), BLOCKS)
 
     def best(self, key: int, n: int, s_obs: np.ndarray, weight: np.ndarray, metric: str, threshold: float,
              capacity: int) -> tuple[np.ndarray, np.ndarray, int]:

@@ -141,7 +141,7 @@ class _Plan:
     def simulate(self, chunk: int) -> tuple[np.ndarray, np.ndarray]:
         """`(θ (n, dim_theta), s (n, dim_s))` float64 for chunk `chunk`."""
         if self.fused is not None:
-            return self.fused.rows(self.key(chunk), np.arange(self.length(chunk)))
+            return self.fused.chunk(self.key(chunk), self.length(chunk))
         theta, x = self.draw(chunk)
         return theta, _summaries(x, self.summary)
 

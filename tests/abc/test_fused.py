@@ -197,3 +197,15 @@ def test_counter_based_normal_and_uniform_have_their_distributions():
         expected = 2 * stats.norm.sf(t)
         assert abs((np.abs(z) > t).mean() - expected) < 5 * math.sqrt(expected / 1_000_000)
     assert 0 < u.min() and u.max() < 1
+
+
+def test_a_whole_chunk_equals_its_replayed_rows():
+    task = get_task("slcp")
+    for summary in (None, task.summary):
+        fused = FusedSimulator.build(task, task.prior, summary)
+        theta, s = fused.chunk(9, 1_000)
+        rows = np.array([0, 5, 127, 128, 999])
+        replayed = fused.rows(9, rows)
+        np.testing.assert_array_equal(replayed[0], theta[rows])
+        np.testing.assert_array_equal(replayed[1], s[rows])
+        assert s.shape == (1_000, 5 if summary else 8)

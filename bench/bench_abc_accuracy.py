@@ -1,0 +1,111 @@
+"""ABC accuracy bought with simulations: mean C2ST over observations against the tasks' reference posteriors.
+
+For each task, `fastflow.abc.abc_posterior_samples` keeps the best 10^4 of N simulations (the fused Numba
+kernel, MAD-scaled euclidean distance on the task's summaries) and regression-adjusts them; C2ST (sbibm's
+classifier, 10^4 against 10^4 reference draws) is averaged over the observations. Targets from issue 6:
+two_moons 10^7 ≤ 0.52, gaussian_mixture 10^7 ≤ 0.53, gaussian_linear 10^7 ≤ 0.53, slcp 10^8 ≤ 0.80.
+Prints a table and writes `bench/results/abc_accuracy_<date>_cpu.json`.
+
+Run: `python bench/bench_abc_accuracy.py` (or `python -m pytest bench/bench_abc_accuracy.py -s`). Environment:
+- FASTFLOW_BENCH_ABC_TASKS: comma-separated tasks (default all four);
+- FASTFLOW_BENCH_ABC_OBS: comma-separated observation indices (default 1,2,3,4,5);
+- FASTFLOW_BENCH_ABC_NSIMS: `task=N` pairs overriding the simulations, e.g. `slcp=1e7,two_moons=1e6`;
+- FASTFLOW_BENCH_ABC_ACCEPT: accepted draws (default 10000); NUMBA_NUM_THREADS: kernel threads.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import numba
+import numpy as np
+
+from fastflow.abc import abc_posterior_samples
+from fastflow.metrics import c2st
+from fastflow.tasks import TASKS, get_task
+
+TARGETS = {  # task: (simulations, C2ST target)
+    "two_moons": (10**7, 0.52),
+    "gaussian_mixture": (10**7, 0.53),
+    "gaussian_linear": (10**7, 0.53),
+    "slcp": (10**8, 0.80),
+}
+RESULTS = Path(__file__).parent / "results"
+
+
+def _config() -> tuple[list[str], list[int], dict[str, int], int]:
+    tasks = os.environ.get("FASTFLOW_BENCH_ABC_TASKS", ",".join(TASKS)).split(",")
+    observations = [int(i) for i in os.environ.get("FASTFLOW_BENCH_ABC_OBS", "1,2,3,4,5").split(",")]
+    sims = {task: n for task, (n, _) in TARGETS.items()}
+    for pair in filter(None, os.environ.get("FASTFLOW_BENCH_ABC_NSIMS", "").split(",")):
+        task, n = pair.split("=")
+        sims[task] = int(float(n))
+    return tasks, observations, sims, int(float(os.environ.get("FASTFLOW_BENCH_ABC_ACCEPT", "10000")))
+
+
+def measure(task_name: str, observation: int, n_sims: int, accept: int) -> dict:
+    """One row: seconds of the ABC run, of the reference sampler and of C2ST, and the C2ST itself."""
+    task = get_task(task_name)
+    x_obs = task.observation(observation)
+    start = time.perf_counter()
+    samples = abc_posterior_samples(task, x_obs, num_simulations=n_sims, num_samples=accept, seed=observation)
+    abc_seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    reference = task.reference_posterior_samples(x_obs, accept, seed=observation)
+    reference_seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    score = c2st(reference, samples)
+    return {"task": task_name, "observation": observation, "n_sims": n_sims, "accepted": accept, "c2st": score,
+            "abc_seconds": abc_seconds, "reference_seconds": reference_seconds,
+            "c2st_seconds": time.perf_counter() - start, "load_average": os.getloadavg()}
+
+
+def run() -> dict:
+    """Measure every configured (task, observation), print the table, write the JSON; returns its content."""
+    tasks, observations, sims, accept = _config()
+    rows, summary = [], []
+    print(f"ABC accuracy: best {accept} of N, adjusted; {numba.get_num_threads()} Numba threads; "
+          f"load average {os.getloadavg()[0]:.2f} at start")
+    for task in tasks:
+        task_rows = []
+        for observation in observations:
+            task_rows.append(measure(task, observation, sims[task], accept))
+            row = task_rows[-1]
+            print(f"  {task:16s} obs {observation}  N={sims[task]:.0e}  C2ST {row['c2st']:.3f}  "
+                  f"ABC {row['abc_seconds']:.1f} s  load {row['load_average'][0]:.2f}", flush=True)
+        rows += task_rows
+        n_target, target = TARGETS.get(task, (None, None))
+        mean = float(np.mean([r["c2st"] for r in task_rows]))
+        summary.append({"task": task, "n_sims": sims[task], "observations": observations, "mean_c2st": mean,
+                        "target": target if sims[task] == n_target else None,
+                        "mean_abc_seconds": float(np.mean([r["abc_seconds"] for r in task_rows]))})
+    lines = ["", f"{'task':16s} {'N':>6s} {'obs':>10s} {'mean C2ST':>9s} {'target':>7s} {'ABC s':>6s}"]
+    for s in summary:
+        target = "-" if s["target"] is None else f"{s['target']:.2f}"
+        verdict = "" if s["target"] is None else ("  ok" if s["mean_c2st"] <= s["target"] else "  MISSED")
+        obs = ",".join(map(str, s["observations"]))
+        lines.append(f"{s['task']:16s} {s['n_sims']:6.0e} {obs:>10s} {s['mean_c2st']:9.3f} {target:>7s} "
+                     f"{s['mean_abc_seconds']:6.1f}{verdict}")
+    print("\n".join(lines))
+    content = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+               "machine": {"processor": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
+                           "numba_threads": numba.get_num_threads()},
+               "accepted": accept, "summary": summary, "rows": rows}
+    RESULTS.mkdir(exist_ok=True)
+    path = RESULTS / f"abc_accuracy_{datetime.date.today().isoformat()}_cpu.json"
+    path.write_text(json.dumps(content, indent=1))
+    print(f"wrote {path}")
+    return content
+
+
+def test_abc_accuracy():
+    run()
+
+
+if __name__ == "__main__":
+    run()
