@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from fastflow.backends import resolve_backend
 from fastflow.fm.nets import VelocityMLP
-from fastflow.fm.solvers import SOLVERS, OdeSolution, _check_times, odeint
+from fastflow.fm.solvers import SOLVERS, OdeSolution, _check_times, _stage_times, odeint
 
 __all__ = ["fused_unsupported", "mlp_odeint"]
 
@@ -117,11 +117,8 @@ def _fused(velocity: VelocityMLP, x, grid: list[float], method: str, context, pr
     first = velocity.layers[0]
     n_time = velocity.time_embedding.dim
     w_time, w_x, w_context = first.weight.split([n_time, velocity.dim, velocity.context_dim], dim=1)
-    # stage times as odeint forms them: float32 start + (c_s · h_k), one row per evaluation
-    starts = torch.tensor(grid[:-1], dtype=torch.float64)
-    steps = torch.tensor(grid[1:], dtype=torch.float64) - starts
-    offsets = (torch.tensor(tableau.c, dtype=torch.float64)[None, :] * steps[:, None]).float()
-    stage_times = (starts.float()[:, None] + offsets).reshape(-1).to(x.device)
+    stage_times = _stage_times(grid, tableau.c, torch.float32).reshape(-1).to(x.device)  # as odeint evaluates
+    steps = torch.tensor(grid[1:], dtype=torch.float64) - torch.tensor(grid[:-1], dtype=torch.float64)
     time_bias = F.linear(velocity.time_embedding(stage_times), w_time, first.bias)
     context_bias = None if context is None else F.linear(context, w_context).contiguous()
     hidden = velocity.layers[1:]

@@ -72,14 +72,33 @@ def _combine(weights: Sequence[float], k: list[torch.Tensor]) -> torch.Tensor | 
     return sum(terms[1:], terms[0]) if terms else None
 
 
-def _stages(f, tableau: ButcherTableau, t, x, h, args, k_1) -> list[torch.Tensor]:
-    """The stage derivatives k_1..k_s of one step of size h (scalar or `(n, 1)`) from (t, x)."""
+def _advance(x: torch.Tensor, h, weights: Sequence[float], k: list[torch.Tensor]) -> torch.Tensor:
+    """x + h Σ_j w_j k_j (zero weights skipped) for a step h that is a float (one new tensor, accumulated
+    in place) or an `(n, 1)` tensor."""
+    if isinstance(h, torch.Tensor):
+        increment = _combine(weights, k)
+        return x if increment is None else torch.addcmul(x, h, increment)
+    out = x
+    for w, k_j in zip(weights, k):
+        if w != 0.0:
+            out = torch.add(x, k_j, alpha=h * w) if out is x else out.add_(k_j, alpha=h * w)
+    return out
+
+
+def _stages(f, tableau: ButcherTableau, times, x, h, args, k_1) -> list[torch.Tensor]:
+    """The stage derivatives k_1..k_s of one step of size h (float or `(n, 1)`) from x, with stage i
+    evaluated at times[i]."""
     k = [k_1]
-    h_t = h.squeeze(-1) if isinstance(h, torch.Tensor) else h
-    for c_i, a_i in zip(tableau.c[1:], tableau.a[1:]):
-        increment = _combine(a_i, k)
-        k.append(f(t + c_i * h_t, x if increment is None else x + h * increment, *args))
+    for t_i, a_i in zip(times[1:], tableau.a[1:]):
+        k.append(f(t_i, _advance(x, h, a_i, k), *args))
     return k
+
+
+def _stage_times(grid: Sequence[float], c: Sequence[float], dtype: torch.dtype) -> torch.Tensor:
+    """`(K, S)` times of the S stages of each of the K steps of a grid: t_k in `dtype` plus c_s h_k."""
+    starts = torch.tensor(grid[:-1], dtype=torch.float64)
+    steps = torch.tensor(grid[1:], dtype=torch.float64) - starts
+    return starts.to(dtype)[:, None] + (torch.tensor(c, dtype=torch.float64)[None, :] * steps[:, None]).to(dtype)
 
 
 def _check_times(times) -> list[float]:
@@ -133,13 +152,12 @@ def odeint(f: Callable[..., torch.Tensor], x: torch.Tensor, times, *, method: st
 
 
 def _fixed(f, tableau, x, grid, args) -> OdeSolution:
-    stages = len(tableau.b)
-    for t_0, t_1 in zip(grid[:-1], grid[1:]):
-        t = torch.tensor(t_0, dtype=x.dtype, device=x.device)
+    times = _stage_times(grid, tableau.c, x.dtype).to(x.device)  # one copy to the device, not one per step
+    for step, (t_0, t_1) in enumerate(zip(grid[:-1], grid[1:])):
         h = t_1 - t_0
-        k = _stages(f, tableau, t, x, h, args, f(t, x, *args))
-        x = x + h * _combine(tableau.b, k)
-    return OdeSolution(x, evaluations=stages * (len(grid) - 1))
+        k = _stages(f, tableau, times[step], x, h, args, f(times[step, 0], x, *args))
+        x = _advance(x, h, tableau.b, k)
+    return OdeSolution(x, evaluations=len(tableau.b) * (len(grid) - 1))
 
 
 def _rms(values: torch.Tensor) -> torch.Tensor:
@@ -168,9 +186,9 @@ def _adaptive(f, tableau, x, t_0, t_1, args, rtol, atol, max_steps) -> OdeSoluti
         remaining = (t_1 - t_a).abs()
         step = torch.minimum(h[active], remaining)
         signed = (direction * step).unsqueeze(-1)
-        k = _stages(f, tableau, t_a, x_a, signed, args_a, k_a)
+        k = _stages(f, tableau, [t_a] + [t_a + c_i * direction * step for c_i in tableau.c[1:]], x_a, signed, args_a, k_a)
         solution.evaluations += len(tableau.b) - 1
-        x_new = x_a + signed * _combine(tableau.b, k)
+        x_new = _advance(x_a, signed, tableau.b, k)
         error = signed * _combine(tableau.error, k)
         norm = _rms(error / (atol + rtol * torch.maximum(x_a.abs(), x_new.abs())))
         accept = norm <= 1.0  # False for NaN
