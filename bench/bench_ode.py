@@ -1,6 +1,8 @@
 """CNF sampling ODE: fastflow's batched solvers against torchdiffeq `odeint` on the same MLP velocity field,
 100 steps for fixed-step methods, Dopri5 at rtol = atol = 1e-5. Reports seconds, velocity evaluations,
 max error against a tight Dopri5 (1e-9) reference on the first 1,000 samples, and the ratio to torchdiffeq rk4.
+On CUDA with Triton, also the fused integrator (`fastflow.fm.fused.mlp_odeint`: all steps in one launch),
+Euler and RK4, with fp32 ("ieee") and TF32 products.
 
 Run: `python -m pytest bench/bench_ode.py --benchmark-only -s`; samples default to 10^4 on CPU and 10^6 on
 CUDA (FASTFLOW_BENCH_ODE_SAMPLES overrides); torchdiffeq comes with the `bench` extra.
@@ -13,7 +15,9 @@ import time
 import pytest
 import torch
 
+from fastflow.backends import backends
 from fastflow.fm import VelocityMLP, odeint
+from fastflow.fm.fused import mlp_odeint
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SAMPLES = int(os.environ.get("FASTFLOW_BENCH_ODE_SAMPLES", "1000000" if DEVICE == "cuda" else "10000"))
@@ -37,6 +41,11 @@ def _cases(net, x_0):
     for method in ("euler", "heun", "rk4"):
         cases[f"fastflow {method}-{STEPS}"] = lambda method=method: (lambda s: (s.x, s.evaluations))(odeint(net, x_0, GRID, method=method))
     cases["fastflow dopri5 1e-5"] = lambda: (lambda s: (s.x, s.evaluations))(odeint(net, x_0, [0.0, 1.0], method="dopri5"))
+    if DEVICE == "cuda" and "cuda" in backends()["triton"].devices:
+        for method in ("euler", "rk4"):
+            for precision in ("ieee", "tf32"):
+                cases[f"fused {method}-{STEPS} {precision}"] = lambda method=method, precision=precision: (lambda s: (s.x, s.evaluations))(
+                    mlp_odeint(net, x_0, GRID, method, backend="triton", precision=precision))
     if importlib.util.find_spec("torchdiffeq") is not None:
         from torchdiffeq import odeint as tdq_odeint
 
