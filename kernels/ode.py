@@ -138,7 +138,7 @@ def _mlp_ode_kernel(
     HAS_CONTEXT: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)  # int64: n·H may pass 2^31
     row_ok = rows < n_rows
     cols_d = tl.arange(0, BLOCK_D)
     cols_h = tl.arange(0, BLOCK_H)
