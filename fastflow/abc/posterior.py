@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from fastflow.abc.regression import LLRegression
-from fastflow.abc.rejection import rejection
+from fastflow.abc.rejection import RejectionResult, rejection
 from fastflow.tasks import Task
 
-__all__ = ["abc_posterior_samples"]
+__all__ = ["abc_posterior_samples", "adjusted_samples"]
 
 CHUNK_SIZE = 1_000_000
 
@@ -31,10 +32,14 @@ def abc_posterior_samples(
         task, task.prior, x_obs, num_simulations, quantile=num_samples / num_simulations, summary=task.summary,
         chunk_size=min(CHUNK_SIZE, num_simulations), seed=seed,
     )
-    theta = result.theta
-    if adjust:
-        fit = (result.theta, result.summaries, result.s_obs, result.distances)
-        theta = LLRegression().fit(*fit).predict()
-        if not task.prior.in_support(torch.from_numpy(theta)).all():
-            theta = LLRegression(low=task.prior.low, high=task.prior.high).fit(*fit).predict()
-    return torch.from_numpy(theta).float()
+    return torch.from_numpy(adjusted_samples(task, result) if adjust else result.theta).float()
+
+
+def adjusted_samples(task: Task, result: RejectionResult) -> np.ndarray:
+    """`(k, dim_theta)` float64: the accepted θ of `result` after Epanechnikov local-linear regression on θ's
+    own scale, or on the logit/log scale of the prior's bounds when a draw would leave the support."""
+    fit = (result.theta, result.summaries, result.s_obs, result.distances)
+    theta = LLRegression().fit(*fit).predict()
+    if not task.prior.in_support(torch.from_numpy(theta)).all():
+        theta = LLRegression(low=task.prior.low, high=task.prior.high).fit(*fit).predict()
+    return theta
