@@ -75,6 +75,8 @@ def test_log_transform_for_one_sided_bounds_and_heteroscedastic_scale():
     [
         (dict(bandwidth=0.0), "bandwidth"),
         (dict(bandwidth=-1.0), "bandwidth"),
+        (dict(bandwidth=float("nan")), "bandwidth"),
+        (dict(bandwidth=float("inf")), "bandwidth"),
         (dict(distances=np.zeros(50)), "bandwidth"),
         (dict(s_obs=np.zeros(3)), "s_obs must have shape"),
         (dict(s_obs=np.array([np.nan, 0.0])), "NaN"),

@@ -99,6 +99,13 @@ def test_task_summary_statistics_are_used():
         (dict(backend="cuda"), "unknown backend"),
         (dict(scale=np.array([1.0, -1.0])), "scale"),
         (dict(simulator=lambda theta, rng: simulate(theta, rng)[:-1]), "n = 1000 rows"),
+        (dict(simulator=lambda theta, rng: simulate(theta, rng)[:, 0]), r"shape \(1000,\)"),
+        (dict(simulator=lambda theta, generator: torch.cat((theta, theta)), framework="torch"), "n = 1000 rows"),
+        (dict(summary=lambda x: x[:-1]), "summary must map"),
+        (dict(simulator=lambda theta, rng: np.full_like(theta, np.nan), scale=None), "no simulation accepted"),
+        (dict(simulator=lambda theta, rng: np.full_like(theta, np.nan)), "fewer than 2 finite"),
+        (dict(x_obs=np.array([0.0, np.inf])), "NaN or inf"),
+        (dict(summary=lambda x: x - x[:, :1] * 0 + np.where(np.arange(2) == 0, np.nan, 0.0)), "x_obs contain NaN"),
     ],
 )
 def test_bad_input_is_refused(kwargs, message):
