@@ -37,7 +37,7 @@ def rq_spline_forward(
     across elements in the storage precision; `isa` picks the build ("auto": the best of `spline_isas()`)."""
 
 def spline_isas() -> list[str]:
-    """Instruction sets of the blocked spline forward this CPU runs, best first ("x86_64_v3", "generic")."""
+    """Instruction sets of the blocked spline kernels this CPU runs, best first ("x86_64_v3", "generic")."""
 
 def rq_spline_backward(
     x: npt.NDArray[_Float],
@@ -49,5 +49,6 @@ def rq_spline_backward(
     bound: float,
     inverse: bool,
     derivative_shift: float,
+    isa: str = "auto",
 ) -> None:
     """Backward of rq_spline_forward: fills grad_x (n,) and grad_params (n, 3K-1)."""
