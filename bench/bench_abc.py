@@ -187,13 +187,16 @@ def run(sizes=SIZES) -> dict:
                "bytes_per_simulation_general": BYTES_PER_SIMULATION, "copy_GB_per_s": _copy_bandwidth()}
     lines = [f"rejection on two_moons, best {KEEP} of n, chunk {CHUNK:.0e}, {numba.get_num_threads()} Numba "
              f"threads, {os.cpu_count()} CPUs (load average = runnable processes; above the threads = throttled)"]
-    lines.append(f"{'n':>6s} {'path':>6s} {'seconds':>8s} {'draws/s':>9s} {'vs numpy':>8s} {'peak MB':>7s} {'load':>5s}")
+    lines.append(f"{'n':>6s} {'path':>6s} {'seconds':>8s} {'draws/s':>9s} {'vs numpy':>8s} {'peak MB':>7s} "
+                 f"{'load':>5s}")
     for row in rows:
         for path in PATHS:
             speedup = row.get(f"speedup_{path}_vs_numpy", 1.0)
-            lines.append(f"{row['n_sims']:6.0e} {path:>6s} {row[path]['seconds']:8.2f} {row[path]['draws_per_s']:9.3g} "
-                         f"{speedup:7.2f}x {row[path]['peak_rss_growth_MB']:7.0f} {row['load_average_after'][0]:5.2f}")
-    lines.append(f"general path ~{BYTES_PER_SIMULATION} B/simulation; copy bandwidth {content['copy_GB_per_s']:.1f} GB/s")
+            lines.append(f"{row['n_sims']:6.0e} {path:>6s} {row[path]['seconds']:8.2f} "
+                         f"{row[path]['draws_per_s']:9.3g} {speedup:7.2f}x {row[path]['peak_rss_growth_MB']:7.0f} "
+                         f"{row['load_average_after'][0]:5.2f}")
+    lines.append(f"general path ~{BYTES_PER_SIMULATION} B/simulation; copy bandwidth "
+                 f"{content['copy_GB_per_s']:.1f} GB/s")
     if importlib.util.find_spec("pyabc") is not None and PYABC_SIMS > 0:
         pyabc_rate, draws = pyabc_draws_per_second()
         fused_rate = max(row["fused"]["draws_per_s"] for row in rows)
@@ -202,7 +205,8 @@ def run(sizes=SIZES) -> dict:
         lines.append(f"pyabc rejection ({draws} draws, population {min(PYABC_POPULATION, PYABC_SIMS // 100)}): "
                      f"{pyabc_rate:.3g} draws/s; fused / pyabc {fused_rate / pyabc_rate:.0f}x")
     else:
-        lines.append("pyabc not installed (pip install 'fastflow[bench]') or FASTFLOW_BENCH_ABC_PYABC_SIMS=0: no pyabc row")
+        lines.append("pyabc not installed (pip install 'fastflow[bench]') or FASTFLOW_BENCH_ABC_PYABC_SIMS=0: "
+                     "no pyabc row")
     print("\n" + "\n".join(lines))
     RESULTS.mkdir(exist_ok=True)
     path = RESULTS / f"abc_speed_{datetime.date.today().isoformat()}_cpu.json"

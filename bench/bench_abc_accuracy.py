@@ -13,7 +13,9 @@ Run: `python bench/bench_abc_accuracy.py` (or `python -m pytest bench/bench_abc_
 - FASTFLOW_BENCH_ABC_TASKS: comma-separated tasks (default all four);
 - FASTFLOW_BENCH_ABC_OBS: comma-separated observation indices (default 1,2,3,4,5);
 - FASTFLOW_BENCH_ABC_NSIMS: `task=N` pairs overriding the simulations, e.g. `slcp=1e7,two_moons=1e6`;
-- FASTFLOW_BENCH_ABC_ACCEPT: accepted draws (default 10000); NUMBA_NUM_THREADS: kernel threads.
+- FASTFLOW_BENCH_ABC_ACCEPT: accepted draws (default 10000); NUMBA_NUM_THREADS: kernel threads;
+- FASTFLOW_BENCH_ABC_TAG: appended to the JSON's name (separate processes per task write separate files).
+The JSON is rewritten after every observation, so a run cut short keeps what it measured.
 """
 
 from __future__ import annotations
@@ -75,10 +77,22 @@ def measure(task_name: str, observation: int, n_sims: int, accept: int) -> dict:
             "load_average": os.getloadavg()}
 
 
+def _write(content: dict) -> Path:
+    RESULTS.mkdir(exist_ok=True)
+    tag = os.environ.get("FASTFLOW_BENCH_ABC_TAG", "")
+    path = RESULTS / f"abc_accuracy_{datetime.date.today().isoformat()}_cpu{'_' + tag if tag else ''}.json"
+    path.write_text(json.dumps(content, indent=1))
+    return path
+
+
 def run() -> dict:
     """Measure every configured (task, observation), print the table, write the JSON; returns its content."""
     tasks, observations, sims, accept = _config()
     rows, summary = [], []
+    content = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+               "machine": {"processor": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
+                           "numba_threads": numba.get_num_threads()},
+               "accepted": accept, "summary": summary, "rows": rows}
     print(f"ABC accuracy: best {accept} of N, adjusted; {numba.get_num_threads()} Numba threads; "
           f"load average {os.getloadavg()[0]:.2f} at start")
     for task in tasks:
@@ -86,6 +100,7 @@ def run() -> dict:
         for observation in observations:
             task_rows.append(measure(task, observation, sims[task], accept))
             row = task_rows[-1]
+            _write({**content, "rows": rows + task_rows})
             scores = "  ".join(f"{mode} {score:.3f}" for mode, score in row["c2st"].items())
             print(f"  {task:16s} obs {observation}  N={sims[task]:.0e}  C2ST {scores}  "
                   f"rejection {row['abc_seconds']:.1f} s  load {row['load_average'][0]:.2f}", flush=True)
@@ -108,14 +123,7 @@ def run() -> dict:
         lines.append(f"{s['task']:16s} {s['mode']:8s} {s['n_sims']:6.0e} {obs:>10s} {s['mean_c2st']:9.3f} "
                      f"{target:>7s} {s['mean_rejection_seconds']:6.1f}  {each}{verdict}")
     print("\n".join(lines))
-    content = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-               "machine": {"processor": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
-                           "numba_threads": numba.get_num_threads()},
-               "accepted": accept, "summary": summary, "rows": rows}
-    RESULTS.mkdir(exist_ok=True)
-    path = RESULTS / f"abc_accuracy_{datetime.date.today().isoformat()}_cpu.json"
-    path.write_text(json.dumps(content, indent=1))
-    print(f"wrote {path}")
+    print(f"wrote {_write(content)}")
     return content
 
 

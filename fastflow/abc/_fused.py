@@ -113,8 +113,8 @@ def _best_kernel(simulate, summary, summarize, kind, shift, matrix, prior_draws,
         size, drop, stop = 0, 0, min(n, (block + 1) * step)
         for first in range(block * step, stop, BATCH):
             m = min(BATCH, stop - first)
-            _draw(simulate, summary, summarize, kind, shift, matrix, prior_draws, stride, key, first, theta[:m], z, x[:m],
-                  s[:m])
+            _draw(simulate, summary, summarize, kind, shift, matrix, prior_draws, stride, key, first, theta[:m], z,
+                  x[:m], s[:m])
             for r in range(m):
                 d = row_distance(s, r, s_obs, weight, code)
                 if d == np.inf:
@@ -138,8 +138,8 @@ def _rows_kernel(simulate, summary, summarize, kind, shift, matrix, prior_draws,
     for r in prange(m):
         z = np.empty(dim)
         x = np.empty((1, dim_x)) if summarize else s_out[r:r + 1]
-        _draw(simulate, summary, summarize, kind, shift, matrix, prior_draws, stride, key, rows[r], theta_out[r:r + 1], z, x,
-              s_out[r:r + 1])
+        _draw(simulate, summary, summarize, kind, shift, matrix, prior_draws, stride, key, rows[r],
+              theta_out[r:r + 1], z, x, s_out[r:r + 1])
     return theta_out, s_out
 
 
@@ -163,8 +163,8 @@ def _chunk_kernel(simulate, summary, summarize, kind, shift, matrix, prior_draws
 def _kernels():
     """The kernels (best, rows, chunk) compiled for first-class task functions (once, cached on disk)."""
     f8, i8 = types.float64, types.int64
-    common = (types.FunctionType(SIMULATE_SIGNATURE), types.FunctionType(SUMMARY_SIGNATURE), types.boolean, i8, f8[::1],
-              f8[:, ::1], i8, i8, i8, i8, i8)
+    common = (types.FunctionType(SIMULATE_SIGNATURE), types.FunctionType(SUMMARY_SIGNATURE), types.boolean, i8,
+              f8[::1], f8[:, ::1], i8, i8, i8, i8, i8)
     best = types.Tuple((f8[:, ::1], i8[:, ::1], i8[::1], i8[::1]))(*common, i8, f8[::1], f8[:, ::1], i8, f8, i8, i8)
     rows = types.Tuple((f8[:, ::1], f8[:, ::1]))(*common, i8[::1])
     chunk = types.Tuple((f8[:, ::1], f8[:, ::1]))(*common, i8, i8)
@@ -225,8 +225,8 @@ class FusedSimulator:
         numba_simulator = self.task.numba_simulator
         simulate, summary = numba_simulator.compiled(summarize=self.summarize)
         stride = self.prior_draws + numba_simulator.draws
-        return (simulate, summary, self.summarize, self.kind, self.shift, self.matrix, self.prior_draws, stride, self.dim_x,
-                self.dim_s, int(key))
+        return (simulate, summary, self.summarize, self.kind, self.shift, self.matrix, self.prior_draws, stride,
+                self.dim_x, self.dim_s, int(key))
 
     def rows(self, key: int, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """θ `(m, dim_theta)` and summaries `(m, dim_s)` float64 of rows `(m,)` of the chunk with this key."""

@@ -7,10 +7,10 @@ is the number of counters a row uses (prior draws, then the simulator's `draws`)
 runs it, on the chunk's split into blocks, or on the rows around it: a row can be replayed alone.
 Transcendentals dominate the cost (cos ~20 ns, log ~8 ns, one hash ~1.5 ns), so normals come from a
 128-layer ziggurat (Marsaglia & Tsang 2000; one hash and a table look-up ~99% of the time, ~4 ns) rather than
-Box-Muller (~35 ns) or the polar method (~22 ns). For one key the counters walk the splitmix64 sequence (a BigCrush-passing generator);
-two chunks' keys would have to lie within 10⁸ steps of each other for their streams to overlap
-(probability ~10⁻¹¹ per pair). This stream differs from the torch simulators' (`Task.simulate`): the same
-seed gives a different, equally distributed, set of simulations.
+Box-Muller (~35 ns) or the polar method (~22 ns). For one key the counters walk the splitmix64 sequence
+(a BigCrush-passing generator); two chunks' keys would have to lie within ~10⁸ steps of each other (a chunk's
+counters) for their streams to overlap: probability ~10⁻¹¹ per pair of chunks. This stream differs from the
+torch simulators' (`Task.simulate`): the same seed gives a different, equally distributed, set of simulations.
 
 A task's `NumbaSimulator` holds plain per-row Python functions (taking whole arrays and a row index: a row
 view would cost a reference count, as much as a two_moons simulation); `compiled()` wraps them in loops over a

@@ -86,7 +86,10 @@ def test_fused_distances_are_the_general_kernels_distances(distance):
     result = rejection(task, task.prior, task.observation(1), 20_000, quantile=0.01, distance=distance,
                        chunk_size=7_000)
     diff = result.summaries - result.s_obs
-    expected = np.abs(diff * result.weight).sum(1) if distance == "l1" else np.linalg.norm(diff @ result.weight.T, axis=1)
+    if distance == "l1":
+        expected = np.abs(diff * result.weight).sum(1)
+    else:
+        expected = np.linalg.norm(diff @ result.weight.T, axis=1)
     assert result.fused
     np.testing.assert_allclose(result.distances, expected, rtol=1e-12)
 
