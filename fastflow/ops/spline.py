@@ -115,7 +115,8 @@ def rq_spline(
     """`rq_spline_ref` through the backend chosen by `fastflow.backends.resolve_backend`.
 
     Arguments and returns as `rq_spline_ref`; `backend` is None/"auto", "reference" or "native"
-    (CPU, float32/float64). The native path differentiates once (no double backward).
+    (CPU, float32/float64: blocked, vectorized C++ kernels that compute in the input's precision, as
+    the reference does). The native path differentiates once (no double backward).
     """
     if params.shape[:-1] != inputs.shape or (params.shape[-1] + 1) % 3:
         raise ValueError(f"params must be (*inputs.shape, 3K-1); got inputs {tuple(inputs.shape)}, params {tuple(params.shape)}")
