@@ -1,6 +1,7 @@
 """Fused fixed-step ODE integration of an MLP velocity field in Triton: per tile of BLOCK_M samples, every
 step of the grid and every Runge–Kutta stage (Euler, midpoint, Heun, RK4: up to 4 stages, unrolled from
-constexpr Butcher coefficients) runs in one launch, with the state and the hidden activations in registers.
+constexpr Butcher coefficients) runs in one launch, with the state and the hidden activations on chip (wide
+layers pass through a cache-resident scratch tile).
 
 The velocity is `fastflow.fm.VelocityMLP` with equal hidden widths, split on the host into
     z_1 = act(W_x x + time_bias[evaluation] + context_bias[sample]),
@@ -40,46 +41,41 @@ def _load_transposed(w_ptr, row_0, n_rows, n_cols, rows, cols):
 
 
 @triton.jit
-def _halves(z, BLOCK_M: tl.constexpr, HALF: tl.constexpr):
-    """z `(BLOCK_M, 2·HALF)` → its column halves z[:, :HALF], z[:, HALF:] (in registers)."""
-    return tl.split(tl.permute(tl.reshape(z, (BLOCK_M, 2, HALF)), (0, 2, 1)))
-
-
-@triton.jit
-def _hidden_matmul(z, w_ptr, n_hidden, BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
+def _hidden_matmul(z, w_ptr, scratch_ptr, n_hidden, BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
                    PRECISION: tl.constexpr):
-    """z `(BLOCK_M, BLOCK_H)` @ Wᵀ for W `(H, H)`, summed over BLOCK_H / BLOCK_K (1, 2 or 4) column chunks
-    of z so that a weight tile holds BLOCK_K × BLOCK_H values."""
-    ks = tl.arange(0, BLOCK_K)
+    """z `(BLOCK_M, BLOCK_H)` @ Wᵀ for W `(H, H)`. When BLOCK_K < BLOCK_H, z goes through this program's
+    scratch tile `(BLOCK_M, BLOCK_H)` (global memory, cache-resident) and the product is summed over
+    BLOCK_K-wide chunks in a loop, so that a weight tile holds BLOCK_K × BLOCK_H values."""
     cols = tl.arange(0, BLOCK_H)
     if BLOCK_K == BLOCK_H:
-        out = tl.dot(z, _load_transposed(w_ptr, 0, n_hidden, n_hidden, ks, cols), input_precision=PRECISION)
-    elif 2 * BLOCK_K == BLOCK_H:
-        z_0, z_1 = _halves(z, BLOCK_M, BLOCK_K)
-        out = tl.dot(z_0, _load_transposed(w_ptr, 0, n_hidden, n_hidden, ks, cols), input_precision=PRECISION)
-        out += tl.dot(z_1, _load_transposed(w_ptr, BLOCK_K, n_hidden, n_hidden, ks, cols), input_precision=PRECISION)
+        out = tl.dot(z, _load_transposed(w_ptr, 0, n_hidden, n_hidden, cols, cols), input_precision=PRECISION)
     else:
-        z_a, z_b = _halves(z, BLOCK_M, 2 * BLOCK_K)
-        z_0, z_1 = _halves(z_a, BLOCK_M, BLOCK_K)
-        z_2, z_3 = _halves(z_b, BLOCK_M, BLOCK_K)
-        out = tl.dot(z_0, _load_transposed(w_ptr, 0, n_hidden, n_hidden, ks, cols), input_precision=PRECISION)
-        out += tl.dot(z_1, _load_transposed(w_ptr, BLOCK_K, n_hidden, n_hidden, ks, cols), input_precision=PRECISION)
-        out += tl.dot(z_2, _load_transposed(w_ptr, 2 * BLOCK_K, n_hidden, n_hidden, ks, cols), input_precision=PRECISION)
-        out += tl.dot(z_3, _load_transposed(w_ptr, 3 * BLOCK_K, n_hidden, n_hidden, ks, cols), input_precision=PRECISION)
+        rows = tl.arange(0, BLOCK_M)
+        ks = tl.arange(0, BLOCK_K)
+        tl.debug_barrier()  # every thread has read the previous layer's tile
+        tl.store(scratch_ptr + rows[:, None] * BLOCK_H + cols[None, :], z)
+        tl.debug_barrier()
+        out = tl.zeros((BLOCK_M, BLOCK_H), dtype=tl.float32)
+        for k_0 in range(0, BLOCK_H, BLOCK_K):
+            z_k = tl.load(scratch_ptr + rows[:, None] * BLOCK_H + (k_0 + ks)[None, :])
+            out += tl.dot(z_k, _load_transposed(w_ptr, k_0, n_hidden, n_hidden, ks, cols), input_precision=PRECISION)
     return out
 
 
 @triton.jit
-def _velocity(x, bias, w_x, w_h_ptr, b_h_ptr, w_out, b_out, n_hidden,
+def _velocity(x, bias, w_x_ptr, w_h_ptr, b_h_ptr, w_out_ptr, b_out, scratch_ptr, n_dim, n_hidden,
               NUM_LAYERS: tl.constexpr, ACTIVATION: tl.constexpr, RESIDUAL: tl.constexpr, PRECISION: tl.constexpr,
-              BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
+              BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
     """v `(BLOCK_M, BLOCK_D)` at states x `(BLOCK_M, BLOCK_D)`, with the first layer's bias `(BLOCK_M, BLOCK_H)`
     (time + context terms); padded columns stay zero (act(0) = 0 for every activation)."""
     cols_h = tl.arange(0, BLOCK_H)
+    cols_d = tl.arange(0, BLOCK_D)
+    w_x = _load_transposed(w_x_ptr, 0, n_dim, n_hidden, cols_d, cols_h)  # (BLOCK_D, BLOCK_H)
+    w_out = _load_transposed(w_out_ptr, 0, n_hidden, n_dim, cols_h, cols_d)  # (BLOCK_H, BLOCK_D)
     z = _activate(tl.dot(x, w_x, input_precision=PRECISION) + bias, ACTIVATION)
     for layer in tl.static_range(NUM_LAYERS - 1):
         b = tl.load(b_h_ptr + layer * n_hidden + cols_h, mask=cols_h < n_hidden, other=0.0)
-        out = _activate(_hidden_matmul(z, w_h_ptr + layer * n_hidden * n_hidden, n_hidden, BLOCK_M, BLOCK_H, BLOCK_K,
+        out = _activate(_hidden_matmul(z, w_h_ptr + layer * n_hidden * n_hidden, scratch_ptr, n_hidden, BLOCK_M, BLOCK_H, BLOCK_K,
                                        PRECISION) + b[None, :], ACTIVATION)
         if RESIDUAL:
             z = z + out
@@ -123,30 +119,29 @@ def _accumulate(total, k, W: tl.constexpr, FIRST: tl.constexpr):
     return out
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["weight_offset"])
 def _mlp_ode_kernel(
     # pointers
-    x_ptr, out_ptr, context_bias_ptr, time_bias_ptr, step_ptr,
+    x_ptr, out_ptr, context_bias_ptr, time_bias_ptr, step_ptr, scratch_ptr,
     w_x_ptr, w_h_ptr, b_h_ptr, w_out_ptr, b_out_ptr,
     # dimensions
-    n_rows, n_dim, n_hidden, n_steps,
+    n_rows, n_dim, n_hidden, n_steps, weight_offset,
     # Butcher tableau (rows of a, weights b), zero where absent
     A21: tl.constexpr, A31: tl.constexpr, A32: tl.constexpr, A41: tl.constexpr, A42: tl.constexpr, A43: tl.constexpr,
     B1: tl.constexpr, B2: tl.constexpr, B3: tl.constexpr, B4: tl.constexpr,
     # meta-parameters
     STAGES: tl.constexpr, NUM_LAYERS: tl.constexpr, ACTIVATION: tl.constexpr, RESIDUAL: tl.constexpr,
-    HAS_CONTEXT: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_CONTEXT: tl.constexpr, PRECISION: tl.constexpr, RESIDENT_WEIGHTS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)  # int64: n·H may pass 2^31
     row_ok = rows < n_rows
     cols_d = tl.arange(0, BLOCK_D)
     cols_h = tl.arange(0, BLOCK_H)
+    scratch = scratch_ptr + tl.program_id(0).to(tl.int64) * BLOCK_M * BLOCK_H
     state_mask = row_ok[:, None] & (cols_d[None, :] < n_dim)
     state_offsets = rows[:, None] * n_dim + cols_d[None, :]
     x = tl.load(x_ptr + state_offsets, mask=state_mask, other=0.0)
-    w_x = _load_transposed(w_x_ptr, 0, n_dim, n_hidden, cols_d, cols_h)  # (BLOCK_D, BLOCK_H)
-    w_out = _load_transposed(w_out_ptr, 0, n_hidden, n_dim, cols_h, cols_d)  # (BLOCK_H, BLOCK_D)
     b_out = tl.load(b_out_ptr + cols_d, mask=cols_d < n_dim, other=0.0)
     hidden_ok = cols_h < n_hidden
     if HAS_CONTEXT:
@@ -157,28 +152,32 @@ def _mlp_ode_kernel(
 
     for step in range(n_steps):
         h = tl.load(step_ptr + step)
+        if RESIDENT_WEIGHTS:  # loop-invariant loads: the compiler keeps the weights on chip for all steps
+            w_x, w_h, w_out = w_x_ptr, w_h_ptr, w_out_ptr
+        else:  # weight_offset = 0 at run time: loads stay in the loop and stream from cache (too big to keep)
+            w_x, w_h, w_out = w_x_ptr + step * weight_offset, w_h_ptr + step * weight_offset, w_out_ptr + step * weight_offset
         time_bias = time_bias_ptr + step * STAGES * n_hidden
         k_1 = _velocity(x, context_bias + tl.load(time_bias + cols_h, mask=hidden_ok, other=0.0)[None, :],
-                        w_x, w_h_ptr, b_h_ptr, w_out, b_out, n_hidden,
-                        NUM_LAYERS, ACTIVATION, RESIDUAL, PRECISION, BLOCK_M, BLOCK_H, BLOCK_K)
+                        w_x, w_h, b_h_ptr, w_out, b_out, scratch, n_dim, n_hidden,
+                        NUM_LAYERS, ACTIVATION, RESIDUAL, PRECISION, BLOCK_M, BLOCK_D, BLOCK_H, BLOCK_K)
         total = _accumulate(tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32), k_1, B1, True)
         if STAGES >= 2:
             k_2 = _velocity(x + h * (A21 * k_1),
                             context_bias + tl.load(time_bias + n_hidden + cols_h, mask=hidden_ok, other=0.0)[None, :],
-                            w_x, w_h_ptr, b_h_ptr, w_out, b_out, n_hidden,
-                            NUM_LAYERS, ACTIVATION, RESIDUAL, PRECISION, BLOCK_M, BLOCK_H, BLOCK_K)
+                            w_x, w_h, b_h_ptr, w_out, b_out, scratch, n_dim, n_hidden,
+                            NUM_LAYERS, ACTIVATION, RESIDUAL, PRECISION, BLOCK_M, BLOCK_D, BLOCK_H, BLOCK_K)
             total = _accumulate(total, k_2, B2, B1 == 0.0)
         if STAGES >= 3:
             k_3 = _velocity(x + h * _combine2(k_1, k_2, A31, A32),
                             context_bias + tl.load(time_bias + 2 * n_hidden + cols_h, mask=hidden_ok, other=0.0)[None, :],
-                            w_x, w_h_ptr, b_h_ptr, w_out, b_out, n_hidden,
-                            NUM_LAYERS, ACTIVATION, RESIDUAL, PRECISION, BLOCK_M, BLOCK_H, BLOCK_K)
+                            w_x, w_h, b_h_ptr, w_out, b_out, scratch, n_dim, n_hidden,
+                            NUM_LAYERS, ACTIVATION, RESIDUAL, PRECISION, BLOCK_M, BLOCK_D, BLOCK_H, BLOCK_K)
             total = _accumulate(total, k_3, B3, B1 == 0.0 and B2 == 0.0)
         if STAGES >= 4:
             k_4 = _velocity(x + h * _combine3(k_1, k_2, k_3, A41, A42, A43),
                             context_bias + tl.load(time_bias + 3 * n_hidden + cols_h, mask=hidden_ok, other=0.0)[None, :],
-                            w_x, w_h_ptr, b_h_ptr, w_out, b_out, n_hidden,
-                            NUM_LAYERS, ACTIVATION, RESIDUAL, PRECISION, BLOCK_M, BLOCK_H, BLOCK_K)
+                            w_x, w_h, b_h_ptr, w_out, b_out, scratch, n_dim, n_hidden,
+                            NUM_LAYERS, ACTIVATION, RESIDUAL, PRECISION, BLOCK_M, BLOCK_D, BLOCK_H, BLOCK_K)
             total = _accumulate(total, k_4, B4, B1 == 0.0 and B2 == 0.0 and B3 == 0.0)
         x = x + h * total
     tl.store(out_ptr + state_offsets, x, mask=state_mask)
@@ -203,7 +202,7 @@ def _coefficients(a: tuple[tuple[float, ...], ...], b: tuple[float, ...]) -> dic
 
 def mlp_odeint_triton(x, steps, time_bias, context_bias, w_x, w_hidden, b_hidden, w_out, b_out, *,
                       a, b, activation: str, residual: bool, precision: str = "ieee",
-                      block_m: int = 64, block_k: int | None = None, num_warps: int | None = None):
+                      block_m: int | None = None, block_k: int | None = None, num_warps: int | None = None):
     """Integrate all steps in one launch.
 
     Arguments:
@@ -213,7 +212,11 @@ def mlp_odeint_triton(x, steps, time_bias, context_bias, w_x, w_hidden, b_hidden
         w_out `(D, H)`, b_out `(D,)`: float32, contiguous, on one device (checked by the caller).
         a, b: the explicit Butcher tableau's rows and weights (at most 4 stages).
         precision: tl.dot input precision, "ieee" (fp32) or "tf32".
-        block_k: chunk of the hidden width per weight tile (BLOCK_H, BLOCK_H/2 or BLOCK_H/4).
+        block_m: samples per program (default 64 for TF32 products, 32 for fp32 FMA ones, which need
+            more registers). block_k: chunk of the hidden width per weight tile (a power of 2 dividing
+            BLOCK_H; below BLOCK_H, a scratch buffer of N · BLOCK_H floats carries the activations).
+            Hidden weights of at most 64 KiB stay on chip for the whole integration; larger ones are
+            reloaded (from cache) at each evaluation.
     Returns:
         the states after the last step `(N, D)`.
     """
@@ -221,18 +224,22 @@ def mlp_odeint_triton(x, steps, time_bias, context_bias, w_x, w_hidden, b_hidden
     n_hidden = w_x.shape[0]
     block_h = _block(n_hidden)
     block_k = block_k or max(block_h // 4, min(block_h, 64))
-    if block_h // block_k not in (1, 2, 4) or block_k < 16:
-        raise ValueError(f"block_k must be 16 or more and BLOCK_H / 1, 2 or 4 (BLOCK_H = {block_h}), got {block_k}")
+    if block_k < 16 or block_k > block_h or block_h % block_k or block_k & (block_k - 1):
+        raise ValueError(f"block_k must be a power of 2 in [16, BLOCK_H = {block_h}], got {block_k}")
+    block_m = block_m or (64 if precision == "tf32" else 32)
+    resident = w_hidden.shape[0] * block_h * block_h * 4 <= 64 * 1024
     out = torch.empty_like(x)
     grid = (triton.cdiv(n_rows, block_m),)
+    scratch = x.new_empty(grid[0] * block_m * block_h) if block_k < block_h else x  # unused when block_k = BLOCK_H
     _mlp_ode_kernel[grid](
-        x, out, x if context_bias is None else context_bias, time_bias, steps,
+        x, out, x if context_bias is None else context_bias, time_bias, steps, scratch,
         w_x, w_hidden, b_hidden, w_out, b_out,
-        n_rows, n_dim, n_hidden, steps.shape[0],
+        n_rows, n_dim, n_hidden, steps.shape[0], 0,
         **_coefficients(a, b),
         STAGES=len(b), NUM_LAYERS=w_hidden.shape[0] + 1, ACTIVATION=ACTIVATION_IDS[activation], RESIDUAL=residual,
-        HAS_CONTEXT=context_bias is not None, PRECISION=precision,
+        HAS_CONTEXT=context_bias is not None, PRECISION=precision, RESIDENT_WEIGHTS=resident,
         BLOCK_M=block_m, BLOCK_D=_block(n_dim), BLOCK_H=block_h, BLOCK_K=block_k,
         num_warps=num_warps or (8 if block_h >= 256 else 4),
+        num_stages=1,  # no software pipelining of the step loop: its multi-buffered weight tiles overflow shared memory
     )
     return out

@@ -127,7 +127,7 @@ class CNF(nn.Module):
     @torch.no_grad()
     def sample(self, n: int, context: torch.Tensor | None = None) -> torch.Tensor:
         """Draws `(n, D)`, or `(n, B, D)` for a context `(B, C)`. On CUDA, a `VelocityMLP` with a fixed-step
-        sampler integrates in the fused Triton kernel where it supports the field (`fastflow.fm.fused`)."""
+        sampler integrates in the fused Triton kernel where it supports the field (`fastflow.fm.fused.mlp_odeint`)."""
         if not isinstance(n, int) or isinstance(n, bool) or n <= 0:
             raise ValueError(f"number of samples must be a positive int, got {n!r}")
         if context is not None and context.dim() > 2:
