@@ -214,7 +214,8 @@ def mlp_odeint_triton(x, steps, time_bias, context_bias, w_x, w_hidden, b_hidden
         precision: tl.dot input precision, "ieee" (fp32) or "tf32".
         block_m: samples per program (default 64 for TF32 products, 32 for fp32 FMA ones, which need
             more registers). block_k: chunk of the hidden width per weight tile (a power of 2 dividing
-            BLOCK_H; below BLOCK_H, a scratch buffer of N · BLOCK_H floats carries the activations).
+            BLOCK_H, default 16 above 32; below BLOCK_H, a scratch buffer of N · BLOCK_H floats carries
+            the activations).
             Hidden weights of at most 64 KiB stay on chip for the whole integration; larger ones are
             reloaded (from cache) at each evaluation.
     Returns:
@@ -223,7 +224,8 @@ def mlp_odeint_triton(x, steps, time_bias, context_bias, w_x, w_hidden, b_hidden
     n_rows, n_dim = x.shape
     n_hidden = w_x.shape[0]
     block_h = _block(n_hidden)
-    block_k = block_k or max(block_h // 4, min(block_h, 64))
+    # defaults from sm_90 compiles (register use, spills, shared memory); not yet timed on a GPU
+    block_k = block_k or (block_h if block_h <= 32 else 16)
     if block_k < 16 or block_k > block_h or block_h % block_k or block_k & (block_k - 1):
         raise ValueError(f"block_k must be a power of 2 in [16, BLOCK_H = {block_h}], got {block_k}")
     block_m = block_m or (64 if precision == "tf32" else 32)
@@ -239,7 +241,7 @@ def mlp_odeint_triton(x, steps, time_bias, context_bias, w_x, w_hidden, b_hidden
         STAGES=len(b), NUM_LAYERS=w_hidden.shape[0] + 1, ACTIVATION=ACTIVATION_IDS[activation], RESIDUAL=residual,
         HAS_CONTEXT=context_bias is not None, PRECISION=precision, RESIDENT_WEIGHTS=resident,
         BLOCK_M=block_m, BLOCK_D=_block(n_dim), BLOCK_H=block_h, BLOCK_K=block_k,
-        num_warps=num_warps or (8 if block_h >= 256 else 4),
+        num_warps=num_warps or (8 if block_h >= 128 else 4),
         num_stages=1,  # no software pipelining of the step loop: its multi-buffered weight tiles overflow shared memory
     )
     return out

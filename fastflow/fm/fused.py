@@ -27,8 +27,9 @@ __all__ = ["fused_unsupported", "mlp_odeint"]
 # mirrors kernels/ode.py (not imported here: Triton loads only when the Triton backend runs)
 _ACTIVATIONS = ("silu", "tanh", "gelu", "relu")
 _MAX_HIDDEN, _MAX_LAYERS, _MAX_STAGES, _MAX_STATE_DIM = 256, 4, 4, 256
-# "auto" picks the kernel up to this width: compiled for sm_90 without a GPU at hand, width 256 spills
-# registers to local memory (width 64: none), so wider fields keep odeint until GPU timings say otherwise
+# "auto" picks the kernel up to this width: compiled for sm_90 (no GPU at hand to time it), width 256
+# spills ~2 KB per thread of fp32 products to local memory (width 64: none), so wider fields keep
+# odeint until GPU timings say otherwise
 _AUTO_MAX_HIDDEN = 128
 
 

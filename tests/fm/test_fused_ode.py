@@ -61,8 +61,8 @@ def test_each_method_and_grid_matches_reference(method, grid):
     (3, (32, 32, 32), "gelu", False, 3),       # odd state dimension, context
     (2, (24, 24, 24, 24), "relu", True, 1),    # four hidden layers
     (5, (48, 48, 48), "silu", True, 4),
-    (2, (100, 100), "tanh", False, 0),         # BLOCK_H 128 in two weight chunks
-    (3, (130, 130), "silu", True, 2),          # BLOCK_H 256 in four weight chunks
+    (2, (100, 100), "tanh", False, 0),         # BLOCK_H 128: scratch tile, 8 weight chunks of 16
+    (3, (130, 130), "silu", True, 2),          # BLOCK_H 256: weights streamed, not kept on chip
 ])
 def test_velocity_configurations_match_reference(dim, hidden, activation, residual, context_dim):
     net = _field(dim, hidden, activation=activation, residual=residual, context_dim=context_dim)
