@@ -7,12 +7,13 @@ float32 tolerance: the interpreter's products are exact fp32, summed in another 
 ulps per evaluation: atol = 1e-5 · max(1, |x|), rtol = 1e-5 over at most 16 evaluations here.
 """
 
+import importlib.util
 import os
 
 import pytest
 import torch
 
-if torch.cuda.is_available():
+if torch.cuda.is_available() and importlib.util.find_spec("triton") is not None:
     import fastflow.kernels.ode  # noqa: F401  compiled for the GPU test before any module sets TRITON_INTERPRET
 else:
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernels are imported (lazily, by mlp_odeint)
