@@ -17,7 +17,7 @@ import functools
 from dataclasses import dataclass
 
 import numpy as np
-from numba import njit, prange, types
+from numba import njit, prange, set_parallel_chunksize, types
 
 from fastflow.abc._kernels import METRIC_CODES, row_distance
 from fastflow.priors import BoxUniform, Gaussian, Prior
@@ -26,7 +26,7 @@ from fastflow.tasks.numba_simulator import ATTEMPT, SIMULATE_SIGNATURE, SUMMARY_
 
 __all__ = ["BLOCKS", "FusedSimulator"]
 
-BLOCKS = 16  # parallel blocks per chunk (several per thread, for balance on a shared machine)
+BLOCKS = 16  # parallel blocks per chunk, handed to threads one at a time (balance on a shared machine)
 BATCH = 128  # rows per call of the task functions (amortizes the indirect call)
 _BOX, _GAUSSIAN = 0, 1
 
@@ -172,6 +172,15 @@ def _kernels():
     return compile_(best)(_best_kernel), compile_(rows)(_rows_kernel), compile_(chunk)(_chunk_kernel)
 
 
+def _dynamic(kernel, *arguments):
+    """Run a block kernel with its blocks handed out one at a time (a thread slowed by other load does fewer)."""
+    previous = set_parallel_chunksize(1)
+    try:
+        return kernel(*arguments)
+    finally:
+        set_parallel_chunksize(previous)
+
+
 @dataclass(frozen=True)
 class FusedSimulator:
     """A task's prior, Numba simulator and summaries, run by the fused kernels; picklable (Dask).
@@ -234,7 +243,7 @@ class FusedSimulator:
 
     def chunk(self, key: int, n: int) -> tuple[np.ndarray, np.ndarray]:
         """θ `(n, dim_theta)` and summaries `(n, dim_s)` float64 of rows `0..n-1` of the chunk with this key."""
-        return _kernels()[2](*self._common(key), int(n), BLOCKS)
+        return _dynamic(_kernels()[2], *self._common(key), int(n), BLOCKS)
 
     def best(self, key: int, n: int, s_obs: np.ndarray, weight: np.ndarray, metric: str, threshold: float,
              capacity: int) -> tuple[np.ndarray, np.ndarray, int]:
@@ -245,7 +254,8 @@ class FusedSimulator:
         step = -(-n // BLOCKS)
         capacity = max(1, min(capacity, step))
         weight = np.ascontiguousarray(np.atleast_2d(weight), dtype=np.float64)
-        heap_d, heap_i, sizes, dropped = _kernels()[0](
-            *self._common(key), int(n), s_obs, weight, METRIC_CODES[metric], float(threshold), capacity, BLOCKS)
+        heap_d, heap_i, sizes, dropped = _dynamic(
+            _kernels()[0], *self._common(key), int(n), s_obs, weight, METRIC_CODES[metric], float(threshold), capacity,
+            BLOCKS)
         filled = np.arange(capacity) < sizes[:, None]
         return heap_d[filled], heap_i[filled], int(dropped.sum())
