@@ -1,13 +1,14 @@
-"""Fused affine coupling layer in Triton: per block of rows, the conditioner MLP (two hidden layers,
-SiLU) on [kept, context], the affine transform of the changed half and its log-determinant, with the
-hidden activations kept on chip. Forward/inverse map; gradients come from `fastflow.ops.coupling`.
+"""Fused coupling layers in Triton (affine and rational-quadratic spline): per block of rows, the
+conditioner MLP (two hidden layers, SiLU) on [kept, context], the transform of the changed half and its
+log-determinant, with the hidden activations kept on chip. Forward/inverse map; gradients come from
+`fastflow.ops.coupling`.
 """
 
 import torch
 import triton
 import triton.language as tl
 
-__all__ = ["affine_coupling_triton", "spline_coupling_triton"]
+__all__ = ["affine_coupling_triton", "affine_meta", "spline_coupling_triton", "spline_meta"]
 
 
 @triton.jit
@@ -17,9 +18,12 @@ def _silu(x):
 
 @triton.jit
 def _conditioner_hidden(kept_ptr, context_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, rows, row_ok,
-                        n_kept, n_context, n_hidden, BLOCK_IN: tl.constexpr, BLOCK_H: tl.constexpr):
+                        n_kept, n_context, n_hidden, BLOCK_M: tl.constexpr, BLOCK_IN: tl.constexpr,
+                        BLOCK_H: tl.constexpr, BLOCK_HK: tl.constexpr):
     """Second hidden layer `(BLOCK_M, BLOCK_H)` of the conditioner SiLU(W2 SiLU(W1 [kept, context] + b1) + b2),
-    zero-padded; weights are (out, in) row-major and loaded transposed as (in, out) tiles."""
+    zero-padded; weights are (out, in) row-major and loaded transposed as (in, out) tiles. The first layer's
+    units are taken BLOCK_HK at a time, each chunk multiplied into the second layer's accumulator at once,
+    so a weight tile holds at most BLOCK_HK × BLOCK_H values (wide layers fit in shared memory)."""
     cols_in = tl.arange(0, BLOCK_IN)
     cols_h = tl.arange(0, BLOCK_H)
     n_in = n_kept + n_context
@@ -27,14 +31,18 @@ def _conditioner_hidden(kept_ptr, context_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, r
     x_in = tl.load(kept_ptr + rows[:, None] * n_kept + cols_in[None, :], mask=kept_mask, other=0.0)
     context_mask = row_ok[:, None] & (cols_in[None, :] >= n_kept) & (cols_in[None, :] < n_in)
     x_in += tl.load(context_ptr + rows[:, None] * n_context + (cols_in - n_kept)[None, :], mask=context_mask, other=0.0)
-    w1 = tl.load(w1_ptr + cols_h[None, :] * n_in + cols_in[:, None],
-                 mask=(cols_in[:, None] < n_in) & (cols_h[None, :] < n_hidden), other=0.0)
-    b1 = tl.load(b1_ptr + cols_h, mask=cols_h < n_hidden, other=0.0)
-    h = _silu(tl.dot(x_in, w1) + b1[None, :])
-    w2 = tl.load(w2_ptr + cols_h[None, :] * n_hidden + cols_h[:, None],
-                 mask=(cols_h[:, None] < n_hidden) & (cols_h[None, :] < n_hidden), other=0.0)
+    units = tl.arange(0, BLOCK_HK)
+    pre_activation = tl.zeros((BLOCK_M, BLOCK_H), dtype=tl.float32)
+    for start in range(0, BLOCK_H, BLOCK_HK):
+        unit = start + units
+        unit_ok = unit < n_hidden
+        w1 = tl.load(w1_ptr + unit[None, :] * n_in + cols_in[:, None], mask=(cols_in[:, None] < n_in) & unit_ok[None, :], other=0.0)
+        b1 = tl.load(b1_ptr + unit, mask=unit_ok, other=0.0)
+        h = _silu(tl.dot(x_in, w1) + b1[None, :])
+        w2 = tl.load(w2_ptr + cols_h[None, :] * n_hidden + unit[:, None], mask=unit_ok[:, None] & (cols_h[None, :] < n_hidden), other=0.0)
+        pre_activation += tl.dot(h, w2)
     b2 = tl.load(b2_ptr + cols_h, mask=cols_h < n_hidden, other=0.0)
-    return _silu(tl.dot(h, w2) + b2[None, :])
+    return _silu(pre_activation + b2[None, :])
 
 
 @triton.jit
@@ -48,14 +56,15 @@ def _affine_coupling_kernel(
     # scalars
     scale_bound,
     # meta-parameters
-    INVERSE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_IN: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_OUT: tl.constexpr,
+    INVERSE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_IN: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HK: tl.constexpr,
+    BLOCK_OUT: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < n_rows
     cols_h = tl.arange(0, BLOCK_H)
     cols_out = tl.arange(0, BLOCK_OUT)
     h = _conditioner_hidden(kept_ptr, context_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, rows, row_ok,
-                            n_kept, n_context, n_hidden, BLOCK_IN, BLOCK_H)
+                            n_kept, n_context, n_hidden, BLOCK_M, BLOCK_IN, BLOCK_H, BLOCK_HK)
 
     # transform parameters for the changed coordinates: raw log-scales and shifts, (BLOCK_M, BLOCK_OUT)
     out_mask = (cols_h[:, None] < n_hidden) & (cols_out[None, :] < n_changed)
@@ -85,6 +94,32 @@ def _block(n: int) -> int:
     return max(16, triton.next_power_of_2(n))
 
 
+# Values in one weight tile (64 KiB of float32): conditioners up to width 128 load each layer whole; wider
+# ones go in chunks (BLOCK_HK units, T_CHUNK coordinates), which keeps the kernels within an H100's shared
+# memory (checked by compiling for sm_90: widths 128 and 256, dims 2 to 64, context 64).
+_WEIGHT_TILE = 128 * 128
+
+
+def affine_meta(n_in: int, n_hidden: int, n_changed: int, *, inverse: bool, block_m: int = 64) -> dict:
+    """The affine kernel's meta-parameters (constexprs and launch options) for these layer sizes."""
+    block_h = _block(n_hidden)
+    return dict(INVERSE=inverse, BLOCK_M=block_m, BLOCK_IN=_block(n_in), BLOCK_H=block_h,
+                BLOCK_HK=min(block_h, max(16, _WEIGHT_TILE // block_h)), BLOCK_OUT=_block(n_changed),
+                num_stages=1)  # no software pipelining of the chunk loops: multi-buffered tiles overflow shared memory
+
+
+def spline_meta(n_in: int, n_hidden: int, n_changed: int, num_bins: int, *, inverse: bool, block_m: int = 32) -> dict:
+    """The spline kernel's meta-parameters: as `affine_meta`, with the (coordinate, bin) tile BLOCK_T ×
+    BLOCK_K (at least 16 columns for tl.dot) taken T_CHUNK coordinates at a time within the tile budget."""
+    meta = affine_meta(n_in, n_hidden, n_changed, inverse=inverse, block_m=block_m)
+    del meta["BLOCK_OUT"]
+    block_t, block_k = triton.next_power_of_2(n_changed), triton.next_power_of_2(num_bins)
+    if block_t * block_k < 16:
+        block_k = 16 // block_t
+    t_chunk = min(block_t, max(16 // block_k, _WEIGHT_TILE // meta["BLOCK_H"] // block_k, 1))
+    return {**meta, "BLOCK_T": block_t, "BLOCK_K": block_k, "T_CHUNK": t_chunk}
+
+
 def affine_coupling_triton(kept, context, changed, weights, *, scale_bound: float, inverse: bool, block_m: int = 64):
     """Launch the fused kernel.
 
@@ -109,8 +144,7 @@ def affine_coupling_triton(kept, context, changed, weights, *, scale_bound: floa
         kept, context, changed, w1, b1, w2, b2, w_scale, b_scale, w_shift, b_shift, out, ladj,
         n_rows, kept.shape[1], n_context, w1.shape[0], n_changed,
         float(scale_bound),
-        INVERSE=inverse, BLOCK_M=block_m, BLOCK_IN=_block(kept.shape[1] + n_context), BLOCK_H=_block(w1.shape[0]),
-        BLOCK_OUT=_block(n_changed),
+        **affine_meta(kept.shape[1] + n_context, w1.shape[0], n_changed, inverse=inverse, block_m=block_m),
     )
     return out, ladj
 
@@ -144,73 +178,76 @@ def _spline_coupling_kernel(
     # scalars
     bound, min_width, min_height, min_derivative, derivative_shift,
     # meta-parameters
-    INVERSE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_IN: tl.constexpr, BLOCK_H: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
+    INVERSE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_IN: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HK: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, T_CHUNK: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < n_rows
     cols_h = tl.arange(0, BLOCK_H)
-    cols_p = tl.arange(0, BLOCK_T * BLOCK_K)  # (coordinate, bin) pairs, coordinate-major
     h = _conditioner_hidden(kept_ptr, context_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, rows, row_ok,
-                            n_kept, n_context, n_hidden, BLOCK_IN, BLOCK_H)
+                            n_kept, n_context, n_hidden, BLOCK_M, BLOCK_IN, BLOCK_H, BLOCK_HK)
 
-    # spline parameters as (BLOCK_M, BLOCK_T, BLOCK_K) tiles (the launcher laid the rows out padded)
-    w_offsets = cols_p[None, :] * n_hidden + cols_h[:, None]
+    # the changed coordinates T_CHUNK at a time (a weight tile holds T_CHUNK · BLOCK_K × BLOCK_H values)
     w_mask = cols_h[:, None] < n_hidden
-    raw_width = tl.dot(h, tl.load(w_width_ptr + w_offsets, mask=w_mask, other=0.0)) + tl.load(b_width_ptr + cols_p)[None, :]
-    raw_height = tl.dot(h, tl.load(w_height_ptr + w_offsets, mask=w_mask, other=0.0)) + tl.load(b_height_ptr + cols_p)[None, :]
-    raw_dleft = tl.dot(h, tl.load(w_dleft_ptr + w_offsets, mask=w_mask, other=0.0)) + tl.load(b_dleft_ptr + cols_p)[None, :]
-    raw_dright = tl.dot(h, tl.load(w_dright_ptr + w_offsets, mask=w_mask, other=0.0)) + tl.load(b_dright_ptr + cols_p)[None, :]
-    raw_width = tl.reshape(raw_width, (BLOCK_M, BLOCK_T, BLOCK_K))
-    raw_height = tl.reshape(raw_height, (BLOCK_M, BLOCK_T, BLOCK_K))
-    raw_dleft = tl.reshape(raw_dleft, (BLOCK_M, BLOCK_T, BLOCK_K))
-    raw_dright = tl.reshape(raw_dright, (BLOCK_M, BLOCK_T, BLOCK_K))
-
     bins = tl.arange(0, BLOCK_K)[None, None, :]
     bin_ok = bins < num_bins
-    widths, left_x = _spline_knots(raw_width, bin_ok, bound, min_width, num_bins)
-    heights, left_y = _spline_knots(raw_height, bin_ok, bound, min_height, num_bins)
-    # derivative at each bin's left and right knot: 1 at ±bound (linear tails), else min + softplus
-    d_left = tl.where(bins == 0, 1.0, min_derivative + _softplus(raw_dleft + derivative_shift))
-    d_right = tl.where(bins == num_bins - 1, 1.0, min_derivative + _softplus(raw_dright + derivative_shift))
+    ladj = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for t_0 in range(0, BLOCK_T, T_CHUNK):
+        # spline parameters as (BLOCK_M, T_CHUNK, BLOCK_K) tiles (the launcher laid the rows out padded)
+        cols_p = t_0 * BLOCK_K + tl.arange(0, T_CHUNK * BLOCK_K)  # (coordinate, bin) pairs, coordinate-major
+        w_offsets = cols_p[None, :] * n_hidden + cols_h[:, None]
+        raw_width = tl.dot(h, tl.load(w_width_ptr + w_offsets, mask=w_mask, other=0.0)) + tl.load(b_width_ptr + cols_p)[None, :]
+        raw_height = tl.dot(h, tl.load(w_height_ptr + w_offsets, mask=w_mask, other=0.0)) + tl.load(b_height_ptr + cols_p)[None, :]
+        raw_dleft = tl.dot(h, tl.load(w_dleft_ptr + w_offsets, mask=w_mask, other=0.0)) + tl.load(b_dleft_ptr + cols_p)[None, :]
+        raw_dright = tl.dot(h, tl.load(w_dright_ptr + w_offsets, mask=w_mask, other=0.0)) + tl.load(b_dright_ptr + cols_p)[None, :]
+        raw_width = tl.reshape(raw_width, (BLOCK_M, T_CHUNK, BLOCK_K))
+        raw_height = tl.reshape(raw_height, (BLOCK_M, T_CHUNK, BLOCK_K))
+        raw_dleft = tl.reshape(raw_dleft, (BLOCK_M, T_CHUNK, BLOCK_K))
+        raw_dright = tl.reshape(raw_dright, (BLOCK_M, T_CHUNK, BLOCK_K))
 
-    cols_t = tl.arange(0, BLOCK_T)
-    changed_mask = row_ok[:, None] & (cols_t[None, :] < n_changed)
-    offsets = rows[:, None] * n_changed + cols_t[None, :]
-    value = tl.load(changed_ptr + offsets, mask=changed_mask, other=0.0)
-    inside = (value >= -bound) & (value <= bound)
-    clamped = tl.minimum(tl.maximum(value, -bound), bound)
-    search = left_y if INVERSE else left_x
-    bin_index = tl.sum(tl.where(bin_ok & (bins > 0) & (search < clamped[:, :, None]), 1, 0), axis=2)
-    onehot = bins == bin_index[:, :, None]
-    x_k = tl.sum(tl.where(onehot, left_x, 0.0), axis=2)
-    w_k = tl.sum(tl.where(onehot, widths, 0.0), axis=2)
-    y_k = tl.sum(tl.where(onehot, left_y, 0.0), axis=2)
-    h_k = tl.sum(tl.where(onehot, heights, 0.0), axis=2)
-    d_k = tl.sum(tl.where(onehot, d_left, 0.0), axis=2)
-    d_k1 = tl.sum(tl.where(onehot, d_right, 0.0), axis=2)
-    slope = h_k / w_k
-    curvature = d_k1 + d_k - 2.0 * slope
-    if INVERSE:
-        dy = clamped - y_k
-        a = h_k * (slope - d_k) + dy * curvature
-        b = h_k * d_k - dy * curvature
-        c = -slope * dy
-        xi = (2.0 * c) / (-b - tl.sqrt(tl.maximum(b * b - 4.0 * a * c, 0.0)))
-        result = xi * w_k + x_k
-    else:
-        xi = (clamped - x_k) / w_k
-        result = y_k + h_k * (slope * xi * xi + d_k * xi * (1.0 - xi)) / (slope + curvature * xi * (1.0 - xi))
-    xi_1mxi = xi * (1.0 - xi)
-    denominator = slope + curvature * xi_1mxi
-    numerator = slope * slope * (d_k1 * xi * xi + 2.0 * slope * xi_1mxi + d_k * (1.0 - xi) * (1.0 - xi))
-    logabsdet = tl.log(numerator) - 2.0 * tl.log(denominator)
-    if INVERSE:
-        logabsdet = -logabsdet
-    result = tl.where(inside, result, value)
-    logabsdet = tl.where(inside & changed_mask, logabsdet, 0.0)
-    tl.store(out_ptr + offsets, result, mask=changed_mask)
-    tl.store(ladj_ptr + rows, tl.sum(logabsdet, axis=1), mask=row_ok)
+        widths, left_x = _spline_knots(raw_width, bin_ok, bound, min_width, num_bins)
+        heights, left_y = _spline_knots(raw_height, bin_ok, bound, min_height, num_bins)
+        # derivative at each bin's left and right knot: 1 at ±bound (linear tails), else min + softplus
+        d_left = tl.where(bins == 0, 1.0, min_derivative + _softplus(raw_dleft + derivative_shift))
+        d_right = tl.where(bins == num_bins - 1, 1.0, min_derivative + _softplus(raw_dright + derivative_shift))
+
+        cols_t = t_0 + tl.arange(0, T_CHUNK)
+        changed_mask = row_ok[:, None] & (cols_t[None, :] < n_changed)
+        offsets = rows[:, None] * n_changed + cols_t[None, :]
+        value = tl.load(changed_ptr + offsets, mask=changed_mask, other=0.0)
+        inside = (value >= -bound) & (value <= bound)
+        clamped = tl.minimum(tl.maximum(value, -bound), bound)
+        search = left_y if INVERSE else left_x
+        bin_index = tl.sum(tl.where(bin_ok & (bins > 0) & (search < clamped[:, :, None]), 1, 0), axis=2)
+        onehot = bins == bin_index[:, :, None]
+        x_k = tl.sum(tl.where(onehot, left_x, 0.0), axis=2)
+        w_k = tl.sum(tl.where(onehot, widths, 0.0), axis=2)
+        y_k = tl.sum(tl.where(onehot, left_y, 0.0), axis=2)
+        h_k = tl.sum(tl.where(onehot, heights, 0.0), axis=2)
+        d_k = tl.sum(tl.where(onehot, d_left, 0.0), axis=2)
+        d_k1 = tl.sum(tl.where(onehot, d_right, 0.0), axis=2)
+        slope = h_k / w_k
+        curvature = d_k1 + d_k - 2.0 * slope
+        if INVERSE:
+            dy = clamped - y_k
+            a = h_k * (slope - d_k) + dy * curvature
+            b = h_k * d_k - dy * curvature
+            c = -slope * dy
+            xi = (2.0 * c) / (-b - tl.sqrt(tl.maximum(b * b - 4.0 * a * c, 0.0)))
+            result = xi * w_k + x_k
+        else:
+            xi = (clamped - x_k) / w_k
+            result = y_k + h_k * (slope * xi * xi + d_k * xi * (1.0 - xi)) / (slope + curvature * xi * (1.0 - xi))
+        xi_1mxi = xi * (1.0 - xi)
+        denominator = slope + curvature * xi_1mxi
+        numerator = slope * slope * (d_k1 * xi * xi + 2.0 * slope * xi_1mxi + d_k * (1.0 - xi) * (1.0 - xi))
+        logabsdet = tl.log(numerator) - 2.0 * tl.log(denominator)
+        if INVERSE:
+            logabsdet = -logabsdet
+        result = tl.where(inside, result, value)
+        ladj += tl.sum(tl.where(inside & changed_mask, logabsdet, 0.0), axis=1)
+        tl.store(out_ptr + offsets, result, mask=changed_mask)
+    tl.store(ladj_ptr + rows, ladj, mask=row_ok)
 
 
 def _spline_rows(w3, b3, n_changed, num_bins, block_t, block_k):
@@ -252,10 +289,8 @@ def spline_coupling_triton(kept, context, changed, weights, *, num_bins: int, bo
     n_rows, n_changed = changed.shape
     n_context = 0 if context is None else context.shape[1]
     context = kept.new_empty(0) if context is None else context.contiguous()
-    block_t, block_k = triton.next_power_of_2(n_changed), triton.next_power_of_2(num_bins)
-    if block_t * block_k < 16:  # tl.dot needs 16 output columns
-        block_k = 16 // block_t
-    parameter_rows = _spline_rows(w3, b3, n_changed, num_bins, block_t, block_k)
+    meta = spline_meta(kept.shape[1] + n_context, w1.shape[0], n_changed, num_bins, inverse=inverse, block_m=block_m)
+    parameter_rows = _spline_rows(w3, b3, n_changed, num_bins, meta["BLOCK_T"], meta["BLOCK_K"])
     out = torch.empty_like(changed)
     ladj = changed.new_empty(n_rows)
     min_width, min_height, min_derivative, shift = constants
@@ -263,8 +298,6 @@ def spline_coupling_triton(kept, context, changed, weights, *, num_bins: int, bo
     _spline_coupling_kernel[grid](
         kept, context, changed, w1, b1, w2, b2, *parameter_rows, out, ladj,
         n_rows, kept.shape[1], n_context, w1.shape[0], n_changed, num_bins,
-        float(bound), min_width, min_height, min_derivative, shift,
-        INVERSE=inverse, BLOCK_M=block_m, BLOCK_IN=_block(kept.shape[1] + n_context), BLOCK_H=_block(w1.shape[0]),
-        BLOCK_T=block_t, BLOCK_K=block_k,
+        float(bound), min_width, min_height, min_derivative, shift, **meta,
     )
     return out, ladj

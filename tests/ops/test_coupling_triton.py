@@ -53,6 +53,8 @@ def _assert_same_outputs_and_gradients(fused, reference, leaves):
     (70, 1, 0, 1, 16),    # 2-D, unconditional, rows not a multiple of the block
     (33, 2, 3, 3, 48),    # odd split, context, non-power-of-2 width
     (64, 4, 2, 5, 32),
+    (20, 32, 64, 32, 256),  # the limits: 64-D, context 64, width 256 (second layer in 4 chunks of units)
+    (9, 3, 1, 4, 200),      # width > 128, not a multiple of the chunk
 ])
 def test_fused_matches_reference_forward_and_backward(inverse, rows, kept, context, changed, hidden):
     kept_t, context_t, changed_t, weights = _layer_inputs(rows, kept, context, changed, hidden)
@@ -62,7 +64,9 @@ def test_fused_matches_reference_forward_and_backward(inverse, rows, kept, conte
     _assert_same_outputs_and_gradients(fused, reference, leaves)
 
 
-SPLINE_SHAPES = [(70, 1, 0, 1, 16, 8), (33, 2, 3, 3, 48, 5), (64, 4, 2, 5, 32, 10)]
+SPLINE_SHAPES = [(70, 1, 0, 1, 16, 8), (33, 2, 3, 3, 48, 5), (64, 4, 2, 5, 32, 10),
+                 (20, 32, 64, 32, 256, 8),  # 64-D, context 64, width 256: 4 chunks of units, 4 of 8 coordinates
+                 (9, 3, 1, 5, 200, 3)]      # width > 128, not a multiple of the chunk of units
 
 
 @pytest.mark.parametrize("inverse", [False, True])
