@@ -15,7 +15,8 @@ Run: `python bench/bench_abc_accuracy.py` (or `python -m pytest bench/bench_abc_
 - FASTFLOW_BENCH_ABC_NSIMS: `task=N` pairs overriding the simulations, e.g. `slcp=1e7,two_moons=1e6`;
 - FASTFLOW_BENCH_ABC_ACCEPT: accepted draws (default 10000); NUMBA_NUM_THREADS: kernel threads;
 - FASTFLOW_BENCH_ABC_TAG: appended to the JSON's name (separate processes per task write separate files).
-The JSON is rewritten after every observation, so a run cut short keeps what it measured.
+The JSON is rewritten after every observation, so a run cut short keeps what it measured;
+`python bench/bench_abc_accuracy.py --merge` combines today's per-task JSONs into one with the summary table.
 """
 
 from __future__ import annotations
@@ -105,14 +106,25 @@ def run() -> dict:
             print(f"  {task:16s} obs {observation}  N={sims[task]:.0e}  C2ST {scores}  "
                   f"rejection {row['abc_seconds']:.1f} s  load {row['load_average'][0]:.2f}", flush=True)
         rows += task_rows
-        n_target, target_mode, target = TARGETS.get(task, (None, None, None))
-        for mode in MODES.get(task, ("adjusted",)):
-            summary.append({
-                "task": task, "mode": mode, "n_sims": sims[task], "observations": observations,
-                "mean_c2st": float(np.mean([r["c2st"][mode] for r in task_rows])),
-                "per_observation": [r["c2st"][mode] for r in task_rows],
-                "target": target if (sims[task], mode) == (n_target, target_mode) else None,
-                "mean_rejection_seconds": float(np.mean([r["abc_seconds"] for r in task_rows]))})
+        summary += _summary(task_rows)
+    print(_table(summary))
+    print(f"wrote {_write(content)}")
+    return content
+
+
+def _summary(task_rows: list[dict]) -> list[dict]:
+    """Mean C2ST per mode over the rows of one task (all at the same n_sims)."""
+    task, n_sims = task_rows[0]["task"], task_rows[0]["n_sims"]
+    n_target, target_mode, target = TARGETS.get(task, (None, None, None))
+    return [{"task": task, "mode": mode, "n_sims": n_sims, "observations": [r["observation"] for r in task_rows],
+             "mean_c2st": float(np.mean([r["c2st"][mode] for r in task_rows])),
+             "per_observation": [r["c2st"][mode] for r in task_rows],
+             "target": target if (n_sims, mode) == (n_target, target_mode) else None,
+             "mean_rejection_seconds": float(np.mean([r["abc_seconds"] for r in task_rows]))}
+            for mode in task_rows[0]["c2st"]]
+
+
+def _table(summary: list[dict]) -> str:
     lines = ["", f"{'task':16s} {'samples':8s} {'N':>6s} {'obs':>10s} {'mean C2ST':>9s} {'target':>7s} "
                  f"{'rej. s':>6s}  per observation"]
     for s in summary:
@@ -122,8 +134,22 @@ def run() -> dict:
         each = " ".join(f"{c:.3f}" for c in s["per_observation"])
         lines.append(f"{s['task']:16s} {s['mode']:8s} {s['n_sims']:6.0e} {obs:>10s} {s['mean_c2st']:9.3f} "
                      f"{target:>7s} {s['mean_rejection_seconds']:6.1f}  {each}{verdict}")
-    print("\n".join(lines))
-    print(f"wrote {_write(content)}")
+    return "\n".join(lines)
+
+
+def merge() -> dict:
+    """Combine the per-task JSONs of today (`FASTFLOW_BENCH_ABC_TAG` runs, finished or cut short) into one,
+    with the summary of what they measured; print its table."""
+    today = datetime.date.today().isoformat()
+    parts = [json.loads(path.read_text()) for path in sorted(RESULTS.glob(f"abc_accuracy_{today}_cpu_*.json"))]
+    rows = [row for part in parts for row in part["rows"]]
+    summary = [s for key in dict.fromkeys((r["task"], r["n_sims"]) for r in rows)
+               for s in _summary([r for r in rows if (r["task"], r["n_sims"]) == key])]
+    content = {**parts[0], "summary": summary, "rows": rows, "merged_from": len(parts)}
+    print(_table(summary))
+    path = RESULTS / f"abc_accuracy_{today}_cpu.json"
+    path.write_text(json.dumps(content, indent=1))
+    print(f"wrote {path}")
     return content
 
 
@@ -132,4 +158,6 @@ def test_abc_accuracy():
 
 
 if __name__ == "__main__":
-    run()
+    import sys
+
+    merge() if sys.argv[1:] == ["--merge"] else run()
