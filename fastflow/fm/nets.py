@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 __all__ = ["ACTIVATIONS", "TimeEmbedding", "VelocityMLP"]
 
 ACTIVATIONS = {"silu": nn.SiLU, "tanh": nn.Tanh, "gelu": nn.GELU, "relu": nn.ReLU}
+# in-place forms, used when no graph is recorded (sampling): they skip one activation-sized allocation per layer
+_IN_PLACE = {"silu": partial(F.silu, inplace=True), "tanh": torch.tanh_, "relu": partial(F.relu, inplace=True)}
 
 
 class TimeEmbedding(nn.Module):
@@ -69,7 +73,8 @@ class VelocityMLP(nn.Module):
         elif context is not None:
             raise ValueError("this velocity field is unconditional: pass no context")
         h = torch.cat(inputs, -1)
+        act = _IN_PLACE.get(self.activation, self.act) if not torch.is_grad_enabled() else self.act
         for layer in self.layers:
-            out = self.act(layer(h))
+            out = act(layer(h))
             h = h + out if self.residual and out.shape == h.shape else out
         return self.output(h)
