@@ -100,19 +100,23 @@ def _block(n: int) -> int:
 _WEIGHT_TILE = 128 * 128
 
 
-def affine_meta(n_in: int, n_hidden: int, n_changed: int, *, inverse: bool, block_m: int = 64) -> dict:
-    """The affine kernel's meta-parameters (constexprs and launch options) for these layer sizes."""
+def _conditioner_meta(n_in: int, n_hidden: int, *, inverse: bool, block_m: int) -> dict:
+    """Meta-parameters both kernels share: row block, conditioner tiles and chunk of first-layer units."""
     block_h = _block(n_hidden)
     return dict(INVERSE=inverse, BLOCK_M=block_m, BLOCK_IN=_block(n_in), BLOCK_H=block_h,
-                BLOCK_HK=min(block_h, max(16, _WEIGHT_TILE // block_h)), BLOCK_OUT=_block(n_changed),
+                BLOCK_HK=min(block_h, max(16, _WEIGHT_TILE // block_h)),
                 num_stages=1)  # no software pipelining of the chunk loops: multi-buffered tiles overflow shared memory
 
 
+def affine_meta(n_in: int, n_hidden: int, n_changed: int, *, inverse: bool, block_m: int = 64) -> dict:
+    """The affine kernel's meta-parameters (constexprs and launch options) for these layer sizes."""
+    return {**_conditioner_meta(n_in, n_hidden, inverse=inverse, block_m=block_m), "BLOCK_OUT": _block(n_changed)}
+
+
 def spline_meta(n_in: int, n_hidden: int, n_changed: int, num_bins: int, *, inverse: bool, block_m: int = 32) -> dict:
-    """The spline kernel's meta-parameters: as `affine_meta`, with the (coordinate, bin) tile BLOCK_T ×
-    BLOCK_K (at least 16 columns for tl.dot) taken T_CHUNK coordinates at a time within the tile budget."""
-    meta = affine_meta(n_in, n_hidden, n_changed, inverse=inverse, block_m=block_m)
-    del meta["BLOCK_OUT"]
+    """The spline kernel's meta-parameters: the (coordinate, bin) tile BLOCK_T × BLOCK_K (at least 16
+    columns for tl.dot), taken T_CHUNK coordinates at a time within the tile budget."""
+    meta = _conditioner_meta(n_in, n_hidden, inverse=inverse, block_m=block_m)
     block_t, block_k = triton.next_power_of_2(n_changed), triton.next_power_of_2(num_bins)
     if block_t * block_k < 16:
         block_k = 16 // block_t
