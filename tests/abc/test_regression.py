@@ -6,8 +6,8 @@ import pytest
 
 from abc_conjugate import PRIOR, X_OBS, posterior_moments, simulate
 from fastflow.abc import LLRegression, rejection
-from fastflow.abc.regression import KERNELS
-from fastflow.priors import BoxUniform
+from fastflow.abc.regression import KERNELS, adjust_by_mode, modes
+from fastflow.priors import BoxUniform, Gaussian
 
 
 def test_adjustment_removes_an_exact_linear_dependence():
@@ -103,3 +103,35 @@ def test_unknown_kernel_and_predict_before_fit_are_refused():
         LLRegression(low=[1.0], high=[0.0])
     with pytest.raises(ValueError, match="call fit"):
         LLRegression().predict()
+
+
+def test_modes_are_the_separated_groups_largest_first():
+    rng = np.random.default_rng(0)
+    blob = rng.normal(size=(3000, 3))
+    labels = modes(np.concatenate((blob[:1000] + 8.0, blob[1000:])))
+    assert np.array_equal(np.bincount(labels), [2000, 1000]) and (labels[:1000] == 1).all()
+    assert (modes(blob) == 0).all()  # one Gaussian: one mode, its tails included
+    with pytest.raises(ValueError, match="neighbors"):
+        modes(blob, neighbors=0)
+
+
+def test_adjustment_by_mode_recovers_both_modes_where_one_pooled_fit_blurs_them():
+    # θ ~ N(0, 1), x ~ N(|θ|, σ²): two mirror-image Gaussian modes at ±x_obs / (1 + σ²), variance σ² / (1 + σ²);
+    # θ moves with x in opposite directions in the two modes, so a pooled slope is ~0 and adjusts nothing
+    sigma, x_obs = 0.1, np.array([1.5])
+    mode_mean, mode_var = x_obs[0] / (1 + sigma**2), sigma**2 / (1 + sigma**2)
+    result = rejection(lambda theta, rng: np.abs(theta) + sigma * rng.standard_normal(theta.shape),
+                       Gaussian(np.zeros(1), np.eye(1)), x_obs, 40_000, quantile=0.2, chunk_size=20_000, seed=3)
+    fit = (result.theta, result.summaries, result.s_obs, result.distances)
+    by_mode = adjust_by_mode(*fit)
+    pooled = LLRegression().fit(*fit).predict()
+    for positive in (True, False):
+        rows = (result.theta[:, 0] > 0) == positive
+        assert 0.4 < rows.mean() < 0.6
+        np.testing.assert_allclose(np.abs(by_mode[rows]).mean(), mode_mean, atol=5 * np.sqrt(mode_var / rows.sum()))
+        assert abs(by_mode[rows].var() / mode_var - 1) < 0.15
+        assert pooled[rows].var() / mode_var > 2  # the rejection tolerance's width, left in place
+    # a single mode: the same as one pooled fit
+    single = rejection(simulate, PRIOR, X_OBS, 20_000, quantile=0.1, chunk_size=10_000, seed=5)
+    fit = (single.theta, single.summaries, single.s_obs, single.distances)
+    np.testing.assert_allclose(adjust_by_mode(*fit), LLRegression().fit(*fit).predict(), atol=1e-12)
