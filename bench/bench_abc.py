@@ -4,7 +4,8 @@ bytes each simulation moves, the machine's copy bandwidth, and the peak memory o
 
 Paths, each through `fastflow.abc.rejection`, keeping the best 10^3 of n_sims (x_obs = 0, MAD scaling):
 - fused: the two_moons task; one parallel Numba kernel per chunk draws θ, simulates, measures the distance
-  and keeps a streaming top-k (counter-based RNG), nothing of chunk size materialized;
+  and keeps a streaming top-k (counter-based RNG), nothing of chunk size materialized (its default chunks of
+  10^7, `FUSED_CHUNK_SIZE`; the general paths use chunks of 10^6);
 - numba: the general path: torch prior draws per chunk, a parallel Numba simulator, the Numba reduction;
 - numpy: the general path with a vectorized numpy simulator and the numpy reduction;
 - pyabc (where installed): `ABCSMC` run for one generation, which is rejection ABC from the prior: population
@@ -95,8 +96,9 @@ PATHS = {
 
 def _run(path: str, n_sims: int, **kwargs):
     arguments = dict(PATHS[path])
+    chunk_size = None if path == "fused" else min(CHUNK, n_sims)
     result = rejection(arguments.pop("simulator"), arguments.pop("prior"), X_OBS, n_sims, quantile=KEEP / n_sims,
-                       chunk_size=min(CHUNK, n_sims), **arguments, **kwargs)
+                       chunk_size=chunk_size, **arguments, **kwargs)
     assert result.fused == (path == "fused")
     return result
 

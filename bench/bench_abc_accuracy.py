@@ -32,7 +32,7 @@ import numba
 import numpy as np
 
 from fastflow.abc import rejection
-from fastflow.abc.posterior import CHUNK_SIZE, adjusted_samples
+from fastflow.abc.posterior import adjusted_samples
 from fastflow.metrics import c2st
 from fastflow.tasks import TASKS, get_task
 
@@ -63,7 +63,7 @@ def measure(task_name: str, observation: int, n_sims: int, accept: int) -> dict:
     x_obs = task.observation(observation)
     start = time.perf_counter()
     result = rejection(task, task.prior, x_obs, n_sims, quantile=accept / n_sims, summary=task.summary,
-                       chunk_size=min(CHUNK_SIZE, n_sims), seed=observation)
+                       seed=observation)
     abc_seconds = time.perf_counter() - start
     samples = {"plain": result.theta, "adjusted": adjusted_samples(task, result, seed=observation)}
     adjust_seconds = time.perf_counter() - start - abc_seconds

@@ -11,9 +11,6 @@ from fastflow.tasks import Task
 
 __all__ = ["abc_posterior_samples", "adjusted_samples"]
 
-CHUNK_SIZE = 1_000_000
-
-
 def abc_posterior_samples(
     task: Task, x_obs: torch.Tensor, *, num_simulations: int, num_samples: int, seed: int = 0, adjust: bool = True
 ) -> torch.Tensor:
@@ -26,10 +23,8 @@ def abc_posterior_samples(
     """
     if num_samples > num_simulations:
         raise ValueError(f"ABC keeps the best num_samples of num_simulations: {num_samples} > {num_simulations}")
-    result = rejection(
-        task, task.prior, x_obs, num_simulations, quantile=num_samples / num_simulations, summary=task.summary,
-        chunk_size=min(CHUNK_SIZE, num_simulations), seed=seed,
-    )
+    result = rejection(task, task.prior, x_obs, num_simulations, quantile=num_samples / num_simulations,
+                       summary=task.summary, seed=seed)
     return torch.from_numpy(adjusted_samples(task, result, seed=seed) if adjust else result.theta).float()
 
 

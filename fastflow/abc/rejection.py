@@ -32,6 +32,9 @@ __all__ = ["RejectionResult", "rejection"]
 
 _MAD_TO_SD = 1.4826  # MAD of a standard normal is 1 / 1.4826
 _FRAMEWORKS = ("numpy", "torch")
+CHUNK_SIZE = 1_000_000  # default simulations per chunk of the general path, which materializes a chunk
+FUSED_CHUNK_SIZE = 10_000_000  # the fused path's default: it materializes nothing, a chunk ends a threshold update
+PILOT_SIZE = 100_000  # simulations that estimate the distance scaling (MAD to ~0.4%)
 
 
 @dataclass(frozen=True)
@@ -243,7 +246,7 @@ def rejection(
     summary: Callable | None = None,
     distance: str = "euclidean",
     scale="mad",
-    chunk_size: int = 1_000_000,
+    chunk_size: int | None = None,
     seed: int = 0,
     framework: str = "numpy",
     backend: str = "numba",
@@ -264,11 +267,13 @@ def rejection(
         eps: accept the simulations with distance ≤ eps (with `quantile` too: both must hold). Without
             `quantile` the accepted set is not bounded in size.
         summary: `x (n, dim_x) -> s (n, dim_s)` in the simulator's framework; None uses x itself.
-        distance: `"euclidean"`, `"l1"` or `"mahalanobis"` (covariance of the pilot chunk's summaries,
+        distance: `"euclidean"`, `"l1"` or `"mahalanobis"` (covariance of the pilot's summaries,
             which makes `scale` irrelevant).
-        scale: `"mad"` (median absolute deviation of the pilot chunk, chunk 0), None (no scaling) or
+        scale: `"mad"` (median absolute deviation of the pilot: the first `PILOT_SIZE` simulations of chunk 0),
+            None (no scaling) or
             `(dim_s,)` positive scales; summaries are divided by it.
-        chunk_size: simulations per chunk (memory O(k + chunk_size)).
+        chunk_size: simulations per chunk; None: `CHUNK_SIZE` (10^6) on the general path, whose memory is
+            O(k + chunk_size), `FUSED_CHUNK_SIZE` (10^7) on the fused path, which holds no chunk in memory.
         seed: chunk i uses random streams derived from (seed, i).
         framework: `"numpy"` or `"torch"`, the calling convention of a callable simulator (tasks are torch).
         backend: `"numba"` (parallel kernels) or `"numpy"` (the vectorized reference), same results.
@@ -289,7 +294,7 @@ def rejection(
         raise TypeError(f"prior must be a fastflow.priors.Prior, got {type(prior).__name__}")
     if not isinstance(simulator, Task) and not callable(simulator):
         raise TypeError(f"simulator must be a Task or a callable, got {type(simulator).__name__}")
-    for name, value in (("n_sims", n_sims), ("chunk_size", chunk_size)):
+    for name, value in (("n_sims", n_sims), ("chunk_size", 1 if chunk_size is None else chunk_size)):
         if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
             raise ValueError(f"{name} must be a positive int, got {value!r}")
     if quantile is None and eps is None:
@@ -310,6 +315,8 @@ def rejection(
     if fused and unfused:
         raise ValueError(f"fused=True but the fused path does not apply: {unfused}")
     fused_simulator = None if unfused or fused is False else FusedSimulator.build(simulator, prior, summary)
+    if chunk_size is None:
+        chunk_size = CHUNK_SIZE if fused_simulator is None else FUSED_CHUNK_SIZE
 
     x = torch.as_tensor(x_obs).detach().cpu().double()
     if x.ndim != 1:
@@ -332,11 +339,15 @@ def rejection(
     s_obs = _summaries(x_native[None], summary)[0]
     if not np.isfinite(s_obs).all():
         raise ValueError("the summary statistics of x_obs contain NaN or inf")
-    pilot = plan.simulate(0) if fused_simulator else (pilot_theta, _summaries(pilot_x, summary))
-    plan = replace(plan, s_obs=s_obs, weight=_weight(pilot[1], scale, distance))
+    if fused_simulator is None:
+        chunk_zero = (pilot_theta, _summaries(pilot_x, summary))
+        pilot = chunk_zero[1][:PILOT_SIZE]
+    else:  # the kernel reduces chunk 0 without materializing it; only the pilot rows are kept
+        chunk_zero, pilot = None, fused_simulator.chunk(plan.key(0), min(PILOT_SIZE, plan.length(0)))[1]
+    plan = replace(plan, s_obs=s_obs, weight=_weight(pilot, scale, distance))
 
     n_chunks = math.ceil(n_sims / chunk_size)
-    best = plan.reduce(0, _Candidates.empty(prior.dim, s_obs.shape[0]), pilot)
+    best = plan.reduce(0, _Candidates.empty(prior.dim, s_obs.shape[0]), chunk_zero)
     rest = list(range(1, n_chunks))
     if client is None:
         for chunk in rest:

@@ -1,5 +1,7 @@
 """Rejection ABC: backends agree exactly, the streaming top-k is the exact top-k, posterior moments, bad input."""
 
+import importlib
+
 import numpy as np
 import pytest
 import torch
@@ -31,6 +33,18 @@ def test_streaming_top_k_equals_the_top_k_of_all_simulations():
     # distances are MAD-scaled euclidean distances of the summaries
     scaled = (best.summaries - best.s_obs) * best.weight
     np.testing.assert_allclose(best.distances, np.linalg.norm(scaled, axis=1), rtol=1e-12)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_mad_scale_comes_from_the_pilot_rows_of_chunk_zero(monkeypatch, fused):
+    monkeypatch.setattr(importlib.import_module("fastflow.abc.rejection"), "PILOT_SIZE", 300)
+    task = get_task("two_moons")
+    result = rejection(task, task.prior, task.observation(1), 1_000, quantile=1.0, chunk_size=800, seed=3,
+                       fused=fused)
+    assert result.fused == fused
+    pilot = result.summaries[np.argsort(result.index)][:300]
+    mad = 1.4826 * np.median(np.abs(pilot - np.median(pilot, axis=0)), axis=0)
+    np.testing.assert_allclose(result.weight, 1 / mad, rtol=1e-12)
 
 
 def test_eps_accepts_exactly_the_simulations_within_eps():
