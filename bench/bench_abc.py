@@ -38,6 +38,7 @@ import pytest
 from numba import njit, prange
 
 from fastflow.abc import rejection
+from fastflow.abc.rejection import FUSED_CHUNK_SIZE
 from fastflow.priors import BoxUniform
 from fastflow.tasks import get_task
 from fastflow.tasks.numba_simulator import normal, uniform
@@ -187,7 +188,8 @@ def run(sizes=SIZES) -> dict:
     content = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                "cpus": os.cpu_count(), "threads": numba.get_num_threads(), "rows": rows,
                "bytes_per_simulation_general": BYTES_PER_SIMULATION, "copy_GB_per_s": _copy_bandwidth()}
-    lines = [f"rejection on two_moons, best {KEEP} of n, chunk {CHUNK:.0e}, {numba.get_num_threads()} Numba "
+    lines = [f"rejection on two_moons, best {KEEP} of n, chunk {CHUNK:.0e} (fused {FUSED_CHUNK_SIZE:.0e}), "
+             f"{numba.get_num_threads()} Numba "
              f"threads, {os.cpu_count()} CPUs (load average = runnable processes; above the threads = throttled)"]
     lines.append(f"{'n':>6s} {'path':>6s} {'seconds':>8s} {'draws/s':>9s} {'vs numpy':>8s} {'peak MB':>7s} "
                  f"{'load':>5s}")
