@@ -52,3 +52,6 @@ def rq_spline_backward(
     isa: str = "auto",
 ) -> None:
     """Backward of rq_spline_forward: fills grad_x (n,) and grad_params (n, 3K-1)."""
+
+def bias_silu_(x: npt.NDArray[_Float], bias: npt.NDArray[_Float], isa: str = "auto") -> None:
+    """x (rows, cols) <- silu(x + bias) in place, bias (cols,); C-contiguous, one dtype (a conditioner layer)."""

@@ -2,8 +2,8 @@
 
 The full targets (10^7-10^8 simulations, 10^4 draws, observations 1-5) are measured by
 bench/bench_abc_accuracy.py; here the cheap 2-D tasks at 10^6 simulations keep the best 10^3, and the mean
-C2ST over observations 1-3 (measured 0.51 two_moons plain and adjusted by mode, 0.52 gaussian_mixture adjusted, whose plain
-rejection reaches only 0.65) must stay near chance.
+C2ST over observations 1-3 (measured 0.51 two_moons plain, 0.49 adjusted by mode; 0.52 gaussian_mixture
+adjusted, whose plain rejection reaches only 0.65) must stay near chance.
 """
 
 import numpy as np

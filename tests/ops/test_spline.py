@@ -93,6 +93,26 @@ def test_every_instruction_set_of_the_blocked_kernels_matches_the_reference(dtyp
             _assert_as_accurate(value, expected, reference, f"{isa} {name}")
 
 
+@pytest.mark.parametrize("dtype, rtol", [(torch.float32, 2e-6), (torch.float64, 1e-13)])
+@pytest.mark.parametrize("rows, cols", [(3, 7), (600, 128)])
+def test_every_instruction_set_of_bias_silu_matches_torch(dtype, rtol, rows, cols):
+    """The conditioner's fused bias + SiLU (`_C.bias_silu_`, in place) against torch.nn.functional.silu in
+    float64, far tails (|v| ~ 40) included; relative tolerance per dtype (float32: a few ulp)."""
+    from fastflow import _C
+
+    generator = torch.Generator().manual_seed(rows)
+    x = 8 * torch.randn(rows, cols, generator=generator, dtype=torch.float64)
+    x[0, :2] = torch.tensor([-40.0, 40.0])
+    bias = torch.randn(cols, generator=generator, dtype=torch.float64)
+    truth = torch.nn.functional.silu(x.to(dtype).double() + bias.to(dtype).double())
+    for isa in _isas():
+        out = x.to(dtype, copy=True)
+        _C.bias_silu_(out.numpy(), bias.to(dtype).numpy(), isa)
+        torch.testing.assert_close(out.double(), truth, rtol=rtol, atol=1e-30, msg=lambda m: f"{isa}: {m}")
+    with pytest.raises(ValueError, match="bias"):
+        _C.bias_silu_(x.numpy(), bias[:-1].numpy())
+
+
 def test_unknown_instruction_set_is_rejected():
     from fastflow import _C
 
