@@ -36,7 +36,8 @@ def conditioner_ref(kept: torch.Tensor, context: torch.Tensor | None, weights: t
     return F.linear(h, weights[-2], weights[-1])
 
 
-BLOCK_ROWS = 4096
+BLOCK_ROWS = 2048  # a block's 128-wide activations (1 MB) stay in L2: 128x128 GEMMs at ~73 GFLOP/s, ~57 at 4096
+OUTPUT_ALIGN = 8  # GEMM output columns padded to a multiple of this (23 -> 24 columns: 1.7x faster)
 
 
 def conditioner_blocks(kept: torch.Tensor, context: torch.Tensor | None, weights: tuple[torch.Tensor, ...],
@@ -45,10 +46,13 @@ def conditioner_blocks(kept: torch.Tensor, context: torch.Tensor | None, weights
     `(m, out)`) with m <= block_rows. One buffer per layer serves every block (each yielded output is
     overwritten by the next block), so the activations stay cache-sized and no full-batch intermediate is
     allocated; a hidden layer is a GEMM then the native bias + SiLU in one pass (`fastflow._C.bias_silu_`,
-    ~1.6x torch's SiLU and no bias copy)."""
+    ~1.6x torch's SiLU and no bias copy). The output layer computes `OUTPUT_ALIGN`-padded columns (zero
+    weights) and yields a view of the real ones."""
     inputs = kept if context is None else torch.cat([kept, context.to(kept.dtype)], dim=1)
-    n = inputs.shape[0]
-    transposed, biases = [w.t() for w in weights[0::2]], [b.detach().contiguous() for b in weights[1::2]]
+    n, out_features = inputs.shape[0], weights[-1].shape[0]
+    padding = -out_features % OUTPUT_ALIGN
+    transposed = [w.detach().t() for w in weights[0:-2:2]] + [F.pad(weights[-2].detach(), (0, 0, 0, padding)).t()]
+    biases = [b.detach().contiguous() for b in weights[1:-1:2]] + [F.pad(weights[-1].detach(), (0, padding))]
     buffers = [inputs.new_empty(min(n, block_rows), w.shape[1]) for w in transposed]
     bias_silu_ = native_module("cpu").bias_silu_
     for start in range(0, n, block_rows):
@@ -60,7 +64,7 @@ def conditioner_blocks(kept: torch.Tensor, context: torch.Tensor | None, weights
                 bias_silu_(h.numpy(), b.numpy())
             else:
                 h = torch.addmm(b, h, w_t, out=buffer[: stop - start])
-        yield slice(start, stop), h
+        yield slice(start, stop), h[:, :out_features]
 
 
 def affine_coupling_ref(kept, context, changed, weights, *, scale_bound: float, inverse: bool):
