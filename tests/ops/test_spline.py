@@ -96,21 +96,31 @@ def test_every_instruction_set_of_the_blocked_kernels_matches_the_reference(dtyp
 @pytest.mark.parametrize("dtype, rtol", [(torch.float32, 2e-6), (torch.float64, 1e-13)])
 @pytest.mark.parametrize("rows, cols", [(3, 7), (600, 128)])
 def test_every_instruction_set_of_bias_silu_matches_torch(dtype, rtol, rows, cols):
-    """The conditioner's fused bias + SiLU (`_C.bias_silu_`, in place) against torch.nn.functional.silu in
-    float64, far tails (|v| ~ 40) included; relative tolerance per dtype (float32: a few ulp)."""
+    """The conditioner's fused bias + SiLU (`_C.bias_silu`, in place and into another array) and its backward
+    (`_C.silu_backward`) against torch in float64, far tails (|v| ~ 40) included; relative tolerance per
+    dtype (float32: a few ulp)."""
     from fastflow import _C
 
     generator = torch.Generator().manual_seed(rows)
     x = 8 * torch.randn(rows, cols, generator=generator, dtype=torch.float64)
     x[0, :2] = torch.tensor([-40.0, 40.0])
     bias = torch.randn(cols, generator=generator, dtype=torch.float64)
-    truth = torch.nn.functional.silu(x.to(dtype).double() + bias.to(dtype).double())
+    grad = torch.randn(rows, cols, generator=generator, dtype=torch.float64).to(dtype)
+    v = (x.to(dtype) + bias.to(dtype)).double().requires_grad_()
+    truth = torch.nn.functional.silu(v)
+    (grad_truth,) = torch.autograd.grad(truth, v, grad.double())
     for isa in _isas():
-        out = x.to(dtype, copy=True)
-        _C.bias_silu_(out.numpy(), bias.to(dtype).numpy(), isa)
-        torch.testing.assert_close(out.double(), truth, rtol=rtol, atol=1e-30, msg=lambda m: f"{isa}: {m}")
+        in_place, pre, out, grad_v = x.to(dtype, copy=True), x.to(dtype, copy=True), x.new_empty(x.shape, dtype=dtype), x.new_empty(x.shape, dtype=dtype)
+        _C.bias_silu(in_place.numpy(), bias.to(dtype).numpy(), in_place.numpy(), isa)
+        _C.bias_silu(pre.numpy(), bias.to(dtype).numpy(), out.numpy(), isa)
+        _C.silu_backward(grad.numpy(), pre.numpy(), grad_v.numpy(), isa)
+        # silu' crosses zero (v ≈ -1.28): the backward is held to rtol relative to its O(1) scale there
+        for name, value, expected, atol in (("in place", in_place, truth, 1e-30), ("out", out, truth, 1e-30),
+                                            ("v", pre, v, 1e-30), ("backward", grad_v, grad_truth, rtol)):
+            torch.testing.assert_close(value.double(), expected.detach(), rtol=rtol, atol=atol,
+                                       msg=lambda m: f"{isa} {name}: {m}")
     with pytest.raises(ValueError, match="bias"):
-        _C.bias_silu_(x.numpy(), bias[:-1].numpy())
+        _C.bias_silu(x.numpy(), bias[:-1].numpy(), x.numpy())
 
 
 def test_unknown_instruction_set_is_rejected():
