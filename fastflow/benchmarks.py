@@ -116,7 +116,7 @@ def _coupling_cases(device: torch.device, quick: bool) -> list[Case]:
 
     batch, dims = (2048, (2,)) if quick else (65_536, (2, 8, 32))
     status = backends()
-    kinds = {"spline": ("triton", "native", "reference"), "affine": ("triton", "reference")}
+    kinds = {"spline": ("triton", "native", "reference"), "affine": ("triton", "native", "reference")}
     has_zuko = importlib.util.find_spec("zuko") is not None
     result = []
     for transform, implemented in kinds.items():

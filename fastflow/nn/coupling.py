@@ -86,7 +86,8 @@ class AffineCoupling(_Coupling):
         flip: transform the first half instead of the second.
         hidden, depth: conditioner MLP width and number of hidden layers.
         scale_bound: bound of the log-scale.
-        backend: None/"auto", "reference" or "triton" (the fused kernel: CUDA, or TRITON_INTERPRET=1).
+        backend: None/"auto", "reference", "triton" (the fused kernel: CUDA, or TRITON_INTERPRET=1) or
+            "native" (CPU: native bias + SiLU in the conditioner, blocks of rows without autograd).
     """
 
     params_per_coordinate = 2

@@ -4,10 +4,11 @@ transform of the changed half (affine, or rational-quadratic spline) and log|det
 `affine_coupling_ref` / `spline_coupling_ref` are the PyTorch references. The Triton path
 (kernels/coupling.py) fuses the whole layer in the forward pass, so hidden activations never reach
 global memory, and differentiates by recomputing the layer through the reference (recompute-in-
-backward). Without Triton, the spline still runs its elementwise part through `rq_spline` (native
-C++ on CPU); without autograd, the native path also runs the layer block by block of rows
-(`conditioner_blocks`), the CPU counterpart of that fusion: the hidden activations of a block stay in
-cache, and buffers are reused instead of faulting in fresh full-batch tensors at every op.
+backward). On CPU the native backend runs the spline's elementwise part through `rq_spline` (C++) and
+the conditioner's hidden layers as a GEMM plus one native bias + SiLU pass (`conditioner_native`); without
+autograd it runs either layer block by block of rows (`conditioner_blocks`), the CPU counterpart of that
+fusion: the hidden activations of a block stay in cache, and buffers are reused instead of faulting in
+fresh full-batch tensors at every op.
 """
 
 from __future__ import annotations
@@ -100,7 +101,8 @@ def conditioner_blocks(kept: torch.Tensor, context: torch.Tensor | None, weights
         yield slice(start, stop), h[:, :out_features]
 
 
-def affine_coupling_ref(kept, context, changed, weights, *, scale_bound: float, inverse: bool):
+def affine_coupling_ref(kept, context, changed, weights, *, scale_bound: float, inverse: bool,
+                        conditioner: Callable = conditioner_ref):
     """Reference affine coupling.
 
     Arguments:
@@ -108,14 +110,29 @@ def affine_coupling_ref(kept, context, changed, weights, *, scale_bound: float, 
         context `(N, C)` or None; changed `(N, T)`: the coordinates transformed.
         weights: the conditioner's `(w, b)` pairs; its `2T` outputs are (raw log-scale, shift) per
             changed coordinate. scale_bound: log-scales are bound·tanh(raw / bound).
+        conditioner: computes the conditioner (`conditioner_ref`, or `conditioner_native` on CPU).
     Returns:
         out `(N, T)` and log|det J| `(N,)` of the map applied (the inverse's when `inverse`).
     """
-    raw_scale, shift = conditioner_ref(kept, context, weights).view(changed.shape[0], changed.shape[1], 2).unbind(-1)
+    return _affine_transform(conditioner(kept, context, weights), changed, scale_bound=scale_bound, inverse=inverse)
+
+
+def _affine_transform(raw: torch.Tensor, changed: torch.Tensor, *, scale_bound: float, inverse: bool):
+    """The affine map of `changed (N, T)` by the conditioner outputs `raw (N, 2T)` (raw log-scale, shift per
+    coordinate): out `(N, T)` and log|det J| `(N,)`."""
+    raw_scale, shift = raw.view(changed.shape[0], changed.shape[1], 2).unbind(-1)
     log_scale = scale_bound * torch.tanh(raw_scale / scale_bound)
     if inverse:
         return (changed - shift) * torch.exp(-log_scale), -log_scale.sum(-1)
     return changed * torch.exp(log_scale) + shift, log_scale.sum(-1)
+
+
+def _affine_coupling_blocked(kept, context, changed, weights, *, scale_bound: float, inverse: bool):
+    """`affine_coupling_ref` block by block of rows (`conditioner_blocks`); no autograd. Shapes as there."""
+    out, ladj = torch.empty_like(changed), changed.new_empty(changed.shape[0])
+    for rows, raw in conditioner_blocks(kept, context, weights):
+        out[rows], ladj[rows] = _affine_transform(raw, changed[rows], scale_bound=scale_bound, inverse=inverse)
+    return out, ladj
 
 
 def spline_coupling_ref(kept, context, changed, weights, *, num_bins: int, bound: float, inverse: bool,
@@ -152,20 +169,37 @@ def _check(kept, context, changed, weights) -> tuple[bool, list[torch.Tensor]]:
     return fusable, tensors
 
 
+def _supported(kept: torch.Tensor, tensors: list[torch.Tensor], fusable: bool) -> tuple[str, ...]:
+    """The backends a coupling layer can run these tensors on: native on CPU float32/float64."""
+    native_ok = kept.device.type == "cpu" and all(t.dtype in (torch.float32, torch.float64) for t in tensors)
+    return ("reference",) + (("native",) if native_ok else ()) + (("triton",) if fusable else ())
+
+
+def _recording(tensors: list[torch.Tensor]) -> bool:
+    """Whether autograd records a graph through these tensors."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
 def affine_coupling(kept, context, changed, weights, *, scale_bound: float, inverse: bool, backend: str | None = None):
     """`affine_coupling_ref` through the backend chosen by `fastflow.backends.resolve_backend`.
 
-    Triton covers float32 conditioners with two hidden layers (CUDA, or TRITON_INTERPRET=1); other
-    inputs run the reference (forcing `triton` for them raises).
+    Triton covers float32 conditioners with two hidden layers (CUDA, or TRITON_INTERPRET=1); native (CPU)
+    runs the hidden layers' bias + SiLU natively (`conditioner_native`), and without autograd the whole
+    layer by blocks of rows (`_affine_coupling_blocked`); other inputs run the reference (forcing a backend
+    that cannot run them raises).
     """
-    fusable, _ = _check(kept, context, changed, weights)
-    supports = ("reference", "triton") if fusable else ("reference",)
+    fusable, tensors = _check(kept, context, changed, weights)
+    chosen = resolve_backend(backend, kept.device, supports=_supported(kept, tensors, fusable))
     reference = partial(affine_coupling_ref, scale_bound=scale_bound, inverse=inverse)
-    if resolve_backend(backend, kept.device, supports=supports) == "triton":
+    if chosen == "triton":
         from fastflow.kernels.coupling import affine_coupling_triton
 
         kernel = partial(affine_coupling_triton, scale_bound=scale_bound, inverse=inverse)
         return _FusedCoupling.apply(kernel, reference, kept, context, changed, *weights)
+    if chosen == "native" and not _recording(tensors):
+        return _affine_coupling_blocked(kept, context, changed, weights, scale_bound=scale_bound, inverse=inverse)
+    if chosen == "native":
+        return reference(kept, context, changed, weights, conditioner=conditioner_native)
     return reference(kept, context, changed, weights)
 
 
@@ -174,9 +208,7 @@ def spline_coupling(kept, context, changed, weights, *, num_bins: int, bound: fl
     layers); `native` runs the spline and the hidden layers' bias + SiLU natively (`conditioner_native`),
     and without autograd the whole layer by blocks of rows (`_spline_coupling_blocked`)."""
     fusable, tensors = _check(kept, context, changed, weights)
-    native_ok = kept.device.type == "cpu" and all(t.dtype in (torch.float32, torch.float64) for t in tensors)
-    supports = ("reference",) + (("native",) if native_ok else ()) + (("triton",) if fusable else ())
-    chosen = resolve_backend(backend, kept.device, supports=supports)
+    chosen = resolve_backend(backend, kept.device, supports=_supported(kept, tensors, fusable))
     reference = partial(spline_coupling_ref, num_bins=num_bins, bound=bound, inverse=inverse)
     if chosen == "triton":
         from fastflow.kernels.coupling import spline_coupling_triton
@@ -184,7 +216,7 @@ def spline_coupling(kept, context, changed, weights, *, num_bins: int, bound: fl
         constants = (MIN_BIN_WIDTH, MIN_BIN_HEIGHT, MIN_DERIVATIVE, DERIVATIVE_SHIFT)
         kernel = partial(spline_coupling_triton, num_bins=num_bins, bound=bound, inverse=inverse, constants=constants)
         return _FusedCoupling.apply(kernel, reference, kept, context, changed, *weights)
-    if chosen == "native" and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
+    if chosen == "native" and not _recording(tensors):
         return _spline_coupling_blocked(kept, context, changed, weights, num_bins=num_bins, bound=bound, inverse=inverse)
     if chosen == "native":
         return reference(kept, context, changed, weights, spline_backend="native", conditioner=conditioner_native)

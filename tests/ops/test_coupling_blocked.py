@@ -1,6 +1,6 @@
-"""The native spline coupling without autograd runs block by block of rows (`conditioner_blocks`): it must
-equal the reference layer, with partial last blocks, context, both directions and float32/float64. With
-autograd its conditioner's hidden layers run the native bias + SiLU (`conditioner_native`): values and
+"""The native spline and affine couplings without autograd run block by block of rows (`conditioner_blocks`):
+they must equal the reference layer, with partial last blocks, context, both directions and float32/float64.
+With autograd their conditioner's hidden layers run the native bias + SiLU (`conditioner_native`): values and
 gradients match the reference."""
 
 import pytest
@@ -8,15 +8,22 @@ import torch
 
 from fastflow.backends import backends
 from fastflow.ops.coupling import (
-    BLOCK_ROWS, conditioner_blocks, conditioner_native, conditioner_ref, spline_coupling, spline_coupling_ref,
+    BLOCK_ROWS, affine_coupling, affine_coupling_ref, conditioner_blocks, conditioner_native, conditioner_ref,
+    spline_coupling, spline_coupling_ref,
 )
+
+LAYERS = {  # transform: (op, reference, options, conditioner outputs per changed coordinate)
+    "spline": (spline_coupling, spline_coupling_ref, dict(num_bins=6, bound=3.0), 17),
+    "affine": (affine_coupling, affine_coupling_ref, dict(scale_bound=2.0), 2),
+}
 
 pytestmark = pytest.mark.skipif(not backends()["native"].available, reason="fastflow._C is not built")
 
 
-def _layer(rows, kept, context, changed, hidden, bins, dtype, depth=2):
+def _layer(rows, kept, context, changed, hidden, bins, dtype, depth=2, outputs=None):
+    """Inputs and conditioner weights of a layer; `outputs` per changed coordinate (default: a spline's)."""
     generator = torch.Generator().manual_seed(rows + kept + changed)
-    sizes = [kept + context, *[hidden] * depth, changed * (3 * bins - 1)]
+    sizes = [kept + context, *[hidden] * depth, changed * (outputs or 3 * bins - 1)]
     weights = []
     for fan_in, fan_out in zip(sizes[:-1], sizes[1:]):
         weights += [torch.randn(fan_out, fan_in, generator=generator) / fan_in**0.5, 0.1 * torch.randn(fan_out, generator=generator)]
@@ -25,19 +32,21 @@ def _layer(rows, kept, context, changed, hidden, bins, dtype, depth=2):
     return cast[0], (cast[1] if context else None), cast[2], tuple(cast[3:])
 
 
+@pytest.mark.parametrize("transform", sorted(LAYERS))
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("inverse", [False, True])
 @pytest.mark.parametrize("rows, kept, context, changed", [(BLOCK_ROWS + 77, 1, 0, 1), (2 * BLOCK_ROWS + 1, 4, 3, 5), (100, 2, 0, 3)])
-def test_blocked_layer_matches_reference(dtype, inverse, rows, kept, context, changed):
+def test_blocked_layer_matches_reference(transform, dtype, inverse, rows, kept, context, changed):
     """float64 agrees to rounding; in float32 the error against the float64 reference may be at most 5×
     the float32 reference's own (plus 1e-6): both round the conditioner and the knots alike."""
-    tensors = _layer(rows, kept, context, changed, 24, 6, dtype)
-    options = dict(num_bins=6, bound=3.0, inverse=inverse)
+    op, reference, options, outputs = LAYERS[transform]
+    tensors = _layer(rows, kept, context, changed, 24, 6, dtype, outputs=outputs)
+    options = dict(options, inverse=inverse)
     with torch.no_grad():
-        result = spline_coupling(*tensors, **options, backend="native")
+        result = op(*tensors, **options, backend="native")
     as_double = [t.double() if t is not None else None for t in tensors[:3]] + [tuple(w.double() for w in tensors[3])]
-    truth = spline_coupling_ref(*as_double, **options)
-    same_dtype = spline_coupling_ref(*tensors, **options)
+    truth = reference(*as_double, **options)
+    same_dtype = reference(*tensors, **options)
     assert result[0].dtype == result[1].dtype == dtype and result[0].shape == (rows, changed) and result[1].shape == (rows,)
     for value, expected, reference in zip(result, truth, same_dtype):
         if dtype == torch.float64:
@@ -63,17 +72,18 @@ def test_native_conditioner_gradcheck_float64():
     assert torch.autograd.gradcheck(lambda k, c, *w: conditioner_native(k, c, w), inputs)
 
 
+@pytest.mark.parametrize("transform", sorted(LAYERS))
 @pytest.mark.parametrize("dtype, tolerance", [(torch.float64, 1e-12), (torch.float32, 2e-5)])
-def test_native_layer_with_autograd_matches_the_reference_values_and_gradients(dtype, tolerance):
+def test_native_layer_with_autograd_matches_the_reference_values_and_gradients(transform, dtype, tolerance):
     """The layer under autograd (native spline + native conditioner) against the reference layer: outputs
     and the gradients of every input and weight (float32: relative to each gradient's largest entry)."""
-    tensors = _layer(300, 2, 2, 3, 16, 4, dtype)
+    op, _, options, outputs = LAYERS[transform]
+    tensors = _layer(300, 2, 2, 3, 16, 6, dtype, outputs=outputs)
     results = []
     for backend in ("native", "reference"):
         kept, context, changed = (t.clone().requires_grad_() for t in tensors[:3])
         weights = tuple(w.clone().requires_grad_() for w in tensors[3])
-        out, ladj = spline_coupling(kept, context, changed, weights, num_bins=4, bound=3.0, inverse=False,
-                                    backend=backend)
+        out, ladj = op(kept, context, changed, weights, **options, inverse=False, backend=backend)
         (out.square().sum() + ladj.sum()).backward()
         results.append([out, ladj, kept.grad, context.grad, changed.grad, *(w.grad for w in weights)])
     for native, reference in zip(*results):
