@@ -20,7 +20,8 @@ from typing import Callable, Iterator
 import torch
 import torch.nn.functional as F
 
-from fastflow.backends import native_module, resolve_backend
+from fastflow.backends import resolve_backend
+from fastflow.ops.linear import linear_silu, linear_silu_into
 from fastflow.ops.spline import (
     DERIVATIVE_SHIFT, MIN_BIN_HEIGHT, MIN_BIN_WIDTH, MIN_DERIVATIVE, rq_spline, rq_spline_native_into, rq_spline_ref,
 )
@@ -39,35 +40,12 @@ def conditioner_ref(kept: torch.Tensor, context: torch.Tensor | None, weights: t
 
 def conditioner_native(kept: torch.Tensor, context: torch.Tensor | None,
                        weights: tuple[torch.Tensor, ...]) -> torch.Tensor:
-    """`conditioner_ref` on CPU with autograd, its hidden layers through `_LinearSiLU` (the native bias + SiLU
+    """`conditioner_ref` on CPU with autograd, its hidden layers through `linear_silu` (the native bias + SiLU
     and its backward); `(N, out)`."""
     h = kept if context is None else torch.cat([kept, context.to(kept.dtype)], dim=1)
     for layer in range(0, len(weights) - 2, 2):
-        h = _LinearSiLU.apply(h, weights[layer], weights[layer + 1])
+        h = linear_silu(h, weights[layer], weights[layer + 1])
     return F.linear(h, weights[-2], weights[-1])
-
-
-class _LinearSiLU(torch.autograd.Function):
-    """silu(h wᵀ + b) for h `(N, in)`, w `(out, in)`, b `(out,)` on CPU: a GEMM, then bias and SiLU in one
-    native pass that keeps the pre-activation v for the backward (grad_v = grad · silu'(v), one native pass)."""
-
-    @staticmethod
-    def forward(ctx, h, w, b):
-        v = torch.mm(h, w.t())
-        out = torch.empty_like(v)
-        native_module("cpu").bias_silu(v.numpy(), b.detach().contiguous().numpy(), out.numpy())
-        ctx.save_for_backward(h, w, v)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        h, w, v = ctx.saved_tensors
-        grad_v = torch.empty_like(v)
-        native_module("cpu").silu_backward(grad_out.contiguous().numpy(), v.numpy(), grad_v.numpy())
-        grad_h = torch.mm(grad_v, w) if ctx.needs_input_grad[0] else None
-        grad_w = torch.mm(grad_v.t(), h) if ctx.needs_input_grad[1] else None
-        grad_b = grad_v.sum(0) if ctx.needs_input_grad[2] else None
-        return grad_h, grad_w, grad_b
 
 
 BLOCK_ROWS = 2048  # a block's 128-wide activations (1 MB) stay in L2: 128x128 GEMMs at ~73 GFLOP/s, ~57 at 4096
@@ -79,25 +57,21 @@ def conditioner_blocks(kept: torch.Tensor, context: torch.Tensor | None, weights
     """`conditioner_ref` on CPU tensors block by block of rows, without autograd: yields (rows, output
     `(m, out)`) with m <= block_rows. One buffer per layer serves every block (each yielded output is
     overwritten by the next block), so the activations stay cache-sized and no full-batch intermediate is
-    allocated; a hidden layer is a GEMM then the native bias + SiLU in one pass (`fastflow._C.bias_silu`,
-    ~1.6x torch's SiLU and no bias copy). The output layer computes `OUTPUT_ALIGN`-padded columns (zero
+    allocated; hidden layers run `linear_silu_into` (native bias + SiLU). The output layer computes `OUTPUT_ALIGN`-padded columns (zero
     weights) and yields a view of the real ones."""
     inputs = kept if context is None else torch.cat([kept, context.to(kept.dtype)], dim=1)
     n, out_features = inputs.shape[0], weights[-1].shape[0]
     padding = -out_features % OUTPUT_ALIGN
-    transposed = [w.detach().t() for w in weights[0:-2:2]] + [F.pad(weights[-2].detach(), (0, 0, 0, padding)).t()]
-    biases = [b.detach().contiguous() for b in weights[1:-1:2]] + [F.pad(weights[-1].detach(), (0, padding))]
-    buffers = [inputs.new_empty(min(n, block_rows), w.shape[1]) for w in transposed]
-    bias_silu = native_module("cpu").bias_silu
+    hidden = [(w.detach(), b.detach().contiguous()) for w, b in zip(weights[0:-2:2], weights[1:-1:2])]
+    last_t, last_b = F.pad(weights[-2].detach(), (0, 0, 0, padding)).t(), F.pad(weights[-1].detach(), (0, padding))
+    buffers = [inputs.new_empty(min(n, block_rows), w.shape[0]) for w, _ in hidden]
+    output = inputs.new_empty(min(n, block_rows), last_t.shape[1])
     for start in range(0, n, block_rows):
         stop = min(n, start + block_rows)
         h = inputs[start:stop]
-        for layer, (w_t, b, buffer) in enumerate(zip(transposed, biases, buffers)):
-            if layer < len(buffers) - 1:
-                h = torch.mm(h, w_t, out=buffer[: stop - start])
-                bias_silu(h.numpy(), b.numpy(), h.numpy())
-            else:
-                h = torch.addmm(b, h, w_t, out=buffer[: stop - start])
+        for (w, b), buffer in zip(hidden, buffers):
+            h = linear_silu_into(h, w, b, buffer[: stop - start])
+        h = torch.addmm(last_b, h, last_t, out=output[: stop - start])
         yield slice(start, stop), h[:, :out_features]
 
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from fastflow.fm import CNF, OdeConfig, VelocityMLP, cfm_loss, get_path
+from fastflow.fm.nets import BLOCK_ROWS
 from fastflow.train import fit
 
 
@@ -97,3 +98,16 @@ def test_eight_gaussians_c2st():
         validation_fraction=0.0, lr_schedule="cosine", progress=False)
     samples = CNF(net, 2).sample(5000)
     assert c2st(samples, eight_gaussians(5000, torch.Generator().manual_seed(1))) <= 0.55
+
+
+@pytest.mark.parametrize("activation", ["silu", "tanh", "relu", "gelu"])
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
+@pytest.mark.parametrize("residual", [False, True])
+def test_velocity_without_a_graph_equals_the_recorded_forward(activation, dtype, tolerance, residual):
+    """Sampling (no graph) runs activations in place and SiLU layers natively on CPU by blocks of rows (the
+    last one partial here): same values."""
+    net = VelocityMLP(3, context_dim=2, hidden=(16, 16, 16), activation=activation, residual=residual).to(dtype)
+    x, context = torch.randn(2 * BLOCK_ROWS + 3, 3, dtype=dtype), torch.randn(2, dtype=dtype)
+    expected = net(0.3, x, context)
+    with torch.no_grad():
+        torch.testing.assert_close(net(0.3, x, context), expected.detach(), atol=tolerance, rtol=tolerance)
