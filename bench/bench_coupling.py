@@ -1,6 +1,6 @@
-"""Coupling flows (5 spline layers, width 128, 8 bins): log_prob, sample, log_prob+backward at batch
-65,536 and dims 2/8/32 — fastflow on every backend available here against zuko's NSF with the same
-architecture, as ratios measured in one run. The cases come from `fastflow.benchmarks` (the same
+"""Coupling flows (5 layers, width 128; splines with 8 bins, and affine): log_prob, sample, log_prob+backward
+at batch 65,536 and dims 2/8/32 — fastflow on every backend available here against zuko's NSF (splines)
+and RealNVP (affine) with the same architecture, as ratios measured in one run. The cases come from `fastflow.benchmarks` (the same
 table as `fastflow bench`); set FASTFLOW_BENCH_QUICK=1 for small sizes.
 
 Run: `python -m pytest bench/bench_coupling.py --benchmark-only -s` (add the `bench` extra for zuko).
