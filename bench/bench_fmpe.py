@@ -4,7 +4,8 @@ observations 1..FASTFLOW_BENCH_OBSERVATIONS (default 5). A sampler sweep on the 
 reports each ODE method's velocity evaluations, time and error against a tight Dopri5 (1e-7) solve
 from the same noise, the basis of FMPE's default sampler.
 
-Run: `python -m pytest bench/bench_fmpe.py --benchmark-only -s`; the sbi side needs the `bench` extra.
+Run: `python -m pytest bench/bench_fmpe.py --benchmark-only -s` (add `--benchmark-json FILE` to keep the
+numbers, in `extra_info`); the sbi side needs the `bench` extra.
 """
 
 import importlib.util
@@ -14,6 +15,7 @@ import time
 import numpy as np
 import torch
 
+from fastflow import set_num_threads
 from fastflow.fm import OdeConfig, odeint
 from fastflow.inference import FMPE, simulate
 from fastflow.metrics import c2st
@@ -61,7 +63,7 @@ _OBS: dict[int, torch.Tensor] = {}
 
 
 def test_fmpe_two_moons(benchmark):
-    torch.set_num_threads(THREADS)
+    set_num_threads(THREADS)  # torch's and the native kernels' OpenMP threads alike
     task = get_task("two_moons")
     _OBS.update({i: task.observation(i) for i in OBSERVATIONS})
     sims = simulate(task.simulate, task.prior, NUM_SIMULATIONS, seed=0)

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from fastflow import set_num_threads
 from fastflow.inference import simulate
 from fastflow.inference.methods import train_npe
 from fastflow.metrics import c2st
@@ -50,7 +51,7 @@ def _sbi(task):
 
 
 def test_npe_two_moons(benchmark):
-    torch.set_num_threads(THREADS)
+    set_num_threads(THREADS)  # torch's and the native kernels' OpenMP threads alike
     task = get_task("two_moons")
     seconds, samples = benchmark.pedantic(_fastflow, args=(task,), rounds=1, iterations=1)
     scores = _scores(task, samples)

@@ -15,6 +15,7 @@ import time
 import pytest
 import torch
 
+from fastflow import set_num_threads
 from fastflow.backends import backends
 from fastflow.fm import VelocityMLP, odeint
 from fastflow.fm.fused import mlp_odeint
@@ -67,7 +68,7 @@ def _cases(net, x_0):
 @pytest.mark.parametrize("dim", [2, 10])
 @pytest.mark.parametrize("width", [64, 256])
 def test_ode_sampling(benchmark, width, dim):
-    torch.set_num_threads(THREADS)
+    set_num_threads(THREADS)  # torch's and the native kernels' OpenMP threads alike
     torch.manual_seed(0)
     net = VelocityMLP(dim, hidden=(width,) * 3).to(DEVICE).requires_grad_(False)
     x_0 = torch.randn(SAMPLES, dim, device=DEVICE)
