@@ -1,6 +1,7 @@
 """A hidden layer silu(h wᵀ + b) on CPU with the native bias + SiLU pass (`fastflow._C.bias_silu`): a GEMM
 without bias, then bias and activation in one vectorized pass (~1.6x torch's SiLU, and no bias copy as in
-addmm). The reference is `F.silu(F.linear(h, w, b))`."""
+addmm). The reference is `F.silu(F.linear(h, w, b))`. Under autograd the native calls are torch.library custom
+ops (`fastflow::bias_silu_keep`, `fastflow::silu_backward`), so torch.compile traces `linear_silu`."""
 
 from __future__ import annotations
 
@@ -16,9 +17,37 @@ def native_linear_silu_runs(h: torch.Tensor) -> bool:
     return h.device.type == "cpu" and h.dtype in (torch.float32, torch.float64) and backends()["native"].available
 
 
+@torch.library.custom_op("fastflow::bias_silu_keep", mutates_args=("x",))
+def _bias_silu_keep(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """v = x + bias written into x `(rows, cols)`; returns silu(v) (new), bias `(cols,)`."""
+    out = torch.empty_like(x)
+    native_module("cpu").bias_silu(x.numpy(), bias.detach().contiguous().numpy(), out.numpy())
+    return out
+
+
+@_bias_silu_keep.register_fake
+def _(x, bias):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("fastflow::silu_backward", mutates_args=())
+def _silu_backward(grad: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """grad · silu'(v), both `(rows, cols)` contiguous CPU of one dtype."""
+    out = torch.empty_like(v)
+    native_module("cpu").silu_backward(grad.detach().contiguous().numpy(), v.detach().numpy(), out.numpy())
+    return out
+
+
+@_silu_backward.register_fake
+def _(grad, v):
+    return torch.empty_like(v)
+
+
 def linear_silu_into(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """silu(h wᵀ + b) without autograd, written into `out`: h `(N, in)`, weight `(out, in)` or a transposed
-    view `(in, out)ᵀ`, bias `(out,)`, out `(N, out)` contiguous CPU; returns out."""
+    view `(in, out)ᵀ`, bias `(out,)`, out `(N, out)` contiguous CPU; returns out. Calls the extension
+    directly (as `rq_spline_native_into`): the blocked loops make many small calls, where a custom op's
+    dispatch (~tens of µs) would show."""
     torch.mm(h, weight.t(), out=out)
     native_module("cpu").bias_silu(out.numpy(), bias.detach().contiguous().numpy(), out.numpy())
     return out
@@ -36,16 +65,14 @@ class _LinearSiLU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, w, b):
         v = torch.mm(h, w.t())
-        out = torch.empty_like(v)
-        native_module("cpu").bias_silu(v.numpy(), b.detach().contiguous().numpy(), out.numpy())
+        out = _bias_silu_keep(v, b)
         ctx.save_for_backward(h, w, v)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         h, w, v = ctx.saved_tensors
-        grad_v = torch.empty_like(v)
-        native_module("cpu").silu_backward(grad_out.contiguous().numpy(), v.numpy(), grad_v.numpy())
+        grad_v = _silu_backward(grad_out, v)
         grad_h = torch.mm(grad_v, w) if ctx.needs_input_grad[0] else None
         grad_w = torch.mm(grad_v.t(), h) if ctx.needs_input_grad[1] else None
         grad_b = grad_v.sum(0) if ctx.needs_input_grad[2] else None

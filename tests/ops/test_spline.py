@@ -161,3 +161,11 @@ def test_bad_input_is_rejected():
         rq_spline(torch.zeros(4), torch.zeros(4, 5, dtype=torch.float64), bound=1.0)
     with pytest.raises(RuntimeError, match="native"):
         rq_spline(torch.zeros(4, dtype=torch.float16), torch.zeros(4, 5, dtype=torch.float16), bound=1.0, backend="native")
+
+
+def test_hidden_layer_custom_ops_pass_opcheck():
+    from fastflow.ops.linear import _bias_silu_keep, _silu_backward
+
+    x, bias, grad = torch.randn(5, 7), torch.randn(7), torch.randn(5, 7)
+    torch.library.opcheck(_bias_silu_keep, (x.clone(), bias))
+    torch.library.opcheck(_silu_backward, (grad, x))
