@@ -11,6 +11,7 @@ from fastflow.tasks import Task
 
 __all__ = ["abc_posterior_samples", "adjusted_samples"]
 
+
 def abc_posterior_samples(
     task: Task, x_obs: torch.Tensor, *, num_simulations: int, num_samples: int, seed: int = 0, adjust: bool = True
 ) -> torch.Tensor:

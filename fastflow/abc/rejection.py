@@ -270,8 +270,7 @@ def rejection(
         distance: `"euclidean"`, `"l1"` or `"mahalanobis"` (covariance of the pilot's summaries,
             which makes `scale` irrelevant).
         scale: `"mad"` (median absolute deviation of the pilot: the first `PILOT_SIZE` simulations of chunk 0),
-            None (no scaling) or
-            `(dim_s,)` positive scales; summaries are divided by it.
+            None (no scaling) or `(dim_s,)` positive scales; summaries are divided by it.
         chunk_size: simulations per chunk; None: `CHUNK_SIZE` (10^6) on the general path, whose memory is
             O(k + chunk_size), `FUSED_CHUNK_SIZE` (10^7) on the fused path, which holds no chunk in memory.
         seed: chunk i uses random streams derived from (seed, i).

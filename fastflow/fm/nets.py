@@ -9,15 +9,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fastflow.ops.linear import linear_silu_into, native_linear_silu_runs
+from fastflow.ops.linear import BLOCK_ROWS, linear_silu_into, native_linear_silu_runs
 
 __all__ = ["ACTIVATIONS", "TimeEmbedding", "VelocityMLP"]
 
 ACTIVATIONS = {"silu": nn.SiLU, "tanh": nn.Tanh, "gelu": nn.GELU, "relu": nn.ReLU}
-# in-place forms, used when no graph is recorded (sampling): they skip one activation-sized allocation per layer;
-# SiLU on CPU then runs natively (`fastflow.ops.linear.linear_silu_into`: GEMM, then bias + SiLU in one pass),
-# by blocks of rows whose activations stay in L2 (128x128 GEMMs ~73 GFLOP/s at 2,048 rows, ~54 at 8,192)
-BLOCK_ROWS = 2048
+# in-place forms, used when no graph is recorded (sampling): they skip one activation-sized allocation per layer
+# (SiLU on CPU runs natively instead: `VelocityMLP._native_blocks`)
 _IN_PLACE = {"silu": partial(F.silu, inplace=True), "tanh": torch.tanh_, "relu": partial(F.relu, inplace=True)}
 
 
@@ -80,16 +78,24 @@ class VelocityMLP(nn.Module):
         h = torch.cat(inputs, -1)
         sampling = not torch.is_grad_enabled()
         if sampling and self.activation == "silu" and native_linear_silu_runs(h):
-            return torch.cat([self._native_rows(h[start:start + BLOCK_ROWS]) for start in range(0, n, BLOCK_ROWS)])
+            return self._native_blocks(h)
         act = _IN_PLACE.get(self.activation, self.act) if sampling else self.act
         for layer in self.layers:
             out = act(layer(h))
             h = h + out if self.residual and out.shape == h.shape else out
         return self.output(h)
 
-    def _native_rows(self, h: torch.Tensor) -> torch.Tensor:
-        """The layers on a block of rows `(m, in)` → `(m, D)` without autograd, SiLU layers native (CPU)."""
-        for layer in self.layers:
-            out = linear_silu_into(h, layer.weight, layer.bias, h.new_empty(h.shape[0], layer.out_features))
-            h = h + out if self.residual and out.shape == h.shape else out
-        return self.output(h)
+    def _native_blocks(self, h: torch.Tensor) -> torch.Tensor:
+        """The layers on `h (n, in)` → `(n, D)` without autograd on CPU, SiLU layers native (`linear_silu_into`),
+        by blocks of `BLOCK_ROWS` rows (cache-resident activations) through one buffer per layer."""
+        n = h.shape[0]
+        result = h.new_empty(n, self.dim)
+        buffers = [h.new_empty(min(n, BLOCK_ROWS), layer.out_features) for layer in self.layers]
+        for start in range(0, n, BLOCK_ROWS):
+            rows = slice(start, min(n, start + BLOCK_ROWS))
+            x = h[rows]
+            for layer, buffer in zip(self.layers, buffers):
+                out = linear_silu_into(x, layer.weight, layer.bias, buffer[: rows.stop - start])
+                x = out.add_(x) if self.residual and out.shape == x.shape else out
+            torch.addmm(self.output.bias, x, self.output.weight.t(), out=result[rows])
+        return result

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from fastflow.backends import resolve_backend
-from fastflow.ops.linear import linear_silu, linear_silu_into
+from fastflow.ops.linear import BLOCK_ROWS, linear_silu, linear_silu_into
 from fastflow.ops.spline import (
     DERIVATIVE_SHIFT, MIN_BIN_HEIGHT, MIN_BIN_WIDTH, MIN_DERIVATIVE, rq_spline, rq_spline_native_into, rq_spline_ref,
 )
@@ -48,7 +48,6 @@ def conditioner_native(kept: torch.Tensor, context: torch.Tensor | None,
     return F.linear(h, weights[-2], weights[-1])
 
 
-BLOCK_ROWS = 2048  # a block's 128-wide activations (1 MB) stay in L2: 128x128 GEMMs at ~73 GFLOP/s, ~57 at 4096
 OUTPUT_ALIGN = 8  # GEMM output columns padded to a multiple of this (23 -> 24 columns: 1.7x faster)
 
 
@@ -57,8 +56,8 @@ def conditioner_blocks(kept: torch.Tensor, context: torch.Tensor | None, weights
     """`conditioner_ref` on CPU tensors block by block of rows, without autograd: yields (rows, output
     `(m, out)`) with m <= block_rows. One buffer per layer serves every block (each yielded output is
     overwritten by the next block), so the activations stay cache-sized and no full-batch intermediate is
-    allocated; hidden layers run `linear_silu_into` (native bias + SiLU). The output layer computes `OUTPUT_ALIGN`-padded columns (zero
-    weights) and yields a view of the real ones."""
+    allocated; hidden layers run `linear_silu_into` (native bias + SiLU). The output layer computes
+    `OUTPUT_ALIGN`-padded columns (zero weights) and yields a view of the real ones."""
     inputs = kept if context is None else torch.cat([kept, context.to(kept.dtype)], dim=1)
     n, out_features = inputs.shape[0], weights[-1].shape[0]
     padding = -out_features % OUTPUT_ALIGN

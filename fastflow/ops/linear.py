@@ -9,7 +9,10 @@ import torch
 
 from fastflow.backends import backends, native_module
 
-__all__ = ["linear_silu", "linear_silu_into", "native_linear_silu_runs"]
+__all__ = ["BLOCK_ROWS", "linear_silu", "linear_silu_into", "native_linear_silu_runs"]
+
+BLOCK_ROWS = 2048  # rows per block of the no-grad loops: 128-wide activations (1 MB) stay in L2, where 128x128
+# GEMMs run at ~73 GFLOP/s (~57 at 4,096 rows, ~54 at 8,192)
 
 
 def native_linear_silu_runs(h: torch.Tensor) -> bool:
@@ -44,8 +47,8 @@ def _(grad, v):
 
 
 def linear_silu_into(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """silu(h wᵀ + b) without autograd, written into `out`: h `(N, in)`, weight `(out, in)` or a transposed
-    view `(in, out)ᵀ`, bias `(out,)`, out `(N, out)` contiguous CPU; returns out. Calls the extension
+    """silu(h wᵀ + b) without autograd, written into `out`: h `(N, in)`, weight `(out, in)`, bias `(out,)`,
+    out `(N, out)` contiguous CPU; returns out. Calls the extension
     directly (as `rq_spline_native_into`): the blocked loops make many small calls, where a custom op's
     dispatch (~tens of µs) would show."""
     torch.mm(h, weight.t(), out=out)
