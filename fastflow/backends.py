@@ -18,7 +18,7 @@ from types import ModuleType
 
 import torch
 
-__all__ = ["BACKENDS", "BackendStatus", "backends", "native_module", "resolve_backend", "set_num_threads"]
+__all__ = ["BACKENDS", "BackendStatus", "backends", "native_module", "resolve_backend", "set_num_threads", "triton_precision"]
 
 BACKENDS = ("reference", "triton", "native")
 _INSTALL_HINT = "reinstall fastflow with `pip install .` (or `make install`) so that the C++ extension is built"
@@ -122,6 +122,16 @@ def resolve_backend(
     if device_type not in status[requested].devices:
         raise RuntimeError(f"backend {requested!r} (from the {source}) cannot run on {device_type}: {status[requested].reason}")
     return requested
+
+
+def triton_precision(precision: str | None, device: torch.device | str) -> str:
+    """The input precision of a Triton kernel's fp32 products: "ieee" (fp32) or "tf32". None follows
+    `torch.backends.cuda.matmul.allow_tf32` on CUDA, as torch's own matmuls do ("ieee" elsewhere)."""
+    if precision is None:
+        return "tf32" if torch.device(device).type == "cuda" and torch.backends.cuda.matmul.allow_tf32 else "ieee"
+    if precision not in ("ieee", "tf32"):
+        raise ValueError(f"precision must be 'ieee' or 'tf32', got {precision!r}")
+    return precision
 
 
 def native_module(device: torch.device | str) -> ModuleType:

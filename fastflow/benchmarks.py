@@ -3,6 +3,7 @@ ratios against a baseline measured in the same run (`fastflow bench`, and bench/
 
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
 import statistics
 import time
@@ -71,14 +72,19 @@ def time_call(fn: Callable[[], object], *, device: torch.device, repeats: int = 
     return statistics.median(times)
 
 
-def run(device: str | torch.device, *, quick: bool = False, repeats: int = 5, families: list[str] | None = None) -> list[Result]:
-    """Time every implementation of every case; ratios are against each case's baseline."""
+def run(device: str | torch.device, *, quick: bool = False, repeats: int = 5, families: list[str] | None = None,
+        on_case: Callable[[list[Result]], None] | None = None) -> list[Result]:
+    """Time every implementation of every case; ratios are against each case's baseline. `on_case` gets
+    each case's results as soon as they are measured (progress on long runs)."""
     device = torch.device(device)
     results = []
     for case in cases(device, quick=quick, families=families):
         seconds = {name: time_call(fn, device=device, repeats=repeats) for name, fn in case.implementations.items()}
         base = seconds[case.baseline]
-        results += [Result(case.family, case.name, name, s, base / s, case.baseline) for name, s in seconds.items()]
+        measured = [Result(case.family, case.name, name, s, base / s, case.baseline) for name, s in seconds.items()]
+        if on_case is not None:
+            on_case(measured)
+        results += measured
     return results
 
 
@@ -97,6 +103,7 @@ def to_json(results: list[Result], device: torch.device) -> dict:
     return {
         "device": name,
         "torch": torch.__version__,
+        "triton": importlib.metadata.version("triton") if importlib.util.find_spec("triton") else None,
         "threads": torch.get_num_threads(),
         "results": [asdict(r) for r in results],
     }
@@ -109,7 +116,8 @@ def to_json(results: list[Result], device: torch.device) -> dict:
 def _coupling_cases(device: torch.device, quick: bool) -> list[Case]:
     """Coupling flows, 5 layers, width 128: log_prob, sample, log_prob forward+backward. Spline flows
     (8 bins) on the backends implementing the spline against zuko's NSF (coupling, passes=2); affine
-    flows against zuko's RealNVP. Triton runs only on CUDA here (the CPU interpreter is for tests)."""
+    flows against zuko's RealNVP. Triton runs only on CUDA here (the CPU interpreter is for tests), with
+    fp32 products and once more with TF32 (`fastflow-triton-tf32`; the others stay fp32)."""
     from fastflow.backends import backends
     from fastflow.flows import FlowConfig
     from fastflow.nn import CouplingFlow
@@ -124,6 +132,8 @@ def _coupling_cases(device: torch.device, quick: bool) -> list[Case]:
         runnable = [b for b in implemented if device.type in status[b].devices and not (b == "triton" and device.type == "cpu")]
         for dim in dims:
             flows = {f"fastflow-{b}": CouplingFlow(dim, config=config, backend=b).to(device) for b in runnable}
+            if "fastflow-triton" in flows:
+                flows["fastflow-triton-tf32"] = _Tf32(flows["fastflow-triton"])
             baseline = "fastflow-reference"
             if has_zuko:
                 baseline = "zuko-nsf" if transform == "spline" else "zuko-realnvp"
@@ -156,6 +166,27 @@ class _ZukoAdapter:
 
     def sample(self, n):
         return self.flow().sample((n,))
+
+
+class _Tf32:
+    """A flow whose calls run with torch's TF32 flag set (the Triton kernels' products then use TF32)."""
+
+    def __init__(self, flow):
+        self.flow = flow
+
+    def _tf32(self, method, *args):
+        previous = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = True
+        try:
+            return getattr(self.flow, method)(*args)
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = previous
+
+    def log_prob(self, x):
+        return self._tf32("log_prob", x)
+
+    def sample(self, n):
+        return self._tf32("sample", n)
 
 
 def _no_grad(fn: Callable[[], object]) -> Callable[[], object]:

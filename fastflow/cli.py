@@ -66,9 +66,10 @@ def _bench(args: argparse.Namespace) -> int:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda: no CUDA device is visible")
-    results = benchmarks.run(device, quick=args.quick, repeats=args.repeats, families=args.family)
-    print(f"device: {benchmarks.to_json(results, device)['device']}, torch {torch.__version__}, {torch.get_num_threads()} threads")
-    print(benchmarks.table(results))
+    print(f"device: {benchmarks.to_json([], device)['device']}, torch {torch.__version__}, {torch.get_num_threads()} threads",
+          flush=True)
+    results = benchmarks.run(device, quick=args.quick, repeats=args.repeats, families=args.family,
+                             on_case=lambda rows: print(benchmarks.table(rows), flush=True))
     if args.out is not None:
         args.out.write_text(json.dumps(benchmarks.to_json(results, device), indent=1))
         print(f"wrote {args.out}")

@@ -19,7 +19,7 @@ def _silu(x):
 @triton.jit
 def _conditioner_hidden(kept_ptr, context_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, rows, row_ok,
                         n_kept, n_context, n_hidden, BLOCK_M: tl.constexpr, BLOCK_IN: tl.constexpr,
-                        BLOCK_H: tl.constexpr, BLOCK_HK: tl.constexpr):
+                        BLOCK_H: tl.constexpr, BLOCK_HK: tl.constexpr, PRECISION: tl.constexpr):
     """Second hidden layer `(BLOCK_M, BLOCK_H)` of the conditioner SiLU(W2 SiLU(W1 [kept, context] + b1) + b2),
     zero-padded; weights are (out, in) row-major and loaded transposed as (in, out) tiles. The first layer's
     units are taken BLOCK_HK at a time, each chunk multiplied into the second layer's accumulator at once,
@@ -38,9 +38,9 @@ def _conditioner_hidden(kept_ptr, context_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, r
         unit_ok = unit < n_hidden
         w1 = tl.load(w1_ptr + unit[None, :] * n_in + cols_in[:, None], mask=(cols_in[:, None] < n_in) & unit_ok[None, :], other=0.0)
         b1 = tl.load(b1_ptr + unit, mask=unit_ok, other=0.0)
-        h = _silu(tl.dot(x_in, w1) + b1[None, :])
+        h = _silu(tl.dot(x_in, w1, input_precision=PRECISION) + b1[None, :])
         w2 = tl.load(w2_ptr + cols_h[None, :] * n_hidden + unit[:, None], mask=unit_ok[:, None] & (cols_h[None, :] < n_hidden), other=0.0)
-        pre_activation += tl.dot(h, w2)
+        pre_activation += tl.dot(h, w2, input_precision=PRECISION)
     b2 = tl.load(b2_ptr + cols_h, mask=cols_h < n_hidden, other=0.0)
     return _silu(pre_activation + b2[None, :])
 
@@ -57,14 +57,14 @@ def _affine_coupling_kernel(
     scale_bound,
     # meta-parameters
     INVERSE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_IN: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HK: tl.constexpr,
-    BLOCK_OUT: tl.constexpr,
+    BLOCK_OUT: tl.constexpr, PRECISION: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < n_rows
     cols_h = tl.arange(0, BLOCK_H)
     cols_out = tl.arange(0, BLOCK_OUT)
     h = _conditioner_hidden(kept_ptr, context_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, rows, row_ok,
-                            n_kept, n_context, n_hidden, BLOCK_M, BLOCK_IN, BLOCK_H, BLOCK_HK)
+                            n_kept, n_context, n_hidden, BLOCK_M, BLOCK_IN, BLOCK_H, BLOCK_HK, PRECISION)
 
     # transform parameters for the changed coordinates: raw log-scales and shifts, (BLOCK_M, BLOCK_OUT)
     out_mask = (cols_h[:, None] < n_hidden) & (cols_out[None, :] < n_changed)
@@ -72,8 +72,8 @@ def _affine_coupling_kernel(
     w_shift = tl.load(w_shift_ptr + cols_out[None, :] * n_hidden + cols_h[:, None], mask=out_mask, other=0.0)
     b_scale = tl.load(b_scale_ptr + cols_out, mask=cols_out < n_changed, other=0.0)
     b_shift = tl.load(b_shift_ptr + cols_out, mask=cols_out < n_changed, other=0.0)
-    raw_scale = tl.dot(h, w_scale) + b_scale[None, :]
-    shift = tl.dot(h, w_shift) + b_shift[None, :]
+    raw_scale = tl.dot(h, w_scale, input_precision=PRECISION) + b_scale[None, :]
+    shift = tl.dot(h, w_shift, input_precision=PRECISION) + b_shift[None, :]
     log_scale = scale_bound * (2.0 * tl.sigmoid(2.0 * raw_scale / scale_bound) - 1.0)  # bound·tanh(raw/bound)
 
     changed_mask = row_ok[:, None] & (cols_out[None, :] < n_changed)
@@ -100,23 +100,27 @@ def _block(n: int) -> int:
 _WEIGHT_TILE = 128 * 128
 
 
-def _conditioner_meta(n_in: int, n_hidden: int, *, inverse: bool, block_m: int) -> dict:
-    """Meta-parameters both kernels share: row block, conditioner tiles and chunk of first-layer units."""
+def _conditioner_meta(n_in: int, n_hidden: int, *, inverse: bool, block_m: int, precision: str) -> dict:
+    """Meta-parameters both kernels share: row block, conditioner tiles, chunk of first-layer units and
+    the products' input precision ("ieee": fp32, or "tf32")."""
     block_h = _block(n_hidden)
     return dict(INVERSE=inverse, BLOCK_M=block_m, BLOCK_IN=_block(n_in), BLOCK_H=block_h,
-                BLOCK_HK=min(block_h, max(16, _WEIGHT_TILE // block_h)),
+                BLOCK_HK=min(block_h, max(16, _WEIGHT_TILE // block_h)), PRECISION=precision,
                 num_stages=1)  # no software pipelining of the chunk loops: multi-buffered tiles overflow shared memory
 
 
-def affine_meta(n_in: int, n_hidden: int, n_changed: int, *, inverse: bool, block_m: int = 64) -> dict:
+def affine_meta(n_in: int, n_hidden: int, n_changed: int, *, inverse: bool, block_m: int = 64,
+                precision: str = "ieee") -> dict:
     """The affine kernel's meta-parameters (constexprs and launch options) for these layer sizes."""
-    return {**_conditioner_meta(n_in, n_hidden, inverse=inverse, block_m=block_m), "BLOCK_OUT": _block(n_changed)}
+    return {**_conditioner_meta(n_in, n_hidden, inverse=inverse, block_m=block_m, precision=precision),
+            "BLOCK_OUT": _block(n_changed)}
 
 
-def spline_meta(n_in: int, n_hidden: int, n_changed: int, num_bins: int, *, inverse: bool, block_m: int = 32) -> dict:
+def spline_meta(n_in: int, n_hidden: int, n_changed: int, num_bins: int, *, inverse: bool, block_m: int = 32,
+                precision: str = "ieee") -> dict:
     """The spline kernel's meta-parameters: the (coordinate, bin) tile BLOCK_T × BLOCK_K (at least 16
     columns for tl.dot), taken T_CHUNK coordinates at a time within the tile budget."""
-    meta = _conditioner_meta(n_in, n_hidden, inverse=inverse, block_m=block_m)
+    meta = _conditioner_meta(n_in, n_hidden, inverse=inverse, block_m=block_m, precision=precision)
     block_t, block_k = triton.next_power_of_2(n_changed), triton.next_power_of_2(num_bins)
     if block_t * block_k < 16:
         block_k = 16 // block_t
@@ -124,13 +128,15 @@ def spline_meta(n_in: int, n_hidden: int, n_changed: int, num_bins: int, *, inve
     return {**meta, "BLOCK_T": block_t, "BLOCK_K": block_k, "T_CHUNK": t_chunk}
 
 
-def affine_coupling_triton(kept, context, changed, weights, *, scale_bound: float, inverse: bool, block_m: int = 64):
+def affine_coupling_triton(kept, context, changed, weights, *, scale_bound: float, inverse: bool,
+                           precision: str = "ieee", block_m: int = 64):
     """Launch the fused kernel.
 
     Arguments:
         kept `(N, K)`, context `(N, C)` or None, changed `(N, T)`: float32 on one device.
         weights: (w1 `(H, K+C)`, b1, w2 `(H, H)`, b2, w3 `(2T, H)`, b3 `(2T,)`) with w3's rows interleaved
             as (raw log-scale, shift) per changed coordinate.
+        precision: the products' input precision, "ieee" (fp32) or "tf32".
     Returns:
         out `(N, T)` and log|det J| `(N,)`.
     """
@@ -148,7 +154,7 @@ def affine_coupling_triton(kept, context, changed, weights, *, scale_bound: floa
         kept, context, changed, w1, b1, w2, b2, w_scale, b_scale, w_shift, b_shift, out, ladj,
         n_rows, kept.shape[1], n_context, w1.shape[0], n_changed,
         float(scale_bound),
-        **affine_meta(kept.shape[1] + n_context, w1.shape[0], n_changed, inverse=inverse, block_m=block_m),
+        **affine_meta(kept.shape[1] + n_context, w1.shape[0], n_changed, inverse=inverse, block_m=block_m, precision=precision),
     )
     return out, ladj
 
@@ -183,13 +189,13 @@ def _spline_coupling_kernel(
     bound, min_width, min_height, min_derivative, derivative_shift,
     # meta-parameters
     INVERSE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_IN: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HK: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, T_CHUNK: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, T_CHUNK: tl.constexpr, PRECISION: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < n_rows
     cols_h = tl.arange(0, BLOCK_H)
     h = _conditioner_hidden(kept_ptr, context_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, rows, row_ok,
-                            n_kept, n_context, n_hidden, BLOCK_M, BLOCK_IN, BLOCK_H, BLOCK_HK)
+                            n_kept, n_context, n_hidden, BLOCK_M, BLOCK_IN, BLOCK_H, BLOCK_HK, PRECISION)
 
     # the changed coordinates T_CHUNK at a time (a weight tile holds T_CHUNK · BLOCK_K × BLOCK_H values)
     w_mask = cols_h[:, None] < n_hidden
@@ -200,10 +206,14 @@ def _spline_coupling_kernel(
         # spline parameters as (BLOCK_M, T_CHUNK, BLOCK_K) tiles (the launcher laid the rows out padded)
         cols_p = t_0 * BLOCK_K + tl.arange(0, T_CHUNK * BLOCK_K)  # (coordinate, bin) pairs, coordinate-major
         w_offsets = cols_p[None, :] * n_hidden + cols_h[:, None]
-        raw_width = tl.dot(h, tl.load(w_width_ptr + w_offsets, mask=w_mask, other=0.0)) + tl.load(b_width_ptr + cols_p)[None, :]
-        raw_height = tl.dot(h, tl.load(w_height_ptr + w_offsets, mask=w_mask, other=0.0)) + tl.load(b_height_ptr + cols_p)[None, :]
-        raw_dleft = tl.dot(h, tl.load(w_dleft_ptr + w_offsets, mask=w_mask, other=0.0)) + tl.load(b_dleft_ptr + cols_p)[None, :]
-        raw_dright = tl.dot(h, tl.load(w_dright_ptr + w_offsets, mask=w_mask, other=0.0)) + tl.load(b_dright_ptr + cols_p)[None, :]
+        raw_width = tl.dot(h, tl.load(w_width_ptr + w_offsets, mask=w_mask, other=0.0),
+                           input_precision=PRECISION) + tl.load(b_width_ptr + cols_p)[None, :]
+        raw_height = tl.dot(h, tl.load(w_height_ptr + w_offsets, mask=w_mask, other=0.0),
+                            input_precision=PRECISION) + tl.load(b_height_ptr + cols_p)[None, :]
+        raw_dleft = tl.dot(h, tl.load(w_dleft_ptr + w_offsets, mask=w_mask, other=0.0),
+                           input_precision=PRECISION) + tl.load(b_dleft_ptr + cols_p)[None, :]
+        raw_dright = tl.dot(h, tl.load(w_dright_ptr + w_offsets, mask=w_mask, other=0.0),
+                            input_precision=PRECISION) + tl.load(b_dright_ptr + cols_p)[None, :]
         raw_width = tl.reshape(raw_width, (BLOCK_M, T_CHUNK, BLOCK_K))
         raw_height = tl.reshape(raw_height, (BLOCK_M, T_CHUNK, BLOCK_K))
         raw_dleft = tl.reshape(raw_dleft, (BLOCK_M, T_CHUNK, BLOCK_K))
@@ -278,13 +288,14 @@ def _spline_rows(w3, b3, n_changed, num_bins, block_t, block_k):
 
 
 def spline_coupling_triton(kept, context, changed, weights, *, num_bins: int, bound: float, inverse: bool,
-                           constants: tuple[float, float, float, float], block_m: int = 32):
+                           constants: tuple[float, float, float, float], precision: str = "ieee", block_m: int = 32):
     """Launch the fused spline coupling kernel.
 
     Arguments:
         kept `(N, K)`, context `(N, C)` or None, changed `(N, T)`: float32 on one device.
         weights: (w1, b1, w2, b2, w3 `(T·(3B-1), H)`, b3) of the conditioner (B = num_bins).
         constants: (min bin width, min bin height, min derivative, derivative shift) of the reference.
+        precision: the products' input precision, "ieee" (fp32) or "tf32".
     Returns:
         out `(N, T)` and log|det J| `(N,)`.
     """
@@ -293,7 +304,8 @@ def spline_coupling_triton(kept, context, changed, weights, *, num_bins: int, bo
     n_rows, n_changed = changed.shape
     n_context = 0 if context is None else context.shape[1]
     context = kept.new_empty(0) if context is None else context.contiguous()
-    meta = spline_meta(kept.shape[1] + n_context, w1.shape[0], n_changed, num_bins, inverse=inverse, block_m=block_m)
+    meta = spline_meta(kept.shape[1] + n_context, w1.shape[0], n_changed, num_bins, inverse=inverse, block_m=block_m,
+                       precision=precision)
     parameter_rows = _spline_rows(w3, b3, n_changed, num_bins, meta["BLOCK_T"], meta["BLOCK_K"])
     out = torch.empty_like(changed)
     ladj = changed.new_empty(n_rows)

@@ -18,7 +18,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from fastflow.backends import resolve_backend
+from fastflow.backends import resolve_backend, triton_precision
 from fastflow.fm.nets import VelocityMLP
 from fastflow.fm.solvers import SOLVERS, OdeSolution, _check_times, _stage_times, odeint
 
@@ -119,10 +119,7 @@ def _fused(velocity: VelocityMLP, x, grid: list[float], method: str, context, pr
     """Pack the field (first-layer time and context terms precomputed) and launch the kernel."""
     from fastflow.kernels.ode import mlp_odeint_triton
 
-    if precision is None:
-        precision = "tf32" if x.device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32 else "ieee"
-    if precision not in ("ieee", "tf32"):
-        raise ValueError(f"precision must be 'ieee' or 'tf32', got {precision!r}")
+    precision = triton_precision(precision, x.device)
     tableau = SOLVERS[method]
     first = velocity.layers[0]
     n_time = velocity.time_embedding.dim

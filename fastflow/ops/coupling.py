@@ -20,7 +20,7 @@ from typing import Callable, Iterator
 import torch
 import torch.nn.functional as F
 
-from fastflow.backends import resolve_backend
+from fastflow.backends import resolve_backend, triton_precision
 from fastflow.ops.linear import BLOCK_ROWS, linear_silu, linear_silu_into
 from fastflow.ops.spline import (
     DERIVATIVE_SHIFT, MIN_BIN_HEIGHT, MIN_BIN_WIDTH, MIN_DERIVATIVE, rq_spline, rq_spline_native_into, rq_spline_ref,
@@ -153,10 +153,12 @@ def _recording(tensors: list[torch.Tensor]) -> bool:
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
-def affine_coupling(kept, context, changed, weights, *, scale_bound: float, inverse: bool, backend: str | None = None):
+def affine_coupling(kept, context, changed, weights, *, scale_bound: float, inverse: bool, backend: str | None = None,
+                    precision: str | None = None):
     """`affine_coupling_ref` through the backend chosen by `fastflow.backends.resolve_backend`.
 
-    Triton covers float32 conditioners with two hidden layers (CUDA, or TRITON_INTERPRET=1); native (CPU)
+    Triton covers float32 conditioners with two hidden layers (CUDA, or TRITON_INTERPRET=1), its products in
+    `precision` ("ieee" or "tf32"; None follows `torch.backends.cuda.matmul.allow_tf32`); native (CPU)
     runs the hidden layers' bias + SiLU natively (`conditioner_native`), and without autograd the whole
     layer by blocks of rows (`_affine_coupling_blocked`); other inputs run the reference (forcing a backend
     that cannot run them raises).
@@ -167,7 +169,8 @@ def affine_coupling(kept, context, changed, weights, *, scale_bound: float, inve
     if chosen == "triton":
         from fastflow.kernels.coupling import affine_coupling_triton
 
-        kernel = partial(affine_coupling_triton, scale_bound=scale_bound, inverse=inverse)
+        kernel = partial(affine_coupling_triton, scale_bound=scale_bound, inverse=inverse,
+                         precision=triton_precision(precision, kept.device))
         return _FusedCoupling.apply(kernel, reference, kept, context, changed, *weights)
     if chosen == "native" and not _recording(tensors):
         return _affine_coupling_blocked(kept, context, changed, weights, scale_bound=scale_bound, inverse=inverse)
@@ -176,9 +179,10 @@ def affine_coupling(kept, context, changed, weights, *, scale_bound: float, inve
     return reference(kept, context, changed, weights)
 
 
-def spline_coupling(kept, context, changed, weights, *, num_bins: int, bound: float, inverse: bool, backend: str | None = None):
+def spline_coupling(kept, context, changed, weights, *, num_bins: int, bound: float, inverse: bool, backend: str | None = None,
+                    precision: str | None = None):
     """`spline_coupling_ref` through the chosen backend: `triton` fuses the layer (float32, two hidden
-    layers); `native` runs the spline and the hidden layers' bias + SiLU natively (`conditioner_native`),
+    layers; products in `precision` as in `affine_coupling`); `native` runs the spline and the hidden layers' bias + SiLU natively (`conditioner_native`),
     and without autograd the whole layer by blocks of rows (`_spline_coupling_blocked`)."""
     fusable, tensors = _check(kept, context, changed, weights)
     chosen = resolve_backend(backend, kept.device, supports=_supported(kept, tensors, fusable))
@@ -187,7 +191,8 @@ def spline_coupling(kept, context, changed, weights, *, num_bins: int, bound: fl
         from fastflow.kernels.coupling import spline_coupling_triton
 
         constants = (MIN_BIN_WIDTH, MIN_BIN_HEIGHT, MIN_DERIVATIVE, DERIVATIVE_SHIFT)
-        kernel = partial(spline_coupling_triton, num_bins=num_bins, bound=bound, inverse=inverse, constants=constants)
+        kernel = partial(spline_coupling_triton, num_bins=num_bins, bound=bound, inverse=inverse, constants=constants,
+                         precision=triton_precision(precision, kept.device))
         return _FusedCoupling.apply(kernel, reference, kept, context, changed, *weights)
     if chosen == "native" and not _recording(tensors):
         return _spline_coupling_blocked(kept, context, changed, weights, num_bins=num_bins, bound=bound, inverse=inverse)

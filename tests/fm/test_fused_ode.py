@@ -1,22 +1,14 @@
 """Fused Triton ODE integration of a VelocityMLP (kernels/ode.py through `fastflow.fm.fused.mlp_odeint`)
-against the reference `odeint` on the same field, under TRITON_INTERPRET=1 on CPU; bad input and the
-fallbacks; a GPU run at a realistic size.
+against the reference `odeint` on the same field: compiled on CUDA when a GPU is visible, else under
+TRITON_INTERPRET=1 on CPU (tests/conftest.py); bad input and the fallbacks; a GPU run at a realistic size.
 
 float32 tolerance: the interpreter's products are exact fp32, summed in another order than torch.mm
 (and the first layer split into its time, state and context columns), so final states agree to a few
 ulps per evaluation: atol = 1e-5 · max(1, |x|), rtol = 1e-5 over at most 16 evaluations here.
 """
 
-import importlib.util
-import os
-
 import pytest
 import torch
-
-if torch.cuda.is_available() and importlib.util.find_spec("triton") is not None:
-    import fastflow.kernels.ode  # noqa: F401  compiled for the GPU test before any module sets TRITON_INTERPRET
-else:
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernels are imported (lazily, by mlp_odeint)
 
 from fastflow.backends import backends
 from fastflow.fm import CNF, OdeConfig, VelocityMLP, odeint
@@ -27,6 +19,7 @@ pytestmark = [
     pytest.mark.triton,
     pytest.mark.skipif(not backends()["triton"].available, reason=backends()["triton"].reason),
 ]
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 METHODS = ("euler", "midpoint", "heun", "rk4")
 GRIDS = {
     "forward": torch.linspace(0.0, 1.0, 4),
@@ -37,7 +30,12 @@ GRIDS = {
 
 def _field(dim, hidden, *, activation="silu", residual=False, context_dim=0, seed=0):
     torch.manual_seed(seed)
-    return VelocityMLP(dim, context_dim=context_dim, hidden=hidden, activation=activation, residual=residual).requires_grad_(False)
+    net = VelocityMLP(dim, context_dim=context_dim, hidden=hidden, activation=activation, residual=residual)
+    return net.to(DEVICE).requires_grad_(False)
+
+
+def _randn(*shape):
+    return torch.randn(*shape, device=DEVICE)
 
 
 def _assert_fused_matches(net, x, times, method, context=None):
@@ -53,7 +51,7 @@ def _assert_fused_matches(net, x, times, method, context=None):
 @pytest.mark.parametrize("method", METHODS)
 def test_each_method_and_grid_matches_reference(method, grid):
     net = _field(3, (24, 24), context_dim=2)
-    _assert_fused_matches(net, torch.randn(37, 3), GRIDS[grid], method, torch.randn(37, 2))
+    _assert_fused_matches(net, _randn(37, 3), GRIDS[grid], method, _randn(37, 2))
 
 
 @pytest.mark.parametrize("dim, hidden, activation, residual, context_dim", [
@@ -68,13 +66,13 @@ def test_each_method_and_grid_matches_reference(method, grid):
 def test_velocity_configurations_match_reference(dim, hidden, activation, residual, context_dim):
     net = _field(dim, hidden, activation=activation, residual=residual, context_dim=context_dim)
     n = 64 if hidden[0] <= 64 else 16
-    context = torch.randn(n, context_dim) if context_dim else None
-    _assert_fused_matches(net, torch.randn(n, dim), torch.tensor([0.0, 0.4, 1.0]), "rk4", context)
+    context = _randn(n, context_dim) if context_dim else None
+    _assert_fused_matches(net, _randn(n, dim), torch.tensor([0.0, 0.4, 1.0]), "rk4", context)
 
 
 def test_shared_context_vector_and_rows_not_a_multiple_of_the_tile():
     net = _field(2, (16, 16), context_dim=3)
-    x, context = torch.randn(70, 2), torch.randn(3)  # 70 rows: two tiles of 64, the second partial
+    x, context = _randn(70, 2), _randn(3)  # 70 rows: two tiles of 64, the second partial
     fused = _assert_fused_matches(net, x, GRIDS["forward"], "heun", context.expand(70, 3).contiguous())
     torch.testing.assert_close(mlp_odeint(net, x, GRIDS["forward"], "heun", context=context, backend="triton").x, fused.x)
 
@@ -82,7 +80,7 @@ def test_shared_context_vector_and_rows_not_a_multiple_of_the_tile():
 def test_one_step_grids_chain_to_the_full_grid():
     """Intermediate states: one launch per interval gives the same states as one launch for the grid."""
     net = _field(2, (16, 16))
-    x_0, grid = torch.randn(16, 2), GRIDS["non-uniform"]
+    x_0, grid = _randn(16, 2), GRIDS["non-uniform"]
     x = x_0
     for i in range(len(grid) - 1):
         x = mlp_odeint(net, x, grid[i : i + 2], "rk4", backend="triton").x
@@ -90,10 +88,10 @@ def test_one_step_grids_chain_to_the_full_grid():
 
 
 def test_auto_runs_the_reference_on_cpu_and_for_unsupported_configurations():
-    net, x = _field(2, (16, 16)), torch.randn(8, 2)
+    net, x = _field(2, (16, 16)).cpu(), torch.randn(8, 2)
     expected = odeint(net, x, GRIDS["forward"], method="rk4").x
     assert torch.equal(mlp_odeint(net, x, GRIDS["forward"], "rk4").x, expected)  # CPU: the reference, bit for bit
-    double = _field(2, (16, 16)).double()
+    double = _field(2, (16, 16)).cpu().double()
     result = mlp_odeint(double, x.double(), GRIDS["forward"], "rk4", backend="auto")
     assert result.x.dtype == torch.float64
     dopri = mlp_odeint(net, x, GRIDS["forward"], "dopri5", backend="auto")
@@ -109,13 +107,13 @@ def test_auto_runs_the_reference_on_cpu_and_for_unsupported_configurations():
     (lambda net, x: (net, x.t().contiguous().t(), "rk4"), "non-contiguous"),
 ])
 def test_unsupported_configurations_raise_and_name_the_reference(change, match):
-    net, x, method = change(_field(2, (16, 16)), torch.randn(8, 2))
+    net, x, method = change(_field(2, (16, 16)), _randn(8, 2))
     with pytest.raises(ValueError, match=f"{match}.*backend='reference'"):
         mlp_odeint(net, x, GRIDS["forward"], method, backend="triton")
 
 
 def test_unsupported_activation_and_grad_raise():
-    net, x = _field(2, (16, 16)), torch.randn(8, 2)
+    net, x = _field(2, (16, 16)), _randn(8, 2)
     net.activation = "softplus"  # a field whose activation the kernel does not implement
     with pytest.raises(ValueError, match="activation 'softplus'.*backend='reference'"):
         mlp_odeint(net, x, GRIDS["forward"], "rk4", backend="triton")
@@ -128,18 +126,18 @@ def test_unsupported_activation_and_grad_raise():
 
 
 def test_bad_input():
-    net, x = _field(2, (16, 16), context_dim=2), torch.randn(8, 2)
-    context = torch.randn(8, 2)
+    net, x = _field(2, (16, 16), context_dim=2), _randn(8, 2)
+    context = _randn(8, 2)
     with pytest.raises(ValueError, match="NaN"):
-        mlp_odeint(net, x.index_fill(0, torch.tensor([3]), float("nan")), GRIDS["forward"], context=context, backend="triton")
+        mlp_odeint(net, x.index_fill(0, torch.tensor([3], device=DEVICE), float("nan")), GRIDS["forward"], context=context, backend="triton")
     with pytest.raises(ValueError, match="strictly increasing"):
         mlp_odeint(net, x, [0.0, 0.5, 0.3, 1.0], context=context, backend="triton")
     with pytest.raises(ValueError, match="needs a context"):
         mlp_odeint(net, x, GRIDS["forward"], backend="triton")
     with pytest.raises(ValueError, match="context must be"):
-        mlp_odeint(net, x, GRIDS["forward"], context=torch.randn(5, 2), backend="triton")
+        mlp_odeint(net, x, GRIDS["forward"], context=_randn(5, 2), backend="triton")
     with pytest.raises(ValueError, match=r"must be \(n, 2\)"):
-        mlp_odeint(net, torch.randn(8, 3), GRIDS["forward"], context=context, backend="triton")
+        mlp_odeint(net, _randn(8, 3), GRIDS["forward"], context=context, backend="triton")
     with pytest.raises(ValueError, match="unknown ODE method"):
         mlp_odeint(net, x, GRIDS["forward"], "rk5", context=context, backend="triton")
     with pytest.raises(ValueError, match="one device"):
@@ -151,7 +149,7 @@ def test_cnf_sampling_on_cpu_keeps_the_reference_path(monkeypatch):
         raise AssertionError("CPU sampling must not go through mlp_odeint")
 
     monkeypatch.setattr(cnf_module, "mlp_odeint", refuse)
-    cnf = CNF(_field(2, (16,), context_dim=3), 2, context_dim=3, sampler=OdeConfig(method="rk4", steps=3))
+    cnf = CNF(_field(2, (16,), context_dim=3).cpu(), 2, context_dim=3, sampler=OdeConfig(method="rk4", steps=3))
     assert cnf.sample(4, torch.randn(5, 3)).shape == (4, 5, 2)
     assert cnf.last_evaluations == 12
 
