@@ -18,7 +18,8 @@ from types import ModuleType
 
 import torch
 
-__all__ = ["BACKENDS", "BackendStatus", "backends", "native_module", "resolve_backend", "set_num_threads", "triton_precision"]
+__all__ = ["BACKENDS", "BackendStatus", "backends", "native_module", "resolve_backend", "set_num_threads", "triton_precision",
+           "is_automatic", "AUTO_TRITON_PRECISIONS"]
 
 BACKENDS = ("reference", "triton", "native")
 _INSTALL_HINT = "reinstall fastflow with `pip install .` (or `make install`) so that the C++ extension is built"
@@ -124,14 +125,28 @@ def resolve_backend(
     return requested
 
 
+TRITON_PRECISIONS = ("ieee", "tf32", "tf32x3")
+# The products' precisions for which automatic dispatch takes a fused Triton kernel on CUDA. Measured on an
+# H200 (bench/results/gpu_*_2026-11-26_NVIDIA-H200.json): with "ieee" (fp32 on CUDA cores) the fused
+# kernels ran 1.4-14x slower than the PyTorch reference (cuBLAS fp32); with "tf32" the spline coupling and
+# ODE kernels ran 1.4-24x faster than that reference (the affine coupling 0.8-1.2x).
+AUTO_TRITON_PRECISIONS = ("tf32",)
+
+
 def triton_precision(precision: str | None, device: torch.device | str) -> str:
-    """The input precision of a Triton kernel's fp32 products: "ieee" (fp32) or "tf32". None follows
+    """The input precision of a Triton kernel's fp32 products: "ieee" (fp32 on CUDA cores), "tf32" (tensor
+    cores, 10-bit mantissas) or "tf32x3" (three TF32 products, about fp32's accuracy). None follows
     `torch.backends.cuda.matmul.allow_tf32` on CUDA, as torch's own matmuls do ("ieee" elsewhere)."""
     if precision is None:
         return "tf32" if torch.device(device).type == "cuda" and torch.backends.cuda.matmul.allow_tf32 else "ieee"
-    if precision not in ("ieee", "tf32"):
-        raise ValueError(f"precision must be 'ieee' or 'tf32', got {precision!r}")
+    if precision not in TRITON_PRECISIONS:
+        raise ValueError(f"precision must be one of {TRITON_PRECISIONS}, got {precision!r}")
     return precision
+
+
+def is_automatic(requested: str | None) -> bool:
+    """Whether `resolve_backend(requested, ...)` chooses automatically (no backend named, nor FASTFLOW_BACKEND)."""
+    return requested in (None, "auto") and os.environ.get("FASTFLOW_BACKEND", "auto") in ("", "auto")
 
 
 def native_module(device: torch.device | str) -> ModuleType:

@@ -116,8 +116,8 @@ def to_json(results: list[Result], device: torch.device) -> dict:
 def _coupling_cases(device: torch.device, quick: bool) -> list[Case]:
     """Coupling flows, 5 layers, width 128: log_prob, sample, log_prob forward+backward. Spline flows
     (8 bins) on the backends implementing the spline against zuko's NSF (coupling, passes=2); affine
-    flows against zuko's RealNVP. Triton runs only on CUDA here (the CPU interpreter is for tests), with
-    fp32 products and once more with TF32 (`fastflow-triton-tf32`; the others stay fp32)."""
+    flows against zuko's RealNVP. Triton runs only on CUDA here (the CPU interpreter is for tests). On CUDA
+    each fastflow flow runs with fp32 products and once more with TF32 (`-tf32`); zuko stays fp32."""
     from fastflow.backends import backends
     from fastflow.flows import FlowConfig
     from fastflow.nn import CouplingFlow
@@ -132,18 +132,19 @@ def _coupling_cases(device: torch.device, quick: bool) -> list[Case]:
         runnable = [b for b in backends_on_device if device.type in status[b].devices]
         for dim in dims:
             flows = {f"fastflow-{b}": CouplingFlow(dim, config=config, backend=b).to(device) for b in runnable}
-            if "fastflow-triton" in flows:
-                flows["fastflow-triton-tf32"] = _Tf32(flows["fastflow-triton"])
             baseline = "fastflow-reference"
             if has_zuko:
                 baseline = "zuko-nsf" if transform == "spline" else "zuko-realnvp"
                 flows[baseline] = _ZukoAdapter(_zuko_flow(transform, dim).to(device))
             x = torch.randn(batch, dim, device=device)
             prefix = f"{transform} d={dim} n={batch}"
-            result.append(Case("coupling", f"{prefix} log_prob", baseline, {k: _no_grad(lambda f=f, x=x: f.log_prob(x)) for k, f in flows.items()}))
-            result.append(Case("coupling", f"{prefix} sample", baseline, {k: _no_grad(lambda f=f: f.sample(batch)) for k, f in flows.items()}))
-            result.append(Case("coupling", f"{prefix} log_prob+backward", baseline,
-                               {k: (lambda f=f, x=x: f.log_prob(x).mean().backward()) for k, f in flows.items()}))
+            for work, run in (("log_prob", lambda f, x=x: _no_grad(lambda: f.log_prob(x))),
+                              ("sample", lambda f: _no_grad(lambda: f.sample(batch))),
+                              ("log_prob+backward", lambda f, x=x: lambda: f.log_prob(x).mean().backward())):
+                implementations = {name: run(flow) for name, flow in flows.items()}
+                if device.type == "cuda":  # fastflow once more with TF32 products (zuko stays fp32)
+                    implementations.update({f"{name}-tf32": _with_tf32(run(flows[name])) for name in flows if name.startswith("fastflow")})
+                result.append(Case("coupling", f"{prefix} {work}", baseline, implementations))
     return result
 
 
@@ -168,25 +169,18 @@ class _ZukoAdapter:
         return self.flow().sample((n,))
 
 
-class _Tf32:
-    """A flow whose calls run with torch's TF32 flag set (the Triton kernels' products then use TF32)."""
+def _with_tf32(fn: Callable[[], object]) -> Callable[[], object]:
+    """`fn` run with torch's TF32 flag set: cuBLAS and the Triton kernels' default products use TF32."""
 
-    def __init__(self, flow):
-        self.flow = flow
-
-    def _tf32(self, method, *args):
+    def call():
         previous = torch.backends.cuda.matmul.allow_tf32
         torch.backends.cuda.matmul.allow_tf32 = True
         try:
-            return getattr(self.flow, method)(*args)
+            return fn()
         finally:
             torch.backends.cuda.matmul.allow_tf32 = previous
 
-    def log_prob(self, x):
-        return self._tf32("log_prob", x)
-
-    def sample(self, n):
-        return self._tf32("sample", n)
+    return call
 
 
 def _no_grad(fn: Callable[[], object]) -> Callable[[], object]:
@@ -203,9 +197,10 @@ def _no_grad(fn: Callable[[], object]) -> Callable[[], object]:
 @register("ode")
 def _ode_cases(device: torch.device, quick: bool) -> list[Case]:
     """CNF sampling ODE on a VelocityMLP (3 hidden layers of 64 or 256, SiLU), RK4 and Euler with 100 steps:
-    the fused Triton integrator (CUDA only; fp32 and TF32 products) and the reference `odeint` against
-    torchdiffeq's fixed-grid solver when installed (else the reference is the baseline). 10^6 samples on
-    CUDA, 10^4 on CPU, 256 for `quick`."""
+    the fused Triton integrator (CUDA only; TF32 and 3xTF32 products: fp32 products ran 2.3-3.4x slower than
+    the reference on an H200) and the reference `odeint` against torchdiffeq's fixed-grid solver when
+    installed (else the reference is the baseline), on CUDA once more with TF32 cuBLAS products (`-tf32`).
+    10^6 samples on CUDA, 10^4 on CPU, 256 for `quick`."""
     from fastflow.backends import backends
     from fastflow.fm import VelocityMLP
     from fastflow.fm.fused import mlp_odeint
@@ -225,7 +220,7 @@ def _ode_cases(device: torch.device, quick: bool) -> list[Case]:
             implementations = {"fastflow-reference": _no_grad(
                 lambda net=net, x=x, method=method: mlp_odeint(net, x, grid, method, backend="reference").x)}
             if fused:
-                for precision in ("ieee", "tf32"):
+                for precision in ("tf32", "tf32x3"):
                     implementations[f"fastflow-triton-{precision}"] = _no_grad(
                         lambda net=net, x=x, method=method, precision=precision:
                         mlp_odeint(net, x, grid, method, backend="triton", precision=precision).x)
@@ -233,6 +228,9 @@ def _ode_cases(device: torch.device, quick: bool) -> list[Case]:
             if has_torchdiffeq:
                 baseline = "torchdiffeq"
                 implementations[baseline] = _no_grad(lambda net=net, x=x, method=method: _torchdiffeq(net, x, method, steps))
+            if device.type == "cuda":  # the cuBLAS paths once more with TF32 products
+                implementations.update({f"{name}-tf32": _with_tf32(implementations[name])
+                                        for name in ("fastflow-reference", "torchdiffeq") if name in implementations})
             result.append(Case("ode", f"mlp 3x{width} d={dim} n={samples} {method}-{steps}", baseline, implementations))
     return result
 

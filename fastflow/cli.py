@@ -68,10 +68,17 @@ def _bench(args: argparse.Namespace) -> int:
         raise ValueError("--device cuda: no CUDA device is visible")
     print(f"device: {benchmarks.to_json([], device)['device']}, torch {torch.__version__}, {torch.get_num_threads()} threads",
           flush=True)
-    results = benchmarks.run(device, quick=args.quick, repeats=args.repeats, families=args.family,
-                             on_case=lambda rows: print(benchmarks.table(rows), flush=True))
+    measured: list[benchmarks.Result] = []
+
+    def report(rows: list[benchmarks.Result]) -> None:
+        """Print each case as it is measured and rewrite --out, so a run stopped early keeps its results."""
+        print(benchmarks.table(rows), flush=True)
+        measured.extend(rows)
+        if args.out is not None:
+            args.out.write_text(json.dumps(benchmarks.to_json(measured, device), indent=1))
+
+    benchmarks.run(device, quick=args.quick, repeats=args.repeats, families=args.family, on_case=report)
     if args.out is not None:
-        args.out.write_text(json.dumps(benchmarks.to_json(results, device), indent=1))
         print(f"wrote {args.out}")
     return 0
 

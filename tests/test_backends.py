@@ -7,7 +7,9 @@ import pytest
 import torch
 
 import fastflow
-from fastflow.backends import BACKENDS, BackendStatus, backends, native_module, resolve_backend, set_num_threads
+from fastflow.backends import (
+    BACKENDS, BackendStatus, backends, is_automatic, native_module, resolve_backend, set_num_threads, triton_precision,
+)
 
 backends_module = importlib.import_module("fastflow.backends")  # the module; fastflow.backends is the function
 triton_installed = importlib.util.find_spec("triton") is not None
@@ -171,3 +173,27 @@ def test_cuda_module_when_built():
     info = cuda.build_info()
     assert info["cuda_runtime_version"] >= 11000
     assert info["version"] == fastflow.__version__
+
+
+def test_triton_precision_follows_torch_on_cuda_only():
+    previous = torch.backends.cuda.matmul.allow_tf32  # a property of torch's cuBLAS module: set and restore
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = False
+        assert triton_precision(None, "cuda") == "ieee"
+        torch.backends.cuda.matmul.allow_tf32 = True
+        assert triton_precision(None, "cuda") == "tf32"
+        assert triton_precision(None, "cpu") == "ieee"
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
+    assert triton_precision("tf32x3", "cuda") == "tf32x3"
+    with pytest.raises(ValueError, match="precision must be one of"):
+        triton_precision("bf16", "cuda")
+
+
+def test_is_automatic_reads_the_argument_then_the_environment(monkeypatch):
+    monkeypatch.delenv("FASTFLOW_BACKEND", raising=False)
+    assert is_automatic(None) and is_automatic("auto") and not is_automatic("triton")
+    monkeypatch.setenv("FASTFLOW_BACKEND", "triton")
+    assert not is_automatic(None) and not is_automatic("reference")
+    monkeypatch.setenv("FASTFLOW_BACKEND", "auto")
+    assert is_automatic(None)

@@ -13,12 +13,10 @@ always under TRITON_INTERPRET=1), summed in another order, agree to ~1e-6 relati
 
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
 
-from fastflow.backends import resolve_backend, triton_precision
+from fastflow.backends import AUTO_TRITON_PRECISIONS, is_automatic, resolve_backend, triton_precision
 from fastflow.fm.nets import VelocityMLP
 from fastflow.fm.solvers import SOLVERS, OdeSolution, _check_times, _stage_times, odeint
 
@@ -27,10 +25,6 @@ __all__ = ["fused_unsupported", "mlp_odeint"]
 # mirrors kernels/ode.py (not imported here: Triton loads only when the Triton backend runs)
 _ACTIVATIONS = ("silu", "tanh", "gelu", "relu")
 _MAX_HIDDEN, _MAX_LAYERS, _MAX_STAGES, _MAX_STATE_DIM = 256, 4, 4, 256
-# "auto" picks the kernel up to this width: compiled for sm_90 (no GPU at hand to time it), width 256
-# spills ~2 KB per thread of fp32 products to local memory (width 64: none), so wider fields keep
-# odeint until GPU timings say otherwise
-_AUTO_MAX_HIDDEN = 128
 
 
 def fused_unsupported(velocity: torch.nn.Module, x: torch.Tensor, method: str,
@@ -74,9 +68,9 @@ def mlp_odeint(velocity: VelocityMLP, x: torch.Tensor, times, method: str = "rk4
         method: "euler", "midpoint", "heun" or "rk4".
         context: `(n, E)` or `(E,)` for a conditional field, else None.
         backend: "reference" (odeint), "triton" (fused kernel; unsupported inputs raise ValueError), or
-            "auto"/None: Triton for supported float32 CUDA inputs of hidden width <= 128, the reference
-            otherwise.
-        precision: the kernel's matmul precision, "ieee" or "tf32"; None follows
+            "auto"/None: Triton for supported float32 CUDA inputs whose products are TF32 (`precision`,
+            `fastflow.backends.AUTO_TRITON_PRECISIONS`), the reference otherwise.
+        precision: the kernel's matmul precision, "ieee", "tf32" or "tf32x3"; None follows
             `torch.backends.cuda.matmul.allow_tf32` on CUDA ("ieee" on CPU).
 
     Returns:
@@ -106,9 +100,8 @@ def mlp_odeint(velocity: VelocityMLP, x: torch.Tensor, times, method: str = "rk4
     reason = fused_unsupported(velocity, x, method, context)
     if backend == "triton" and reason is not None:
         raise ValueError(f"the fused Triton ODE kernel cannot run this: {reason}; use backend='reference' (odeint) instead")
-    automatic = backend in (None, "auto") and os.environ.get("FASTFLOW_BACKEND", "auto") in ("", "auto")
-    if automatic and reason is None and velocity.layers[0].out_features > _AUTO_MAX_HIDDEN:
-        reason = f"hidden width > {_AUTO_MAX_HIDDEN} (automatic choice only)"
+    if is_automatic(backend) and reason is None and triton_precision(precision, x.device) not in AUTO_TRITON_PRECISIONS:
+        reason = "fp32 products: the reference is faster (automatic choice only)"
     chosen = resolve_backend(backend, x.device, supports=("reference",) if reason else ("reference", "triton"))
     if chosen == "triton":
         return _fused(velocity, x, grid, method, context, precision)

@@ -20,7 +20,7 @@ from typing import Callable, Iterator
 import torch
 import torch.nn.functional as F
 
-from fastflow.backends import resolve_backend, triton_precision
+from fastflow.backends import AUTO_TRITON_PRECISIONS, is_automatic, resolve_backend, triton_precision
 from fastflow.ops.linear import BLOCK_ROWS, linear_silu, linear_silu_into
 from fastflow.ops.spline import (
     DERIVATIVE_SHIFT, MIN_BIN_HEIGHT, MIN_BIN_WIDTH, MIN_DERIVATIVE, rq_spline, rq_spline_native_into, rq_spline_ref,
@@ -142,9 +142,14 @@ def _check(kept, context, changed, weights) -> tuple[bool, list[torch.Tensor]]:
     return fusable, tensors
 
 
-def _supported(kept: torch.Tensor, tensors: list[torch.Tensor], fusable: bool) -> tuple[str, ...]:
-    """The backends a coupling layer can run these tensors on: native on CPU float32/float64."""
+def _supported(kept: torch.Tensor, tensors: list[torch.Tensor], fusable: bool, backend: str | None,
+               precision: str | None) -> tuple[str, ...]:
+    """The backends a coupling layer can run these tensors on: native on CPU float32/float64, Triton when
+    fusable. Automatic dispatch skips Triton where the reference was faster on an H200 (fp32 products;
+    under autograd, whose backward recomputes the layer through the reference anyway)."""
     native_ok = kept.device.type == "cpu" and all(t.dtype in (torch.float32, torch.float64) for t in tensors)
+    if fusable and is_automatic(backend):
+        fusable = triton_precision(precision, kept.device) in AUTO_TRITON_PRECISIONS and not _recording(tensors)
     return ("reference",) + (("native",) if native_ok else ()) + (("triton",) if fusable else ())
 
 
@@ -158,13 +163,14 @@ def affine_coupling(kept, context, changed, weights, *, scale_bound: float, inve
     """`affine_coupling_ref` through the backend chosen by `fastflow.backends.resolve_backend`.
 
     Triton covers float32 conditioners with two hidden layers (CUDA, or TRITON_INTERPRET=1), its products in
-    `precision` ("ieee" or "tf32"; None follows `torch.backends.cuda.matmul.allow_tf32`); native (CPU)
+    `precision` ("ieee", "tf32" or "tf32x3"; None follows `torch.backends.cuda.matmul.allow_tf32`; automatic
+    dispatch takes it for TF32 products without autograd, `_supported`); native (CPU)
     runs the hidden layers' bias + SiLU natively (`conditioner_native`), and without autograd the whole
     layer by blocks of rows (`_affine_coupling_blocked`); other inputs run the reference (forcing a backend
     that cannot run them raises).
     """
     fusable, tensors = _check(kept, context, changed, weights)
-    chosen = resolve_backend(backend, kept.device, supports=_supported(kept, tensors, fusable))
+    chosen = resolve_backend(backend, kept.device, supports=_supported(kept, tensors, fusable, backend, precision))
     reference = partial(affine_coupling_ref, scale_bound=scale_bound, inverse=inverse)
     if chosen == "triton":
         from fastflow.kernels.coupling import affine_coupling_triton
@@ -185,7 +191,7 @@ def spline_coupling(kept, context, changed, weights, *, num_bins: int, bound: fl
     layers; products in `precision` as in `affine_coupling`); `native` runs the spline and the hidden layers' bias + SiLU natively (`conditioner_native`),
     and without autograd the whole layer by blocks of rows (`_spline_coupling_blocked`)."""
     fusable, tensors = _check(kept, context, changed, weights)
-    chosen = resolve_backend(backend, kept.device, supports=_supported(kept, tensors, fusable))
+    chosen = resolve_backend(backend, kept.device, supports=_supported(kept, tensors, fusable, backend, precision))
     reference = partial(spline_coupling_ref, num_bins=num_bins, bound=bound, inverse=inverse)
     if chosen == "triton":
         from fastflow.kernels.coupling import spline_coupling_triton

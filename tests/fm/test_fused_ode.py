@@ -70,6 +70,14 @@ def test_velocity_configurations_match_reference(dim, hidden, activation, residu
     _assert_fused_matches(net, _randn(n, dim), torch.tensor([0.0, 0.4, 1.0]), "rk4", context)
 
 
+def test_3xtf32_products_keep_the_fp32_tolerance():
+    net = _field(3, (32, 32), context_dim=2)
+    x, context = _randn(40, 3), _randn(40, 2)
+    fused = mlp_odeint(net, x, GRIDS["forward"], "rk4", context=context, backend="triton", precision="tf32x3")
+    reference = odeint(net, x, GRIDS["forward"], method="rk4", args=(context,))
+    torch.testing.assert_close(fused.x, reference.x, atol=1e-5 * max(1.0, reference.x.abs().max().item()), rtol=1e-5)
+
+
 def test_shared_context_vector_and_rows_not_a_multiple_of_the_tile():
     net = _field(2, (16, 16), context_dim=3)
     x, context = _randn(70, 2), _randn(3)  # 70 rows: two tiles of 64, the second partial

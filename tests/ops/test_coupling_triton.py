@@ -106,7 +106,7 @@ def test_unsupported_inputs_name_the_fallback():
 
 def test_unknown_precision_raises():
     kept, _, changed, weights = _layer_inputs(8, 2, 0, 2, 16)
-    with pytest.raises(ValueError, match="precision must be 'ieee' or 'tf32'"):
+    with pytest.raises(ValueError, match="precision must be one of"):
         affine_coupling(kept, None, changed, weights, scale_bound=3.0, inverse=False, backend="triton", precision="fp16")
 
 
@@ -140,3 +140,35 @@ def test_gpu_flow_at_benchmark_size_matches_reference(transform, dim):
         assert draws.isfinite().all()
     finally:
         torch.backends.cuda.matmul.allow_tf32 = previous
+
+
+def test_automatic_dispatch_offers_triton_only_for_tf32_products_without_autograd(monkeypatch):
+    """On an H200 the fused layer with fp32 products, or under autograd (whose backward recomputes the
+    layer through the reference), ran slower than the reference: automatic dispatch leaves Triton out
+    there; a named backend keeps it."""
+    from fastflow.ops.coupling import _supported
+
+    monkeypatch.delenv("FASTFLOW_BACKEND", raising=False)
+    kept, context, changed, weights = _layer_inputs(8, 2, 0, 2, 16)
+    tensors = [kept, changed, *weights]
+    assert "triton" not in _supported(kept, tensors, True, None, "ieee")
+    assert "triton" not in _supported(kept, tensors, True, None, "tf32")  # the weights require grad
+    assert "triton" in _supported(kept, tensors, True, "triton", "ieee")
+    with torch.no_grad():
+        assert "triton" in _supported(kept, tensors, True, "auto", "tf32")
+        assert "triton" not in _supported(kept, tensors, True, "auto", "tf32x3")
+        assert "triton" not in _supported(kept, tensors, False, "auto", "tf32")
+
+
+@pytest.mark.parametrize("transform", ["affine", "spline"])
+def test_3xtf32_products_match_reference_to_fp32_tolerance(transform):
+    """precision="tf32x3" (three TF32 products per fp32 product) keeps the fp32 tolerance."""
+    per = 2 if transform == "affine" else 3 * 6 - 1
+    kept, context, changed, weights = _layer_inputs(33, 2, 3, 3, 48, params_per_coordinate=per)
+    leaves = [t for t in (kept, context, changed, *weights) if t is not None]
+    if transform == "affine":
+        op, ref, options = affine_coupling, affine_coupling_ref, dict(scale_bound=3.0, inverse=False)
+    else:
+        op, ref, options = spline_coupling, spline_coupling_ref, dict(num_bins=6, bound=3.0, inverse=True)
+    fused = op(kept, context, changed, weights, backend="triton", precision="tf32x3", **options)
+    _assert_same_outputs_and_gradients(fused, ref(kept, context, changed, weights, **options), leaves)
