@@ -75,6 +75,28 @@ void forward(Array<T> x, Array<T> params, Array<T> out, Array<T> ladj, double bo
 }
 
 template <typename T>
+void forward_rows(Array<T> x, Array<T> params, Array<T> out, Array<T> row_ladj, int num_bins, double bound, bool inverse,
+                  double shift, const std::string& isa) {
+  check(num_bins >= 1 && num_bins <= kMaxBins, "number of bins must be in [1, 128]");
+  check(x.ndim() == 2 && params.ndim() == 2 && params.shape(0) == x.shape(0),
+        "rows: x must be (rows, count) and params (rows, row_stride)");
+  const int64_t rows = x.shape(0), count = x.shape(1), row_stride = params.shape(1);
+  check(count * (3 * num_bins - 1) <= row_stride, "rows: params' rows must hold count * (3K-1) values");
+  check(out.ndim() == 2 && out.shape(0) == rows && out.shape(1) == count, "rows: out must match x");
+  check(row_ladj.ndim() == 1 && row_ladj.shape(0) == rows, "rows: ladj must be (rows,)");
+  const std::string chosen = chosen_isa(isa);
+  const T *px = x.data(), *pp = params.data();
+  T* po = out.mutable_data();
+  T* pl = row_ladj.mutable_data();
+  py::gil_scoped_release release;
+#ifdef FASTFLOW_HAVE_X86_64_V3
+  if (chosen == "x86_64_v3")
+    return x86_64_v3::forward_rows(px, pp, po, pl, rows, count, row_stride, num_bins, T(bound), inverse, T(shift));
+#endif
+  generic::forward_rows(px, pp, po, pl, rows, count, row_stride, num_bins, T(bound), inverse, T(shift));
+}
+
+template <typename T>
 void backward(Array<T> x, Array<T> params, Array<T> grad_out, Array<T> grad_ladj, Array<T> grad_x, Array<T> grad_params,
               double bound, bool inverse, double shift, const std::string& isa) {
   const int K = bins_of(x, params);
@@ -149,6 +171,16 @@ void bind_spline(py::module_& m) {
         py::arg("out").noconvert(), py::arg("ladj").noconvert(), py::arg("bound"), py::arg("inverse"), py::arg("derivative_shift"), py::arg("isa") = "auto");
   m.def("rq_spline_forward", &forward<double>, fwd_doc, py::arg("x").noconvert(), py::arg("params").noconvert(),
         py::arg("out").noconvert(), py::arg("ladj").noconvert(), py::arg("bound"), py::arg("inverse"), py::arg("derivative_shift"), py::arg("isa") = "auto");
+  const char* rows_doc =
+      "rq_spline_rows_forward(x (rows, count), params (rows, row_stride), out (rows, count), ladj (rows,), num_bins, "
+      "bound, inverse, derivative_shift, isa='auto'): a coupling layer's spline; row r's count parameter vectors "
+      "(3K-1 each) lead params' row r, and ladj gets each row's sum of log|det J|";
+  m.def("rq_spline_rows_forward", &forward_rows<float>, rows_doc, py::arg("x").noconvert(), py::arg("params").noconvert(),
+        py::arg("out").noconvert(), py::arg("ladj").noconvert(), py::arg("num_bins"), py::arg("bound"), py::arg("inverse"),
+        py::arg("derivative_shift"), py::arg("isa") = "auto");
+  m.def("rq_spline_rows_forward", &forward_rows<double>, rows_doc, py::arg("x").noconvert(), py::arg("params").noconvert(),
+        py::arg("out").noconvert(), py::arg("ladj").noconvert(), py::arg("num_bins"), py::arg("bound"), py::arg("inverse"),
+        py::arg("derivative_shift"), py::arg("isa") = "auto");
   m.def("rq_spline_backward", &backward<float>, bwd_doc, py::arg("x").noconvert(), py::arg("params").noconvert(),
         py::arg("grad_out").noconvert(), py::arg("grad_ladj").noconvert(), py::arg("grad_x").noconvert(),
         py::arg("grad_params").noconvert(), py::arg("bound"), py::arg("inverse"), py::arg("derivative_shift"),

@@ -10,8 +10,9 @@
 
 namespace fastflow_spline {
 
-// Entry points, one set per instruction set: out/ladj `(n,)` from x `(n,)` and params `(n, 3K-1)`; the
-// backward gives grad_x `(n,)` and grad_params `(n, 3K-1)` from grad_out, grad_ladj `(n,)`. A conditioner
+// Entry points, one set per instruction set: out/ladj `(n,)` from x `(n,)` and params `(n, 3K-1)`;
+// forward_rows takes a coupling layer's x/out `(rows, count)` and padded params `(rows, row_stride)` (each row's
+// count vectors of 3K-1 first) and sums log|det| per row into row_ladj `(rows,)`; the backward gives grad_x `(n,)` and grad_params `(n, 3K-1)` from grad_out, grad_ladj `(n,)`. A conditioner
 // layer's bias and activation: bias_silu writes v = x + bias into x `(rows, cols)` and silu(v) into out (which
 // may be x itself: then x ends as silu(v)), bias `(cols,)`; silu_backward gives out = grad * silu'(v), `(n,)`.
 #define FASTFLOW_SPLINE_DECLARE(isa)                                                                            \
@@ -20,6 +21,10 @@ namespace fastflow_spline {
                bool inverse, float shift);                                                                     \
   void forward(const double* x, const double* params, double* out, double* ladj, int64_t n, int K,             \
                double bound, bool inverse, double shift);                                                      \
+  void forward_rows(const float* x, const float* params, float* out, float* row_ladj, int64_t rows, int64_t count, \
+                    int64_t row_stride, int K, float bound, bool inverse, float shift);                          \
+  void forward_rows(const double* x, const double* params, double* out, double* row_ladj, int64_t rows,        \
+                    int64_t count, int64_t row_stride, int K, double bound, bool inverse, double shift);         \
   void backward(const float* x, const float* params, const float* grad_out, const float* grad_ladj, float* grad_x, \
                 float* grad_params, int64_t n, int K, float bound, bool inverse, float shift);                     \
   void backward(const double* x, const double* params, const double* grad_out, const double* grad_ladj,          \

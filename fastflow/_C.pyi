@@ -36,6 +36,20 @@ def rq_spline_forward(
     """Rational-quadratic spline: x (n,), params (n, 3K-1) -> out (n,), ladj (n,) (log|det J|), vectorized
     across elements in the storage precision; `isa` picks the build ("auto": the best of `spline_isas()`)."""
 
+def rq_spline_rows_forward(
+    x: npt.NDArray[_Float],
+    params: npt.NDArray[_Float],
+    out: npt.NDArray[_Float],
+    ladj: npt.NDArray[_Float],
+    num_bins: int,
+    bound: float,
+    inverse: bool,
+    derivative_shift: float,
+    isa: str = "auto",
+) -> None:
+    """A coupling layer's spline: x, out (rows, count); params (rows, row_stride) whose row r starts with its
+    count parameter vectors (3K-1 each; padding after); ladj (rows,) gets each row's sum of log|det J|."""
+
 def spline_isas() -> list[str]:
     """Instruction sets of the blocked spline kernels this CPU runs, best first ("x86_64_v3", "generic")."""
 

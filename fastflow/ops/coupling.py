@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from fastflow.backends import AUTO_TRITON_PRECISIONS, is_automatic, resolve_backend, triton_precision
 from fastflow.ops.linear import BLOCK_ROWS, linear_silu, linear_silu_into
 from fastflow.ops.spline import (
-    DERIVATIVE_SHIFT, MIN_BIN_HEIGHT, MIN_BIN_WIDTH, MIN_DERIVATIVE, rq_spline, rq_spline_native_into, rq_spline_ref,
+    DERIVATIVE_SHIFT, MIN_BIN_HEIGHT, MIN_BIN_WIDTH, MIN_DERIVATIVE, rq_spline, rq_spline_ref, rq_spline_rows_native_into,
 )
 
 __all__ = ["affine_coupling", "affine_coupling_ref", "spline_coupling", "spline_coupling_ref"]
@@ -54,13 +54,13 @@ OUTPUT_ALIGN = 8  # GEMM output columns padded to a multiple of this (23 -> 24 c
 def conditioner_blocks(kept: torch.Tensor, context: torch.Tensor | None, weights: tuple[torch.Tensor, ...],
                        block_rows: int = BLOCK_ROWS) -> Iterator[tuple[slice, torch.Tensor]]:
     """`conditioner_ref` on CPU tensors block by block of rows, without autograd: yields (rows, output
-    `(m, out)`) with m <= block_rows. One buffer per layer serves every block (each yielded output is
-    overwritten by the next block), so the activations stay cache-sized and no full-batch intermediate is
-    allocated; hidden layers run `linear_silu_into` (native bias + SiLU). The output layer computes
-    `OUTPUT_ALIGN`-padded columns (zero weights) and yields a view of the real ones."""
+    `(m, padded)`) with m <= block_rows, the `out` outputs in the first columns (`padded` rounds `out` up to a
+    multiple of `OUTPUT_ALIGN`; zero weights make the rest). One buffer per layer serves every block (each
+    yielded output is overwritten by the next block), so the activations stay cache-sized and no full-batch
+    intermediate is allocated; hidden layers run `linear_silu_into` (native bias + SiLU)."""
     inputs = kept if context is None else torch.cat([kept, context.to(kept.dtype)], dim=1)
-    n, out_features = inputs.shape[0], weights[-1].shape[0]
-    padding = -out_features % OUTPUT_ALIGN
+    n = inputs.shape[0]
+    padding = -weights[-1].shape[0] % OUTPUT_ALIGN
     hidden = [(w.detach(), b.detach().contiguous()) for w, b in zip(weights[0:-2:2], weights[1:-1:2])]
     last_t, last_b = F.pad(weights[-2].detach(), (0, 0, 0, padding)).t(), F.pad(weights[-1].detach(), (0, padding))
     buffers = [inputs.new_empty(min(n, block_rows), w.shape[0]) for w, _ in hidden]
@@ -70,8 +70,7 @@ def conditioner_blocks(kept: torch.Tensor, context: torch.Tensor | None, weights
         h = inputs[start:stop]
         for (w, b), buffer in zip(hidden, buffers):
             h = linear_silu_into(h, w, b, buffer[: stop - start])
-        h = torch.addmm(last_b, h, last_t, out=output[: stop - start])
-        yield slice(start, stop), h[:, :out_features]
+        yield slice(start, stop), torch.addmm(last_b, h, last_t, out=output[: stop - start])
 
 
 def affine_coupling_ref(kept, context, changed, weights, *, scale_bound: float, inverse: bool,
@@ -104,7 +103,8 @@ def _affine_coupling_blocked(kept, context, changed, weights, *, scale_bound: fl
     """`affine_coupling_ref` block by block of rows (`conditioner_blocks`); no autograd. Shapes as there."""
     out, ladj = torch.empty_like(changed), changed.new_empty(changed.shape[0])
     for rows, raw in conditioner_blocks(kept, context, weights):
-        out[rows], ladj[rows] = _affine_transform(raw, changed[rows], scale_bound=scale_bound, inverse=inverse)
+        out[rows], ladj[rows] = _affine_transform(raw[:, : 2 * changed.shape[1]], changed[rows], scale_bound=scale_bound,
+                                                  inverse=inverse)
     return out, ladj
 
 
@@ -122,14 +122,10 @@ def _spline_coupling_blocked(kept, context, changed, weights, *, num_bins: int, 
     """`spline_coupling_ref` with the native spline, block by block of rows (`conditioner_blocks`);
     no autograd. Shapes as `affine_coupling_ref`."""
     changed = changed.contiguous()
-    n, count = changed.shape
-    out, ladj = torch.empty_like(changed), changed.new_empty(n)
-    coordinate_ladj = changed.new_empty(min(n, BLOCK_ROWS), count)
-    for rows, params in conditioner_blocks(kept, context, weights):
-        block_ladj = coordinate_ladj[: rows.stop - rows.start]
-        rq_spline_native_into(changed[rows], params.view(-1, count, 3 * num_bins - 1), out[rows], block_ladj,
-                              bound=bound, inverse=inverse)
-        torch.sum(block_ladj, dim=1, out=ladj[rows])
+    out, ladj = torch.empty_like(changed), changed.new_empty(changed.shape[0])
+    for rows, params in conditioner_blocks(kept, context, weights):  # params (m, padded): read in place
+        rq_spline_rows_native_into(changed[rows], params, out[rows], ladj[rows], num_bins=num_bins, bound=bound,
+                                   inverse=inverse)
     return out, ladj
 
 

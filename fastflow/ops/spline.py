@@ -14,7 +14,8 @@ import torch.nn.functional as F
 
 from fastflow.backends import native_module, resolve_backend
 
-__all__ = ["rq_spline", "rq_spline_native_into", "rq_spline_ref", "spline_param_count", "DERIVATIVE_SHIFT"]
+__all__ = ["rq_spline", "rq_spline_native_into", "rq_spline_ref", "rq_spline_rows_native_into", "spline_param_count",
+           "DERIVATIVE_SHIFT"]
 
 MIN_BIN_WIDTH = 1e-3
 MIN_BIN_HEIGHT = 1e-3
@@ -142,6 +143,16 @@ def rq_spline_native_into(inputs: torch.Tensor, params: torch.Tensor, outputs: t
     x, p = _flat(inputs, params)
     native_module(x.device).rq_spline_forward(
         x.numpy(), p.numpy(), outputs.view(-1).numpy(), logabsdet.view(-1).numpy(), bound, inverse, DERIVATIVE_SHIFT
+    )
+
+
+def rq_spline_rows_native_into(inputs: torch.Tensor, params: torch.Tensor, outputs: torch.Tensor, logabsdet: torch.Tensor,
+                               *, num_bins: int, bound: float, inverse: bool) -> None:
+    """A coupling layer's native spline without autograd, into preallocated contiguous CPU tensors of one dtype:
+    inputs and outputs `(rows, count)`, params `(rows, row_stride)` whose row r starts with the count parameter
+    vectors of 3K-1 (any padding after is not read), logabsdet `(rows,)` gets each row's sum."""
+    native_module(inputs.device).rq_spline_rows_forward(
+        inputs.numpy(), params.numpy(), outputs.numpy(), logabsdet.numpy(), num_bins, bound, inverse, DERIVATIVE_SHIFT
     )
 
 

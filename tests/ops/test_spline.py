@@ -93,6 +93,36 @@ def test_every_instruction_set_of_the_blocked_kernels_matches_the_reference(dtyp
             _assert_as_accurate(value, expected, reference, f"{isa} {name}")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("inverse", [False, True])
+@pytest.mark.parametrize("rows, count, num_bins, padding", [(131, 4, 8, 4), (70, 1, 3, 3), (33, 5, 13, 0), (9, 16, 8, 8)])
+def test_every_instruction_set_of_the_row_spline_matches_the_reference(dtype, inverse, rows, count, num_bins, padding):
+    """`rq_spline_rows_forward`: a coupling layer's spline reading padded parameter rows in place (rows of 64-element
+    blocks straddle rows), its log|det| summed per row; per element as `rq_spline_ref`, tails included."""
+    from fastflow import _C
+    from fastflow.ops.spline import DERIVATIVE_SHIFT
+
+    x, params = (t.detach() for t in _inputs((rows, count), num_bins, dtype, seed=rows, scale=3.0))
+    padded = torch.cat([params.reshape(rows, -1), torch.full((rows, padding), float("nan"), dtype=dtype)], dim=1)
+    out_truth, ladj_truth = rq_spline_ref(x.double(), params.double(), bound=2.0, inverse=inverse)
+    out_ref, ladj_ref = rq_spline_ref(x, params, bound=2.0, inverse=inverse)
+    for isa in _isas():
+        out, ladj = torch.empty_like(x), x.new_empty(rows)
+        _C.rq_spline_rows_forward(x.numpy(), padded.numpy(), out.numpy(), ladj.numpy(), num_bins, 2.0, inverse,
+                                  DERIVATIVE_SHIFT, isa)
+        _assert_as_accurate(out, out_truth, out_ref, f"{isa} out")
+        _assert_as_accurate(ladj, ladj_truth.sum(-1), ladj_ref.sum(-1), f"{isa} ladj")
+
+
+def test_row_spline_rejects_short_parameter_rows():
+    from fastflow import _C
+
+    x = torch.zeros(3, 2)
+    with pytest.raises(ValueError, match="count \\* \\(3K-1\\)"):
+        _C.rq_spline_rows_forward(x.numpy(), torch.zeros(3, 9).numpy(), x.clone().numpy(), torch.zeros(3).numpy(), 2, 1.0,
+                                  False, 0.5)
+
+
 @pytest.mark.parametrize("dtype, rtol", [(torch.float32, 2e-6), (torch.float64, 1e-13)])
 @pytest.mark.parametrize("rows, cols", [(3, 7), (600, 128)])
 def test_every_instruction_set_of_bias_silu_matches_torch(dtype, rtol, rows, cols):
