@@ -129,14 +129,15 @@ def spline_meta(n_in: int, n_hidden: int, n_changed: int, num_bins: int, *, inve
 
 
 def affine_coupling_triton(kept, context, changed, weights, *, scale_bound: float, inverse: bool,
-                           precision: str = "ieee", block_m: int = 64):
+                           precision: str = "ieee", block_m: int = 64, num_warps: int = 4):
     """Launch the fused kernel.
 
     Arguments:
         kept `(N, K)`, context `(N, C)` or None, changed `(N, T)`: float32 on one device.
         weights: (w1 `(H, K+C)`, b1, w2 `(H, H)`, b2, w3 `(2T, H)`, b3 `(2T,)`) with w3's rows interleaved
             as (raw log-scale, shift) per changed coordinate.
-        precision: the products' input precision, "ieee" (fp32) or "tf32".
+        precision: the products' input precision, "ieee" (fp32), "tf32" or "tf32x3".
+        block_m, num_warps: rows per program and warps per program (launch tuning).
     Returns:
         out `(N, T)` and log|det J| `(N,)`.
     """
@@ -155,6 +156,7 @@ def affine_coupling_triton(kept, context, changed, weights, *, scale_bound: floa
         n_rows, kept.shape[1], n_context, w1.shape[0], n_changed,
         float(scale_bound),
         **affine_meta(kept.shape[1] + n_context, w1.shape[0], n_changed, inverse=inverse, block_m=block_m, precision=precision),
+        num_warps=num_warps,
     )
     return out, ladj
 
@@ -288,14 +290,16 @@ def _spline_rows(w3, b3, n_changed, num_bins, block_t, block_k):
 
 
 def spline_coupling_triton(kept, context, changed, weights, *, num_bins: int, bound: float, inverse: bool,
-                           constants: tuple[float, float, float, float], precision: str = "ieee", block_m: int = 32):
+                           constants: tuple[float, float, float, float], precision: str = "ieee", block_m: int = 32,
+                           num_warps: int = 4):
     """Launch the fused spline coupling kernel.
 
     Arguments:
         kept `(N, K)`, context `(N, C)` or None, changed `(N, T)`: float32 on one device.
         weights: (w1, b1, w2, b2, w3 `(T·(3B-1), H)`, b3) of the conditioner (B = num_bins).
         constants: (min bin width, min bin height, min derivative, derivative shift) of the reference.
-        precision: the products' input precision, "ieee" (fp32) or "tf32".
+        precision: the products' input precision, "ieee" (fp32), "tf32" or "tf32x3".
+        block_m, num_warps: rows per program and warps per program (launch tuning).
     Returns:
         out `(N, T)` and log|det J| `(N,)`.
     """
@@ -314,6 +318,6 @@ def spline_coupling_triton(kept, context, changed, weights, *, num_bins: int, bo
     _spline_coupling_kernel[grid](
         kept, context, changed, w1, b1, w2, b2, *parameter_rows, out, ladj,
         n_rows, kept.shape[1], n_context, w1.shape[0], n_changed, num_bins,
-        float(bound), min_width, min_height, min_derivative, shift, **meta,
+        float(bound), min_width, min_height, min_derivative, shift, **meta, num_warps=num_warps,
     )
     return out, ladj

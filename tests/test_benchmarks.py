@@ -41,3 +41,26 @@ def test_ode_family_on_cpu_compares_the_reference_without_triton():
     assert not any("triton" in name for name in implementations)  # the interpreter is for tests, not timings
     for r in results:
         assert r.seconds > 0 and r.baseline in implementations
+
+
+@pytest.mark.triton
+def test_gpu_sweep_runs_on_small_sizes_under_the_interpreter():
+    """bench/sweep_gpu.py (run on GPU machines) on tiny sizes on CPU: each setting gives a time or an error."""
+    import importlib.util
+    from pathlib import Path
+
+    import torch
+
+    from fastflow.backends import backends
+
+    if "cpu" not in backends()["triton"].devices:
+        pytest.skip("needs the Triton interpreter on CPU")
+    spec = importlib.util.spec_from_file_location("sweep_gpu", Path(__file__).parents[1] / "bench" / "sweep_gpu.py")
+    sweep = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sweep)
+    rows = []
+    sweep.sweep_coupling(rows, torch.device("cpu"), batch=40, settings=[(16, 4), (32, 2)])
+    sweep.sweep_ode(rows, torch.device("cpu"), samples=20, steps=2, settings={16: [(16, 16, 4), (32, 16, 4)]})
+    assert len(rows) == 3 * 2 + 2
+    assert all("ms" in row and row["ms"] > 0 for row in rows), rows
+    assert all(row["max_error"] < 1e-3 for row in rows if row["kernel"] == "ode")

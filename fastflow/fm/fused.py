@@ -58,7 +58,7 @@ def fused_unsupported(velocity: torch.nn.Module, x: torch.Tensor, method: str,
 
 def mlp_odeint(velocity: VelocityMLP, x: torch.Tensor, times, method: str = "rk4", *,
                context: torch.Tensor | None = None, backend: str | None = "auto",
-               precision: str | None = None) -> OdeSolution:
+               precision: str | None = None, launch: dict | None = None) -> OdeSolution:
     """`odeint(velocity, x, times, method=method, args=(context,))` through the chosen backend.
 
     Arguments:
@@ -72,6 +72,8 @@ def mlp_odeint(velocity: VelocityMLP, x: torch.Tensor, times, method: str = "rk4
             `fastflow.backends.AUTO_TRITON_PRECISIONS`), the reference otherwise.
         precision: the kernel's matmul precision, "ieee", "tf32" or "tf32x3"; None follows
             `torch.backends.cuda.matmul.allow_tf32` on CUDA ("ieee" on CPU).
+        launch: the kernel's launch settings for tuning (`block_m`, `block_k`, `num_warps` of
+            `kernels.ode.mlp_odeint_triton`); None: its defaults.
 
     Returns:
         `OdeSolution` with the final states `(n, D)` and the number of batched velocity evaluations.
@@ -104,11 +106,12 @@ def mlp_odeint(velocity: VelocityMLP, x: torch.Tensor, times, method: str = "rk4
         reason = "fp32 products: the reference is faster (automatic choice only)"
     chosen = resolve_backend(backend, x.device, supports=("reference",) if reason else ("reference", "triton"))
     if chosen == "triton":
-        return _fused(velocity, x, grid, method, context, precision)
+        return _fused(velocity, x, grid, method, context, precision, launch or {})
     return odeint(velocity, x, times, method=method, args=() if context is None else (context,))
 
 
-def _fused(velocity: VelocityMLP, x, grid: list[float], method: str, context, precision: str | None) -> OdeSolution:
+def _fused(velocity: VelocityMLP, x, grid: list[float], method: str, context, precision: str | None,
+           launch: dict) -> OdeSolution:
     """Pack the field (first-layer time and context terms precomputed) and launch the kernel."""
     from fastflow.kernels.ode import mlp_odeint_triton
 
@@ -129,5 +132,6 @@ def _fused(velocity: VelocityMLP, x, grid: list[float], method: str, context, pr
         x, steps.float().to(x.device), time_bias.contiguous(), context_bias, w_x.contiguous(), w_hidden.contiguous(),
         b_hidden.contiguous(), velocity.output.weight.contiguous(), velocity.output.bias.contiguous(),
         a=tableau.a, b=tableau.b, activation=velocity.activation, residual=velocity.residual, precision=precision,
+        **launch,
     )
     return OdeSolution(out, evaluations=len(tableau.b) * (len(grid) - 1))

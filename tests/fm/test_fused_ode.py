@@ -78,6 +78,15 @@ def test_3xtf32_products_keep_the_fp32_tolerance():
     torch.testing.assert_close(fused.x, reference.x, atol=1e-5 * max(1.0, reference.x.abs().max().item()), rtol=1e-5)
 
 
+def test_launch_settings_change_the_tiling_not_the_result():
+    net, x = _field(2, (32, 32)), _randn(50, 2)
+    default = mlp_odeint(net, x, GRIDS["forward"], "heun", backend="triton").x
+    tuned = mlp_odeint(net, x, GRIDS["forward"], "heun", backend="triton", launch=dict(block_m=16, block_k=32, num_warps=2)).x
+    torch.testing.assert_close(tuned, default, atol=1e-6, rtol=1e-6)
+    with pytest.raises(TypeError, match="block_n"):
+        mlp_odeint(net, x, GRIDS["forward"], "heun", backend="triton", launch=dict(block_n=16))
+
+
 def test_shared_context_vector_and_rows_not_a_multiple_of_the_tile():
     net = _field(2, (16, 16), context_dim=3)
     x, context = _randn(70, 2), _randn(3)  # 70 rows: two tiles of 64, the second partial
