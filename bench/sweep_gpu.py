@@ -2,7 +2,7 @@
 integrator (rows per program, weight chunk, warps) and the fused spline/affine coupling layers (rows per
 program, warps), TF32 products. Prints one line per setting and writes JSON.
 
-Usage (on a GPU machine; `bench/run_gpu.sh` runs it when FASTFLOW_GPU_SWEEP=1):
+Usage (on a GPU machine; `FASTFLOW_GPU_STEPS=sweep bash bench/run_gpu.sh OUT` runs it):
     python bench/sweep_gpu.py OUT.json
 
 Static facts from sm_90 compiles (cuobjdump --dump-resource-usage of Triton 3.9's cubins, RK4, 3 hidden layers):
