@@ -1,6 +1,7 @@
-"""Launch-setting sweep of the Triton kernels on CUDA, to choose their defaults from timings: the fused ODE
-integrator (rows per program, weight chunk, warps) and the fused spline/affine coupling layers (rows per
-program, warps), TF32 products. Prints one line per setting and writes JSON.
+"""Launch-setting sweep of the Triton kernels on CUDA, to choose their defaults from timings: the elementwise
+spline kernels (elements and warps per program, against the reference's autograd), the fused ODE integrator
+(rows per program, weight chunk, warps) and the fused spline/affine coupling layers (rows per program, warps),
+TF32 products. Prints one line per setting and writes JSON.
 
 Usage (on a GPU machine; `FASTFLOW_GPU_STEPS=sweep bash bench/run_gpu.sh OUT` runs it):
     python bench/sweep_gpu.py OUT.json
@@ -25,6 +26,7 @@ ODE_SETTINGS = {  # width: (block_m, block_k, num_warps), the current default fi
     256: [(64, 16, 8), (32, 16, 8), (32, 32, 8), (32, 64, 8), (16, 16, 4), (16, 32, 8), (64, 32, 8), (128, 32, 8)],
 }
 COUPLING_SETTINGS = [(16, 2), (16, 4), (32, 2), (32, 4), (32, 8), (64, 4), (64, 8), (128, 4), (128, 8)]
+SPLINE_SETTINGS = [(128, 4), (64, 2), (64, 4), (256, 4), (256, 8), (512, 8)]  # (block, num_warps), default first
 
 
 def _milliseconds(fn, device: torch.device, repeats: int = 3) -> float:
@@ -90,12 +92,40 @@ def sweep_coupling(rows: list[dict], device: torch.device, batch: int = 65_536,
                         error=f"{type(failure).__name__}: {failure}"[:300])
 
 
+def sweep_spline(rows: list[dict], device: torch.device, elements: int = 1_048_576,
+                 settings: list[tuple[int, int]] = SPLINE_SETTINGS) -> None:
+    """The elementwise spline kernels (8 bins) forward and backward, with the PyTorch reference's autograd
+    forward + backward on the same elements for scale."""
+    from fastflow.kernels.spline import rq_spline_backward_triton, rq_spline_forward_triton
+    from fastflow.ops.spline import SPLINE_CONSTANTS, rq_spline_ref
+
+    torch.manual_seed(0)
+    x, params = torch.randn(elements, device=device), torch.randn(elements, 23, device=device)
+    grads = torch.randn(elements, device=device), torch.randn(elements, device=device)
+
+    def reference():
+        inputs = (x.clone().requires_grad_(), params.clone().requires_grad_())
+        out, ladj = rq_spline_ref(*inputs, bound=3.0)
+        torch.autograd.grad((out * grads[0] + ladj * grads[1]).sum(), inputs)
+
+    _record(rows, kernel="rq_spline_reference_fwd_bwd", elements=elements, ms=_milliseconds(reference, device))
+    for block, num_warps in settings:
+        options = dict(bound=3.0, inverse=False, constants=SPLINE_CONSTANTS, block=block, num_warps=num_warps)
+        for name, run in (("rq_spline_forward", lambda: rq_spline_forward_triton(x, params, **options)),
+                          ("rq_spline_backward", lambda: rq_spline_backward_triton(x, params, *grads, **options))):
+            try:
+                _record(rows, kernel=name, elements=elements, block=block, num_warps=num_warps, ms=_milliseconds(run, device))
+            except Exception as failure:
+                _record(rows, kernel=name, block=block, num_warps=num_warps, error=f"{type(failure).__name__}: {failure}"[:300])
+
+
 def main() -> None:
     if not torch.cuda.is_available():
         raise SystemExit("sweep_gpu.py needs a CUDA device")
     out = Path(sys.argv[1] if len(sys.argv) > 1 else "sweep_gpu.json")
     rows: list[dict] = []
     try:
+        sweep_spline(rows, torch.device("cuda"))
         sweep_coupling(rows, torch.device("cuda"))
         sweep_ode(rows, torch.device("cuda"))
     finally:

@@ -8,6 +8,8 @@ import torch
 import triton
 import triton.language as tl
 
+from fastflow.kernels.spline import _rq_locate, _rq_value, _spline_knots
+
 __all__ = ["affine_coupling_triton", "affine_meta", "spline_coupling_triton", "spline_meta"]
 
 
@@ -162,23 +164,6 @@ def affine_coupling_triton(kept, context, changed, weights, *, scale_bound: floa
 
 
 @triton.jit
-def _spline_knots(raw, bin_ok, bound, min_size, num_bins):
-    """Softmax over the bin axis of `raw (M, T, K)` → bin sizes and left knots on [-bound, bound]."""
-    raw = tl.where(bin_ok, raw, float("-inf"))
-    raw = raw - tl.max(raw, axis=2)[:, :, None]
-    weights = tl.where(bin_ok, tl.exp(raw), 0.0)
-    fraction = weights / tl.sum(weights, axis=2)[:, :, None]
-    sizes = tl.where(bin_ok, min_size + (1.0 - min_size * num_bins) * fraction, 0.0)
-    right = tl.cumsum(sizes, axis=2)
-    return 2.0 * bound * sizes, 2.0 * bound * (right - sizes) - bound
-
-
-@triton.jit
-def _softplus(x):
-    return tl.where(x > 20.0, x, tl.log(1.0 + tl.exp(tl.minimum(x, 20.0))))
-
-
-@triton.jit
 def _spline_coupling_kernel(
     # pointers
     kept_ptr, context_ptr, changed_ptr,
@@ -221,45 +206,16 @@ def _spline_coupling_kernel(
         raw_dleft = tl.reshape(raw_dleft, (BLOCK_M, T_CHUNK, BLOCK_K))
         raw_dright = tl.reshape(raw_dright, (BLOCK_M, T_CHUNK, BLOCK_K))
 
-        widths, left_x = _spline_knots(raw_width, bin_ok, bound, min_width, num_bins)
-        heights, left_y = _spline_knots(raw_height, bin_ok, bound, min_height, num_bins)
-        # derivative at each bin's left and right knot: 1 at ±bound (linear tails), else min + softplus
-        d_left = tl.where(bins == 0, 1.0, min_derivative + _softplus(raw_dleft + derivative_shift))
-        d_right = tl.where(bins == num_bins - 1, 1.0, min_derivative + _softplus(raw_dright + derivative_shift))
-
+        _, widths, left_x = _spline_knots(raw_width, bins, bin_ok, bound, min_width, num_bins)
+        _, heights, left_y = _spline_knots(raw_height, bins, bin_ok, bound, min_height, num_bins)
         cols_t = t_0 + tl.arange(0, T_CHUNK)
         changed_mask = row_ok[:, None] & (cols_t[None, :] < n_changed)
         offsets = rows[:, None] * n_changed + cols_t[None, :]
         value = tl.load(changed_ptr + offsets, mask=changed_mask, other=0.0)
-        inside = (value >= -bound) & (value <= bound)
-        clamped = tl.minimum(tl.maximum(value, -bound), bound)
-        search = left_y if INVERSE else left_x
-        bin_index = tl.sum(tl.where(bin_ok & (bins > 0) & (search < clamped[:, :, None]), 1, 0), axis=2)
-        onehot = bins == bin_index[:, :, None]
-        x_k = tl.sum(tl.where(onehot, left_x, 0.0), axis=2)
-        w_k = tl.sum(tl.where(onehot, widths, 0.0), axis=2)
-        y_k = tl.sum(tl.where(onehot, left_y, 0.0), axis=2)
-        h_k = tl.sum(tl.where(onehot, heights, 0.0), axis=2)
-        d_k = tl.sum(tl.where(onehot, d_left, 0.0), axis=2)
-        d_k1 = tl.sum(tl.where(onehot, d_right, 0.0), axis=2)
-        slope = h_k / w_k
-        curvature = d_k1 + d_k - 2.0 * slope
-        if INVERSE:
-            dy = clamped - y_k
-            a = h_k * (slope - d_k) + dy * curvature
-            b = h_k * d_k - dy * curvature
-            c = -slope * dy
-            xi = (2.0 * c) / (-b - tl.sqrt(tl.maximum(b * b - 4.0 * a * c, 0.0)))
-            result = xi * w_k + x_k
-        else:
-            xi = (clamped - x_k) / w_k
-            result = y_k + h_k * (slope * xi * xi + d_k * xi * (1.0 - xi)) / (slope + curvature * xi * (1.0 - xi))
-        xi_1mxi = xi * (1.0 - xi)
-        denominator = slope + curvature * xi_1mxi
-        numerator = slope * slope * (d_k1 * xi * xi + 2.0 * slope * xi_1mxi + d_k * (1.0 - xi) * (1.0 - xi))
-        logabsdet = tl.log(numerator) - 2.0 * tl.log(denominator)
-        if INVERSE:
-            logabsdet = -logabsdet
+        inside, clamped, bin_index, onehot, x_k, w_k, y_k, h_k, d_k, d_k1, raw_k, raw_k1, t = _rq_locate(
+            value, widths, left_x, heights, left_y, raw_dleft, raw_dright, bins, bin_ok, num_bins, bound,
+            min_derivative, derivative_shift, INVERSE)
+        result, logabsdet = _rq_value(t, x_k, w_k, y_k, h_k, d_k, d_k1, INVERSE)
         result = tl.where(inside, result, value)
         ladj += tl.sum(tl.where(inside & changed_mask, logabsdet, 0.0), axis=1)
         tl.store(out_ptr + offsets, result, mask=changed_mask)

@@ -2,9 +2,9 @@
 transform of the changed half (affine, or rational-quadratic spline) and log|det J|.
 
 `affine_coupling_ref` / `spline_coupling_ref` are the PyTorch references. The Triton path
-(kernels/coupling.py) fuses the whole layer in the forward pass, so hidden activations never reach
-global memory, and differentiates by recomputing the layer through the reference (recompute-in-
-backward). On CPU the native backend runs the spline's elementwise part through `rq_spline` (C++) and
+(kernels/coupling.py) fuses the whole layer without autograd, so hidden activations never reach global
+memory; under autograd the conditioner runs in torch (cuBLAS) and the spline through the elementwise Triton
+spline op and its backward kernel (kernels/spline.py). On CPU the native backend runs the spline's elementwise part through `rq_spline` (C++) and
 the conditioner's hidden layers as a GEMM plus one native bias + SiLU pass (`conditioner_native`); without
 autograd it runs either layer block by block of rows (`conditioner_blocks`), the CPU counterpart of that
 fusion: the hidden activations of a block stay in cache, and buffers are reused instead of faulting in
@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from fastflow.backends import AUTO_TRITON_PRECISIONS, is_automatic, resolve_backend, triton_precision
 from fastflow.ops.linear import BLOCK_ROWS, linear_silu, linear_silu_into
 from fastflow.ops.spline import (
-    DERIVATIVE_SHIFT, MIN_BIN_HEIGHT, MIN_BIN_WIDTH, MIN_DERIVATIVE, rq_spline, rq_spline_ref, rq_spline_rows_native_into,
+    SPLINE_CONSTANTS, rq_spline, rq_spline_ref, rq_spline_rows_native_into,
 )
 
 __all__ = ["affine_coupling", "affine_coupling_ref", "spline_coupling", "spline_coupling_ref"]
@@ -139,13 +139,13 @@ def _check(kept, context, changed, weights) -> tuple[bool, list[torch.Tensor]]:
 
 
 def _supported(kept: torch.Tensor, tensors: list[torch.Tensor], fusable: bool, backend: str | None,
-               precision: str | None) -> tuple[str, ...]:
+               precision: str) -> tuple[str, ...]:
     """The backends a coupling layer can run these tensors on: native on CPU float32/float64, Triton when
     fusable. Automatic dispatch skips Triton where the reference was faster on an H200 (fp32 products;
     under autograd, whose backward recomputes the layer through the reference anyway)."""
     native_ok = kept.device.type == "cpu" and all(t.dtype in (torch.float32, torch.float64) for t in tensors)
     if fusable and is_automatic(backend):
-        fusable = triton_precision(precision, kept.device) in AUTO_TRITON_PRECISIONS and not _recording(tensors)
+        fusable = precision in AUTO_TRITON_PRECISIONS and not _recording(tensors)
     return ("reference",) + (("native",) if native_ok else ()) + (("triton",) if fusable else ())
 
 
@@ -158,22 +158,23 @@ def affine_coupling(kept, context, changed, weights, *, scale_bound: float, inve
                     precision: str | None = None):
     """`affine_coupling_ref` through the backend chosen by `fastflow.backends.resolve_backend`.
 
-    Triton covers float32 conditioners with two hidden layers (CUDA, or TRITON_INTERPRET=1), its products in
-    `precision` ("ieee", "tf32" or "tf32x3"; None follows `torch.backends.cuda.matmul.allow_tf32`; automatic
-    dispatch takes it for TF32 products without autograd, `_supported`); native (CPU)
+    Triton fuses float32 layers with two hidden layers without autograd (CUDA, or TRITON_INTERPRET=1), its
+    products in `precision` ("ieee", "tf32" or "tf32x3"; None follows `torch.backends.cuda.matmul.allow_tf32`;
+    automatic dispatch takes it for TF32 products without autograd, `_supported`); under autograd it runs
+    the reference (the fused forward had to be recomputed for the backward: slower on an H200); native (CPU)
     runs the hidden layers' bias + SiLU natively (`conditioner_native`), and without autograd the whole
     layer by blocks of rows (`_affine_coupling_blocked`); other inputs run the reference (forcing a backend
     that cannot run them raises).
     """
     fusable, tensors = _check(kept, context, changed, weights)
+    precision = triton_precision(precision, kept.device)
     chosen = resolve_backend(backend, kept.device, supports=_supported(kept, tensors, fusable, backend, precision))
     reference = partial(affine_coupling_ref, scale_bound=scale_bound, inverse=inverse)
-    if chosen == "triton":
+    if chosen == "triton" and not _recording(tensors):
         from fastflow.kernels.coupling import affine_coupling_triton
 
-        kernel = partial(affine_coupling_triton, scale_bound=scale_bound, inverse=inverse,
-                         precision=triton_precision(precision, kept.device))
-        return _FusedCoupling.apply(kernel, reference, kept, context, changed, *weights)
+        return affine_coupling_triton(kept, context, changed, weights, scale_bound=scale_bound, inverse=inverse,
+                                      precision=precision)
     if chosen == "native" and not _recording(tensors):
         return _affine_coupling_blocked(kept, context, changed, weights, scale_bound=scale_bound, inverse=inverse)
     if chosen == "native":
@@ -183,46 +184,24 @@ def affine_coupling(kept, context, changed, weights, *, scale_bound: float, inve
 
 def spline_coupling(kept, context, changed, weights, *, num_bins: int, bound: float, inverse: bool, backend: str | None = None,
                     precision: str | None = None):
-    """`spline_coupling_ref` through the chosen backend: `triton` fuses the layer (float32, two hidden
-    layers; products in `precision` as in `affine_coupling`); `native` runs the spline and the hidden layers' bias + SiLU natively (`conditioner_native`),
-    and without autograd the whole layer by blocks of rows (`_spline_coupling_blocked`)."""
+    """`spline_coupling_ref` through the chosen backend: `triton` fuses the layer without autograd (float32, two
+    hidden layers; products in `precision` as in `affine_coupling`) and under autograd runs the conditioner in
+    torch and the spline as the Triton spline op (`rq_spline`, with its backward kernel); `native` runs the
+    spline and the hidden layers' bias + SiLU natively (`conditioner_native`), and without autograd the whole
+    layer by blocks of rows (`_spline_coupling_blocked`)."""
     fusable, tensors = _check(kept, context, changed, weights)
+    precision = triton_precision(precision, kept.device)
     chosen = resolve_backend(backend, kept.device, supports=_supported(kept, tensors, fusable, backend, precision))
     reference = partial(spline_coupling_ref, num_bins=num_bins, bound=bound, inverse=inverse)
-    if chosen == "triton":
+    if chosen == "triton" and not _recording(tensors):
         from fastflow.kernels.coupling import spline_coupling_triton
 
-        constants = (MIN_BIN_WIDTH, MIN_BIN_HEIGHT, MIN_DERIVATIVE, DERIVATIVE_SHIFT)
-        kernel = partial(spline_coupling_triton, num_bins=num_bins, bound=bound, inverse=inverse, constants=constants,
-                         precision=triton_precision(precision, kept.device))
-        return _FusedCoupling.apply(kernel, reference, kept, context, changed, *weights)
+        return spline_coupling_triton(kept, context, changed, weights, num_bins=num_bins, bound=bound, inverse=inverse,
+                                      constants=SPLINE_CONSTANTS, precision=precision)
+    if chosen == "triton":
+        return reference(kept, context, changed, weights, spline_backend="triton")
     if chosen == "native" and not _recording(tensors):
         return _spline_coupling_blocked(kept, context, changed, weights, num_bins=num_bins, bound=bound, inverse=inverse)
     if chosen == "native":
         return reference(kept, context, changed, weights, spline_backend="native", conditioner=conditioner_native)
     return reference(kept, context, changed, weights)
-
-
-class _FusedCoupling(torch.autograd.Function):
-    """A fused forward kernel; the backward recomputes the layer with its reference and differentiates it."""
-
-    @staticmethod
-    def forward(ctx, kernel: Callable, reference: Callable, kept, context, changed, *weights):
-        ctx.reference, ctx.has_context = reference, context is not None
-        ctx.save_for_backward(kept, changed, *weights, *(() if context is None else (context,)))
-        return kernel(kept, context, changed, weights)
-
-    @staticmethod
-    def backward(ctx, grad_out, grad_ladj):
-        saved = ctx.saved_tensors
-        context = saved[-1] if ctx.has_context else None
-        tensors = [saved[0], saved[1], *saved[2 : len(saved) - ctx.has_context]]
-        inputs = [t.detach().requires_grad_(t.requires_grad) for t in tensors]
-        context_input = None if context is None else context.detach().requires_grad_(context.requires_grad)
-        with torch.enable_grad():
-            out, ladj = ctx.reference(inputs[0], context_input, inputs[1], tuple(inputs[2:]))
-            wanted = [t for t in [*inputs, context_input] if t is not None and t.requires_grad]
-            grads = iter(torch.autograd.grad((out, ladj), wanted, (grad_out, grad_ladj)) if wanted else ())
-        kept_g, changed_g, *weight_g = [next(grads) if t.requires_grad else None for t in inputs]
-        context_g = next(grads) if context_input is not None and context_input.requires_grad else None
-        return (None, None, kept_g, context_g, changed_g, *weight_g)

@@ -8,20 +8,22 @@ fuses knots, bin search, transform, log-determinant and the backward pass into o
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import torch.nn.functional as F
 
-from fastflow.backends import native_module, resolve_backend
+from fastflow.backends import is_automatic, native_module, resolve_backend
 
 __all__ = ["rq_spline", "rq_spline_native_into", "rq_spline_ref", "rq_spline_rows_native_into", "spline_param_count",
-           "DERIVATIVE_SHIFT"]
+           "DERIVATIVE_SHIFT", "SPLINE_CONSTANTS"]
 
 MIN_BIN_WIDTH = 1e-3
 MIN_BIN_HEIGHT = 1e-3
 MIN_DERIVATIVE = 1e-3
 # softplus(DERIVATIVE_SHIFT) + MIN_DERIVATIVE == 1: zero conditioner outputs give the identity spline.
 DERIVATIVE_SHIFT = math.log(math.expm1(1.0 - MIN_DERIVATIVE))
+SPLINE_CONSTANTS = (MIN_BIN_WIDTH, MIN_BIN_HEIGHT, MIN_DERIVATIVE, DERIVATIVE_SHIFT)  # as the Triton kernels take them
 
 
 def spline_param_count(num_bins: int) -> int:
@@ -115,9 +117,11 @@ def rq_spline(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`rq_spline_ref` through the backend chosen by `fastflow.backends.resolve_backend`.
 
-    Arguments and returns as `rq_spline_ref`; `backend` is None/"auto", "reference" or "native"
-    (CPU, float32/float64: blocked, vectorized C++ kernels that compute in the input's precision, as
-    the reference does). The native path differentiates once (no double backward).
+    Arguments and returns as `rq_spline_ref`; `backend` is None/"auto", "reference", "native" (CPU,
+    float32/float64: blocked, vectorized C++ kernels that compute in the input's precision, as the reference
+    does) or "triton" (float32 on CUDA, or TRITON_INTERPRET=1: one elementwise kernel and one backward
+    kernel; automatic dispatch does not take it until GPU timings say so). The native and Triton paths
+    differentiate once (no double backward).
     """
     if params.shape[:-1] != inputs.shape or (params.shape[-1] + 1) % 3:
         raise ValueError(f"params must be (*inputs.shape, 3K-1); got inputs {tuple(inputs.shape)}, params {tuple(params.shape)}")
@@ -126,10 +130,39 @@ def rq_spline(
     if inputs.dtype != params.dtype:
         raise TypeError(f"inputs are {inputs.dtype} but params are {params.dtype}")
     supports = ("reference", "native") if inputs.device.type == "cpu" and inputs.dtype in _NATIVE_DTYPES else ("reference",)
+    triton_device = inputs.device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+    if triton_device and inputs.dtype == torch.float32 and not is_automatic(backend):
+        supports += ("triton",)
     chosen = resolve_backend(backend, inputs.device, supports=supports)
     if chosen == "native":
         return _rq_spline_native(inputs, params, float(bound), bool(inverse))
+    if chosen == "triton":
+        return _TritonSpline.apply(inputs, params, float(bound), bool(inverse))
     return rq_spline_ref(inputs, params, bound=bound, inverse=inverse)
+
+
+class _TritonSpline(torch.autograd.Function):
+    """The elementwise Triton spline (kernels/spline.py) and its backward kernel."""
+
+    @staticmethod
+    def forward(ctx, inputs, params, bound: float, inverse: bool):
+        from fastflow.kernels.spline import rq_spline_forward_triton
+
+        x, p = _flat(inputs, params)
+        ctx.save_for_backward(x, p)
+        ctx.bound, ctx.inverse, ctx.shapes = bound, inverse, (inputs.shape, params.shape)
+        out, ladj = rq_spline_forward_triton(x, p, bound=bound, inverse=inverse, constants=SPLINE_CONSTANTS)
+        return out.view(inputs.shape), ladj.view(inputs.shape)
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_ladj):
+        from fastflow.kernels.spline import rq_spline_backward_triton
+
+        x, p = ctx.saved_tensors
+        upstream = [torch.zeros_like(x) if g is None else g.contiguous().reshape(-1) for g in (grad_out, grad_ladj)]
+        grad_x, grad_p = rq_spline_backward_triton(x, p, *upstream, bound=ctx.bound, inverse=ctx.inverse,
+                                                   constants=SPLINE_CONSTANTS)
+        return grad_x.view(ctx.shapes[0]), grad_p.view(ctx.shapes[1]), None, None
 
 
 def _flat(inputs: torch.Tensor, params: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,0 +1,219 @@
+"""Rational-quadratic spline (`fastflow.ops.spline.rq_spline_ref`'s parametrization) in Triton: the shared
+per-element math on tiles whose last axis holds the K bins (used by the fused coupling kernel too), and an
+elementwise forward/inverse kernel with log|det J| and its backward, for a spline op with autograd on CUDA.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["rq_spline_backward_triton", "rq_spline_forward_triton"]
+
+
+@triton.jit
+def _softplus(x):
+    return tl.where(x > 20.0, x, tl.log(1.0 + tl.exp(tl.minimum(x, 20.0))))
+
+
+@triton.jit
+def _spline_knots(raw, bins, bin_ok, bound, min_size, num_bins):
+    """Softmax over the last (bin) axis of `raw (..., K)`: returns the softmax fractions, the bin sizes and
+    the left knots on [-bound, bound]. As the reference: knots from the cumulative sizes with the last pinned
+    at +bound, sizes their differences (so the top bin ends exactly at the bound)."""
+    raw = tl.where(bin_ok, raw, float("-inf"))
+    raw = raw - tl.expand_dims(tl.max(raw, axis=-1), -1)
+    weights = tl.where(bin_ok, tl.exp(raw), 0.0)
+    fraction = weights / tl.expand_dims(tl.sum(weights, axis=-1), -1)
+    sizes = tl.where(bin_ok, min_size + (1.0 - min_size * num_bins) * fraction, 0.0)
+    cumulative = tl.cumsum(sizes, axis=-1)
+    right = tl.where(bins == num_bins - 1, bound, 2.0 * bound * cumulative - bound)
+    left = 2.0 * bound * (cumulative - sizes) - bound
+    return fraction, right - left, left
+
+
+@triton.jit
+def _pick(onehot, table):
+    """table `(..., K)` at each element's bin."""
+    return tl.sum(tl.where(onehot, table, 0.0), axis=-1)
+
+
+@triton.jit
+def _rq_locate(value, widths, left_x, heights, left_y, raw_dleft, raw_dright, bins, bin_ok, num_bins, bound,
+               min_derivative, derivative_shift, INVERSE: tl.constexpr):
+    """Each element's bin and local spline for `value (...)` and bin tiles `(..., K)` (raw_dleft / raw_dright:
+    the raw interior derivative at each bin's left / right knot). Returns (inside, clamped, bin_index, onehot,
+    x_k, w_k, y_k, h_k, d_k, d_k1, shifted raw derivative at the bin's left and right knots, t): t is the
+    position in the bin of x (forward) or of the root of the rational-quadratic equation in y (inverse)."""
+    inside = (value >= -bound) & (value <= bound)
+    clamped = tl.minimum(tl.maximum(value, -bound), bound)
+    search = left_y if INVERSE else left_x
+    bin_index = tl.sum(tl.where(bin_ok & (bins > 0) & (search < tl.expand_dims(clamped, -1)), 1, 0), axis=-1)
+    onehot = bins == tl.expand_dims(bin_index, -1)
+    x_k, w_k = _pick(onehot, left_x), _pick(onehot, widths)
+    y_k, h_k = _pick(onehot, left_y), _pick(onehot, heights)
+    raw_k = _pick(onehot, raw_dleft) + derivative_shift
+    raw_k1 = _pick(onehot, raw_dright) + derivative_shift
+    d_k = tl.where(bin_index == 0, 1.0, min_derivative + _softplus(raw_k))  # tails: derivative 1 at ±bound
+    d_k1 = tl.where(bin_index == num_bins - 1, 1.0, min_derivative + _softplus(raw_k1))
+    slope = h_k / w_k
+    curvature = d_k1 + d_k - 2.0 * slope
+    if INVERSE:  # the quadratic's root in [0, 1] (stable form)
+        dy = clamped - y_k
+        a = h_k * (slope - d_k) + dy * curvature
+        b = h_k * d_k - dy * curvature
+        c = -slope * dy
+        t = (2.0 * c) / (-b - tl.sqrt(tl.maximum(b * b - 4.0 * a * c, 0.0)))
+    else:
+        t = (clamped - x_k) / w_k
+    return inside, clamped, bin_index, onehot, x_k, w_k, y_k, h_k, d_k, d_k1, raw_k, raw_k1, t
+
+
+@triton.jit
+def _rq_value(t, x_k, w_k, y_k, h_k, d_k, d_k1, INVERSE: tl.constexpr):
+    """The spline's value and log|det J| at position t of the bin (inside the interval)."""
+    slope = h_k / w_k
+    u = t * (1.0 - t)
+    denominator = slope + (d_k1 + d_k - 2.0 * slope) * u
+    numerator = slope * slope * (d_k1 * t * t + 2.0 * slope * u + d_k * (1.0 - t) * (1.0 - t))
+    logabsdet = tl.log(numerator) - 2.0 * tl.log(denominator)
+    if INVERSE:
+        result = x_k + t * w_k
+        logabsdet = -logabsdet
+    else:
+        result = y_k + h_k * (slope * t * t + d_k * u) / denominator
+    return result, logabsdet
+
+
+@triton.jit
+def _load_spline(x_ptr, p_ptr, rows, row_ok, num_bins, bound, min_width, min_height, min_derivative, derivative_shift,
+                 INVERSE: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Loads the elements `rows` of x `(n,)` and their raw parameters `(n, 3K-1)`, builds their splines and
+    locates them: `_rq_locate`'s results (but clamped), then bins, the width and height fractions, and the
+    elements."""
+    n_params = 3 * num_bins - 1
+    bins = tl.arange(0, BLOCK_K)[None, :]
+    bin_ok = bins < num_bins
+    value = tl.load(x_ptr + rows, mask=row_ok, other=0.0)
+    base = p_ptr + rows[:, None] * n_params
+    mask = row_ok[:, None] & bin_ok
+    raw_width = tl.load(base + bins, mask=mask, other=0.0)
+    raw_height = tl.load(base + num_bins + bins, mask=mask, other=0.0)
+    raw_dleft = tl.load(base + 2 * num_bins + bins - 1, mask=mask & (bins >= 1), other=0.0)  # knot k: derivative k-1
+    raw_dright = tl.load(base + 2 * num_bins + bins, mask=mask & (bins <= num_bins - 2), other=0.0)
+    width_fraction, widths, left_x = _spline_knots(raw_width, bins, bin_ok, bound, min_width, num_bins)
+    height_fraction, heights, left_y = _spline_knots(raw_height, bins, bin_ok, bound, min_height, num_bins)
+    inside, clamped, bin_index, onehot, x_k, w_k, y_k, h_k, d_k, d_k1, raw_k, raw_k1, t = _rq_locate(
+        value, widths, left_x, heights, left_y, raw_dleft, raw_dright, bins, bin_ok, num_bins, bound, min_derivative,
+        derivative_shift, INVERSE)
+    return (inside, bin_index, onehot, x_k, w_k, y_k, h_k, d_k, d_k1, raw_k, raw_k1, t, bins, width_fraction,
+            height_fraction, value)
+
+
+@triton.jit
+def _rq_forward_kernel(x_ptr, p_ptr, out_ptr, ladj_ptr, n, num_bins,
+                       bound, min_width, min_height, min_derivative, derivative_shift,
+                       INVERSE: tl.constexpr, BLOCK: tl.constexpr, BLOCK_K: tl.constexpr):
+    rows = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    row_ok = rows < n
+    inside, bin_index, onehot, x_k, w_k, y_k, h_k, d_k, d_k1, raw_k, raw_k1, t, bins, width_fraction, height_fraction, \
+        value = _load_spline(x_ptr, p_ptr, rows, row_ok, num_bins, bound, min_width, min_height, min_derivative,
+                             derivative_shift, INVERSE, BLOCK_K)
+    result, logabsdet = _rq_value(t, x_k, w_k, y_k, h_k, d_k, d_k1, INVERSE)
+    tl.store(out_ptr + rows, tl.where(inside, result, value), mask=row_ok)  # outside (and NaN): passed through
+    tl.store(ladj_ptr + rows, tl.where(inside, logabsdet, 0.0), mask=row_ok)
+
+
+@triton.jit
+def _rq_backward_kernel(x_ptr, p_ptr, grad_out_ptr, grad_ladj_ptr, grad_x_ptr, grad_p_ptr, n, num_bins,
+                        bound, min_width, min_height, min_derivative, derivative_shift,
+                        INVERSE: tl.constexpr, BLOCK: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Gradients of Σ grad_out·out + grad_ladj·ladj w.r.t. x and the raw parameters (as csrc's backward_block;
+    for the inverse, implicit differentiation through the forward map)."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    row_ok = rows < n
+    inside, bin_index, onehot, x_k, w_k, y_k, h_k, d_k, d_k1, raw_k, raw_k1, t, bins, width_fraction, height_fraction, \
+        value = _load_spline(x_ptr, p_ptr, rows, row_ok, num_bins, bound, min_width, min_height, min_derivative,
+                             derivative_shift, INVERSE, BLOCK_K)
+    g_y = tl.load(grad_out_ptr + rows, mask=row_ok, other=0.0)
+    g_l = tl.load(grad_ladj_ptr + rows, mask=row_ok, other=0.0)
+    grad_out = g_y
+
+    s = h_k / w_k
+    u = t * (1.0 - t)
+    c = d_k1 + d_k - 2.0 * s
+    den = s + c * u
+    A = s * t * t + d_k * u
+    G = d_k1 * t * t + 2.0 * s * u + d_k * (1.0 - t) * (1.0 - t)
+    one_m_2t = 1.0 - 2.0 * t
+    den2 = den * den
+    den_t = c * one_m_2t
+    den_s = 1.0 - 2.0 * u
+    G_t = 2.0 * d_k1 * t + 2.0 * s * one_m_2t - 2.0 * d_k * (1.0 - t)
+    ladj_dt = G_t / G - 2.0 * den_t / den
+    if INVERSE:
+        upstream = (g_y - g_l * ladj_dt / w_k) / (s * s * G / den2)
+        grad_x = upstream
+        g_y = -upstream
+        g_l = -g_l
+    else:
+        grad_x = g_y * s * s * G / den2 + g_l * ladj_dt / w_k
+    A_t = 2.0 * s * t + d_k * one_m_2t
+    g_t = g_y * h_k * (A_t * den - A * den_t) / den2 + g_l * ladj_dt
+    g_s = g_y * h_k * (t * t * den - A * den_s) / den2 + g_l * (2.0 / s + 2.0 * u / G - 2.0 * den_s / den)
+    g_d0 = g_y * h_k * u * (den - A) / den2 + g_l * ((1.0 - t) * (1.0 - t) / G - 2.0 * u / den)
+    g_d1 = -g_y * h_k * A * u / den2 + g_l * (t * t / G - 2.0 * u / den)
+    g_height_at = g_y * A / den + g_s / w_k
+    g_width_below = -g_t / w_k
+    g_width_at = -g_t * t / w_k - g_s * s / w_k
+
+    # knots X_k = -B + 2B Σ_{i<k} size_i, width_k = 2B size_k (heights alike), size = min + scale·softmax(raw):
+    # g_size_i = 2B (g_below [i < bin] + g_at [i = bin]), then softmax's backward
+    below = bins < tl.expand_dims(bin_index, -1)
+    n_params = 3 * num_bins - 1
+    base = grad_p_ptr + rows[:, None] * n_params
+    store_ok = row_ok[:, None] & (bins < num_bins)
+    keep = tl.expand_dims(inside, -1)
+    g_sizes = 2.0 * bound * tl.where(below, tl.expand_dims(g_width_below, -1), tl.where(onehot, tl.expand_dims(g_width_at, -1), 0.0))
+    g_raw = (1.0 - min_width * num_bins) * width_fraction * (g_sizes - tl.expand_dims(tl.sum(width_fraction * g_sizes, axis=-1), -1))
+    tl.store(base + bins, tl.where(keep, g_raw, 0.0), mask=store_ok)
+    g_sizes = 2.0 * bound * tl.where(below, tl.expand_dims(g_y, -1), tl.where(onehot, tl.expand_dims(g_height_at, -1), 0.0))
+    g_raw = (1.0 - min_height * num_bins) * height_fraction * (g_sizes - tl.expand_dims(tl.sum(height_fraction * g_sizes, axis=-1), -1))
+    tl.store(base + num_bins + bins, tl.where(keep, g_raw, 0.0), mask=store_ok)
+    # interior derivative j (slot j, knot j + 1) = min + softplus(raw_j + shift): the bin's left knot is slot
+    # bin - 1, its right knot slot bin (tails have no slot)
+    g_left = tl.expand_dims(g_d0 * tl.sigmoid(raw_k), -1)
+    g_right = tl.expand_dims(g_d1 * tl.sigmoid(raw_k1), -1)
+    slot_bin = tl.expand_dims(bin_index, -1)
+    g_raw = tl.where(bins == slot_bin - 1, g_left, tl.where(bins == slot_bin, g_right, 0.0))
+    tl.store(base + 2 * num_bins + bins, tl.where(keep, g_raw, 0.0), mask=row_ok[:, None] & (bins < num_bins - 1))
+    tl.store(grad_x_ptr + rows, tl.where(inside, grad_x, grad_out), mask=row_ok)
+
+
+def _launch_meta(num_bins: int, block: int) -> dict:
+    return dict(BLOCK=block, BLOCK_K=max(2, triton.next_power_of_2(num_bins)))
+
+
+def rq_spline_forward_triton(x, params, *, bound: float, inverse: bool, constants: tuple[float, float, float, float],
+                             block: int = 128, num_warps: int = 4):
+    """x `(n,)`, params `(n, 3K-1)`: contiguous float32 on one device. constants: (min bin width, min bin
+    height, min derivative, derivative shift); block, num_warps: elements and warps per program (launch
+    tuning, not yet timed on a GPU). Returns out `(n,)` and log|det J| `(n,)`."""
+    n, n_params = params.shape
+    num_bins = (n_params + 1) // 3
+    out, ladj = torch.empty_like(x), torch.empty_like(x)
+    _rq_forward_kernel[(triton.cdiv(n, block),)](x, params, out, ladj, n, num_bins, float(bound), *constants,
+                                                 INVERSE=inverse, **_launch_meta(num_bins, block), num_warps=num_warps)
+    return out, ladj
+
+
+def rq_spline_backward_triton(x, params, grad_out, grad_ladj, *, bound: float, inverse: bool,
+                              constants: tuple[float, float, float, float], block: int = 128, num_warps: int = 4):
+    """Gradients w.r.t. x `(n,)` and params `(n, 3K-1)` for upstream gradients grad_out, grad_ladj `(n,)`
+    (contiguous float32 on one device); launch settings as `rq_spline_forward_triton`."""
+    n, n_params = params.shape
+    num_bins = (n_params + 1) // 3
+    grad_x, grad_params = torch.empty_like(x), torch.empty_like(params)
+    _rq_backward_kernel[(triton.cdiv(n, block),)](x, params, grad_out, grad_ladj, grad_x, grad_params, n, num_bins,
+                                                  float(bound), *constants, INVERSE=inverse,
+                                                  **_launch_meta(num_bins, block), num_warps=num_warps)
+    return grad_x, grad_params
