@@ -26,7 +26,7 @@ ODE_SETTINGS = {  # width: (block_m, block_k, num_warps), the current default fi
     256: [(64, 16, 8), (32, 16, 8), (32, 32, 8), (32, 64, 8), (16, 16, 4), (16, 32, 8), (64, 32, 8), (128, 32, 8)],
 }
 COUPLING_SETTINGS = [(16, 2), (16, 4), (32, 2), (32, 4), (32, 8), (64, 4), (64, 8), (128, 4), (128, 8)]
-SPLINE_SETTINGS = [(128, 4), (64, 2), (64, 4), (256, 4), (256, 8), (512, 8)]  # (block, num_warps), default first
+SPLINE_SETTINGS = [(128, 4), (64, 2), (64, 4), (256, 4), (256, 8), (512, 8)]  # (block, num_warps), 8 bins: default first
 
 
 def _milliseconds(fn, device: torch.device, repeats: int = 3) -> float:

@@ -189,31 +189,37 @@ def _rq_backward_kernel(x_ptr, p_ptr, grad_out_ptr, grad_ladj_ptr, grad_x_ptr, g
     tl.store(grad_x_ptr + rows, tl.where(inside, grad_x, grad_out), mask=row_ok)
 
 
-def _launch_meta(num_bins: int, block: int) -> dict:
-    return dict(BLOCK=block, BLOCK_K=max(2, triton.next_power_of_2(num_bins)))
+def _launch_meta(num_bins: int, block: int | None) -> dict:
+    """BLOCK elements per program (default: 128, fewer for many bins so a (BLOCK, BLOCK_K) tile stays <= 4096
+    values) and the bin tile BLOCK_K."""
+    block_k = max(2, triton.next_power_of_2(num_bins))
+    return dict(BLOCK=block or max(16, min(128, 4096 // block_k)), BLOCK_K=block_k)
 
 
 def rq_spline_forward_triton(x, params, *, bound: float, inverse: bool, constants: tuple[float, float, float, float],
-                             block: int = 128, num_warps: int = 4):
+                             block: int | None = None, num_warps: int = 4):
     """x `(n,)`, params `(n, 3K-1)`: contiguous float32 on one device. constants: (min bin width, min bin
     height, min derivative, derivative shift); block, num_warps: elements and warps per program (launch
     tuning, not yet timed on a GPU). Returns out `(n,)` and log|det J| `(n,)`."""
     n, n_params = params.shape
     num_bins = (n_params + 1) // 3
     out, ladj = torch.empty_like(x), torch.empty_like(x)
-    _rq_forward_kernel[(triton.cdiv(n, block),)](x, params, out, ladj, n, num_bins, float(bound), *constants,
-                                                 INVERSE=inverse, **_launch_meta(num_bins, block), num_warps=num_warps)
+    meta = _launch_meta(num_bins, block)
+    _rq_forward_kernel[(triton.cdiv(n, meta["BLOCK"]),)](x, params, out, ladj, n, num_bins, float(bound), *constants,
+                                                         INVERSE=inverse, **meta, num_warps=num_warps)
     return out, ladj
 
 
 def rq_spline_backward_triton(x, params, grad_out, grad_ladj, *, bound: float, inverse: bool,
-                              constants: tuple[float, float, float, float], block: int = 128, num_warps: int = 4):
+                              constants: tuple[float, float, float, float], block: int | None = None,
+                              num_warps: int = 4):
     """Gradients w.r.t. x `(n,)` and params `(n, 3K-1)` for upstream gradients grad_out, grad_ladj `(n,)`
     (contiguous float32 on one device); launch settings as `rq_spline_forward_triton`."""
     n, n_params = params.shape
     num_bins = (n_params + 1) // 3
     grad_x, grad_params = torch.empty_like(x), torch.empty_like(params)
-    _rq_backward_kernel[(triton.cdiv(n, block),)](x, params, grad_out, grad_ladj, grad_x, grad_params, n, num_bins,
-                                                  float(bound), *constants, INVERSE=inverse,
-                                                  **_launch_meta(num_bins, block), num_warps=num_warps)
+    meta = _launch_meta(num_bins, block)
+    _rq_backward_kernel[(triton.cdiv(n, meta["BLOCK"]),)](x, params, grad_out, grad_ladj, grad_x, grad_params, n,
+                                                          num_bins, float(bound), *constants, INVERSE=inverse, **meta,
+                                                          num_warps=num_warps)
     return grad_x, grad_params

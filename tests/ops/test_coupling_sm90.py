@@ -60,7 +60,7 @@ def _shared_memory(transform: str, hidden: int, dim: int, context: int) -> int:
     if transform.startswith("rq_"):
         inverse = bool(dim)
         floats = ["bound", "min_width", "min_height", "min_derivative", "derivative_shift"]
-        meta = {"INVERSE": inverse, **spline._launch_meta(hidden, 128), "num_stages": 1}
+        meta = {"INVERSE": inverse, **spline._launch_meta(hidden, None), "num_stages": 1}
         if transform == "rq_forward":
             compiled = _compile(spline._rq_forward_kernel, ["x_ptr", "p_ptr", "out_ptr", "ladj_ptr"], ["n", "num_bins"],
                                 floats, meta)
