@@ -212,7 +212,7 @@ def _spline_coupling_kernel(
         changed_mask = row_ok[:, None] & (cols_t[None, :] < n_changed)
         offsets = rows[:, None] * n_changed + cols_t[None, :]
         value = tl.load(changed_ptr + offsets, mask=changed_mask, other=0.0)
-        inside, clamped, bin_index, onehot, x_k, w_k, y_k, h_k, d_k, d_k1, raw_k, raw_k1, t = _rq_locate(
+        inside, bin_index, onehot, x_k, w_k, y_k, h_k, d_k, d_k1, raw_k, raw_k1, t = _rq_locate(
             value, widths, left_x, heights, left_y, raw_dleft, raw_dright, bins, bin_ok, num_bins, bound,
             min_derivative, derivative_shift, INVERSE)
         result, logabsdet = _rq_value(t, x_k, w_k, y_k, h_k, d_k, d_k1, INVERSE)

@@ -41,8 +41,8 @@ def _pick(onehot, table):
 def _rq_locate(value, widths, left_x, heights, left_y, raw_dleft, raw_dright, bins, bin_ok, num_bins, bound,
                min_derivative, derivative_shift, INVERSE: tl.constexpr):
     """Each element's bin and local spline for `value (...)` and bin tiles `(..., K)` (raw_dleft / raw_dright:
-    the raw interior derivative at each bin's left / right knot). Returns (inside, clamped, bin_index, onehot,
-    x_k, w_k, y_k, h_k, d_k, d_k1, shifted raw derivative at the bin's left and right knots, t): t is the
+    the raw interior derivative at each bin's left / right knot). Returns (inside, bin_index, onehot, x_k, w_k,
+    y_k, h_k, d_k, d_k1, shifted raw derivative at the bin's left and right knots, t): t is the
     position in the bin of x (forward) or of the root of the rational-quadratic equation in y (inverse)."""
     inside = (value >= -bound) & (value <= bound)
     clamped = tl.minimum(tl.maximum(value, -bound), bound)
@@ -65,7 +65,7 @@ def _rq_locate(value, widths, left_x, heights, left_y, raw_dleft, raw_dright, bi
         t = (2.0 * c) / (-b - tl.sqrt(tl.maximum(b * b - 4.0 * a * c, 0.0)))
     else:
         t = (clamped - x_k) / w_k
-    return inside, clamped, bin_index, onehot, x_k, w_k, y_k, h_k, d_k, d_k1, raw_k, raw_k1, t
+    return inside, bin_index, onehot, x_k, w_k, y_k, h_k, d_k, d_k1, raw_k, raw_k1, t
 
 
 @triton.jit
@@ -88,8 +88,7 @@ def _rq_value(t, x_k, w_k, y_k, h_k, d_k, d_k1, INVERSE: tl.constexpr):
 def _load_spline(x_ptr, p_ptr, rows, row_ok, num_bins, bound, min_width, min_height, min_derivative, derivative_shift,
                  INVERSE: tl.constexpr, BLOCK_K: tl.constexpr):
     """Loads the elements `rows` of x `(n,)` and their raw parameters `(n, 3K-1)`, builds their splines and
-    locates them: `_rq_locate`'s results (but clamped), then bins, the width and height fractions, and the
-    elements."""
+    locates them: `_rq_locate`'s results, then bins, the width and height fractions, and the elements."""
     n_params = 3 * num_bins - 1
     bins = tl.arange(0, BLOCK_K)[None, :]
     bin_ok = bins < num_bins
@@ -102,7 +101,7 @@ def _load_spline(x_ptr, p_ptr, rows, row_ok, num_bins, bound, min_width, min_hei
     raw_dright = tl.load(base + 2 * num_bins + bins, mask=mask & (bins <= num_bins - 2), other=0.0)
     width_fraction, widths, left_x = _spline_knots(raw_width, bins, bin_ok, bound, min_width, num_bins)
     height_fraction, heights, left_y = _spline_knots(raw_height, bins, bin_ok, bound, min_height, num_bins)
-    inside, clamped, bin_index, onehot, x_k, w_k, y_k, h_k, d_k, d_k1, raw_k, raw_k1, t = _rq_locate(
+    inside, bin_index, onehot, x_k, w_k, y_k, h_k, d_k, d_k1, raw_k, raw_k1, t = _rq_locate(
         value, widths, left_x, heights, left_y, raw_dleft, raw_dright, bins, bin_ok, num_bins, bound, min_derivative,
         derivative_shift, INVERSE)
     return (inside, bin_index, onehot, x_k, w_k, y_k, h_k, d_k, d_k1, raw_k, raw_k1, t, bins, width_fraction,
