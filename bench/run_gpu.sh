@@ -33,7 +33,7 @@ if [[ $steps == *" tests "* ]]; then
     $parallel --durations=10 || status=1
 fi
 if [[ $steps == *" sweep "* ]]; then
-  timeout "${FASTFLOW_GPU_SWEEP_TIMEOUT:-240}" $python bench/sweep_gpu.py "$out/gpu_sweep_$(date +%F)_${gpu}.json" || status=1
+  timeout "${FASTFLOW_GPU_SWEEP_TIMEOUT:-330}" $python bench/sweep_gpu.py "$out/gpu_sweep_$(date +%F)_${gpu}.json" || status=1
 fi
 if [[ $steps == *" bench "* ]]; then
   for family in ${FASTFLOW_GPU_FAMILIES:-coupling ode}; do

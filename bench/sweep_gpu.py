@@ -16,6 +16,7 @@ H200, width 64 3.1-3.7x).
 from __future__ import annotations
 
 import json
+import signal
 import sys
 from pathlib import Path
 
@@ -124,6 +125,7 @@ def main() -> None:
         raise SystemExit("sweep_gpu.py needs a CUDA device")
     out = Path(sys.argv[1] if len(sys.argv) > 1 else "sweep_gpu.json")
     rows: list[dict] = []
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(124))  # a time limit (timeout) still writes what was measured
     try:
         sweep_spline(rows, torch.device("cuda"))
         sweep_coupling(rows, torch.device("cuda"))
