@@ -116,7 +116,8 @@ def to_json(results: list[Result], device: torch.device) -> dict:
 def _coupling_cases(device: torch.device, quick: bool) -> list[Case]:
     """Coupling flows, 5 layers, width 128: log_prob, sample, log_prob forward+backward. Spline flows
     (8 bins) on the backends implementing the spline against zuko's NSF (coupling, passes=2); affine
-    flows against zuko's RealNVP. Triton runs only on CUDA here (the CPU interpreter is for tests). On CUDA
+    flows against zuko's RealNVP; both with SiLU as fastflow's conditioners (the baseline: same architecture)
+    and with zuko's default ReLU (`-relu`). Triton runs only on CUDA here (the CPU interpreter is for tests). On CUDA
     each fastflow flow runs with fp32 products and once more with TF32 (`-tf32`); zuko stays fp32."""
     from fastflow.backends import backends
     from fastflow.flows import FlowConfig
@@ -133,9 +134,10 @@ def _coupling_cases(device: torch.device, quick: bool) -> list[Case]:
         for dim in dims:
             flows = {f"fastflow-{b}": CouplingFlow(dim, config=config, backend=b).to(device) for b in runnable}
             baseline = "fastflow-reference"
-            if has_zuko:
+            if has_zuko:  # the baseline has fastflow's architecture (SiLU); zuko's default (ReLU) for reference
                 baseline = "zuko-nsf" if transform == "spline" else "zuko-realnvp"
-                flows[baseline] = _ZukoAdapter(_zuko_flow(transform, dim).to(device))
+                flows[baseline] = _ZukoAdapter(_zuko_flow(transform, dim, torch.nn.SiLU).to(device))
+                flows[f"{baseline}-relu"] = _ZukoAdapter(_zuko_flow(transform, dim, torch.nn.ReLU).to(device))
             x = torch.randn(batch, dim, device=device)
             prefix = f"{transform} d={dim} n={batch}"
             for work, run in (("log_prob", lambda f, x=x: _no_grad(lambda: f.log_prob(x))),
@@ -148,12 +150,13 @@ def _coupling_cases(device: torch.device, quick: bool) -> list[Case]:
     return result
 
 
-def _zuko_flow(transform: str, dim: int):
+def _zuko_flow(transform: str, dim: int, activation: type[torch.nn.Module]):
+    """zuko's coupling flow with fastflow's benchmark architecture (5 layers, 2 hidden layers of 128)."""
     import zuko
 
     if transform == "spline":
-        return zuko.flows.NSF(dim, 0, transforms=5, hidden_features=(128, 128), bins=8, passes=2)
-    return zuko.flows.RealNVP(dim, 0, transforms=5, hidden_features=(128, 128))
+        return zuko.flows.NSF(dim, 0, transforms=5, hidden_features=(128, 128), bins=8, passes=2, activation=activation)
+    return zuko.flows.RealNVP(dim, 0, transforms=5, hidden_features=(128, 128), activation=activation)
 
 
 class _ZukoAdapter:
