@@ -141,8 +141,8 @@ def _check(kept, context, changed, weights) -> tuple[bool, list[torch.Tensor]]:
 def _supported(kept: torch.Tensor, tensors: list[torch.Tensor], fusable: bool, backend: str | None,
                precision: str) -> tuple[str, ...]:
     """The backends a coupling layer can run these tensors on: native on CPU float32/float64, Triton when
-    fusable. Automatic dispatch skips Triton where the reference was faster on an H200 (fp32 products;
-    under autograd, whose backward recomputes the layer through the reference anyway)."""
+    fusable. Automatic dispatch skips Triton for fp32 products (the reference was faster on an H200) and under
+    autograd (the Triton training path, torch conditioner + Triton spline op, is not yet timed on a GPU)."""
     native_ok = kept.device.type == "cpu" and all(t.dtype in (torch.float32, torch.float64) for t in tensors)
     if fusable and is_automatic(backend):
         fusable = precision in AUTO_TRITON_PRECISIONS and not _recording(tensors)
