@@ -19,7 +19,7 @@ from types import ModuleType
 import torch
 
 __all__ = ["BACKENDS", "BackendStatus", "backends", "native_module", "resolve_backend", "set_num_threads", "triton_precision",
-           "is_automatic", "AUTO_TRITON_PRECISIONS"]
+           "is_automatic", "triton_device", "AUTO_TRITON_PRECISIONS"]
 
 BACKENDS = ("reference", "triton", "native")
 _INSTALL_HINT = "reinstall fastflow with `pip install .` (or `make install`) so that the C++ extension is built"
@@ -142,6 +142,11 @@ def triton_precision(precision: str | None, device: torch.device | str) -> str:
     if precision not in TRITON_PRECISIONS:
         raise ValueError(f"precision must be one of {TRITON_PRECISIONS}, got {precision!r}")
     return precision
+
+
+def triton_device(device: torch.device | str) -> bool:
+    """Whether Triton kernels can take tensors on `device`: CUDA, or CPU under TRITON_INTERPRET=1."""
+    return torch.device(device).type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def is_automatic(requested: str | None) -> bool:

@@ -12,7 +12,7 @@ from typing import Callable
 
 import torch
 
-__all__ = ["Case", "Result", "register", "cases", "run", "time_call"]
+__all__ = ["Case", "Result", "register", "cases", "device_name", "run", "time_call"]
 
 
 @dataclass
@@ -97,11 +97,15 @@ def table(results: list[Result]) -> str:
     return "\n".join(lines)
 
 
+def device_name(device: torch.device) -> str:
+    """The GPU's name on CUDA, else "cpu"."""
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
 def to_json(results: list[Result], device: torch.device) -> dict:
     """Results with the facts needed to read them later (device, versions, threads)."""
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     return {
-        "device": name,
+        "device": device_name(device),
         "torch": torch.__version__,
         "triton": importlib.metadata.version("triton") if importlib.util.find_spec("triton") else None,
         "threads": torch.get_num_threads(),

@@ -66,7 +66,7 @@ def _bench(args: argparse.Namespace) -> int:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda: no CUDA device is visible")
-    print(f"device: {benchmarks.to_json([], device)['device']}, torch {torch.__version__}, {torch.get_num_threads()} threads",
+    print(f"device: {benchmarks.device_name(device)}, torch {torch.__version__}, {torch.get_num_threads()} threads",
           flush=True)
     measured: list[benchmarks.Result] = []
 

@@ -13,14 +13,13 @@ fresh full-batch tensors at every op.
 
 from __future__ import annotations
 
-import os
 from functools import partial
 from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
 
-from fastflow.backends import AUTO_TRITON_PRECISIONS, is_automatic, resolve_backend, triton_precision
+from fastflow.backends import AUTO_TRITON_PRECISIONS, is_automatic, resolve_backend, triton_device, triton_precision
 from fastflow.ops.linear import BLOCK_ROWS, linear_silu, linear_silu_into
 from fastflow.ops.spline import (
     SPLINE_CONSTANTS, rq_spline, rq_spline_ref, rq_spline_rows_native_into,
@@ -133,8 +132,7 @@ def _check(kept, context, changed, weights) -> tuple[bool, list[torch.Tensor]]:
     tensors = [kept, changed, *weights] + ([] if context is None else [context])
     if len({t.device for t in tensors}) != 1:
         raise ValueError("coupling: inputs and weights must be on one device")
-    triton_device = kept.device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
-    fusable = triton_device and len(weights) == 6 and all(t.dtype == torch.float32 for t in tensors)
+    fusable = triton_device(kept.device) and len(weights) == 6 and all(t.dtype == torch.float32 for t in tensors)
     return fusable, tensors
 
 

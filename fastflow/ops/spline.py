@@ -8,12 +8,11 @@ fuses knots, bin search, transform, log-determinant and the backward pass into o
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import torch.nn.functional as F
 
-from fastflow.backends import is_automatic, native_module, resolve_backend
+from fastflow.backends import is_automatic, native_module, resolve_backend, triton_device
 
 __all__ = ["rq_spline", "rq_spline_native_into", "rq_spline_ref", "rq_spline_rows_native_into", "spline_param_count",
            "DERIVATIVE_SHIFT", "SPLINE_CONSTANTS"]
@@ -130,8 +129,7 @@ def rq_spline(
     if inputs.dtype != params.dtype:
         raise TypeError(f"inputs are {inputs.dtype} but params are {params.dtype}")
     supports = ("reference", "native") if inputs.device.type == "cpu" and inputs.dtype in _NATIVE_DTYPES else ("reference",)
-    triton_device = inputs.device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
-    if triton_device and inputs.dtype == torch.float32 and not is_automatic(backend):
+    if triton_device(inputs.device) and inputs.dtype == torch.float32 and not is_automatic(backend):
         supports += ("triton",)
     chosen = resolve_backend(backend, inputs.device, supports=supports)
     if chosen == "native":
