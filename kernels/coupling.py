@@ -8,6 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
+from fastflow.kernels import cdiv, dot_tile, next_power_of_2
 from fastflow.kernels.spline import _rq_locate, _rq_value, _spline_knots
 
 __all__ = ["affine_coupling_triton", "affine_meta", "spline_coupling_triton", "spline_meta"]
@@ -20,19 +21,20 @@ def _silu(x):
 
 @triton.jit
 def _conditioner_hidden(kept_ptr, context_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, rows, row_ok,
-                        n_kept, n_context, n_hidden, BLOCK_M: tl.constexpr, BLOCK_IN: tl.constexpr,
-                        BLOCK_H: tl.constexpr, BLOCK_HK: tl.constexpr, PRECISION: tl.constexpr):
+                        n_kept, n_context, n_hidden, stride_kept, stride_context, BLOCK_M: tl.constexpr,
+                        BLOCK_IN: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HK: tl.constexpr, PRECISION: tl.constexpr):
     """Second hidden layer `(BLOCK_M, BLOCK_H)` of the conditioner SiLU(W2 SiLU(W1 [kept, context] + b1) + b2),
     zero-padded; weights are (out, in) row-major and loaded transposed as (in, out) tiles. The first layer's
     units are taken BLOCK_HK at a time, each chunk multiplied into the second layer's accumulator at once,
-    so a weight tile holds at most BLOCK_HK × BLOCK_H values (wide layers fit in shared memory)."""
+    so a weight tile holds at most BLOCK_HK × BLOCK_H values (wide layers fit in shared memory). Rows of kept
+    and context are `stride_kept` / `stride_context` elements apart (columns contiguous)."""
     cols_in = tl.arange(0, BLOCK_IN)
     cols_h = tl.arange(0, BLOCK_H)
     n_in = n_kept + n_context
     kept_mask = row_ok[:, None] & (cols_in[None, :] < n_kept)
-    x_in = tl.load(kept_ptr + rows[:, None] * n_kept + cols_in[None, :], mask=kept_mask, other=0.0)
+    x_in = tl.load(kept_ptr + rows[:, None] * stride_kept + cols_in[None, :], mask=kept_mask, other=0.0)
     context_mask = row_ok[:, None] & (cols_in[None, :] >= n_kept) & (cols_in[None, :] < n_in)
-    x_in += tl.load(context_ptr + rows[:, None] * n_context + (cols_in - n_kept)[None, :], mask=context_mask, other=0.0)
+    x_in += tl.load(context_ptr + rows[:, None] * stride_context + (cols_in - n_kept)[None, :], mask=context_mask, other=0.0)
     units = tl.arange(0, BLOCK_HK)
     pre_activation = tl.zeros((BLOCK_M, BLOCK_H), dtype=tl.float32)
     for start in range(0, BLOCK_H, BLOCK_HK):
@@ -50,11 +52,9 @@ def _conditioner_hidden(kept_ptr, context_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, r
 @triton.jit
 def _affine_coupling_kernel(
     # pointers
-    kept_ptr, context_ptr, changed_ptr,
-    w1_ptr, b1_ptr, w2_ptr, b2_ptr, w_scale_ptr, b_scale_ptr, w_shift_ptr, b_shift_ptr,
-    out_ptr, ladj_ptr,
-    # dimensions
-    n_rows, n_kept, n_context, n_hidden, n_changed,
+    kept_ptr, context_ptr, changed_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, w3_ptr, b3_ptr, out_ptr, ladj_ptr,
+    # dimensions and row strides
+    n_rows, n_kept, n_context, n_hidden, n_changed, stride_kept, stride_context, stride_changed,
     # scalars
     scale_bound,
     # meta-parameters
@@ -65,35 +65,32 @@ def _affine_coupling_kernel(
     row_ok = rows < n_rows
     cols_h = tl.arange(0, BLOCK_H)
     cols_out = tl.arange(0, BLOCK_OUT)
-    h = _conditioner_hidden(kept_ptr, context_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, rows, row_ok,
-                            n_kept, n_context, n_hidden, BLOCK_M, BLOCK_IN, BLOCK_H, BLOCK_HK, PRECISION)
+    h = _conditioner_hidden(kept_ptr, context_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, rows, row_ok, n_kept, n_context,
+                            n_hidden, stride_kept, stride_context, BLOCK_M, BLOCK_IN, BLOCK_H, BLOCK_HK, PRECISION)
 
-    # transform parameters for the changed coordinates: raw log-scales and shifts, (BLOCK_M, BLOCK_OUT)
-    out_mask = (cols_h[:, None] < n_hidden) & (cols_out[None, :] < n_changed)
-    w_scale = tl.load(w_scale_ptr + cols_out[None, :] * n_hidden + cols_h[:, None], mask=out_mask, other=0.0)
-    w_shift = tl.load(w_shift_ptr + cols_out[None, :] * n_hidden + cols_h[:, None], mask=out_mask, other=0.0)
-    b_scale = tl.load(b_scale_ptr + cols_out, mask=cols_out < n_changed, other=0.0)
-    b_shift = tl.load(b_shift_ptr + cols_out, mask=cols_out < n_changed, other=0.0)
+    # transform parameters for the changed coordinates, (BLOCK_M, BLOCK_OUT): w3's rows 2t (raw log-scale)
+    # and 2t + 1 (shift) of coordinate t
+    out_ok = cols_out < n_changed
+    w_mask = (cols_h[:, None] < n_hidden) & out_ok[None, :]
+    w_scale = tl.load(w3_ptr + (2 * cols_out)[None, :] * n_hidden + cols_h[:, None], mask=w_mask, other=0.0)
+    w_shift = tl.load(w3_ptr + (2 * cols_out + 1)[None, :] * n_hidden + cols_h[:, None], mask=w_mask, other=0.0)
+    b_scale = tl.load(b3_ptr + 2 * cols_out, mask=out_ok, other=0.0)
+    b_shift = tl.load(b3_ptr + 2 * cols_out + 1, mask=out_ok, other=0.0)
     raw_scale = tl.dot(h, w_scale, input_precision=PRECISION) + b_scale[None, :]
     shift = tl.dot(h, w_shift, input_precision=PRECISION) + b_shift[None, :]
     log_scale = scale_bound * (2.0 * tl.sigmoid(2.0 * raw_scale / scale_bound) - 1.0)  # bound·tanh(raw/bound)
 
-    changed_mask = row_ok[:, None] & (cols_out[None, :] < n_changed)
-    offsets = rows[:, None] * n_changed + cols_out[None, :]
-    changed = tl.load(changed_ptr + offsets, mask=changed_mask, other=0.0)
+    changed_mask = row_ok[:, None] & out_ok[None, :]
+    changed = tl.load(changed_ptr + rows[:, None] * stride_changed + cols_out[None, :], mask=changed_mask, other=0.0)
     if INVERSE:
         out = (changed - shift) * tl.exp(-log_scale)
         ladj = -tl.sum(tl.where(changed_mask, log_scale, 0.0), axis=1)
     else:
         out = changed * tl.exp(log_scale) + shift
         ladj = tl.sum(tl.where(changed_mask, log_scale, 0.0), axis=1)
-    tl.store(out_ptr + offsets, out, mask=changed_mask)
+    tl.store(out_ptr + rows[:, None] * n_changed + cols_out[None, :], out, mask=changed_mask)
     tl.store(ladj_ptr + rows, ladj, mask=row_ok)
 
-
-def _block(n: int) -> int:
-    """Power-of-2 tile width >= 16 (tl.dot's minimum)."""
-    return max(16, triton.next_power_of_2(n))
 
 
 # Values in one weight tile (64 KiB of float32): conditioners up to width 128 load each layer whole; wider
@@ -105,8 +102,8 @@ _WEIGHT_TILE = 128 * 128
 def _conditioner_meta(n_in: int, n_hidden: int, *, inverse: bool, block_m: int, precision: str) -> dict:
     """Meta-parameters both kernels share: row block, conditioner tiles, chunk of first-layer units and
     the products' input precision ("ieee": fp32, or "tf32")."""
-    block_h = _block(n_hidden)
-    return dict(INVERSE=inverse, BLOCK_M=block_m, BLOCK_IN=_block(n_in), BLOCK_H=block_h,
+    block_h = dot_tile(n_hidden)
+    return dict(INVERSE=inverse, BLOCK_M=block_m, BLOCK_IN=dot_tile(n_in), BLOCK_H=block_h,
                 BLOCK_HK=min(block_h, max(16, _WEIGHT_TILE // block_h)), PRECISION=precision,
                 num_stages=1)  # no software pipelining of the chunk loops: multi-buffered tiles overflow shared memory
 
@@ -115,7 +112,7 @@ def affine_meta(n_in: int, n_hidden: int, n_changed: int, *, inverse: bool, bloc
                 precision: str = "ieee") -> dict:
     """The affine kernel's meta-parameters (constexprs and launch options) for these layer sizes."""
     return {**_conditioner_meta(n_in, n_hidden, inverse=inverse, block_m=block_m, precision=precision),
-            "BLOCK_OUT": _block(n_changed)}
+            "BLOCK_OUT": dot_tile(n_changed)}
 
 
 def spline_meta(n_in: int, n_hidden: int, n_changed: int, num_bins: int, *, inverse: bool, block_m: int = 32,
@@ -123,11 +120,24 @@ def spline_meta(n_in: int, n_hidden: int, n_changed: int, num_bins: int, *, inve
     """The spline kernel's meta-parameters: the (coordinate, bin) tile BLOCK_T × BLOCK_K (at least 16
     columns for tl.dot), taken T_CHUNK coordinates at a time within the tile budget."""
     meta = _conditioner_meta(n_in, n_hidden, inverse=inverse, block_m=block_m, precision=precision)
-    block_t, block_k = triton.next_power_of_2(n_changed), triton.next_power_of_2(num_bins)
+    block_t, block_k = next_power_of_2(n_changed), next_power_of_2(num_bins)
     if block_t * block_k < 16:
         block_k = 16 // block_t
     t_chunk = min(block_t, max(16 // block_k, _WEIGHT_TILE // meta["BLOCK_H"] // block_k, 1))
     return {**meta, "BLOCK_T": block_t, "BLOCK_K": block_k, "T_CHUNK": t_chunk}
+
+
+def _row_major(x: torch.Tensor) -> torch.Tensor:
+    """x `(N, C)` with contiguous columns: a view as it is (its rows any stride apart, e.g. a column slice
+    of a wider tensor), else a contiguous copy."""
+    return x if x.stride(1) == 1 else x.contiguous()
+
+
+def _layer_inputs(kept, context, changed):
+    """The kernels' row-major inputs and their row strides (a missing context: an empty tensor, stride 0)."""
+    kept, changed = _row_major(kept), _row_major(changed)
+    context = kept.new_empty(0, 0) if context is None else _row_major(context)
+    return kept, context, changed, (kept.stride(0), context.stride(0) if context.numel() else 0, changed.stride(0))
 
 
 def affine_coupling_triton(kept, context, changed, weights, *, scale_bound: float, inverse: bool,
@@ -135,7 +145,8 @@ def affine_coupling_triton(kept, context, changed, weights, *, scale_bound: floa
     """Launch the fused kernel.
 
     Arguments:
-        kept `(N, K)`, context `(N, C)` or None, changed `(N, T)`: float32 on one device.
+        kept `(N, K)`, context `(N, C)` or None, changed `(N, T)`: float32 on one device; column slices of
+            wider tensors are read in place.
         weights: (w1 `(H, K+C)`, b1, w2 `(H, H)`, b2, w3 `(2T, H)`, b3 `(2T,)`) with w3's rows interleaved
             as (raw log-scale, shift) per changed coordinate.
         precision: the products' input precision, "ieee" (fp32), "tf32" or "tf32x3".
@@ -143,35 +154,37 @@ def affine_coupling_triton(kept, context, changed, weights, *, scale_bound: floa
     Returns:
         out `(N, T)` and log|det J| `(N,)`.
     """
-    w1, b1, w2, b2, w3, b3 = (w.contiguous() for w in weights)
-    kept, changed = kept.contiguous(), changed.contiguous()
+    kept, context, changed, strides = _layer_inputs(kept, context, changed)
     n_rows, n_changed = changed.shape
-    n_context = 0 if context is None else context.shape[1]
-    context = kept.new_empty(0) if context is None else context.contiguous()
-    w_scale, w_shift = w3[0::2].contiguous(), w3[1::2].contiguous()
-    b_scale, b_shift = b3[0::2].contiguous(), b3[1::2].contiguous()
-    out = torch.empty_like(changed)
+    out = changed.new_empty(n_rows, n_changed)
     ladj = changed.new_empty(n_rows)
-    grid = (triton.cdiv(n_rows, block_m),)
+    grid = (cdiv(n_rows, block_m),)
     _affine_coupling_kernel[grid](
-        kept, context, changed, w1, b1, w2, b2, w_scale, b_scale, w_shift, b_shift, out, ladj,
-        n_rows, kept.shape[1], n_context, w1.shape[0], n_changed,
+        kept, context, changed, *(w.contiguous() for w in weights), out, ladj,
+        n_rows, kept.shape[1], context.shape[1], weights[0].shape[0], n_changed, *strides,
         float(scale_bound),
-        **affine_meta(kept.shape[1] + n_context, w1.shape[0], n_changed, inverse=inverse, block_m=block_m, precision=precision),
+        **affine_meta(kept.shape[1] + context.shape[1], weights[0].shape[0], n_changed, inverse=inverse,
+                      block_m=block_m, precision=precision),
         num_warps=num_warps,
     )
     return out, ladj
 
 
 @triton.jit
+def _spline_parameters(h, w3_ptr, b3_ptr, parameter_rows, ok, cols_h, n_hidden, PRECISION: tl.constexpr):
+    """The conditioner outputs `parameter_rows (P,)` (rows of w3 `(·, H)` and b3) for h `(BLOCK_M, BLOCK_H)`:
+    `(BLOCK_M, P)`, zero where not `ok`."""
+    weights = tl.load(w3_ptr + parameter_rows[None, :] * n_hidden + cols_h[:, None],
+                      mask=ok[None, :] & (cols_h[:, None] < n_hidden), other=0.0)
+    return tl.dot(h, weights, input_precision=PRECISION) + tl.load(b3_ptr + parameter_rows, mask=ok, other=0.0)[None, :]
+
+
+@triton.jit
 def _spline_coupling_kernel(
     # pointers
-    kept_ptr, context_ptr, changed_ptr,
-    w1_ptr, b1_ptr, w2_ptr, b2_ptr,
-    w_width_ptr, b_width_ptr, w_height_ptr, b_height_ptr, w_dleft_ptr, b_dleft_ptr, w_dright_ptr, b_dright_ptr,
-    out_ptr, ladj_ptr,
-    # dimensions
-    n_rows, n_kept, n_context, n_hidden, n_changed, num_bins,
+    kept_ptr, context_ptr, changed_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, w3_ptr, b3_ptr, out_ptr, ladj_ptr,
+    # dimensions and row strides
+    n_rows, n_kept, n_context, n_hidden, n_changed, num_bins, stride_kept, stride_context, stride_changed,
     # scalars
     bound, min_width, min_height, min_derivative, derivative_shift,
     # meta-parameters
@@ -181,26 +194,27 @@ def _spline_coupling_kernel(
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < n_rows
     cols_h = tl.arange(0, BLOCK_H)
-    h = _conditioner_hidden(kept_ptr, context_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, rows, row_ok,
-                            n_kept, n_context, n_hidden, BLOCK_M, BLOCK_IN, BLOCK_H, BLOCK_HK, PRECISION)
+    h = _conditioner_hidden(kept_ptr, context_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, rows, row_ok, n_kept, n_context,
+                            n_hidden, stride_kept, stride_context, BLOCK_M, BLOCK_IN, BLOCK_H, BLOCK_HK, PRECISION)
 
     # the changed coordinates T_CHUNK at a time (a weight tile holds T_CHUNK · BLOCK_K × BLOCK_H values)
-    w_mask = cols_h[:, None] < n_hidden
     bins = tl.arange(0, BLOCK_K)[None, None, :]
     bin_ok = bins < num_bins
+    n_params = 3 * num_bins - 1
     ladj = tl.zeros((BLOCK_M,), dtype=tl.float32)
     for t_0 in range(0, BLOCK_T, T_CHUNK):
-        # spline parameters as (BLOCK_M, T_CHUNK, BLOCK_K) tiles (the launcher laid the rows out padded)
-        cols_p = t_0 * BLOCK_K + tl.arange(0, T_CHUNK * BLOCK_K)  # (coordinate, bin) pairs, coordinate-major
-        w_offsets = cols_p[None, :] * n_hidden + cols_h[:, None]
-        raw_width = tl.dot(h, tl.load(w_width_ptr + w_offsets, mask=w_mask, other=0.0),
-                           input_precision=PRECISION) + tl.load(b_width_ptr + cols_p)[None, :]
-        raw_height = tl.dot(h, tl.load(w_height_ptr + w_offsets, mask=w_mask, other=0.0),
-                            input_precision=PRECISION) + tl.load(b_height_ptr + cols_p)[None, :]
-        raw_dleft = tl.dot(h, tl.load(w_dleft_ptr + w_offsets, mask=w_mask, other=0.0),
-                           input_precision=PRECISION) + tl.load(b_dleft_ptr + cols_p)[None, :]
-        raw_dright = tl.dot(h, tl.load(w_dright_ptr + w_offsets, mask=w_mask, other=0.0),
-                            input_precision=PRECISION) + tl.load(b_dright_ptr + cols_p)[None, :]
+        # (coordinate, bin) pairs, coordinate-major; coordinate t's outputs are w3's rows t·(3K-1) + [widths (K),
+        # heights (K), interior derivatives (K-1)]: bin k's left knot has derivative k-1, its right knot k
+        pair = tl.arange(0, T_CHUNK * BLOCK_K)
+        coordinate, k = t_0 + pair // BLOCK_K, pair % BLOCK_K
+        first = coordinate * n_params
+        in_bins = (coordinate < n_changed) & (k < num_bins)
+        raw_width = _spline_parameters(h, w3_ptr, b3_ptr, first + k, in_bins, cols_h, n_hidden, PRECISION)
+        raw_height = _spline_parameters(h, w3_ptr, b3_ptr, first + num_bins + k, in_bins, cols_h, n_hidden, PRECISION)
+        raw_dleft = _spline_parameters(h, w3_ptr, b3_ptr, first + 2 * num_bins + k - 1, in_bins & (k >= 1), cols_h,
+                                       n_hidden, PRECISION)
+        raw_dright = _spline_parameters(h, w3_ptr, b3_ptr, first + 2 * num_bins + k, in_bins & (k <= num_bins - 2),
+                                        cols_h, n_hidden, PRECISION)
         raw_width = tl.reshape(raw_width, (BLOCK_M, T_CHUNK, BLOCK_K))
         raw_height = tl.reshape(raw_height, (BLOCK_M, T_CHUNK, BLOCK_K))
         raw_dleft = tl.reshape(raw_dleft, (BLOCK_M, T_CHUNK, BLOCK_K))
@@ -210,39 +224,15 @@ def _spline_coupling_kernel(
         _, heights, left_y = _spline_knots(raw_height, bins, bin_ok, bound, min_height, num_bins)
         cols_t = t_0 + tl.arange(0, T_CHUNK)
         changed_mask = row_ok[:, None] & (cols_t[None, :] < n_changed)
-        offsets = rows[:, None] * n_changed + cols_t[None, :]
-        value = tl.load(changed_ptr + offsets, mask=changed_mask, other=0.0)
+        value = tl.load(changed_ptr + rows[:, None] * stride_changed + cols_t[None, :], mask=changed_mask, other=0.0)
         inside, bin_index, onehot, x_k, w_k, y_k, h_k, d_k, d_k1, raw_k, raw_k1, t = _rq_locate(
             value, widths, left_x, heights, left_y, raw_dleft, raw_dright, bins, bin_ok, num_bins, bound,
             min_derivative, derivative_shift, INVERSE)
         result, logabsdet = _rq_value(t, x_k, w_k, y_k, h_k, d_k, d_k1, INVERSE)
         result = tl.where(inside, result, value)
         ladj += tl.sum(tl.where(inside & changed_mask, logabsdet, 0.0), axis=1)
-        tl.store(out_ptr + offsets, result, mask=changed_mask)
+        tl.store(out_ptr + rows[:, None] * n_changed + cols_t[None, :], result, mask=changed_mask)
     tl.store(ladj_ptr + rows, ladj, mask=row_ok)
-
-
-def _spline_rows(w3, b3, n_changed, num_bins, block_t, block_k):
-    """Lay the last layer's rows (coordinate-major, 3K-1 each) out as four padded (T·K, H) matrices:
-    widths, heights, and the raw derivative at each bin's left and right knot (zero rows where none)."""
-    hidden = w3.shape[1]
-    per = 3 * num_bins - 1
-    w = w3.view(n_changed, per, hidden)
-    b = b3.view(n_changed, per)
-    layouts = []
-    for pick in ("width", "height", "dleft", "dright"):
-        weight = w3.new_zeros(block_t, block_k, hidden)
-        bias = b3.new_zeros(block_t, block_k)
-        if pick == "width":
-            weight[:n_changed, :num_bins], bias[:n_changed, :num_bins] = w[:, :num_bins], b[:, :num_bins]
-        elif pick == "height":
-            weight[:n_changed, :num_bins], bias[:n_changed, :num_bins] = w[:, num_bins:2 * num_bins], b[:, num_bins:2 * num_bins]
-        elif pick == "dleft":  # bin k's left knot k: interior derivative k-1 for k >= 1
-            weight[:n_changed, 1:num_bins], bias[:n_changed, 1:num_bins] = w[:, 2 * num_bins:], b[:, 2 * num_bins:]
-        else:  # bin k's right knot k+1: interior derivative k for k <= K-2
-            weight[:n_changed, :num_bins - 1], bias[:n_changed, :num_bins - 1] = w[:, 2 * num_bins:], b[:, 2 * num_bins:]
-        layouts += [weight.reshape(block_t * block_k, hidden).contiguous(), bias.reshape(-1).contiguous()]
-    return layouts
 
 
 def spline_coupling_triton(kept, context, changed, weights, *, num_bins: int, bound: float, inverse: bool,
@@ -251,29 +241,26 @@ def spline_coupling_triton(kept, context, changed, weights, *, num_bins: int, bo
     """Launch the fused spline coupling kernel.
 
     Arguments:
-        kept `(N, K)`, context `(N, C)` or None, changed `(N, T)`: float32 on one device.
-        weights: (w1, b1, w2, b2, w3 `(T·(3B-1), H)`, b3) of the conditioner (B = num_bins).
+        kept `(N, K)`, context `(N, C)` or None, changed `(N, T)`: float32 on one device; column slices of
+            wider tensors are read in place.
+        weights: (w1, b1, w2, b2, w3 `(T·(3B-1), H)`, b3) of the conditioner (B = num_bins), read as they are.
         constants: (min bin width, min bin height, min derivative, derivative shift) of the reference.
         precision: the products' input precision, "ieee" (fp32), "tf32" or "tf32x3".
         block_m, num_warps: rows per program and warps per program (launch tuning).
     Returns:
         out `(N, T)` and log|det J| `(N,)`.
     """
-    w1, b1, w2, b2, w3, b3 = (w.contiguous() for w in weights)
-    kept, changed = kept.contiguous(), changed.contiguous()
+    kept, context, changed, strides = _layer_inputs(kept, context, changed)
     n_rows, n_changed = changed.shape
-    n_context = 0 if context is None else context.shape[1]
-    context = kept.new_empty(0) if context is None else context.contiguous()
-    meta = spline_meta(kept.shape[1] + n_context, w1.shape[0], n_changed, num_bins, inverse=inverse, block_m=block_m,
-                       precision=precision)
-    parameter_rows = _spline_rows(w3, b3, n_changed, num_bins, meta["BLOCK_T"], meta["BLOCK_K"])
-    out = torch.empty_like(changed)
+    n_hidden = weights[0].shape[0]
+    meta = spline_meta(kept.shape[1] + context.shape[1], n_hidden, n_changed, num_bins, inverse=inverse,
+                       block_m=block_m, precision=precision)
+    out = changed.new_empty(n_rows, n_changed)
     ladj = changed.new_empty(n_rows)
-    min_width, min_height, min_derivative, shift = constants
-    grid = (triton.cdiv(n_rows, block_m),)
+    grid = (cdiv(n_rows, block_m),)
     _spline_coupling_kernel[grid](
-        kept, context, changed, w1, b1, w2, b2, *parameter_rows, out, ladj,
-        n_rows, kept.shape[1], n_context, w1.shape[0], n_changed, num_bins,
-        float(bound), min_width, min_height, min_derivative, shift, **meta, num_warps=num_warps,
+        kept, context, changed, *(w.contiguous() for w in weights), out, ladj,
+        n_rows, kept.shape[1], context.shape[1], n_hidden, n_changed, num_bins, *strides,
+        float(bound), *constants, **meta, num_warps=num_warps,
     )
     return out, ladj

@@ -14,6 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
+from fastflow.kernels import cdiv, dot_tile
+
 __all__ = ["ACTIVATION_IDS", "MAX_HIDDEN", "MAX_LAYERS", "MAX_STAGES", "MAX_STATE_DIM", "mlp_odeint_triton"]
 
 ACTIVATION_IDS = {"silu": 0, "tanh": 1, "gelu": 2, "relu": 3}
@@ -183,10 +185,6 @@ def _mlp_ode_kernel(
     tl.store(out_ptr + state_offsets, x, mask=state_mask)
 
 
-def _block(n: int) -> int:
-    """Power-of-2 tile width >= 16 (tl.dot's minimum)."""
-    return max(16, triton.next_power_of_2(n))
-
 
 def _coefficients(a: tuple[tuple[float, ...], ...], b: tuple[float, ...]) -> dict[str, float]:
     """The tableau as the kernel's constexpr A21..A43, B1..B4 (missing entries 0)."""
@@ -223,7 +221,7 @@ def mlp_odeint_triton(x, steps, time_bias, context_bias, w_x, w_hidden, b_hidden
     """
     n_rows, n_dim = x.shape
     n_hidden = w_x.shape[0]
-    block_h = _block(n_hidden)
+    block_h = dot_tile(n_hidden)
     # defaults from sm_90 compiles (register use, spills, shared memory); not yet timed on a GPU
     block_k = block_k or (block_h if block_h <= 32 else 16)
     if block_k < 16 or block_k > block_h or block_h % block_k or block_k & (block_k - 1):
@@ -231,7 +229,7 @@ def mlp_odeint_triton(x, steps, time_bias, context_bias, w_x, w_hidden, b_hidden
     block_m = block_m or (64 if precision == "tf32" else 32)
     resident = w_hidden.shape[0] * block_h * block_h * 4 <= 64 * 1024
     out = torch.empty_like(x)
-    grid = (triton.cdiv(n_rows, block_m),)
+    grid = (cdiv(n_rows, block_m),)
     scratch = x.new_empty(grid[0] * block_m * block_h) if block_k < block_h else x  # unused when block_k = BLOCK_H
     _mlp_ode_kernel[grid](
         x, out, x if context_bias is None else context_bias, time_bias, steps, scratch,
@@ -240,7 +238,7 @@ def mlp_odeint_triton(x, steps, time_bias, context_bias, w_x, w_hidden, b_hidden
         **_coefficients(a, b),
         STAGES=len(b), NUM_LAYERS=w_hidden.shape[0] + 1, ACTIVATION=ACTIVATION_IDS[activation], RESIDUAL=residual,
         HAS_CONTEXT=context_bias is not None, PRECISION=precision, RESIDENT_WEIGHTS=resident,
-        BLOCK_M=block_m, BLOCK_D=_block(n_dim), BLOCK_H=block_h, BLOCK_K=block_k,
+        BLOCK_M=block_m, BLOCK_D=dot_tile(n_dim), BLOCK_H=block_h, BLOCK_K=block_k,
         num_warps=num_warps or (8 if block_h >= 128 else 4),
         num_stages=1,  # no software pipelining of the step loop: its multi-buffered weight tiles overflow shared memory
     )

@@ -7,6 +7,8 @@ import torch
 import triton
 import triton.language as tl
 
+from fastflow.kernels import cdiv, next_power_of_2
+
 __all__ = ["rq_spline_backward_triton", "rq_spline_forward_triton"]
 
 
@@ -191,7 +193,7 @@ def _rq_backward_kernel(x_ptr, p_ptr, grad_out_ptr, grad_ladj_ptr, grad_x_ptr, g
 def _launch_meta(num_bins: int, block: int | None) -> dict:
     """BLOCK elements per program (default: 128, fewer for many bins so a (BLOCK, BLOCK_K) tile stays <= 4096
     values) and the bin tile BLOCK_K."""
-    block_k = max(2, triton.next_power_of_2(num_bins))
+    block_k = max(2, next_power_of_2(num_bins))
     return dict(BLOCK=block or max(16, min(128, 4096 // block_k)), BLOCK_K=block_k)
 
 
@@ -204,7 +206,7 @@ def rq_spline_forward_triton(x, params, *, bound: float, inverse: bool, constant
     num_bins = (n_params + 1) // 3
     out, ladj = torch.empty_like(x), torch.empty_like(x)
     meta = _launch_meta(num_bins, block)
-    _rq_forward_kernel[(triton.cdiv(n, meta["BLOCK"]),)](x, params, out, ladj, n, num_bins, float(bound), *constants,
+    _rq_forward_kernel[(cdiv(n, meta["BLOCK"]),)](x, params, out, ladj, n, num_bins, float(bound), *constants,
                                                          INVERSE=inverse, **meta, num_warps=num_warps)
     return out, ladj
 
@@ -218,7 +220,7 @@ def rq_spline_backward_triton(x, params, grad_out, grad_ladj, *, bound: float, i
     num_bins = (n_params + 1) // 3
     grad_x, grad_params = torch.empty_like(x), torch.empty_like(params)
     meta = _launch_meta(num_bins, block)
-    _rq_backward_kernel[(triton.cdiv(n, meta["BLOCK"]),)](x, params, grad_out, grad_ladj, grad_x, grad_params, n,
+    _rq_backward_kernel[(cdiv(n, meta["BLOCK"]),)](x, params, grad_out, grad_ladj, grad_x, grad_params, n,
                                                           num_bins, float(bound), *constants, INVERSE=inverse, **meta,
                                                           num_warps=num_warps)
     return grad_x, grad_params

@@ -71,19 +71,19 @@ def _shared_memory(transform: str, hidden: int, dim: int, context: int) -> int:
         return compiled.metadata.shared
 
     kept, changed = dim // 2, dim - dim // 2
-    common = ["kept_ptr", "context_ptr", "changed_ptr", "w1_ptr", "b1_ptr", "w2_ptr", "b2_ptr"]
+    pointers = ["kept_ptr", "context_ptr", "changed_ptr", "w1_ptr", "b1_ptr", "w2_ptr", "b2_ptr", "w3_ptr", "b3_ptr",
+                "out_ptr", "ladj_ptr"]
+    strides = ["stride_kept", "stride_context", "stride_changed"]
     if transform == "affine":
         compiled = _compile(
-            coupling._affine_coupling_kernel,
-            common + ["w_scale_ptr", "b_scale_ptr", "w_shift_ptr", "b_shift_ptr", "out_ptr", "ladj_ptr"],
-            ["n_rows", "n_kept", "n_context", "n_hidden", "n_changed"], ["scale_bound"],
+            coupling._affine_coupling_kernel, pointers,
+            ["n_rows", "n_kept", "n_context", "n_hidden", "n_changed", *strides], ["scale_bound"],
             coupling.affine_meta(kept + context, hidden, changed, inverse=False),
         )
     else:
-        parameters = [f"{w}_{kind}_ptr" for kind in ("width", "height", "dleft", "dright") for w in ("w", "b")]
         compiled = _compile(
-            coupling._spline_coupling_kernel, common + parameters + ["out_ptr", "ladj_ptr"],
-            ["n_rows", "n_kept", "n_context", "n_hidden", "n_changed", "num_bins"],
+            coupling._spline_coupling_kernel, pointers,
+            ["n_rows", "n_kept", "n_context", "n_hidden", "n_changed", "num_bins", *strides],
             ["bound", "min_width", "min_height", "min_derivative", "derivative_shift"],
             coupling.spline_meta(kept + context, hidden, changed, 8, inverse=True),
         )

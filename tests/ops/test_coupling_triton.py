@@ -187,3 +187,23 @@ def test_3xtf32_products_match_reference_to_fp32_tolerance(transform):
         fused = op(*inputs, backend="triton", precision="tf32x3", **options)
     for a, b in zip(fused, ref(*inputs, **options)):
         torch.testing.assert_close(a, b, atol=ATOL, rtol=RTOL)
+
+
+@pytest.mark.parametrize("transform", ["affine", "spline"])
+def test_strided_inputs_give_the_contiguous_result(transform):
+    """Column slices of wider tensors (rows further apart than their width) are read in place, and
+    non-contiguous columns (a transposed tensor) copied: both give the contiguous inputs' outputs exactly."""
+    bins = 5
+    kept, context, changed, weights = _layer_inputs(37, 3, 2, 4, 32, params_per_coordinate=2 if transform == "affine" else 3 * bins - 1)
+    op = (lambda *a: affine_coupling(*a, scale_bound=3.0, inverse=False, backend="triton")) if transform == "affine" else (
+        lambda *a: spline_coupling(*a, num_bins=bins, bound=3.0, inverse=True, backend="triton"))
+    with torch.no_grad():
+        expected = op(kept, context, changed, weights)
+        wide = torch.cat([kept, changed, context, torch.randn(37, 3, device=DEVICE)], dim=1)
+        sliced = (wide[:, :3], wide[:, 7:9], wide[:, 3:7])
+        assert sliced[0].stride(0) == 12 and not sliced[0].is_contiguous()
+        transposed = tuple(t.t().contiguous().t() for t in (kept, context, changed))
+        assert transposed[0].stride(1) != 1
+        for inputs in (sliced, transposed):
+            for a, b in zip(op(*inputs, weights), expected):
+                torch.testing.assert_close(a, b, atol=0.0, rtol=0.0)
