@@ -9,20 +9,17 @@ import triton
 import triton.language as tl
 
 from fastflow.kernels import cdiv, dot_tile, next_power_of_2
+from fastflow.kernels.activations import SILU, TANH, activate, approximate_activations
 from fastflow.kernels.spline import _rq_locate, _rq_value, _spline_knots
 
 __all__ = ["affine_coupling_triton", "affine_meta", "spline_coupling_triton", "spline_meta"]
 
 
 @triton.jit
-def _silu(x):
-    return x * tl.sigmoid(x)
-
-
-@triton.jit
 def _conditioner_hidden(kept_ptr, context_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, rows, row_ok,
                         n_kept, n_context, n_hidden, stride_kept, stride_context, BLOCK_M: tl.constexpr,
-                        BLOCK_IN: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HK: tl.constexpr, PRECISION: tl.constexpr):
+                        BLOCK_IN: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HK: tl.constexpr, PRECISION: tl.constexpr,
+                        APPROXIMATE: tl.constexpr):
     """Second hidden layer `(BLOCK_M, BLOCK_H)` of the conditioner SiLU(W2 SiLU(W1 [kept, context] + b1) + b2),
     zero-padded; weights are (out, in) row-major and loaded transposed as (in, out) tiles. The first layer's
     units are taken BLOCK_HK at a time, each chunk multiplied into the second layer's accumulator at once,
@@ -42,11 +39,11 @@ def _conditioner_hidden(kept_ptr, context_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, r
         unit_ok = unit < n_hidden
         w1 = tl.load(w1_ptr + unit[None, :] * n_in + cols_in[:, None], mask=(cols_in[:, None] < n_in) & unit_ok[None, :], other=0.0)
         b1 = tl.load(b1_ptr + unit, mask=unit_ok, other=0.0)
-        h = _silu(tl.dot(x_in, w1, input_precision=PRECISION) + b1[None, :])
+        h = activate(tl.dot(x_in, w1, input_precision=PRECISION) + b1[None, :], SILU, APPROXIMATE)
         w2 = tl.load(w2_ptr + cols_h[None, :] * n_hidden + unit[:, None], mask=unit_ok[:, None] & (cols_h[None, :] < n_hidden), other=0.0)
         pre_activation += tl.dot(h, w2, input_precision=PRECISION)
     b2 = tl.load(b2_ptr + cols_h, mask=cols_h < n_hidden, other=0.0)
-    return _silu(pre_activation + b2[None, :])
+    return activate(pre_activation + b2[None, :], SILU, APPROXIMATE)
 
 
 @triton.jit
@@ -59,14 +56,15 @@ def _affine_coupling_kernel(
     scale_bound,
     # meta-parameters
     INVERSE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_IN: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HK: tl.constexpr,
-    BLOCK_OUT: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_OUT: tl.constexpr, PRECISION: tl.constexpr, APPROXIMATE: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < n_rows
     cols_h = tl.arange(0, BLOCK_H)
     cols_out = tl.arange(0, BLOCK_OUT)
     h = _conditioner_hidden(kept_ptr, context_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, rows, row_ok, n_kept, n_context,
-                            n_hidden, stride_kept, stride_context, BLOCK_M, BLOCK_IN, BLOCK_H, BLOCK_HK, PRECISION)
+                            n_hidden, stride_kept, stride_context, BLOCK_M, BLOCK_IN, BLOCK_H, BLOCK_HK, PRECISION,
+                            APPROXIMATE)
 
     # transform parameters for the changed coordinates, (BLOCK_M, BLOCK_OUT): w3's rows 2t (raw log-scale)
     # and 2t + 1 (shift) of coordinate t
@@ -78,7 +76,7 @@ def _affine_coupling_kernel(
     b_shift = tl.load(b3_ptr + 2 * cols_out + 1, mask=out_ok, other=0.0)
     raw_scale = tl.dot(h, w_scale, input_precision=PRECISION) + b_scale[None, :]
     shift = tl.dot(h, w_shift, input_precision=PRECISION) + b_shift[None, :]
-    log_scale = scale_bound * (2.0 * tl.sigmoid(2.0 * raw_scale / scale_bound) - 1.0)  # bound·tanh(raw/bound)
+    log_scale = scale_bound * activate(raw_scale / scale_bound, TANH, APPROXIMATE)
 
     changed_mask = row_ok[:, None] & out_ok[None, :]
     changed = tl.load(changed_ptr + rows[:, None] * stride_changed + cols_out[None, :], mask=changed_mask, other=0.0)
@@ -99,27 +97,31 @@ def _affine_coupling_kernel(
 _WEIGHT_TILE = 128 * 128
 
 
-def _conditioner_meta(n_in: int, n_hidden: int, *, inverse: bool, block_m: int, precision: str) -> dict:
-    """Meta-parameters both kernels share: row block, conditioner tiles, chunk of first-layer units and
-    the products' input precision ("ieee": fp32, or "tf32")."""
+def _conditioner_meta(n_in: int, n_hidden: int, *, inverse: bool, block_m: int, precision: str,
+                      approximate: bool) -> dict:
+    """Meta-parameters both kernels share: row block, conditioner tiles, chunk of first-layer units, the
+    products' input precision ("ieee": fp32, "tf32" or "tf32x3") and the activations' form
+    (`kernels.activations`)."""
     block_h = dot_tile(n_hidden)
     return dict(INVERSE=inverse, BLOCK_M=block_m, BLOCK_IN=dot_tile(n_in), BLOCK_H=block_h,
-                BLOCK_HK=min(block_h, max(16, _WEIGHT_TILE // block_h)), PRECISION=precision,
+                BLOCK_HK=min(block_h, max(16, _WEIGHT_TILE // block_h)), PRECISION=precision, APPROXIMATE=approximate,
                 num_stages=1)  # no software pipelining of the chunk loops: multi-buffered tiles overflow shared memory
 
 
 def affine_meta(n_in: int, n_hidden: int, n_changed: int, *, inverse: bool, block_m: int = 64,
-                precision: str = "ieee") -> dict:
+                precision: str = "ieee", approximate: bool = False) -> dict:
     """The affine kernel's meta-parameters (constexprs and launch options) for these layer sizes."""
-    return {**_conditioner_meta(n_in, n_hidden, inverse=inverse, block_m=block_m, precision=precision),
+    return {**_conditioner_meta(n_in, n_hidden, inverse=inverse, block_m=block_m, precision=precision,
+                               approximate=approximate),
             "BLOCK_OUT": dot_tile(n_changed)}
 
 
 def spline_meta(n_in: int, n_hidden: int, n_changed: int, num_bins: int, *, inverse: bool, block_m: int = 32,
-                precision: str = "ieee") -> dict:
+                precision: str = "ieee", approximate: bool = False) -> dict:
     """The spline kernel's meta-parameters: the (coordinate, bin) tile BLOCK_T × BLOCK_K (at least 16
     columns for tl.dot), taken T_CHUNK coordinates at a time within the tile budget."""
-    meta = _conditioner_meta(n_in, n_hidden, inverse=inverse, block_m=block_m, precision=precision)
+    meta = _conditioner_meta(n_in, n_hidden, inverse=inverse, block_m=block_m, precision=precision,
+                             approximate=approximate)
     block_t, block_k = next_power_of_2(n_changed), next_power_of_2(num_bins)
     if block_t * block_k < 16:
         block_k = 16 // block_t
@@ -141,7 +143,8 @@ def _layer_inputs(kept, context, changed):
 
 
 def affine_coupling_triton(kept, context, changed, weights, *, scale_bound: float, inverse: bool,
-                           precision: str = "ieee", block_m: int = 64, num_warps: int = 4):
+                           precision: str = "ieee", approximate: bool | None = None, block_m: int = 64,
+                           num_warps: int = 4):
     """Launch the fused kernel.
 
     Arguments:
@@ -150,6 +153,8 @@ def affine_coupling_triton(kept, context, changed, weights, *, scale_bound: floa
         weights: (w1 `(H, K+C)`, b1, w2 `(H, H)`, b2, w3 `(2T, H)`, b3 `(2T,)`) with w3's rows interleaved
             as (raw log-scale, shift) per changed coordinate.
         precision: the products' input precision, "ieee" (fp32), "tf32" or "tf32x3".
+        approximate: activations through the GPU's approximate tanh (`kernels.activations`); None: for TF32
+            products on an NVIDIA GPU.
         block_m, num_warps: rows per program and warps per program (launch tuning).
     Returns:
         out `(N, T)` and log|det J| `(N,)`.
@@ -163,8 +168,8 @@ def affine_coupling_triton(kept, context, changed, weights, *, scale_bound: floa
         kept, context, changed, *(w.contiguous() for w in weights), out, ladj,
         n_rows, kept.shape[1], context.shape[1], weights[0].shape[0], n_changed, *strides,
         float(scale_bound),
-        **affine_meta(kept.shape[1] + context.shape[1], weights[0].shape[0], n_changed, inverse=inverse,
-                      block_m=block_m, precision=precision),
+        **affine_meta(kept.shape[1] + context.shape[1], weights[0].shape[0], n_changed, inverse=inverse, block_m=block_m,
+                      precision=precision, approximate=approximate_activations(precision, kept.device, approximate)),
         num_warps=num_warps,
     )
     return out, ladj
@@ -190,12 +195,14 @@ def _spline_coupling_kernel(
     # meta-parameters
     INVERSE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_IN: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HK: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, T_CHUNK: tl.constexpr, PRECISION: tl.constexpr,
+    APPROXIMATE: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < n_rows
     cols_h = tl.arange(0, BLOCK_H)
     h = _conditioner_hidden(kept_ptr, context_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, rows, row_ok, n_kept, n_context,
-                            n_hidden, stride_kept, stride_context, BLOCK_M, BLOCK_IN, BLOCK_H, BLOCK_HK, PRECISION)
+                            n_hidden, stride_kept, stride_context, BLOCK_M, BLOCK_IN, BLOCK_H, BLOCK_HK, PRECISION,
+                            APPROXIMATE)
 
     # the changed coordinates T_CHUNK at a time (a weight tile holds T_CHUNK · BLOCK_K × BLOCK_H values)
     bins = tl.arange(0, BLOCK_K)[None, None, :]
@@ -236,8 +243,8 @@ def _spline_coupling_kernel(
 
 
 def spline_coupling_triton(kept, context, changed, weights, *, num_bins: int, bound: float, inverse: bool,
-                           constants: tuple[float, float, float, float], precision: str = "ieee", block_m: int = 32,
-                           num_warps: int = 4):
+                           constants: tuple[float, float, float, float], precision: str = "ieee",
+                           approximate: bool | None = None, block_m: int = 32, num_warps: int = 4):
     """Launch the fused spline coupling kernel.
 
     Arguments:
@@ -246,6 +253,8 @@ def spline_coupling_triton(kept, context, changed, weights, *, num_bins: int, bo
         weights: (w1, b1, w2, b2, w3 `(T·(3B-1), H)`, b3) of the conditioner (B = num_bins), read as they are.
         constants: (min bin width, min bin height, min derivative, derivative shift) of the reference.
         precision: the products' input precision, "ieee" (fp32), "tf32" or "tf32x3".
+        approximate: activations through the GPU's approximate tanh (`kernels.activations`); None: for TF32
+            products on an NVIDIA GPU.
         block_m, num_warps: rows per program and warps per program (launch tuning).
     Returns:
         out `(N, T)` and log|det J| `(N,)`.
@@ -253,8 +262,8 @@ def spline_coupling_triton(kept, context, changed, weights, *, num_bins: int, bo
     kept, context, changed, strides = _layer_inputs(kept, context, changed)
     n_rows, n_changed = changed.shape
     n_hidden = weights[0].shape[0]
-    meta = spline_meta(kept.shape[1] + context.shape[1], n_hidden, n_changed, num_bins, inverse=inverse,
-                       block_m=block_m, precision=precision)
+    meta = spline_meta(kept.shape[1] + context.shape[1], n_hidden, n_changed, num_bins, inverse=inverse, block_m=block_m,
+                       precision=precision, approximate=approximate_activations(precision, kept.device, approximate))
     out = changed.new_empty(n_rows, n_changed)
     ladj = changed.new_empty(n_rows)
     grid = (cdiv(n_rows, block_m),)

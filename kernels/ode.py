@@ -15,24 +15,11 @@ import triton
 import triton.language as tl
 
 from fastflow.kernels import cdiv, dot_tile
+from fastflow.kernels.activations import ACTIVATION_IDS, activate, approximate_activations
 
 __all__ = ["ACTIVATION_IDS", "MAX_HIDDEN", "MAX_LAYERS", "MAX_STAGES", "MAX_STATE_DIM", "mlp_odeint_triton"]
 
-ACTIVATION_IDS = {"silu": 0, "tanh": 1, "gelu": 2, "relu": 3}
 MAX_HIDDEN, MAX_LAYERS, MAX_STAGES, MAX_STATE_DIM = 256, 4, 4, 256
-
-
-@triton.jit
-def _activate(z, ACTIVATION: tl.constexpr):
-    if ACTIVATION == 0:
-        out = z * tl.sigmoid(z)
-    elif ACTIVATION == 1:
-        out = 2.0 * tl.sigmoid(2.0 * z) - 1.0  # tanh
-    elif ACTIVATION == 2:
-        out = 0.5 * z * (1.0 + tl.math.erf(z * 0.7071067811865476))  # exact GELU, as nn.GELU()
-    else:
-        out = tl.maximum(z, 0.0)
-    return out
 
 
 @triton.jit
@@ -65,20 +52,26 @@ def _hidden_matmul(z, w_ptr, scratch_ptr, n_hidden, BLOCK_M: tl.constexpr, BLOCK
 
 
 @triton.jit
-def _velocity(x, bias, w_x_ptr, w_h_ptr, b_h_ptr, w_out_ptr, b_out, scratch_ptr, n_dim, n_hidden,
-              NUM_LAYERS: tl.constexpr, ACTIVATION: tl.constexpr, RESIDUAL: tl.constexpr, PRECISION: tl.constexpr,
-              BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
-    """v `(BLOCK_M, BLOCK_D)` at states x `(BLOCK_M, BLOCK_D)`, with the first layer's bias `(BLOCK_M, BLOCK_H)`
-    (time + context terms); padded columns stay zero (act(0) = 0 for every activation)."""
+def _velocity(x, time_bias_ptr, context_bias, w_x_ptr, w_h_ptr, b_h_ptr, w_out_ptr, b_out, scratch_ptr, n_dim, n_hidden,
+              NUM_LAYERS: tl.constexpr, ACTIVATION: tl.constexpr, APPROXIMATE: tl.constexpr, RESIDUAL: tl.constexpr,
+              HAS_CONTEXT: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+              BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
+    """v `(BLOCK_M, BLOCK_D)` at states x `(BLOCK_M, BLOCK_D)`, with the first layer's time bias `(H,)` at
+    time_bias_ptr and, when HAS_CONTEXT, its per-sample context bias `(BLOCK_M, BLOCK_H)`; padded columns
+    stay zero (act(0) = 0 for every activation)."""
     cols_h = tl.arange(0, BLOCK_H)
     cols_d = tl.arange(0, BLOCK_D)
     w_x = _load_transposed(w_x_ptr, 0, n_dim, n_hidden, cols_d, cols_h)  # (BLOCK_D, BLOCK_H)
     w_out = _load_transposed(w_out_ptr, 0, n_hidden, n_dim, cols_h, cols_d)  # (BLOCK_H, BLOCK_D)
-    z = _activate(tl.dot(x, w_x, input_precision=PRECISION) + bias, ACTIVATION)
+    pre_activation = tl.dot(x, w_x, input_precision=PRECISION) + tl.load(time_bias_ptr + cols_h, mask=cols_h < n_hidden,
+                                                                          other=0.0)[None, :]
+    if HAS_CONTEXT:
+        pre_activation += context_bias
+    z = activate(pre_activation, ACTIVATION, APPROXIMATE)
     for layer in tl.static_range(NUM_LAYERS - 1):
         b = tl.load(b_h_ptr + layer * n_hidden + cols_h, mask=cols_h < n_hidden, other=0.0)
-        out = _activate(_hidden_matmul(z, w_h_ptr + layer * n_hidden * n_hidden, scratch_ptr, n_hidden, BLOCK_M, BLOCK_H, BLOCK_K,
-                                       PRECISION) + b[None, :], ACTIVATION)
+        out = activate(_hidden_matmul(z, w_h_ptr + layer * n_hidden * n_hidden, scratch_ptr, n_hidden, BLOCK_M, BLOCK_H, BLOCK_K,
+                                       PRECISION) + b[None, :], ACTIVATION, APPROXIMATE)
         if RESIDUAL:
             z = z + out
         else:
@@ -132,8 +125,8 @@ def _mlp_ode_kernel(
     A21: tl.constexpr, A31: tl.constexpr, A32: tl.constexpr, A41: tl.constexpr, A42: tl.constexpr, A43: tl.constexpr,
     B1: tl.constexpr, B2: tl.constexpr, B3: tl.constexpr, B4: tl.constexpr,
     # meta-parameters
-    STAGES: tl.constexpr, NUM_LAYERS: tl.constexpr, ACTIVATION: tl.constexpr, RESIDUAL: tl.constexpr,
-    HAS_CONTEXT: tl.constexpr, PRECISION: tl.constexpr, RESIDENT_WEIGHTS: tl.constexpr,
+    STAGES: tl.constexpr, NUM_LAYERS: tl.constexpr, ACTIVATION: tl.constexpr, APPROXIMATE: tl.constexpr,
+    RESIDUAL: tl.constexpr, HAS_CONTEXT: tl.constexpr, PRECISION: tl.constexpr, RESIDENT_WEIGHTS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)  # int64: n·H may pass 2^31
@@ -145,12 +138,10 @@ def _mlp_ode_kernel(
     state_offsets = rows[:, None] * n_dim + cols_d[None, :]
     x = tl.load(x_ptr + state_offsets, mask=state_mask, other=0.0)
     b_out = tl.load(b_out_ptr + cols_d, mask=cols_d < n_dim, other=0.0)
-    hidden_ok = cols_h < n_hidden
+    context_bias = 0.0  # unused without context
     if HAS_CONTEXT:
         context_bias = tl.load(context_bias_ptr + rows[:, None] * n_hidden + cols_h[None, :],
-                               mask=row_ok[:, None] & hidden_ok[None, :], other=0.0)
-    else:
-        context_bias = tl.zeros((BLOCK_M, BLOCK_H), dtype=tl.float32)
+                               mask=row_ok[:, None] & (cols_h[None, :] < n_hidden), other=0.0)
 
     for step in range(n_steps):
         h = tl.load(step_ptr + step)
@@ -159,31 +150,26 @@ def _mlp_ode_kernel(
         else:  # weight_offset = 0 at run time: loads stay in the loop and stream from cache (too big to keep)
             w_x, w_h, w_out = w_x_ptr + step * weight_offset, w_h_ptr + step * weight_offset, w_out_ptr + step * weight_offset
         time_bias = time_bias_ptr + step * STAGES * n_hidden
-        k_1 = _velocity(x, context_bias + tl.load(time_bias + cols_h, mask=hidden_ok, other=0.0)[None, :],
-                        w_x, w_h, b_h_ptr, w_out, b_out, scratch, n_dim, n_hidden,
-                        NUM_LAYERS, ACTIVATION, RESIDUAL, PRECISION, BLOCK_M, BLOCK_D, BLOCK_H, BLOCK_K)
+        k_1 = _velocity(x, time_bias, context_bias, w_x, w_h, b_h_ptr, w_out, b_out, scratch, n_dim, n_hidden,
+                        NUM_LAYERS, ACTIVATION, APPROXIMATE, RESIDUAL, HAS_CONTEXT, PRECISION, BLOCK_M, BLOCK_D, BLOCK_H, BLOCK_K)
         total = _accumulate(tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32), k_1, B1, True)
         if STAGES >= 2:
             k_2 = _velocity(x + h * (A21 * k_1),
-                            context_bias + tl.load(time_bias + n_hidden + cols_h, mask=hidden_ok, other=0.0)[None, :],
-                            w_x, w_h, b_h_ptr, w_out, b_out, scratch, n_dim, n_hidden,
-                            NUM_LAYERS, ACTIVATION, RESIDUAL, PRECISION, BLOCK_M, BLOCK_D, BLOCK_H, BLOCK_K)
+                            time_bias + n_hidden, context_bias, w_x, w_h, b_h_ptr, w_out, b_out, scratch, n_dim, n_hidden,
+                            NUM_LAYERS, ACTIVATION, APPROXIMATE, RESIDUAL, HAS_CONTEXT, PRECISION, BLOCK_M, BLOCK_D, BLOCK_H, BLOCK_K)
             total = _accumulate(total, k_2, B2, B1 == 0.0)
         if STAGES >= 3:
             k_3 = _velocity(x + h * _combine2(k_1, k_2, A31, A32),
-                            context_bias + tl.load(time_bias + 2 * n_hidden + cols_h, mask=hidden_ok, other=0.0)[None, :],
-                            w_x, w_h, b_h_ptr, w_out, b_out, scratch, n_dim, n_hidden,
-                            NUM_LAYERS, ACTIVATION, RESIDUAL, PRECISION, BLOCK_M, BLOCK_D, BLOCK_H, BLOCK_K)
+                            time_bias + 2 * n_hidden, context_bias, w_x, w_h, b_h_ptr, w_out, b_out, scratch, n_dim, n_hidden,
+                            NUM_LAYERS, ACTIVATION, APPROXIMATE, RESIDUAL, HAS_CONTEXT, PRECISION, BLOCK_M, BLOCK_D, BLOCK_H, BLOCK_K)
             total = _accumulate(total, k_3, B3, B1 == 0.0 and B2 == 0.0)
         if STAGES >= 4:
             k_4 = _velocity(x + h * _combine3(k_1, k_2, k_3, A41, A42, A43),
-                            context_bias + tl.load(time_bias + 3 * n_hidden + cols_h, mask=hidden_ok, other=0.0)[None, :],
-                            w_x, w_h, b_h_ptr, w_out, b_out, scratch, n_dim, n_hidden,
-                            NUM_LAYERS, ACTIVATION, RESIDUAL, PRECISION, BLOCK_M, BLOCK_D, BLOCK_H, BLOCK_K)
+                            time_bias + 3 * n_hidden, context_bias, w_x, w_h, b_h_ptr, w_out, b_out, scratch, n_dim, n_hidden,
+                            NUM_LAYERS, ACTIVATION, APPROXIMATE, RESIDUAL, HAS_CONTEXT, PRECISION, BLOCK_M, BLOCK_D, BLOCK_H, BLOCK_K)
             total = _accumulate(total, k_4, B4, B1 == 0.0 and B2 == 0.0 and B3 == 0.0)
         x = x + h * total
     tl.store(out_ptr + state_offsets, x, mask=state_mask)
-
 
 
 def _coefficients(a: tuple[tuple[float, ...], ...], b: tuple[float, ...]) -> dict[str, float]:
@@ -200,7 +186,8 @@ def _coefficients(a: tuple[tuple[float, ...], ...], b: tuple[float, ...]) -> dic
 
 def mlp_odeint_triton(x, steps, time_bias, context_bias, w_x, w_hidden, b_hidden, w_out, b_out, *,
                       a, b, activation: str, residual: bool, precision: str = "ieee",
-                      block_m: int | None = None, block_k: int | None = None, num_warps: int | None = None):
+                      approximate: bool | None = None, resident: bool | None = None, block_m: int | None = None,
+                      block_k: int | None = None, num_warps: int | None = None):
     """Integrate all steps in one launch.
 
     Arguments:
@@ -209,13 +196,15 @@ def mlp_odeint_triton(x, steps, time_bias, context_bias, w_x, w_hidden, b_hidden
         context_bias `(N, H)` or None. w_x `(H, D)`; w_hidden `(L-1, H, H)`, b_hidden `(L-1, H)`;
         w_out `(D, H)`, b_out `(D,)`: float32, contiguous, on one device (checked by the caller).
         a, b: the explicit Butcher tableau's rows and weights (at most 4 stages).
-        precision: tl.dot input precision, "ieee" (fp32) or "tf32".
+        precision: tl.dot input precision, "ieee" (fp32), "tf32" or "tf32x3".
+        approximate: activations through the GPU's approximate tanh (`kernels.activations`); None: for TF32
+            products on an NVIDIA GPU.
         block_m: samples per program (default 64 for TF32 products, 32 for fp32 FMA ones, which need
             more registers). block_k: chunk of the hidden width per weight tile (a power of 2 dividing
             BLOCK_H, default 16 above 32; below BLOCK_H, a scratch buffer of N · BLOCK_H floats carries
             the activations).
-            Hidden weights of at most 64 KiB stay on chip for the whole integration; larger ones are
-            reloaded (from cache) at each evaluation.
+        resident: keep the hidden weights on chip for the whole integration (loaded once) instead of
+            reloading them (from cache) at each evaluation; None: when they take at most 64 KiB.
     Returns:
         the states after the last step `(N, D)`.
     """
@@ -227,7 +216,8 @@ def mlp_odeint_triton(x, steps, time_bias, context_bias, w_x, w_hidden, b_hidden
     if block_k < 16 or block_k > block_h or block_h % block_k or block_k & (block_k - 1):
         raise ValueError(f"block_k must be a power of 2 in [16, BLOCK_H = {block_h}], got {block_k}")
     block_m = block_m or (64 if precision == "tf32" else 32)
-    resident = w_hidden.shape[0] * block_h * block_h * 4 <= 64 * 1024
+    if resident is None:
+        resident = w_hidden.shape[0] * block_h * block_h * 4 <= 64 * 1024
     out = torch.empty_like(x)
     grid = (cdiv(n_rows, block_m),)
     scratch = x.new_empty(grid[0] * block_m * block_h) if block_k < block_h else x  # unused when block_k = BLOCK_H
@@ -236,7 +226,8 @@ def mlp_odeint_triton(x, steps, time_bias, context_bias, w_x, w_hidden, b_hidden
         w_x, w_hidden, b_hidden, w_out, b_out,
         n_rows, n_dim, n_hidden, steps.shape[0], 0,
         **_coefficients(a, b),
-        STAGES=len(b), NUM_LAYERS=w_hidden.shape[0] + 1, ACTIVATION=ACTIVATION_IDS[activation], RESIDUAL=residual,
+        STAGES=len(b), NUM_LAYERS=w_hidden.shape[0] + 1, ACTIVATION=ACTIVATION_IDS[activation],
+        APPROXIMATE=approximate_activations(precision, x.device, approximate), RESIDUAL=residual,
         HAS_CONTEXT=context_bias is not None, PRECISION=precision, RESIDENT_WEIGHTS=resident,
         BLOCK_M=block_m, BLOCK_D=dot_tile(n_dim), BLOCK_H=block_h, BLOCK_K=block_k,
         num_warps=num_warps or (8 if block_h >= 128 else 4),

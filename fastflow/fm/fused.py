@@ -8,7 +8,8 @@ it refuses inputs that would need one. For intermediate states, call it once per
 Tolerances against the reference (float32): exact fp32 products in the kernel (`precision="ieee"`, and
 always under TRITON_INTERPRET=1), summed in another order, agree to ~1e-6 relative per evaluation;
 `precision="tf32"` (used when `torch.backends.cuda.matmul.allow_tf32` is set) rounds the matmul inputs to
-10-bit mantissas, ~1e-3 relative per evaluation.
+10-bit mantissas, ~1e-3 relative per evaluation, and on an NVIDIA GPU evaluates SiLU/tanh through the hardware's
+approximate tanh (`kernels.activations`, ~2^-11 relative, within that error).
 """
 
 from __future__ import annotations
@@ -72,7 +73,7 @@ def mlp_odeint(velocity: VelocityMLP, x: torch.Tensor, times, method: str = "rk4
             `fastflow.backends.AUTO_TRITON_PRECISIONS`), the reference otherwise.
         precision: the kernel's matmul precision, "ieee", "tf32" or "tf32x3"; None follows
             `torch.backends.cuda.matmul.allow_tf32` on CUDA ("ieee" on CPU).
-        launch: the kernel's launch settings for tuning (`block_m`, `block_k`, `num_warps` of
+        launch: the kernel's settings for tuning (`approximate`, `resident`, `block_m`, `block_k`, `num_warps` of
             `kernels.ode.mlp_odeint_triton`); None: its defaults.
 
     Returns:

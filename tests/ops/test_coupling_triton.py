@@ -207,3 +207,38 @@ def test_strided_inputs_give_the_contiguous_result(transform):
         for inputs in (sliced, transposed):
             for a, b in zip(op(*inputs, weights), expected):
                 torch.testing.assert_close(a, b, atol=0.0, rtol=0.0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("transform", ["affine", "spline"])
+def test_gpu_approximate_activations_stay_within_tf32_error(transform):
+    """TF32 products on CUDA take the approximate activations by default (`kernels.activations`): against the
+    exact activations with the same TF32 products, outputs and log-determinants agree to atol = rtol = 5e-3
+    (tanh.approx.f32's ~2^-11 relative error, as TF32's rounding), at the benchmark's layer size."""
+    from fastflow.kernels.coupling import affine_coupling_triton, spline_coupling_triton
+    from fastflow.ops.spline import SPLINE_CONSTANTS
+
+    bins = 8
+    kept, _, changed, weights = _layer_inputs(65_536, 4, 0, 4, 128, params_per_coordinate=2 if transform == "affine" else 3 * bins - 1)
+    if transform == "affine":
+        def run(approximate):
+            return affine_coupling_triton(kept, None, changed, weights, scale_bound=3.0, inverse=False, precision="tf32",
+                                          approximate=approximate)
+    else:
+        def run(approximate):
+            return spline_coupling_triton(kept, None, changed, weights, num_bins=bins, bound=3.0, inverse=False,
+                                          constants=SPLINE_CONSTANTS, precision="tf32", approximate=approximate)
+    with torch.no_grad():
+        default, approximate, exact = run(None), run(True), run(False)
+    for a, b, c in zip(default, approximate, exact):
+        torch.testing.assert_close(a, b, atol=0.0, rtol=0.0)  # the default on CUDA with TF32 products
+        torch.testing.assert_close(b, c, atol=5e-3, rtol=5e-3)
+
+
+def test_approximate_activations_need_an_nvidia_gpu():
+    from fastflow.kernels.activations import approximate_activations
+
+    assert not approximate_activations("tf32", torch.device("cpu"))
+    assert not approximate_activations("ieee", torch.device("cpu"), False)
+    with pytest.raises(ValueError, match="NVIDIA GPUs only"):
+        approximate_activations("tf32", torch.device("cpu"), True)

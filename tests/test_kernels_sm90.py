@@ -1,0 +1,105 @@
+"""The Triton kernels compile for an H100 (sm_90) within its shared memory: the fused coupling kernels at the
+sizes the layers promise (conditioner width up to 256, data and context dims up to 64), the elementwise spline
+kernels (up to 128 bins) and the fused ODE integrator (width 64 and 256), with exact and approximate
+(`tanh.approx.f32`) activations. Compiling needs no GPU: Triton's bundled ptxas builds the cubin here; slow
+(seconds per kernel), so out of the default run. Each compile runs in a fresh interpreter without
+TRITON_INTERPRET (the test session runs Triton's interpreter) and prints its shared memory in bytes."""
+
+import importlib.util
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = [pytest.mark.slow, pytest.mark.triton,
+              pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")]
+
+H100_SHARED_MEMORY = 227 * 1024  # per block (opt-in maximum)
+
+
+def _compiled_shared_memory(*arguments) -> int:
+    environment = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, __file__, *map(str, arguments)], env=environment, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    return int(run.stdout.split()[-1])
+
+
+@pytest.mark.parametrize("kernel", ["rq_forward", "rq_backward"])
+@pytest.mark.parametrize("num_bins, inverse", [(8, 0), (8, 1), (128, 1)])
+def test_spline_kernels_compile_for_an_h100(kernel, num_bins, inverse):
+    assert _compiled_shared_memory(kernel, num_bins, inverse, 0, 0) <= H100_SHARED_MEMORY
+
+
+@pytest.mark.parametrize("transform", ["affine", "spline"])
+@pytest.mark.parametrize("hidden, dim, context, approximate", [(128, 32, 0, 1), (256, 64, 64, 0), (256, 2, 0, 1)])
+def test_coupling_kernels_fit_an_h100(transform, hidden, dim, context, approximate):
+    assert _compiled_shared_memory(transform, hidden, dim, context, approximate) <= H100_SHARED_MEMORY
+
+
+@pytest.mark.parametrize("hidden, dim, context, approximate", [(64, 2, 0, 1), (256, 10, 4, 1), (64, 2, 3, 0)])
+def test_ode_kernel_fits_an_h100(hidden, dim, context, approximate):
+    assert _compiled_shared_memory("ode", hidden, dim, context, approximate) <= H100_SHARED_MEMORY
+
+
+def _compile(kernel, pointers, integers, floats, meta, num_warps=4):
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    options = {"num_stages": meta.pop("num_stages"), "num_warps": num_warps}
+    signature = {**{n: "*fp32" for n in pointers}, **{n: "i32" for n in integers}, **{n: "fp32" for n in floats}}
+    signature.update({name: "constexpr" for name in meta})
+    constants = {(kernel.arg_names.index(name),): value for name, value in meta.items()}
+    return triton.compile(ASTSource(kernel, signature, constants), target=GPUTarget("cuda", 90, 32), options=options)
+
+
+def _shared_memory(kernel: str, size: int, dim: int, context: int, approximate: int) -> int:
+    """Bytes of shared memory of the sm_90 build of `kernel` ("rq_forward" / "rq_backward": the elementwise
+    spline kernels with `size` bins, inverse when `dim`; "affine" / "spline": the coupling kernels with
+    conditioner width `size`; "ode": the RK4 integrator of a 3-layer field of width `size`)."""
+    from fastflow.kernels import coupling, ode, spline
+
+    if kernel.startswith("rq_"):
+        floats = ["bound", "min_width", "min_height", "min_derivative", "derivative_shift"]
+        meta = {"INVERSE": bool(dim), **spline._launch_meta(size, None), "num_stages": 1}
+        if kernel == "rq_forward":
+            compiled = _compile(spline._rq_forward_kernel, ["x_ptr", "p_ptr", "out_ptr", "ladj_ptr"], ["n", "num_bins"],
+                                floats, meta)
+        else:
+            compiled = _compile(spline._rq_backward_kernel,
+                                ["x_ptr", "p_ptr", "grad_out_ptr", "grad_ladj_ptr", "grad_x_ptr", "grad_p_ptr"],
+                                ["n", "num_bins"], floats, meta)
+    elif kernel == "ode":
+        block_h = ode.dot_tile(size)
+        meta = {**ode._coefficients(((), (0.5,), (0.0, 0.5), (0.0, 0.0, 1.0)), (1 / 6, 1 / 3, 1 / 3, 1 / 6)),
+                "STAGES": 4, "NUM_LAYERS": 3, "ACTIVATION": 0, "APPROXIMATE": bool(approximate), "RESIDUAL": False,
+                "HAS_CONTEXT": bool(context), "PRECISION": "tf32", "RESIDENT_WEIGHTS": block_h <= 128,
+                "BLOCK_M": 64, "BLOCK_D": ode.dot_tile(dim), "BLOCK_H": block_h, "BLOCK_K": 16, "num_stages": 1}
+        compiled = _compile(ode._mlp_ode_kernel,
+                            ["x_ptr", "out_ptr", "context_bias_ptr", "time_bias_ptr", "step_ptr", "scratch_ptr", "w_x_ptr",
+                             "w_h_ptr", "b_h_ptr", "w_out_ptr", "b_out_ptr"],
+                            ["n_rows", "n_dim", "n_hidden", "n_steps", "weight_offset"], [], meta,
+                            num_warps=8 if block_h >= 128 else 4)
+    else:
+        kept, changed = dim // 2, dim - dim // 2
+        pointers = ["kept_ptr", "context_ptr", "changed_ptr", "w1_ptr", "b1_ptr", "w2_ptr", "b2_ptr", "w3_ptr", "b3_ptr",
+                    "out_ptr", "ladj_ptr"]
+        strides = ["stride_kept", "stride_context", "stride_changed"]
+        options = dict(precision="tf32", approximate=bool(approximate))
+        if kernel == "affine":
+            compiled = _compile(coupling._affine_coupling_kernel, pointers,
+                                ["n_rows", "n_kept", "n_context", "n_hidden", "n_changed", *strides], ["scale_bound"],
+                                coupling.affine_meta(kept + context, size, changed, inverse=False, **options))
+        else:
+            compiled = _compile(coupling._spline_coupling_kernel, pointers,
+                                ["n_rows", "n_kept", "n_context", "n_hidden", "n_changed", "num_bins", *strides],
+                                ["bound", "min_width", "min_height", "min_derivative", "derivative_shift"],
+                                coupling.spline_meta(kept + context, size, changed, 8, inverse=True, **options))
+    if approximate:
+        assert "tanh.approx.f32" in compiled.asm["ptx"]
+    return compiled.metadata.shared
+
+
+if __name__ == "__main__":
+    print(_shared_memory(sys.argv[1], *map(int, sys.argv[2:])))
