@@ -139,8 +139,10 @@ class CNF(nn.Module):
         args = () if embedded is None else (embedded.reshape(contexts, -1).repeat(n, 1),)
         if x_0.device.type == "cuda" and isinstance(self.velocity, VelocityMLP) and not SOLVERS[self.sampler.method].adaptive:
             # the fused Triton integrator where it supports the field (backend "auto"), else odeint
+            # one context for all draws goes in as (E,): the kernel folds it into the first layer's time bias
+            fused_context = embedded.reshape(-1) if embedded is not None and contexts == 1 else (args[0] if args else None)
             solution = mlp_odeint(self.velocity, x_0, self.sampler.times(0.0, 1.0), self.sampler.method,
-                                  context=args[0] if args else None)
+                                  context=fused_context)
             self.last_evaluations, x = solution.evaluations, solution.x
         else:
             x = self._integrate(x_0, 0.0, 1.0, self.sampler, self.velocity, args)

@@ -67,7 +67,8 @@ def mlp_odeint(velocity: VelocityMLP, x: torch.Tensor, times, method: str = "rk4
         x: `(n, D)` initial states at times[0].
         times: strictly monotone grid `(K + 1,)` (forward or backward); one step per interval.
         method: "euler", "midpoint", "heun" or "rk4".
-        context: `(n, E)` or `(E,)` for a conditional field, else None.
+        context: `(n, E)`, or `(E,)` for one context shared by all samples (the kernel folds it into the
+            first layer's time bias), for a conditional field; else None.
         backend: "reference" (odeint), "triton" (fused kernel; unsupported inputs raise ValueError), or
             "auto"/None: Triton for supported float32 CUDA inputs whose products are TF32 (`precision`,
             `fastflow.backends.AUTO_TRITON_PRECISIONS`), the reference otherwise.
@@ -95,8 +96,6 @@ def mlp_odeint(velocity: VelocityMLP, x: torch.Tensor, times, method: str = "rk4
                 isinstance(velocity, VelocityMLP) and context.shape[-1] != velocity.context_dim):
             raise ValueError(f"context must be (E,) or (n = {x.shape[0]}, E) with E = {getattr(velocity, 'context_dim', 'E')}, "
                              f"got {tuple(context.shape)}")
-        if context.dim() == 1:
-            context = context.expand(x.shape[0], -1).contiguous()
     grid = _check_times(times)
     if not torch.isfinite(x).all():
         raise ValueError("the initial state contains NaN or inf")
@@ -108,6 +107,8 @@ def mlp_odeint(velocity: VelocityMLP, x: torch.Tensor, times, method: str = "rk4
     chosen = resolve_backend(backend, x.device, supports=("reference",) if reason else ("reference", "triton"))
     if chosen == "triton":
         return _fused(velocity, x, grid, method, context, precision, launch or {})
+    if context is not None and context.dim() == 1:
+        context = context.expand(x.shape[0], -1)
     return odeint(velocity, x, times, method=method, args=() if context is None else (context,))
 
 
@@ -124,7 +125,9 @@ def _fused(velocity: VelocityMLP, x, grid: list[float], method: str, context, pr
     stage_times = _stage_times(grid, tableau.c, torch.float32).reshape(-1).to(x.device)  # as odeint evaluates
     steps = torch.tensor(grid[1:], dtype=torch.float64) - torch.tensor(grid[:-1], dtype=torch.float64)
     time_bias = F.linear(velocity.time_embedding(stage_times), w_time, first.bias)
-    context_bias = None if context is None else F.linear(context, w_context).contiguous()
+    context_bias = None if context is None else F.linear(context, w_context)
+    if context_bias is not None and context_bias.dim() == 1:  # one context for all samples: a time-bias term
+        time_bias, context_bias = time_bias + context_bias, None
     hidden = velocity.layers[1:]
     width = first.out_features
     w_hidden = torch.stack([layer.weight for layer in hidden]) if hidden else x.new_empty(0, width, width)

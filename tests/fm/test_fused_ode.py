@@ -191,3 +191,25 @@ def test_gpu_realistic_size_matches_reference():
     torch.testing.assert_close(tf32, exact, atol=5e-3, rtol=5e-3)
     cnf = CNF(net, 10, context_dim=4, sampler=OdeConfig(method="rk4", steps=10))
     assert cnf.sample(1000, torch.randn(4, device="cuda")).isfinite().all()
+
+
+def test_one_context_for_all_samples_is_folded_into_the_time_bias(monkeypatch):
+    """A context `(E,)` shared by every sample reaches the kernel as a time-bias term (no per-sample context
+    tile) and integrates as the reference with the context expanded to `(n, E)`."""
+    import fastflow.kernels.ode as ode_kernels
+
+    launched = {}
+    kernel = ode_kernels.mlp_odeint_triton
+
+    def spy(*args, **kwargs):
+        launched["context_bias"] = args[3]
+        return kernel(*args, **kwargs)
+
+    monkeypatch.setattr(ode_kernels, "mlp_odeint_triton", spy)
+    net = _field(3, (32, 32), context_dim=4)
+    x, context = _randn(50, 3), _randn(4)
+    fused = mlp_odeint(net, x, GRIDS["forward"], "rk4", context=context, backend="triton")
+    assert launched["context_bias"] is None
+    reference = odeint(net, x, GRIDS["forward"], method="rk4", args=(context.expand(50, -1),))
+    torch.testing.assert_close(fused.x, reference.x, atol=1e-5 * max(1.0, reference.x.abs().max().item()), rtol=1e-5)
+    assert torch.equal(mlp_odeint(net, x, GRIDS["forward"], "rk4", context=context, backend="reference").x, reference.x)
