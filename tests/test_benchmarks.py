@@ -60,8 +60,9 @@ def test_gpu_sweep_runs_on_small_sizes_under_the_interpreter():
     spec.loader.exec_module(sweep)
     rows = []
     sweep.sweep_coupling(rows, torch.device("cpu"), batch=40, settings=[(16, 4), (32, 2)])
-    sweep.sweep_ode(rows, torch.device("cpu"), samples=20, steps=2, settings={16: [(16, 16, 4), (32, 16, 4)]})
+    sweep.sweep_ode(rows, torch.device("cpu"), samples=20, steps=2,
+                    settings={16: [{}, {"resident": False}, dict(block_m=32, block_k=16, num_warps=4)]})
     sweep.sweep_spline(rows, torch.device("cpu"), elements=100, settings=[(64, 4)])
-    assert len(rows) == 3 * 2 + 2 + 1 + 2
+    assert len(rows) == 3 * 2 + 3 + 1 + 2
     assert all("ms" in row and row["ms"] > 0 for row in rows), rows
     assert all(row["max_error"] < 1e-3 for row in rows if row["kernel"] == "ode")
