@@ -1,6 +1,6 @@
 """The Triton kernels compile for an H100 (sm_90) within its shared memory: the fused coupling kernels at the
 sizes the layers promise (conditioner width up to 256, data and context dims up to 64), the elementwise spline
-kernels (up to 128 bins) and the fused ODE integrator (width 64 and 256), with exact and approximate
+kernels (up to 128 bins), the elementwise affine kernels and the fused ODE integrator (width 64 and 256), with exact and approximate
 (`tanh.approx.f32`) activations. Compiling needs no GPU: Triton's bundled ptxas builds the cubin here; slow
 (seconds per kernel), so out of the default run. Each compile runs in a fresh interpreter without
 TRITON_INTERPRET (the test session runs Triton's interpreter) and prints its shared memory in bytes."""
@@ -31,6 +31,11 @@ def test_spline_kernels_compile_for_an_h100(kernel, num_bins, inverse):
     assert _compiled_shared_memory(kernel, num_bins, inverse, 0, 0) <= H100_SHARED_MEMORY
 
 
+@pytest.mark.parametrize("kernel", ["affine_forward", "affine_backward"])
+def test_affine_transform_kernels_compile_for_an_h100(kernel):
+    assert _compiled_shared_memory(kernel, 0, 32, 0, 0) <= H100_SHARED_MEMORY
+
+
 @pytest.mark.parametrize("transform", ["affine", "spline"])
 @pytest.mark.parametrize("hidden, dim, context, approximate", [(128, 32, 0, 1), (256, 64, 64, 0), (256, 2, 0, 1)])
 def test_coupling_kernels_fit_an_h100(transform, hidden, dim, context, approximate):
@@ -58,9 +63,18 @@ def _shared_memory(kernel: str, size: int, dim: int, context: int, approximate: 
     """Bytes of shared memory of the sm_90 build of `kernel` ("rq_forward" / "rq_backward": the elementwise
     spline kernels with `size` bins, inverse when `dim`; "affine" / "spline": the coupling kernels with
     conditioner width `size`; "ode": the RK4 integrator of a 3-layer field of width `size`)."""
-    from fastflow.kernels import coupling, ode, spline
+    from fastflow.kernels import affine, coupling, ode, spline
 
-    if kernel.startswith("rq_"):
+    if kernel.startswith("affine_"):  # the elementwise affine kernels on `dim` changed coordinates
+        meta = {"INVERSE": True, **affine._launch_meta(dim), "num_stages": 1}
+        if kernel == "affine_forward":
+            compiled = _compile(affine._affine_forward_kernel, ["raw_ptr", "x_ptr", "out_ptr", "ladj_ptr"],
+                                ["n_rows", "n_changed"], ["scale_bound"], meta)
+        else:
+            compiled = _compile(affine._affine_backward_kernel,
+                                ["raw_ptr", "x_ptr", "grad_out_ptr", "grad_ladj_ptr", "grad_raw_ptr", "grad_x_ptr"],
+                                ["n_rows", "n_changed"], ["scale_bound"], meta)
+    elif kernel.startswith("rq_"):
         floats = ["bound", "min_width", "min_height", "min_derivative", "derivative_shift"]
         meta = {"INVERSE": bool(dim), **spline._launch_meta(size, None), "num_stages": 1}
         if kernel == "rq_forward":

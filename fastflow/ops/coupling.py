@@ -3,8 +3,9 @@ transform of the changed half (affine, or rational-quadratic spline) and log|det
 
 `affine_coupling_ref` / `spline_coupling_ref` are the PyTorch references. The Triton path
 (kernels/coupling.py) fuses the whole layer without autograd, so hidden activations never reach global
-memory; under autograd the conditioner runs in torch (cuBLAS) and the spline through the elementwise Triton
-spline op and its backward kernel (kernels/spline.py). On CPU the native backend runs the spline's elementwise part through `rq_spline` (C++) and
+memory; under autograd the conditioner runs in torch (cuBLAS) and the transform through an elementwise Triton
+op with its backward kernel (kernels/spline.py, kernels/affine.py). On CPU the native backend runs the spline's
+elementwise part through `rq_spline` (C++) and
 the conditioner's hidden layers as a GEMM plus one native bias + SiLU pass (`conditioner_native`); without
 autograd it runs either layer block by block of rows (`conditioner_blocks`), the CPU counterpart of that
 fusion: the hidden activations of a block stay in cache, and buffers are reused instead of faulting in
@@ -73,7 +74,7 @@ def conditioner_blocks(kept: torch.Tensor, context: torch.Tensor | None, weights
 
 
 def affine_coupling_ref(kept, context, changed, weights, *, scale_bound: float, inverse: bool,
-                        conditioner: Callable = conditioner_ref):
+                        conditioner: Callable = conditioner_ref, transform: Callable | None = None):
     """Reference affine coupling.
 
     Arguments:
@@ -82,10 +83,12 @@ def affine_coupling_ref(kept, context, changed, weights, *, scale_bound: float, 
         weights: the conditioner's `(w, b)` pairs; its `2T` outputs are (raw log-scale, shift) per
             changed coordinate. scale_bound: log-scales are bound·tanh(raw / bound).
         conditioner: computes the conditioner (`conditioner_ref`, or `conditioner_native` on CPU).
+        transform: the elementwise map `(raw, changed) -> (out, ladj)` (`_affine_transform`, or the Triton op).
     Returns:
         out `(N, T)` and log|det J| `(N,)` of the map applied (the inverse's when `inverse`).
     """
-    return _affine_transform(conditioner(kept, context, weights), changed, scale_bound=scale_bound, inverse=inverse)
+    return (transform or _affine_transform)(conditioner(kept, context, weights), changed, scale_bound=scale_bound,
+                                            inverse=inverse)
 
 
 def _affine_transform(raw: torch.Tensor, changed: torch.Tensor, *, scale_bound: float, inverse: bool):
@@ -96,6 +99,35 @@ def _affine_transform(raw: torch.Tensor, changed: torch.Tensor, *, scale_bound: 
     if inverse:
         return (changed - shift) * torch.exp(-log_scale), -log_scale.sum(-1)
     return changed * torch.exp(log_scale) + shift, log_scale.sum(-1)
+
+
+class _TritonAffine(torch.autograd.Function):
+    """`_affine_transform` as the elementwise Triton kernel (kernels/affine.py) and its backward kernel."""
+
+    @staticmethod
+    def forward(ctx, raw, changed, scale_bound: float, inverse: bool):
+        from fastflow.kernels.affine import affine_forward_triton
+
+        raw, changed = raw.detach().contiguous(), changed.detach().contiguous()
+        ctx.save_for_backward(raw, changed)
+        ctx.scale_bound, ctx.inverse = scale_bound, inverse
+        return affine_forward_triton(raw, changed, scale_bound=scale_bound, inverse=inverse)
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_ladj):
+        from fastflow.kernels.affine import affine_backward_triton
+
+        raw, changed = ctx.saved_tensors
+        grad_out = torch.zeros_like(changed) if grad_out is None else grad_out.contiguous()
+        grad_ladj = changed.new_zeros(changed.shape[0]) if grad_ladj is None else grad_ladj.contiguous()
+        grad_raw, grad_changed = affine_backward_triton(raw, changed, grad_out, grad_ladj, scale_bound=ctx.scale_bound,
+                                                        inverse=ctx.inverse)
+        return grad_raw, grad_changed, None, None
+
+
+def _affine_transform_triton(raw: torch.Tensor, changed: torch.Tensor, *, scale_bound: float, inverse: bool):
+    """`_affine_transform` through `_TritonAffine` (float32 on CUDA, or under TRITON_INTERPRET=1)."""
+    return _TritonAffine.apply(raw, changed, float(scale_bound), bool(inverse))
 
 
 def _affine_coupling_blocked(kept, context, changed, weights, *, scale_bound: float, inverse: bool):
@@ -159,7 +191,8 @@ def affine_coupling(kept, context, changed, weights, *, scale_bound: float, inve
     Triton fuses float32 layers with two hidden layers without autograd (CUDA, or TRITON_INTERPRET=1), its
     products in `precision` ("ieee", "tf32" or "tf32x3"; None follows `torch.backends.cuda.matmul.allow_tf32`;
     automatic dispatch takes it for TF32 products without autograd, `_supported`); under autograd it runs
-    the reference (the fused forward had to be recomputed for the backward: slower on an H200); native (CPU)
+    the conditioner in torch and the affine map as the elementwise Triton op with its backward kernel
+    (`_TritonAffine`); native (CPU)
     runs the hidden layers' bias + SiLU natively (`conditioner_native`), and without autograd the whole
     layer by blocks of rows (`_affine_coupling_blocked`); other inputs run the reference (forcing a backend
     that cannot run them raises).
@@ -173,6 +206,8 @@ def affine_coupling(kept, context, changed, weights, *, scale_bound: float, inve
 
         return affine_coupling_triton(kept, context, changed, weights, scale_bound=scale_bound, inverse=inverse,
                                       precision=precision)
+    if chosen == "triton":
+        return reference(kept, context, changed, weights, transform=_affine_transform_triton)
     if chosen == "native" and not _recording(tensors):
         return _affine_coupling_blocked(kept, context, changed, weights, scale_bound=scale_bound, inverse=inverse)
     if chosen == "native":
