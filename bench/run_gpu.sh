@@ -8,7 +8,8 @@
 #   sweep  the Triton kernels' launch settings (bench/sweep_gpu.py), gpu_sweep_<date>_<gpu>.json
 # Each step has its own time limit (FASTFLOW_GPU_TEST_TIMEOUT, FASTFLOW_GPU_BENCH_TIMEOUT per family,
 # FASTFLOW_GPU_SWEEP_TIMEOUT). Seen on an H200 (2026-11-26): build ~30 s, tests 25 s with xdist, coupling
-# family ~2 min, ode family > 190 s (give it 300); a device call runs at most 600 s, so split the steps
+# family ~2 min, ode family > 190 s (give it 300), the sweep sized for ~200 s (not yet run); a device call
+# runs at most 600 s, so split the steps
 # over two calls when running them all.
 # Usage: bash bench/run_gpu.sh [OUTPUT_DIR]   (default bench/results)
 set -uo pipefail

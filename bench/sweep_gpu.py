@@ -26,11 +26,11 @@ import torch
 
 ODE_SETTINGS = {  # width: launch settings of `mlp_odeint` (kernels.ode.mlp_odeint_triton), the defaults first
     64: [{}, {"approximate": False}, {"resident": False}, *(dict(block_m=m, block_k=k, num_warps=w) for m, k, w in (
-        (64, 64, 4), (64, 16, 8), (64, 64, 8), (128, 64, 8), (128, 16, 8), (32, 16, 4), (32, 64, 4)))],
+        (64, 64, 4), (64, 16, 8), (128, 64, 8), (32, 16, 4)))],
     256: [{}, {"approximate": False}, *(dict(block_m=m, block_k=k, num_warps=w) for m, k, w in (
-        (32, 16, 8), (32, 32, 8), (32, 64, 8), (16, 16, 4), (16, 32, 8), (64, 32, 8), (128, 32, 8)))],
+        (32, 16, 8), (128, 16, 8), (64, 32, 8)))],
 }
-COUPLING_SETTINGS = [(16, 2), (16, 4), (32, 2), (32, 4), (32, 8), (64, 4), (64, 8), (128, 4), (128, 8)]  # (block_m, warps)
+COUPLING_SETTINGS = [(32, 4), (64, 4), (64, 8), (128, 4), (128, 8), (16, 4)]  # (block_m, warps)
 SPLINE_SETTINGS = [(128, 4), (64, 2), (64, 4), (256, 4), (256, 8), (512, 8)]  # (block, num_warps), 8 bins: default first
 
 
@@ -46,7 +46,7 @@ def _record(rows: list[dict], **row) -> None:
     print(json.dumps(row), flush=True)
 
 
-def sweep_ode(rows: list[dict], device: torch.device, samples: int = 262_144, steps: int = 100,
+def sweep_ode(rows: list[dict], device: torch.device, samples: int = 131_072, steps: int = 100,
               settings: dict[int, list[dict]] = ODE_SETTINGS) -> None:
     from fastflow.fm import VelocityMLP
     from fastflow.fm.fused import mlp_odeint
