@@ -9,8 +9,7 @@
 # Each step has its own time limit (FASTFLOW_GPU_TEST_TIMEOUT, FASTFLOW_GPU_BENCH_TIMEOUT per family,
 # FASTFLOW_GPU_SWEEP_TIMEOUT). Seen on an H200 (2026-11-26): build ~30 s, tests 25 s with xdist, coupling
 # family ~2 min, ode family > 190 s (give it 300), the sweep sized for ~200 s (not yet run); a device call
-# runs at most 600 s, so split the steps
-# over two calls when running them all.
+# runs at most 600 s, so split the steps over two calls when running them all.
 # Usage: bash bench/run_gpu.sh [OUTPUT_DIR]   (default bench/results)
 set -uo pipefail
 cd "$(dirname "$0")/.."
