@@ -18,3 +18,9 @@ def dot_tile(n: int) -> int:
 def cdiv(a: int, b: int) -> int:
     """ceil(a / b) for positive ints (a launch grid)."""
     return -(-a // b)
+
+
+def row_major(x):
+    """x `(N, C)` with contiguous columns: a view as it is (its rows any stride apart, e.g. a column slice
+    of a wider tensor), else a contiguous copy."""
+    return x if x.stride(1) == 1 else x.contiguous()

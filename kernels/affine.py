@@ -10,25 +10,26 @@ import torch
 import triton
 import triton.language as tl
 
-from fastflow.kernels import cdiv, next_power_of_2
+from fastflow.kernels import cdiv, next_power_of_2, row_major
 from fastflow.kernels.activations import TANH, activate
 
 __all__ = ["affine_backward_triton", "affine_forward_triton"]
 
 
 @triton.jit
-def _load_tile(raw_ptr, x_ptr, rows, cols, mask, n_changed, scale_bound):
-    """The tile's inputs x, shifts, log-scales s and tanh(raw / bound) (zero outside `mask`)."""
+def _load_tile(raw_ptr, x_ptr, rows, cols, mask, n_changed, stride_x, scale_bound):
+    """The tile's inputs x (rows `stride_x` apart), shifts, log-scales s and tanh(raw / bound) (zero outside
+    `mask`)."""
     raw_offsets = rows[:, None] * (2 * n_changed) + 2 * cols[None, :]
     raw_scale = tl.load(raw_ptr + raw_offsets, mask=mask, other=0.0)
     shift = tl.load(raw_ptr + raw_offsets + 1, mask=mask, other=0.0)
-    x = tl.load(x_ptr + rows[:, None] * n_changed + cols[None, :], mask=mask, other=0.0)
+    x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0)
     squashed = activate(raw_scale / scale_bound, TANH, False)
     return x, shift, scale_bound * squashed, squashed
 
 
 @triton.jit
-def _affine_forward_kernel(raw_ptr, x_ptr, out_ptr, ladj_ptr, n_rows, n_changed, scale_bound,
+def _affine_forward_kernel(raw_ptr, x_ptr, out_ptr, ladj_ptr, n_rows, n_changed, stride_x, scale_bound,
                            INVERSE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_T: tl.constexpr):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < n_rows
@@ -36,7 +37,7 @@ def _affine_forward_kernel(raw_ptr, x_ptr, out_ptr, ladj_ptr, n_rows, n_changed,
     for t_0 in range(0, n_changed, BLOCK_T):
         cols = t_0 + tl.arange(0, BLOCK_T)
         mask = row_ok[:, None] & (cols[None, :] < n_changed)
-        x, shift, log_scale, _ = _load_tile(raw_ptr, x_ptr, rows, cols, mask, n_changed, scale_bound)
+        x, shift, log_scale, _ = _load_tile(raw_ptr, x_ptr, rows, cols, mask, n_changed, stride_x, scale_bound)
         if INVERSE:
             out = (x - shift) * tl.exp(-log_scale)
         else:
@@ -50,7 +51,7 @@ def _affine_forward_kernel(raw_ptr, x_ptr, out_ptr, ladj_ptr, n_rows, n_changed,
 
 @triton.jit
 def _affine_backward_kernel(raw_ptr, x_ptr, grad_out_ptr, grad_ladj_ptr, grad_raw_ptr, grad_x_ptr, n_rows, n_changed,
-                            scale_bound, INVERSE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_T: tl.constexpr):
+                            stride_x, stride_grad_out, scale_bound, INVERSE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_T: tl.constexpr):
     """Gradients of Σ grad_out·out + grad_ladj·ladj w.r.t. the raw outputs `(N, 2T)` and x `(N, T)`."""
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < n_rows
@@ -58,8 +59,8 @@ def _affine_backward_kernel(raw_ptr, x_ptr, grad_out_ptr, grad_ladj_ptr, grad_ra
     for t_0 in range(0, n_changed, BLOCK_T):
         cols = t_0 + tl.arange(0, BLOCK_T)
         mask = row_ok[:, None] & (cols[None, :] < n_changed)
-        x, shift, log_scale, squashed = _load_tile(raw_ptr, x_ptr, rows, cols, mask, n_changed, scale_bound)
-        g_out = tl.load(grad_out_ptr + rows[:, None] * n_changed + cols[None, :], mask=mask, other=0.0)
+        x, shift, log_scale, squashed = _load_tile(raw_ptr, x_ptr, rows, cols, mask, n_changed, stride_x, scale_bound)
+        g_out = tl.load(grad_out_ptr + rows[:, None] * stride_grad_out + cols[None, :], mask=mask, other=0.0)
         if INVERSE:  # out = (x - shift)·exp(-s), ladj = -Σ s
             scale = tl.exp(-log_scale)
             g_x = g_out * scale
@@ -84,22 +85,25 @@ def _launch_meta(n_changed: int) -> dict:
 
 
 def affine_forward_triton(raw, x, *, scale_bound: float, inverse: bool):
-    """raw `(N, 2T)` (raw log-scale, shift per coordinate), x `(N, T)`: contiguous float32 on one device.
-    Returns out `(N, T)` and log|det J| `(N,)`."""
+    """raw `(N, 2T)` (raw log-scale, shift per coordinate; contiguous), x `(N, T)` (rows any stride apart):
+    float32 on one device. Returns out `(N, T)` and log|det J| `(N,)`."""
+    x = row_major(x)
     n_rows, n_changed = x.shape
-    out, ladj = torch.empty_like(x), x.new_empty(n_rows)
+    out, ladj = x.new_empty(n_rows, n_changed), x.new_empty(n_rows)
     meta = _launch_meta(n_changed)
-    _affine_forward_kernel[(cdiv(n_rows, meta["BLOCK_M"]),)](raw, x, out, ladj, n_rows, n_changed, float(scale_bound),
-                                                             INVERSE=inverse, **meta)
+    _affine_forward_kernel[(cdiv(n_rows, meta["BLOCK_M"]),)](raw, x, out, ladj, n_rows, n_changed, x.stride(0),
+                                                             float(scale_bound), INVERSE=inverse, **meta)
     return out, ladj
 
 
 def affine_backward_triton(raw, x, grad_out, grad_ladj, *, scale_bound: float, inverse: bool):
     """Gradients w.r.t. raw `(N, 2T)` and x `(N, T)` for upstream grad_out `(N, T)` and grad_ladj `(N,)`
-    (contiguous float32 on one device)."""
+    (float32 on one device; raw and grad_ladj contiguous, x and grad_out rows any stride apart)."""
+    x, grad_out = row_major(x), row_major(grad_out)
     n_rows, n_changed = x.shape
-    grad_raw, grad_x = torch.empty_like(raw), torch.empty_like(x)
+    grad_raw, grad_x = torch.empty_like(raw), x.new_empty(n_rows, n_changed)
     meta = _launch_meta(n_changed)
     _affine_backward_kernel[(cdiv(n_rows, meta["BLOCK_M"]),)](raw, x, grad_out, grad_ladj, grad_raw, grad_x, n_rows,
-                                                              n_changed, float(scale_bound), INVERSE=inverse, **meta)
+                                                              n_changed, x.stride(0), grad_out.stride(0),
+                                                              float(scale_bound), INVERSE=inverse, **meta)
     return grad_raw, grad_x

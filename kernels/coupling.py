@@ -8,7 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastflow.kernels import cdiv, dot_tile, next_power_of_2
+from fastflow.kernels import cdiv, dot_tile, next_power_of_2, row_major
 from fastflow.kernels.activations import SILU, TANH, activate, approximate_activations
 from fastflow.kernels.spline import _rq_locate, _rq_value, _spline_knots
 
@@ -129,16 +129,10 @@ def spline_meta(n_in: int, n_hidden: int, n_changed: int, num_bins: int, *, inve
     return {**meta, "BLOCK_T": block_t, "BLOCK_K": block_k, "T_CHUNK": t_chunk}
 
 
-def _row_major(x: torch.Tensor) -> torch.Tensor:
-    """x `(N, C)` with contiguous columns: a view as it is (its rows any stride apart, e.g. a column slice
-    of a wider tensor), else a contiguous copy."""
-    return x if x.stride(1) == 1 else x.contiguous()
-
-
 def _layer_inputs(kept, context, changed):
     """The kernels' row-major inputs and their row strides (a missing context: an empty tensor, stride 0)."""
-    kept, changed = _row_major(kept), _row_major(changed)
-    context = kept.new_empty(0, 0) if context is None else _row_major(context)
+    kept, changed = row_major(kept), row_major(changed)
+    context = kept.new_empty(0, 0) if context is None else row_major(context)
     return kept, context, changed, (kept.stride(0), context.stride(0) if context.numel() else 0, changed.stride(0))
 
 

@@ -69,11 +69,11 @@ def _shared_memory(kernel: str, size: int, dim: int, context: int, approximate: 
         meta = {"INVERSE": True, **affine._launch_meta(dim), "num_stages": 1}
         if kernel == "affine_forward":
             compiled = _compile(affine._affine_forward_kernel, ["raw_ptr", "x_ptr", "out_ptr", "ladj_ptr"],
-                                ["n_rows", "n_changed"], ["scale_bound"], meta)
+                                ["n_rows", "n_changed", "stride_x"], ["scale_bound"], meta)
         else:
             compiled = _compile(affine._affine_backward_kernel,
                                 ["raw_ptr", "x_ptr", "grad_out_ptr", "grad_ladj_ptr", "grad_raw_ptr", "grad_x_ptr"],
-                                ["n_rows", "n_changed"], ["scale_bound"], meta)
+                                ["n_rows", "n_changed", "stride_x", "stride_grad_out"], ["scale_bound"], meta)
     elif kernel.startswith("rq_"):
         floats = ["bound", "min_width", "min_height", "min_derivative", "derivative_shift"]
         meta = {"INVERSE": bool(dim), **spline._launch_meta(size, None), "num_stages": 1}

@@ -50,9 +50,12 @@ class _Coupling(Transform):
         )
 
     def _split(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(kept, changed) column views of x; one split (its backward is one cat, not a zero-filled copy per half)."""
         if self.flip:
-            return x[:, self.transformed_count :], x[:, : self.transformed_count]
-        return x[:, : self.identity_count], x[:, self.identity_count :]
+            changed, kept = x.split([self.transformed_count, self.identity_count], dim=1)
+        else:
+            kept, changed = x.split([self.identity_count, self.transformed_count], dim=1)
+        return kept, changed
 
     def _merge(self, kept: torch.Tensor, changed: torch.Tensor) -> torch.Tensor:
         return torch.cat([changed, kept] if self.flip else [kept, changed], dim=1)

@@ -108,7 +108,7 @@ class _TritonAffine(torch.autograd.Function):
     def forward(ctx, raw, changed, scale_bound: float, inverse: bool):
         from fastflow.kernels.affine import affine_forward_triton
 
-        raw, changed = raw.detach().contiguous(), changed.detach().contiguous()
+        raw, changed = raw.detach().contiguous(), changed.detach()  # changed: a column slice is read in place
         ctx.save_for_backward(raw, changed)
         ctx.scale_bound, ctx.inverse = scale_bound, inverse
         return affine_forward_triton(raw, changed, scale_bound=scale_bound, inverse=inverse)
@@ -118,7 +118,7 @@ class _TritonAffine(torch.autograd.Function):
         from fastflow.kernels.affine import affine_backward_triton
 
         raw, changed = ctx.saved_tensors
-        grad_out = torch.zeros_like(changed) if grad_out is None else grad_out.contiguous()
+        grad_out = torch.zeros_like(changed) if grad_out is None else grad_out
         grad_ladj = changed.new_zeros(changed.shape[0]) if grad_ladj is None else grad_ladj.contiguous()
         grad_raw, grad_changed = affine_backward_triton(raw, changed, grad_out, grad_ladj, scale_bound=ctx.scale_bound,
                                                         inverse=ctx.inverse)

@@ -255,14 +255,17 @@ def test_affine_transform_op_matches_reference_forward_and_backward(inverse, row
 
     generator = torch.Generator().manual_seed(3)
     raw = (2.0 * torch.randn(rows, 2 * changed, generator=generator)).to(DEVICE).requires_grad_()
-    x = (2.0 * torch.randn(rows, changed, generator=generator)).to(DEVICE).requires_grad_()
+    wide = (2.0 * torch.randn(rows, changed + 3, generator=generator)).to(DEVICE).requires_grad_()
+    x = wide[:, 3:]  # a column slice, read in place (rows changed + 3 apart)
     fused, expected = (op(raw, x, scale_bound=3.0, inverse=inverse) for op in (_affine_transform_triton, _affine_transform))
     for a, b in zip(fused, expected):
         torch.testing.assert_close(a, b, atol=1e-6 * b.abs().max().item(), rtol=1e-5)
-    cotangents = (torch.randn(rows, changed, generator=generator).to(DEVICE), torch.randn(rows, generator=generator).to(DEVICE))
+    # out's gradient arrives as a column slice of the merged gradient (as after a coupling layer's cat)
+    fused, expected = ((torch.cat([outputs[0], raw[:, :1]], dim=1), outputs[1]) for outputs in (fused, expected))
+    cotangents = (torch.randn(rows, changed + 1, generator=generator).to(DEVICE), torch.randn(rows, generator=generator).to(DEVICE))
     for used in ((0, 1), (0,), (1,)):
-        grads, grads_ref = (torch.autograd.grad([outputs[i] for i in used], (raw, x), [cotangents[i] for i in used],
+        grads, grads_ref = (torch.autograd.grad([outputs[i] for i in used], (raw, wide), [cotangents[i] for i in used],
                                                 retain_graph=True, allow_unused=True) for outputs in (fused, expected))
-        for g, g_ref, leaf in zip(grads, grads_ref, (raw, x)):  # log|det J| alone does not depend on x
+        for g, g_ref, leaf in zip(grads, grads_ref, (raw, wide)):  # log|det J| alone does not depend on x
             g_ref = torch.zeros_like(leaf) if g_ref is None else g_ref
             torch.testing.assert_close(g, g_ref, atol=1e-6 * max(1.0, g_ref.abs().max().item()), rtol=1e-5)
