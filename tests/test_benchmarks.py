@@ -66,3 +66,24 @@ def test_gpu_sweep_runs_on_small_sizes_under_the_interpreter():
     assert len(rows) == 3 * 2 + 3 + 1 + 2
     assert all("ms" in row and row["ms"] > 0 for row in rows), rows
     assert all(row["max_error"] < 1e-3 for row in rows if row["kernel"] == "ode")
+
+
+@pytest.mark.triton
+def test_op_counts_show_the_triton_paths_launch_less(monkeypatch):
+    """bench/count_ops.py: with the Triton kernels stubbed, the Triton backend's coupling flow launches fewer
+    device operations than the reference, for log_prob and for log_prob + backward."""
+    import importlib.util
+    from pathlib import Path
+
+    from fastflow.backends import backends
+
+    if "cpu" not in backends()["triton"].devices:
+        pytest.skip("needs the Triton interpreter on CPU")
+    spec = importlib.util.spec_from_file_location("count_ops", Path(__file__).parents[1] / "bench" / "count_ops.py")
+    count_ops = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(count_ops)
+    count_ops.stub_triton_kernels(monkeypatch.setattr)
+    rows = {(transform, name): (forward, training) for transform, name, forward, training in count_ops.table(dim=4, rows=16)}
+    for transform in ("spline", "affine"):
+        triton, reference = rows[(transform, "fastflow-triton")], rows[(transform, "fastflow-reference")]
+        assert 0 < triton[0] < reference[0] and 0 < triton[1] < reference[1], rows
