@@ -6,13 +6,13 @@ spline/affine coupling layers (rows per program, warps), TF32 products. Prints o
 Usage (on a GPU machine; `FASTFLOW_GPU_STEPS=sweep bash bench/run_gpu.sh OUT` runs it):
     python bench/sweep_gpu.py OUT.json
 
-Static facts from sm_90 compiles (cuobjdump --dump-resource-usage of Triton 3.9's cubins, RK4, 3 hidden layers):
+Static facts from sm_90 compiles (bench/sm90.py: cuobjdump --dump-resource-usage of Triton 3.9's cubins, RK4, 3 hidden layers):
 width 64 compiles without spills at (block_m, block_k, warps) = (64, 16, 4), (64, 64, 4), (64, 16, 8),
 (128, 64, 8); every width-256 setting tried spills: 0.7 KB of stack per thread at (32, 16, 8), 1.3-3.4 KB at
 (64, 16-64, 8), (128, 32, 8), (32, 32, 4-8) (the default (64, 16, 8) ran RK4 1.4x faster than torchdiffeq on an
 H200, width 64 3.1-3.7x). The approximate activations (tanh.approx.f32, the default with TF32 products) cut
-the RK4 kernel's SASS from 9,032 to 5,576 instructions at width 64 (17,080 to 10,072 at width 256) and its
-special-function operations by half; not yet timed.
+the RK4 kernel's SASS from 9,520 to 5,568 instructions at width 64 (17,224 to 9,320 at width 256) with the GPU
+image's Triton 3.6, and its special-function operations by half; not yet timed (`python bench/sm90.py`).
 """
 
 from __future__ import annotations

@@ -47,24 +47,25 @@ def test_ode_kernel_fits_an_h100(hidden, dim, context, approximate):
     assert _compiled_shared_memory("ode", hidden, dim, context, approximate) <= H100_SHARED_MEMORY
 
 
-def _compile(kernel, pointers, integers, floats, meta, num_warps=4):
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+def _sm90():
+    """bench/sm90.py (the sm_90 compile helpers)."""
+    import importlib.util
+    from pathlib import Path
 
-    options = {"num_stages": meta.pop("num_stages"), "num_warps": num_warps}
-    signature = {**{n: "*fp32" for n in pointers}, **{n: "i32" for n in integers}, **{n: "fp32" for n in floats}}
-    signature.update({name: "constexpr" for name in meta})
-    constants = {(kernel.arg_names.index(name),): value for name, value in meta.items()}
-    return triton.compile(ASTSource(kernel, signature, constants), target=GPUTarget("cuda", 90, 32), options=options)
+    spec = importlib.util.spec_from_file_location("sm90", Path(__file__).parents[1] / "bench" / "sm90.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def _shared_memory(kernel: str, size: int, dim: int, context: int, approximate: int) -> int:
     """Bytes of shared memory of the sm_90 build of `kernel` ("rq_forward" / "rq_backward": the elementwise
     spline kernels with `size` bins, inverse when `dim`; "affine" / "spline": the coupling kernels with
     conditioner width `size`; "ode": the RK4 integrator of a 3-layer field of width `size`)."""
-    from fastflow.kernels import affine, coupling, ode, spline
+    from fastflow.kernels import affine, coupling, spline
 
+    sm90 = _sm90()
+    _compile = sm90.compile_for_h100
     if kernel.startswith("affine_"):  # the elementwise affine kernels on `dim` changed coordinates
         meta = {"INVERSE": True, **affine._launch_meta(dim), "num_stages": 1}
         if kernel == "affine_forward":
@@ -85,16 +86,7 @@ def _shared_memory(kernel: str, size: int, dim: int, context: int, approximate: 
                                 ["x_ptr", "p_ptr", "grad_out_ptr", "grad_ladj_ptr", "grad_x_ptr", "grad_p_ptr"],
                                 ["n", "num_bins"], floats, meta)
     elif kernel == "ode":
-        block_h = ode.dot_tile(size)
-        meta = {**ode._coefficients(((), (0.5,), (0.0, 0.5), (0.0, 0.0, 1.0)), (1 / 6, 1 / 3, 1 / 3, 1 / 6)),
-                "STAGES": 4, "NUM_LAYERS": 3, "ACTIVATION": 0, "APPROXIMATE": bool(approximate), "RESIDUAL": False,
-                "HAS_CONTEXT": bool(context), "PRECISION": "tf32", "RESIDENT_WEIGHTS": block_h <= 128,
-                "BLOCK_M": 64, "BLOCK_D": ode.dot_tile(dim), "BLOCK_H": block_h, "BLOCK_K": 16, "num_stages": 1}
-        compiled = _compile(ode._mlp_ode_kernel,
-                            ["x_ptr", "out_ptr", "context_bias_ptr", "time_bias_ptr", "step_ptr", "scratch_ptr", "w_x_ptr",
-                             "w_h_ptr", "b_h_ptr", "w_out_ptr", "b_out_ptr"],
-                            ["n_rows", "n_dim", "n_hidden", "n_steps", "weight_offset"], [], meta,
-                            num_warps=8 if block_h >= 128 else 4)
+        compiled = sm90.compile_ode(size, dim, context, approximate=bool(approximate))
     else:
         kept, changed = dim // 2, dim - dim // 2
         pointers = ["kept_ptr", "context_ptr", "changed_ptr", "w1_ptr", "b1_ptr", "w2_ptr", "b2_ptr", "w3_ptr", "b3_ptr",

@@ -1,0 +1,82 @@
+"""Static facts about the Triton kernels on an H100 (sm_90) without a GPU: Triton compiles the cubin here
+with its bundled ptxas, and cuobjdump/nvdisasm (bundled too) report registers, spill stack and the SASS
+instruction mix. Used by tests/test_kernels_sm90.py (shared memory) and to compare kernel variants before a
+GPU session can time them.
+
+Usage: python bench/sm90.py   (without TRITON_INTERPRET; prints the RK4 kernel's resources per variant)
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import re
+import subprocess
+import tempfile
+
+SASS_KEYS = ("HGMMA", "HMMA", "MUFU", "FFMA", "FMUL", "FADD", "FSETP", "FSEL", "LDS", "STS", "LDG", "STG", "LDL", "STL")
+
+
+def compile_for_h100(kernel, pointers, integers, floats, meta: dict, num_warps: int = 4):
+    """Compile a @triton.jit kernel for sm_90: pointer arguments float32, `integers` i32, `floats` fp32, and
+    `meta` the constexprs plus "num_stages"."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    meta = dict(meta)
+    options = {"num_stages": meta.pop("num_stages"), "num_warps": num_warps}
+    signature = {**{n: "*fp32" for n in pointers}, **{n: "i32" for n in integers}, **{n: "fp32" for n in floats}}
+    signature.update({name: "constexpr" for name in meta})
+    constants = {(kernel.arg_names.index(name),): value for name, value in meta.items()}
+    return triton.compile(ASTSource(kernel, signature, constants), target=GPUTarget("cuda", 90, 32), options=options)
+
+
+def resources(compiled) -> dict:
+    """Registers and spill stack per thread, and the SASS instruction counts of a compiled kernel."""
+    import triton
+
+    tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
+        cubin.write(compiled.asm["cubin"])
+        cubin.flush()
+        usage = subprocess.run([f"{tools}/cuobjdump", "--dump-resource-usage", cubin.name], capture_output=True,
+                               text=True, check=True).stdout
+        sass = subprocess.run([f"{tools}/nvdisasm", "-c", cubin.name], capture_output=True, text=True, check=True).stdout
+    registers, stack = re.search(r"REG:(\d+) STACK:(\d+)", usage).groups()
+    ops = collections.Counter(m.group(1) for m in re.finditer(r"/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", sass))
+    return {"registers": int(registers), "stack": int(stack), "instructions": sum(ops.values()),
+            **{key: ops[key] for key in SASS_KEYS if ops[key]}}
+
+
+def compile_ode(hidden: int, dim: int = 2, context: int = 0, *, approximate: bool, resident: bool | None = None,
+                block_m: int = 64, block_k: int = 16, num_warps: int | None = None):
+    """The RK4 integrator of a 3-hidden-layer SiLU field of width `hidden`, TF32 products, compiled for sm_90."""
+    from fastflow.kernels import ode
+
+    block_h = ode.dot_tile(hidden)
+    meta = {**ode._coefficients(((), (0.5,), (0.0, 0.5), (0.0, 0.0, 1.0)), (1 / 6, 1 / 3, 1 / 3, 1 / 6)),
+            "STAGES": 4, "NUM_LAYERS": 3, "ACTIVATION": 0, "APPROXIMATE": approximate, "RESIDUAL": False,
+            "HAS_CONTEXT": bool(context), "PRECISION": "tf32",
+            "RESIDENT_WEIGHTS": block_h <= 128 if resident is None else resident,
+            "BLOCK_M": block_m, "BLOCK_D": ode.dot_tile(dim), "BLOCK_H": block_h, "BLOCK_K": min(block_k, block_h),
+            "num_stages": 1}
+    return compile_for_h100(ode._mlp_ode_kernel,
+                            ["x_ptr", "out_ptr", "context_bias_ptr", "time_bias_ptr", "step_ptr", "scratch_ptr", "w_x_ptr",
+                             "w_h_ptr", "b_h_ptr", "w_out_ptr", "b_out_ptr"],
+                            ["n_rows", "n_dim", "n_hidden", "n_steps", "weight_offset"], [], meta,
+                            num_warps=num_warps or (8 if block_h >= 128 else 4))
+
+
+def main() -> None:
+    import triton
+
+    print(f"Triton {triton.__version__}, sm_90, RK4, 3 hidden layers, TF32 products")
+    for hidden, approximate, resident in ((64, False, True), (64, True, True), (64, True, False), (256, False, False),
+                                          (256, True, False)):
+        facts = resources(compile_ode(hidden, approximate=approximate, resident=resident))
+        print(f"width {hidden:3d} approximate={approximate!s:5s} resident={resident!s:5s} {facts}")
+
+
+if __name__ == "__main__":
+    main()
