@@ -1,7 +1,7 @@
 """Launch-setting sweep of the Triton kernels on CUDA, to choose their defaults from timings: the elementwise
 spline kernels (elements and warps per program, against the reference's autograd), the fused ODE integrator
 (rows per program, weight chunk, warps, weight residency, exact or approximate activations) and the fused
-spline/affine coupling layers (rows per program, warps), TF32 products. Prints one line per setting and writes JSON.
+spline/affine coupling layers (rows per program, warps, spline columns per pass), TF32 products. Prints one line per setting and writes JSON.
 
 Usage (on a GPU machine; `FASTFLOW_GPU_STEPS=sweep bash bench/run_gpu.sh OUT` runs it):
     python bench/sweep_gpu.py OUT.json
@@ -31,6 +31,7 @@ ODE_SETTINGS = {  # width: launch settings of `mlp_odeint` (kernels.ode.mlp_odei
         (32, 16, 8), (128, 16, 8), (64, 32, 8)))],
 }
 COUPLING_SETTINGS = [(32, 4), (64, 4), (64, 8), (128, 4), (128, 8), (16, 4)]  # (block_m, warps)
+SPLINE_CHUNK_COLUMNS = (16, 32)  # (coordinate, bin) columns per pass, tried at every spline setting besides the default
 SPLINE_SETTINGS = [(128, 4), (64, 2), (64, 4), (256, 4), (256, 8), (512, 8)]  # (block, num_warps), 8 bins: default first
 
 
@@ -81,19 +82,20 @@ def sweep_coupling(rows: list[dict], device: torch.device, batch: int = 65_536,
         shapes = [(128, kept), (128,), (128, 128), (128,), (outputs, 128), (outputs,)]
         weights = tuple(0.1 * torch.randn(*shape, device=device) for shape in shapes)
         x_kept, x_changed = torch.randn(batch, kept, device=device), torch.randn(batch, changed, device=device)
-        for block_m, num_warps in settings:
-            options = dict(inverse=False, precision="tf32", block_m=block_m, num_warps=num_warps)
+        launches = [dict(block_m=block_m, num_warps=num_warps) for block_m, num_warps in settings]
+        if transform == "spline":  # fewer columns per pass at the first two settings
+            launches += [dict(launch, chunk_columns=columns) for launch in launches[:2] for columns in SPLINE_CHUNK_COLUMNS]
+        for launch in launches:
+            options = dict(inverse=False, precision="tf32", **launch)
             if transform == "spline":
                 run = lambda: spline_coupling_triton(x_kept, None, x_changed, weights, num_bins=8, bound=5.0,  # noqa: E731
                                                      constants=constants, **options)
             else:
                 run = lambda: affine_coupling_triton(x_kept, None, x_changed, weights, scale_bound=3.0, **options)  # noqa: E731
             try:
-                _record(rows, kernel=f"{transform}_coupling", dim=dim, batch=batch, block_m=block_m, num_warps=num_warps,
-                        ms=_milliseconds(run, device))
+                _record(rows, kernel=f"{transform}_coupling", dim=dim, batch=batch, **launch, ms=_milliseconds(run, device))
             except Exception as failure:
-                _record(rows, kernel=f"{transform}_coupling", dim=dim, block_m=block_m, num_warps=num_warps,
-                        error=f"{type(failure).__name__}: {failure}"[:300])
+                _record(rows, kernel=f"{transform}_coupling", dim=dim, **launch, error=f"{type(failure).__name__}: {failure}"[:300])
 
 
 def sweep_spline(rows: list[dict], device: torch.device, elements: int = 1_048_576,

@@ -117,15 +117,18 @@ def affine_meta(n_in: int, n_hidden: int, n_changed: int, *, inverse: bool, bloc
 
 
 def spline_meta(n_in: int, n_hidden: int, n_changed: int, num_bins: int, *, inverse: bool, block_m: int = 32,
-                precision: str = "ieee", approximate: bool = False) -> dict:
+                precision: str = "ieee", approximate: bool = False, chunk_columns: int | None = None) -> dict:
     """The spline kernel's meta-parameters: the (coordinate, bin) tile BLOCK_T × BLOCK_K (at least 16
-    columns for tl.dot), taken T_CHUNK coordinates at a time within the tile budget."""
+    columns for tl.dot), taken T_CHUNK coordinates at a time within the tile budget, and at most
+    `chunk_columns` (coordinate, bin) columns per pass when given (fewer live registers: at 16 columns the
+    sm_90 build of the 32-D layer stops spilling, bench/sm90.py; not yet timed)."""
     meta = _conditioner_meta(n_in, n_hidden, inverse=inverse, block_m=block_m, precision=precision,
                              approximate=approximate)
     block_t, block_k = next_power_of_2(n_changed), next_power_of_2(num_bins)
     if block_t * block_k < 16:
         block_k = 16 // block_t
-    t_chunk = min(block_t, max(16 // block_k, _WEIGHT_TILE // meta["BLOCK_H"] // block_k, 1))
+    columns = _WEIGHT_TILE // meta["BLOCK_H"] if chunk_columns is None else min(chunk_columns, _WEIGHT_TILE // meta["BLOCK_H"])
+    t_chunk = min(block_t, max(16 // block_k, columns // block_k, 1))
     return {**meta, "BLOCK_T": block_t, "BLOCK_K": block_k, "T_CHUNK": t_chunk}
 
 
@@ -238,7 +241,8 @@ def _spline_coupling_kernel(
 
 def spline_coupling_triton(kept, context, changed, weights, *, num_bins: int, bound: float, inverse: bool,
                            constants: tuple[float, float, float, float], precision: str = "ieee",
-                           approximate: bool | None = None, block_m: int = 32, num_warps: int = 4):
+                           approximate: bool | None = None, block_m: int = 32, num_warps: int = 4,
+                           chunk_columns: int | None = None):
     """Launch the fused spline coupling kernel.
 
     Arguments:
@@ -249,7 +253,8 @@ def spline_coupling_triton(kept, context, changed, weights, *, num_bins: int, bo
         precision: the products' input precision, "ieee" (fp32), "tf32" or "tf32x3".
         approximate: activations through the GPU's approximate tanh (`kernels.activations`); None: for TF32
             products on an NVIDIA GPU.
-        block_m, num_warps: rows per program and warps per program (launch tuning).
+        block_m, num_warps, chunk_columns: rows per program, warps per program and (coordinate, bin) columns
+            per pass (launch tuning, `spline_meta`).
     Returns:
         out `(N, T)` and log|det J| `(N,)`.
     """
@@ -257,7 +262,8 @@ def spline_coupling_triton(kept, context, changed, weights, *, num_bins: int, bo
     n_rows, n_changed = changed.shape
     n_hidden = weights[0].shape[0]
     meta = spline_meta(kept.shape[1] + context.shape[1], n_hidden, n_changed, num_bins, inverse=inverse, block_m=block_m,
-                       precision=precision, approximate=approximate_activations(precision, kept.device, approximate))
+                       precision=precision, approximate=approximate_activations(precision, kept.device, approximate),
+                       chunk_columns=chunk_columns)
     out = changed.new_empty(n_rows, n_changed)
     ladj = changed.new_empty(n_rows)
     grid = (cdiv(n_rows, block_m),)

@@ -63,7 +63,7 @@ def test_gpu_sweep_runs_on_small_sizes_under_the_interpreter():
     sweep.sweep_ode(rows, torch.device("cpu"), samples=20, steps=2,
                     settings={16: [{}, {"resident": False}, dict(block_m=32, block_k=16, num_warps=4)]})
     sweep.sweep_spline(rows, torch.device("cpu"), elements=100, settings=[(64, 4)])
-    assert len(rows) == 3 * 2 + 3 + 1 + 2
+    assert len(rows) == 2 * (2 + 2 * 2) + 2 + 3 + 1 + 2  # spline: 2 settings + 2 column budgets at each
     assert all("ms" in row and row["ms"] > 0 for row in rows), rows
     assert all(row["max_error"] < 1e-3 for row in rows if row["kernel"] == "ode")
 
