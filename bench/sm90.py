@@ -50,7 +50,7 @@ def resources(compiled) -> dict:
 
 
 def compile_ode(hidden: int, dim: int = 2, context: int = 0, *, approximate: bool, resident: bool | None = None,
-                block_m: int = 64, block_k: int = 16, num_warps: int | None = None):
+                block_m: int = 64, block_k: int | None = None, num_warps: int | None = None):
     """The RK4 integrator of a 3-hidden-layer SiLU field of width `hidden`, TF32 products, compiled for sm_90."""
     from fastflow.kernels import ode
 
@@ -59,7 +59,7 @@ def compile_ode(hidden: int, dim: int = 2, context: int = 0, *, approximate: boo
             "STAGES": 4, "NUM_LAYERS": 3, "ACTIVATION": 0, "APPROXIMATE": approximate, "RESIDUAL": False,
             "HAS_CONTEXT": bool(context), "PRECISION": "tf32",
             "RESIDENT_WEIGHTS": block_h <= 128 if resident is None else resident,
-            "BLOCK_M": block_m, "BLOCK_D": ode.dot_tile(dim), "BLOCK_H": block_h, "BLOCK_K": min(block_k, block_h),
+            "BLOCK_M": block_m, "BLOCK_D": ode.dot_tile(dim), "BLOCK_H": block_h, "BLOCK_K": block_k or ode.default_block_k(block_h),
             "num_stages": 1}
     return compile_for_h100(ode._mlp_ode_kernel,
                             ["x_ptr", "out_ptr", "context_bias_ptr", "time_bias_ptr", "step_ptr", "scratch_ptr", "w_x_ptr",

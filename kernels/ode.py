@@ -172,6 +172,14 @@ def _mlp_ode_kernel(
     tl.store(out_ptr + state_offsets, x, mask=state_mask)
 
 
+def default_block_k(block_h: int) -> int:
+    """The hidden-width chunk per weight tile, from sm_90 compiles (bench/sm90.py: registers, spills, SASS; not yet
+    timed on a GPU): widths up to 64 in one chunk (no scratch round trip per hidden layer, fewer instructions, no
+    spills: RK4 3x64 with Triton 3.6, 4,520 instructions against 5,568 in chunks of 16, which spill 248 B with a
+    context), wider ones in chunks of 16 (one chunk spills at width 128)."""
+    return block_h if block_h <= 64 else 16
+
+
 def _coefficients(a: tuple[tuple[float, ...], ...], b: tuple[float, ...]) -> dict[str, float]:
     """The tableau as the kernel's constexpr A21..A43, B1..B4 (missing entries 0)."""
     values = {f"A{i + 1}{j + 1}": 0.0 for i in range(1, MAX_STAGES) for j in range(i)}
@@ -201,7 +209,7 @@ def mlp_odeint_triton(x, steps, time_bias, context_bias, w_x, w_hidden, b_hidden
             products on an NVIDIA GPU.
         block_m: samples per program (default 64 for TF32 products, 32 for fp32 FMA ones, which need
             more registers). block_k: chunk of the hidden width per weight tile (a power of 2 dividing
-            BLOCK_H, default 16 above 32; below BLOCK_H, a scratch buffer of N · BLOCK_H floats carries
+            BLOCK_H, default BLOCK_H up to 64, else 16; below BLOCK_H, a scratch buffer of N · BLOCK_H floats carries
             the activations).
         resident: keep the hidden weights on chip for the whole integration (loaded once) instead of
             reloading them (from cache) at each evaluation; None: when they take at most 64 KiB.
@@ -211,8 +219,7 @@ def mlp_odeint_triton(x, steps, time_bias, context_bias, w_x, w_hidden, b_hidden
     n_rows, n_dim = x.shape
     n_hidden = w_x.shape[0]
     block_h = dot_tile(n_hidden)
-    # defaults from sm_90 compiles (register use, spills, shared memory); not yet timed on a GPU
-    block_k = block_k or (block_h if block_h <= 32 else 16)
+    block_k = block_k or default_block_k(block_h)
     if block_k < 16 or block_k > block_h or block_h % block_k or block_k & (block_k - 1):
         raise ValueError(f"block_k must be a power of 2 in [16, BLOCK_H = {block_h}], got {block_k}")
     block_m = block_m or (64 if precision == "tf32" else 32)

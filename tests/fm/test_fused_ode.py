@@ -79,9 +79,10 @@ def test_3xtf32_products_keep_the_fp32_tolerance():
 
 
 def test_launch_settings_change_the_tiling_not_the_result():
-    net, x = _field(2, (32, 32)), _randn(50, 2)
+    """Width 64: the default takes the hidden width in one chunk; block_k=16 goes through the scratch tile."""
+    net, x = _field(2, (64, 64)), _randn(50, 2)
     default = mlp_odeint(net, x, GRIDS["forward"], "heun", backend="triton").x
-    tuned = mlp_odeint(net, x, GRIDS["forward"], "heun", backend="triton", launch=dict(block_m=16, block_k=32, num_warps=2)).x
+    tuned = mlp_odeint(net, x, GRIDS["forward"], "heun", backend="triton", launch=dict(block_m=16, block_k=16, num_warps=2)).x
     torch.testing.assert_close(tuned, default, atol=1e-6, rtol=1e-6)
     with pytest.raises(TypeError, match="block_n"):
         mlp_odeint(net, x, GRIDS["forward"], "heun", backend="triton", launch=dict(block_n=16))
