@@ -32,7 +32,7 @@ ODE_SETTINGS = {  # width: launch settings of `mlp_odeint` (kernels.ode.mlp_odei
         (32, 16, 8), (128, 16, 8), (64, 32, 8)))],
 }
 COUPLING_SETTINGS = [(32, 4), (64, 4), (64, 8), (128, 4), (128, 8), (16, 4)]  # (block_m, warps)
-SPLINE_CHUNK_COLUMNS = (16, 32)  # (coordinate, bin) columns per pass, tried at every spline setting besides the default
+SPLINE_CHUNK_COLUMNS = (32, None)  # spline (coordinate, bin) columns per pass besides the default 16 (None: whole layer)
 SPLINE_SETTINGS = [(128, 4), (64, 2), (64, 4), (256, 4), (256, 8), (512, 8)]  # (block, num_warps), 8 bins: default first
 
 

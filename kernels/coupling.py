@@ -116,12 +116,18 @@ def affine_meta(n_in: int, n_hidden: int, n_changed: int, *, inverse: bool, bloc
             "BLOCK_OUT": dot_tile(n_changed)}
 
 
+# (coordinate, bin) columns per pass of the spline kernel: from sm_90 compiles (bench/sm90.py, Triton 3.6; not yet
+# timed), 16 columns keep the spline tiles in registers where whole-layer passes spill (width 128: 216 B at 8-D,
+# 3.5 KB at 32-D down to 48 B / none; width 256, 64-D, context 64: 13 KB down to 0.9 KB), outputs unchanged.
+SPLINE_CHUNK_COLUMNS = 16
+
+
 def spline_meta(n_in: int, n_hidden: int, n_changed: int, num_bins: int, *, inverse: bool, block_m: int = 32,
-                precision: str = "ieee", approximate: bool = False, chunk_columns: int | None = None) -> dict:
+                precision: str = "ieee", approximate: bool = False,
+                chunk_columns: int | None = SPLINE_CHUNK_COLUMNS) -> dict:
     """The spline kernel's meta-parameters: the (coordinate, bin) tile BLOCK_T × BLOCK_K (at least 16
-    columns for tl.dot), taken T_CHUNK coordinates at a time within the tile budget, and at most
-    `chunk_columns` (coordinate, bin) columns per pass when given (fewer live registers: at 16 columns the
-    sm_90 build of the 32-D layer stops spilling, bench/sm90.py; not yet timed)."""
+    columns for tl.dot), taken T_CHUNK coordinates at a time: at most `chunk_columns` (coordinate, bin) columns
+    per pass (None: as many as the weight-tile budget allows)."""
     meta = _conditioner_meta(n_in, n_hidden, inverse=inverse, block_m=block_m, precision=precision,
                              approximate=approximate)
     block_t, block_k = next_power_of_2(n_changed), next_power_of_2(num_bins)
@@ -242,7 +248,7 @@ def _spline_coupling_kernel(
 def spline_coupling_triton(kept, context, changed, weights, *, num_bins: int, bound: float, inverse: bool,
                            constants: tuple[float, float, float, float], precision: str = "ieee",
                            approximate: bool | None = None, block_m: int = 32, num_warps: int = 4,
-                           chunk_columns: int | None = None):
+                           chunk_columns: int | None = SPLINE_CHUNK_COLUMNS):
     """Launch the fused spline coupling kernel.
 
     Arguments:
