@@ -213,8 +213,9 @@ def test_strided_inputs_give_the_contiguous_result(transform):
 @pytest.mark.parametrize("transform", ["affine", "spline"])
 def test_gpu_approximate_activations_stay_within_tf32_error(transform):
     """TF32 products on CUDA take the approximate activations by default (`kernels.activations`): against the
-    exact activations with the same TF32 products, outputs and log-determinants agree to atol = rtol = 5e-3
-    (tanh.approx.f32's ~2^-11 relative error, as TF32's rounding), at the benchmark's layer size."""
+    exact activations with the same TF32 products, outputs and log-determinants agree to atol = rtol = 1e-2, half
+    the TF32-vs-fp32 tolerance (tanh.approx.f32's ~2^-11 relative error, as TF32's rounding, moves the spline
+    parameters ~1e-3), at the benchmark's layer size."""
     from fastflow.kernels.coupling import affine_coupling_triton, spline_coupling_triton
     from fastflow.ops.spline import SPLINE_CONSTANTS
 
@@ -232,7 +233,7 @@ def test_gpu_approximate_activations_stay_within_tf32_error(transform):
         default, approximate, exact = run(None), run(True), run(False)
     for a, b, c in zip(default, approximate, exact):
         torch.testing.assert_close(a, b, atol=0.0, rtol=0.0)  # the default on CUDA with TF32 products
-        torch.testing.assert_close(b, c, atol=5e-3, rtol=5e-3)
+        torch.testing.assert_close(b, c, atol=1e-2, rtol=1e-2)
 
 
 def test_approximate_activations_need_an_nvidia_gpu():
