@@ -126,6 +126,24 @@ def sweep_spline(rows: list[dict], device: torch.device, elements: int = 1_048_5
                 _record(rows, kernel=name, block=block, num_warps=num_warps, error=f"{type(failure).__name__}: {failure}"[:300])
 
 
+SETTING_KEYS = ("block", "block_m", "block_k", "num_warps", "chunk_columns", "approximate", "resident")
+
+
+def fastest_settings(rows: list[dict]) -> list[str]:
+    """Per kernel and size, the fastest setting swept and its speed-up over the first (the default): one line each."""
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        if "ms" in row:
+            groups.setdefault((row["kernel"], row.get("width"), row.get("dim")), []).append(row)
+    lines = []
+    for (kernel, width, dim), timed in groups.items():
+        best = min(timed, key=lambda row: row["ms"])
+        setting = {key: best[key] for key in SETTING_KEYS if key in best} or "default"
+        size = f" width {width}" if width is not None else f" dim {dim}" if dim is not None else ""
+        lines.append(f"{kernel}{size}: fastest {setting} {best['ms']:.3f} ms, {timed[0]['ms'] / best['ms']:.2f}x the first setting")
+    return lines
+
+
 def main() -> None:
     if not torch.cuda.is_available():
         raise SystemExit("sweep_gpu.py needs a CUDA device")
@@ -141,6 +159,7 @@ def main() -> None:
 
         out.write_text(json.dumps({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
                                    "triton": triton.__version__, "results": rows}, indent=1))
+        print("\n".join(fastest_settings(rows)))
         print(f"wrote {out}")
 
 

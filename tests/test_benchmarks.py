@@ -66,6 +66,8 @@ def test_gpu_sweep_runs_on_small_sizes_under_the_interpreter():
     assert len(rows) == 2 * (2 + 2 * 2) + 2 + 3 + 1 + 2  # spline: 2 settings + 2 column budgets at each
     assert all("ms" in row and row["ms"] > 0 for row in rows), rows
     assert all(row["max_error"] < 1e-3 for row in rows if row["kernel"] == "ode")
+    summary = sweep.fastest_settings(rows)  # one line per kernel and size: 2 spline dims, affine, ode, 3 spline ops
+    assert len(summary) == 2 + 1 + 1 + 3 and all("fastest" in line for line in summary), summary
 
 
 @pytest.mark.triton
