@@ -69,7 +69,7 @@ def table(dim: int = 8, rows: int = 256) -> list[tuple[str, str, int, int]]:
         flows = {f"fastflow-{backend}": CouplingFlow(dim, config=config, backend=backend) for backend in ("reference", "triton")}
         try:
             flows["zuko"] = benchmarks._ZukoAdapter(benchmarks._zuko_flow(transform, dim, torch.nn.SiLU))
-        except ImportError:
+        except ImportError:  # zuko (the `bench` extra) not installed: fastflow's rows only
             pass
         for name, flow in flows.items():
             parameters = list((flow.flow if name == "zuko" else flow).parameters())

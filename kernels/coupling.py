@@ -4,7 +4,6 @@ log-determinant, with the hidden activations kept on chip. Forward/inverse map; 
 `fastflow.ops.coupling`.
 """
 
-import torch
 import triton
 import triton.language as tl
 

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from fastflow.backends import AUTO_TRITON_PRECISIONS, is_automatic, resolve_backend, triton_device, triton_precision
 from fastflow.ops.linear import BLOCK_ROWS, linear_silu, linear_silu_into
 from fastflow.ops.spline import (
-    SPLINE_CONSTANTS, rq_spline, rq_spline_ref, rq_spline_rows_native_into,
+    SPLINE_CONSTANTS, rq_spline, rq_spline_rows_native_into,
 )
 
 __all__ = ["affine_coupling", "affine_coupling_ref", "spline_coupling", "spline_coupling_ref"]
