@@ -46,19 +46,23 @@ def _conditioner_hidden(kept_ptr, context_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, r
 
 
 @triton.jit
-def _affine_coupling_kernel(
-    # pointers
-    kept_ptr, context_ptr, changed_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, w3_ptr, b3_ptr, out_ptr, ladj_ptr,
-    # dimensions and row strides
-    n_rows, n_kept, n_context, n_hidden, n_changed, stride_kept, stride_context, stride_changed,
-    # scalars
-    scale_bound,
-    # meta-parameters
-    INVERSE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_IN: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HK: tl.constexpr,
-    BLOCK_OUT: tl.constexpr, PRECISION: tl.constexpr, APPROXIMATE: tl.constexpr,
-):
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < n_rows
+def _store_columns(dst_ptr, stride_dst, column_map_ptr, rows, row_ok, cols, n_cols, values, SCATTER: tl.constexpr):
+    """Store values `(BLOCK_M, len(cols))` (columns `cols < n_cols`) into dst's rows (`stride_dst` elements
+    apart) at columns `cols`, or at `column_map[cols]` when SCATTER (a permutation fused into the store)."""
+    ok = row_ok[:, None] & (cols[None, :] < n_cols)
+    if SCATTER:
+        cols = tl.load(column_map_ptr + cols, mask=cols < n_cols, other=0)
+    tl.store(dst_ptr + rows[:, None] * stride_dst + cols[None, :], values, mask=ok)
+
+
+@triton.jit
+def _affine_layer(kept_ptr, context_ptr, changed_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, w3_ptr, b3_ptr, dst_ptr,
+                  column_map_ptr, rows, row_ok, n_kept, n_context, n_hidden, n_changed, stride_kept, stride_context,
+                  stride_changed, stride_dst, scale_bound, INVERSE: tl.constexpr, SCATTER: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_IN: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HK: tl.constexpr,
+                  BLOCK_OUT: tl.constexpr, PRECISION: tl.constexpr, APPROXIMATE: tl.constexpr):
+    """One affine coupling layer on a block of rows: stores the changed coordinates' images (`_store_columns`)
+    and returns log|det J| `(BLOCK_M,)`."""
     cols_h = tl.arange(0, BLOCK_H)
     cols_out = tl.arange(0, BLOCK_OUT)
     h = _conditioner_hidden(kept_ptr, context_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, rows, row_ok, n_kept, n_context,
@@ -85,9 +89,29 @@ def _affine_coupling_kernel(
     else:
         out = changed * tl.exp(log_scale) + shift
         ladj = tl.sum(tl.where(changed_mask, log_scale, 0.0), axis=1)
-    tl.store(out_ptr + rows[:, None] * n_changed + cols_out[None, :], out, mask=changed_mask)
-    tl.store(ladj_ptr + rows, ladj, mask=row_ok)
+    _store_columns(dst_ptr, stride_dst, column_map_ptr, rows, row_ok, cols_out, n_changed, out, SCATTER)
+    return ladj
 
+
+@triton.jit
+def _affine_coupling_kernel(
+    # pointers
+    kept_ptr, context_ptr, changed_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, w3_ptr, b3_ptr, out_ptr, ladj_ptr,
+    # dimensions and row strides
+    n_rows, n_kept, n_context, n_hidden, n_changed, stride_kept, stride_context, stride_changed,
+    # scalars
+    scale_bound,
+    # meta-parameters
+    INVERSE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_IN: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HK: tl.constexpr,
+    BLOCK_OUT: tl.constexpr, PRECISION: tl.constexpr, APPROXIMATE: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < n_rows
+    ladj = _affine_layer(kept_ptr, context_ptr, changed_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, w3_ptr, b3_ptr, out_ptr,
+                         out_ptr, rows, row_ok, n_kept, n_context, n_hidden, n_changed, stride_kept, stride_context,
+                         stride_changed, n_changed, scale_bound, INVERSE, False, BLOCK_M, BLOCK_IN, BLOCK_H, BLOCK_HK,
+                         BLOCK_OUT, PRECISION, APPROXIMATE)
+    tl.store(ladj_ptr + rows, ladj, mask=row_ok)
 
 
 # Values in one weight tile (64 KiB of float32): conditioners up to width 128 load each layer whole; wider
@@ -187,20 +211,14 @@ def _spline_parameters(h, w3_ptr, b3_ptr, parameter_rows, ok, cols_h, n_hidden, 
 
 
 @triton.jit
-def _spline_coupling_kernel(
-    # pointers
-    kept_ptr, context_ptr, changed_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, w3_ptr, b3_ptr, out_ptr, ladj_ptr,
-    # dimensions and row strides
-    n_rows, n_kept, n_context, n_hidden, n_changed, num_bins, stride_kept, stride_context, stride_changed,
-    # scalars
-    bound, min_width, min_height, min_derivative, derivative_shift,
-    # meta-parameters
-    INVERSE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_IN: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HK: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, T_CHUNK: tl.constexpr, PRECISION: tl.constexpr,
-    APPROXIMATE: tl.constexpr,
-):
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < n_rows
+def _spline_layer(kept_ptr, context_ptr, changed_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, w3_ptr, b3_ptr, dst_ptr,
+                  column_map_ptr, rows, row_ok, n_kept, n_context, n_hidden, n_changed, num_bins, stride_kept,
+                  stride_context, stride_changed, stride_dst, bound, min_width, min_height, min_derivative,
+                  derivative_shift, INVERSE: tl.constexpr, SCATTER: tl.constexpr, BLOCK_M: tl.constexpr,
+                  BLOCK_IN: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HK: tl.constexpr, BLOCK_T: tl.constexpr,
+                  BLOCK_K: tl.constexpr, T_CHUNK: tl.constexpr, PRECISION: tl.constexpr, APPROXIMATE: tl.constexpr):
+    """One spline coupling layer on a block of rows: stores the changed coordinates' images (`_store_columns`)
+    and returns log|det J| `(BLOCK_M,)`."""
     cols_h = tl.arange(0, BLOCK_H)
     h = _conditioner_hidden(kept_ptr, context_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, rows, row_ok, n_kept, n_context,
                             n_hidden, stride_kept, stride_context, BLOCK_M, BLOCK_IN, BLOCK_H, BLOCK_HK, PRECISION,
@@ -240,7 +258,30 @@ def _spline_coupling_kernel(
         result, logabsdet = _rq_value(t, x_k, w_k, y_k, h_k, d_k, d_k1, INVERSE)
         result = tl.where(inside, result, value)
         ladj += tl.sum(tl.where(inside & changed_mask, logabsdet, 0.0), axis=1)
-        tl.store(out_ptr + rows[:, None] * n_changed + cols_t[None, :], result, mask=changed_mask)
+        _store_columns(dst_ptr, stride_dst, column_map_ptr, rows, row_ok, cols_t, n_changed, result, SCATTER)
+    return ladj
+
+
+@triton.jit
+def _spline_coupling_kernel(
+    # pointers
+    kept_ptr, context_ptr, changed_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, w3_ptr, b3_ptr, out_ptr, ladj_ptr,
+    # dimensions and row strides
+    n_rows, n_kept, n_context, n_hidden, n_changed, num_bins, stride_kept, stride_context, stride_changed,
+    # scalars
+    bound, min_width, min_height, min_derivative, derivative_shift,
+    # meta-parameters
+    INVERSE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_IN: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HK: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, T_CHUNK: tl.constexpr, PRECISION: tl.constexpr,
+    APPROXIMATE: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < n_rows
+    ladj = _spline_layer(kept_ptr, context_ptr, changed_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, w3_ptr, b3_ptr, out_ptr,
+                         out_ptr, rows, row_ok, n_kept, n_context, n_hidden, n_changed, num_bins, stride_kept,
+                         stride_context, stride_changed, n_changed, bound, min_width, min_height, min_derivative,
+                         derivative_shift, INVERSE, False, BLOCK_M, BLOCK_IN, BLOCK_H, BLOCK_HK, BLOCK_T, BLOCK_K,
+                         T_CHUNK, PRECISION, APPROXIMATE)
     tl.store(ladj_ptr + rows, ladj, mask=row_ok)
 
 
