@@ -30,4 +30,10 @@ def test_coupling(benchmark, case):
     ratio = baseline_seconds / benchmark.stats.stats.median
     benchmark.extra_info.update(implementation=fastest, baseline=case.baseline, baseline_seconds=baseline_seconds,
                                 speedup=ratio, threads=THREADS, device=str(DEVICE))
-    print(f"\n{case.name}: {fastest} {benchmark.stats.stats.median * 1e3:.1f} ms, {case.baseline} {baseline_seconds * 1e3:.1f} ms, speedup {ratio:.2f}x")
+    line = f"\n{case.name}: {fastest} {benchmark.stats.stats.median * 1e3:.1f} ms, {case.baseline} {baseline_seconds * 1e3:.1f} ms, speedup {ratio:.2f}x"
+    same_precision = f"{case.baseline}-tf32"  # TF32 against the baseline with TF32 products too (CUDA)
+    if fastest.endswith("-tf32") and same_precision in case.implementations:
+        seconds = benchmarks.time_call(case.implementations[same_precision], device=DEVICE)
+        benchmark.extra_info.update(speedup_same_precision=seconds / benchmark.stats.stats.median)
+        line += f"; {same_precision} {seconds * 1e3:.1f} ms, speedup {seconds / benchmark.stats.stats.median:.2f}x"
+    print(line)

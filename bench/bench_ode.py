@@ -2,7 +2,7 @@
 100 steps for fixed-step methods, Dopri5 at rtol = atol = 1e-5. Reports seconds, velocity evaluations,
 max error against a tight Dopri5 (1e-9) reference on the first 1,000 samples, and the ratio to torchdiffeq rk4.
 On CUDA with Triton, also the fused integrator (`fastflow.fm.fused.mlp_odeint`: all steps in one launch),
-Euler and RK4, with fp32 ("ieee") and TF32 products.
+Euler and RK4, with fp32 ("ieee") and TF32 products, and torchdiffeq rk4 with TF32 cuBLAS products as well.
 
 Run: `python -m pytest bench/bench_ode.py --benchmark-only -s`; samples default to 10^4 on CPU and 10^6 on
 CUDA (FASTFLOW_BENCH_ODE_SAMPLES overrides); torchdiffeq comes with the `bench` extra.
@@ -17,6 +17,7 @@ import torch
 
 from fastflow import set_num_threads
 from fastflow.backends import backends
+from fastflow.benchmarks import with_tf32
 from fastflow.fm import VelocityMLP, odeint
 from fastflow.fm.fused import mlp_odeint
 
@@ -61,6 +62,8 @@ def _cases(net, x_0):
             return x, calls[0]
 
         cases[f"torchdiffeq rk4-{STEPS}"] = lambda: counted("rk4", options={"step_size": 1.0 / STEPS})
+        if DEVICE == "cuda":  # with TF32 cuBLAS products too: the like-for-like baseline of the fused TF32 rows
+            cases[f"torchdiffeq rk4-{STEPS} tf32"] = with_tf32(cases[f"torchdiffeq rk4-{STEPS}"])
         cases["torchdiffeq dopri5 1e-5"] = lambda: counted("dopri5", rtol=1e-5, atol=1e-5)
     return cases
 

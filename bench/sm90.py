@@ -17,16 +17,17 @@ import tempfile
 SASS_KEYS = ("HGMMA", "HMMA", "MUFU", "FFMA", "FMUL", "FADD", "FSETP", "FSEL", "LDS", "STS", "LDG", "STG", "LDL", "STL")
 
 
-def compile_for_h100(kernel, pointers, integers, floats, meta: dict, num_warps: int = 4):
-    """Compile a @triton.jit kernel for sm_90: pointer arguments float32, `integers` i32, `floats` fp32, and
-    `meta` the constexprs plus "num_stages"."""
+def compile_for_h100(kernel, pointers, integers, floats, meta: dict, num_warps: int = 4, int_pointers=()):
+    """Compile a @triton.jit kernel for sm_90: pointer arguments float32 (`int_pointers` int32), `integers` i32,
+    `floats` fp32, and `meta` the constexprs plus "num_stages"."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     meta = dict(meta)
     options = {"num_stages": meta.pop("num_stages"), "num_warps": num_warps}
-    signature = {**{n: "*fp32" for n in pointers}, **{n: "i32" for n in integers}, **{n: "fp32" for n in floats}}
+    signature = {**{n: "*fp32" for n in pointers}, **{n: "*i32" for n in int_pointers}, **{n: "i32" for n in integers},
+                 **{n: "fp32" for n in floats}}
     signature.update({name: "constexpr" for name in meta})
     constants = {(kernel.arg_names.index(name),): value for name, value in meta.items()}
     return triton.compile(ASTSource(kernel, signature, constants), target=GPUTarget("cuda", 90, 32), options=options)
@@ -66,6 +67,29 @@ def compile_ode(hidden: int, dim: int = 2, context: int = 0, *, approximate: boo
                              "w_h_ptr", "b_h_ptr", "w_out_ptr", "b_out_ptr"],
                             ["n_rows", "n_dim", "n_hidden", "n_steps", "weight_offset"], [], meta,
                             num_warps=num_warps or (8 if block_h >= 128 else 4))
+
+
+def compile_coupling_flow(transform: str, hidden: int, dim: int, context: int = 0, *, approximate: bool,
+                          inverse: bool = False, launch: dict | None = None):
+    """The fused run of coupling layers (`kernels.coupling.coupling_flow_triton`) of `transform` ("affine" or
+    "spline", 8 bins) with conditioners of width `hidden`, TF32 products, compiled for sm_90 with `launch`
+    (block_m, block_hk, num_warps; default `FLOW_LAUNCH`)."""
+    from fastflow.kernels import coupling
+
+    launch = {**coupling.FLOW_LAUNCH, **(launch or {})}
+    num_warps = launch.pop("num_warps")
+    changed = dim - dim // 2  # the layers' larger half either way
+    options = dict(inverse=inverse, precision="tf32", approximate=approximate, **launch)
+    if transform == "affine":
+        meta = {**coupling.affine_meta(changed + context, hidden, changed, **options), "BLOCK_T": 1, "BLOCK_K": 16, "T_CHUNK": 1}
+    else:
+        meta = {**coupling.spline_meta(changed + context, hidden, changed, 8, **options), "BLOCK_OUT": 16}
+    meta.update(SPLINE=transform == "spline", BLOCK_D=coupling.next_power_of_2(dim), FIELDS=coupling.STEP_FIELDS)
+    return compile_for_h100(coupling._coupling_flow_kernel,
+                            ["x_ptr", "context_ptr", "out_ptr", "scratch_ptr", "ladj_ptr", "params_ptr"],
+                            ["n_rows", "n_dim", "n_context", "n_hidden", "n_steps", "num_bins", "stride_context"],
+                            ["scale_bound", "bound", "min_width", "min_height", "min_derivative", "derivative_shift"],
+                            meta, num_warps=num_warps, int_pointers=["steps_ptr", "column_maps_ptr"])
 
 
 def main() -> None:

@@ -1,7 +1,8 @@
 """Launch-setting sweep of the Triton kernels on CUDA, to choose their defaults from timings: the elementwise
 spline kernels (elements and warps per program, against the reference's autograd), the fused ODE integrator
 (rows per program, weight chunk, warps, weight residency, exact or approximate activations) and the fused
-spline/affine coupling layers (rows per program, warps, spline columns per pass), TF32 products. Prints one line per setting and writes JSON.
+runs of spline/affine coupling layers (rows per program, first-layer units per chunk, warps, spline columns per
+pass), TF32 products. Prints one line per setting and writes JSON.
 
 Usage (on a GPU machine; `FASTFLOW_GPU_STEPS=sweep bash bench/run_gpu.sh OUT` runs it):
     python bench/sweep_gpu.py OUT.json
@@ -31,7 +32,8 @@ ODE_SETTINGS = {  # width: launch settings of `mlp_odeint` (kernels.ode.mlp_odei
     256: [{}, {"approximate": False}, *(dict(block_m=m, block_k=k, num_warps=w) for m, k, w in (
         (32, 16, 8), (128, 16, 8), (64, 32, 8)))],
 }
-COUPLING_SETTINGS = [(32, 4), (64, 4), (64, 8), (128, 4), (128, 8), (16, 4)]  # (block_m, warps)
+COUPLING_SETTINGS = [{}, *(dict(block_m=m, block_hk=k, num_warps=w) for m, k, w in (  # fused 5-layer runs, default first
+    (32, None, 4), (64, 64, 8), (128, 32, 8), (32, 32, 4), (64, 32, 4)))]  # (32, None, 4): the per-layer kernels' default
 SPLINE_CHUNK_COLUMNS = (32, None)  # spline (coordinate, bin) columns per pass besides the default 16 (None: whole layer)
 SPLINE_SETTINGS = [(128, 4), (64, 2), (64, 4), (256, 4), (256, 8), (512, 8)]  # (block, num_warps), 8 bins: default first
 
@@ -70,33 +72,30 @@ def sweep_ode(rows: list[dict], device: torch.device, samples: int = 131_072, st
                     _record(rows, kernel="ode", width=width, **launch, error=f"{type(failure).__name__}: {failure}"[:300])
 
 
-def sweep_coupling(rows: list[dict], device: torch.device, batch: int = 65_536,
-                   settings: list[tuple[int, int]] = COUPLING_SETTINGS) -> None:
-    from fastflow.kernels.coupling import affine_coupling_triton, spline_coupling_triton
-    from fastflow.ops.spline import DERIVATIVE_SHIFT, MIN_BIN_HEIGHT, MIN_BIN_WIDTH, MIN_DERIVATIVE
+def sweep_coupling(rows: list[dict], device: torch.device, batch: int = 65_536, hidden: int = 128,
+                   settings: list[dict] = COUPLING_SETTINGS, flows=(("spline", 8), ("spline", 32), ("affine", 8))) -> None:
+    """The fused run of the benchmark's 5-layer coupling flows (width 128, 8 bins; `CouplingRun.fused`), log_prob,
+    for each (transform, dim) of `flows`."""
+    from fastflow.flows import FlowConfig
+    from fastflow.nn import CouplingFlow
 
-    constants = (MIN_BIN_WIDTH, MIN_BIN_HEIGHT, MIN_DERIVATIVE, DERIVATIVE_SHIFT)
-    for transform, dim in (("spline", 8), ("spline", 32), ("affine", 8)):
+    for transform, dim in flows:
         torch.manual_seed(0)
-        kept, changed = dim // 2, dim - dim // 2
-        outputs = changed * (3 * 8 - 1) if transform == "spline" else 2 * changed
-        shapes = [(128, kept), (128,), (128, 128), (128,), (outputs, 128), (outputs,)]
-        weights = tuple(0.1 * torch.randn(*shape, device=device) for shape in shapes)
-        x_kept, x_changed = torch.randn(batch, kept, device=device), torch.randn(batch, changed, device=device)
-        launches = [dict(block_m=block_m, num_warps=num_warps) for block_m, num_warps in settings]
-        if transform == "spline":  # fewer columns per pass at the first two settings
-            launches += [dict(launch, chunk_columns=columns) for launch in launches[:2] for columns in SPLINE_CHUNK_COLUMNS]
+        flow = CouplingFlow(dim, config=FlowConfig(transform=transform, num_layers=5, hidden=hidden, num_bins=8),
+                            backend="triton").to(device)
+        with torch.no_grad():
+            for p in flow.parameters():
+                p.add_(0.1 * torch.randn_like(p))
+        (run,) = flow._chain(inverse=False)
+        x = torch.randn(batch, dim, device=device)
+        launches = settings + ([dict(chunk_columns=columns) for columns in SPLINE_CHUNK_COLUMNS] if transform == "spline" else [])
         for launch in launches:
-            options = dict(inverse=False, precision="tf32", **launch)
-            if transform == "spline":
-                run = lambda: spline_coupling_triton(x_kept, None, x_changed, weights, num_bins=8, bound=5.0,  # noqa: E731
-                                                     constants=constants, **options)
-            else:
-                run = lambda: affine_coupling_triton(x_kept, None, x_changed, weights, scale_bound=3.0, **options)  # noqa: E731
             try:
-                _record(rows, kernel=f"{transform}_coupling", dim=dim, batch=batch, **launch, ms=_milliseconds(run, device))
+                with torch.no_grad():
+                    ms = _milliseconds(lambda: run.fused(x, None, "tf32", **launch), device)  # noqa: B023
+                _record(rows, kernel=f"{transform}_flow", dim=dim, batch=batch, **launch, ms=ms)
             except Exception as failure:
-                _record(rows, kernel=f"{transform}_coupling", dim=dim, **launch, error=f"{type(failure).__name__}: {failure}"[:300])
+                _record(rows, kernel=f"{transform}_flow", dim=dim, **launch, error=f"{type(failure).__name__}: {failure}"[:300])
 
 
 def sweep_spline(rows: list[dict], device: torch.device, elements: int = 1_048_576,
@@ -126,7 +125,7 @@ def sweep_spline(rows: list[dict], device: torch.device, elements: int = 1_048_5
                 _record(rows, kernel=name, block=block, num_warps=num_warps, error=f"{type(failure).__name__}: {failure}"[:300])
 
 
-SETTING_KEYS = ("block", "block_m", "block_k", "num_warps", "chunk_columns", "approximate", "resident")
+SETTING_KEYS = ("block", "block_m", "block_k", "block_hk", "num_warps", "chunk_columns", "approximate", "resident")
 
 
 def fastest_settings(rows: list[dict]) -> list[str]:

@@ -12,7 +12,7 @@ from typing import Callable
 
 import torch
 
-__all__ = ["Case", "Result", "register", "cases", "device_name", "run", "time_call"]
+__all__ = ["Case", "Result", "register", "cases", "device_name", "run", "time_call", "with_tf32"]
 
 
 @dataclass
@@ -122,7 +122,8 @@ def _coupling_cases(device: torch.device, quick: bool) -> list[Case]:
     (8 bins) on the backends implementing the spline against zuko's NSF (coupling, passes=2); affine
     flows against zuko's RealNVP; both with SiLU as fastflow's conditioners (the baseline: same architecture)
     and with zuko's default ReLU (`-relu`). Triton runs only on CUDA here (the CPU interpreter is for tests). On CUDA
-    each fastflow flow runs with fp32 products and once more with TF32 (`-tf32`); zuko stays fp32."""
+    each flow but the ReLU ones runs with fp32 products and once more with TF32 (`-tf32`; the ratios stay against
+    the fp32 baseline, `zuko-*-tf32` gives the TF32 one)."""
     from fastflow.backends import backends
     from fastflow.flows import FlowConfig
     from fastflow.nn import CouplingFlow
@@ -148,8 +149,8 @@ def _coupling_cases(device: torch.device, quick: bool) -> list[Case]:
                               ("sample", lambda f: _no_grad(lambda: f.sample(batch))),
                               ("log_prob+backward", lambda f, x=x: lambda: f.log_prob(x).mean().backward())):
                 implementations = {name: run(flow) for name, flow in flows.items()}
-                if device.type == "cuda":  # fastflow once more with TF32 products (zuko stays fp32)
-                    implementations.update({f"{name}-tf32": _with_tf32(run(flows[name])) for name in flows if name.startswith("fastflow")})
+                if device.type == "cuda":  # once more with TF32 products (the baseline too: a like-for-like ratio)
+                    implementations.update({f"{name}-tf32": with_tf32(run(flows[name])) for name in flows if not name.endswith("-relu")})
                 result.append(Case("coupling", f"{prefix} {work}", baseline, implementations))
     return result
 
@@ -176,7 +177,7 @@ class _ZukoAdapter:
         return self.flow().sample((n,))
 
 
-def _with_tf32(fn: Callable[[], object]) -> Callable[[], object]:
+def with_tf32(fn: Callable[[], object]) -> Callable[[], object]:
     """`fn` run with torch's TF32 flag set: cuBLAS and the Triton kernels' default products use TF32."""
 
     def call():
@@ -236,7 +237,7 @@ def _ode_cases(device: torch.device, quick: bool) -> list[Case]:
                 baseline = "torchdiffeq"
                 implementations[baseline] = _no_grad(lambda net=net, x=x, method=method: _torchdiffeq(net, x, method, steps))
             if device.type == "cuda":  # the cuBLAS paths once more with TF32 products
-                implementations.update({f"{name}-tf32": _with_tf32(implementations[name])
+                implementations.update({f"{name}-tf32": with_tf32(implementations[name])
                                         for name in ("fastflow-reference", "torchdiffeq") if name in implementations})
             result.append(Case("ode", f"mlp 3x{width} d={dim} n={samples} {method}-{steps}", baseline, implementations))
     return result

@@ -1,9 +1,11 @@
 """Fused coupling layers in Triton (affine and rational-quadratic spline): per block of rows, the
 conditioner MLP (two hidden layers, SiLU) on [kept, context], the transform of the changed half and its
 log-determinant, with the hidden activations kept on chip. Forward/inverse map; gradients come from
-`fastflow.ops.coupling`.
+`fastflow.ops.coupling`. `coupling_flow_triton` runs a whole stack of such layers, with the permutations
+between them, in one launch (`fastflow.ops.coupling_flow`).
 """
 
+import torch
 import triton
 import triton.language as tl
 
@@ -11,7 +13,7 @@ from fastflow.kernels import cdiv, dot_tile, next_power_of_2, row_major
 from fastflow.kernels.activations import SILU, TANH, activate, approximate_activations
 from fastflow.kernels.spline import _rq_locate, _rq_value, _spline_knots
 
-__all__ = ["affine_coupling_triton", "affine_meta", "spline_coupling_triton", "spline_meta"]
+__all__ = ["FLOW_LAUNCH", "STEP_FIELDS", "affine_coupling_triton", "affine_meta", "coupling_flow_triton", "spline_coupling_triton", "spline_meta"]
 
 
 @triton.jit
@@ -121,21 +123,23 @@ _WEIGHT_TILE = 128 * 128
 
 
 def _conditioner_meta(n_in: int, n_hidden: int, *, inverse: bool, block_m: int, precision: str,
-                      approximate: bool) -> dict:
-    """Meta-parameters both kernels share: row block, conditioner tiles, chunk of first-layer units, the
-    products' input precision ("ieee": fp32, "tf32" or "tf32x3") and the activations' form
-    (`kernels.activations`)."""
+                      approximate: bool, block_hk: int | None = None) -> dict:
+    """Meta-parameters both kernels share: row block, conditioner tiles, chunk of first-layer units (`block_hk`, a
+    power of 2 >= 16; default: as many as a weight tile holds), the products' input precision ("ieee": fp32,
+    "tf32" or "tf32x3") and the activations' form (`kernels.activations`)."""
     block_h = dot_tile(n_hidden)
+    if block_hk is not None and (block_hk < 16 or block_hk & (block_hk - 1)):
+        raise ValueError(f"block_hk must be a power of 2 >= 16, got {block_hk}")
     return dict(INVERSE=inverse, BLOCK_M=block_m, BLOCK_IN=dot_tile(n_in), BLOCK_H=block_h,
-                BLOCK_HK=min(block_h, max(16, _WEIGHT_TILE // block_h)), PRECISION=precision, APPROXIMATE=approximate,
+                BLOCK_HK=min(block_h, block_hk or max(16, _WEIGHT_TILE // block_h)), PRECISION=precision, APPROXIMATE=approximate,
                 num_stages=1)  # no software pipelining of the chunk loops: multi-buffered tiles overflow shared memory
 
 
 def affine_meta(n_in: int, n_hidden: int, n_changed: int, *, inverse: bool, block_m: int = 64,
-                precision: str = "ieee", approximate: bool = False) -> dict:
+                precision: str = "ieee", approximate: bool = False, block_hk: int | None = None) -> dict:
     """The affine kernel's meta-parameters (constexprs and launch options) for these layer sizes."""
     return {**_conditioner_meta(n_in, n_hidden, inverse=inverse, block_m=block_m, precision=precision,
-                               approximate=approximate),
+                               approximate=approximate, block_hk=block_hk),
             "BLOCK_OUT": dot_tile(n_changed)}
 
 
@@ -147,12 +151,12 @@ SPLINE_CHUNK_COLUMNS = 16
 
 def spline_meta(n_in: int, n_hidden: int, n_changed: int, num_bins: int, *, inverse: bool, block_m: int = 32,
                 precision: str = "ieee", approximate: bool = False,
-                chunk_columns: int | None = SPLINE_CHUNK_COLUMNS) -> dict:
+                chunk_columns: int | None = SPLINE_CHUNK_COLUMNS, block_hk: int | None = None) -> dict:
     """The spline kernel's meta-parameters: the (coordinate, bin) tile BLOCK_T × BLOCK_K (at least 16
     columns for tl.dot), taken T_CHUNK coordinates at a time: at most `chunk_columns` (coordinate, bin) columns
     per pass (None: as many as the weight-tile budget allows)."""
     meta = _conditioner_meta(n_in, n_hidden, inverse=inverse, block_m=block_m, precision=precision,
-                             approximate=approximate)
+                             approximate=approximate, block_hk=block_hk)
     block_t, block_k = next_power_of_2(n_changed), next_power_of_2(num_bins)
     if block_t * block_k < 16:
         block_k = 16 // block_t
@@ -317,5 +321,117 @@ def spline_coupling_triton(kept, context, changed, weights, *, num_bins: int, bo
         kept, context, changed, *(w.contiguous() for w in weights), out, ladj,
         n_rows, kept.shape[1], context.shape[1], n_hidden, n_changed, num_bins, *strides,
         float(bound), *constants, **meta, num_warps=num_warps,
+    )
+    return out, ladj
+
+
+# Launch defaults of the fused run, from sm_90 compiles (bench/sm90.py `compile_coupling_flow`, Triton 3.6; not yet
+# timed), width 128, 5 layers: 64 rows and 8 warps per program, first-layer units 32 at a time: no spills at 8-D
+# (affine 1,696 SASS instructions, spline 2,432) where the per-layer defaults (whole first layer, 4 warps) spilled
+# 976 B (affine, 4,440 instructions) and 0-552 B (spline, 4,880-5,752).
+FLOW_LAUNCH = {"block_m": 64, "block_hk": 32, "num_warps": 8}
+
+# Per step of a fused run of coupling layers, the int32 fields of its row in the steps table: where the kept and
+# changed coordinates start and how many there are, then the offsets of w1, b1, w2, b2, w3, b3 in the packed
+# parameters (`coupling_flow_triton`).
+STEP_FIELDS = 10
+
+
+@triton.jit
+def _coupling_flow_kernel(
+    # pointers
+    x_ptr, context_ptr, out_ptr, scratch_ptr, ladj_ptr, steps_ptr, column_maps_ptr, params_ptr,
+    # dimensions
+    n_rows, n_dim, n_context, n_hidden, n_steps, num_bins, stride_context,
+    # scalars: the affine layers' scale bound, the spline layers' bound and constants
+    scale_bound, bound, min_width, min_height, min_derivative, derivative_shift,
+    # meta-parameters
+    SPLINE: tl.constexpr, INVERSE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_IN: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_HK: tl.constexpr, BLOCK_OUT: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
+    T_CHUNK: tl.constexpr, PRECISION: tl.constexpr, APPROXIMATE: tl.constexpr, FIELDS: tl.constexpr,
+):
+    """Every step (coupling layer, then the permutation after it as a column map of its stores) on a block of rows:
+    step s reads the state written by step s-1 (x for the first) and writes the whole new state to the other of
+    out/scratch, so that the last step writes out; the log-determinants add up in registers."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < n_rows
+    cols_d = tl.arange(0, BLOCK_D)
+    ladj = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for s in range(n_steps):
+        step = steps_ptr + s * FIELDS
+        kept_0, n_kept, changed_0, n_changed = tl.load(step), tl.load(step + 1), tl.load(step + 2), tl.load(step + 3)
+        w1, b1, w2, b2 = params_ptr + tl.load(step + 4), params_ptr + tl.load(step + 5), params_ptr + tl.load(step + 6), params_ptr + tl.load(step + 7)
+        w3, b3 = params_ptr + tl.load(step + 8), params_ptr + tl.load(step + 9)
+        column_map = column_maps_ptr + s * n_dim
+        into_out = (n_steps - 1 - s) % 2 == 0
+        dst = out_ptr
+        src = scratch_ptr
+        if not into_out:
+            dst = scratch_ptr
+            src = out_ptr
+        if s == 0:
+            src = x_ptr
+        # the kept coordinates pass through (to their permuted columns)
+        kept = tl.load(src + rows[:, None] * n_dim + (kept_0 + cols_d)[None, :], mask=row_ok[:, None] & (cols_d[None, :] < n_kept),
+                       other=0.0)
+        _store_columns(dst, n_dim, column_map + kept_0, rows, row_ok, cols_d, n_kept, kept, True)
+        if SPLINE:
+            ladj += _spline_layer(src + kept_0, context_ptr, src + changed_0, w1, b1, w2, b2, w3, b3, dst,
+                                  column_map + changed_0, rows, row_ok, n_kept, n_context, n_hidden, n_changed, num_bins,
+                                  n_dim, stride_context, n_dim, n_dim, bound, min_width, min_height, min_derivative,
+                                  derivative_shift, INVERSE, True, BLOCK_M, BLOCK_IN, BLOCK_H, BLOCK_HK, BLOCK_T, BLOCK_K,
+                                  T_CHUNK, PRECISION, APPROXIMATE)
+        else:
+            ladj += _affine_layer(src + kept_0, context_ptr, src + changed_0, w1, b1, w2, b2, w3, b3, dst,
+                                  column_map + changed_0, rows, row_ok, n_kept, n_context, n_hidden, n_changed, n_dim,
+                                  stride_context, n_dim, n_dim, scale_bound, INVERSE, True, BLOCK_M, BLOCK_IN, BLOCK_H,
+                                  BLOCK_HK, BLOCK_OUT, PRECISION, APPROXIMATE)
+        tl.debug_barrier()  # this step's stores are visible to every thread of the program before the next reads
+    tl.store(ladj_ptr + rows, ladj, mask=row_ok)
+
+
+def coupling_flow_triton(x, context, params, steps, column_maps, *, n_hidden: int, max_inputs: int, max_changed: int,
+                         inverse: bool, scale_bound: float | None = None, num_bins: int | None = None,
+                         bound: float | None = None, constants: tuple[float, float, float, float] | None = None,
+                         precision: str = "ieee", approximate: bool | None = None,
+                         block_m: int = FLOW_LAUNCH["block_m"], block_hk: int | None = FLOW_LAUNCH["block_hk"],
+                         num_warps: int = FLOW_LAUNCH["num_warps"], chunk_columns: int | None = SPLINE_CHUNK_COLUMNS):
+    """Run S coupling layers of one kind (affine when `scale_bound` is given, else spline with `num_bins`, `bound`,
+    `constants` as `spline_coupling_triton`), each followed by a column permutation, in one launch.
+
+    Arguments:
+        x `(N, D)`: the input states, float32 with contiguous rows; context `(N, C)` or None (rows any stride
+            apart, e.g. 0 for one context shared by every row).
+        params: every layer's (w1, b1, w2, b2, w3, b3), flattened into one float32 tensor.
+        steps `(S, STEP_FIELDS)` int32: per step in execution order, (kept start, kept count, changed start,
+            changed count) in the state's columns and the offsets of the layer's weights in `params`.
+        column_maps `(S, D)` int32: where step s stores state column c (the permutation after the layer).
+        n_hidden: the conditioners' width; max_inputs, max_changed: the largest kept + context and changed
+            counts over the steps (they set the tiles).
+        inverse: apply each layer's inverse (the steps are already in execution order).
+        precision, approximate, chunk_columns: as the per-layer launchers; block_m, block_hk, num_warps: rows,
+            first-layer units per chunk and warps per program (`FLOW_LAUNCH`).
+    Returns:
+        the final states `(N, D)` and the summed log|det J| `(N,)`.
+    """
+    n_rows, n_dim = x.shape
+    spline = scale_bound is None
+    approximate = approximate_activations(precision, x.device, approximate)
+    if spline:
+        meta = spline_meta(max_inputs, n_hidden, max_changed, num_bins, inverse=inverse, block_m=block_m,
+                           precision=precision, approximate=approximate, chunk_columns=chunk_columns, block_hk=block_hk)
+        meta["BLOCK_OUT"] = 16  # unused by the spline layers
+    else:
+        meta = affine_meta(max_inputs, n_hidden, max_changed, inverse=inverse, block_m=block_m, precision=precision,
+                           approximate=approximate, block_hk=block_hk)
+        meta.update(BLOCK_T=1, BLOCK_K=16, T_CHUNK=1)  # unused by the affine layers
+    context = x.new_empty(0, 0) if context is None else row_major(context)
+    out, scratch, ladj = torch.empty_like(x), torch.empty_like(x) if steps.shape[0] > 1 else x, x.new_empty(n_rows)
+    spline_scalars = (float(bound), *constants) if spline else (0.0,) * 5
+    _coupling_flow_kernel[(cdiv(n_rows, meta["BLOCK_M"]),)](
+        x, context, out, scratch, ladj, steps, column_maps, params,
+        n_rows, n_dim, context.shape[1], n_hidden, steps.shape[0], num_bins or 0, context.stride(0) if context.numel() else 0,
+        0.0 if spline else float(scale_bound), *spline_scalars,
+        SPLINE=spline, BLOCK_D=next_power_of_2(n_dim), FIELDS=STEP_FIELDS, **meta, num_warps=num_warps,
     )
     return out, ladj

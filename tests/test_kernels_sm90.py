@@ -1,6 +1,6 @@
 """The Triton kernels compile for an H100 (sm_90) within its shared memory: the fused coupling kernels at the
 sizes the layers promise (conditioner width up to 256, data and context dims up to 64), the elementwise spline
-kernels (up to 128 bins), the elementwise affine kernels and the fused ODE integrator (width 64 and 256), with exact and approximate
+kernels (up to 128 bins), the elementwise affine kernels, the fused runs of coupling layers and the fused ODE integrator (width 64 and 256), with exact and approximate
 (`tanh.approx.f32`) activations. Compiling needs no GPU: Triton's bundled ptxas builds the cubin here; slow
 (seconds per kernel), so out of the default run. Each compile runs in a fresh interpreter without
 TRITON_INTERPRET (the test session runs Triton's interpreter) and prints its shared memory in bytes."""
@@ -42,6 +42,12 @@ def test_coupling_kernels_fit_an_h100(transform, hidden, dim, context, approxima
     assert _compiled_shared_memory(transform, hidden, dim, context, approximate) <= H100_SHARED_MEMORY
 
 
+@pytest.mark.parametrize("transform", ["affine_flow", "spline_flow"])
+@pytest.mark.parametrize("hidden, dim, context, approximate", [(128, 8, 0, 1), (256, 64, 64, 0)])
+def test_fused_coupling_runs_fit_an_h100(transform, hidden, dim, context, approximate):
+    assert _compiled_shared_memory(transform, hidden, dim, context, approximate) <= H100_SHARED_MEMORY
+
+
 @pytest.mark.parametrize("hidden, dim, context, approximate", [(64, 2, 0, 1), (256, 10, 4, 1), (64, 2, 3, 0)])
 def test_ode_kernel_fits_an_h100(hidden, dim, context, approximate):
     assert _compiled_shared_memory("ode", hidden, dim, context, approximate) <= H100_SHARED_MEMORY
@@ -61,12 +67,14 @@ def _sm90():
 def _shared_memory(kernel: str, size: int, dim: int, context: int, approximate: int) -> int:
     """Bytes of shared memory of the sm_90 build of `kernel` ("rq_forward" / "rq_backward": the elementwise
     spline kernels with `size` bins, inverse when `dim`; "affine" / "spline": the coupling kernels with
-    conditioner width `size`; "ode": the RK4 integrator of a 3-layer field of width `size`)."""
+    conditioner width `size`; "affine_flow" / "spline_flow": their fused runs; "ode": the RK4 integrator of a 3-layer field of width `size`)."""
     from fastflow.kernels import affine, coupling, spline
 
     sm90 = _sm90()
     _compile = sm90.compile_for_h100
-    if kernel.startswith("affine_"):  # the elementwise affine kernels on `dim` changed coordinates
+    if kernel.endswith("_flow"):  # a fused run of coupling layers
+        compiled = sm90.compile_coupling_flow(kernel.removesuffix("_flow"), size, dim, context, approximate=bool(approximate))
+    elif kernel.startswith("affine_"):  # the elementwise affine kernels on `dim` changed coordinates
         meta = {"INVERSE": True, **affine._launch_meta(dim), "num_stages": 1}
         if kernel == "affine_forward":
             compiled = _compile(affine._affine_forward_kernel, ["raw_ptr", "x_ptr", "out_ptr", "ladj_ptr"],
@@ -87,6 +95,7 @@ def _shared_memory(kernel: str, size: int, dim: int, context: int, approximate: 
                                 ["n", "num_bins"], floats, meta)
     elif kernel == "ode":
         compiled = sm90.compile_ode(size, dim, context, approximate=bool(approximate))
+
     else:
         kept, changed = dim // 2, dim - dim // 2
         pointers = ["kept_ptr", "context_ptr", "changed_ptr", "w1_ptr", "b1_ptr", "w2_ptr", "b2_ptr", "w3_ptr", "b3_ptr",

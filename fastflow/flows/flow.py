@@ -6,6 +6,7 @@ import torch
 import torch.nn as nn
 
 from fastflow.flows.transforms import Transform
+from fastflow.ops.coupling_flow import chain_transforms
 
 __all__ = ["Flow"]
 
@@ -31,6 +32,16 @@ class Flow(nn.Module):
         self.dim = base.dim
         self.context_dim = context_dim
         self.embedding = embedding if embedding is not None else nn.Identity()
+        self._chains: dict[bool, tuple] = {}
+
+    def _chain(self, inverse: bool) -> list:
+        """The transforms in execution order as steps `(x, context) -> (x, log|det J|)`, runs of coupling layers
+        fused into one launch where they can be (`fastflow.ops.coupling_flow`); rebuilt when `transforms` changes."""
+        key = tuple(map(id, self.transforms))
+        cached = self._chains.get(inverse)
+        if cached is None or cached[0] != key:
+            cached = self._chains[inverse] = (key, chain_transforms(list(self.transforms), inverse))
+        return cached[1]
 
     # -- input handling -------------------------------------------------------------------------
     def _embed(self, context: torch.Tensor | None) -> torch.Tensor | None:
@@ -68,8 +79,8 @@ class Flow(nn.Module):
                 ) from None
             embedded = embedded.reshape(x.shape[0], -1)
         total = x.new_zeros(x.shape[0])
-        for transform in self.transforms:
-            x, ladj = transform(x, embedded)
+        for step in self._chain(inverse=False):
+            x, ladj = step(x, embedded)
             total = total + ladj
         return (self.base.log_prob(x) + total).reshape(batch_shape)
 
@@ -86,8 +97,8 @@ class Flow(nn.Module):
         log_q = self.base.log_prob(z)
         if embedded is not None:
             embedded = embedded.unsqueeze(0).expand(n, -1, -1).reshape(n * contexts, -1)
-        for transform in reversed(self.transforms):
-            z, ladj = transform.inverse(z, embedded)
+        for step in self._chain(inverse=True):
+            z, ladj = step(z, embedded)
             log_q = log_q - ladj
         if context is not None and context.dim() == 2:
             return z.reshape(n, contexts, self.dim), log_q.reshape(n, contexts)

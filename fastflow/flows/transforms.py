@@ -87,6 +87,10 @@ class _Permutation(Transform):
     def inverse(self, z, context=None):
         return z.index_select(1, self.inverse_permutation), z.new_zeros(z.shape[0])
 
+    def column_map(self, inverse: bool = False) -> torch.Tensor:
+        """`(dim,)`: the output column of each input column (where a fused kernel stores column c)."""
+        return self.permutation if inverse else self.inverse_permutation
+
 
 class ReversePermutation(_Permutation):
     """Reverses the coordinate order."""

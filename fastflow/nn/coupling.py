@@ -8,7 +8,7 @@ import torch.nn as nn
 
 from fastflow.flows.transforms import Transform
 from fastflow.ops.coupling import affine_coupling, spline_coupling
-from fastflow.ops.spline import spline_param_count
+from fastflow.ops.spline import SPLINE_CONSTANTS, spline_param_count
 
 __all__ = ["MLP", "AffineCoupling", "SplineCoupling"]
 
@@ -74,6 +74,25 @@ class _Coupling(Transform):
     def _transform(self, x, context, inverse):
         raise NotImplementedError
 
+    # -- fused runs of layers (`fastflow.ops.coupling_flow`) -----------------------------------------------
+    def fused_options(self) -> dict:
+        """This layer's transform options as `kernels.coupling.coupling_flow_triton` takes them."""
+        raise NotImplementedError
+
+    def fused_signature(self) -> tuple | None:
+        """What must be equal across the layers of one fused run (None: this layer cannot join one: the
+        kernel takes conditioners with two hidden layers)."""
+        if len(self.conditioner) != 5:
+            return None
+        return (type(self).__name__, self.dim, self.context_dim, self.conditioner[0].out_features, self.backend,
+                *sorted(self.fused_options().items()))
+
+    def fused_layout(self) -> tuple[int, int, int, int]:
+        """(first kept column, kept count, first changed column, changed count) of the layer's input."""
+        if self.flip:
+            return self.transformed_count, self.identity_count, 0, self.transformed_count
+        return 0, self.identity_count, self.identity_count, self.transformed_count
+
     def forward(self, x, context=None):
         return self._transform(x, context, inverse=False)
 
@@ -108,6 +127,9 @@ class AffineCoupling(_Coupling):
         )
         return self._merge(kept, changed), ladj
 
+    def fused_options(self) -> dict:
+        return {"scale_bound": float(self.scale_bound)}
+
 
 class SplineCoupling(_Coupling):
     """Neural spline coupling: a rational-quadratic spline with `num_bins` bins on [-bound, bound],
@@ -133,3 +155,6 @@ class SplineCoupling(_Coupling):
             num_bins=self.num_bins, bound=self.bound, inverse=inverse, backend=self.backend,
         )
         return self._merge(kept, changed), ladj
+
+    def fused_options(self) -> dict:
+        return {"num_bins": self.num_bins, "bound": float(self.bound), "constants": SPLINE_CONSTANTS}

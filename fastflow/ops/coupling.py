@@ -161,10 +161,13 @@ def _spline_coupling_blocked(kept, context, changed, weights, *, num_bins: int, 
 
 
 def _check(kept, context, changed, weights) -> tuple[bool, list[torch.Tensor]]:
+    """Whether the fused Triton kernels can take these tensors (float32 on a Triton device, conditioners of two
+    hidden layers: `weights` holds one or more layers' six tensors), and the tensors; mixed devices raise."""
     tensors = [kept, changed, *weights] + ([] if context is None else [context])
     if len({t.device for t in tensors}) != 1:
         raise ValueError("coupling: inputs and weights must be on one device")
-    fusable = triton_device(kept.device) and len(weights) == 6 and all(t.dtype == torch.float32 for t in tensors)
+    fusable = (triton_device(kept.device) and len(weights) % 6 == 0 and len(weights) > 0
+               and all(t.dtype == torch.float32 for t in tensors))
     return fusable, tensors
 
 
@@ -184,6 +187,15 @@ def _recording(tensors: list[torch.Tensor]) -> bool:
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
+def dispatch(kept, context, changed, weights, backend: str | None, precision: str | None) -> tuple[str, bool, str]:
+    """(backend chosen, whether autograd records through these tensors, the products' precision) for a coupling
+    layer, or for a run of layers with `weights` holding each one's six tensors (`fastflow.ops.coupling_flow`)."""
+    fusable, tensors = _check(kept, context, changed, weights)
+    precision = triton_precision(precision, kept.device)
+    chosen = resolve_backend(backend, kept.device, supports=_supported(kept, tensors, fusable, backend, precision))
+    return chosen, _recording(tensors), precision
+
+
 def affine_coupling(kept, context, changed, weights, *, scale_bound: float, inverse: bool, backend: str | None = None,
                     precision: str | None = None):
     """`affine_coupling_ref` through the backend chosen by `fastflow.backends.resolve_backend`.
@@ -197,18 +209,16 @@ def affine_coupling(kept, context, changed, weights, *, scale_bound: float, inve
     layer by blocks of rows (`_affine_coupling_blocked`); other inputs run the reference (forcing a backend
     that cannot run them raises).
     """
-    fusable, tensors = _check(kept, context, changed, weights)
-    precision = triton_precision(precision, kept.device)
-    chosen = resolve_backend(backend, kept.device, supports=_supported(kept, tensors, fusable, backend, precision))
+    chosen, recording, precision = dispatch(kept, context, changed, weights, backend, precision)
     reference = partial(affine_coupling_ref, scale_bound=scale_bound, inverse=inverse)
-    if chosen == "triton" and not _recording(tensors):
+    if chosen == "triton" and not recording:
         from fastflow.kernels.coupling import affine_coupling_triton
 
         return affine_coupling_triton(kept, context, changed, weights, scale_bound=scale_bound, inverse=inverse,
                                       precision=precision)
     if chosen == "triton":
         return reference(kept, context, changed, weights, transform=_affine_transform_triton)
-    if chosen == "native" and not _recording(tensors):
+    if chosen == "native" and not recording:
         return _affine_coupling_blocked(kept, context, changed, weights, scale_bound=scale_bound, inverse=inverse)
     if chosen == "native":
         return reference(kept, context, changed, weights, conditioner=conditioner_native)
@@ -222,18 +232,16 @@ def spline_coupling(kept, context, changed, weights, *, num_bins: int, bound: fl
     torch and the spline as the Triton spline op (`rq_spline`, with its backward kernel); `native` runs the
     spline and the hidden layers' bias + SiLU natively (`conditioner_native`), and without autograd the whole
     layer by blocks of rows (`_spline_coupling_blocked`)."""
-    fusable, tensors = _check(kept, context, changed, weights)
-    precision = triton_precision(precision, kept.device)
-    chosen = resolve_backend(backend, kept.device, supports=_supported(kept, tensors, fusable, backend, precision))
+    chosen, recording, precision = dispatch(kept, context, changed, weights, backend, precision)
     reference = partial(spline_coupling_ref, num_bins=num_bins, bound=bound, inverse=inverse)
-    if chosen == "triton" and not _recording(tensors):
+    if chosen == "triton" and not recording:
         from fastflow.kernels.coupling import spline_coupling_triton
 
         return spline_coupling_triton(kept, context, changed, weights, num_bins=num_bins, bound=bound, inverse=inverse,
                                       constants=SPLINE_CONSTANTS, precision=precision)
     if chosen == "triton":
         return reference(kept, context, changed, weights, spline_backend="triton")
-    if chosen == "native" and not _recording(tensors):
+    if chosen == "native" and not recording:
         return _spline_coupling_blocked(kept, context, changed, weights, num_bins=num_bins, bound=bound, inverse=inverse)
     if chosen == "native":
         return reference(kept, context, changed, weights, spline_backend="native", conditioner=conditioner_native)

@@ -126,8 +126,9 @@ def test_unknown_precision_raises():
 @pytest.mark.gpu
 @pytest.mark.parametrize("transform, dim", [("spline", 8), ("spline", 32), ("affine", 8)])
 def test_gpu_flow_at_benchmark_size_matches_reference(transform, dim):
-    """The benchmark's flow (65,536 rows, 5 layers, width 128, 8 bins) compiled on CUDA: log_prob and
-    parameter gradients of the Triton flow against the reference flow with the same state_dict. fp32
+    """The benchmark's flow (65,536 rows, 5 layers, width 128, 8 bins) compiled on CUDA: log_prob (layer by layer
+    under autograd, one fused run without), draws and parameter gradients of the Triton flow against the
+    reference flow with the same state_dict. fp32
     products: log_prob to atol 1e-3 + rtol 1e-4 (5 layers of ~1e-5 relative differences), each parameter's
     gradient within 1e-3 relative (norm; the spline's backward kernel is analytic, the reference autograd).
     TF32 products (torch's allow_tf32 flag): log_prob to atol = rtol = 2e-2."""
@@ -141,6 +142,12 @@ def test_gpu_flow_at_benchmark_size_matches_reference(transform, dim):
     x = torch.randn(65_536, dim, device=DEVICE)
     log_prob, log_prob_ref = fused.log_prob(x), reference.log_prob(x)
     torch.testing.assert_close(log_prob, log_prob_ref, atol=1e-3, rtol=1e-4)
+    with torch.no_grad():  # the fused run of all layers (one launch), and sampling through it
+        torch.testing.assert_close(fused.log_prob(x), log_prob_ref, atol=1e-3, rtol=1e-4)
+        torch.manual_seed(3)
+        draws = fused.sample(65_536)
+        torch.manual_seed(3)
+        torch.testing.assert_close(draws, reference.sample(65_536), atol=1e-3, rtol=1e-4)
     log_prob.mean().backward()
     log_prob_ref.mean().backward()
     for (name, p), p_ref in zip(fused.named_parameters(), reference.parameters()):

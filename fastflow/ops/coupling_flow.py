@@ -1,0 +1,115 @@
+"""Runs of coupling layers as one fused launch: consecutive coupling layers of one kind and size in a flow's
+execution order, each optionally followed by a fixed permutation, go through `kernels.coupling.coupling_flow_triton`
+in one Triton launch (the permutations become column maps of the kernel's stores), where a layer alone would
+take the fused Triton kernel: same dispatch (`fastflow.ops.coupling.dispatch`), no autograd. Otherwise the run
+applies its transforms one by one, as the flow would.
+
+A layer joins a run through its `fused_signature()`, `fused_layout()`, `fused_options()` and `_weights()`
+(`fastflow.nn.coupling`); a permutation through `column_map(inverse)` (`fastflow.flows.transforms`).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from fastflow.ops.coupling import dispatch
+
+__all__ = ["CouplingRun", "chain_transforms"]
+
+Step = Callable[[torch.Tensor, "torch.Tensor | None"], "tuple[torch.Tensor, torch.Tensor]"]
+
+
+class CouplingRun:
+    """Coupling layers, each with the permutation that follows it (or None), in execution order.
+
+    Called as a transform, `(x (N, D), context (N, C) or None) -> (x (N, D), summed log|det J| (N,))`.
+    """
+
+    def __init__(self, steps: list[tuple[torch.nn.Module, torch.nn.Module | None]], inverse: bool):
+        self.steps, self.inverse = steps, inverse
+        self.couplings = [coupling for coupling, _ in steps]
+        first = self.couplings[0]
+        self.backend, self.options = first.backend, first.fused_options()
+        self.weights = [w for coupling in self.couplings for w in coupling._weights()]
+        self._packed: tuple | None = None  # (key, params, steps table, column maps)
+
+    def __call__(self, x: torch.Tensor, context: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        if x.shape[0] and x.dim() == 2:
+            kernel_context = self.couplings[0]._context(context)
+            chosen, recording, precision = dispatch(x, kernel_context, x, self.weights, self.backend, None)
+            if chosen == "triton" and not recording:
+                return self.fused(x, kernel_context, precision)
+        return self._one_by_one(x, context)
+
+    def _one_by_one(self, x, context):
+        total = x.new_zeros(x.shape[0])
+        for coupling, permutation in self.steps:
+            x, ladj = coupling.inverse(x, context) if self.inverse else coupling(x, context)
+            total = total + ladj
+            if permutation is not None:
+                x, _ = permutation.inverse(x, context) if self.inverse else permutation(x, context)
+        return x, total
+
+    def fused(self, x: torch.Tensor, context: torch.Tensor | None, precision: str, **launch) -> tuple[torch.Tensor, torch.Tensor]:
+        """The run as one launch of `kernels.coupling.coupling_flow_triton` (float32 on a Triton device, no autograd:
+        the caller checks), its products in `precision`, with `launch` settings (block_m, block_hk, num_warps)."""
+        from fastflow.kernels.coupling import coupling_flow_triton
+
+        params, steps, column_maps = self._pack(x.device)
+        layouts = [coupling.fused_layout() for coupling in self.couplings]
+        n_context = 0 if context is None else context.shape[1]
+        return coupling_flow_triton(
+            x.contiguous(), context, params, steps, column_maps, n_hidden=self.weights[0].shape[0],
+            max_inputs=max(kept for _, kept, _, _ in layouts) + n_context, max_changed=max(changed for *_, changed in layouts),
+            inverse=self.inverse, precision=precision, **self.options, **launch)
+
+    def _pack(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The kernel's float32 parameters, steps table and column maps, rebuilt when a weight or permutation
+        changed (storage or in-place version)."""
+        maps = [permutation.column_map(self.inverse) if permutation is not None else None for _, permutation in self.steps]
+        key = tuple((t.data_ptr(), t._version) for t in (*self.weights, *(m for m in maps if m is not None)))
+        if self._packed is None or self._packed[0] != key:
+            flat = [w.detach().reshape(-1) for w in self.weights]
+            offsets = torch.tensor([0] + [w.numel() for w in flat]).cumsum(0)[:-1].view(len(self.steps), 6)
+            layouts = torch.tensor([coupling.fused_layout() for coupling in self.couplings])
+            steps = torch.cat([layouts, offsets], dim=1)  # STEP_FIELDS columns
+            dim = self.couplings[0].dim
+            identity = torch.arange(dim, device=device)
+            column_maps = torch.stack([identity if m is None else m.to(device) for m in maps])
+            self._packed = (key, torch.cat(flat).float(), steps.to(device=device, dtype=torch.int32),
+                            column_maps.to(torch.int32))
+        return self._packed[1:]
+
+
+def chain_transforms(transforms: list[torch.nn.Module], inverse: bool) -> list[Step]:
+    """The flow's transforms in execution order (`transforms` as given, data → latent; reversed when `inverse`)
+    as steps `(x, context) -> (x, log|det J|)`: each run of coupling layers with equal `fused_signature()`, a
+    fixed permutation allowed after each, as one `CouplingRun`; every other transform as itself."""
+    order = list(reversed(transforms)) if inverse else list(transforms)
+    chain: list[Step] = []
+    run: list[tuple[torch.nn.Module, torch.nn.Module | None]] = []
+    signature = None
+
+    def close_run():
+        if run:
+            chain.append(CouplingRun(list(run), inverse))
+            run.clear()
+
+    for transform in order:
+        fusable = getattr(transform, "fused_signature", None)
+        key = fusable() if fusable is not None else None
+        if key is not None:
+            if key != signature:
+                close_run()
+            run.append((transform, None))
+            signature = key
+        elif run and hasattr(transform, "column_map") and run[-1][1] is None:
+            run[-1] = (run[-1][0], transform)
+        else:
+            close_run()
+            signature = None
+            chain.append(transform.inverse if inverse else transform)
+    close_run()
+    return chain

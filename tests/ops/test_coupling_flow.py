@@ -1,0 +1,159 @@
+"""Fused runs of coupling layers (`fastflow.ops.coupling_flow`, `kernels.coupling.coupling_flow_triton`): a flow
+on the Triton backend runs its consecutive coupling layers and the permutations between them in one launch
+without autograd, and one layer at a time otherwise; against the reference flow with the same state_dict.
+Compiled on CUDA when a GPU is visible, else under TRITON_INTERPRET=1 (tests/conftest.py).
+
+Tolerances: fp32 products, summed in another order than torch.mm, then up to 3 layers of exp(±3) scales:
+2e-4 relative (the values reach ~1e3).
+"""
+
+import pytest
+import torch
+
+from fastflow.backends import backends
+from fastflow.flows import Flow, FlowConfig
+from fastflow.flows.bases import StandardNormal
+from fastflow.flows.transforms import LULinear, ReversePermutation, Standardize
+from fastflow.nn import AffineCoupling, CouplingFlow, SplineCoupling
+from fastflow.ops.coupling_flow import CouplingRun
+
+pytestmark = [
+    pytest.mark.triton,
+    pytest.mark.skipif(not backends()["triton"].available, reason=backends()["triton"].reason),
+]
+ATOL, RTOL = 2e-4, 2e-4
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _pair(make):
+    """(reference, triton) copies of the flow `make(backend)`, its parameters moved off their initial values
+    (the last conditioner layers start at zero: identity layers would hide errors)."""
+    reference = make("reference").to(DEVICE)
+    with torch.no_grad():
+        for p in reference.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+    fused = make("triton").to(DEVICE)
+    fused.load_state_dict(reference.state_dict())
+    return reference, fused
+
+
+def _coupling_flow(transform, dim, context, permutation, layers=3):
+    config = FlowConfig(transform=transform, num_layers=layers, hidden=32, num_bins=6, permutation=permutation)
+    return lambda backend: CouplingFlow(dim, context, config=config, backend=backend)
+
+
+FLOWS = [("affine", 5, 3, "reverse"), ("affine", 4, 0, "random"), ("affine", 3, 2, "lu"),
+         ("spline", 5, 3, "random"), ("spline", 3, 0, "reverse"), ("spline", 2, 2, "lu"), ("spline", 1, 0, "reverse")]
+
+
+def _kernel_launches(monkeypatch) -> dict:
+    """Counts launches of the Triton coupling kernels by name from now on (the launches still run)."""
+    from fastflow.kernels import coupling
+
+    counts = {}
+
+    class Counting:
+        def __init__(self, name, kernel):
+            self.name, self.kernel = name, kernel
+
+        def __getitem__(self, grid):
+            counts[self.name] = counts.get(self.name, 0) + 1
+            return self.kernel[grid]
+
+    for name in ("_coupling_flow_kernel", "_affine_coupling_kernel", "_spline_coupling_kernel"):
+        monkeypatch.setattr(coupling, name, Counting(name, getattr(coupling, name)))
+    return counts
+
+
+@pytest.mark.parametrize("transform, dim, context, permutation", FLOWS)
+def test_fused_flow_matches_the_reference_in_one_launch_per_run(transform, dim, context, permutation, monkeypatch):
+    reference, fused = _pair(_coupling_flow(transform, dim, context, permutation))
+    x = 2.0 * torch.randn(70, dim, device=DEVICE)  # 70 rows: not a multiple of the row block; some in the tails
+    contexts = torch.randn(70, context, device=DEVICE) if context else None
+    shared = torch.randn(context, device=DEVICE) if context else None
+    batch = torch.randn(3, context, device=DEVICE) if context else None
+    launches = _kernel_launches(monkeypatch)
+    with torch.no_grad():
+        torch.testing.assert_close(fused.log_prob(x, contexts), reference.log_prob(x, contexts), atol=ATOL, rtol=RTOL)
+        if context:
+            torch.testing.assert_close(fused.log_prob(x, shared), reference.log_prob(x, shared), atol=ATOL, rtol=RTOL)
+    runs = 1 if permutation != "lu" else 3  # LU layers between the coupling layers split the runs
+    assert launches == {"_coupling_flow_kernel": runs * (2 if context else 1)}
+    for condition in ((shared, batch) if context else (None,)):
+        torch.manual_seed(1)
+        draws, log_q = fused.sample_and_log_prob(50, condition)
+        torch.manual_seed(1)
+        draws_ref, log_q_ref = reference.sample_and_log_prob(50, condition)
+        torch.testing.assert_close(draws, draws_ref, atol=ATOL, rtol=RTOL)
+        torch.testing.assert_close(log_q, log_q_ref, atol=ATOL, rtol=RTOL)
+
+
+def test_runs_take_the_couplings_and_the_permutation_after_each():
+    dim = 4
+    couplings = [AffineCoupling(dim, hidden=16, backend="triton"), AffineCoupling(dim, hidden=16, backend="triton"),
+                 SplineCoupling(dim, hidden=16, backend="triton"), AffineCoupling(dim, hidden=16, backend="triton")]
+    permutations = [ReversePermutation(dim) for _ in range(3)]
+    standardize, lu = Standardize(torch.zeros(dim), torch.ones(dim)), LULinear(dim)
+    flow = Flow([standardize, couplings[0], permutations[0], couplings[1], permutations[1], couplings[2], lu,
+                 permutations[2], couplings[3]], StandardNormal(dim))
+    forward = flow._chain(inverse=False)
+    assert forward[0] is standardize and forward[3] is lu and forward[4] is permutations[2]
+    assert [type(step) for step in forward] == [Standardize, CouplingRun, CouplingRun, LULinear, ReversePermutation, CouplingRun]
+    assert forward[1].steps == [(couplings[0], permutations[0]), (couplings[1], permutations[1])]  # one kind per run
+    assert forward[2].steps == [(couplings[2], None)]
+    backward = flow._chain(inverse=True)
+    assert backward[0].steps == [(couplings[3], permutations[2])] and backward[0].inverse
+    assert backward[1] == lu.inverse and backward[-1] == standardize.inverse
+    assert backward[3].steps == [(couplings[1], permutations[0]), (couplings[0], None)]
+
+
+def test_mixed_flow_with_preprocessing_matches_the_reference():
+    def make(backend):
+        dim = 3
+        transforms = [Standardize(torch.tensor([0.5, -1.0, 2.0]), torch.tensor([2.0, 0.5, 1.0])),
+                      SplineCoupling(dim, 2, hidden=16, num_bins=4, backend=backend), ReversePermutation(dim),
+                      AffineCoupling(dim, 2, hidden=16, flip=True, backend=backend), ReversePermutation(dim),
+                      AffineCoupling(dim, 2, hidden=16, backend=backend)]
+        return Flow(transforms, StandardNormal(dim), context_dim=2)
+
+    reference, fused = _pair(make)
+    x, context = torch.randn(40, 3, device=DEVICE), torch.randn(40, 2, device=DEVICE)
+    with torch.no_grad():
+        torch.testing.assert_close(fused.log_prob(x, context), reference.log_prob(x, context), atol=ATOL, rtol=RTOL)
+        torch.manual_seed(2)
+        draws = fused.sample(30, context[0])
+        torch.manual_seed(2)
+        torch.testing.assert_close(draws, reference.sample(30, context[0]), atol=ATOL, rtol=RTOL)
+
+
+def test_under_autograd_the_layers_run_one_at_a_time_with_gradients(monkeypatch):
+    reference, fused = _pair(_coupling_flow("spline", 4, 2, "reverse"))
+    x, context = torch.randn(33, 4, device=DEVICE), torch.randn(33, 2, device=DEVICE)
+    launches = _kernel_launches(monkeypatch)
+    fused.log_prob(x, context).sum().backward()
+    reference.log_prob(x, context).sum().backward()
+    assert "_coupling_flow_kernel" not in launches
+    for p, p_ref in zip(fused.parameters(), reference.parameters()):
+        torch.testing.assert_close(p.grad, p_ref.grad, atol=1e-3, rtol=1e-3)
+
+
+def test_packed_weights_follow_parameter_updates():
+    """The run packs the weights once; an in-place update (an optimizer step) or a new state_dict repacks them."""
+    reference, fused = _pair(_coupling_flow("affine", 4, 0, "reverse"))
+    x = torch.randn(20, 4, device=DEVICE)
+    with torch.no_grad():
+        before = fused.log_prob(x)
+        for flow in (reference, fused):
+            for p in flow.parameters():
+                p.mul_(0.5)
+        torch.testing.assert_close(fused.log_prob(x), reference.log_prob(x), atol=ATOL, rtol=RTOL)
+        assert not torch.allclose(before, fused.log_prob(x))
+        fresh = CouplingFlow(4, config=FlowConfig(transform="affine", num_layers=3, hidden=32)).to(DEVICE)
+        fused.load_state_dict(fresh.state_dict())
+        torch.testing.assert_close(fused.log_prob(x), fresh.log_prob(x), atol=ATOL, rtol=RTOL)
+
+
+def test_forced_triton_on_unsupported_inputs_names_the_fallback():
+    _, fused = _pair(_coupling_flow("affine", 4, 0, "reverse"))
+    with torch.no_grad(), pytest.raises(RuntimeError, match="does not implement"):
+        fused.double().log_prob(torch.randn(5, 4, device=DEVICE, dtype=torch.float64))
