@@ -107,7 +107,7 @@ def _affine_coupling_kernel(
     INVERSE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_IN: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HK: tl.constexpr,
     BLOCK_OUT: tl.constexpr, PRECISION: tl.constexpr, APPROXIMATE: tl.constexpr,
 ):
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)  # int64: N·D may pass 2^31
     row_ok = rows < n_rows
     ladj = _affine_layer(kept_ptr, context_ptr, changed_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, w3_ptr, b3_ptr, out_ptr,
                          out_ptr, rows, row_ok, n_kept, n_context, n_hidden, n_changed, stride_kept, stride_context,
@@ -279,7 +279,7 @@ def _spline_coupling_kernel(
     BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, T_CHUNK: tl.constexpr, PRECISION: tl.constexpr,
     APPROXIMATE: tl.constexpr,
 ):
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)  # int64: N·D may pass 2^31
     row_ok = rows < n_rows
     ladj = _spline_layer(kept_ptr, context_ptr, changed_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, w3_ptr, b3_ptr, out_ptr,
                          out_ptr, rows, row_ok, n_kept, n_context, n_hidden, n_changed, num_bins, stride_kept,
@@ -353,7 +353,7 @@ def _coupling_flow_kernel(
     """Every step (coupling layer, then the permutation after it as a column map of its stores) on a block of rows:
     step s reads the state written by step s-1 (x for the first) and writes the whole new state to the other of
     out/scratch, so that the last step writes out; the log-determinants add up in registers."""
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)  # int64: N·D may pass 2^31
     row_ok = rows < n_rows
     cols_d = tl.arange(0, BLOCK_D)
     ladj = tl.zeros((BLOCK_M,), dtype=tl.float32)
