@@ -10,7 +10,6 @@ import os
 import time
 
 import numpy as np
-import pytest
 import torch
 
 from fastflow import set_num_threads

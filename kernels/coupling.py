@@ -11,6 +11,7 @@ import triton.language as tl
 
 from fastflow.kernels import cdiv, dot_tile, next_power_of_2, row_major
 from fastflow.kernels.activations import SILU, TANH, activate, approximate_activations
+from fastflow.kernels.affine import affine_map, affine_parameters, copy_columns, store_columns
 from fastflow.kernels.spline import _rq_locate, _rq_value, _spline_knots
 
 __all__ = ["FLOW_LAUNCH", "STEP_FIELDS", "affine_coupling_triton", "affine_meta", "coupling_flow_triton", "spline_coupling_triton", "spline_meta"]
@@ -48,50 +49,24 @@ def _conditioner_hidden(kept_ptr, context_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, r
 
 
 @triton.jit
-def _store_columns(dst_ptr, stride_dst, column_map_ptr, rows, row_ok, cols, n_cols, values, SCATTER: tl.constexpr):
-    """Store values `(BLOCK_M, len(cols))` (columns `cols < n_cols`) into dst's rows (`stride_dst` elements
-    apart) at columns `cols`, or at `column_map[cols]` when SCATTER (a permutation fused into the store)."""
-    ok = row_ok[:, None] & (cols[None, :] < n_cols)
-    if SCATTER:
-        cols = tl.load(column_map_ptr + cols, mask=cols < n_cols, other=0)
-    tl.store(dst_ptr + rows[:, None] * stride_dst + cols[None, :], values, mask=ok)
-
-
-@triton.jit
 def _affine_layer(kept_ptr, context_ptr, changed_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, w3_ptr, b3_ptr, dst_ptr,
                   column_map_ptr, rows, row_ok, n_kept, n_context, n_hidden, n_changed, stride_kept, stride_context,
                   stride_changed, stride_dst, scale_bound, INVERSE: tl.constexpr, SCATTER: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_IN: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HK: tl.constexpr,
                   BLOCK_OUT: tl.constexpr, PRECISION: tl.constexpr, APPROXIMATE: tl.constexpr):
-    """One affine coupling layer on a block of rows: stores the changed coordinates' images (`_store_columns`)
+    """One affine coupling layer on a block of rows: stores the changed coordinates' images (`store_columns`)
     and returns log|det J| `(BLOCK_M,)`."""
-    cols_h = tl.arange(0, BLOCK_H)
     cols_out = tl.arange(0, BLOCK_OUT)
     h = _conditioner_hidden(kept_ptr, context_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, rows, row_ok, n_kept, n_context,
                             n_hidden, stride_kept, stride_context, BLOCK_M, BLOCK_IN, BLOCK_H, BLOCK_HK, PRECISION,
                             APPROXIMATE)
 
-    # transform parameters for the changed coordinates, (BLOCK_M, BLOCK_OUT): w3's rows 2t (raw log-scale)
-    # and 2t + 1 (shift) of coordinate t
-    out_ok = cols_out < n_changed
-    w_mask = (cols_h[:, None] < n_hidden) & out_ok[None, :]
-    w_scale = tl.load(w3_ptr + (2 * cols_out)[None, :] * n_hidden + cols_h[:, None], mask=w_mask, other=0.0)
-    w_shift = tl.load(w3_ptr + (2 * cols_out + 1)[None, :] * n_hidden + cols_h[:, None], mask=w_mask, other=0.0)
-    b_scale = tl.load(b3_ptr + 2 * cols_out, mask=out_ok, other=0.0)
-    b_shift = tl.load(b3_ptr + 2 * cols_out + 1, mask=out_ok, other=0.0)
-    raw_scale = tl.dot(h, w_scale, input_precision=PRECISION) + b_scale[None, :]
-    shift = tl.dot(h, w_shift, input_precision=PRECISION) + b_shift[None, :]
-    log_scale = scale_bound * activate(raw_scale / scale_bound, TANH, APPROXIMATE)
-
-    changed_mask = row_ok[:, None] & out_ok[None, :]
+    raw_scale, shift, _, _ = affine_parameters(h, w3_ptr, b3_ptr, n_hidden, n_changed, BLOCK_H, BLOCK_OUT, PRECISION)
+    changed_mask = row_ok[:, None] & (cols_out[None, :] < n_changed)
     changed = tl.load(changed_ptr + rows[:, None] * stride_changed + cols_out[None, :], mask=changed_mask, other=0.0)
-    if INVERSE:
-        out = (changed - shift) * tl.exp(-log_scale)
-        ladj = -tl.sum(tl.where(changed_mask, log_scale, 0.0), axis=1)
-    else:
-        out = changed * tl.exp(log_scale) + shift
-        ladj = tl.sum(tl.where(changed_mask, log_scale, 0.0), axis=1)
-    _store_columns(dst_ptr, stride_dst, column_map_ptr, rows, row_ok, cols_out, n_changed, out, SCATTER)
+    log_scale = scale_bound * activate(raw_scale / scale_bound, TANH, APPROXIMATE)
+    out, ladj = affine_map(changed, shift, log_scale, changed_mask, INVERSE)
+    store_columns(dst_ptr, stride_dst, column_map_ptr, rows, row_ok, cols_out, n_changed, out, SCATTER)
     return ladj
 
 
@@ -221,7 +196,7 @@ def _spline_layer(kept_ptr, context_ptr, changed_ptr, w1_ptr, b1_ptr, w2_ptr, b2
                   derivative_shift, INVERSE: tl.constexpr, SCATTER: tl.constexpr, BLOCK_M: tl.constexpr,
                   BLOCK_IN: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HK: tl.constexpr, BLOCK_T: tl.constexpr,
                   BLOCK_K: tl.constexpr, T_CHUNK: tl.constexpr, PRECISION: tl.constexpr, APPROXIMATE: tl.constexpr):
-    """One spline coupling layer on a block of rows: stores the changed coordinates' images (`_store_columns`)
+    """One spline coupling layer on a block of rows: stores the changed coordinates' images (`store_columns`)
     and returns log|det J| `(BLOCK_M,)`."""
     cols_h = tl.arange(0, BLOCK_H)
     h = _conditioner_hidden(kept_ptr, context_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, rows, row_ok, n_kept, n_context,
@@ -262,7 +237,7 @@ def _spline_layer(kept_ptr, context_ptr, changed_ptr, w1_ptr, b1_ptr, w2_ptr, b2
         result, logabsdet = _rq_value(t, x_k, w_k, y_k, h_k, d_k, d_k1, INVERSE)
         result = tl.where(inside, result, value)
         ladj += tl.sum(tl.where(inside & changed_mask, logabsdet, 0.0), axis=1)
-        _store_columns(dst_ptr, stride_dst, column_map_ptr, rows, row_ok, cols_t, n_changed, result, SCATTER)
+        store_columns(dst_ptr, stride_dst, column_map_ptr, rows, row_ok, cols_t, n_changed, result, SCATTER)
     return ladj
 
 
@@ -355,7 +330,6 @@ def _coupling_flow_kernel(
     out/scratch, so that the last step writes out; the log-determinants add up in registers."""
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)  # int64: N·D may pass 2^31
     row_ok = rows < n_rows
-    cols_d = tl.arange(0, BLOCK_D)
     ladj = tl.zeros((BLOCK_M,), dtype=tl.float32)
     for s in range(n_steps):
         step = steps_ptr + s * FIELDS
@@ -372,9 +346,7 @@ def _coupling_flow_kernel(
         if s == 0:
             src = x_ptr
         # the kept coordinates pass through (to their permuted columns)
-        kept = tl.load(src + rows[:, None] * n_dim + (kept_0 + cols_d)[None, :], mask=row_ok[:, None] & (cols_d[None, :] < n_kept),
-                       other=0.0)
-        _store_columns(dst, n_dim, column_map + kept_0, rows, row_ok, cols_d, n_kept, kept, True)
+        copy_columns(src + kept_0, n_dim, dst, n_dim, column_map + kept_0, rows, row_ok, n_kept, BLOCK_D)
         if SPLINE:
             ladj += _spline_layer(src + kept_0, context_ptr, src + changed_0, w1, b1, w2, b2, w3, b3, dst,
                                   column_map + changed_0, rows, row_ok, n_kept, n_context, n_hidden, n_changed, num_bins,

@@ -1,8 +1,9 @@
 """Runs of coupling layers as one fused launch: consecutive coupling layers of one kind and size in a flow's
 execution order, each optionally followed by a fixed permutation, go through `kernels.coupling.coupling_flow_triton`
 in one Triton launch (the permutations become column maps of the kernel's stores), where a layer alone would
-take the fused Triton kernel: same dispatch (`fastflow.ops.coupling.dispatch`), no autograd. Otherwise the run
-applies its transforms one by one, as the flow would.
+take the fused Triton kernel: same dispatch (`fastflow.ops.coupling.dispatch`), no autograd. Under autograd on
+the Triton backend, affine runs take one `TritonAffineStep` per layer (its hidden layers in torch). Otherwise the
+run applies its transforms one by one, as the flow would.
 
 A layer joins a run through its `fused_signature()`, `fused_layout()`, `fused_options()` and `_weights()`
 (`fastflow.nn.coupling`); a permutation through `column_map(inverse)` (`fastflow.flows.transforms`).
@@ -14,7 +15,7 @@ from typing import Callable
 
 import torch
 
-from fastflow.ops.coupling import dispatch
+from fastflow.ops.coupling import TritonAffineStep, conditioner_hidden, dispatch
 
 __all__ = ["CouplingRun", "chain_transforms"]
 
@@ -33,7 +34,8 @@ class CouplingRun:
         first = self.couplings[0]
         self.backend, self.options = first.backend, first.fused_options()
         self.weights = [w for coupling in self.couplings for w in coupling._weights()]
-        self._packed: tuple | None = None  # (key, params, steps table, column maps)
+        self._packed: tuple | None = None  # (key, params, steps table)
+        self._maps: tuple | None = None  # (key, column maps)
 
     def __call__(self, x: torch.Tensor, context: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         if x.shape[0] and x.dim() == 2:
@@ -41,6 +43,8 @@ class CouplingRun:
             chosen, recording, precision = dispatch(x, kernel_context, x, self.weights, self.backend, None)
             if chosen == "triton" and not recording:
                 return self.fused(x, kernel_context, precision)
+            if chosen == "triton" and "scale_bound" in self.options:
+                return self._affine_steps(x, kernel_context, precision)
         return self._one_by_one(x, context)
 
     def _one_by_one(self, x, context):
@@ -51,6 +55,19 @@ class CouplingRun:
             if permutation is not None:
                 x, _ = permutation.inverse(x, context) if self.inverse else permutation(x, context)
         return x, total
+
+    def _affine_steps(self, x, context, precision):
+        """Affine layers under autograd on the Triton backend: each layer's hidden layers in torch, the rest
+        (last layer, map, log-determinant, permuted merge) as one `TritonAffineStep`."""
+        ladj = None
+        for (coupling, _), column_map in zip(self.steps, self._column_maps(x.device)):
+            kept, changed = coupling._split(x)
+            weights = coupling._weights()
+            kept_0, _, changed_0, _ = coupling.fused_layout()
+            x, ladj = TritonAffineStep.apply(conditioner_hidden(kept, context, weights), weights[-2], weights[-1], kept, changed,
+                                             ladj, column_map, kept_0, changed_0, self.options["scale_bound"], self.inverse,
+                                             precision)
+        return x, ladj
 
     def fused(self, x: torch.Tensor, context: torch.Tensor | None, precision: str, **launch) -> tuple[torch.Tensor, torch.Tensor]:
         """The run as one launch of `kernels.coupling.coupling_flow_triton` (float32 on a Triton device, no autograd:
@@ -65,22 +82,27 @@ class CouplingRun:
             max_inputs=max(kept for _, kept, _, _ in layouts) + n_context, max_changed=max(changed for *_, changed in layouts),
             inverse=self.inverse, precision=precision, **self.options, **launch)
 
-    def _pack(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The kernel's float32 parameters, steps table and column maps, rebuilt when a weight or permutation
-        changed (storage or in-place version)."""
+    def _column_maps(self, device: torch.device) -> torch.Tensor:
+        """`(S, D)` int32: where step s stores its state's columns (the permutation after the layer, or none),
+        rebuilt when a permutation changed."""
         maps = [permutation.column_map(self.inverse) if permutation is not None else None for _, permutation in self.steps]
-        key = tuple((t.data_ptr(), t._version) for t in (*self.weights, *(m for m in maps if m is not None)))
+        key = (device, *((m.data_ptr(), m._version) for m in maps if m is not None))
+        if self._maps is None or self._maps[0] != key:
+            identity = torch.arange(self.couplings[0].dim, device=device)
+            self._maps = (key, torch.stack([identity if m is None else m.to(device) for m in maps]).to(torch.int32))
+        return self._maps[1]
+
+    def _pack(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The kernel's float32 parameters, steps table and column maps; the parameters and table rebuilt when a
+        weight changed (storage or in-place version)."""
+        key = tuple((w.data_ptr(), w._version) for w in self.weights)
         if self._packed is None or self._packed[0] != key:
             flat = [w.detach().reshape(-1) for w in self.weights]
             offsets = torch.tensor([0] + [w.numel() for w in flat]).cumsum(0)[:-1].view(len(self.steps), 6)
             layouts = torch.tensor([coupling.fused_layout() for coupling in self.couplings])
             steps = torch.cat([layouts, offsets], dim=1)  # STEP_FIELDS columns
-            dim = self.couplings[0].dim
-            identity = torch.arange(dim, device=device)
-            column_maps = torch.stack([identity if m is None else m.to(device) for m in maps])
-            self._packed = (key, torch.cat(flat).float(), steps.to(device=device, dtype=torch.int32),
-                            column_maps.to(torch.int32))
-        return self._packed[1:]
+            self._packed = (key, torch.cat(flat).float(), steps.to(device=device, dtype=torch.int32))
+        return (*self._packed[1:], self._column_maps(device))
 
 
 def chain_transforms(transforms: list[torch.nn.Module], inverse: bool) -> list[Step]:

@@ -55,7 +55,7 @@ def _covariance_terms(theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, 
 def _simulate(theta: torch.Tensor, generator) -> torch.Tensor:
     n = theta.shape[0]
     s00, s01, _ = _covariance_terms(theta)
-    s1, s2, rho = theta[:, 2] ** 2, theta[:, 3] ** 2, torch.tanh(theta[:, 4])
+    s2, rho = theta[:, 3] ** 2, torch.tanh(theta[:, 4])
     # Cholesky factor [[a, 0], [b, c]] of S in closed form; c² = S11 − S01² / S00 written without cancellation
     a = torch.sqrt(s00)
     b = s01 / a
