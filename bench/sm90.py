@@ -99,16 +99,17 @@ def compile_affine_step(direction: str, hidden: int, dim: int):
 
     kept, changed = dim // 2, dim - dim // 2
     meta = {**affine._step_meta(hidden, kept, changed, "tf32"), "INVERSE": False, "num_stages": 1}
+    num_warps = meta.pop("num_warps")
     integers = ["n_rows", "n_dim", "n_hidden", "kept_0", "n_kept", "changed_0", "n_changed"]
     if direction == "forward":
         return compile_for_h100(affine._affine_step_forward_kernel,
-                                ["h_ptr", "w3_ptr", "b3_ptr", "kept_ptr", "changed_ptr", "ladj_in_ptr", "y_ptr", "ladj_ptr"],
+                                ["a_ptr", "w3_ptr", "b3_ptr", "kept_ptr", "changed_ptr", "ladj_in_ptr", "y_ptr", "ladj_ptr"],
                                 [*integers, "stride_kept", "stride_changed"], ["scale_bound"], {**meta, "HAS_LADJ_IN": True},
-                                int_pointers=["column_map_ptr"])
+                                num_warps=num_warps, int_pointers=["column_map_ptr"])
     return compile_for_h100(affine._affine_step_backward_kernel,
-                            ["h_ptr", "w3_ptr", "b3_ptr", "changed_ptr", "grad_y_ptr", "grad_ladj_ptr", "grad_h_ptr",
-                             "grad_raw_ptr", "grad_kept_ptr", "grad_changed_ptr"],
-                            [*integers, "stride_changed", "stride_grad_y"], ["scale_bound"], meta,
+                            ["a_ptr", "w3_ptr", "b3_ptr", "changed_ptr", "grad_y_ptr", "grad_ladj_ptr", "h_ptr",
+                             "grad_a_ptr", "grad_raw_ptr", "grad_kept_ptr", "grad_changed_ptr"],
+                            [*integers, "stride_changed", "stride_grad_y"], ["scale_bound"], meta, num_warps=num_warps,
                             int_pointers=["column_map_ptr"])
 
 

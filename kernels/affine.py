@@ -11,7 +11,7 @@ import triton
 import triton.language as tl
 
 from fastflow.kernels import cdiv, dot_tile, next_power_of_2, row_major
-from fastflow.kernels.activations import TANH, activate
+from fastflow.kernels.activations import SILU, TANH, activate
 
 __all__ = ["affine_backward_triton", "affine_forward_triton", "affine_step_backward_triton", "affine_step_forward_triton"]
 
@@ -136,18 +136,20 @@ def _affine_backward_kernel(raw_ptr, x_ptr, grad_out_ptr, grad_ladj_ptr, grad_ra
 
 
 @triton.jit
-def _affine_step_forward_kernel(h_ptr, w3_ptr, b3_ptr, kept_ptr, changed_ptr, column_map_ptr, ladj_in_ptr, y_ptr, ladj_ptr,
+def _affine_step_forward_kernel(a_ptr, w3_ptr, b3_ptr, kept_ptr, changed_ptr, column_map_ptr, ladj_in_ptr, y_ptr, ladj_ptr,
                                 n_rows, n_dim, n_hidden, kept_0, n_kept, changed_0, n_changed, stride_kept,
                                 stride_changed, scale_bound, INVERSE: tl.constexpr, HAS_LADJ_IN: tl.constexpr,
                                 PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr,
                                 BLOCK_OUT: tl.constexpr, BLOCK_C: tl.constexpr):
-    """One affine coupling layer after its conditioner's hidden layers h `(N, H)`: the last layer, the map, the
-    kept coordinates copied, both stored through the column map into y `(N, D)`; ladj = ladj_in + log|det J|."""
+    """One affine coupling layer from its conditioner's last hidden pre-activations a `(N, H)`: h = SiLU(a), the
+    last layer, the map, the kept coordinates copied, both stored through the column map into y `(N, D)`;
+    ladj = ladj_in + log|det J|."""
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < n_rows
     cols_h = tl.arange(0, BLOCK_H)
-    h = tl.load(h_ptr + rows[:, None] * n_hidden + cols_h[None, :], mask=row_ok[:, None] & (cols_h[None, :] < n_hidden),
+    a = tl.load(a_ptr + rows[:, None] * n_hidden + cols_h[None, :], mask=row_ok[:, None] & (cols_h[None, :] < n_hidden),
                 other=0.0)
+    h = activate(a, SILU, False)
     raw_scale, shift, _, _ = affine_parameters(h, w3_ptr, b3_ptr, n_hidden, n_changed, BLOCK_H, BLOCK_OUT, PRECISION)
     cols = tl.arange(0, BLOCK_OUT)
     mask = row_ok[:, None] & (cols[None, :] < n_changed)
@@ -161,19 +163,22 @@ def _affine_step_forward_kernel(h_ptr, w3_ptr, b3_ptr, kept_ptr, changed_ptr, co
 
 
 @triton.jit
-def _affine_step_backward_kernel(h_ptr, w3_ptr, b3_ptr, changed_ptr, column_map_ptr, grad_y_ptr, grad_ladj_ptr,
-                                 grad_h_ptr, grad_raw_ptr, grad_kept_ptr, grad_changed_ptr,
+def _affine_step_backward_kernel(a_ptr, w3_ptr, b3_ptr, changed_ptr, column_map_ptr, grad_y_ptr, grad_ladj_ptr,
+                                 h_ptr, grad_a_ptr, grad_raw_ptr, grad_kept_ptr, grad_changed_ptr,
                                  n_rows, n_dim, n_hidden, kept_0, n_kept, changed_0, n_changed, stride_changed,
                                  stride_grad_y, scale_bound, INVERSE: tl.constexpr, PRECISION: tl.constexpr,
                                  BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_OUT: tl.constexpr,
                                  BLOCK_C: tl.constexpr):
-    """Gradients of Σ grad_y·y + grad_ladj·ladj of `_affine_step_forward_kernel` w.r.t. h `(N, H)`, the last
-    layer's raw outputs `(N, 2T)` (for its weight and bias gradients), kept `(N, K)` and changed `(N, T)`."""
+    """Gradients of Σ grad_y·y + grad_ladj·ladj of `_affine_step_forward_kernel` w.r.t. a `(N, H)`, the last
+    layer's raw outputs `(N, 2T)`, kept `(N, K)` and changed `(N, T)`; and h = SiLU(a) `(N, H)` (with the raw
+    outputs' gradients, the last layer's weight gradient)."""
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < n_rows
     cols_h = tl.arange(0, BLOCK_H)
     h_mask = row_ok[:, None] & (cols_h[None, :] < n_hidden)
-    h = tl.load(h_ptr + rows[:, None] * n_hidden + cols_h[None, :], mask=h_mask, other=0.0)
+    a = tl.load(a_ptr + rows[:, None] * n_hidden + cols_h[None, :], mask=h_mask, other=0.0)
+    h = activate(a, SILU, False)
+    tl.store(h_ptr + rows[:, None] * n_hidden + cols_h[None, :], h, mask=h_mask)
     raw_scale, shift, w_scale, w_shift = affine_parameters(h, w3_ptr, b3_ptr, n_hidden, n_changed, BLOCK_H, BLOCK_OUT,
                                                            PRECISION)
     cols = tl.arange(0, BLOCK_OUT)
@@ -190,7 +195,9 @@ def _affine_step_backward_kernel(h_ptr, w3_ptr, b3_ptr, changed_ptr, column_map_
     tl.store(grad_changed_ptr + rows[:, None] * n_changed + cols[None, :], g_x, mask=mask)
     grad_h = (tl.dot(g_raw_scale, tl.trans(w_scale), input_precision=PRECISION)
               + tl.dot(g_shift, tl.trans(w_shift), input_precision=PRECISION))
-    tl.store(grad_h_ptr + rows[:, None] * n_hidden + cols_h[None, :], grad_h, mask=h_mask)
+    sigmoid = 1.0 / (1.0 + tl.exp(-a))  # recomputed here: fewer tiles live across the products
+    grad_a = grad_h * sigmoid * (1.0 + a * (1.0 - sigmoid))  # SiLU'(a)
+    tl.store(grad_a_ptr + rows[:, None] * n_hidden + cols_h[None, :], grad_a, mask=h_mask)
     cols_c = tl.arange(0, BLOCK_C)
     g_kept = gather_columns(grad_y_ptr, stride_grad_y, column_map_ptr + kept_0, rows, row_ok, cols_c, n_kept)
     tl.store(grad_kept_ptr + rows[:, None] * n_kept + cols_c[None, :], g_kept, mask=row_ok[:, None] & (cols_c[None, :] < n_kept))
@@ -229,19 +236,20 @@ def affine_backward_triton(raw, x, grad_out, grad_ladj, *, scale_bound: float, i
 
 
 def _step_meta(n_hidden: int, n_kept: int, n_changed: int, precision: str) -> dict:
-    """Tiles of the step kernels: 32 rows per program with the whole hidden width (up to 256: 64 values per
-    thread at 4 warps)."""
-    return dict(PRECISION=precision, BLOCK_M=32, BLOCK_H=dot_tile(n_hidden), BLOCK_OUT=dot_tile(n_changed),
-                BLOCK_C=next_power_of_2(max(n_kept, 1)))
+    """Tiles and warps of the step kernels, from sm_90 compiles (bench/sm90.py `compile_affine_step`, Triton 3.6;
+    not yet timed): 16 rows per program with the whole hidden width, 8 warps. The backward kept no spills at width
+    128 (1,912 SASS instructions; 32 rows at 4 warps spilled 424 B in 4,872) and 200 B at width 256."""
+    return dict(PRECISION=precision, BLOCK_M=16, BLOCK_H=dot_tile(n_hidden), BLOCK_OUT=dot_tile(n_changed),
+                BLOCK_C=next_power_of_2(max(n_kept, 1)), num_warps=8)
 
 
-def affine_step_forward_triton(h, w3, b3, kept, changed, ladj_in, column_map, *, kept_0: int, changed_0: int,
+def affine_step_forward_triton(a, w3, b3, kept, changed, ladj_in, column_map, *, kept_0: int, changed_0: int,
                                scale_bound: float, inverse: bool, precision: str):
-    """One affine coupling layer from its conditioner's hidden activations, with the permutation after it.
+    """One affine coupling layer from its conditioner's last hidden pre-activations, with the permutation after it.
 
     Arguments:
-        h `(N, H)`: the conditioner's last hidden activations (contiguous). w3 `(2T, H)`, b3 `(2T,)`: its last
-            layer, rows interleaved (raw log-scale, shift) per changed coordinate.
+        a `(N, H)`: the conditioner's last hidden pre-activations, h = SiLU(a) (contiguous). w3 `(2T, H)`,
+            b3 `(2T,)`: its last layer, rows interleaved (raw log-scale, shift) per changed coordinate.
         kept `(N, K)`, changed `(N, T)`: the layer's input columns [kept_0, kept_0 + K) and
             [changed_0, changed_0 + T) (rows any stride apart). ladj_in `(N,)` or None: the log-determinant so far.
         column_map `(D,)` int32: where the output stores input column c (D = K + T).
@@ -252,27 +260,27 @@ def affine_step_forward_triton(h, w3, b3, kept, changed, ladj_in, column_map, *,
     kept, changed = row_major(kept), row_major(changed)
     n_rows, n_kept = kept.shape
     n_changed = changed.shape[1]
-    y, ladj = h.new_empty(n_rows, n_kept + n_changed), h.new_empty(n_rows)
-    meta = _step_meta(h.shape[1], n_kept, n_changed, precision)
+    y, ladj = a.new_empty(n_rows, n_kept + n_changed), a.new_empty(n_rows)
+    meta = _step_meta(a.shape[1], n_kept, n_changed, precision)
     _affine_step_forward_kernel[(cdiv(n_rows, meta["BLOCK_M"]),)](
-        h, w3, b3, kept, changed, column_map, ladj if ladj_in is None else ladj_in, y, ladj,
-        n_rows, n_kept + n_changed, h.shape[1], kept_0, n_kept, changed_0, n_changed, kept.stride(0), changed.stride(0),
+        a, w3, b3, kept, changed, column_map, ladj if ladj_in is None else ladj_in, y, ladj,
+        n_rows, n_kept + n_changed, a.shape[1], kept_0, n_kept, changed_0, n_changed, kept.stride(0), changed.stride(0),
         float(scale_bound), INVERSE=inverse, HAS_LADJ_IN=ladj_in is not None, **meta)
     return y, ladj
 
 
-def affine_step_backward_triton(h, w3, b3, changed, column_map, grad_y, grad_ladj, *, kept_0: int, n_kept: int,
+def affine_step_backward_triton(a, w3, b3, changed, column_map, grad_y, grad_ladj, *, kept_0: int, n_kept: int,
                                 changed_0: int, scale_bound: float, inverse: bool, precision: str):
     """Gradients of `affine_step_forward_triton` for upstream grad_y `(N, D)` (rows any stride apart) and
-    grad_ladj `(N,)` (contiguous): w.r.t. h `(N, H)`, the last layer's raw outputs `(N, 2T)`, kept `(N, K)` and
-    changed `(N, T)`."""
+    grad_ladj `(N,)` (contiguous): w.r.t. a `(N, H)`, the last layer's raw outputs `(N, 2T)`, kept `(N, K)` and
+    changed `(N, T)`; and h = SiLU(a) `(N, H)`."""
     changed, grad_y = row_major(changed), row_major(grad_y)
     n_rows, n_changed = changed.shape
-    grad_h, grad_raw = torch.empty_like(h), h.new_empty(n_rows, 2 * n_changed)
-    grad_kept, grad_changed = h.new_empty(n_rows, n_kept), h.new_empty(n_rows, n_changed)
-    meta = _step_meta(h.shape[1], n_kept, n_changed, precision)
+    h, grad_a, grad_raw = torch.empty_like(a), torch.empty_like(a), a.new_empty(n_rows, 2 * n_changed)
+    grad_kept, grad_changed = a.new_empty(n_rows, n_kept), a.new_empty(n_rows, n_changed)
+    meta = _step_meta(a.shape[1], n_kept, n_changed, precision)
     _affine_step_backward_kernel[(cdiv(n_rows, meta["BLOCK_M"]),)](
-        h, w3, b3, changed, column_map, grad_y, grad_ladj, grad_h, grad_raw, grad_kept, grad_changed,
-        n_rows, n_kept + n_changed, h.shape[1], kept_0, n_kept, changed_0, n_changed, changed.stride(0), grad_y.stride(0),
+        a, w3, b3, changed, column_map, grad_y, grad_ladj, h, grad_a, grad_raw, grad_kept, grad_changed,
+        n_rows, n_kept + n_changed, a.shape[1], kept_0, n_kept, changed_0, n_changed, changed.stride(0), grad_y.stride(0),
         float(scale_bound), INVERSE=inverse, **meta)
-    return grad_h, grad_raw, grad_kept, grad_changed
+    return grad_a, grad_raw, grad_kept, grad_changed, h

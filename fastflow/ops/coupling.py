@@ -5,7 +5,7 @@ transform of the changed half (affine, or rational-quadratic spline) and log|det
 (kernels/coupling.py) fuses the whole layer without autograd, so hidden activations never reach global
 memory; under autograd the conditioner runs in torch (cuBLAS) and the transform through an elementwise Triton
 op with its backward kernel (kernels/spline.py, kernels/affine.py); `TritonAffineStep` takes an affine layer's
-last conditioner layer into that op too, with the merge and the next permutation (used by the runs of layers in
+last SiLU and conditioner layer into that op too, with the merge and the next permutation (used by the runs of layers in
 a `Flow`, `fastflow.ops.coupling_flow`). On CPU the native backend runs the spline's
 elementwise part through `rq_spline` (C++) and
 the conditioner's hidden layers as a GEMM plus one native bias + SiLU pass (`conditioner_native`); without
@@ -31,12 +31,15 @@ from fastflow.ops.spline import (
 __all__ = ["affine_coupling", "affine_coupling_ref", "spline_coupling", "spline_coupling_ref"]
 
 
-def conditioner_hidden(kept: torch.Tensor, context: torch.Tensor | None, weights: tuple[torch.Tensor, ...]) -> torch.Tensor:
+def conditioner_hidden(kept: torch.Tensor, context: torch.Tensor | None, weights: tuple[torch.Tensor, ...], *,
+                       activate_last: bool = True) -> torch.Tensor:
     """The conditioner's hidden layers: SiLU(linear) for each `(w, b)` pair of `weights` but the last, applied to
-    [kept `(N, K)`, context `(N, C)`]; returns `(N, H)`."""
+    [kept `(N, K)`, context `(N, C)`]; returns `(N, H)` (the last one's pre-activation unless `activate_last`)."""
     h = kept if context is None else torch.cat([kept, context.to(kept.dtype)], dim=1)
     for layer in range(0, len(weights) - 2, 2):
-        h = F.silu(F.linear(h, weights[layer], weights[layer + 1]))
+        h = F.linear(h, weights[layer], weights[layer + 1])
+        if activate_last or layer < len(weights) - 4:
+            h = F.silu(h)
     return h
 
 
@@ -139,39 +142,39 @@ def _affine_transform_triton(raw: torch.Tensor, changed: torch.Tensor, *, scale_
 
 
 class TritonAffineStep(torch.autograd.Function):
-    """An affine coupling layer after its conditioner's hidden layers, for training on the Triton backend
-    (`kernels.affine.affine_step_forward_triton`): the last layer, the map, the log-determinant added to the
-    running one and the merge through the following permutation in one kernel, and one backward kernel (the
-    last layer's weight gradients by cuBLAS from the raw-output gradients it writes).
+    """An affine coupling layer from its conditioner's last hidden pre-activations, for training on the Triton
+    backend (`kernels.affine.affine_step_forward_triton`): the last SiLU, the last layer, the map, the
+    log-determinant added to the running one and the merge through the following permutation in one kernel, and
+    one backward kernel (the last layer's weight gradients by cuBLAS from the raw-output gradients it writes).
 
-    apply(h `(N, H)`, w3, b3, kept `(N, K)`, changed `(N, T)`, ladj_in `(N,)` or None, column_map `(D,)` int32,
+    apply(a `(N, H)`, w3, b3, kept `(N, K)`, changed `(N, T)`, ladj_in `(N,)` or None, column_map `(D,)` int32,
     kept_0, changed_0, scale_bound, inverse, precision) -> (y `(N, D)`, ladj `(N,)`)."""
 
     @staticmethod
-    def forward(ctx, h, w3, b3, kept, changed, ladj_in, column_map, kept_0: int, changed_0: int, scale_bound: float,
+    def forward(ctx, a, w3, b3, kept, changed, ladj_in, column_map, kept_0: int, changed_0: int, scale_bound: float,
                 inverse: bool, precision: str):
         from fastflow.kernels.affine import affine_step_forward_triton
 
-        h, w3, b3 = h.detach().contiguous(), w3.detach().contiguous(), b3.detach().contiguous()
+        a, w3, b3 = a.detach().contiguous(), w3.detach().contiguous(), b3.detach().contiguous()
         changed = changed.detach()
-        ctx.save_for_backward(h, w3, b3, changed, column_map)
+        ctx.save_for_backward(a, w3, b3, changed, column_map)
         ctx.options = dict(kept_0=kept_0, changed_0=changed_0, scale_bound=scale_bound, inverse=inverse, precision=precision)
         ctx.n_kept, ctx.has_ladj_in = kept.shape[1], ladj_in is not None
-        return affine_step_forward_triton(h, w3, b3, kept.detach(), changed, None if ladj_in is None else ladj_in.detach(),
+        return affine_step_forward_triton(a, w3, b3, kept.detach(), changed, None if ladj_in is None else ladj_in.detach(),
                                           column_map, **ctx.options)
 
     @staticmethod
     def backward(ctx, grad_y, grad_ladj):
         from fastflow.kernels.affine import affine_step_backward_triton
 
-        h, w3, b3, changed, column_map = ctx.saved_tensors
-        grad_y = h.new_zeros(h.shape[0], ctx.n_kept + changed.shape[1]) if grad_y is None else grad_y
-        grad_ladj = h.new_zeros(h.shape[0]) if grad_ladj is None else grad_ladj.contiguous()
-        grad_h, grad_raw, grad_kept, grad_changed = affine_step_backward_triton(
-            h, w3, b3, changed, column_map, grad_y, grad_ladj, n_kept=ctx.n_kept, **ctx.options)
+        a, w3, b3, changed, column_map = ctx.saved_tensors
+        grad_y = a.new_zeros(a.shape[0], ctx.n_kept + changed.shape[1]) if grad_y is None else grad_y
+        grad_ladj = a.new_zeros(a.shape[0]) if grad_ladj is None else grad_ladj.contiguous()
+        grad_a, grad_raw, grad_kept, grad_changed, h = affine_step_backward_triton(
+            a, w3, b3, changed, column_map, grad_y, grad_ladj, n_kept=ctx.n_kept, **ctx.options)
         grad_w3 = grad_raw.t().mm(h) if ctx.needs_input_grad[1] else None
         grad_b3 = grad_raw.sum(0) if ctx.needs_input_grad[2] else None
-        return (grad_h, grad_w3, grad_b3, grad_kept, grad_changed, grad_ladj if ctx.has_ladj_in else None,
+        return (grad_a, grad_w3, grad_b3, grad_kept, grad_changed, grad_ladj if ctx.has_ladj_in else None,
                 None, None, None, None, None, None)
 
 

@@ -57,14 +57,15 @@ class CouplingRun:
         return x, total
 
     def _affine_steps(self, x, context, precision):
-        """Affine layers under autograd on the Triton backend: each layer's hidden layers in torch, the rest
-        (last layer, map, log-determinant, permuted merge) as one `TritonAffineStep`."""
+        """Affine layers under autograd on the Triton backend: each layer's hidden layers in torch up to the last
+        pre-activation, the rest (SiLU, last layer, map, log-determinant, permuted merge) as one `TritonAffineStep`."""
         ladj = None
         for (coupling, _), column_map in zip(self.steps, self._column_maps(x.device)):
             kept, changed = coupling._split(x)
             weights = coupling._weights()
             kept_0, _, changed_0, _ = coupling.fused_layout()
-            x, ladj = TritonAffineStep.apply(conditioner_hidden(kept, context, weights), weights[-2], weights[-1], kept, changed,
+            x, ladj = TritonAffineStep.apply(conditioner_hidden(kept, context, weights, activate_last=False), weights[-2],
+                                             weights[-1], kept, changed,
                                              ladj, column_map, kept_0, changed_0, self.options["scale_bound"], self.inverse,
                                              precision)
         return x, ladj
