@@ -25,18 +25,6 @@ ATOL, RTOL = 2e-4, 2e-4
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def _pair(make):
-    """(reference, triton) copies of the flow `make(backend)`, its parameters moved off their initial values
-    (the last conditioner layers start at zero: identity layers would hide errors)."""
-    reference = make("reference").to(DEVICE)
-    with torch.no_grad():
-        for p in reference.parameters():
-            p.add_(0.2 * torch.randn_like(p))
-    fused = make("triton").to(DEVICE)
-    fused.load_state_dict(reference.state_dict())
-    return reference, fused
-
-
 def _coupling_flow(transform, dim, context, permutation, layers=3):
     config = FlowConfig(transform=transform, num_layers=layers, hidden=32, num_bins=6, permutation=permutation)
     return lambda backend: CouplingFlow(dim, context, config=config, backend=backend)
@@ -66,8 +54,9 @@ def _kernel_launches(monkeypatch) -> dict:
 
 
 @pytest.mark.parametrize("transform, dim, context, permutation", FLOWS)
-def test_fused_flow_matches_the_reference_in_one_launch_per_run(transform, dim, context, permutation, monkeypatch):
-    reference, fused = _pair(_coupling_flow(transform, dim, context, permutation))
+def test_fused_flow_matches_the_reference_in_one_launch_per_run(transform, dim, context, permutation, monkeypatch,
+                                                                backend_pair):
+    reference, fused = backend_pair(_coupling_flow(transform, dim, context, permutation))
     x = 2.0 * torch.randn(70, dim, device=DEVICE)  # 70 rows: not a multiple of the row block; some in the tails
     contexts = torch.randn(70, context, device=DEVICE) if context else None
     shared = torch.randn(context, device=DEVICE) if context else None
@@ -107,7 +96,7 @@ def test_runs_take_the_couplings_and_the_permutation_after_each():
     assert backward[3].steps == [(couplings[1], permutations[0]), (couplings[0], None)]
 
 
-def test_mixed_flow_with_preprocessing_matches_the_reference():
+def test_mixed_flow_with_preprocessing_matches_the_reference(backend_pair):
     def make(backend):
         dim = 3
         transforms = [Standardize(torch.tensor([0.5, -1.0, 2.0]), torch.tensor([2.0, 0.5, 1.0])),
@@ -116,7 +105,7 @@ def test_mixed_flow_with_preprocessing_matches_the_reference():
                       AffineCoupling(dim, 2, hidden=16, backend=backend)]
         return Flow(transforms, StandardNormal(dim), context_dim=2)
 
-    reference, fused = _pair(make)
+    reference, fused = backend_pair(make)
     x, context = torch.randn(40, 3, device=DEVICE), torch.randn(40, 2, device=DEVICE)
     with torch.no_grad():
         torch.testing.assert_close(fused.log_prob(x, context), reference.log_prob(x, context), atol=ATOL, rtol=RTOL)
@@ -152,12 +141,13 @@ def _assert_gradients_close(grads, grads_ref):
 
 @pytest.mark.parametrize("transform, dim, context, permutation", [("affine", 5, 3, "reverse"), ("affine", 4, 0, "random"),
                                                                   ("affine", 1, 0, "reverse"), ("spline", 4, 2, "reverse")])
-def test_under_autograd_values_and_gradients_match_the_reference(transform, dim, context, permutation, monkeypatch):
+def test_under_autograd_values_and_gradients_match_the_reference(transform, dim, context, permutation, monkeypatch,
+                                                                 backend_pair):
     """Training on the Triton backend: affine layers as `TritonAffineStep` (one kernel each way per layer),
     spline layers one at a time (the spline op's kernels); log_prob, draws and their gradients in the
     parameters, the inputs and the context against the reference flow. Gradients: fp32 products summed in
     another order through 3 layers, 1e-4 relative to the largest entry."""
-    reference, fused = _pair(_coupling_flow(transform, dim, context, permutation))
+    reference, fused = backend_pair(_coupling_flow(transform, dim, context, permutation))
     x = (2.0 * torch.randn(33, dim, device=DEVICE)).requires_grad_()
     contexts = torch.randn(33, context, device=DEVICE, requires_grad=True) if context else None
     leaves = [x] + ([contexts] if context else [])
@@ -186,9 +176,9 @@ def test_under_autograd_values_and_gradients_match_the_reference(transform, dim,
     _assert_gradients_close(grads, grads_ref)
 
 
-def test_packed_weights_follow_parameter_updates():
+def test_packed_weights_follow_parameter_updates(backend_pair):
     """The run packs the weights once; an in-place update (an optimizer step) or a new state_dict repacks them."""
-    reference, fused = _pair(_coupling_flow("affine", 4, 0, "reverse"))
+    reference, fused = backend_pair(_coupling_flow("affine", 4, 0, "reverse"))
     x = torch.randn(20, 4, device=DEVICE)
     with torch.no_grad():
         before = fused.log_prob(x)
@@ -202,7 +192,7 @@ def test_packed_weights_follow_parameter_updates():
         torch.testing.assert_close(fused.log_prob(x), fresh.log_prob(x), atol=ATOL, rtol=RTOL)
 
 
-def test_forced_triton_on_unsupported_inputs_names_the_fallback():
-    _, fused = _pair(_coupling_flow("affine", 4, 0, "reverse"))
+def test_forced_triton_on_unsupported_inputs_names_the_fallback(backend_pair):
+    _, fused = backend_pair(_coupling_flow("affine", 4, 0, "reverse"))
     with torch.no_grad(), pytest.raises(RuntimeError, match="does not implement"):
         fused.double().log_prob(torch.randn(5, 4, device=DEVICE, dtype=torch.float64))

@@ -93,13 +93,8 @@ def test_fused_spline_matches_reference_forward_and_backward(inverse, rows, kept
 
 @pytest.mark.parametrize("layer", [lambda b: AffineCoupling(5, 3, hidden=32, backend=b),
                                    lambda b: SplineCoupling(5, 3, hidden=32, num_bins=6, backend=b)])
-def test_layer_is_identical_across_backends(layer):
-    reference = layer("reference").to(DEVICE)
-    with torch.no_grad():
-        for p in reference.parameters():
-            p.add_(0.1 * torch.randn_like(p))
-    fused = layer("triton").to(DEVICE)
-    fused.load_state_dict(reference.state_dict())
+def test_layer_is_identical_across_backends(layer, backend_pair):
+    reference, fused = backend_pair(layer, scale=0.1)
     x, context = torch.randn(40, 5, device=DEVICE), torch.randn(40, 3, device=DEVICE)
     for forward in (True, False):
         a = reference(x, context) if forward else reference.inverse(x, context)

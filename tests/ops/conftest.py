@@ -1,0 +1,24 @@
+"""Fixtures of the coupling-op tests."""
+
+import pytest
+import torch
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@pytest.fixture
+def backend_pair():
+    """`pair(make, scale)`: (reference, triton) copies of the module `make(backend)` on the test device, its
+    parameters moved by scale·N(0, 1) off their initial values (the last conditioner layers start at zero:
+    identity layers would hide errors)."""
+
+    def pair(make, scale: float = 0.2):
+        reference = make("reference").to(DEVICE)
+        with torch.no_grad():
+            for p in reference.parameters():
+                p.add_(scale * torch.randn_like(p))
+        fused = make("triton").to(DEVICE)
+        fused.load_state_dict(reference.state_dict())
+        return reference, fused
+
+    return pair
