@@ -7,7 +7,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastflow.kernels import cdiv, next_power_of_2
+from fastflow.kernels import cdiv, next_power_of_2, row_major
 
 __all__ = ["rq_spline_backward_triton", "rq_spline_forward_triton"]
 
@@ -87,14 +87,14 @@ def _rq_value(t, x_k, w_k, y_k, h_k, d_k, d_k1, INVERSE: tl.constexpr):
 
 
 @triton.jit
-def _load_spline(x_ptr, p_ptr, rows, row_ok, num_bins, bound, min_width, min_height, min_derivative, derivative_shift,
-                 INVERSE: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Loads the elements `rows` of x `(n,)` and their raw parameters `(n, 3K-1)`, builds their splines and
-    locates them: `_rq_locate`'s results, then bins, the width and height fractions, and the elements."""
+def _load_spline(x_ptr, p_ptr, rows, row_ok, x_offsets, num_bins, bound, min_width, min_height, min_derivative,
+                 derivative_shift, INVERSE: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Loads the elements `rows` of x (at `x_offsets`) and their raw parameters `(n, 3K-1)`, builds their splines
+    and locates them: `_rq_locate`'s results, then bins, the width and height fractions, and the elements."""
     n_params = 3 * num_bins - 1
     bins = tl.arange(0, BLOCK_K)[None, :]
     bin_ok = bins < num_bins
-    value = tl.load(x_ptr + rows, mask=row_ok, other=0.0)
+    value = tl.load(x_ptr + x_offsets, mask=row_ok, other=0.0)
     base = p_ptr + rows[:, None] * n_params
     mask = row_ok[:, None] & bin_ok
     raw_width = tl.load(base + bins, mask=mask, other=0.0)
@@ -111,21 +111,28 @@ def _load_spline(x_ptr, p_ptr, rows, row_ok, num_bins, bound, min_width, min_hei
 
 
 @triton.jit
-def _rq_forward_kernel(x_ptr, p_ptr, out_ptr, ladj_ptr, n, num_bins,
+def _offsets(elements, count, stride_row, stride_column):
+    """Where the flat elements (row-major over rows of `count`) sit in a tensor with these strides."""
+    return (elements // count) * stride_row + (elements % count) * stride_column
+
+
+@triton.jit
+def _rq_forward_kernel(x_ptr, p_ptr, out_ptr, ladj_ptr, n, num_bins, count, stride_x,
                        bound, min_width, min_height, min_derivative, derivative_shift,
                        INVERSE: tl.constexpr, BLOCK: tl.constexpr, BLOCK_K: tl.constexpr):
     rows = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     row_ok = rows < n
     inside, bin_index, onehot, x_k, w_k, y_k, h_k, d_k, d_k1, raw_k, raw_k1, t, bins, width_fraction, height_fraction, \
-        value = _load_spline(x_ptr, p_ptr, rows, row_ok, num_bins, bound, min_width, min_height, min_derivative,
-                             derivative_shift, INVERSE, BLOCK_K)
+        value = _load_spline(x_ptr, p_ptr, rows, row_ok, _offsets(rows, count, stride_x, 1), num_bins, bound, min_width,
+                             min_height, min_derivative, derivative_shift, INVERSE, BLOCK_K)
     result, logabsdet = _rq_value(t, x_k, w_k, y_k, h_k, d_k, d_k1, INVERSE)
     tl.store(out_ptr + rows, tl.where(inside, result, value), mask=row_ok)  # outside (and NaN): passed through
     tl.store(ladj_ptr + rows, tl.where(inside, logabsdet, 0.0), mask=row_ok)
 
 
 @triton.jit
-def _rq_backward_kernel(x_ptr, p_ptr, grad_out_ptr, grad_ladj_ptr, grad_x_ptr, grad_p_ptr, n, num_bins,
+def _rq_backward_kernel(x_ptr, p_ptr, grad_out_ptr, grad_ladj_ptr, grad_x_ptr, grad_p_ptr, n, num_bins, count, stride_x,
+                        stride_grad_out, stride_ladj_row, stride_ladj_column,
                         bound, min_width, min_height, min_derivative, derivative_shift,
                         INVERSE: tl.constexpr, BLOCK: tl.constexpr, BLOCK_K: tl.constexpr):
     """Gradients of Σ grad_out·out + grad_ladj·ladj w.r.t. x and the raw parameters (as csrc's backward_block;
@@ -133,10 +140,10 @@ def _rq_backward_kernel(x_ptr, p_ptr, grad_out_ptr, grad_ladj_ptr, grad_x_ptr, g
     rows = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     row_ok = rows < n
     inside, bin_index, onehot, x_k, w_k, y_k, h_k, d_k, d_k1, raw_k, raw_k1, t, bins, width_fraction, height_fraction, \
-        value = _load_spline(x_ptr, p_ptr, rows, row_ok, num_bins, bound, min_width, min_height, min_derivative,
-                             derivative_shift, INVERSE, BLOCK_K)
-    g_y = tl.load(grad_out_ptr + rows, mask=row_ok, other=0.0)
-    g_l = tl.load(grad_ladj_ptr + rows, mask=row_ok, other=0.0)
+        value = _load_spline(x_ptr, p_ptr, rows, row_ok, _offsets(rows, count, stride_x, 1), num_bins, bound, min_width,
+                             min_height, min_derivative, derivative_shift, INVERSE, BLOCK_K)
+    g_y = tl.load(grad_out_ptr + _offsets(rows, count, stride_grad_out, 1), mask=row_ok, other=0.0)
+    g_l = tl.load(grad_ladj_ptr + _offsets(rows, count, stride_ladj_row, stride_ladj_column), mask=row_ok, other=0.0)
     grad_out = g_y
 
     s = h_k / w_k
@@ -197,30 +204,44 @@ def _launch_meta(num_bins: int, block: int | None) -> dict:
     return dict(BLOCK=block or max(16, min(128, 4096 // block_k)), BLOCK_K=block_k)
 
 
+def _layout(t) -> tuple[int, int]:
+    """(row length, row stride) of the elements of x `(n,)` (contiguous: one row) or `(N, T)` (unit column
+    stride, rows any stride apart): element i is at (i // T)·stride + i % T."""
+    return (t.shape[1], t.stride(0)) if t.dim() == 2 else (1, 1)
+
+
 def rq_spline_forward_triton(x, params, *, bound: float, inverse: bool, constants: tuple[float, float, float, float],
                              block: int | None = None, num_warps: int = 4):
-    """x `(n,)`, params `(n, 3K-1)`: contiguous float32 on one device. constants: (min bin width, min bin
-    height, min derivative, derivative shift); block, num_warps: elements and warps per program (launch
-    tuning, not yet timed on a GPU). Returns out `(n,)` and log|det J| `(n,)`."""
+    """x `(n,)` contiguous, or `(N, T)` with n = N·T (unit column stride, rows any stride apart: a column slice is
+    read in place); params `(n, 3K-1)` contiguous; float32 on one device. constants: (min bin width, min bin
+    height, min derivative, derivative shift); block, num_warps: elements and warps per program (launch tuning,
+    not yet timed on a GPU). Returns out `(n,)` and log|det J| `(n,)`."""
     n, n_params = params.shape
     num_bins = (n_params + 1) // 3
-    out, ladj = torch.empty_like(x), torch.empty_like(x)
+    x = row_major(x) if x.dim() == 2 else x
+    out, ladj = params.new_empty(n), params.new_empty(n)
     meta = _launch_meta(num_bins, block)
-    _rq_forward_kernel[(cdiv(n, meta["BLOCK"]),)](x, params, out, ladj, n, num_bins, float(bound), *constants,
-                                                         INVERSE=inverse, **meta, num_warps=num_warps)
+    _rq_forward_kernel[(cdiv(n, meta["BLOCK"]),)](x, params, out, ladj, n, num_bins, *_layout(x), float(bound), *constants,
+                                                  INVERSE=inverse, **meta, num_warps=num_warps)
     return out, ladj
 
 
 def rq_spline_backward_triton(x, params, grad_out, grad_ladj, *, bound: float, inverse: bool,
                               constants: tuple[float, float, float, float], block: int | None = None,
                               num_warps: int = 4):
-    """Gradients w.r.t. x `(n,)` and params `(n, 3K-1)` for upstream gradients grad_out, grad_ladj `(n,)`
-    (contiguous float32 on one device); launch settings as `rq_spline_forward_triton`."""
+    """Gradients w.r.t. x and params `(n, 3K-1)` for upstream gradients grad_out and grad_ladj, shaped as x
+    (`rq_spline_forward_triton`): grad_out with x's layout rules, grad_ladj `(N, T)` with any strides (e.g. the
+    expanded gradient of a row sum) or `(n,)` contiguous. Returns grad_x `(n,)` and grad_params."""
     n, n_params = params.shape
     num_bins = (n_params + 1) // 3
-    grad_x, grad_params = torch.empty_like(x), torch.empty_like(params)
+    if grad_out.shape != x.shape or grad_ladj.shape != x.shape:
+        raise ValueError(f"upstream gradients {tuple(grad_out.shape)}, {tuple(grad_ladj.shape)} must be shaped as x {tuple(x.shape)}")
+    if x.dim() == 2:
+        x, grad_out = row_major(x), row_major(grad_out)
+    grad_x, grad_params = params.new_empty(n), torch.empty_like(params)
+    ladj_strides = tuple(grad_ladj.stride()) if grad_ladj.dim() == 2 else (1, 0)
     meta = _launch_meta(num_bins, block)
-    _rq_backward_kernel[(cdiv(n, meta["BLOCK"]),)](x, params, grad_out, grad_ladj, grad_x, grad_params, n,
-                                                          num_bins, float(bound), *constants, INVERSE=inverse, **meta,
-                                                          num_warps=num_warps)
+    _rq_backward_kernel[(cdiv(n, meta["BLOCK"]),)](x, params, grad_out, grad_ladj, grad_x, grad_params, n, num_bins,
+                                                   *_layout(x), _layout(grad_out)[1], *ladj_strides, float(bound),
+                                                   *constants, INVERSE=inverse, **meta, num_warps=num_warps)
     return grad_x, grad_params

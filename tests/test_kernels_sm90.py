@@ -96,12 +96,13 @@ def _shared_memory(kernel: str, size: int, dim: int, context: int, approximate: 
         floats = ["bound", "min_width", "min_height", "min_derivative", "derivative_shift"]
         meta = {"INVERSE": bool(dim), **spline._launch_meta(size, None), "num_stages": 1}
         if kernel == "rq_forward":
-            compiled = _compile(spline._rq_forward_kernel, ["x_ptr", "p_ptr", "out_ptr", "ladj_ptr"], ["n", "num_bins"],
-                                floats, meta)
+            compiled = _compile(spline._rq_forward_kernel, ["x_ptr", "p_ptr", "out_ptr", "ladj_ptr"],
+                                ["n", "num_bins", "count", "stride_x"], floats, meta)
         else:
             compiled = _compile(spline._rq_backward_kernel,
                                 ["x_ptr", "p_ptr", "grad_out_ptr", "grad_ladj_ptr", "grad_x_ptr", "grad_p_ptr"],
-                                ["n", "num_bins"], floats, meta)
+                                ["n", "num_bins", "count", "stride_x", "stride_grad_out", "stride_ladj_row",
+                                 "stride_ladj_column"], floats, meta)
     elif kernel == "ode":
         compiled = sm90.compile_ode(size, dim, context, approximate=bool(approximate))
 

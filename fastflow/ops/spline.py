@@ -140,13 +140,14 @@ def rq_spline(
 
 
 class _TritonSpline(torch.autograd.Function):
-    """The elementwise Triton spline (kernels/spline.py) and its backward kernel."""
+    """The elementwise Triton spline (kernels/spline.py) and its backward kernel. Inputs `(N, T)` with unit
+    column stride (a coupling layer's column slice) and their upstream gradients are read in place."""
 
     @staticmethod
     def forward(ctx, inputs, params, bound: float, inverse: bool):
         from fastflow.kernels.spline import rq_spline_forward_triton
 
-        x, p = _flat(inputs, params)
+        x, p = _rows(inputs), params.detach().contiguous().reshape(-1, params.shape[-1])
         ctx.save_for_backward(x, p)
         ctx.bound, ctx.inverse, ctx.shapes = bound, inverse, (inputs.shape, params.shape)
         out, ladj = rq_spline_forward_triton(x, p, bound=bound, inverse=inverse, constants=SPLINE_CONSTANTS)
@@ -157,10 +158,18 @@ class _TritonSpline(torch.autograd.Function):
         from fastflow.kernels.spline import rq_spline_backward_triton
 
         x, p = ctx.saved_tensors
-        upstream = [torch.zeros_like(x) if g is None else g.contiguous().reshape(-1) for g in (grad_out, grad_ladj)]
-        grad_x, grad_p = rq_spline_backward_triton(x, p, *upstream, bound=ctx.bound, inverse=ctx.inverse,
+        # shaped as x: (N, T) read in place (rows of grad_out any stride apart, grad_ladj any strides), else flat
+        grad_out, grad_ladj = (x.new_zeros(x.shape) if g is None else g if x.dim() == 2 else g.contiguous().reshape(-1)
+                               for g in (grad_out, grad_ladj))
+        grad_x, grad_p = rq_spline_backward_triton(x, p, grad_out, grad_ladj, bound=ctx.bound, inverse=ctx.inverse,
                                                    constants=SPLINE_CONSTANTS)
         return grad_x.view(ctx.shapes[0]), grad_p.view(ctx.shapes[1]), None, None
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """t as the Triton spline kernels read it: `(N, T)` with unit column stride as it is, else flat contiguous."""
+    t = t.detach()
+    return t if t.dim() == 2 and t.stride(1) == 1 else t.contiguous().reshape(-1)
 
 
 def _flat(inputs: torch.Tensor, params: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -85,6 +85,37 @@ def test_triton_spline_matches_reference_forward_and_backward(inverse, shape, nu
         _assert_as_accurate(value, expected, reference, name)
 
 
+@pytest.mark.triton
+@pytest.mark.parametrize("inverse", [False, True])
+def test_triton_spline_reads_column_slices_and_expanded_gradients_in_place(inverse):
+    """A coupling layer's case: inputs a column slice `(N, T)` of a wider tensor, the log-determinant summed per
+    row (its upstream gradient expanded, stride 0) and the output's upstream gradient a column slice too: the
+    same values and gradients as with contiguous copies."""
+    from fastflow.backends import backends
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device not in backends()["triton"].devices:
+        pytest.skip(backends()["triton"].reason)
+    wide = (2.0 * torch.randn(37, 7)).to(device).requires_grad_()
+    params = torch.randn(37, 3, 3 * 6 - 1).to(device).requires_grad_()
+    cotangent_wide, cotangent_ladj = torch.randn(37, 9).to(device), torch.randn(37).to(device)
+
+    def run(inputs, strided: bool):
+        out, ladj = rq_spline(inputs, params, bound=2.0, inverse=inverse, backend="triton")
+        if strided:  # out's gradient arrives as a column slice, ladj's expanded from its row sums
+            padded = torch.cat([out, out.new_zeros(37, 6)], dim=1)
+            loss = (padded * cotangent_wide).sum() + (ladj.sum(-1) * cotangent_ladj).sum()
+        else:  # the same loss with contiguous gradients
+            loss = (out * cotangent_wide[:, :3]).sum() + (ladj * cotangent_ladj[:, None]).sum()
+        return (out, ladj, *torch.autograd.grad(loss, (wide, params)))
+
+    in_place = run(wide[:, 2:5], strided=True)
+    copied = run(wide[:, 2:5].contiguous(), strided=False)
+    assert not wide[:, 2:5].is_contiguous()
+    for a, b in zip(in_place, copied):
+        torch.testing.assert_close(a, b, atol=0.0, rtol=0.0)
+
+
 def test_triton_spline_is_float32_only_and_never_automatic(monkeypatch):
     monkeypatch.delenv("FASTFLOW_BACKEND", raising=False)
     with pytest.raises(RuntimeError, match="does not implement"):
