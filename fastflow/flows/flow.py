@@ -36,8 +36,9 @@ class Flow(nn.Module):
 
     def _chain(self, inverse: bool) -> list:
         """The transforms in execution order as steps `(x, context) -> (x, log|det J|)`, runs of coupling layers
-        fused into one launch where they can be (`fastflow.ops.coupling_flow`); rebuilt when `transforms` changes."""
-        key = tuple(map(id, self.transforms))
+        fused into one launch where they can be (`fastflow.ops.coupling_flow`); rebuilt when `transforms` or a
+        layer's backend changes."""
+        key = tuple((id(t), getattr(t, "backend", None)) for t in self.transforms)
         cached = self._chains.get(inverse)
         if cached is None or cached[0] != key:
             cached = self._chains[inverse] = (key, chain_transforms(list(self.transforms), inverse))

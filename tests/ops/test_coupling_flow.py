@@ -96,6 +96,15 @@ def test_runs_take_the_couplings_and_the_permutation_after_each():
     assert backward[3].steps == [(couplings[1], permutations[0]), (couplings[0], None)]
 
 
+def test_changing_a_layer_backend_rebuilds_the_runs():
+    flow = CouplingFlow(4, config=FlowConfig(transform="affine", num_layers=3, hidden=16), backend="triton")
+    (run,) = flow._chain(inverse=False)
+    flow.transforms[2].backend = "reference"  # the middle coupling layer (transforms alternate with permutations)
+    first, second, third = flow._chain(inverse=False)
+    assert run not in (first, second, third) and second.backend == "reference"
+    assert first.steps[0][0] is flow.transforms[0] and third.steps[0][0] is flow.transforms[4]
+
+
 def test_mixed_flow_with_preprocessing_matches_the_reference(backend_pair):
     def make(backend):
         dim = 3
