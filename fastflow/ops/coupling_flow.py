@@ -15,6 +15,7 @@ from typing import Callable
 
 import torch
 
+from fastflow.backends import triton_device
 from fastflow.ops.coupling import TritonAffineStep, conditioner_hidden, dispatch
 
 __all__ = ["CouplingRun", "chain_transforms"]
@@ -38,7 +39,7 @@ class CouplingRun:
         self._maps: tuple | None = None  # (key, column maps)
 
     def __call__(self, x: torch.Tensor, context: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        if x.shape[0] and x.dim() == 2:
+        if x.shape[0] and x.dim() == 2 and triton_device(x.device):  # else the layers dispatch one by one
             kernel_context = self.couplings[0]._context(context)
             chosen, recording, precision = dispatch(x, kernel_context, x, self.weights, self.backend, None)
             if chosen == "triton" and not recording:
