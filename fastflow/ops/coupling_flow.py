@@ -64,11 +64,10 @@ class CouplingRun:
         for (coupling, _), column_map in zip(self.steps, self._column_maps(x.device)):
             kept, changed = coupling._split(x)
             weights = coupling._weights()
+            pre_activation = conditioner_hidden(kept, context, weights, activate_last=False)
             kept_0, _, changed_0, _ = coupling.fused_layout()
-            x, ladj = TritonAffineStep.apply(conditioner_hidden(kept, context, weights, activate_last=False), weights[-2],
-                                             weights[-1], kept, changed,
-                                             ladj, column_map, kept_0, changed_0, self.options["scale_bound"], self.inverse,
-                                             precision)
+            x, ladj = TritonAffineStep.apply(pre_activation, weights[-2], weights[-1], kept, changed, ladj, column_map,
+                                             kept_0, changed_0, self.options["scale_bound"], self.inverse, precision)
         return x, ladj
 
     def fused(self, x: torch.Tensor, context: torch.Tensor | None, precision: str, **launch) -> tuple[torch.Tensor, torch.Tensor]:
