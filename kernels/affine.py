@@ -1,6 +1,8 @@
 """Elementwise affine coupling transform in Triton (`fastflow.ops.coupling._affine_transform`'s map): out and
 log|det J| from the conditioner's raw outputs, and its backward, for the affine coupling op with autograd on
-CUDA (the conditioner runs in torch).
+CUDA (the conditioner runs in torch); the training step of a layer in a flow (`affine_step_*`: the last SiLU,
+the conditioner's last layer, the map, the running log-determinant and the permuted merge, each way); and the
+jit helpers the fused coupling kernels share (the map, its gradients, the last layer, column stores).
 
 The map, per changed coordinate t of a row: s = bound·tanh(raw[2t] / bound), shift = raw[2t + 1];
 forward out = x·exp(s) + shift, inverse out = (x - shift)·exp(-s); log|det J| = ±Σ_t s.
