@@ -38,7 +38,7 @@ class Flow(nn.Module):
         """The transforms in execution order as steps `(x, context) -> (x, log|det J|)`, runs of coupling layers
         fused into one launch where they can be (`fastflow.ops.coupling_flow`); rebuilt when `transforms` or a
         layer's backend changes."""
-        key = tuple((id(t), getattr(t, "backend", None)) for t in self.transforms)
+        key = tuple((id(t), t.__dict__.get("backend")) for t in self.transforms)  # (no nn.Module.__getattr__ miss)
         cached = self._chains.get(inverse)
         if cached is None or cached[0] != key:
             cached = self._chains[inverse] = (key, chain_transforms(list(self.transforms), inverse))

@@ -35,8 +35,10 @@ class CouplingRun:
         first = self.couplings[0]
         self.backend, self.options = first.backend, first.fused_options()
         self.weights = [w for coupling in self.couplings for w in coupling._weights()]
-        self._packed: tuple | None = None  # (key, params, steps table)
-        self._maps: tuple | None = None  # (key, column maps)
+        offsets = torch.tensor([0] + [w.numel() for w in self.weights]).cumsum(0)[:-1].view(len(steps), 6)
+        layouts = torch.tensor([coupling.fused_layout() for coupling in self.couplings])
+        self._steps = torch.cat([layouts, offsets], dim=1).to(torch.int32)  # the kernel's steps table (STEP_FIELDS)
+        self._tables: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}  # device -> (steps, column maps)
 
     def __call__(self, x: torch.Tensor, context: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         if x.shape[0] and x.dim() == 2 and triton_device(x.device):  # else the layers dispatch one by one
@@ -61,7 +63,7 @@ class CouplingRun:
         """Affine layers under autograd on the Triton backend: each layer's hidden layers in torch up to the last
         pre-activation, the rest (SiLU, last layer, map, log-determinant, permuted merge) as one `TritonAffineStep`."""
         ladj = None
-        for (coupling, _), column_map in zip(self.steps, self._column_maps(x.device)):
+        for (coupling, _), column_map in zip(self.steps, self._on(x.device)[1]):
             kept, changed = coupling._split(x)
             weights = coupling._weights()
             pre_activation = conditioner_hidden(kept, context, weights, activate_last=False)
@@ -75,7 +77,8 @@ class CouplingRun:
         the caller checks), its products in `precision`, with `launch` settings (block_m, block_hk, num_warps)."""
         from fastflow.kernels.coupling import coupling_flow_triton
 
-        params, steps, column_maps = self._pack(x.device)
+        params = torch.cat([w.detach().reshape(-1) for w in self.weights])  # packed per call: weights change in place
+        steps, column_maps = self._on(x.device)
         layouts = [coupling.fused_layout() for coupling in self.couplings]
         n_context = 0 if context is None else context.shape[1]
         return coupling_flow_triton(
@@ -83,27 +86,14 @@ class CouplingRun:
             max_inputs=max(kept for _, kept, _, _ in layouts) + n_context, max_changed=max(changed for *_, changed in layouts),
             inverse=self.inverse, precision=precision, **self.options, **launch)
 
-    def _column_maps(self, device: torch.device) -> torch.Tensor:
-        """`(S, D)` int32: where step s stores its state's columns (the permutation after the layer, or none),
-        rebuilt when a permutation changed."""
-        maps = [permutation.column_map(self.inverse) if permutation is not None else None for _, permutation in self.steps]
-        key = (device, *((m.data_ptr(), m._version) for m in maps if m is not None))
-        if self._maps is None or self._maps[0] != key:
-            identity = torch.arange(self.couplings[0].dim, device=device)
-            self._maps = (key, torch.stack([identity if m is None else m.to(device) for m in maps]).to(torch.int32))
-        return self._maps[1]
-
-    def _pack(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The kernel's float32 parameters, steps table and column maps; the parameters and table rebuilt when a
-        weight changed (storage or in-place version)."""
-        key = tuple((w.data_ptr(), w._version) for w in self.weights)
-        if self._packed is None or self._packed[0] != key:
-            flat = [w.detach().reshape(-1) for w in self.weights]
-            offsets = torch.tensor([0] + [w.numel() for w in flat]).cumsum(0)[:-1].view(len(self.steps), 6)
-            layouts = torch.tensor([coupling.fused_layout() for coupling in self.couplings])
-            steps = torch.cat([layouts, offsets], dim=1)  # STEP_FIELDS columns
-            self._packed = (key, torch.cat(flat).float(), steps.to(device=device, dtype=torch.int32))
-        return (*self._packed[1:], self._column_maps(device))
+    def _on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The steps table and the column maps `(S, D)` int32 (where step s stores its state's columns: the
+        permutation after the layer, or none) on `device`; both fixed by the layers' structure."""
+        if device not in self._tables:
+            identity = torch.arange(self.couplings[0].dim)
+            maps = [identity if p is None else p.column_map(self.inverse).cpu() for _, p in self.steps]
+            self._tables[device] = (self._steps.to(device), torch.stack(maps).to(device=device, dtype=torch.int32))
+        return self._tables[device]
 
 
 def chain_transforms(transforms: list[torch.nn.Module], inverse: bool) -> list[Step]:

@@ -185,8 +185,9 @@ def test_under_autograd_values_and_gradients_match_the_reference(transform, dim,
     _assert_gradients_close(grads, grads_ref)
 
 
-def test_packed_weights_follow_parameter_updates(backend_pair):
-    """The run packs the weights once; an in-place update (an optimizer step) or a new state_dict repacks them."""
+def test_fused_runs_follow_parameter_updates(backend_pair):
+    """Every call reads the current weights: after an in-place update (an optimizer step, or through `.data`,
+    which no version counter sees) or a new state_dict."""
     reference, fused = backend_pair(_coupling_flow("affine", 4, 0, "reverse"))
     x = torch.randn(20, 4, device=DEVICE)
     with torch.no_grad():
@@ -196,6 +197,10 @@ def test_packed_weights_follow_parameter_updates(backend_pair):
                 p.mul_(0.5)
         torch.testing.assert_close(fused.log_prob(x), reference.log_prob(x), atol=ATOL, rtol=RTOL)
         assert not torch.allclose(before, fused.log_prob(x))
+        for flow in (reference, fused):
+            for p in flow.parameters():
+                p.data.add_(0.1)
+        torch.testing.assert_close(fused.log_prob(x), reference.log_prob(x), atol=ATOL, rtol=RTOL)
         fresh = CouplingFlow(4, config=FlowConfig(transform="affine", num_layers=3, hidden=32)).to(DEVICE)
         fused.load_state_dict(fresh.state_dict())
         torch.testing.assert_close(fused.log_prob(x), fresh.log_prob(x), atol=ATOL, rtol=RTOL)
