@@ -5,6 +5,8 @@ log-determinant, with the hidden activations kept on chip. Forward/inverse map; 
 between them, in one launch (`fastflow.ops.coupling_flow`).
 """
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -362,6 +364,19 @@ def _coupling_flow_kernel(
     tl.store(ladj_ptr + rows, ladj, mask=row_ok)
 
 
+@functools.lru_cache(maxsize=256)
+def _flow_meta(spline: bool, max_inputs: int, n_hidden: int, max_changed: int, num_bins: int | None, inverse: bool,
+               block_m: int, precision: str, approximate: bool, chunk_columns: int | None, block_hk: int | None) -> dict:
+    """The fused run's meta-parameters (computed once per size: launches are host-bound at GPU batch sizes)."""
+    if spline:
+        meta = spline_meta(max_inputs, n_hidden, max_changed, num_bins, inverse=inverse, block_m=block_m,
+                           precision=precision, approximate=approximate, chunk_columns=chunk_columns, block_hk=block_hk)
+        return {**meta, "BLOCK_OUT": 16}  # unused by the spline layers
+    meta = affine_meta(max_inputs, n_hidden, max_changed, inverse=inverse, block_m=block_m, precision=precision,
+                       approximate=approximate, block_hk=block_hk)
+    return {**meta, "BLOCK_T": 1, "BLOCK_K": 16, "T_CHUNK": 1}  # unused by the affine layers
+
+
 def coupling_flow_triton(x, context, params, steps, column_maps, *, n_hidden: int, max_inputs: int, max_changed: int,
                          inverse: bool, scale_bound: float | None = None, num_bins: int | None = None,
                          bound: float | None = None, constants: tuple[float, float, float, float] | None = None,
@@ -388,15 +403,8 @@ def coupling_flow_triton(x, context, params, steps, column_maps, *, n_hidden: in
     """
     n_rows, n_dim = x.shape
     spline = scale_bound is None
-    approximate = approximate_activations(precision, x.device, approximate)
-    if spline:
-        meta = spline_meta(max_inputs, n_hidden, max_changed, num_bins, inverse=inverse, block_m=block_m,
-                           precision=precision, approximate=approximate, chunk_columns=chunk_columns, block_hk=block_hk)
-        meta["BLOCK_OUT"] = 16  # unused by the spline layers
-    else:
-        meta = affine_meta(max_inputs, n_hidden, max_changed, inverse=inverse, block_m=block_m, precision=precision,
-                           approximate=approximate, block_hk=block_hk)
-        meta.update(BLOCK_T=1, BLOCK_K=16, T_CHUNK=1)  # unused by the affine layers
+    meta = _flow_meta(spline, max_inputs, n_hidden, max_changed, num_bins, inverse, block_m, precision,
+                      approximate_activations(precision, x.device, approximate), chunk_columns, block_hk)
     context = x.new_empty(0, 0) if context is None else row_major(context)
     out, scratch, ladj = torch.empty_like(x), torch.empty_like(x) if steps.shape[0] > 1 else x, x.new_empty(n_rows)
     spline_scalars = (float(bound), *constants) if spline else (0.0,) * 5
