@@ -79,11 +79,12 @@ class Flow(nn.Module):
                     f"context batch shape {tuple(context.shape[:-1])} does not broadcast to θ batch shape {tuple(batch_shape)}"
                 ) from None
             embedded = embedded.reshape(x.shape[0], -1)
-        total = x.new_zeros(x.shape[0])
+        log_q = None
         for step in self._chain(inverse=False):
             x, ladj = step(x, embedded)
-            total = total + ladj
-        return (self.base.log_prob(x) + total).reshape(batch_shape)
+            log_q = ladj if log_q is None else log_q + ladj
+        log_q = self.base.log_prob(x) if log_q is None else self.base.log_prob(x) + log_q
+        return log_q.reshape(batch_shape)
 
     # -- sampling ---------------------------------------------------------------------------------
     def _sample(self, n: int, context: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
