@@ -34,27 +34,32 @@ class CouplingRun:
         self.couplings = [coupling for coupling, _ in steps]
         first = self.couplings[0]
         self.backend, self.options = first.backend, first.fused_options()
-        self.weights = [w for coupling in self.couplings for w in coupling._weights()]
-        offsets = torch.tensor([0] + [w.numel() for w in self.weights]).cumsum(0)[:-1].view(len(steps), 6)
+        offsets = torch.tensor([0] + [w.numel() for w in self.weights()]).cumsum(0)[:-1].view(len(steps), 6)
         layouts = torch.tensor([coupling.fused_layout() for coupling in self.couplings])
         self._steps = torch.cat([layouts, offsets], dim=1).to(torch.int32)  # the kernel's steps table (STEP_FIELDS)
+        self._max_kept, self._max_changed = int(layouts[:, 1].max()), int(layouts[:, 3].max())
         self._tables: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}  # device -> (steps, column maps)
+
+    def weights(self) -> list[torch.Tensor]:
+        """Every layer's (w1, b1, w2, b2, w3, b3), read from the layers on each call (parameters may be replaced)."""
+        return [w for coupling in self.couplings for w in coupling._weights()]
 
     def __call__(self, x: torch.Tensor, context: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         if x.shape[0] and x.dim() == 2 and triton_device(x.device):  # else the layers dispatch one by one
             kernel_context = self.couplings[0]._context(context)
-            chosen, recording, precision = dispatch(x, kernel_context, x, self.weights, self.backend, None)
+            weights = self.weights()
+            chosen, recording, precision = dispatch(x, kernel_context, x, weights, self.backend, None)
             if chosen == "triton" and not recording:
-                return self.fused(x, kernel_context, precision)
+                return self.fused(x, kernel_context, precision, weights)
             if chosen == "triton" and "scale_bound" in self.options:
                 return self._affine_steps(x, kernel_context, precision)
         return self._one_by_one(x, context)
 
     def _one_by_one(self, x, context):
-        total = x.new_zeros(x.shape[0])
+        total = None
         for coupling, permutation in self.steps:
             x, ladj = coupling.inverse(x, context) if self.inverse else coupling(x, context)
-            total = total + ladj
+            total = ladj if total is None else total + ladj
             if permutation is not None:
                 x, _ = permutation.inverse(x, context) if self.inverse else permutation(x, context)
         return x, total
@@ -72,19 +77,21 @@ class CouplingRun:
                                              kept_0, changed_0, self.options["scale_bound"], self.inverse, precision)
         return x, ladj
 
-    def fused(self, x: torch.Tensor, context: torch.Tensor | None, precision: str, **launch) -> tuple[torch.Tensor, torch.Tensor]:
+    def fused(self, x: torch.Tensor, context: torch.Tensor | None, precision: str,
+              weights: list[torch.Tensor] | None = None, **launch) -> tuple[torch.Tensor, torch.Tensor]:
         """The run as one launch of `kernels.coupling.coupling_flow_triton` (float32 on a Triton device, no autograd:
-        the caller checks), its products in `precision`, with `launch` settings (block_m, block_hk, num_warps)."""
+        the caller checks), its products in `precision`, with `launch` settings (block_m, block_hk, num_warps);
+        `weights`: `self.weights()` when the caller has them."""
         from fastflow.kernels.coupling import coupling_flow_triton
 
-        params = torch.cat([w.detach().reshape(-1) for w in self.weights])  # packed per call: weights change in place
+        weights = self.weights() if weights is None else weights
+        params = torch.cat([w.detach().reshape(-1) for w in weights])  # packed per call: weights change in place
         steps, column_maps = self._on(x.device)
-        layouts = [coupling.fused_layout() for coupling in self.couplings]
         n_context = 0 if context is None else context.shape[1]
         return coupling_flow_triton(
-            x.contiguous(), context, params, steps, column_maps, n_hidden=self.weights[0].shape[0],
-            max_inputs=max(kept for _, kept, _, _ in layouts) + n_context, max_changed=max(changed for *_, changed in layouts),
-            inverse=self.inverse, precision=precision, **self.options, **launch)
+            x.contiguous(), context, params, steps, column_maps, n_hidden=weights[0].shape[0],
+            max_inputs=self._max_kept + n_context, max_changed=self._max_changed, inverse=self.inverse,
+            precision=precision, **self.options, **launch)
 
     def _on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """The steps table and the column maps `(S, D)` int32 (where step s stores its state's columns: the

@@ -187,7 +187,7 @@ def test_under_autograd_values_and_gradients_match_the_reference(transform, dim,
 
 def test_fused_runs_follow_parameter_updates(backend_pair):
     """Every call reads the current weights: after an in-place update (an optimizer step, or through `.data`,
-    which no version counter sees) or a new state_dict."""
+    which no version counter sees), a new state_dict, or new parameter objects (`assign=True`)."""
     reference, fused = backend_pair(_coupling_flow("affine", 4, 0, "reverse"))
     x = torch.randn(20, 4, device=DEVICE)
     with torch.no_grad():
@@ -204,6 +204,8 @@ def test_fused_runs_follow_parameter_updates(backend_pair):
         fresh = CouplingFlow(4, config=FlowConfig(transform="affine", num_layers=3, hidden=32)).to(DEVICE)
         fused.load_state_dict(fresh.state_dict())
         torch.testing.assert_close(fused.log_prob(x), fresh.log_prob(x), atol=ATOL, rtol=RTOL)
+        fused.load_state_dict(reference.state_dict(), assign=True)  # new parameter objects
+        torch.testing.assert_close(fused.log_prob(x), reference.log_prob(x), atol=ATOL, rtol=RTOL)
 
 
 def test_forced_triton_on_unsupported_inputs_names_the_fallback(backend_pair):
