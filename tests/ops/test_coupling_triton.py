@@ -214,28 +214,32 @@ def test_strided_inputs_give_the_contiguous_result(transform):
 @pytest.mark.gpu
 @pytest.mark.parametrize("transform", ["affine", "spline"])
 def test_gpu_approximate_activations_stay_within_tf32_error(transform):
-    """TF32 products on CUDA take the approximate activations by default (`kernels.activations`): against the
-    exact activations with the same TF32 products, outputs and log-determinants agree to atol = rtol = 1e-2, half
-    the TF32-vs-fp32 tolerance (tanh.approx.f32's ~2^-11 relative error, as TF32's rounding, moves the spline
-    parameters ~1e-3), at the benchmark's layer size."""
+    """TF32 products on CUDA take the approximate activations by default (`kernels.activations`). Against fp32
+    products with exact activations, their outputs and log-determinants are as accurate as the exact activations
+    with the same TF32 products: mean absolute error within 10 %, the 99.9 % quantile within 25 % (H100, these
+    random weights: equal means, quantiles within 4 %). Elementwise bounds would not hold: the random weights
+    make bins so narrow that TF32 rounding alone moves a few outputs by up to 5 and log-determinants by up to 12,
+    and the approximate activations move the same elements by a different amount."""
     from fastflow.kernels.coupling import affine_coupling_triton, spline_coupling_triton
     from fastflow.ops.spline import SPLINE_CONSTANTS
 
     bins = 8
     kept, _, changed, weights = _layer_inputs(65_536, 4, 0, 4, 128, params_per_coordinate=2 if transform == "affine" else 3 * bins - 1)
     if transform == "affine":
-        def run(approximate):
-            return affine_coupling_triton(kept, None, changed, weights, scale_bound=3.0, inverse=False, precision="tf32",
+        def run(approximate, precision="tf32"):
+            return affine_coupling_triton(kept, None, changed, weights, scale_bound=3.0, inverse=False, precision=precision,
                                           approximate=approximate)
     else:
-        def run(approximate):
+        def run(approximate, precision="tf32"):
             return spline_coupling_triton(kept, None, changed, weights, num_bins=bins, bound=3.0, inverse=False,
-                                          constants=SPLINE_CONSTANTS, precision="tf32", approximate=approximate)
+                                          constants=SPLINE_CONSTANTS, precision=precision, approximate=approximate)
     with torch.no_grad():
-        default, approximate, exact = run(None), run(True), run(False)
-    for a, b, c in zip(default, approximate, exact):
+        default, approximate, exact, fp32 = run(None), run(True), run(False), run(False, "ieee")
+    for a, b, c, truth in zip(default, approximate, exact, fp32):
         torch.testing.assert_close(a, b, atol=0.0, rtol=0.0)  # the default on CUDA with TF32 products
-        torch.testing.assert_close(b, c, atol=1e-2, rtol=1e-2)
+        approximate_error, exact_error = (b - truth).abs().flatten(), (c - truth).abs().flatten()
+        assert approximate_error.mean() <= 1.1 * exact_error.mean() + 1e-6
+        assert approximate_error.quantile(0.999) <= 1.25 * exact_error.quantile(0.999) + 1e-6
 
 
 def test_approximate_activations_need_an_nvidia_gpu():
