@@ -9,12 +9,11 @@ Usage (on a GPU machine; `FASTFLOW_GPU_STEPS=sweep bash bench/run_gpu.sh OUT` ru
 
 Static facts from sm_90 compiles (bench/sm90.py: cuobjdump --dump-resource-usage of Triton 3.9's cubins, RK4, 3 hidden layers):
 width 64 compiles without spills at (block_m, block_k, warps) = (64, 16, 4), (64, 64, 4), (64, 16, 8),
-(128, 64, 8), and in one chunk (block_k 64, the default now) without the per-layer scratch round trip and with
-~20% fewer instructions; every width-256 setting tried spills: 0.7 KB of stack per thread at (32, 16, 8), 1.3-3.4 KB at
-(64, 16-64, 8), (128, 32, 8), (32, 32, 4-8) (the default (64, 16, 8) ran RK4 1.4x faster than torchdiffeq on an
-H200, width 64 3.1-3.7x). The approximate activations (tanh.approx.f32, the default with TF32 products) cut
-the RK4 kernel's SASS from 9,520 to 5,568 instructions at width 64 (17,224 to 9,320 at width 256) with the GPU
-image's Triton 3.6, and its special-function operations by half; not yet timed (`python bench/sm90.py`).
+(128, 64, 8), and in one chunk (block_k 64, the default); every width-256 setting tried spills (0.7-3.4 KB of
+stack per thread). Timed on an H100 (bench/results/gpu_sweep_2026-11-26_NVIDIA-H100-80GB-HBM3.json, 131,072
+samples, RK4-100): the ODE defaults were the fastest setting at both widths (7.2 ms at width 64, 220 ms at 256);
+the exact activations took 2.4x / 1.4x longer, and weights outside shared memory 1.2x at width 64. Spill-free
+is not fastest for the coupling runs: 4 warps (spilling) beat 8 (none), see `kernels.coupling.FLOW_LAUNCH`.
 """
 
 from __future__ import annotations
@@ -33,9 +32,9 @@ ODE_SETTINGS = {  # width: launch settings of `mlp_odeint` (kernels.ode.mlp_odei
         (32, 16, 8), (128, 16, 8), (64, 32, 8)))],
 }
 COUPLING_SETTINGS = [{}, *(dict(block_m=m, block_hk=k, num_warps=w) for m, k, w in (  # fused 5-layer runs, default first
-    (32, None, 4), (64, 64, 8), (128, 32, 8), (32, 32, 4), (64, 32, 4)))]  # (32, None, 4): the per-layer kernels' default
+    (32, None, 4), (64, 32, 8), (128, 32, 8), (128, 32, 4), (64, 64, 4)))]  # (32, None, 4): the per-layer kernels' default
 SPLINE_CHUNK_COLUMNS = (32, None)  # spline (coordinate, bin) columns per pass besides the default 16 (None: whole layer)
-SPLINE_SETTINGS = [(128, 4), (64, 2), (64, 4), (256, 4), (256, 8), (512, 8)]  # (block, num_warps), 8 bins: default first
+SPLINE_SETTINGS = [(64, 4), (32, 4), (64, 2), (128, 4), (128, 8)]  # (block, num_warps), 8 bins: default first
 
 
 def _milliseconds(fn, device: torch.device, repeats: int = 3) -> float:

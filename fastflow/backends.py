@@ -126,10 +126,10 @@ def resolve_backend(
 
 
 TRITON_PRECISIONS = ("ieee", "tf32", "tf32x3")
-# The products' precisions for which automatic dispatch takes a fused Triton kernel on CUDA. Measured on an
-# H200 (bench/results/gpu_*_2026-11-26_NVIDIA-H200.json): with "ieee" (fp32 on CUDA cores) the fused
-# kernels ran 1.4-14x slower than the PyTorch reference (cuBLAS fp32); with "tf32" the spline coupling and
-# ODE kernels ran 1.4-24x faster than that reference (the affine coupling 0.8-1.2x).
+# The products' precisions for which automatic dispatch takes the fused ODE kernel on CUDA. Measured on an
+# H200 and an H100 (bench/results/gpu_ode_2026-11-26_*.json): with "ieee" (fp32 on CUDA cores) and "tf32x3"
+# the fused kernels ran slower than the PyTorch reference (cuBLAS fp32); with "tf32" 2.4-17x faster.
+# (Coupling layers with fp32 products run their conditioner in torch instead: `ops.coupling.fuses_conditioner`.)
 AUTO_TRITON_PRECISIONS = ("tf32",)
 
 

@@ -302,11 +302,13 @@ def spline_coupling_triton(kept, context, changed, weights, *, num_bins: int, bo
     return out, ladj
 
 
-# Launch defaults of the fused run, from sm_90 compiles (bench/sm90.py `compile_coupling_flow`, Triton 3.6; not yet
-# timed), width 128, 5 layers: 64 rows and 8 warps per program, first-layer units 32 at a time: no spills at 8-D
-# (affine 1,696 SASS instructions, spline 2,432) where the per-layer defaults (whole first layer, 4 warps) spilled
-# 976 B (affine, 4,440 instructions) and 0-552 B (spline, 4,880-5,752).
-FLOW_LAUNCH = {"block_m": 64, "block_hk": 32, "num_warps": 8}
+# Launch defaults of the fused run, from the H100 sweep (bench/results/gpu_sweep_2026-11-26_NVIDIA-H100-80GB-HBM3.json,
+# TF32, width 128, 5 layers, 65,536 rows): 64 rows, first-layer units 32 at a time, 4 warps per program: spline 8-D
+# 0.62 ms, 32-D 1.77 ms, affine 8-D 0.38 ms, where 8 warps took 0.88 / 2.11 / 0.54 ms (32-D splines ran fastest
+# at 128 rows and 8 warps, 1.47 ms). With 4 warps the sm_90 build spills 380-680 B per thread (bench/sm90.py
+# `compile_coupling_flow`; 8 warps: none), yet two programs share an SM where one 8-warp program of 255
+# registers per thread fills its register file.
+FLOW_LAUNCH = {"block_m": 64, "block_hk": 32, "num_warps": 4}
 
 # Per step of a fused run of coupling layers, the int32 fields of its row in the steps table: where the kept and
 # changed coordinates start and how many there are, then the offsets of w1, b1, w2, b2, w3, b3 in the packed

@@ -108,10 +108,10 @@ class AffineCoupling(_Coupling):
         flip: transform the first half instead of the second.
         hidden, depth: conditioner MLP width and number of hidden layers.
         scale_bound: bound of the log-scale.
-        backend: None/"auto", "reference", "triton" (the fused kernel: CUDA, or TRITON_INTERPRET=1) or
-            "native" (CPU: native bias + SiLU in the conditioner, blocks of rows without autograd). "auto" on
-            CUDA takes the fused kernel without autograd when torch allows TF32 products
-            (`torch.backends.cuda.matmul.allow_tf32`), the reference otherwise (faster there on an H200).
+        backend: None/"auto", "reference", "triton" (CUDA, or TRITON_INTERPRET=1: the fused kernel without
+            autograd when its products may be TF32, `torch.backends.cuda.matmul.allow_tf32`; else the conditioner
+            in torch and the map in Triton) or "native" (CPU: native bias + SiLU in the conditioner, blocks of
+            rows without autograd). "auto" takes Triton for float32 on CUDA.
     """
 
     params_per_coordinate = 2
@@ -138,7 +138,7 @@ class SplineCoupling(_Coupling):
     Arguments:
         dim, context_dim, flip, hidden, depth: as in `AffineCoupling`.
         num_bins: K, bins per spline; bound: B, half-width of the spline interval.
-        backend: None/"auto"; "triton" (the fused layer: CUDA, or TRITON_INTERPRET=1), "native" (C++
+        backend: None/"auto"; "triton" (as in `AffineCoupling`), "native" (C++
             spline on CPU) or "reference"; "auto" on CUDA as in `AffineCoupling`.
     """
 

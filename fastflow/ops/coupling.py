@@ -3,8 +3,8 @@ transform of the changed half (affine, or rational-quadratic spline) and log|det
 
 `affine_coupling_ref` / `spline_coupling_ref` are the PyTorch references. The Triton path
 (kernels/coupling.py) fuses the whole layer without autograd, so hidden activations never reach global
-memory; under autograd the conditioner runs in torch (cuBLAS) and the transform through an elementwise Triton
-op with its backward kernel (kernels/spline.py, kernels/affine.py); `TritonAffineStep` takes an affine layer's
+memory; under autograd, and for fp32 products on CUDA (`fuses_conditioner`), the conditioner runs in torch
+(cuBLAS) and the transform through an elementwise Triton op with its backward kernel (kernels/spline.py, kernels/affine.py); `TritonAffineStep` takes an affine layer's
 last SiLU and conditioner layer into that op too, with the merge and the next permutation (used by the runs of layers in
 a `Flow`, `fastflow.ops.coupling_flow`). On CPU the native backend runs the spline's
 elementwise part through `rq_spline` (C++) and
@@ -17,12 +17,12 @@ fresh full-batch tensors at every op.
 from __future__ import annotations
 
 from functools import partial
-from typing import Callable, Iterator
+from typing import Callable, Iterator, NamedTuple
 
 import torch
 import torch.nn.functional as F
 
-from fastflow.backends import AUTO_TRITON_PRECISIONS, is_automatic, resolve_backend, triton_device, triton_precision
+from fastflow.backends import resolve_backend, triton_device, triton_precision
 from fastflow.ops.linear import BLOCK_ROWS, linear_silu, linear_silu_into
 from fastflow.ops.spline import (
     SPLINE_CONSTANTS, rq_spline, rq_spline_rows_native_into,
@@ -219,15 +219,22 @@ def _check(kept, context, changed, weights) -> tuple[bool, list[torch.Tensor]]:
     return fusable, tensors
 
 
-def _supported(kept: torch.Tensor, tensors: list[torch.Tensor], fusable: bool, backend: str | None,
-               precision: str) -> tuple[str, ...]:
+def _supported(kept: torch.Tensor, tensors: list[torch.Tensor], fusable: bool) -> tuple[str, ...]:
     """The backends a coupling layer can run these tensors on: native on CPU float32/float64, Triton when
-    fusable. Automatic dispatch skips Triton for fp32 products (the reference was faster on an H200) and under
-    autograd (the Triton training path, torch conditioner + Triton spline op, is not yet timed on a GPU)."""
+    fusable (automatic dispatch prefers it on CUDA: on an H100, `bench/results/gpu_coupling_2026-11-26_*H100*`,
+    it was 1.4-60x faster than the reference without autograd where it fuses the conditioner, and with autograd
+    3-16x for splines, on a par for affine layers with fp32 products, 1.1-1.2x with TF32)."""
     native_ok = kept.device.type == "cpu" and all(t.dtype in (torch.float32, torch.float64) for t in tensors)
-    if fusable and is_automatic(backend):
-        fusable = precision in AUTO_TRITON_PRECISIONS and not _recording(tensors)
     return ("reference",) + (("native",) if native_ok else ()) + (("triton",) if fusable else ())
+
+
+def fuses_conditioner(precision: str, device: torch.device) -> bool:
+    """Whether the Triton backend runs a layer (or a run of layers) without autograd as one fused kernel, the
+    conditioner MLP inside it: with tensor-core products ("tf32", "tf32x3"), and under the CPU interpreter. With
+    fp32 products on CUDA ("ieee": CUDA cores inside Triton) the conditioner runs in torch (cuBLAS) and only the
+    transform in Triton, as under autograd: on an H100 the fused spline flow took 28 ms (d = 8) where that path
+    took 6.8 ms with its backward."""
+    return precision != "ieee" or device.type != "cuda"
 
 
 def _recording(tensors: list[torch.Tensor]) -> bool:
@@ -235,31 +242,43 @@ def _recording(tensors: list[torch.Tensor]) -> bool:
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
-def dispatch(kept, context, changed, weights, backend: str | None, precision: str | None) -> tuple[str, bool, str]:
-    """(backend chosen, whether autograd records through these tensors, the products' precision) for a coupling
-    layer, or for a run of layers with `weights` holding each one's six tensors (`fastflow.ops.coupling_flow`)."""
+class Dispatch(NamedTuple):
+    """How a coupling layer (or run of layers) runs: the backend, whether autograd records through its tensors,
+    whether the Triton backend runs the fused kernel (no autograd, `fuses_conditioner`), the products' precision."""
+
+    backend: str
+    recording: bool
+    fused: bool
+    precision: str
+
+
+def dispatch(kept, context, changed, weights, backend: str | None, precision: str | None) -> Dispatch:
+    """The `Dispatch` of a coupling layer, or of a run of layers with `weights` holding each one's six tensors
+    (`fastflow.ops.coupling_flow`)."""
     fusable, tensors = _check(kept, context, changed, weights)
     precision = triton_precision(precision, kept.device)
-    chosen = resolve_backend(backend, kept.device, supports=_supported(kept, tensors, fusable, backend, precision))
-    return chosen, _recording(tensors), precision
+    chosen = resolve_backend(backend, kept.device, supports=_supported(kept, tensors, fusable))
+    recording = _recording(tensors)
+    return Dispatch(chosen, recording, chosen == "triton" and not recording and fuses_conditioner(precision, kept.device),
+                    precision)
 
 
 def affine_coupling(kept, context, changed, weights, *, scale_bound: float, inverse: bool, backend: str | None = None,
                     precision: str | None = None):
     """`affine_coupling_ref` through the backend chosen by `fastflow.backends.resolve_backend`.
 
-    Triton fuses float32 layers with two hidden layers without autograd (CUDA, or TRITON_INTERPRET=1), its
-    products in `precision` ("ieee", "tf32" or "tf32x3"; None follows `torch.backends.cuda.matmul.allow_tf32`;
-    automatic dispatch takes it for TF32 products without autograd, `_supported`); under autograd it runs
-    the conditioner in torch and the affine map as the elementwise Triton op with its backward kernel
-    (`_TritonAffine`); native (CPU)
+    Triton (float32 on CUDA, or TRITON_INTERPRET=1; automatic dispatch takes it on CUDA) fuses layers with two
+    hidden layers without autograd, its products in `precision` ("ieee", "tf32" or "tf32x3"; None follows
+    `torch.backends.cuda.matmul.allow_tf32`); under autograd, and without it for fp32 products on CUDA
+    (`fuses_conditioner`), it runs the conditioner in torch and the affine map as the elementwise Triton op with
+    its backward kernel (`_TritonAffine`); native (CPU)
     runs the hidden layers' bias + SiLU natively (`conditioner_native`), and without autograd the whole
     layer by blocks of rows (`_affine_coupling_blocked`); other inputs run the reference (forcing a backend
     that cannot run them raises).
     """
-    chosen, recording, precision = dispatch(kept, context, changed, weights, backend, precision)
+    chosen, recording, fused, precision = dispatch(kept, context, changed, weights, backend, precision)
     reference = partial(affine_coupling_ref, scale_bound=scale_bound, inverse=inverse)
-    if chosen == "triton" and not recording:
+    if fused:
         from fastflow.kernels.coupling import affine_coupling_triton
 
         return affine_coupling_triton(kept, context, changed, weights, scale_bound=scale_bound, inverse=inverse,
@@ -276,13 +295,14 @@ def affine_coupling(kept, context, changed, weights, *, scale_bound: float, inve
 def spline_coupling(kept, context, changed, weights, *, num_bins: int, bound: float, inverse: bool, backend: str | None = None,
                     precision: str | None = None):
     """`spline_coupling_ref` through the chosen backend: `triton` fuses the layer without autograd (float32, two
-    hidden layers; products in `precision` as in `affine_coupling`) and under autograd runs the conditioner in
-    torch and the spline as the Triton spline op (`rq_spline`, with its backward kernel); `native` runs the
+    hidden layers; products in `precision` as in `affine_coupling`) and otherwise (under autograd, or fp32
+    products on CUDA) runs the conditioner in torch and the spline as the Triton spline op (`rq_spline`, with its
+    backward kernel); `native` runs the
     spline and the hidden layers' bias + SiLU natively (`conditioner_native`), and without autograd the whole
     layer by blocks of rows (`_spline_coupling_blocked`)."""
-    chosen, recording, precision = dispatch(kept, context, changed, weights, backend, precision)
+    chosen, recording, fused, precision = dispatch(kept, context, changed, weights, backend, precision)
     reference = partial(spline_coupling_ref, num_bins=num_bins, bound=bound, inverse=inverse)
-    if chosen == "triton" and not recording:
+    if fused:
         from fastflow.kernels.coupling import spline_coupling_triton
 
         return spline_coupling_triton(kept, context, changed, weights, num_bins=num_bins, bound=bound, inverse=inverse,

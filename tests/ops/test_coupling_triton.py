@@ -159,21 +159,25 @@ def test_gpu_flow_at_benchmark_size_matches_reference(transform, dim):
         torch.backends.cuda.matmul.allow_tf32 = previous
 
 
-def test_automatic_dispatch_offers_triton_only_for_tf32_products_without_autograd(monkeypatch):
-    """On an H200 the fused layer with fp32 products ran slower than the reference, and the Triton training
-    path is not yet timed: automatic dispatch leaves Triton out there; a named backend keeps it."""
-    from fastflow.ops.coupling import _supported
+def test_automatic_dispatch_offers_triton_for_float32_and_fuses_only_tensor_core_products(monkeypatch):
+    """On an H100 the Triton backend beat the reference with and without autograd, but its fused kernel with fp32
+    products (CUDA cores inside Triton) lost to cuBLAS: Triton is offered whenever the tensors fit it, and the
+    conditioner is fused for TF32 products (or under the interpreter) only."""
+    from fastflow.ops.coupling import _supported, dispatch, fuses_conditioner
 
     monkeypatch.delenv("FASTFLOW_BACKEND", raising=False)
     kept, context, changed, weights = _layer_inputs(8, 2, 0, 2, 16)
     tensors = [kept, changed, *weights]
-    assert "triton" not in _supported(kept, tensors, True, None, "ieee")
-    assert "triton" not in _supported(kept, tensors, True, None, "tf32")  # the weights require grad
-    assert "triton" in _supported(kept, tensors, True, "triton", "ieee")
+    assert "triton" in _supported(kept, tensors, True)
+    assert "triton" not in _supported(kept, tensors, False)
+    cuda = torch.device("cuda")
+    assert fuses_conditioner("tf32", cuda) and fuses_conditioner("tf32x3", cuda) and not fuses_conditioner("ieee", cuda)
+    assert fuses_conditioner("ieee", torch.device("cpu"))  # the interpreter tests the fused kernels
+    assert dispatch(kept, None, changed, weights, "triton", "ieee").recording  # the weights require grad
+    assert not dispatch(kept, None, changed, weights, "triton", "ieee").fused
     with torch.no_grad():
-        assert "triton" in _supported(kept, tensors, True, "auto", "tf32")
-        assert "triton" not in _supported(kept, tensors, True, "auto", "tf32x3")
-        assert "triton" not in _supported(kept, tensors, False, "auto", "tf32")
+        chosen = dispatch(kept, None, changed, weights, "triton", "ieee")
+        assert chosen.fused and not chosen.recording and chosen.precision == "ieee"
 
 
 @pytest.mark.parametrize("transform", ["affine", "spline"])
