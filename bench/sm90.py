@@ -14,7 +14,8 @@ import re
 import subprocess
 import tempfile
 
-SASS_KEYS = ("HGMMA", "HMMA", "MUFU", "FFMA", "FMUL", "FADD", "FSETP", "FSEL", "LDS", "STS", "LDG", "STG", "LDL", "STL")
+SASS_KEYS = ("HGMMA", "HMMA", "MUFU", "FFMA", "FMUL", "FADD", "FSETP", "FSEL", "LDS", "STS", "LDG", "LDGSTS", "STG", "LDL",
+             "STL")
 
 
 def compile_for_h100(kernel, pointers, integers, floats, meta: dict, num_warps: int = 4, int_pointers=()):
@@ -51,8 +52,10 @@ def resources(compiled) -> dict:
 
 
 def compile_ode(hidden: int, dim: int = 2, context: int = 0, *, approximate: bool, resident: bool | None = None,
-                block_m: int = 64, block_k: int | None = None, num_warps: int | None = None):
-    """The RK4 integrator of a 3-hidden-layer SiLU field of width `hidden`, TF32 products, compiled for sm_90."""
+                block_m: int = 64, block_k: int | None = None, num_warps: int | None = None, block_n: int | None = None,
+                k_stages: int = 1, persistent: bool = False):
+    """The RK4 integrator of a 3-hidden-layer SiLU field of width `hidden`, TF32 products, compiled for sm_90 (launch
+    settings as `kernels.ode.mlp_odeint_triton`'s)."""
     from fastflow.kernels import ode
 
     block_h = ode.dot_tile(hidden)
@@ -61,7 +64,7 @@ def compile_ode(hidden: int, dim: int = 2, context: int = 0, *, approximate: boo
             "HAS_CONTEXT": bool(context), "PRECISION": "tf32",
             "RESIDENT_WEIGHTS": block_h <= 128 if resident is None else resident,
             "BLOCK_M": block_m, "BLOCK_D": ode.dot_tile(dim), "BLOCK_H": block_h, "BLOCK_K": block_k or ode.default_block_k(block_h),
-            "num_stages": 1}
+            "BLOCK_N": block_n or block_h, "K_STAGES": k_stages, "PERSISTENT": persistent, "num_stages": 1}
     return compile_for_h100(ode._mlp_ode_kernel,
                             ["x_ptr", "out_ptr", "context_bias_ptr", "time_bias_ptr", "step_ptr", "scratch_ptr", "w_x_ptr",
                              "w_h_ptr", "b_h_ptr", "w_out_ptr", "b_out_ptr"],

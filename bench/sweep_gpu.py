@@ -26,10 +26,11 @@ from pathlib import Path
 import torch
 
 ODE_SETTINGS = {  # width: launch settings of `mlp_odeint` (kernels.ode.mlp_odeint_triton), the defaults first
-    64: [{}, {"approximate": False}, {"resident": False}, *(dict(block_m=m, block_k=k, num_warps=w) for m, k, w in (
-        (64, 16, 4), (64, 16, 8), (128, 64, 8), (32, 16, 4)))],
-    256: [{}, {"approximate": False}, *(dict(block_m=m, block_k=k, num_warps=w) for m, k, w in (
-        (32, 16, 8), (128, 16, 8), (64, 32, 8)))],
+    64: [{}, dict(block_m=128, block_k=64, num_warps=8)],
+    256: [{}, dict(block_k=16, k_stages=2),  # the default with its weight-chunk loop pipelined
+          *(dict(block_m=m, block_k=k, block_n=64, k_stages=s, num_warps=w) for m, k, s, w in (  # streamed layers
+              (64, 32, 1, 8), (64, 32, 2, 8), (128, 32, 2, 8), (128, 64, 2, 8), (128, 32, 3, 8))),
+          dict(block_m=128, block_k=32, block_n=64, k_stages=2, num_warps=8, programs=264)],  # 2 per SM (132 SMs)
 }
 COUPLING_SETTINGS = [{}, *(dict(block_m=m, block_hk=k, num_warps=w) for m, k, w in (  # fused 5-layer runs, default first
     (32, None, 4), (64, 32, 8), (128, 32, 8), (128, 32, 4), (64, 64, 4)))]  # (32, None, 4): the per-layer kernels' default
@@ -124,7 +125,8 @@ def sweep_spline(rows: list[dict], device: torch.device, elements: int = 1_048_5
                 _record(rows, kernel=name, block=block, num_warps=num_warps, error=f"{type(failure).__name__}: {failure}"[:300])
 
 
-SETTING_KEYS = ("block", "block_m", "block_k", "block_hk", "num_warps", "chunk_columns", "approximate", "resident")
+SETTING_KEYS = ("block", "block_m", "block_k", "block_n", "block_hk", "k_stages", "programs", "num_warps", "chunk_columns",
+                "approximate", "resident")
 
 
 def fastest_settings(rows: list[dict]) -> list[str]:

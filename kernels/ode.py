@@ -1,7 +1,9 @@
 """Fused fixed-step ODE integration of an MLP velocity field in Triton: per tile of BLOCK_M samples, every
 step of the grid and every Runge–Kutta stage (Euler, midpoint, Heun, RK4: up to 4 stages, unrolled from
 constexpr Butcher coefficients) runs in one launch, with the state and the hidden activations on chip (wide
-layers pass through a cache-resident scratch tile).
+layers pass through a cache-resident scratch tile). With `block_n` below the padded width, each layer is computed
+block_n outputs at a time between two scratch tiles (`_velocity_streamed`), which keeps width-256 fields free of
+register spills on sm_90 (bench/sm90.py; not yet timed, so not the default).
 
 The velocity is `fastflow.fm.VelocityMLP` with equal hidden widths, split on the host into
     z_1 = act(W_x x + time_bias[evaluation] + context_bias[sample]),
@@ -31,7 +33,7 @@ def _load_transposed(w_ptr, row_0, n_rows, n_cols, rows, cols):
 
 @triton.jit
 def _hidden_matmul(z, w_ptr, scratch_ptr, n_hidden, BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
-                   PRECISION: tl.constexpr):
+                   PRECISION: tl.constexpr, K_STAGES: tl.constexpr):
     """z `(BLOCK_M, BLOCK_H)` @ Wᵀ for W `(H, H)`. When BLOCK_K < BLOCK_H, z goes through this program's
     scratch tile `(BLOCK_M, BLOCK_H)` (global memory, cache-resident) and the product is summed over
     BLOCK_K-wide chunks in a loop, so that a weight tile holds BLOCK_K × BLOCK_H values."""
@@ -45,7 +47,7 @@ def _hidden_matmul(z, w_ptr, scratch_ptr, n_hidden, BLOCK_M: tl.constexpr, BLOCK
         tl.store(scratch_ptr + rows[:, None] * BLOCK_H + cols[None, :], z)
         tl.debug_barrier()
         out = tl.zeros((BLOCK_M, BLOCK_H), dtype=tl.float32)
-        for k_0 in range(0, BLOCK_H, BLOCK_K):
+        for k_0 in tl.range(0, BLOCK_H, BLOCK_K, num_stages=K_STAGES):
             z_k = tl.load(scratch_ptr + rows[:, None] * BLOCK_H + (k_0 + ks)[None, :])
             out += tl.dot(z_k, _load_transposed(w_ptr, k_0, n_hidden, n_hidden, ks, cols), input_precision=PRECISION)
     return out
@@ -55,7 +57,7 @@ def _hidden_matmul(z, w_ptr, scratch_ptr, n_hidden, BLOCK_M: tl.constexpr, BLOCK
 def _velocity(x, time_bias_ptr, context_bias, w_x_ptr, w_h_ptr, b_h_ptr, w_out_ptr, b_out, scratch_ptr, n_dim, n_hidden,
               NUM_LAYERS: tl.constexpr, ACTIVATION: tl.constexpr, APPROXIMATE: tl.constexpr, RESIDUAL: tl.constexpr,
               HAS_CONTEXT: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
-              BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
+              BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, K_STAGES: tl.constexpr):
     """v `(BLOCK_M, BLOCK_D)` at states x `(BLOCK_M, BLOCK_D)`, with the first layer's time bias `(H,)` at
     time_bias_ptr and, when HAS_CONTEXT, its per-sample context bias `(BLOCK_M, BLOCK_H)`; padded columns
     stay zero (act(0) = 0 for every activation)."""
@@ -71,12 +73,62 @@ def _velocity(x, time_bias_ptr, context_bias, w_x_ptr, w_h_ptr, b_h_ptr, w_out_p
     for layer in tl.static_range(NUM_LAYERS - 1):
         b = tl.load(b_h_ptr + layer * n_hidden + cols_h, mask=cols_h < n_hidden, other=0.0)
         out = activate(_hidden_matmul(z, w_h_ptr + layer * n_hidden * n_hidden, scratch_ptr, n_hidden, BLOCK_M, BLOCK_H, BLOCK_K,
-                                       PRECISION) + b[None, :], ACTIVATION, APPROXIMATE)
+                                       PRECISION, K_STAGES) + b[None, :], ACTIVATION, APPROXIMATE)
         if RESIDUAL:
             z = z + out
         else:
             z = out
     return tl.dot(z, w_out, input_precision=PRECISION) + b_out[None, :]
+
+
+@triton.jit
+def _velocity_streamed(x, time_bias_ptr, context_rows_ptr, row_ok, w_x_ptr, w_h_ptr, b_h_ptr, w_out_ptr, b_out, scratch_ptr,
+                       n_dim, n_hidden, NUM_LAYERS: tl.constexpr, ACTIVATION: tl.constexpr, APPROXIMATE: tl.constexpr,
+                       RESIDUAL: tl.constexpr, HAS_CONTEXT: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+                       BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+                       K_STAGES: tl.constexpr):
+    """`_velocity` for wide layers, BLOCK_N of a layer's outputs at a time, so that no `(BLOCK_M, BLOCK_H)` tensor
+    lives in registers: each layer reads its input from one of this program's two scratch tiles
+    `(BLOCK_M, BLOCK_H)` (global memory, cache-resident) in BLOCK_K-wide chunks and writes its activations to the
+    other; the last hidden layer's chunks go straight into the output layer. The context bias is read per chunk
+    from `context_rows_ptr` (this tile's rows of the `(n, H)` context bias) when HAS_CONTEXT."""
+    local = tl.arange(0, BLOCK_M)[:, None] * BLOCK_H
+    cols_n = tl.arange(0, BLOCK_N)
+    cols_d = tl.arange(0, BLOCK_D)
+    ks = tl.arange(0, BLOCK_K)
+    v = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32) + b_out[None, :]
+    tl.debug_barrier()  # every thread has read the scratch tiles of the previous evaluation
+    for n_0 in range(0, BLOCK_H, BLOCK_N):
+        cols = n_0 + cols_n
+        pre = tl.dot(x, _load_transposed(w_x_ptr, 0, n_dim, n_hidden, cols_d, cols), input_precision=PRECISION)
+        pre += tl.load(time_bias_ptr + cols, mask=cols < n_hidden, other=0.0)[None, :]
+        if HAS_CONTEXT:
+            pre += tl.load(context_rows_ptr + cols[None, :], mask=row_ok[:, None] & (cols[None, :] < n_hidden), other=0.0)
+        z = activate(pre, ACTIVATION, APPROXIMATE)
+        if NUM_LAYERS == 1:
+            v += tl.dot(z, _load_transposed(w_out_ptr, n_0, n_hidden, n_dim, cols_n, cols_d), input_precision=PRECISION)
+        else:
+            tl.store(scratch_ptr + local + cols[None, :], z)
+    for layer in tl.static_range(NUM_LAYERS - 1):
+        source = scratch_ptr + (layer % 2) * BLOCK_M * BLOCK_H
+        target = scratch_ptr + ((layer + 1) % 2) * BLOCK_M * BLOCK_H
+        w_ptr = w_h_ptr + layer * n_hidden * n_hidden
+        tl.debug_barrier()  # the layer's input is written in full (and the tile it writes no longer read)
+        for n_0 in range(0, BLOCK_H, BLOCK_N):
+            cols = n_0 + cols_n
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for k_0 in tl.range(0, BLOCK_H, BLOCK_K, num_stages=K_STAGES):
+                acc += tl.dot(tl.load(source + local + (k_0 + ks)[None, :]),
+                              _load_transposed(w_ptr, k_0, n_hidden, n_hidden, ks, cols), input_precision=PRECISION)
+            b = tl.load(b_h_ptr + layer * n_hidden + cols, mask=cols < n_hidden, other=0.0)
+            z = activate(acc + b[None, :], ACTIVATION, APPROXIMATE)
+            if RESIDUAL:
+                z += tl.load(source + local + cols[None, :])
+            if layer == NUM_LAYERS - 2:
+                v += tl.dot(z, _load_transposed(w_out_ptr, n_0, n_hidden, n_dim, cols_n, cols_d), input_precision=PRECISION)
+            else:
+                tl.store(target + local + cols[None, :], z)
+    return v
 
 
 @triton.jit
@@ -114,6 +166,79 @@ def _accumulate(total, k, W: tl.constexpr, FIRST: tl.constexpr):
     return out
 
 
+@triton.jit
+def _evaluate(x, time_bias, context_bias, context_rows_ptr, row_ok, w_x, w_h, b_h_ptr, w_out, b_out, scratch, n_dim, n_hidden,
+              NUM_LAYERS: tl.constexpr, ACTIVATION: tl.constexpr, APPROXIMATE: tl.constexpr, RESIDUAL: tl.constexpr,
+              HAS_CONTEXT: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+              BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, K_STAGES: tl.constexpr):
+    """The velocity at x `(BLOCK_M, BLOCK_D)`: whole layers in registers (`_velocity`) when BLOCK_N = BLOCK_H,
+    else in chunks of BLOCK_N outputs (`_velocity_streamed`)."""
+    if BLOCK_N == BLOCK_H:
+        v = _velocity(x, time_bias, context_bias, w_x, w_h, b_h_ptr, w_out, b_out, scratch, n_dim, n_hidden, NUM_LAYERS,
+                      ACTIVATION, APPROXIMATE, RESIDUAL, HAS_CONTEXT, PRECISION, BLOCK_M, BLOCK_D, BLOCK_H, BLOCK_K, K_STAGES)
+    else:
+        v = _velocity_streamed(x, time_bias, context_rows_ptr, row_ok, w_x, w_h, b_h_ptr, w_out, b_out, scratch, n_dim,
+                               n_hidden, NUM_LAYERS, ACTIVATION, APPROXIMATE, RESIDUAL, HAS_CONTEXT, PRECISION, BLOCK_M,
+                               BLOCK_D, BLOCK_H, BLOCK_K, BLOCK_N, K_STAGES)
+    return v
+
+
+@triton.jit
+def _integrate_tile(
+    tile, x_ptr, out_ptr, context_bias_ptr, time_bias_ptr, step_ptr, scratch, w_x_ptr, w_h_ptr, b_h_ptr, w_out_ptr, b_out_ptr,
+    n_rows, n_dim, n_hidden, n_steps, weight_offset,
+    A21: tl.constexpr, A31: tl.constexpr, A32: tl.constexpr, A41: tl.constexpr, A42: tl.constexpr, A43: tl.constexpr,
+    B1: tl.constexpr, B2: tl.constexpr, B3: tl.constexpr, B4: tl.constexpr,
+    STAGES: tl.constexpr, NUM_LAYERS: tl.constexpr, ACTIVATION: tl.constexpr, APPROXIMATE: tl.constexpr,
+    RESIDUAL: tl.constexpr, HAS_CONTEXT: tl.constexpr, PRECISION: tl.constexpr, RESIDENT_WEIGHTS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+    K_STAGES: tl.constexpr,
+):
+    """Integrate the BLOCK_M samples of `tile` through every step, with `scratch` this program's scratch tiles."""
+    rows = tile * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)  # int64: n·H may pass 2^31
+    row_ok = rows < n_rows
+    cols_d = tl.arange(0, BLOCK_D)
+    cols_h = tl.arange(0, BLOCK_H)
+    state_mask = row_ok[:, None] & (cols_d[None, :] < n_dim)
+    state_offsets = rows[:, None] * n_dim + cols_d[None, :]
+    x = tl.load(x_ptr + state_offsets, mask=state_mask, other=0.0)
+    b_out = tl.load(b_out_ptr + cols_d, mask=cols_d < n_dim, other=0.0)
+    context_rows = context_bias_ptr + rows[:, None] * n_hidden  # the streamed layers read their chunk of it
+    context_bias = 0.0  # unused without context, or when streamed
+    if HAS_CONTEXT and BLOCK_N == BLOCK_H:
+        context_bias = tl.load(context_rows + cols_h[None, :], mask=row_ok[:, None] & (cols_h[None, :] < n_hidden), other=0.0)
+
+    for step in range(n_steps):
+        h = tl.load(step_ptr + step)
+        if RESIDENT_WEIGHTS:  # loop-invariant loads: the compiler keeps the weights on chip for all steps
+            w_x, w_h, w_out = w_x_ptr, w_h_ptr, w_out_ptr
+        else:  # weight_offset = 0 at run time: loads stay in the loop and stream from cache (too big to keep)
+            w_x, w_h, w_out = w_x_ptr + step * weight_offset, w_h_ptr + step * weight_offset, w_out_ptr + step * weight_offset
+        time_bias = time_bias_ptr + step * STAGES * n_hidden
+        k_1 = _evaluate(x, time_bias, context_bias, context_rows, row_ok, w_x, w_h, b_h_ptr, w_out, b_out, scratch, n_dim,
+                        n_hidden, NUM_LAYERS, ACTIVATION, APPROXIMATE, RESIDUAL, HAS_CONTEXT, PRECISION, BLOCK_M, BLOCK_D,
+                        BLOCK_H, BLOCK_K, BLOCK_N, K_STAGES)
+        total = _accumulate(tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32), k_1, B1, True)
+        if STAGES >= 2:
+            k_2 = _evaluate(x + h * (A21 * k_1), time_bias + n_hidden, context_bias, context_rows, row_ok, w_x, w_h, b_h_ptr,
+                            w_out, b_out, scratch, n_dim, n_hidden, NUM_LAYERS, ACTIVATION, APPROXIMATE, RESIDUAL, HAS_CONTEXT,
+                            PRECISION, BLOCK_M, BLOCK_D, BLOCK_H, BLOCK_K, BLOCK_N, K_STAGES)
+            total = _accumulate(total, k_2, B2, B1 == 0.0)
+        if STAGES >= 3:
+            k_3 = _evaluate(x + h * _combine2(k_1, k_2, A31, A32), time_bias + 2 * n_hidden, context_bias, context_rows,
+                            row_ok, w_x, w_h, b_h_ptr, w_out, b_out, scratch, n_dim, n_hidden, NUM_LAYERS, ACTIVATION,
+                            APPROXIMATE, RESIDUAL, HAS_CONTEXT, PRECISION, BLOCK_M, BLOCK_D, BLOCK_H, BLOCK_K, BLOCK_N, K_STAGES)
+            total = _accumulate(total, k_3, B3, B1 == 0.0 and B2 == 0.0)
+        if STAGES >= 4:
+            k_4 = _evaluate(x + h * _combine3(k_1, k_2, k_3, A41, A42, A43), time_bias + 3 * n_hidden, context_bias,
+                            context_rows, row_ok, w_x, w_h, b_h_ptr, w_out, b_out, scratch, n_dim, n_hidden, NUM_LAYERS,
+                            ACTIVATION, APPROXIMATE, RESIDUAL, HAS_CONTEXT, PRECISION, BLOCK_M, BLOCK_D, BLOCK_H, BLOCK_K,
+                            BLOCK_N, K_STAGES)
+            total = _accumulate(total, k_4, B4, B1 == 0.0 and B2 == 0.0 and B3 == 0.0)
+        x = x + h * total
+    tl.store(out_ptr + state_offsets, x, mask=state_mask)
+
+
 @triton.jit(do_not_specialize=["weight_offset"])
 def _mlp_ode_kernel(
     # pointers
@@ -127,49 +252,25 @@ def _mlp_ode_kernel(
     # meta-parameters
     STAGES: tl.constexpr, NUM_LAYERS: tl.constexpr, ACTIVATION: tl.constexpr, APPROXIMATE: tl.constexpr,
     RESIDUAL: tl.constexpr, HAS_CONTEXT: tl.constexpr, PRECISION: tl.constexpr, RESIDENT_WEIGHTS: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+    K_STAGES: tl.constexpr, PERSISTENT: tl.constexpr,
 ):
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)  # int64: n·H may pass 2^31
-    row_ok = rows < n_rows
-    cols_d = tl.arange(0, BLOCK_D)
-    cols_h = tl.arange(0, BLOCK_H)
-    scratch = scratch_ptr + tl.program_id(0).to(tl.int64) * BLOCK_M * BLOCK_H
-    state_mask = row_ok[:, None] & (cols_d[None, :] < n_dim)
-    state_offsets = rows[:, None] * n_dim + cols_d[None, :]
-    x = tl.load(x_ptr + state_offsets, mask=state_mask, other=0.0)
-    b_out = tl.load(b_out_ptr + cols_d, mask=cols_d < n_dim, other=0.0)
-    context_bias = 0.0  # unused without context
-    if HAS_CONTEXT:
-        context_bias = tl.load(context_bias_ptr + rows[:, None] * n_hidden + cols_h[None, :],
-                               mask=row_ok[:, None] & (cols_h[None, :] < n_hidden), other=0.0)
-
-    for step in range(n_steps):
-        h = tl.load(step_ptr + step)
-        if RESIDENT_WEIGHTS:  # loop-invariant loads: the compiler keeps the weights on chip for all steps
-            w_x, w_h, w_out = w_x_ptr, w_h_ptr, w_out_ptr
-        else:  # weight_offset = 0 at run time: loads stay in the loop and stream from cache (too big to keep)
-            w_x, w_h, w_out = w_x_ptr + step * weight_offset, w_h_ptr + step * weight_offset, w_out_ptr + step * weight_offset
-        time_bias = time_bias_ptr + step * STAGES * n_hidden
-        k_1 = _velocity(x, time_bias, context_bias, w_x, w_h, b_h_ptr, w_out, b_out, scratch, n_dim, n_hidden,
-                        NUM_LAYERS, ACTIVATION, APPROXIMATE, RESIDUAL, HAS_CONTEXT, PRECISION, BLOCK_M, BLOCK_D, BLOCK_H, BLOCK_K)
-        total = _accumulate(tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32), k_1, B1, True)
-        if STAGES >= 2:
-            k_2 = _velocity(x + h * (A21 * k_1),
-                            time_bias + n_hidden, context_bias, w_x, w_h, b_h_ptr, w_out, b_out, scratch, n_dim, n_hidden,
-                            NUM_LAYERS, ACTIVATION, APPROXIMATE, RESIDUAL, HAS_CONTEXT, PRECISION, BLOCK_M, BLOCK_D, BLOCK_H, BLOCK_K)
-            total = _accumulate(total, k_2, B2, B1 == 0.0)
-        if STAGES >= 3:
-            k_3 = _velocity(x + h * _combine2(k_1, k_2, A31, A32),
-                            time_bias + 2 * n_hidden, context_bias, w_x, w_h, b_h_ptr, w_out, b_out, scratch, n_dim, n_hidden,
-                            NUM_LAYERS, ACTIVATION, APPROXIMATE, RESIDUAL, HAS_CONTEXT, PRECISION, BLOCK_M, BLOCK_D, BLOCK_H, BLOCK_K)
-            total = _accumulate(total, k_3, B3, B1 == 0.0 and B2 == 0.0)
-        if STAGES >= 4:
-            k_4 = _velocity(x + h * _combine3(k_1, k_2, k_3, A41, A42, A43),
-                            time_bias + 3 * n_hidden, context_bias, w_x, w_h, b_h_ptr, w_out, b_out, scratch, n_dim, n_hidden,
-                            NUM_LAYERS, ACTIVATION, APPROXIMATE, RESIDUAL, HAS_CONTEXT, PRECISION, BLOCK_M, BLOCK_D, BLOCK_H, BLOCK_K)
-            total = _accumulate(total, k_4, B4, B1 == 0.0 and B2 == 0.0 and B3 == 0.0)
-        x = x + h * total
-    tl.store(out_ptr + state_offsets, x, mask=state_mask)
+    """One program per tile of BLOCK_M samples, or (PERSISTENT) each program takes every num_programs-th tile,
+    reusing its scratch tiles (one of BLOCK_M · BLOCK_H floats, two when streamed)."""
+    scratch = scratch_ptr + tl.program_id(0).to(tl.int64) * (1 if BLOCK_N == BLOCK_H else 2) * BLOCK_M * BLOCK_H
+    if PERSISTENT:
+        for tile in range(tl.program_id(0), tl.cdiv(n_rows, BLOCK_M), tl.num_programs(0)):
+            _integrate_tile(tile, x_ptr, out_ptr, context_bias_ptr, time_bias_ptr, step_ptr, scratch, w_x_ptr, w_h_ptr,
+                            b_h_ptr, w_out_ptr, b_out_ptr, n_rows, n_dim, n_hidden, n_steps, weight_offset,
+                            A21, A31, A32, A41, A42, A43, B1, B2, B3, B4, STAGES, NUM_LAYERS, ACTIVATION, APPROXIMATE,
+                            RESIDUAL, HAS_CONTEXT, PRECISION, RESIDENT_WEIGHTS, BLOCK_M, BLOCK_D, BLOCK_H, BLOCK_K, BLOCK_N,
+                            K_STAGES)
+    else:
+        _integrate_tile(tl.program_id(0), x_ptr, out_ptr, context_bias_ptr, time_bias_ptr, step_ptr, scratch, w_x_ptr,
+                        w_h_ptr, b_h_ptr, w_out_ptr, b_out_ptr, n_rows, n_dim, n_hidden, n_steps, weight_offset,
+                        A21, A31, A32, A41, A42, A43, B1, B2, B3, B4, STAGES, NUM_LAYERS, ACTIVATION, APPROXIMATE,
+                        RESIDUAL, HAS_CONTEXT, PRECISION, RESIDENT_WEIGHTS, BLOCK_M, BLOCK_D, BLOCK_H, BLOCK_K, BLOCK_N,
+                        K_STAGES)
 
 
 def default_block_k(block_h: int) -> int:
@@ -195,7 +296,8 @@ def _coefficients(a: tuple[tuple[float, ...], ...], b: tuple[float, ...]) -> dic
 def mlp_odeint_triton(x, steps, time_bias, context_bias, w_x, w_hidden, b_hidden, w_out, b_out, *,
                       a, b, activation: str, residual: bool, precision: str = "ieee",
                       approximate: bool | None = None, resident: bool | None = None, block_m: int | None = None,
-                      block_k: int | None = None, num_warps: int | None = None):
+                      block_k: int | None = None, block_n: int | None = None, k_stages: int = 1,
+                      programs: int | None = None, num_warps: int | None = None):
     """Integrate all steps in one launch.
 
     Arguments:
@@ -213,6 +315,13 @@ def mlp_odeint_triton(x, steps, time_bias, context_bias, w_x, w_hidden, b_hidden
             the activations).
         resident: keep the hidden weights on chip for the whole integration (loaded once) instead of
             reloading them (from cache) at each evaluation; None: when they take at most 64 KiB.
+        block_n: outputs of a hidden layer per pass (a power of 2 in [16, BLOCK_H]; default BLOCK_H, the whole
+            layer in registers); below BLOCK_H the layers stream through two scratch tiles per program
+            (`_velocity_streamed`) and no `(block_m, BLOCK_H)` tensor is held in registers.
+        k_stages: software-pipelining depth of the loop over weight chunks (1: none; 2-3 prefetch the next
+            chunks' weight and activation tiles while the current one multiplies).
+        programs: at most this many programs, each looping over tiles and reusing its scratch (None: one program
+            per tile).
     Returns:
         the states after the last step `(N, D)`.
     """
@@ -222,12 +331,19 @@ def mlp_odeint_triton(x, steps, time_bias, context_bias, w_x, w_hidden, b_hidden
     block_k = block_k or default_block_k(block_h)
     if block_k < 16 or block_k > block_h or block_h % block_k or block_k & (block_k - 1):
         raise ValueError(f"block_k must be a power of 2 in [16, BLOCK_H = {block_h}], got {block_k}")
+    block_n = block_n or block_h
+    if block_n < 16 or block_n > block_h or block_n & (block_n - 1):
+        raise ValueError(f"block_n must be a power of 2 in [16, BLOCK_H = {block_h}], got {block_n}")
+    if k_stages < 1 or (programs is not None and programs < 1):
+        raise ValueError(f"k_stages and programs must be positive, got {k_stages} and {programs}")
     block_m = block_m or (64 if precision == "tf32" else 32)
     if resident is None:
         resident = w_hidden.shape[0] * block_h * block_h * 4 <= 64 * 1024
     out = torch.empty_like(x)
-    grid = (cdiv(n_rows, block_m),)
-    scratch = x.new_empty(grid[0] * block_m * block_h) if block_k < block_h else x  # unused when block_k = BLOCK_H
+    tiles = cdiv(n_rows, block_m)
+    grid = (min(tiles, programs or tiles),)
+    scratch_tiles = 2 if block_n < block_h else 1 if block_k < block_h else 0
+    scratch = x.new_empty(grid[0] * scratch_tiles * block_m * block_h) if scratch_tiles else x  # x: unused
     _mlp_ode_kernel[grid](
         x, out, x if context_bias is None else context_bias, time_bias, steps, scratch,
         w_x, w_hidden, b_hidden, w_out, b_out,
@@ -236,8 +352,9 @@ def mlp_odeint_triton(x, steps, time_bias, context_bias, w_x, w_hidden, b_hidden
         STAGES=len(b), NUM_LAYERS=w_hidden.shape[0] + 1, ACTIVATION=ACTIVATION_IDS[activation],
         APPROXIMATE=approximate_activations(precision, x.device, approximate), RESIDUAL=residual,
         HAS_CONTEXT=context_bias is not None, PRECISION=precision, RESIDENT_WEIGHTS=resident,
-        BLOCK_M=block_m, BLOCK_D=dot_tile(n_dim), BLOCK_H=block_h, BLOCK_K=block_k,
-        num_warps=num_warps or (8 if block_h >= 128 else 4),
-        num_stages=1,  # no software pipelining of the step loop: its multi-buffered weight tiles overflow shared memory
+        BLOCK_M=block_m, BLOCK_D=dot_tile(n_dim), BLOCK_H=block_h, BLOCK_K=block_k, BLOCK_N=block_n, K_STAGES=k_stages,
+        PERSISTENT=grid[0] < tiles, num_warps=num_warps or (8 if block_h >= 128 else 4),
+        num_stages=1,  # no software pipelining of the step loop (its multi-buffered weight tiles overflow shared
+        # memory); the weight-chunk loops take theirs from k_stages
     )
     return out

@@ -62,9 +62,10 @@ def test_gpu_sweep_runs_on_small_sizes_under_the_interpreter():
     sweep.sweep_coupling(rows, torch.device("cpu"), batch=40, hidden=16, settings=[{}, dict(block_m=16, block_hk=16, num_warps=4)],
                          flows=[("spline", 2), ("spline", 3), ("affine", 2)])
     sweep.sweep_ode(rows, torch.device("cpu"), samples=20, steps=2,
-                    settings={16: [{}, {"resident": False}, dict(block_m=32, block_k=16, num_warps=4)]})
+                    settings={32: [{}, {"resident": False}, dict(block_m=32, block_k=16, num_warps=4),
+                                   dict(block_n=16, k_stages=2, programs=1)]})
     sweep.sweep_spline(rows, torch.device("cpu"), elements=100, settings=[(64, 4)])
-    assert len(rows) == 2 * (2 + 2) + 2 + 3 + 1 + 2  # coupling runs: 2 settings, and 2 column budgets for splines
+    assert len(rows) == 2 * (2 + 2) + 2 + 4 + 1 + 2  # coupling runs: 2 settings, and 2 column budgets for splines
     assert all("ms" in row and row["ms"] > 0 for row in rows), rows
     assert all(row["max_error"] < 1e-3 for row in rows if row["kernel"] == "ode")
     summary = sweep.fastest_settings(rows)  # one line per kernel and size: 2 spline dims, affine, ode, 3 spline ops

@@ -84,8 +84,27 @@ def test_launch_settings_change_the_tiling_not_the_result():
     default = mlp_odeint(net, x, GRIDS["forward"], "heun", backend="triton").x
     tuned = mlp_odeint(net, x, GRIDS["forward"], "heun", backend="triton", launch=dict(block_m=16, block_k=16, num_warps=2)).x
     torch.testing.assert_close(tuned, default, atol=1e-6, rtol=1e-6)
-    with pytest.raises(TypeError, match="block_n"):
-        mlp_odeint(net, x, GRIDS["forward"], "heun", backend="triton", launch=dict(block_n=16))
+    with pytest.raises(TypeError, match="block_q"):
+        mlp_odeint(net, x, GRIDS["forward"], "heun", backend="triton", launch=dict(block_q=16))
+    for bad in (dict(block_n=24), dict(block_n=128), dict(k_stages=0), dict(programs=0)):
+        with pytest.raises(ValueError):
+            mlp_odeint(net, x, GRIDS["forward"], "heun", backend="triton", launch=bad)
+
+
+@pytest.mark.parametrize("hidden, context_dim, residual, launch", [
+    ((64, 64), 2, False, dict(block_n=16, block_k=32, k_stages=2)),     # chunks both ways, pipelined weight loop
+    ((48, 48, 48), 0, True, dict(block_n=32, programs=1)),             # 2 tiles on 1 program, residual
+    ((20,), 3, False, dict(block_n=16, block_m=16, programs=3)),       # one hidden layer; 4 tiles on 3 programs
+])
+def test_streamed_layers_and_persistent_programs_match_reference(hidden, context_dim, residual, launch):
+    """Layers computed block_n outputs at a time through two scratch tiles (`_velocity_streamed`), and fewer
+    programs than tiles each looping over tiles: the reference's states to the fp32 tolerance."""
+    net = _field(3, hidden, residual=residual, context_dim=context_dim)
+    x = _randn(60, 3)
+    context = _randn(60, context_dim) if context_dim else None
+    fused = mlp_odeint(net, x, GRIDS["non-uniform"], "rk4", context=context, backend="triton", launch=launch)
+    reference = odeint(net, x, GRIDS["non-uniform"], method="rk4", args=() if context is None else (context,))
+    torch.testing.assert_close(fused.x, reference.x, atol=1e-5 * max(1.0, reference.x.abs().max().item()), rtol=1e-5)
 
 
 def test_shared_context_vector_and_rows_not_a_multiple_of_the_tile():
