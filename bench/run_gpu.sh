@@ -6,9 +6,11 @@
 #   bench  the CUDA speed table one family at a time (FASTFLOW_GPU_FAMILIES, default "coupling ode"),
 #          gpu_<family>_<date>_<gpu>.json, rewritten after every case
 #   sweep  the Triton kernels' launch settings (bench/sweep_gpu.py), gpu_sweep_<date>_<gpu>.json
+#   profile  wall against kernel time and launches of the cases short of their targets (bench/profile_gpu.py),
+#          gpu_profile_<date>_<gpu>.json
 # Each step has its own time limit (FASTFLOW_GPU_TEST_TIMEOUT, FASTFLOW_GPU_BENCH_TIMEOUT per family,
-# FASTFLOW_GPU_SWEEP_TIMEOUT). Seen on an H200 (2026-11-26): build ~30 s, tests 25 s with xdist, coupling
-# family ~2 min, ode family > 190 s (give it 300), the sweep sized for ~200 s (not yet run); a device call
+# FASTFLOW_GPU_SWEEP_TIMEOUT, FASTFLOW_GPU_PROFILE_TIMEOUT). Seen on an H100 (2026-11-26): build, tests (34 s with
+# xdist), the coupling and ode families: 401 s in one call (ode ~3 min); tests and sweep: 147 s. A device call
 # runs at most 600 s, so split the steps over two calls when running them all.
 # Usage: bash bench/run_gpu.sh [OUTPUT_DIR]   (default bench/results)
 set -uo pipefail
@@ -34,6 +36,9 @@ if [[ $steps == *" tests "* ]]; then
 fi
 if [[ $steps == *" sweep "* ]]; then
   timeout "${FASTFLOW_GPU_SWEEP_TIMEOUT:-330}" $python bench/sweep_gpu.py "$out/gpu_sweep_$(date +%F)_${gpu}.json" || status=1
+fi
+if [[ $steps == *" profile "* ]]; then
+  timeout "${FASTFLOW_GPU_PROFILE_TIMEOUT:-200}" $python bench/profile_gpu.py "$out/gpu_profile_$(date +%F)_${gpu}.json" || status=1
 fi
 if [[ $steps == *" bench "* ]]; then
   for family in ${FASTFLOW_GPU_FAMILIES:-coupling ode}; do

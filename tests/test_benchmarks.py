@@ -91,3 +91,20 @@ def test_op_counts_show_the_triton_paths_launch_less(monkeypatch):
     for transform in ("spline", "affine"):
         triton, reference = rows[(transform, "fastflow-triton")], rows[(transform, "fastflow-reference")]
         assert 0 < triton[0] < reference[0] and 0 < triton[1] < reference[1], rows
+
+
+def test_gpu_profile_runs_the_named_cases_on_cpu():
+    """bench/profile_gpu.py (run on GPU machines) on the quick CPU cases: wall time and launches (no device
+    kernels on CPU), and a case that does not exist is reported as missing."""
+    import importlib.util
+    from pathlib import Path
+
+    import torch
+
+    spec = importlib.util.spec_from_file_location("profile_gpu", Path(__file__).parents[1] / "bench" / "profile_gpu.py")
+    profiler = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(profiler)
+    rows = profiler.profile_cases(torch.device("cpu"), [("coupling", "affine d=2 n=2048 log_prob", "fastflow-native"),
+                                                        ("coupling", "affine d=2 n=2048 nope", "fastflow-native")], quick=True)
+    assert rows[0]["wall_ms"] > 0 and rows[0]["device_ms"] == 0 and rows[0]["launches"] == 0
+    assert rows[1]["missing"]
