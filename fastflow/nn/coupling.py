@@ -48,6 +48,7 @@ class _Coupling(Transform):
         self.conditioner = MLP(
             identity_count + context_dim, self.transformed_count * self.params_per_coordinate, hidden=hidden, depth=depth
         )
+        self._linears = tuple(layer for layer in self.conditioner if isinstance(layer, nn.Linear))  # read on every call
 
     def _split(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(kept, changed) column views of x; one split (its backward is one cat, not a zero-filled copy per half)."""
@@ -69,7 +70,7 @@ class _Coupling(Transform):
 
     def _weights(self) -> tuple[torch.Tensor, ...]:
         """The conditioner's (weight, bias) pairs in order, as the coupling ops take them."""
-        return tuple(p for layer in self.conditioner if isinstance(layer, nn.Linear) for p in (layer.weight, layer.bias))
+        return tuple(p for layer in self._linears for p in (layer.weight, layer.bias))
 
     def _transform(self, x, context, inverse):
         raise NotImplementedError

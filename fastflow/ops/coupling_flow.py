@@ -85,7 +85,8 @@ class CouplingRun:
         from fastflow.kernels.coupling import coupling_flow_triton
 
         weights = self.weights() if weights is None else weights
-        params = torch.cat([w.detach().reshape(-1) for w in weights])  # packed per call: weights change in place
+        with torch.no_grad():  # packed per call (weights change in place), in one C++ call
+            params = torch._utils._flatten_dense_tensors(weights)
         steps, column_maps = self._on(x.device)
         n_context = 0 if context is None else context.shape[1]
         return coupling_flow_triton(
