@@ -53,15 +53,15 @@ def resources(compiled) -> dict:
 
 def compile_ode(hidden: int, dim: int = 2, context: int = 0, *, approximate: bool, resident: bool | None = None,
                 block_m: int = 64, block_k: int | None = None, num_warps: int | None = None, block_n: int | None = None,
-                k_stages: int = 1, persistent: bool = False):
-    """The RK4 integrator of a 3-hidden-layer SiLU field of width `hidden`, TF32 products, compiled for sm_90 (launch
-    settings as `kernels.ode.mlp_odeint_triton`'s)."""
+                k_stages: int = 1, persistent: bool = False, precision: str = "tf32"):
+    """The RK4 integrator of a 3-hidden-layer SiLU field of width `hidden`, TF32 products (or `precision`),
+    compiled for sm_90 (launch settings as `kernels.ode.mlp_odeint_triton`'s)."""
     from fastflow.kernels import ode
 
     block_h = ode.dot_tile(hidden)
     meta = {**ode._coefficients(((), (0.5,), (0.0, 0.5), (0.0, 0.0, 1.0)), (1 / 6, 1 / 3, 1 / 3, 1 / 6)),
             "STAGES": 4, "NUM_LAYERS": 3, "ACTIVATION": 0, "APPROXIMATE": approximate, "RESIDUAL": False,
-            "HAS_CONTEXT": bool(context), "PRECISION": "tf32",
+            "HAS_CONTEXT": bool(context), "PRECISION": precision,
             "RESIDENT_WEIGHTS": block_h <= 128 if resident is None else resident,
             "BLOCK_M": block_m, "BLOCK_D": ode.dot_tile(dim), "BLOCK_H": block_h, "BLOCK_K": block_k or ode.default_block_k(block_h),
             "BLOCK_N": block_n or block_h, "K_STAGES": k_stages, "PERSISTENT": persistent, "num_stages": 1}

@@ -309,8 +309,9 @@ def mlp_odeint_triton(x, steps, time_bias, context_bias, w_x, w_hidden, b_hidden
         precision: tl.dot input precision, "ieee" (fp32), "tf32" or "tf32x3".
         approximate: activations through the GPU's approximate tanh (`kernels.activations`); None: for TF32
             products on an NVIDIA GPU.
-        block_m: samples per program (default 64 for TF32 products, 32 for fp32 FMA ones, which need
-            more registers). block_k: chunk of the hidden width per weight tile (a power of 2 dividing
+        block_m: samples per program (default 64 for TF32 and 3xTF32 products: sm_90's warpgroup MMA needs 64
+            rows, and at 32 the 3xTF32 RK4 kernel spilled 3.5 KB per thread (bench/sm90.py), which made it 56x
+            slower than TF32 on an H100; 32 for fp32 FMA products, which need more registers). block_k: chunk of the hidden width per weight tile (a power of 2 dividing
             BLOCK_H, default BLOCK_H up to 64, else 16; below BLOCK_H, a scratch buffer of N · BLOCK_H floats carries
             the activations).
         resident: keep the hidden weights on chip for the whole integration (loaded once) instead of
@@ -336,7 +337,7 @@ def mlp_odeint_triton(x, steps, time_bias, context_bias, w_x, w_hidden, b_hidden
         raise ValueError(f"block_n must be a power of 2 in [16, BLOCK_H = {block_h}], got {block_n}")
     if k_stages < 1 or (programs is not None and programs < 1):
         raise ValueError(f"k_stages and programs must be positive, got {k_stages} and {programs}")
-    block_m = block_m or (64 if precision == "tf32" else 32)
+    block_m = block_m or (32 if precision == "ieee" else 64)
     if resident is None:
         resident = w_hidden.shape[0] * block_h * block_h * 4 <= 64 * 1024
     out = torch.empty_like(x)
