@@ -116,6 +116,24 @@ def compile_affine_step(direction: str, hidden: int, dim: int):
                             int_pointers=["column_map_ptr"])
 
 
+def compile_spline_step(dim: int, num_bins: int = 8, *, block_m: int | None = None, num_warps: int = 4,
+                        inverse: bool = False):
+    """A spline coupling layer's step without autograd (`kernels.spline.spline_step_forward_triton`, its default
+    rows per program unless `block_m`) on `dim` coordinates, compiled for sm_90."""
+    from fastflow.kernels import spline
+
+    kept = dim // 2
+    block_k = spline._launch_meta(num_bins, None)["BLOCK_K"]
+    meta = {"INVERSE": inverse, "HAS_LADJ_IN": True, "BLOCK_M": block_m or spline.step_block_m(block_k), "BLOCK_K": block_k,
+            "BLOCK_C": spline.next_power_of_2(max(kept, 1)), "num_stages": 1}
+    return compile_for_h100(spline._spline_step_forward_kernel,
+                            ["p_ptr", "kept_ptr", "changed_ptr", "ladj_in_ptr", "y_ptr", "ladj_ptr"],
+                            ["n_rows", "n_dim", "kept_0", "n_kept", "changed_0", "n_changed", "num_bins", "stride_kept",
+                             "stride_changed"],
+                            ["bound", "min_width", "min_height", "min_derivative", "derivative_shift"], meta,
+                            num_warps=num_warps, int_pointers=["column_map_ptr"])
+
+
 def main() -> None:
     import triton
 

@@ -1,6 +1,8 @@
 """Rational-quadratic spline (`fastflow.ops.spline.rq_spline_ref`'s parametrization) in Triton: the shared
-per-element math on tiles whose last axis holds the K bins (used by the fused coupling kernel too), and an
-elementwise forward/inverse kernel with log|det J| and its backward, for a spline op with autograd on CUDA.
+per-element math on tiles whose last axis holds the K bins (used by the fused coupling kernel too), an
+elementwise forward/inverse kernel with log|det J| and its backward, for a spline op with autograd on CUDA, and
+a spline coupling layer's step in a flow without autograd (`spline_step_forward_triton`: the splines of the
+changed coordinates from the conditioner's outputs, the running log-determinant and the permuted merge).
 """
 
 import torch
@@ -8,8 +10,9 @@ import triton
 import triton.language as tl
 
 from fastflow.kernels import cdiv, next_power_of_2, row_major
+from fastflow.kernels.affine import copy_columns
 
-__all__ = ["rq_spline_backward_triton", "rq_spline_forward_triton"]
+__all__ = ["rq_spline_backward_triton", "rq_spline_forward_triton", "spline_step_forward_triton"]
 
 
 @triton.jit
@@ -197,6 +200,33 @@ def _rq_backward_kernel(x_ptr, p_ptr, grad_out_ptr, grad_ladj_ptr, grad_x_ptr, g
     tl.store(grad_x_ptr + rows, tl.where(inside, grad_x, grad_out), mask=row_ok)
 
 
+@triton.jit
+def _spline_step_forward_kernel(p_ptr, kept_ptr, changed_ptr, column_map_ptr, ladj_in_ptr, y_ptr, ladj_ptr, n_rows, n_dim,
+                                kept_0, n_kept, changed_0, n_changed, num_bins, stride_kept, stride_changed,
+                                bound, min_width, min_height, min_derivative, derivative_shift, INVERSE: tl.constexpr,
+                                HAS_LADJ_IN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+                                BLOCK_C: tl.constexpr):
+    """One spline coupling layer from its conditioner's outputs p `(N, T·(3K-1))`: each changed coordinate's
+    spline, the kept coordinates copied, both stored through the column map into y `(N, D)`;
+    ladj = ladj_in + log|det J|."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < n_rows
+    ladj = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    if HAS_LADJ_IN:
+        ladj += tl.load(ladj_in_ptr + rows, mask=row_ok, other=0.0)
+    for t in range(n_changed):  # element (row, t) of the (N, T) splines: its 3K-1 parameters at (row·T + t)·(3K-1)
+        inside, bin_index, onehot, x_k, w_k, y_k, h_k, d_k, d_k1, raw_k, raw_k1, u, bins, width_fraction, \
+            height_fraction, value = _load_spline(changed_ptr, p_ptr, rows * n_changed + t, row_ok,
+                                                  rows * stride_changed + t, num_bins, bound, min_width, min_height,
+                                                  min_derivative, derivative_shift, INVERSE, BLOCK_K)
+        result, logabsdet = _rq_value(u, x_k, w_k, y_k, h_k, d_k, d_k1, INVERSE)
+        ladj += tl.where(inside, logabsdet, 0.0)
+        column = tl.load(column_map_ptr + changed_0 + t)
+        tl.store(y_ptr + rows * n_dim + column, tl.where(inside, result, value), mask=row_ok)  # outside: passed through
+    copy_columns(kept_ptr, stride_kept, y_ptr, n_dim, column_map_ptr + kept_0, rows, row_ok, n_kept, BLOCK_C)
+    tl.store(ladj_ptr + rows, ladj, mask=row_ok)
+
+
 def _launch_meta(num_bins: int, block: int | None) -> dict:
     """BLOCK elements per program (default: 64, fewer for many bins so a (BLOCK, BLOCK_K) tile stays <= 4096
     values; on an H100, 8 bins, 64 elements per program ran 1.3x faster than 128 both ways,
@@ -246,3 +276,41 @@ def rq_spline_backward_triton(x, params, grad_out, grad_ladj, *, bound: float, i
                                                    *_layout(x), _layout(grad_out)[1], *ladj_strides, float(bound),
                                                    *constants, INVERSE=inverse, **meta, num_warps=num_warps)
     return grad_x, grad_params
+
+
+def step_block_m(block_k: int) -> int:
+    """Default rows per program of the spline step for a bin tile of `block_k`: a (rows, bins) tile of at most
+    1,024 values, 16 to 64 rows."""
+    return max(16, min(64, 1024 // block_k))
+
+
+def spline_step_forward_triton(params, kept, changed, ladj_in, column_map, *, kept_0: int, changed_0: int, bound: float,
+                               inverse: bool, constants: tuple[float, float, float, float], block_m: int | None = None,
+                               num_warps: int = 4):
+    """One spline coupling layer in a flow, without autograd, with the permutation after it.
+
+    Arguments:
+        params `(N, T·(3K-1))` contiguous: the conditioner's outputs, per changed coordinate its raw widths,
+            heights and interior derivatives. kept `(N, K)`, changed `(N, T)`: the layer's input columns
+            [kept_0, kept_0 + K) and [changed_0, changed_0 + T) (rows any stride apart). ladj_in `(N,)` or None:
+            the log-determinant so far. column_map `(D,)` int32: where the output stores input column c.
+        constants: (min bin width, min bin height, min derivative, derivative shift).
+        block_m, num_warps: rows and warps per program (launch tuning; not yet timed on a GPU). The default keeps
+            a (rows, bins) tile at most 1,024 values: 64 rows for 8 bins (117 registers, no spills on sm_90,
+            bench/sm90.py `compile_spline_step`), 16 for 128 (224 B spilled; 64 rows spilled 10 KB).
+    Returns:
+        y `(N, D)` (the layer's output, permuted) and ladj_in + log|det J| `(N,)`.
+    """
+    kept, changed = row_major(kept), row_major(changed)
+    n_rows, n_kept = kept.shape
+    n_changed = changed.shape[1]
+    num_bins = (params.shape[1] // max(n_changed, 1) + 1) // 3
+    y, ladj = params.new_empty(n_rows, n_kept + n_changed), params.new_empty(n_rows)
+    block_k = _launch_meta(num_bins, None)["BLOCK_K"]
+    block_m = block_m or step_block_m(block_k)
+    _spline_step_forward_kernel[(cdiv(n_rows, block_m),)](
+        params, kept, changed, column_map, ladj if ladj_in is None else ladj_in, y, ladj, n_rows, n_kept + n_changed,
+        kept_0, n_kept, changed_0, n_changed, num_bins, kept.stride(0), changed.stride(0), float(bound), *constants,
+        INVERSE=inverse, HAS_LADJ_IN=ladj_in is not None, BLOCK_M=block_m, BLOCK_K=block_k,
+        BLOCK_C=next_power_of_2(max(n_kept, 1)), num_warps=num_warps)
+    return y, ladj

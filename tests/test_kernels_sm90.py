@@ -42,6 +42,11 @@ def test_affine_step_kernels_compile_for_an_h100(kernel, hidden, dim):
     assert _compiled_shared_memory(kernel, hidden, dim, 0, 0) <= H100_SHARED_MEMORY
 
 
+@pytest.mark.parametrize("num_bins, dim", [(8, 8), (128, 64)])
+def test_spline_step_kernel_compiles_for_an_h100(num_bins, dim):
+    assert _compiled_shared_memory("spline_step", num_bins, dim, 0, 0) <= H100_SHARED_MEMORY
+
+
 @pytest.mark.parametrize("transform", ["affine", "spline"])
 @pytest.mark.parametrize("hidden, dim, context, approximate", [(128, 32, 0, 1), (256, 64, 64, 0), (256, 2, 0, 1)])
 def test_coupling_kernels_fit_an_h100(transform, hidden, dim, context, approximate):
@@ -74,12 +79,14 @@ def _shared_memory(kernel: str, size: int, dim: int, context: int, approximate: 
     """Bytes of shared memory of the sm_90 build of `kernel` ("rq_forward" / "rq_backward": the elementwise
     spline kernels with `size` bins, inverse when `dim`; "affine" / "spline": the coupling kernels with
     conditioner width `size`; "affine_flow" / "spline_flow": their fused runs; "affine_step_forward" / "affine_step_backward": the affine
-    training step after width-`size` hidden layers; "ode": the RK4 integrator of a 3-layer field of width `size`)."""
+    training step after width-`size` hidden layers; "spline_step": a spline layer's step with `size` bins; "ode": the RK4 integrator of a 3-layer field of width `size`)."""
     from fastflow.kernels import affine, coupling, spline
 
     sm90 = _sm90()
     _compile = sm90.compile_for_h100
-    if kernel.startswith("affine_step_"):  # an affine layer after its hidden layers (width `size`), training
+    if kernel == "spline_step":  # a spline layer after its conditioner (`size` bins), without autograd
+        compiled = sm90.compile_spline_step(dim, size)
+    elif kernel.startswith("affine_step_"):  # an affine layer after its hidden layers (width `size`), training
         compiled = sm90.compile_affine_step(kernel.removeprefix("affine_step_"), size, dim)
     elif kernel.endswith("_flow"):  # a fused run of coupling layers
         compiled = sm90.compile_coupling_flow(kernel.removesuffix("_flow"), size, dim, context, approximate=bool(approximate))

@@ -130,7 +130,7 @@ def _kernel_names(monkeypatch) -> dict:
 
     counts = _kernel_launches(monkeypatch)
     for module, names in ((affine, ("_affine_step_forward_kernel", "_affine_step_backward_kernel")),
-                          (spline, ("_rq_forward_kernel", "_rq_backward_kernel"))):
+                          (spline, ("_rq_forward_kernel", "_rq_backward_kernel", "_spline_step_forward_kernel"))):
         for name in names:
             kernel = getattr(module, name)
 
@@ -185,29 +185,31 @@ def test_under_autograd_values_and_gradients_match_the_reference(transform, dim,
     _assert_gradients_close(grads, grads_ref)
 
 
-@pytest.mark.parametrize("transform, dim, context, permutation", [("affine", 5, 3, "reverse"), ("spline", 4, 2, "random")])
+@pytest.mark.parametrize("transform, dim, context, permutation", [("affine", 5, 3, "reverse"), ("spline", 4, 2, "random"),
+                                                                  ("spline", 3, 0, "reverse"), ("spline", 1, 0, "reverse")])
 def test_unfused_path_without_autograd_matches_the_reference(transform, dim, context, permutation, monkeypatch,
                                                              backend_pair):
     """fp32 products on CUDA (`fuses_conditioner` false): without autograd the Triton backend runs the conditioner
-    in torch, affine layers as `TritonAffineStep` and spline layers through the spline op, no fused kernel;
-    log_prob and draws against the reference flow (forced here, so that CPU runs test that path too)."""
+    in torch, affine layers as `TritonAffineStep` and spline layers as `spline_step_forward_triton`, no fused
+    kernel; log_prob and draws against the reference flow (forced here, so that CPU runs test that path too)."""
     from fastflow.ops import coupling
 
     monkeypatch.setattr(coupling, "fuses_conditioner", lambda precision, device: False)
     reference, fused = backend_pair(_coupling_flow(transform, dim, context, permutation))
-    x = 2.0 * torch.randn(40, dim, device=DEVICE)
-    contexts = torch.randn(40, context, device=DEVICE)
+    x = 2.0 * torch.randn(40, dim, device=DEVICE)  # some in the spline tails
+    contexts = torch.randn(40, context, device=DEVICE) if context else None
+    shared = contexts[0] if context else None
     launches = _kernel_names(monkeypatch)
     with torch.no_grad():
         torch.testing.assert_close(fused.log_prob(x, contexts), reference.log_prob(x, contexts), atol=ATOL, rtol=RTOL)
         torch.manual_seed(1)
-        draws = fused.sample(30, contexts[0])
+        draws = fused.sample(30, shared)
         torch.manual_seed(1)
-        torch.testing.assert_close(draws, reference.sample(30, contexts[0]), atol=ATOL, rtol=RTOL)
+        torch.testing.assert_close(draws, reference.sample(30, shared), atol=ATOL, rtol=RTOL)
     if transform == "affine":
         assert launches == {"_affine_step_forward_kernel": 6}
     else:
-        assert launches == {"_rq_forward_kernel": 6}
+        assert launches == {"_spline_step_forward_kernel": 6}
 
 
 def test_fused_runs_follow_parameter_updates(backend_pair):
