@@ -1,8 +1,8 @@
 """Launch-setting sweep of the Triton kernels on CUDA, to choose their defaults from timings: the elementwise
 spline kernels (elements and warps per program, against the reference's autograd), the fused ODE integrator
-(rows per program, weight chunk, warps, weight residency, exact or approximate activations) and the fused
-runs of spline/affine coupling layers (rows per program, first-layer units per chunk, warps, spline columns per
-pass), TF32 products. Prints one line per setting and writes JSON.
+(rows per program, weight chunk, output chunk, pipelining, persistent programs, warps), the fused runs of
+spline/affine coupling layers (rows per program, first-layer units per chunk, warps, spline columns per pass) and
+the affine training step's kernels (rows and warps per program), TF32 products. Prints one line per setting and writes JSON.
 
 Usage (on a GPU machine; `FASTFLOW_GPU_STEPS=sweep bash bench/run_gpu.sh OUT` runs it):
     python bench/sweep_gpu.py OUT.json
@@ -35,6 +35,7 @@ ODE_SETTINGS = {  # width: launch settings of `mlp_odeint` (kernels.ode.mlp_odei
 COUPLING_SETTINGS = [{}, *(dict(block_m=m, block_hk=k, num_warps=w) for m, k, w in (  # fused 5-layer runs, default first
     (32, None, 4), (64, 32, 8), (128, 32, 8), (128, 32, 4), (64, 64, 4)))]  # (32, None, 4): the per-layer kernels' default
 SPLINE_CHUNK_COLUMNS = (32, None)  # spline (coordinate, bin) columns per pass besides the default 16 (None: whole layer)
+AFFINE_STEP_SETTINGS = [{}, *(dict(block_m=m, num_warps=w) for m, w in ((16, 4), (32, 4), (64, 4), (64, 8), (128, 8)))]
 SPLINE_SETTINGS = [(64, 4), (32, 4), (64, 2), (128, 4), (128, 8)]  # (block, num_warps), 8 bins: default first
 
 
@@ -98,6 +99,30 @@ def sweep_coupling(rows: list[dict], device: torch.device, batch: int = 65_536, 
                 _record(rows, kernel=f"{transform}_flow", dim=dim, **launch, error=f"{type(failure).__name__}: {failure}"[:300])
 
 
+def sweep_affine_step(rows: list[dict], device: torch.device, batch: int = 65_536, hidden: int = 128, dim: int = 8,
+                      settings: list[dict] = AFFINE_STEP_SETTINGS) -> None:
+    """The affine training step's kernels (`kernels.affine.affine_step_*_triton`, TF32) on one layer of the
+    benchmark's flows, forward and backward."""
+    from fastflow.kernels.affine import affine_step_backward_triton, affine_step_forward_triton
+
+    torch.manual_seed(0)
+    kept, changed = dim // 2, dim - dim // 2
+    a, x = torch.randn(batch, hidden, device=device), torch.randn(batch, dim, device=device)
+    w3, b3 = 0.1 * torch.randn(2 * changed, hidden, device=device), torch.zeros(2 * changed, device=device)
+    column_map = torch.arange(dim, device=device, dtype=torch.int32).flip(0)
+    grad_y, grad_ladj = torch.randn(batch, dim, device=device), torch.randn(batch, device=device)
+    options = dict(kept_0=0, changed_0=kept, scale_bound=3.0, inverse=False, precision="tf32")
+    for launch in settings:
+        for name, run in (("affine_step_forward", lambda: affine_step_forward_triton(  # noqa: B023
+                              a, w3, b3, x[:, :kept], x[:, kept:], None, column_map, **options, **launch)),  # noqa: B023
+                          ("affine_step_backward", lambda: affine_step_backward_triton(  # noqa: B023
+                              a, w3, b3, x[:, kept:], column_map, grad_y, grad_ladj, n_kept=kept, **options, **launch))):  # noqa: B023
+            try:
+                _record(rows, kernel=name, dim=dim, batch=batch, **launch, ms=_milliseconds(run, device))
+            except Exception as failure:
+                _record(rows, kernel=name, dim=dim, **launch, error=f"{type(failure).__name__}: {failure}"[:300])
+
+
 def sweep_spline(rows: list[dict], device: torch.device, elements: int = 1_048_576,
                  settings: list[tuple[int, int]] = SPLINE_SETTINGS) -> None:
     """The elementwise spline kernels (8 bins) forward and backward, with the PyTorch reference's autograd
@@ -153,6 +178,7 @@ def main() -> None:
     try:
         sweep_spline(rows, torch.device("cuda"))
         sweep_coupling(rows, torch.device("cuda"))
+        sweep_affine_step(rows, torch.device("cuda"))
         sweep_ode(rows, torch.device("cuda"))
     finally:
         import triton

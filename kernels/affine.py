@@ -237,16 +237,19 @@ def affine_backward_triton(raw, x, grad_out, grad_ladj, *, scale_bound: float, i
     return grad_raw, grad_x
 
 
-def _step_meta(n_hidden: int, n_kept: int, n_changed: int, precision: str) -> dict:
-    """Tiles and warps of the step kernels, from sm_90 compiles (bench/sm90.py `compile_affine_step`, Triton 3.6;
-    not yet timed): 16 rows per program with the whole hidden width, 8 warps. The backward kept no spills at width
-    128 (1,912 SASS instructions; 32 rows at 4 warps spilled 424 B in 4,872) and 200 B at width 256."""
-    return dict(PRECISION=precision, BLOCK_M=16, BLOCK_H=dot_tile(n_hidden), BLOCK_OUT=dot_tile(n_changed),
-                BLOCK_C=next_power_of_2(max(n_kept, 1)), num_warps=8)
+def _step_meta(n_hidden: int, n_kept: int, n_changed: int, precision: str, block_m: int | None = None,
+               num_warps: int | None = None) -> dict:
+    """Tiles and warps of the step kernels (`block_m`, `num_warps` override them, for tuning), from sm_90 compiles
+    (bench/sm90.py `compile_affine_step`, Triton 3.6; not yet timed): 16 rows per program with the whole hidden
+    width, 8 warps. The backward kept no spills at width 128 (1,912 SASS instructions; 32 rows at 4 warps spilled
+    424 B in 4,872) and 200 B at width 256."""
+    return dict(PRECISION=precision, BLOCK_M=block_m or 16, BLOCK_H=dot_tile(n_hidden), BLOCK_OUT=dot_tile(n_changed),
+                BLOCK_C=next_power_of_2(max(n_kept, 1)), num_warps=num_warps or 8)
 
 
 def affine_step_forward_triton(a, w3, b3, kept, changed, ladj_in, column_map, *, kept_0: int, changed_0: int,
-                               scale_bound: float, inverse: bool, precision: str):
+                               scale_bound: float, inverse: bool, precision: str, block_m: int | None = None,
+                               num_warps: int | None = None):
     """One affine coupling layer from its conditioner's last hidden pre-activations, with the permutation after it.
 
     Arguments:
@@ -256,6 +259,7 @@ def affine_step_forward_triton(a, w3, b3, kept, changed, ladj_in, column_map, *,
             [changed_0, changed_0 + T) (rows any stride apart). ladj_in `(N,)` or None: the log-determinant so far.
         column_map `(D,)` int32: where the output stores input column c (D = K + T).
         precision: tl.dot input precision of the last layer's products.
+        block_m, num_warps: rows and warps per program (launch tuning; None: `_step_meta`'s).
     Returns:
         y `(N, D)` (the layer's output, permuted) and ladj_in + log|det J| `(N,)`.
     """
@@ -263,7 +267,7 @@ def affine_step_forward_triton(a, w3, b3, kept, changed, ladj_in, column_map, *,
     n_rows, n_kept = kept.shape
     n_changed = changed.shape[1]
     y, ladj = a.new_empty(n_rows, n_kept + n_changed), a.new_empty(n_rows)
-    meta = _step_meta(a.shape[1], n_kept, n_changed, precision)
+    meta = _step_meta(a.shape[1], n_kept, n_changed, precision, block_m, num_warps)
     _affine_step_forward_kernel[(cdiv(n_rows, meta["BLOCK_M"]),)](
         a, w3, b3, kept, changed, column_map, ladj if ladj_in is None else ladj_in, y, ladj,
         n_rows, n_kept + n_changed, a.shape[1], kept_0, n_kept, changed_0, n_changed, kept.stride(0), changed.stride(0),
@@ -272,15 +276,16 @@ def affine_step_forward_triton(a, w3, b3, kept, changed, ladj_in, column_map, *,
 
 
 def affine_step_backward_triton(a, w3, b3, changed, column_map, grad_y, grad_ladj, *, kept_0: int, n_kept: int,
-                                changed_0: int, scale_bound: float, inverse: bool, precision: str):
+                                changed_0: int, scale_bound: float, inverse: bool, precision: str,
+                                block_m: int | None = None, num_warps: int | None = None):
     """Gradients of `affine_step_forward_triton` for upstream grad_y `(N, D)` (rows any stride apart) and
     grad_ladj `(N,)` (contiguous): w.r.t. a `(N, H)`, the last layer's raw outputs `(N, 2T)`, kept `(N, K)` and
-    changed `(N, T)`; and h = SiLU(a) `(N, H)`."""
+    changed `(N, T)`; and h = SiLU(a) `(N, H)`. block_m, num_warps: as the forward's."""
     changed, grad_y = row_major(changed), row_major(grad_y)
     n_rows, n_changed = changed.shape
     h, grad_a, grad_raw = torch.empty_like(a), torch.empty_like(a), a.new_empty(n_rows, 2 * n_changed)
     grad_kept, grad_changed = a.new_empty(n_rows, n_kept), a.new_empty(n_rows, n_changed)
-    meta = _step_meta(a.shape[1], n_kept, n_changed, precision)
+    meta = _step_meta(a.shape[1], n_kept, n_changed, precision, block_m, num_warps)
     _affine_step_backward_kernel[(cdiv(n_rows, meta["BLOCK_M"]),)](
         a, w3, b3, changed, column_map, grad_y, grad_ladj, h, grad_a, grad_raw, grad_kept, grad_changed,
         n_rows, n_kept + n_changed, a.shape[1], kept_0, n_kept, changed_0, n_changed, changed.stride(0), grad_y.stride(0),
