@@ -87,7 +87,9 @@ class Flow(nn.Module):
         return log_q.reshape(batch_shape)
 
     # -- sampling ---------------------------------------------------------------------------------
-    def _sample(self, n: int, context: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    def _sample(self, n: int, context: torch.Tensor | None,
+                with_log_prob: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Draws and (when `with_log_prob`; else None) their log q, shaped as `sample_and_log_prob`'s."""
         self._check_n(n)
         if context is not None and context.dim() > 2:
             raise ValueError(f"sampling takes a context (C,) or (B, C), got {tuple(context.shape)}")
@@ -96,24 +98,25 @@ class Flow(nn.Module):
             embedded = embedded.reshape(-1, embedded.shape[-1])
         contexts = 1 if embedded is None else embedded.shape[0]
         z = self.base.rsample(n * contexts)
-        log_q = self.base.log_prob(z)
+        log_q = self.base.log_prob(z) if with_log_prob else None
         if embedded is not None:
             embedded = embedded.unsqueeze(0).expand(n, -1, -1).reshape(n * contexts, -1)
         for step in self._chain(inverse=True):
             z, ladj = step(z, embedded)
-            log_q = log_q - ladj
+            if with_log_prob:
+                log_q = log_q - ladj
         if context is not None and context.dim() == 2:
-            return z.reshape(n, contexts, self.dim), log_q.reshape(n, contexts)
+            return z.reshape(n, contexts, self.dim), None if log_q is None else log_q.reshape(n, contexts)
         return z, log_q
 
     def rsample(self, n: int, context: torch.Tensor | None = None) -> torch.Tensor:
         """Reparametrized draws `(n, D)` or `(n, B, D)` (differentiable in the parameters)."""
-        return self._sample(n, context)[0]
+        return self._sample(n, context, with_log_prob=False)[0]
 
     @torch.no_grad()
     def sample(self, n: int, context: torch.Tensor | None = None) -> torch.Tensor:
         """Draws `(n, D)` or `(n, B, D)`, without gradients."""
-        return self._sample(n, context)[0]
+        return self._sample(n, context, with_log_prob=False)[0]
 
     def sample_and_log_prob(self, n: int, context: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Draws and their log q in one pass: `(n, [B,] D)` and `(n, [B])`."""
