@@ -9,9 +9,10 @@
 #   profile  wall against kernel time and launches of the cases short of their targets (bench/profile_gpu.py),
 #          gpu_profile_<date>_<gpu>.json
 # Each step has its own time limit (FASTFLOW_GPU_TEST_TIMEOUT, FASTFLOW_GPU_BENCH_TIMEOUT per family,
-# FASTFLOW_GPU_SWEEP_TIMEOUT, FASTFLOW_GPU_PROFILE_TIMEOUT). Seen on an H100 (2026-11-26): build, tests (34 s with
-# xdist), the coupling and ode families: 401 s in one call (ode ~3 min); tests and sweep: 147 s. A device call
-# runs at most 600 s, so split the steps over two calls when running them all.
+# FASTFLOW_GPU_SWEEP_TIMEOUT, FASTFLOW_GPU_PROFILE_TIMEOUT). Seen on an H100 (2026-11-26): build ~30 s, tests 34 s
+# with xdist, coupling family ~2 min, ode family cut at 220 s before its last case (3x256 d=10: give the family
+# ~450 s in a call of its own), tests and sweep 147 s. A device call runs at most 600 s, so split the steps over
+# calls: e.g. "tests bench" with FASTFLOW_GPU_FAMILIES=coupling, then FASTFLOW_GPU_FAMILIES=ode, then "sweep profile".
 # Usage: bash bench/run_gpu.sh [OUTPUT_DIR]   (default bench/results)
 set -uo pipefail
 cd "$(dirname "$0")/.."
