@@ -13,6 +13,7 @@ from __future__ import annotations
 import collections
 import os
 import sys
+from unittest import mock
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -57,16 +58,20 @@ def stub_triton_kernels(assign=setattr) -> None:
 
 def table(dim: int = 8, rows: int = 256) -> list[tuple[str, str, int, int]]:
     """(transform, implementation, log_prob ops, log_prob+backward ops) for fastflow's reference and Triton
-    backends and zuko (the coupling benchmark's flows: 5 layers, width 128, SiLU conditioners)."""
+    backends (`-fp32`: the Triton backend as on CUDA with fp32 products, its conditioners in torch) and zuko (the
+    coupling benchmark's flows: 5 layers, width 128, SiLU conditioners)."""
     from fastflow import benchmarks
     from fastflow.flows import FlowConfig
     from fastflow.nn import CouplingFlow
+
+    from fastflow.ops import coupling
 
     x = torch.randn(rows, dim)
     result = []
     for transform in ("spline", "affine"):
         config = FlowConfig(transform=transform, num_layers=5, hidden=128, num_bins=8)
         flows = {f"fastflow-{backend}": CouplingFlow(dim, config=config, backend=backend) for backend in ("reference", "triton")}
+        flows["fastflow-triton-fp32"] = flows["fastflow-triton"]  # as on CUDA with fp32 products: conditioner in torch
         try:
             flows["zuko"] = benchmarks._ZukoAdapter(benchmarks._zuko_flow(transform, dim, torch.nn.SiLU))
         except ImportError:  # zuko (the `bench` extra) not installed: fastflow's rows only
@@ -83,7 +88,8 @@ def table(dim: int = 8, rows: int = 256) -> list[tuple[str, str, int, int]]:
                     p.grad = None
                 flow.log_prob(x).mean().backward()
 
-            result.append((transform, name, launches(log_prob), launches(training)))
+            with mock.patch.object(coupling, "fuses_conditioner", lambda precision, device: not name.endswith("fp32")):
+                result.append((transform, name, launches(log_prob), launches(training)))
     return result
 
 

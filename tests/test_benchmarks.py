@@ -76,7 +76,8 @@ def test_gpu_sweep_runs_on_small_sizes_under_the_interpreter():
 @pytest.mark.triton
 def test_op_counts_show_the_triton_paths_launch_less(monkeypatch):
     """bench/count_ops.py: with the Triton kernels stubbed, the Triton backend's coupling flow launches fewer
-    device operations than the reference, for log_prob and for log_prob + backward."""
+    device operations than the reference, for log_prob and for log_prob + backward, with its conditioners fused
+    (TF32) or in torch (fp32)."""
     import importlib.util
     from pathlib import Path
 
@@ -90,8 +91,11 @@ def test_op_counts_show_the_triton_paths_launch_less(monkeypatch):
     count_ops.stub_triton_kernels(monkeypatch.setattr)
     rows = {(transform, name): (forward, training) for transform, name, forward, training in count_ops.table(dim=4, rows=16)}
     for transform in ("spline", "affine"):
-        triton, reference = rows[(transform, "fastflow-triton")], rows[(transform, "fastflow-reference")]
-        assert 0 < triton[0] < reference[0] and 0 < triton[1] < reference[1], rows
+        reference = rows[(transform, "fastflow-reference")]
+        for name in ("fastflow-triton", "fastflow-triton-fp32"):
+            triton = rows[(transform, name)]
+            assert 0 < triton[0] < reference[0] and 0 < triton[1] < reference[1], rows
+        assert rows[(transform, "fastflow-triton")][0] < rows[(transform, "fastflow-triton-fp32")][0]  # fused: fewer
 
 
 def test_gpu_profile_runs_the_named_cases_on_cpu():
