@@ -1,8 +1,8 @@
 """Launch-setting sweep of the Triton kernels on CUDA, to choose their defaults from timings: the elementwise
 spline kernels (elements and warps per program, against the reference's autograd), the fused ODE integrator
 (rows per program, weight chunk, output chunk, pipelining, persistent programs, warps), the fused runs of
-spline/affine coupling layers (rows per program, first-layer units per chunk, warps, spline columns per pass) and
-the affine training step's kernels (rows and warps per program), TF32 products. Prints one line per setting and writes JSON.
+spline/affine coupling layers (rows per program, first-layer units per chunk, warps, spline columns per pass), a
+fused layer on its own and the affine training step's kernels (rows and warps per program), TF32 products. Prints one line per setting and writes JSON.
 
 Usage (on a GPU machine; `FASTFLOW_GPU_STEPS=sweep bash bench/run_gpu.sh OUT` runs it):
     python bench/sweep_gpu.py OUT.json
@@ -35,6 +35,7 @@ ODE_SETTINGS = {  # width: launch settings of `mlp_odeint` (kernels.ode.mlp_odei
 COUPLING_SETTINGS = [{}, *(dict(block_m=m, block_hk=k, num_warps=w) for m, k, w in (  # fused 5-layer runs, default first
     (32, None, 4), (64, 32, 8), (128, 32, 8), (128, 32, 4), (64, 64, 4)))]  # (32, None, 4): the per-layer kernels' default
 SPLINE_CHUNK_COLUMNS = (32, None)  # spline (coordinate, bin) columns per pass besides the default 16 (None: whole layer)
+LAYER_SETTINGS = [{}, *(dict(block_m=m, num_warps=w) for m, w in ((32, 8), (64, 4), (64, 8), (128, 8)))]  # default first
 AFFINE_STEP_SETTINGS = [{}, *(dict(block_m=m, num_warps=w) for m, w in ((16, 4), (32, 4), (64, 4), (64, 8), (128, 8)))]
 SPLINE_SETTINGS = [(64, 4), (32, 4), (64, 2), (128, 4), (128, 8)]  # (block, num_warps), 8 bins: default first
 
@@ -97,6 +98,34 @@ def sweep_coupling(rows: list[dict], device: torch.device, batch: int = 65_536, 
                 _record(rows, kernel=f"{transform}_flow", dim=dim, batch=batch, **launch, ms=ms)
             except Exception as failure:
                 _record(rows, kernel=f"{transform}_flow", dim=dim, **launch, error=f"{type(failure).__name__}: {failure}"[:300])
+
+
+def sweep_layers(rows: list[dict], device: torch.device, batch: int = 65_536, hidden: int = 128, dim: int = 8,
+                 settings: list[dict] = LAYER_SETTINGS) -> None:
+    """One fused coupling layer (`kernels.coupling.*_coupling_triton`, a layer used on its own), TF32 products,
+    spline (8 bins) and affine, forward."""
+    from fastflow.kernels.coupling import affine_coupling_triton, spline_coupling_triton
+    from fastflow.ops.spline import SPLINE_CONSTANTS
+
+    torch.manual_seed(0)
+    kept, changed = dim // 2, dim - dim // 2
+    x = torch.randn(batch, dim, device=device)
+    for transform, outputs in (("spline", 23 * changed), ("affine", 2 * changed)):
+        weights = (0.3 * torch.randn(hidden, kept, device=device), torch.zeros(hidden, device=device),
+                   0.1 * torch.randn(hidden, hidden, device=device), torch.zeros(hidden, device=device),
+                   0.1 * torch.randn(outputs, hidden, device=device), torch.zeros(outputs, device=device))
+        for launch in settings:
+            if transform == "spline":
+                run = lambda: spline_coupling_triton(x[:, :kept], None, x[:, kept:], weights, num_bins=8, bound=3.0,  # noqa: E731,B023
+                                                     inverse=False, constants=SPLINE_CONSTANTS, precision="tf32", **launch)  # noqa: B023
+            else:
+                run = lambda: affine_coupling_triton(x[:, :kept], None, x[:, kept:], weights, scale_bound=3.0,  # noqa: E731,B023
+                                                     inverse=False, precision="tf32", **launch)  # noqa: B023
+            try:
+                with torch.no_grad():
+                    _record(rows, kernel=f"{transform}_layer", dim=dim, batch=batch, **launch, ms=_milliseconds(run, device))
+            except Exception as failure:
+                _record(rows, kernel=f"{transform}_layer", dim=dim, **launch, error=f"{type(failure).__name__}: {failure}"[:300])
 
 
 def sweep_affine_step(rows: list[dict], device: torch.device, batch: int = 65_536, hidden: int = 128, dim: int = 8,
@@ -178,6 +207,7 @@ def main() -> None:
     try:
         sweep_spline(rows, torch.device("cuda"))
         sweep_coupling(rows, torch.device("cuda"))
+        sweep_layers(rows, torch.device("cuda"))
         sweep_affine_step(rows, torch.device("cuda"))
         sweep_ode(rows, torch.device("cuda"))
     finally:
