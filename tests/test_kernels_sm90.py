@@ -64,6 +64,13 @@ def test_ode_kernel_fits_an_h100(hidden, dim, context, approximate):
     assert _compiled_shared_memory("ode", hidden, dim, context, approximate) <= H100_SHARED_MEMORY
 
 
+@pytest.mark.parametrize("hidden, dim, context", [(256, 10, 4), (256, 2, 0)])
+def test_streamed_ode_kernel_fits_an_h100_without_spills(hidden, dim, context):
+    """The streamed layers (block_n, pipelined weight chunks, persistent programs) at 64 rows per program (128 rows
+    spill 736 B with a per-sample context)."""
+    assert _compiled_shared_memory("ode_streamed", hidden, dim, context, 1) <= H100_SHARED_MEMORY
+
+
 def _sm90():
     """bench/sm90.py (the sm_90 compile helpers)."""
     import importlib.util
@@ -79,7 +86,8 @@ def _shared_memory(kernel: str, size: int, dim: int, context: int, approximate: 
     """Bytes of shared memory of the sm_90 build of `kernel` ("rq_forward" / "rq_backward": the elementwise
     spline kernels with `size` bins, inverse when `dim`; "affine" / "spline": the coupling kernels with
     conditioner width `size`; "affine_flow" / "spline_flow": their fused runs; "affine_step_forward" / "affine_step_backward": the affine
-    training step after width-`size` hidden layers; "spline_step": a spline layer's step with `size` bins; "ode": the RK4 integrator of a 3-layer field of width `size`)."""
+    training step after width-`size` hidden layers; "spline_step": a spline layer's step with `size` bins; "ode": the RK4 integrator of a 3-layer field of width `size`;
+    "ode_streamed": the same with streamed layers, which must not spill)."""
     from fastflow.kernels import affine, coupling, spline
 
     sm90 = _sm90()
@@ -112,6 +120,10 @@ def _shared_memory(kernel: str, size: int, dim: int, context: int, approximate: 
                                  "stride_ladj_column"], floats, meta)
     elif kernel == "ode":
         compiled = sm90.compile_ode(size, dim, context, approximate=bool(approximate))
+    elif kernel == "ode_streamed":
+        compiled = sm90.compile_ode(size, dim, context, approximate=bool(approximate), block_m=64, block_k=32, block_n=64,
+                                    k_stages=2, persistent=True, num_warps=8)
+        assert sm90.resources(compiled)["stack"] == 0
 
     else:
         kept, changed = dim // 2, dim - dim // 2
