@@ -30,6 +30,7 @@ ODE_SETTINGS = {  # width: launch settings of `mlp_odeint` (kernels.ode.mlp_odei
     256: [{}, dict(block_k=16, k_stages=2),  # the default with its weight-chunk loop pipelined
           *(dict(block_m=m, block_k=k, block_n=64, k_stages=s, num_warps=w) for m, k, s, w in (  # streamed layers
               (64, 32, 1, 8), (64, 32, 2, 8), (128, 32, 2, 8), (128, 64, 2, 8), (128, 32, 3, 8))),
+          dict(block_m=64, block_k=32, block_n=32, k_stages=2, num_warps=8),  # no spills with a context either
           dict(block_m=128, block_k=32, block_n=64, k_stages=2, num_warps=8, programs=264)],  # 2 per SM (132 SMs)
 }
 COUPLING_SETTINGS = [{}, *(dict(block_m=m, block_hk=k, num_warps=w) for m, k, w in (  # fused 5-layer runs, default first

@@ -66,8 +66,8 @@ def test_ode_kernel_fits_an_h100(hidden, dim, context, approximate):
 
 @pytest.mark.parametrize("hidden, dim, context", [(256, 10, 4), (256, 2, 0)])
 def test_streamed_ode_kernel_fits_an_h100_without_spills(hidden, dim, context):
-    """The streamed layers (block_n, pipelined weight chunks, persistent programs) at 64 rows per program (128 rows
-    spill 736 B with a per-sample context)."""
+    """The streamed layers (block_n 32, pipelined weight chunks, persistent programs) at 64 rows per program (128 rows
+    spill 736 B with a per-sample context; block_n 64 spills 32 B with Triton 3.6)."""
     assert _compiled_shared_memory("ode_streamed", hidden, dim, context, 1) <= H100_SHARED_MEMORY
 
 
@@ -121,7 +121,7 @@ def _shared_memory(kernel: str, size: int, dim: int, context: int, approximate: 
     elif kernel == "ode":
         compiled = sm90.compile_ode(size, dim, context, approximate=bool(approximate))
     elif kernel == "ode_streamed":
-        compiled = sm90.compile_ode(size, dim, context, approximate=bool(approximate), block_m=64, block_k=32, block_n=64,
+        compiled = sm90.compile_ode(size, dim, context, approximate=bool(approximate), block_m=64, block_k=32, block_n=32,
                                     k_stages=2, persistent=True, num_warps=8)
         assert sm90.resources(compiled)["stack"] == 0
 
