@@ -4,14 +4,14 @@ transform of the changed half (affine, or rational-quadratic spline) and log|det
 `affine_coupling_ref` / `spline_coupling_ref` are the PyTorch references. The Triton path
 (kernels/coupling.py) fuses the whole layer without autograd, so hidden activations never reach global
 memory; under autograd, and for fp32 products on CUDA (`fuses_conditioner`), the conditioner runs in torch
-(cuBLAS) and the transform through an elementwise Triton op with its backward kernel (kernels/spline.py, kernels/affine.py); `TritonAffineStep` takes an affine layer's
-last SiLU and conditioner layer into that op too, with the merge and the next permutation (used by the runs of layers in
-a `Flow`, `fastflow.ops.coupling_flow`). On CPU the native backend runs the spline's
-elementwise part through `rq_spline` (C++) and
-the conditioner's hidden layers as a GEMM plus one native bias + SiLU pass (`conditioner_native`); without
-autograd it runs either layer block by block of rows (`conditioner_blocks`), the CPU counterpart of that
-fusion: the hidden activations of a block stay in cache, and buffers are reused instead of faulting in
-fresh full-batch tensors at every op.
+(cuBLAS) and the transform through an elementwise Triton op with its backward kernel (kernels/spline.py,
+kernels/affine.py). In the runs of layers of a `Flow` (`fastflow.ops.coupling_flow`), `TritonAffineStep` takes an
+affine layer's last SiLU and conditioner layer into that op too, with the merge and the next permutation, and
+`TritonSplineStep` a spline layer's splines with the merge and the next permutation. On CPU the native backend
+runs the spline's elementwise part through `rq_spline` (C++) and the conditioner's hidden layers as a GEMM plus
+one native bias + SiLU pass (`conditioner_native`); without autograd it runs either layer block by block of rows
+(`conditioner_blocks`), the CPU counterpart of that fusion: the hidden activations of a block stay in cache, and
+buffers are reused instead of faulting in fresh full-batch tensors at every op.
 """
 
 from __future__ import annotations
@@ -176,6 +176,46 @@ class TritonAffineStep(torch.autograd.Function):
         grad_b3 = grad_raw.sum(0) if ctx.needs_input_grad[2] else None
         return (grad_a, grad_w3, grad_b3, grad_kept, grad_changed, grad_ladj if ctx.has_ladj_in else None,
                 None, None, None, None, None, None)
+
+
+class TritonSplineStep(torch.autograd.Function):
+    """A spline coupling layer from its conditioner's outputs on the Triton backend
+    (`kernels.spline.spline_step_forward_triton`: the splines, the log-determinant added to the running one and the
+    merge through the following permutation in one kernel); backward: the upstream gradient gathered through the
+    permutation and the spline's backward kernel (`kernels.spline.rq_spline_backward_triton`).
+
+    apply(params `(N, T·(3K-1))`, kept `(N, K)`, changed `(N, T)`, ladj_in `(N,)` or None, column_map `(D,)` int32,
+    kept_0, changed_0, bound, inverse) -> (y `(N, D)`, ladj `(N,)`)."""
+
+    @staticmethod
+    def forward(ctx, params, kept, changed, ladj_in, column_map, kept_0: int, changed_0: int, bound: float, inverse: bool):
+        from fastflow.kernels.spline import spline_step_forward_triton
+
+        params, changed = params.detach().contiguous(), changed.detach()
+        ctx.save_for_backward(params, changed, column_map)
+        ctx.options = dict(kept_0=kept_0, changed_0=changed_0, n_kept=kept.shape[1], bound=bound, inverse=inverse)
+        ctx.has_ladj_in = ladj_in is not None
+        return spline_step_forward_triton(params, kept.detach(), changed, None if ladj_in is None else ladj_in.detach(),
+                                          column_map, kept_0=kept_0, changed_0=changed_0, bound=bound, inverse=inverse,
+                                          constants=SPLINE_CONSTANTS)
+
+    @staticmethod
+    def backward(ctx, grad_y, grad_ladj):
+        from fastflow.kernels.spline import rq_spline_backward_triton
+
+        params, changed, column_map = ctx.saved_tensors
+        options = ctx.options
+        n_rows, n_changed = changed.shape
+        grad_y = changed.new_zeros(n_rows, options["n_kept"] + n_changed) if grad_y is None else grad_y
+        grad_ladj = changed.new_zeros(n_rows) if grad_ladj is None else grad_ladj
+        changed_0, kept_0 = options["changed_0"], options["kept_0"]
+        grad_out = grad_y.index_select(1, column_map[changed_0:changed_0 + n_changed])
+        grad_kept = grad_y.index_select(1, column_map[kept_0:kept_0 + options["n_kept"]])
+        grad_changed, grad_params = rq_spline_backward_triton(
+            changed, params.view(n_rows * n_changed, -1), grad_out, grad_ladj[:, None].expand(n_rows, n_changed),
+            bound=options["bound"], inverse=options["inverse"], constants=SPLINE_CONSTANTS)
+        return (grad_params.view(n_rows, -1), grad_kept, grad_changed.view(n_rows, n_changed),
+                grad_ladj if ctx.has_ladj_in else None, None, None, None, None, None)
 
 
 def _affine_coupling_blocked(kept, context, changed, weights, *, scale_bound: float, inverse: bool):

@@ -3,8 +3,8 @@ execution order, each optionally followed by a fixed permutation, go through `ke
 in one Triton launch (the permutations become column maps of the kernel's stores), where a layer alone would
 take the fused Triton kernel: same dispatch (`fastflow.ops.coupling.dispatch`), no autograd. Otherwise on the
 Triton backend (under autograd, or fp32 products on CUDA), affine runs take one `TritonAffineStep` per layer (its
-hidden layers in torch), spline runs without autograd one `spline_step_forward_triton` per layer (its conditioner
-in torch), and under autograd apply their transforms one by one, as the flow would.
+hidden layers in torch) and spline runs one `TritonSplineStep` per layer (its conditioner in torch). Otherwise the
+run applies its transforms one by one, as the flow would.
 
 A layer joins a run through its `fused_signature()`, `fused_layout()`, `fused_options()` and `_weights()`
 (`fastflow.nn.coupling`); a permutation through `column_map(inverse)` (`fastflow.flows.transforms`).
@@ -17,7 +17,7 @@ from typing import Callable
 import torch
 
 from fastflow.backends import triton_device
-from fastflow.ops.coupling import TritonAffineStep, conditioner_hidden, conditioner_ref, dispatch
+from fastflow.ops.coupling import TritonAffineStep, TritonSplineStep, conditioner_hidden, conditioner_ref, dispatch
 
 __all__ = ["CouplingRun", "chain_transforms"]
 
@@ -49,12 +49,12 @@ class CouplingRun:
         if x.shape[0] and x.dim() == 2 and triton_device(x.device):  # else the layers dispatch one by one
             kernel_context = self.couplings[0]._context(context)
             weights = self.weights()
-            chosen, recording, fused, precision = dispatch(x, kernel_context, x, weights, self.backend, None)
+            chosen, _, fused, precision = dispatch(x, kernel_context, x, weights, self.backend, None)
             if fused:
                 return self.fused(x, kernel_context, precision, weights)
             if chosen == "triton" and "scale_bound" in self.options:
                 return self._affine_steps(x, kernel_context, precision)
-            if chosen == "triton" and not recording:
+            if chosen == "triton":
                 return self._spline_steps(x, kernel_context)
         return self._one_by_one(x, context)
 
@@ -81,18 +81,14 @@ class CouplingRun:
         return x, ladj
 
     def _spline_steps(self, x, context):
-        """Spline layers on the Triton backend without autograd where the run does not fuse: each layer's
-        conditioner in torch, the rest (splines, log-determinant, permuted merge) as one
-        `kernels.spline.spline_step_forward_triton`."""
-        from fastflow.kernels.spline import spline_step_forward_triton
-
-        options = dict(bound=self.options["bound"], constants=self.options["constants"], inverse=self.inverse)
+        """Spline layers on the Triton backend where the run does not fuse: each layer's conditioner in torch, the
+        rest (splines, log-determinant, permuted merge) as one `TritonSplineStep`."""
         ladj = None
         for (coupling, _), column_map in zip(self.steps, self._on(x.device)[1]):
             kept, changed = coupling._split(x)
             kept_0, _, changed_0, _ = coupling.fused_layout()
-            x, ladj = spline_step_forward_triton(conditioner_ref(kept, context, coupling._weights()), kept, changed, ladj,
-                                                 column_map, kept_0=kept_0, changed_0=changed_0, **options)
+            x, ladj = TritonSplineStep.apply(conditioner_ref(kept, context, coupling._weights()), kept, changed, ladj,
+                                             column_map, kept_0, changed_0, self.options["bound"], self.inverse)
         return x, ladj
 
     def fused(self, x: torch.Tensor, context: torch.Tensor | None, precision: str,

@@ -152,8 +152,8 @@ def _assert_gradients_close(grads, grads_ref):
                                                                   ("affine", 1, 0, "reverse"), ("spline", 4, 2, "reverse")])
 def test_under_autograd_values_and_gradients_match_the_reference(transform, dim, context, permutation, monkeypatch,
                                                                  backend_pair):
-    """Training on the Triton backend: affine layers as `TritonAffineStep` (one kernel each way per layer),
-    spline layers one at a time (the spline op's kernels); log_prob, draws and their gradients in the
+    """Training on the Triton backend: affine layers as `TritonAffineStep`, spline layers as `TritonSplineStep` (one
+    kernel each way per layer); log_prob, draws and their gradients in the
     parameters, the inputs and the context against the reference flow. Gradients: fp32 products summed in
     another order through 3 layers, 1e-4 relative to the largest entry."""
     reference, fused = backend_pair(_coupling_flow(transform, dim, context, permutation))
@@ -173,7 +173,7 @@ def test_under_autograd_values_and_gradients_match_the_reference(transform, dim,
     if transform == "affine":
         assert launches == {"_affine_step_forward_kernel": 3, "_affine_step_backward_kernel": 3}
     else:
-        assert launches == {"_rq_forward_kernel": 3, "_rq_backward_kernel": 3}
+        assert launches == {"_spline_step_forward_kernel": 3, "_rq_backward_kernel": 3}
     condition = torch.randn(context, device=DEVICE) if context else None
     torch.manual_seed(1)
     draws, log_q = fused.sample_and_log_prob(20, condition)  # rsample: autograd through the inverse
