@@ -44,7 +44,7 @@ fi
 if [[ $steps == *" bench "* ]]; then
   for family in ${FASTFLOW_GPU_FAMILIES:-coupling ode}; do
     timeout "${FASTFLOW_GPU_BENCH_TIMEOUT:-300}" $python -m fastflow.cli bench --device cuda --family "$family" \
-      --repeats "${FASTFLOW_GPU_REPEATS:-3}" --out "$out/gpu_${family}_$(date +%F)_${gpu}.json" || status=1
+      --repeats "${FASTFLOW_GPU_REPEATS:-3}" --budget "${FASTFLOW_GPU_BUDGET:-3}" --out "$out/gpu_${family}_$(date +%F)_${gpu}.json" || status=1
   done
 fi
 exit $status

@@ -57,8 +57,10 @@ def cases(device: str | torch.device, *, quick: bool = False, families: list[str
     return [case for name in (families or sorted(_FAMILIES)) for case in _FAMILIES[name](device, quick)]
 
 
-def time_call(fn: Callable[[], object], *, device: torch.device, repeats: int = 5, warmup: int = 1) -> float:
-    """Median wall time of `fn()` in seconds, synchronizing CUDA around each call."""
+def time_call(fn: Callable[[], object], *, device: torch.device, repeats: int = 5, warmup: int = 1,
+              budget: float | None = None) -> float:
+    """Median wall time of `fn()` in seconds, synchronizing CUDA around each call; with a `budget` (seconds), the
+    timed calls stop once they have taken that long (at least one call: slow cases take fewer repeats)."""
     synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for _ in range(warmup):
         fn()
@@ -69,17 +71,21 @@ def time_call(fn: Callable[[], object], *, device: torch.device, repeats: int = 
         fn()
         synchronize()
         times.append(time.perf_counter() - start)
+        if budget is not None and sum(times) >= budget:
+            break
     return statistics.median(times)
 
 
 def run(device: str | torch.device, *, quick: bool = False, repeats: int = 5, families: list[str] | None = None,
-        on_case: Callable[[list[Result]], None] | None = None) -> list[Result]:
+        on_case: Callable[[list[Result]], None] | None = None, budget: float | None = None) -> list[Result]:
     """Time every implementation of every case; ratios are against each case's baseline. `on_case` gets
-    each case's results as soon as they are measured (progress on long runs)."""
+    each case's results as soon as they are measured (progress on long runs); `budget`: seconds of timed calls
+    per implementation after which its repeats stop (`time_call`)."""
     device = torch.device(device)
     results = []
     for case in cases(device, quick=quick, families=families):
-        seconds = {name: time_call(fn, device=device, repeats=repeats) for name, fn in case.implementations.items()}
+        seconds = {name: time_call(fn, device=device, repeats=repeats, budget=budget)
+                   for name, fn in case.implementations.items()}
         base = seconds[case.baseline]
         measured = [Result(case.family, case.name, name, s, base / s, case.baseline) for name, s in seconds.items()]
         if on_case is not None:

@@ -77,7 +77,7 @@ def _bench(args: argparse.Namespace) -> int:
         if args.out is not None:
             args.out.write_text(json.dumps(benchmarks.to_json(measured, device), indent=1))
 
-    benchmarks.run(device, quick=args.quick, repeats=args.repeats, families=args.family, on_case=report)
+    benchmarks.run(device, quick=args.quick, repeats=args.repeats, families=args.family, on_case=report, budget=args.budget)
     if args.out is not None:
         print(f"wrote {args.out}")
     return 0
@@ -87,6 +87,13 @@ def _positive_int(text: str) -> int:
     value = int(text)
     if value <= 0:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
     return value
 
 
@@ -123,6 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
     bench.add_argument("--quick", action="store_true", help="small sizes (a smoke run)")
     bench.add_argument("--repeats", type=_positive_int, default=5)
+    bench.add_argument("--budget", type=_positive_float, default=None,
+                       help="seconds of timed calls per implementation after which its repeats stop (slow cases)")
     bench.add_argument("--family", action="append", help="only these benchmark families (repeatable)")
     bench.add_argument("--out", type=Path, help="write the results as JSON here")
     bench.set_defaults(run=_bench)

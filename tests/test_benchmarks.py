@@ -28,6 +28,27 @@ def test_bench_command_writes_json(tmp_path, capsys):
     assert "vs baseline" in capsys.readouterr().out
 
 
+def test_time_budget_cuts_the_repeats_of_slow_calls(capsys):
+    import time
+
+    import torch
+
+    calls = []
+
+    def slow():
+        calls.append(1)
+        time.sleep(0.02)
+
+    assert benchmarks.time_call(slow, device=torch.device("cpu"), repeats=10, budget=0.03) >= 0.02
+    assert len(calls) == 1 + 2  # the warm-up, then timed calls until they have taken 0.03 s
+    calls.clear()
+    benchmarks.time_call(slow, device=torch.device("cpu"), repeats=4)
+    assert len(calls) == 1 + 4
+    with pytest.raises(SystemExit):
+        main(["bench", "--device", "cpu", "--quick", "--budget", "0"])
+    assert "positive number" in capsys.readouterr().err
+
+
 def test_unknown_family_is_refused():
     with pytest.raises(ValueError, match="unknown benchmark families"):
         benchmarks.cases("cpu", families=["nope"])
