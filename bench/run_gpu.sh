@@ -12,8 +12,9 @@
 # FASTFLOW_GPU_SWEEP_TIMEOUT, FASTFLOW_GPU_PROFILE_TIMEOUT). Seen on an H100 (2026-11-26): build ~30 s, tests 34 s
 # with xdist, coupling family ~2 min, ode family cut at 220 s before its last case (3x256 d=10) with 3 repeats of
 # every row; the timed calls now stop after FASTFLOW_GPU_BUDGET seconds (default 3), about halving the slow ODE
-# rows (estimate: ~300 s for the family); tests and sweep 147 s before the sweep grew (~5 min now). A device call runs at most 600 s, so split the steps over
-# calls: e.g. "tests bench profile" with FASTFLOW_GPU_FAMILIES=coupling, then "sweep", then the ode family.
+# rows (estimate: ~300 s for the family); tests and sweep 147 s before the sweep grew (~5 min now). A device call
+# runs at most 600 s, so split the steps over calls: e.g. "tests bench profile" with FASTFLOW_GPU_FAMILIES=coupling,
+# then "sweep", then the ode family.
 # Usage: bash bench/run_gpu.sh [OUTPUT_DIR]   (default bench/results)
 set -uo pipefail
 cd "$(dirname "$0")/.."
