@@ -274,10 +274,11 @@ def _mlp_ode_kernel(
 
 
 def default_block_k(block_h: int) -> int:
-    """The hidden-width chunk per weight tile, from sm_90 compiles (bench/sm90.py: registers, spills, SASS; not yet
-    timed on a GPU): widths up to 64 in one chunk (no scratch round trip per hidden layer, fewer instructions, no
-    spills: RK4 3x64 with Triton 3.6, 4,520 instructions against 5,568 in chunks of 16, which spill 248 B with a
-    context), wider ones in chunks of 16 (one chunk spills at width 128)."""
+    """The hidden-width chunk per weight tile, from sm_90 compiles (bench/sm90.py: registers, spills, SASS; the H100
+    sweep of 2026-11-26 found these defaults fastest at widths 64 and 256): widths up to 64 in one chunk (no scratch
+    round trip per hidden layer, fewer instructions, no spills: RK4 3x64 with Triton 3.6, 4,520 instructions against
+    5,568 in chunks of 16, which spill 248 B with a context), wider ones in chunks of 16 (one chunk spills at
+    width 128)."""
     return block_h if block_h <= 64 else 16
 
 
