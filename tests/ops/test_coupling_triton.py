@@ -93,14 +93,25 @@ def test_fused_spline_matches_reference_forward_and_backward(inverse, rows, kept
 
 @pytest.mark.parametrize("layer", [lambda b: AffineCoupling(5, 3, hidden=32, backend=b),
                                    lambda b: SplineCoupling(5, 3, hidden=32, num_bins=6, backend=b)])
-def test_layer_is_identical_across_backends(layer, backend_pair):
+@pytest.mark.parametrize("mode", ["autograd", "fused", "unfused"])
+def test_layer_is_identical_across_backends(layer, mode, backend_pair, monkeypatch):
+    """A layer on its own, both ways: under autograd (torch conditioner, Triton transform), without it in the fused
+    kernel, and without it unfused (as on CUDA with fp32 products: `fuses_conditioner` false, forced here; on CUDA
+    the "fused" case has fp32 products too, so it runs unfused as well)."""
+    from fastflow.ops import coupling
+
+    if mode == "unfused":
+        monkeypatch.setattr(coupling, "fuses_conditioner", lambda precision, device: False)
     reference, fused = backend_pair(layer, scale=0.1)
     x, context = torch.randn(40, 5, device=DEVICE), torch.randn(40, 3, device=DEVICE)
-    for forward in (True, False):
-        a = reference(x, context) if forward else reference.inverse(x, context)
-        b = fused(x, context) if forward else fused.inverse(x, context)
-        for u, v in zip(a, b):
-            torch.testing.assert_close(u, v, atol=ATOL, rtol=RTOL)
+    with torch.set_grad_enabled(mode == "autograd"):
+        chosen = coupling.dispatch(x[:, :2], context, x[:, 2:], fused._weights(), "triton", None)
+        assert chosen.fused == (mode == "fused" and coupling.fuses_conditioner(chosen.precision, DEVICE))
+        for forward in (True, False):
+            a = reference(x, context) if forward else reference.inverse(x, context)
+            b = fused(x, context) if forward else fused.inverse(x, context)
+            for u, v in zip(a, b):
+                torch.testing.assert_close(u, v, atol=ATOL, rtol=RTOL)
 
 
 def test_unsupported_inputs_name_the_fallback():
