@@ -323,7 +323,8 @@ def mlp_odeint_triton(x, steps, time_bias, context_bias, w_x, w_hidden, b_hidden
         k_stages: software-pipelining depth of the loop over weight chunks (1: none; 2-3 prefetch the next
             chunks' weight and activation tiles while the current one multiplies).
         programs: at most this many programs, each looping over tiles and reusing its scratch (None: one program
-            per tile).
+            per tile; with streamed layers on CUDA, 8 per SM, which bounds their two scratch tiles per program to
+            ~140 MB on an H100 where one program per tile would take 2 GB for 10^6 samples at width 256).
     Returns:
         the states after the last step `(N, D)`.
     """
@@ -343,6 +344,8 @@ def mlp_odeint_triton(x, steps, time_bias, context_bias, w_x, w_hidden, b_hidden
         resident = w_hidden.shape[0] * block_h * block_h * 4 <= 64 * 1024
     out = torch.empty_like(x)
     tiles = cdiv(n_rows, block_m)
+    if programs is None and block_n < block_h and x.is_cuda:
+        programs = 8 * torch.cuda.get_device_properties(x.device).multi_processor_count
     grid = (min(tiles, programs or tiles),)
     scratch_tiles = 2 if block_n < block_h else 1 if block_k < block_h else 0
     scratch = x.new_empty(grid[0] * scratch_tiles * block_m * block_h) if scratch_tiles else x  # x: unused
