@@ -22,3 +22,12 @@ def backend_pair():
         return reference, fused
 
     return pair
+
+
+@pytest.fixture
+def fused_fp32(monkeypatch):
+    """The fused coupling kernels for fp32 products on CUDA too, where dispatch would run the conditioner in torch
+    (`fastflow.ops.coupling.fuses_conditioner`): tests of the fused kernels compare them at fp32 tolerance."""
+    from fastflow.ops import coupling
+
+    monkeypatch.setattr(coupling, "fuses_conditioner", lambda precision, device: True)

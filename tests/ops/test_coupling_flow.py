@@ -55,7 +55,7 @@ def _kernel_launches(monkeypatch) -> dict:
 
 @pytest.mark.parametrize("transform, dim, context, permutation", FLOWS)
 def test_fused_flow_matches_the_reference_in_one_launch_per_run(transform, dim, context, permutation, monkeypatch,
-                                                                backend_pair):
+                                                                backend_pair, fused_fp32):
     reference, fused = backend_pair(_coupling_flow(transform, dim, context, permutation))
     x = 2.0 * torch.randn(70, dim, device=DEVICE)  # 70 rows: not a multiple of the row block; some in the tails
     contexts = torch.randn(70, context, device=DEVICE) if context else None
@@ -105,7 +105,7 @@ def test_changing_a_layer_backend_rebuilds_the_runs():
     assert first.steps[0][0] is flow.transforms[0] and third.steps[0][0] is flow.transforms[4]
 
 
-def test_mixed_flow_with_preprocessing_matches_the_reference(backend_pair):
+def test_mixed_flow_with_preprocessing_matches_the_reference(backend_pair, fused_fp32):
     def make(backend):
         dim = 3
         transforms = [Standardize(torch.tensor([0.5, -1.0, 2.0]), torch.tensor([2.0, 0.5, 1.0])),
@@ -212,7 +212,7 @@ def test_unfused_path_without_autograd_matches_the_reference(transform, dim, con
         assert launches == {"_spline_step_forward_kernel": 6}
 
 
-def test_fused_runs_follow_parameter_updates(backend_pair):
+def test_fused_runs_follow_parameter_updates(backend_pair, fused_fp32):
     """Every call reads the current weights: after an in-place update (an optimizer step, or through `.data`,
     which no version counter sees), a new state_dict, or new parameter objects (`assign=True`)."""
     reference, fused = backend_pair(_coupling_flow("affine", 4, 0, "reverse"))

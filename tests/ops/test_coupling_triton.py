@@ -73,7 +73,7 @@ def _assert_matches_reference(op, reference, inputs, **options):
     (20, 32, 64, 32, 256),  # the limits: 64-D, context 64, width 256 (second layer in 4 chunks of units)
     (9, 3, 1, 4, 200),      # width > 128, not a multiple of the chunk
 ])
-def test_fused_matches_reference_forward_and_backward(inverse, rows, kept, context, changed, hidden):
+def test_fused_matches_reference_forward_and_backward(inverse, rows, kept, context, changed, hidden, fused_fp32):
     inputs = _layer_inputs(rows, kept, context, changed, hidden)
     _assert_matches_reference(affine_coupling, affine_coupling_ref, inputs, scale_bound=3.0, inverse=inverse)
 
@@ -85,7 +85,8 @@ SPLINE_SHAPES = [(70, 1, 0, 1, 16, 8), (33, 2, 3, 3, 48, 5), (64, 4, 2, 5, 32, 1
 
 @pytest.mark.parametrize("inverse", [False, True])
 @pytest.mark.parametrize("rows, kept, context, changed, hidden, bins", SPLINE_SHAPES)
-def test_fused_spline_matches_reference_forward_and_backward(inverse, rows, kept, context, changed, hidden, bins):
+def test_fused_spline_matches_reference_forward_and_backward(inverse, rows, kept, context, changed, hidden, bins,
+                                                             fused_fp32):
     inputs = _layer_inputs(rows, kept, context, changed, hidden, params_per_coordinate=3 * bins - 1)
     # changed ~ 2·N(0, 1): some values in the tails
     _assert_matches_reference(spline_coupling, spline_coupling_ref, inputs, num_bins=bins, bound=3.0, inverse=inverse)
@@ -207,7 +208,7 @@ def test_3xtf32_products_match_reference_to_fp32_tolerance(transform):
 
 
 @pytest.mark.parametrize("transform", ["affine", "spline"])
-def test_strided_inputs_give_the_contiguous_result(transform):
+def test_strided_inputs_give_the_contiguous_result(transform, fused_fp32):
     """Column slices of wider tensors (rows further apart than their width) are read in place, and
     non-contiguous columns (a transposed tensor) copied: both give the contiguous inputs' outputs exactly."""
     bins = 5
