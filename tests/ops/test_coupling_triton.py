@@ -133,9 +133,10 @@ def test_unknown_precision_raises():
 @pytest.mark.gpu
 @pytest.mark.parametrize("transform, dim", [("spline", 8), ("spline", 32), ("affine", 8)])
 def test_gpu_flow_at_benchmark_size_matches_reference(transform, dim):
-    """The benchmark's flow (65,536 rows, 5 layers, width 128, 8 bins) compiled on CUDA: log_prob (layer by layer
-    under autograd, one fused run without), draws and parameter gradients of the Triton flow against the
-    reference flow with the same state_dict. fp32
+    """The benchmark's flow (65,536 rows, 5 layers, width 128, 8 bins) compiled on CUDA: log_prob (one step kernel
+    per layer after the torch conditioner, with and without autograd, for fp32 products; one fused run with TF32
+    products and no autograd), draws and parameter gradients of the Triton flow against the reference flow with the
+    same state_dict. fp32
     products: log_prob to atol 1e-3 + rtol 1e-4 (5 layers of ~1e-5 relative differences), each parameter's
     gradient within 1e-3 relative (norm; the spline's backward kernel is analytic, the reference autograd).
     TF32 products (torch's allow_tf32 flag): log_prob to atol = rtol = 2e-2."""
@@ -149,7 +150,7 @@ def test_gpu_flow_at_benchmark_size_matches_reference(transform, dim):
     x = torch.randn(65_536, dim, device=DEVICE)
     log_prob, log_prob_ref = fused.log_prob(x), reference.log_prob(x)
     torch.testing.assert_close(log_prob, log_prob_ref, atol=1e-3, rtol=1e-4)
-    with torch.no_grad():  # the fused run of all layers (one launch), and sampling through it
+    with torch.no_grad():  # fp32 products: the step kernels after cuBLAS conditioners, and sampling through them
         torch.testing.assert_close(fused.log_prob(x), log_prob_ref, atol=1e-3, rtol=1e-4)
         torch.manual_seed(3)
         draws = fused.sample(65_536)
@@ -161,7 +162,7 @@ def test_gpu_flow_at_benchmark_size_matches_reference(transform, dim):
         relative = ((p.grad - p_ref.grad).norm() / p_ref.grad.norm().clamp_min(1e-12)).item()
         assert relative <= 1e-3, f"{name}: relative gradient difference {relative:.1e}"
     previous = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = True  # the kernel follows it (compared with the fp32 reference)
+    torch.backends.cuda.matmul.allow_tf32 = True  # the fused run of all layers (one launch), vs the fp32 reference
     try:
         with torch.no_grad():
             torch.testing.assert_close(fused.log_prob(x), log_prob_ref, atol=2e-2, rtol=2e-2)
