@@ -72,9 +72,9 @@ def main() -> None:
     if not torch.cuda.is_available():
         raise SystemExit("profile_gpu.py needs a CUDA device")
     out = Path(sys.argv[1] if len(sys.argv) > 1 else "profile_gpu.json")
-    named = [tuple(arg.split("::")) for arg in sys.argv[2:]]
-    selected = [(family, case, impl) for case, impl in named for family in ("coupling", "ode")
-                if case.startswith(("affine", "spline")) == (family == "coupling")] or PROFILED
+    named = [arg.split("::") for arg in sys.argv[2:]]
+    selected = [("coupling" if case.startswith(("affine", "spline")) else "ode", case, implementation)
+                for case, implementation in named] or PROFILED
     rows = profile_cases(torch.device("cuda"), selected)
     out.write_text(json.dumps({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "results": rows},
                               indent=1))

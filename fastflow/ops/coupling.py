@@ -208,9 +208,9 @@ class TritonSplineStep(torch.autograd.Function):
         n_rows, n_changed = changed.shape
         grad_y = changed.new_zeros(n_rows, options["n_kept"] + n_changed) if grad_y is None else grad_y
         grad_ladj = changed.new_zeros(n_rows) if grad_ladj is None else grad_ladj
-        changed_0, kept_0 = options["changed_0"], options["kept_0"]
-        grad_out = grad_y.index_select(1, column_map[changed_0:changed_0 + n_changed])
-        grad_kept = grad_y.index_select(1, column_map[kept_0:kept_0 + options["n_kept"]])
+        grad_x = grad_y.index_select(1, column_map)  # the upstream gradient of the layer's input columns, in order
+        grad_out = grad_x[:, options["changed_0"]:options["changed_0"] + n_changed]
+        grad_kept = grad_x[:, options["kept_0"]:options["kept_0"] + options["n_kept"]]
         grad_changed, grad_params = rq_spline_backward_triton(
             changed, params.view(n_rows * n_changed, -1), grad_out, grad_ladj[:, None].expand(n_rows, n_changed),
             bound=options["bound"], inverse=options["inverse"], constants=SPLINE_CONSTANTS)

@@ -52,10 +52,8 @@ class CouplingRun:
             chosen, _, fused, precision = dispatch(x, kernel_context, x, weights, self.backend, None)
             if fused:
                 return self.fused(x, kernel_context, precision, weights)
-            if chosen == "triton" and "scale_bound" in self.options:
-                return self._affine_steps(x, kernel_context, precision)
             if chosen == "triton":
-                return self._spline_steps(x, kernel_context)
+                return self._layer_steps(x, kernel_context, precision)
         return self._one_by_one(x, context)
 
     def _one_by_one(self, x, context):
@@ -67,28 +65,22 @@ class CouplingRun:
                 x, _ = permutation.inverse(x, context) if self.inverse else permutation(x, context)
         return x, total
 
-    def _affine_steps(self, x, context, precision):
-        """Affine layers on the Triton backend where the run does not fuse: each layer's hidden layers in torch up
-        to the last pre-activation, the rest (SiLU, last layer, map, log-determinant, permuted merge) as one `TritonAffineStep`."""
+    def _layer_steps(self, x, context, precision):
+        """The layers on the Triton backend where the run does not fuse: each layer's conditioner in torch (affine:
+        up to the last hidden pre-activation), the rest (map, log-determinant, permuted merge) as one
+        `TritonAffineStep` or `TritonSplineStep`."""
         ladj = None
         for (coupling, _), column_map in zip(self.steps, self._on(x.device)[1]):
             kept, changed = coupling._split(x)
             weights = coupling._weights()
-            pre_activation = conditioner_hidden(kept, context, weights, activate_last=False)
             kept_0, _, changed_0, _ = coupling.fused_layout()
-            x, ladj = TritonAffineStep.apply(pre_activation, weights[-2], weights[-1], kept, changed, ladj, column_map,
-                                             kept_0, changed_0, self.options["scale_bound"], self.inverse, precision)
-        return x, ladj
-
-    def _spline_steps(self, x, context):
-        """Spline layers on the Triton backend where the run does not fuse: each layer's conditioner in torch, the
-        rest (splines, log-determinant, permuted merge) as one `TritonSplineStep`."""
-        ladj = None
-        for (coupling, _), column_map in zip(self.steps, self._on(x.device)[1]):
-            kept, changed = coupling._split(x)
-            kept_0, _, changed_0, _ = coupling.fused_layout()
-            x, ladj = TritonSplineStep.apply(conditioner_ref(kept, context, coupling._weights()), kept, changed, ladj,
-                                             column_map, kept_0, changed_0, self.options["bound"], self.inverse)
+            if "scale_bound" in self.options:
+                x, ladj = TritonAffineStep.apply(conditioner_hidden(kept, context, weights, activate_last=False),
+                                                 weights[-2], weights[-1], kept, changed, ladj, column_map, kept_0,
+                                                 changed_0, self.options["scale_bound"], self.inverse, precision)
+            else:
+                x, ladj = TritonSplineStep.apply(conditioner_ref(kept, context, weights), kept, changed, ladj, column_map,
+                                                 kept_0, changed_0, self.options["bound"], self.inverse)
         return x, ladj
 
     def fused(self, x: torch.Tensor, context: torch.Tensor | None, precision: str,

@@ -57,17 +57,23 @@ def test_native_matches_reference_forward_and_backward(dtype, inverse, shape, nu
         _assert_as_accurate(value, expected, reference, name)
 
 
+def _triton_device() -> str:
+    """Where the Triton spline runs here (CUDA when visible, else the interpreter); skips without Triton."""
+    from fastflow.backends import backends
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device not in backends()["triton"].devices:
+        pytest.skip(backends()["triton"].reason)
+    return device
+
+
 @pytest.mark.triton
 @pytest.mark.parametrize("inverse", [False, True])
 @pytest.mark.parametrize("shape, num_bins", [((257, 3), 8), ((64, 1), 1), ((31, 5), 13), ((3, 4, 2), 2)])
 def test_triton_spline_matches_reference_forward_and_backward(inverse, shape, num_bins):
     """The elementwise Triton spline and its backward kernel (CUDA when visible, else the interpreter), float32,
     against the float64 reference, values and gradients, as accurate as the float32 reference."""
-    from fastflow.backends import backends
-
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device not in backends()["triton"].devices:
-        pytest.skip(backends()["triton"].reason)
+    device = _triton_device()
     x, params = (t.detach().to(device).requires_grad_() for t in _inputs(shape, num_bins, torch.float32))  # ~18% in tails
     x_ref, params_ref = (t.detach().double().requires_grad_() for t in (x, params))
     generator = torch.Generator().manual_seed(1)
@@ -91,11 +97,7 @@ def test_triton_spline_reads_column_slices_and_expanded_gradients_in_place(inver
     """A coupling layer's case: inputs a column slice `(N, T)` of a wider tensor, the log-determinant summed per
     row (its upstream gradient expanded, stride 0) and the output's upstream gradient a column slice too: the
     same values and gradients as with contiguous copies."""
-    from fastflow.backends import backends
-
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device not in backends()["triton"].devices:
-        pytest.skip(backends()["triton"].reason)
+    device = _triton_device()
     wide = (2.0 * torch.randn(37, 7)).to(device).requires_grad_()
     params = torch.randn(37, 3, 3 * 6 - 1).to(device).requires_grad_()
     cotangent_wide, cotangent_ladj = torch.randn(37, 9).to(device), torch.randn(37).to(device)
