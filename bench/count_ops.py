@@ -49,9 +49,9 @@ class _Stub:
 def stub_triton_kernels(assign=setattr) -> None:
     """Replace every Triton kernel of fastflow.kernels with a launch that does nothing (outputs stay garbage),
     through `assign(module, name, value)` (e.g. pytest's monkeypatch.setattr)."""
-    from fastflow.kernels import affine, coupling, ode, spline
+    from fastflow.kernels import affine, coupling, coupling_backward, ode, spline
 
-    for module in (affine, coupling, ode, spline):
+    for module in (affine, coupling, coupling_backward, ode, spline):
         for name in [name for name in vars(module) if name.endswith("_kernel")]:
             assign(module, name, _Stub())
 

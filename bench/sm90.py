@@ -89,10 +89,27 @@ def compile_coupling_flow(transform: str, hidden: int, dim: int, context: int = 
         meta = {**coupling.spline_meta(changed + context, hidden, changed, 8, **options), "BLOCK_OUT": 16}
     meta.update(SPLINE=transform == "spline", BLOCK_D=coupling.next_power_of_2(dim), FIELDS=coupling.STEP_FIELDS)
     return compile_for_h100(coupling._coupling_flow_kernel,
-                            ["x_ptr", "context_ptr", "out_ptr", "scratch_ptr", "ladj_ptr", "params_ptr"],
-                            ["n_rows", "n_dim", "n_context", "n_hidden", "n_steps", "num_bins", "stride_context"],
+                            ["x_ptr", "context_ptr", "out_ptr", "states_ptr", "ladj_ptr", "params_ptr"],
+                            ["n_rows", "n_dim", "n_context", "n_hidden", "n_steps", "n_slots", "num_bins", "stride_context"],
                             ["scale_bound", "bound", "min_width", "min_height", "min_derivative", "derivative_shift"],
                             meta, num_warps=num_warps, int_pointers=["steps_ptr", "column_maps_ptr"])
+
+
+def compile_affine_flow_backward(hidden: int, dim: int, context: int = 0, *, approximate: bool, block_m: int = 64,
+                                 num_warps: int = 8):
+    """The backward of a fused run of affine coupling layers (`kernels.coupling_backward.affine_flow_backward_triton`)
+    with conditioners of width `hidden`, TF32 products, compiled for sm_90."""
+    from fastflow.kernels import coupling_backward, dot_tile
+
+    changed = dim - dim // 2
+    meta = dict(CONTEXT_GRAD=bool(context), INVERSE=False, BLOCK_M=block_m, BLOCK_IN=dot_tile(changed + context),
+                BLOCK_H=dot_tile(hidden), BLOCK_OUT=dot_tile(changed), PRECISION="tf32", APPROXIMATE=approximate,
+                FIELDS=coupling_backward.STEP_FIELDS, num_stages=1)
+    return compile_for_h100(coupling_backward._affine_flow_backward_kernel,
+                            ["x_ptr", "states_ptr", "context_ptr", "grad_out_ptr", "grad_ladj_ptr", "grad_x_ptr",
+                             "grad_states_ptr", "grad_context_ptr", "partials_ptr", "params_ptr"],
+                            ["n_rows", "n_dim", "n_context", "n_hidden", "n_steps", "n_params", "stride_context"],
+                            ["scale_bound"], meta, num_warps=num_warps, int_pointers=["steps_ptr", "column_maps_ptr"])
 
 
 def compile_affine_step(direction: str, hidden: int, dim: int):

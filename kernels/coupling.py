@@ -319,9 +319,9 @@ STEP_FIELDS = 10
 @triton.jit
 def _coupling_flow_kernel(
     # pointers
-    x_ptr, context_ptr, out_ptr, scratch_ptr, ladj_ptr, steps_ptr, column_maps_ptr, params_ptr,
+    x_ptr, context_ptr, out_ptr, states_ptr, ladj_ptr, steps_ptr, column_maps_ptr, params_ptr,
     # dimensions
-    n_rows, n_dim, n_context, n_hidden, n_steps, num_bins, stride_context,
+    n_rows, n_dim, n_context, n_hidden, n_steps, n_slots, num_bins, stride_context,
     # scalars: the affine layers' scale bound, the spline layers' bound and constants
     scale_bound, bound, min_width, min_height, min_derivative, derivative_shift,
     # meta-parameters
@@ -330,10 +330,12 @@ def _coupling_flow_kernel(
     T_CHUNK: tl.constexpr, PRECISION: tl.constexpr, APPROXIMATE: tl.constexpr, FIELDS: tl.constexpr,
 ):
     """Every step (coupling layer, then the permutation after it as a column map of its stores) on a block of rows:
-    step s reads the state written by step s-1 (x for the first) and writes the whole new state to the other of
-    out/scratch, so that the last step writes out; the log-determinants add up in registers."""
+    step s reads the state written by step s-1 (x for the first) and writes the whole new state to out (the last
+    step) or to slot s % n_slots of states `(n_slots, N, D)`: two slots alternate, or one per step to keep every
+    step's input for the backward (`_affine_flow_backward_kernel`); the log-determinants add up in registers."""
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)  # int64: N·D may pass 2^31
     row_ok = rows < n_rows
+    state_size = (tl.program_id(0).to(tl.int64) * 0 + n_rows) * n_dim  # int64 (a slot's elements may pass 2^31)
     ladj = tl.zeros((BLOCK_M,), dtype=tl.float32)
     for s in range(n_steps):
         step = steps_ptr + s * FIELDS
@@ -341,14 +343,12 @@ def _coupling_flow_kernel(
         w1, b1, w2, b2 = params_ptr + tl.load(step + 4), params_ptr + tl.load(step + 5), params_ptr + tl.load(step + 6), params_ptr + tl.load(step + 7)
         w3, b3 = params_ptr + tl.load(step + 8), params_ptr + tl.load(step + 9)
         column_map = column_maps_ptr + s * n_dim
-        into_out = (n_steps - 1 - s) % 2 == 0
-        dst = out_ptr
-        src = scratch_ptr
-        if not into_out:
-            dst = scratch_ptr
-            src = out_ptr
-        if s == 0:
-            src = x_ptr
+        dst = states_ptr + (s % n_slots) * state_size
+        if s == n_steps - 1:
+            dst = out_ptr
+        src = x_ptr
+        if s > 0:
+            src = states_ptr + ((s - 1) % n_slots) * state_size
         # the kept coordinates pass through (to their permuted columns)
         copy_columns(src + kept_0, n_dim, dst, n_dim, column_map + kept_0, rows, row_ok, n_kept, BLOCK_D)
         if SPLINE:
@@ -384,7 +384,8 @@ def coupling_flow_triton(x, context, params, steps, column_maps, *, n_hidden: in
                          bound: float | None = None, constants: tuple[float, float, float, float] | None = None,
                          precision: str = "ieee", approximate: bool | None = None,
                          block_m: int = FLOW_LAUNCH["block_m"], block_hk: int | None = FLOW_LAUNCH["block_hk"],
-                         num_warps: int = FLOW_LAUNCH["num_warps"], chunk_columns: int | None = SPLINE_CHUNK_COLUMNS):
+                         num_warps: int = FLOW_LAUNCH["num_warps"], chunk_columns: int | None = SPLINE_CHUNK_COLUMNS,
+                         keep_states: bool = False):
     """Run S coupling layers of one kind (affine when `scale_bound` is given, else spline with `num_bins`, `bound`,
     `constants` as `spline_coupling_triton`), each followed by a column permutation, in one launch.
 
@@ -400,20 +401,23 @@ def coupling_flow_triton(x, context, params, steps, column_maps, *, n_hidden: in
         inverse: apply each layer's inverse (the steps are already in execution order).
         precision, approximate, chunk_columns: as the per-layer launchers; block_m, block_hk, num_warps: rows,
             first-layer units per chunk and warps per program (`FLOW_LAUNCH`).
+        keep_states: also return the inputs of steps 1 … S-1 (for `affine_flow_backward_triton`).
     Returns:
-        the final states `(N, D)` and the summed log|det J| `(N,)`.
+        the final states `(N, D)` and the summed log|det J| `(N,)`; with `keep_states`, then the states `(S-1, N, D)`.
     """
     n_rows, n_dim = x.shape
     spline = scale_bound is None
     meta = _flow_meta(spline, max_inputs, n_hidden, max_changed, num_bins, inverse, block_m, precision,
                       approximate_activations(precision, x.device, approximate), chunk_columns, block_hk)
     context = x.new_empty(0, 0) if context is None else row_major(context)
-    out, scratch, ladj = torch.empty_like(x), torch.empty_like(x) if steps.shape[0] > 1 else x, x.new_empty(n_rows)
+    n_steps = steps.shape[0]
+    n_slots = max(1, n_steps - 1 if keep_states else min(2, n_steps - 1))  # (one step: no state between steps)
+    out, states, ladj = torch.empty_like(x), x.new_empty(n_slots, n_rows, n_dim), x.new_empty(n_rows)
     spline_scalars = (float(bound), *constants) if spline else (0.0,) * 5
     _coupling_flow_kernel[(cdiv(n_rows, meta["BLOCK_M"]),)](
-        x, context, out, scratch, ladj, steps, column_maps, params,
-        n_rows, n_dim, context.shape[1], n_hidden, steps.shape[0], num_bins or 0, context.stride(0) if context.numel() else 0,
+        x, context, out, states, ladj, steps, column_maps, params,
+        n_rows, n_dim, context.shape[1], n_hidden, n_steps, n_slots, num_bins or 0, context.stride(0) if context.numel() else 0,
         0.0 if spline else float(scale_bound), *spline_scalars,
         SPLINE=spline, BLOCK_D=next_power_of_2(n_dim), FIELDS=STEP_FIELDS, **meta, num_warps=num_warps,
     )
-    return out, ladj
+    return (out, ladj, states[: n_steps - 1]) if keep_states else (out, ladj)

@@ -59,6 +59,17 @@ def test_fused_coupling_runs_fit_an_h100(transform, hidden, dim, context, approx
     assert _compiled_shared_memory(transform, hidden, dim, context, approximate) <= H100_SHARED_MEMORY
 
 
+@pytest.mark.parametrize("hidden, dim, context, approximate", [(128, 8, 0, 1), (128, 8, 60, 0), (128, 64, 0, 1), (128, 32, 48, 1)])
+def test_fused_affine_backward_fits_an_h100(hidden, dim, context, approximate):
+    """Sizes `kernels.coupling_backward.fits` admits, up to the edge of its shared-memory estimate (64 inputs with
+    16 changed coordinates, 32 and 32)."""
+    from fastflow.kernels.coupling_backward import fits
+
+    changed = dim - dim // 2
+    assert fits(hidden, changed + context, changed)
+    assert _compiled_shared_memory("affine_flow_backward", hidden, dim, context, approximate) <= H100_SHARED_MEMORY
+
+
 @pytest.mark.parametrize("hidden, dim, context, approximate", [(64, 2, 0, 1), (256, 10, 4, 1), (64, 2, 3, 0)])
 def test_ode_kernel_fits_an_h100(hidden, dim, context, approximate):
     assert _compiled_shared_memory("ode", hidden, dim, context, approximate) <= H100_SHARED_MEMORY
@@ -85,7 +96,8 @@ def _sm90():
 def _shared_memory(kernel: str, size: int, dim: int, context: int, approximate: int) -> int:
     """Bytes of shared memory of the sm_90 build of `kernel` ("rq_forward" / "rq_backward": the elementwise
     spline kernels with `size` bins, inverse when `dim`; "affine" / "spline": the coupling kernels with
-    conditioner width `size`; "affine_flow" / "spline_flow": their fused runs; "affine_step_forward" / "affine_step_backward": the affine
+    conditioner width `size`; "affine_flow" / "spline_flow": their fused runs; "affine_flow_backward": the
+    backward of a fused affine run; "affine_step_forward" / "affine_step_backward": the affine
     training step after width-`size` hidden layers; "spline_step": a spline layer's step with `size` bins; "ode": the RK4 integrator of a 3-layer field of width `size`;
     "ode_streamed": the same with streamed layers, which must not spill)."""
     from fastflow.kernels import affine, coupling, spline
@@ -96,6 +108,8 @@ def _shared_memory(kernel: str, size: int, dim: int, context: int, approximate: 
         compiled = sm90.compile_spline_step(dim, size)
     elif kernel.startswith("affine_step_"):  # an affine layer after its hidden layers (width `size`), training
         compiled = sm90.compile_affine_step(kernel.removeprefix("affine_step_"), size, dim)
+    elif kernel == "affine_flow_backward":  # the backward of a fused run of affine layers (width `size`)
+        compiled = sm90.compile_affine_flow_backward(size, dim, context, approximate=bool(approximate))
     elif kernel.endswith("_flow"):  # a fused run of coupling layers
         compiled = sm90.compile_coupling_flow(kernel.removesuffix("_flow"), size, dim, context, approximate=bool(approximate))
     elif kernel.startswith("affine_"):  # the elementwise affine kernels on `dim` changed coordinates

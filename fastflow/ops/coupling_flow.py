@@ -39,6 +39,7 @@ class CouplingRun:
         layouts = torch.tensor([coupling.fused_layout() for coupling in self.couplings])
         self._steps = torch.cat([layouts, offsets], dim=1).to(torch.int32)  # the kernel's steps table (STEP_FIELDS)
         self._max_kept, self._max_changed = int(layouts[:, 1].max()), int(layouts[:, 3].max())
+        self._n_hidden = first.conditioner[0].out_features
         self._tables: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}  # device -> (steps, column maps)
 
     def weights(self) -> list[torch.Tensor]:
@@ -49,12 +50,22 @@ class CouplingRun:
         if x.shape[0] and x.dim() == 2 and triton_device(x.device):  # else the layers dispatch one by one
             kernel_context = self.couplings[0]._context(context)
             weights = self.weights()
-            chosen, _, fused, precision = dispatch(x, kernel_context, x, weights, self.backend, None)
+            chosen, _, fused, precision, fuses = dispatch(x, kernel_context, x, weights, self.backend, None)
             if fused:
                 return self.fused(x, kernel_context, precision, weights)
+            if fuses and self._trains_fused(kernel_context):
+                return _FusedAffineRun.apply(self, x, kernel_context, precision, *weights)
             if chosen == "triton":
                 return self._layer_steps(x, kernel_context, precision)
         return self._one_by_one(x, context)
+
+    def _trains_fused(self, context: torch.Tensor | None) -> bool:
+        """Whether this run, under autograd where the Triton backend fuses its conditioners, trains through the fused
+        kernels (`_FusedAffineRun`): affine layers whose conditioners the backward kernel takes
+        (`kernels.coupling_backward.fits`: width <= 128, weight tiles within shared memory)."""
+        from fastflow.kernels.coupling_backward import fits
+
+        return "scale_bound" in self.options and fits(**self._sizes(context))
 
     def _one_by_one(self, x, context):
         total = None
@@ -88,17 +99,22 @@ class CouplingRun:
         """The run as one launch of `kernels.coupling.coupling_flow_triton` (float32 on a Triton device, no autograd:
         the caller checks), its products in `precision`, with `launch` settings (block_m, block_hk, num_warps);
         `weights`: `self.weights()` when the caller has them."""
+        weights = self.weights() if weights is None else weights
+        return self.launch(x.contiguous(), context, pack(weights), precision, **launch)
+
+    def launch(self, x: torch.Tensor, context: torch.Tensor | None, params: torch.Tensor, precision: str, **options):
+        """`kernels.coupling.coupling_flow_triton` on x `(N, D)` (contiguous) with the packed weights (`pack`) and
+        `options` (launch settings, keep_states)."""
         from fastflow.kernels.coupling import coupling_flow_triton
 
-        weights = self.weights() if weights is None else weights
-        with torch.no_grad():  # packed per call (weights change in place), in one C++ call
-            params = torch._utils._flatten_dense_tensors(weights)
         steps, column_maps = self._on(x.device)
+        return coupling_flow_triton(x, context, params, steps, column_maps, **self._sizes(context),
+                                    inverse=self.inverse, precision=precision, **self.options, **options)
+
+    def _sizes(self, context: torch.Tensor | None) -> dict:
+        """The kernels' size arguments: the conditioners' width and the largest input and changed counts."""
         n_context = 0 if context is None else context.shape[1]
-        return coupling_flow_triton(
-            x.contiguous(), context, params, steps, column_maps, n_hidden=weights[0].shape[0],
-            max_inputs=self._max_kept + n_context, max_changed=self._max_changed, inverse=self.inverse,
-            precision=precision, **self.options, **launch)
+        return dict(n_hidden=int(self._n_hidden), max_inputs=self._max_kept + n_context, max_changed=self._max_changed)
 
     def _on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """The steps table and the column maps `(S, D)` int32 (where step s stores its state's columns: the
@@ -108,6 +124,46 @@ class CouplingRun:
             maps = [identity if p is None else p.column_map(self.inverse).cpu() for _, p in self.steps]
             self._tables[device] = (self._steps.to(device), torch.stack(maps).to(device=device, dtype=torch.int32))
         return self._tables[device]
+
+
+def pack(weights: list[torch.Tensor]) -> torch.Tensor:
+    """The weights flattened into one tensor (one C++ call), as the fused kernels take them; packed per call: the
+    weights change in place."""
+    with torch.no_grad():
+        return torch._utils._flatten_dense_tensors(weights)
+
+
+class _FusedAffineRun(torch.autograd.Function):
+    """A run of affine coupling layers for training, in two launches: the fused forward keeping each step's input
+    state (`coupling_flow_triton(keep_states=True)`), and `kernels.coupling_backward.affine_flow_backward_triton`,
+    which recomputes the conditioners and returns the gradients of x, the context and every weight.
+
+    apply(run, x `(N, D)`, context `(N, C)` or None, precision, *run.weights()) -> (y `(N, D)`, log|det J| `(N,)`)."""
+
+    @staticmethod
+    def forward(ctx, run, x, context, precision: str, *weights):
+        from fastflow.kernels import row_major
+
+        x, context, params = x.detach().contiguous(), None if context is None else row_major(context.detach()), pack(weights)
+        out, ladj, states = run.launch(x, context, params, precision, keep_states=True)
+        ctx.save_for_backward(x, context, params, states)
+        ctx.run, ctx.precision, ctx.shapes = run, precision, [w.shape for w in weights]
+        return out, ladj
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_ladj):
+        from fastflow.kernels.activations import approximate_activations
+        from fastflow.kernels.coupling_backward import affine_flow_backward_triton
+
+        x, context, params, states = ctx.saved_tensors
+        run = ctx.run
+        steps, column_maps = run._on(x.device)
+        grad_x, grad_context, grad_params = affine_flow_backward_triton(
+            x, states, context, grad_out, grad_ladj, params, steps, column_maps, **run._sizes(context),
+            scale_bound=run.options["scale_bound"], inverse=run.inverse, context_grad=ctx.needs_input_grad[2],
+            precision=ctx.precision, approximate=approximate_activations(ctx.precision, x.device))
+        grads = [g.view(shape) for g, shape in zip(grad_params.split([s.numel() for s in ctx.shapes]), ctx.shapes)]
+        return (None, grad_x, grad_context, None, *grads)
 
 
 def chain_transforms(transforms: list[torch.nn.Module], inverse: bool) -> list[Step]:

@@ -125,11 +125,13 @@ def test_mixed_flow_with_preprocessing_matches_the_reference(backend_pair, fused
 
 
 def _kernel_names(monkeypatch) -> dict:
-    """`_kernel_launches` over the affine step kernels and the elementwise spline kernels too."""
-    from fastflow.kernels import affine, spline
+    """`_kernel_launches` over the affine step kernels, the fused affine backward and the elementwise spline kernels
+    too."""
+    from fastflow.kernels import affine, coupling_backward, spline
 
     counts = _kernel_launches(monkeypatch)
     for module, names in ((affine, ("_affine_step_forward_kernel", "_affine_step_backward_kernel")),
+                          (coupling_backward, ("_affine_flow_backward_kernel",)),
                           (spline, ("_rq_forward_kernel", "_rq_backward_kernel", "_spline_step_forward_kernel"))):
         for name in names:
             kernel = getattr(module, name)
@@ -148,14 +150,20 @@ def _assert_gradients_close(grads, grads_ref):
         torch.testing.assert_close(g, g_ref, atol=1e-4 * g_ref.abs().amax().item() if g_ref.numel() else 0.0, rtol=1e-6)
 
 
-@pytest.mark.parametrize("transform, dim, context, permutation", [("affine", 5, 3, "reverse"), ("affine", 4, 0, "random"),
-                                                                  ("affine", 1, 0, "reverse"), ("spline", 4, 2, "reverse")])
-def test_under_autograd_values_and_gradients_match_the_reference(transform, dim, context, permutation, monkeypatch,
-                                                                 backend_pair):
-    """Training on the Triton backend: affine layers as `TritonAffineStep`, spline layers as `TritonSplineStep` (one
-    kernel each way per layer); log_prob, draws and their gradients in the
-    parameters, the inputs and the context against the reference flow. Gradients: fp32 products summed in
-    another order through 3 layers, 1e-4 relative to the largest entry."""
+@pytest.mark.parametrize("transform, dim, context, permutation, fused_training", [
+    ("affine", 5, 3, "reverse", True), ("affine", 4, 0, "random", True), ("affine", 1, 2, "reverse", True),
+    ("affine", 5, 3, "reverse", False), ("affine", 4, 0, "random", False), ("affine", 1, 0, "reverse", False),
+    ("spline", 4, 2, "reverse", False)])
+def test_under_autograd_values_and_gradients_match_the_reference(transform, dim, context, permutation, fused_training,
+                                                                 monkeypatch, backend_pair):
+    """Training on the Triton backend: affine runs in two launches where the conditioners fuse (`_FusedAffineRun`:
+    the fused forward keeping its states, `_affine_flow_backward_kernel`), else one `TritonAffineStep` per layer
+    (forced here: fp32 products on CUDA), spline layers as `TritonSplineStep` (one kernel each way per layer);
+    log_prob, draws and their gradients in the parameters, the inputs and the context against the reference flow.
+    Gradients: fp32 products summed in another order through 3 layers, 1e-4 relative to the largest entry."""
+    from fastflow.ops import coupling
+
+    monkeypatch.setattr(coupling, "fuses_conditioner", lambda precision, device: fused_training)
     reference, fused = backend_pair(_coupling_flow(transform, dim, context, permutation))
     x = (2.0 * torch.randn(33, dim, device=DEVICE)).requires_grad_()
     contexts = torch.randn(33, context, device=DEVICE, requires_grad=True) if context else None
@@ -169,8 +177,9 @@ def test_under_autograd_values_and_gradients_match_the_reference(transform, dim,
     grads = torch.autograd.grad(log_prob, [*fused.parameters(), *leaves], cotangent)
     grads_ref = torch.autograd.grad(log_prob_ref, [*reference.parameters(), *leaves], cotangent)
     _assert_gradients_close(grads, grads_ref)
-    assert "_coupling_flow_kernel" not in launches
-    if transform == "affine":
+    if fused_training:
+        assert launches == {"_coupling_flow_kernel": 1, "_affine_flow_backward_kernel": 1}
+    elif transform == "affine":
         assert launches == {"_affine_step_forward_kernel": 3, "_affine_step_backward_kernel": 3}
     else:
         assert launches == {"_spline_step_forward_kernel": 3, "_rq_backward_kernel": 3}
@@ -183,6 +192,44 @@ def test_under_autograd_values_and_gradients_match_the_reference(transform, dim,
     grads = torch.autograd.grad(draws.sum() + log_q.sum(), list(fused.parameters()))
     grads_ref = torch.autograd.grad(draws_ref.sum() + log_q_ref.sum(), list(reference.parameters()))
     _assert_gradients_close(grads, grads_ref)
+
+
+@pytest.mark.parametrize("programs", [1, 3, None])
+def test_fused_affine_backward_sums_the_programs_gradients(programs, monkeypatch, backend_pair):
+    """`_affine_flow_backward_kernel` takes row blocks to programs persistently (here 300 rows: 5 blocks to 1, 3 or
+    the default 4 programs) and sums their weight gradients afterwards; a context shared by every row (read at
+    stride 0) gets the gradients of all rows. Against the reference flow (tolerances as under autograd)."""
+    from fastflow.kernels import coupling_backward
+
+    launcher = coupling_backward.affine_flow_backward_triton
+    monkeypatch.setattr(coupling_backward, "affine_flow_backward_triton",
+                        lambda *args, **kwargs: launcher(*args, **kwargs, programs=programs))
+    reference, fused = backend_pair(_coupling_flow("affine", 6, 4, "random", layers=4))
+    x = (2.0 * torch.randn(300, 6, device=DEVICE)).requires_grad_()
+    shared = torch.randn(4, device=DEVICE, requires_grad=True)
+    log_prob, log_prob_ref = fused.log_prob(x, shared), reference.log_prob(x, shared)
+    torch.testing.assert_close(log_prob, log_prob_ref, atol=ATOL, rtol=RTOL)
+    cotangent = torch.randn(300, device=DEVICE)
+    grads = torch.autograd.grad(log_prob, [*fused.parameters(), x, shared], cotangent)
+    grads_ref = torch.autograd.grad(log_prob_ref, [*reference.parameters(), x, shared], cotangent)
+    _assert_gradients_close(grads, grads_ref)
+
+
+def test_wide_affine_runs_train_through_the_layer_steps(monkeypatch):
+    """Conditioners wider than the fused backward holds (`MAX_HIDDEN`) train through one `TritonAffineStep` per
+    layer."""
+    from fastflow.kernels.coupling_backward import MAX_HIDDEN
+
+    flow = _coupling_flow("affine", 4, 0, "reverse", layers=2)("triton").to(DEVICE)
+    wide = CouplingFlow(4, config=FlowConfig(transform="affine", num_layers=2, hidden=MAX_HIDDEN + 16),
+                        backend="triton").to(DEVICE)
+    x = torch.randn(8, 4, device=DEVICE)
+    launches = _kernel_names(monkeypatch)
+    flow.log_prob(x).sum().backward()
+    assert launches == {"_coupling_flow_kernel": 1, "_affine_flow_backward_kernel": 1}
+    launches.clear()
+    wide.log_prob(x).sum().backward()
+    assert launches == {"_affine_step_forward_kernel": 2, "_affine_step_backward_kernel": 2}
 
 
 @pytest.mark.parametrize("transform, dim, context, permutation", [("affine", 5, 3, "reverse"), ("spline", 4, 2, "random"),
