@@ -21,6 +21,7 @@ from typing import Callable, Iterator, NamedTuple
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from fastflow.backends import resolve_backend, triton_device, triton_precision
 from fastflow.ops.linear import BLOCK_ROWS, linear_silu, linear_silu_into
@@ -125,6 +126,7 @@ class _TritonAffine(torch.autograd.Function):
         return affine_forward_triton(raw, changed, scale_bound=scale_bound, inverse=inverse)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_out, grad_ladj):
         from fastflow.kernels.affine import affine_backward_triton
 
@@ -164,6 +166,7 @@ class TritonAffineStep(torch.autograd.Function):
                                           column_map, **ctx.options)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_y, grad_ladj):
         from fastflow.kernels.affine import affine_step_backward_triton
 
@@ -200,6 +203,7 @@ class TritonSplineStep(torch.autograd.Function):
                                           constants=SPLINE_CONSTANTS)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_y, grad_ladj):
         from fastflow.kernels.spline import rq_spline_backward_triton
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from fastflow.backends import triton_device
 from fastflow.ops.coupling import TritonAffineStep, TritonSplineStep, conditioner_hidden, conditioner_ref, dispatch
@@ -151,6 +152,7 @@ class _FusedAffineRun(torch.autograd.Function):
         return out, ladj
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_out, grad_ladj):
         from fastflow.kernels.activations import approximate_activations
         from fastflow.kernels.coupling_backward import affine_flow_backward_triton

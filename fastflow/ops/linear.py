@@ -6,6 +6,7 @@ ops (`fastflow::bias_silu_keep`, `fastflow::silu_backward`), so torch.compile tr
 from __future__ import annotations
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from fastflow.backends import backends, native_module
 
@@ -73,6 +74,7 @@ class _LinearSiLU(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_out):
         h, w, v = ctx.saved_tensors
         grad_v = _silu_backward(grad_out, v)

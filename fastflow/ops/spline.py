@@ -11,6 +11,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from fastflow.backends import native_module, resolve_backend, triton_device
 
@@ -155,6 +156,7 @@ class _TritonSpline(torch.autograd.Function):
         return out.view(inputs.shape), ladj.view(inputs.shape)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_out, grad_ladj):
         from fastflow.kernels.spline import rq_spline_backward_triton
 

@@ -286,3 +286,17 @@ def test_forced_triton_on_unsupported_inputs_names_the_fallback(backend_pair):
     _, fused = backend_pair(_coupling_flow("affine", 4, 0, "reverse"))
     with torch.no_grad(), pytest.raises(RuntimeError, match="does not implement"):
         fused.double().log_prob(torch.randn(5, 4, device=DEVICE, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("transform, fused_training", [("affine", True), ("affine", False), ("spline", False)])
+def test_second_derivatives_raise_instead_of_vanishing(transform, fused_training, monkeypatch):
+    """The Triton backend's backward passes are kernels, not differentiable graphs: asking for a second derivative
+    (create_graph=True, then differentiating the gradient) raises rather than returning zeros."""
+    from fastflow.ops import coupling
+
+    monkeypatch.setattr(coupling, "fuses_conditioner", lambda precision, device: fused_training)
+    flow = _coupling_flow(transform, 3, 0, "reverse", layers=2)("triton").to(DEVICE)
+    x = torch.randn(5, 3, device=DEVICE, requires_grad=True)
+    (grad,) = torch.autograd.grad(flow.log_prob(x).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        grad.sum().backward()
