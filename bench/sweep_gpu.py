@@ -1,8 +1,9 @@
 """Launch-setting sweep of the Triton kernels on CUDA, to choose their defaults from timings: the elementwise
 spline kernels (elements and warps per program, against the reference's autograd), the fused ODE integrator
 (rows per program, weight chunk, output chunk, pipelining, persistent programs, warps), the fused runs of
-spline/affine coupling layers (rows per program, first-layer units per chunk, warps, spline columns per pass), a
-fused layer on its own and the affine training step's kernels (rows and warps per program), TF32 products. Prints one line per setting and writes JSON.
+spline/affine coupling layers (rows per program, first-layer units per chunk, warps, spline columns per pass), the
+backward of fused affine runs (rows, warps, programs), a fused layer on its own and the affine training step's
+kernels (rows and warps per program), TF32 products. Prints one line per setting and writes JSON.
 
 Usage (on a GPU machine; `FASTFLOW_GPU_STEPS=sweep bash bench/run_gpu.sh OUT` runs it):
     python bench/sweep_gpu.py OUT.json
@@ -39,6 +40,8 @@ SPLINE_CHUNK_COLUMNS = (32, None)  # spline (coordinate, bin) columns per pass b
 LAYER_SETTINGS = [{}, *(dict(block_m=m, num_warps=w) for m, w in ((32, 8), (64, 4), (64, 8), (128, 8)))]  # default first
 AFFINE_STEP_SETTINGS = [{}, *(dict(block_m=m, num_warps=w) for m, w in ((16, 4), (32, 4), (64, 4), (64, 8), (128, 8)))]
 SPLINE_SETTINGS = [(64, 4), (32, 4), (64, 2), (128, 4), (128, 8)]  # (block, num_warps), 8 bins: default first
+AFFINE_BACKWARD_SETTINGS = [{}, *(dict(block_m=m, num_warps=w, programs=p) for m, w, p in (  # default first
+    (64, 8, 264), (64, 4, None), (64, 4, 264), (128, 8, None), (32, 8, None), (32, 8, 264)))]  # 264: 2 per SM (132 SMs)
 
 
 def _milliseconds(fn, device: torch.device, repeats: int = 3) -> float:
@@ -153,6 +156,46 @@ def sweep_affine_step(rows: list[dict], device: torch.device, batch: int = 65_53
                 _record(rows, kernel=name, dim=dim, **launch, error=f"{type(failure).__name__}: {failure}"[:300])
 
 
+def sweep_affine_training(rows: list[dict], device: torch.device, batch: int = 65_536, hidden: int = 128,
+                          settings: list[dict] = AFFINE_BACKWARD_SETTINGS, dims=(8, 32, 2)) -> None:
+    """The backward of the benchmark's fused 5-layer affine runs (`kernels.coupling_backward`, TF32) per launch
+    setting, and the flow's whole log_prob + backward (default settings) for scale."""
+    from fastflow.flows import FlowConfig
+    from fastflow.kernels.activations import approximate_activations
+    from fastflow.kernels.coupling_backward import affine_flow_backward_triton
+    from fastflow.nn import CouplingFlow
+    from fastflow.ops.coupling_flow import pack
+
+    for dim in dims:
+        torch.manual_seed(0)
+        flow = CouplingFlow(dim, config=FlowConfig(transform="affine", num_layers=5, hidden=hidden), backend="triton").to(device)
+        with torch.no_grad():
+            for p in flow.parameters():
+                p.add_(0.1 * torch.randn_like(p))
+        (run,) = flow._chain(inverse=False)
+        x = torch.randn(batch, dim, device=device)
+        params = pack(run.weights())
+        _, _, states = run.launch(x, None, params, "tf32", keep_states=True)
+        grad_out, grad_ladj = torch.randn(batch, dim, device=device), torch.randn(batch, device=device)
+        steps, column_maps = run._on(device)
+        approximate = approximate_activations("tf32", device)
+        previous = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = True
+        try:
+            _record(rows, kernel="affine_flow_training", dim=dim, batch=batch,
+                    ms=_milliseconds(lambda: flow.log_prob(x).mean().backward(), device))  # noqa: B023
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = previous
+        for launch in settings:
+            try:
+                ms = _milliseconds(lambda: affine_flow_backward_triton(  # noqa: B023
+                    x, states, None, grad_out, grad_ladj, params, steps, column_maps, **run._sizes(None), scale_bound=3.0,  # noqa: B023
+                    inverse=False, context_grad=False, precision="tf32", approximate=approximate, **launch), device)  # noqa: B023
+                _record(rows, kernel="affine_flow_backward", dim=dim, batch=batch, **launch, ms=ms)
+            except Exception as failure:
+                _record(rows, kernel="affine_flow_backward", dim=dim, **launch, error=f"{type(failure).__name__}: {failure}"[:300])
+
+
 def sweep_spline(rows: list[dict], device: torch.device, elements: int = 1_048_576,
                  settings: list[tuple[int, int]] = SPLINE_SETTINGS) -> None:
     """The elementwise spline kernels (8 bins) forward and backward, with the PyTorch reference's autograd
@@ -206,7 +249,8 @@ def main() -> None:
     rows: list[dict] = []
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(124))  # a time limit (timeout) still writes what was measured
     try:
-        sweep_ode(rows, torch.device("cuda"))  # first: the streamed width-256 settings matter most (issue 5's target)
+        sweep_affine_training(rows, torch.device("cuda"))  # first: the fused affine backward was never timed
+        sweep_ode(rows, torch.device("cuda"))  # the streamed width-256 settings matter most (issue 5's target)
         sweep_coupling(rows, torch.device("cuda"))
         sweep_affine_step(rows, torch.device("cuda"))
         sweep_layers(rows, torch.device("cuda"))
