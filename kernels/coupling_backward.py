@@ -3,11 +3,14 @@
 recomputed from the step's input state, then the gradients flow back through the map, the last layer and both
 SiLU hidden layers to the step's input and the context, all on chip. Each program takes a fixed set of row blocks
 through every step (rows are independent, so no grid-wide barrier is needed between steps) and sums the weight
-gradients of its rows in registers; the programs' sums (`partials`, one row per program) add up in one reduction
-afterwards, in a fixed order (deterministic).
+gradients of its rows (in registers; the H × H one of the second layer in its row of `partials`, read and written
+per block); the programs' sums (`partials`, one row per program) add up in one reduction afterwards, in a fixed
+order (deterministic). The sm_90 builds at width 128 spill ~3.6 KiB per thread (8 warps; not yet timed).
 
-Conditioners of width <= `MAX_HIDDEN` whose weight tiles fit shared memory twice over (`fits`: e.g. width 128 with
-up to 64 inputs and 16 changed coordinates, or 32 and 32).
+Conditioners of width <= `MAX_HIDDEN` whose weight tiles fit shared memory (`fits`: at width 128, every size the
+coupling layers promise, data and context dims up to 64). Each weight tile is loaded where each product needs it
+(one orientation each: TF32 products read their second operand one way only), not kept live across the block, which
+took 176 KiB of shared memory at 8-D and 245 KiB with 96 inputs.
 """
 
 import functools
@@ -126,17 +129,21 @@ def _affine_flow_backward_kernel(
             grad_w_shift += tl.dot(tl.trans(g_shift), h2, input_precision=PRECISION)
             grad_b_scale += tl.sum(g_raw_scale, axis=0)
             grad_b_shift += tl.sum(g_shift, axis=0)
-            g_a2 = (tl.dot(g_raw_scale, tl.trans(w_scale), input_precision=PRECISION)
-                    + tl.dot(g_shift, tl.trans(w_shift), input_precision=PRECISION)) * _silu_derivative(a2)
+            w_scale = tl.load(w3_ptr + (2 * cols_out)[:, None] * n_hidden + cols_h[None, :], mask=out_ok[:, None] & h_ok[None, :], other=0.0)
+            w_shift = tl.load(w3_ptr + (2 * cols_out + 1)[:, None] * n_hidden + cols_h[None, :], mask=out_ok[:, None] & h_ok[None, :], other=0.0)
+            g_a2 = (tl.dot(g_raw_scale, w_scale, input_precision=PRECISION)
+                    + tl.dot(g_shift, w_shift, input_precision=PRECISION)) * _silu_derivative(a2)
             # (the H x H gradient accumulates in the program's row of partials: in registers it would spill)
             grad_w2 = tl.zeros((BLOCK_H, BLOCK_H), dtype=tl.float32)
             if block != program:
                 grad_w2 = tl.load(grad_w2_ptr, mask=grad_w2_mask, other=0.0)
             tl.store(grad_w2_ptr, tl.dot(tl.trans(g_a2), h1, grad_w2, input_precision=PRECISION), mask=grad_w2_mask)
             grad_b2 += tl.sum(g_a2, axis=0)
+            w2 = tl.load(w2_ptr + cols_h[:, None] * n_hidden + cols_h[None, :], mask=h_ok[:, None] & h_ok[None, :], other=0.0)
             g_a1 = tl.dot(g_a2, w2, input_precision=PRECISION) * _silu_derivative(a1)
             grad_w1 += tl.dot(tl.trans(g_a1), inputs, input_precision=PRECISION)
             grad_b1 += tl.sum(g_a1, axis=0)
+            w1 = tl.load(w1_ptr + cols_h[:, None] * n_in + cols_in[None, :], mask=h_ok[:, None] & in_ok[None, :], other=0.0)
             g_inputs = tl.dot(g_a1, w1, input_precision=PRECISION)
             # the kept coordinates: their pass-through gradient and the conditioner's
             g_kept = g_inputs + gather_columns(grad_src, n_dim, column_map + kept_0, rows, row_ok, cols_in, n_kept)
@@ -161,11 +168,11 @@ def _affine_flow_backward_kernel(
 
 def fits(n_hidden: int, max_inputs: int, max_changed: int) -> bool:
     """Whether the backward takes conditioners of this width, input count (kept + context) and changed count: width
-    <= `MAX_HIDDEN`, and every weight tile twice over (both ways round: TF32 products read their second operand one
-    way only) within an H100's shared memory (227 KiB). The estimate bounds the sm_90 builds (Triton 3.6, width 128:
-    176 KiB at 16 inputs and 16 changed, 213 KiB at 64 and 16 or 32 and 32, 237 KiB at 64 and 32)."""
+    <= `MAX_HIDDEN` and the weight tiles within an H100's shared memory (227 KiB). The estimate, one copy of every
+    tile, bounds the sm_90 builds (Triton 3.6 and 3.9, width 128: 104 KiB at 32 inputs and 32 changed coordinates,
+    128 KiB at 128 and 32)."""
     tiles = dot_tile(n_hidden) * (dot_tile(max_inputs) + dot_tile(n_hidden) + 2 * dot_tile(max_changed))
-    return n_hidden <= MAX_HIDDEN and 2 * 4 * tiles <= H100_SHARED_MEMORY
+    return n_hidden <= MAX_HIDDEN and 4 * tiles <= H100_SHARED_MEMORY
 
 
 @functools.lru_cache(maxsize=8)
