@@ -41,6 +41,7 @@ class CouplingRun:
         self._steps = torch.cat([layouts, offsets], dim=1).to(torch.int32)  # the kernel's steps table (STEP_FIELDS)
         self._max_kept, self._max_changed = int(layouts[:, 1].max()), int(layouts[:, 3].max())
         self._n_hidden = first.conditioner[0].out_features
+        self._layout = [torch.empty(w.shape, device="meta") for w in self.weights()]  # the weights' shapes, for unpacking
         self._tables: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}  # device -> (steps, column maps)
 
     def weights(self) -> list[torch.Tensor]:
@@ -148,7 +149,7 @@ class _FusedAffineRun(torch.autograd.Function):
         x, context, params = x.detach().contiguous(), None if context is None else row_major(context.detach()), pack(weights)
         out, ladj, states = run.launch(x, context, params, precision, keep_states=True)
         ctx.save_for_backward(x, context, params, states)
-        ctx.run, ctx.precision, ctx.shapes = run, precision, [w.shape for w in weights]
+        ctx.run, ctx.precision = run, precision
         return out, ladj
 
     @staticmethod
@@ -164,8 +165,7 @@ class _FusedAffineRun(torch.autograd.Function):
             x, states, context, grad_out, grad_ladj, params, steps, column_maps, **run._sizes(context),
             scale_bound=run.options["scale_bound"], inverse=run.inverse, context_grad=ctx.needs_input_grad[2],
             precision=ctx.precision, approximate=approximate_activations(ctx.precision, x.device))
-        grads = [g.view(shape) for g, shape in zip(grad_params.split([s.numel() for s in ctx.shapes]), ctx.shapes)]
-        return (None, grad_x, grad_context, None, *grads)
+        return (None, grad_x, grad_context, None, *torch._utils._unflatten_dense_tensors(grad_params, run._layout))
 
 
 def chain_transforms(transforms: list[torch.nn.Module], inverse: bool) -> list[Step]:
