@@ -6,8 +6,10 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from fastflow.backends import triton_device
 from fastflow.flows.transforms import Transform
 from fastflow.ops.coupling import affine_coupling, spline_coupling
+from fastflow.ops.coupling_flow import CouplingRun
 from fastflow.ops.spline import SPLINE_CONSTANTS, spline_param_count
 
 __all__ = ["MLP", "AffineCoupling", "SplineCoupling"]
@@ -49,6 +51,7 @@ class _Coupling(Transform):
             identity_count + context_dim, self.transformed_count * self.params_per_coordinate, hidden=hidden, depth=depth
         )
         self._linears = tuple(layer for layer in self.conditioner if isinstance(layer, nn.Linear))  # read on every call
+        self._runs: dict[tuple[bool, str | None], CouplingRun] = {}  # (inverse, backend) -> this layer as a run
 
     def _split(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(kept, changed) column views of x; one split (its backward is one cat, not a zero-filled copy per half)."""
@@ -95,10 +98,22 @@ class _Coupling(Transform):
         return 0, self.identity_count, self.identity_count, self.transformed_count
 
     def forward(self, x, context=None):
-        return self._transform(x, context, inverse=False)
+        return self._run_or_op(x, context, inverse=False)
 
     def inverse(self, z, context=None):
-        return self._transform(z, context, inverse=True)
+        return self._run_or_op(z, context, inverse=True)
+
+    def _run_or_op(self, x, context, inverse):
+        """On the Triton backend the layer runs as a one-layer `CouplingRun` (fused kernels, with its merge), as in
+        a `Flow`; otherwise through the coupling op (`_transform`)."""
+        if self.backend not in ("reference", "native") and triton_device(x.device) and self.fused_signature() is not None:
+            key = (inverse, self.backend)
+            if key not in self._runs:
+                self._runs[key] = CouplingRun([(self, None)], inverse)
+            result = self._runs[key].on_triton(x, context)
+            if result is not None:
+                return result
+        return self._transform(x, context, inverse)
 
 
 class AffineCoupling(_Coupling):
@@ -109,10 +124,12 @@ class AffineCoupling(_Coupling):
         flip: transform the first half instead of the second.
         hidden, depth: conditioner MLP width and number of hidden layers.
         scale_bound: bound of the log-scale.
-        backend: None/"auto", "reference", "triton" (CUDA, or TRITON_INTERPRET=1: the fused kernel without
-            autograd when its products may be TF32, `torch.backends.cuda.matmul.allow_tf32`; else the conditioner
-            in torch and the map in Triton) or "native" (CPU: native bias + SiLU in the conditioner, blocks of
-            rows without autograd). "auto" takes Triton for float32 on CUDA.
+        backend: None/"auto", "reference", "triton" (CUDA, or TRITON_INTERPRET=1; the layer runs as a one-layer
+            `fastflow.ops.coupling_flow.CouplingRun`: when its products may be TF32,
+            `torch.backends.cuda.matmul.allow_tf32`, one fused kernel without autograd and a fused backward kernel
+            under it (width <= 128); else the conditioner in torch and the rest in one Triton kernel each way) or
+            "native" (CPU: native bias + SiLU in the conditioner, blocks of rows without autograd). "auto" takes
+            Triton for float32 on CUDA.
     """
 
     params_per_coordinate = 2
@@ -139,8 +156,9 @@ class SplineCoupling(_Coupling):
     Arguments:
         dim, context_dim, flip, hidden, depth: as in `AffineCoupling`.
         num_bins: K, bins per spline; bound: B, half-width of the spline interval.
-        backend: None/"auto"; "triton" (as in `AffineCoupling`), "native" (C++
-            spline on CPU) or "reference"; "auto" on CUDA as in `AffineCoupling`.
+        backend: None/"auto"; "triton" (as in `AffineCoupling`; under autograd the conditioner runs in torch and
+            the splines in Triton), "native" (C++ spline on CPU) or "reference"; "auto" on CUDA as in
+            `AffineCoupling`.
     """
 
     def __init__(self, dim, context_dim=0, *, flip=False, hidden=64, depth=2, num_bins: int = 8, bound: float = 4.0,

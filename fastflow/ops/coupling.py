@@ -5,9 +5,11 @@ transform of the changed half (affine, or rational-quadratic spline) and log|det
 (kernels/coupling.py) fuses the whole layer without autograd, so hidden activations never reach global
 memory; under autograd, and for fp32 products on CUDA (`fuses_conditioner`), the conditioner runs in torch
 (cuBLAS) and the transform through an elementwise Triton op with its backward kernel (kernels/spline.py,
-kernels/affine.py). In the runs of layers of a `Flow` (`fastflow.ops.coupling_flow`), `TritonAffineStep` takes an
-affine layer's last SiLU and conditioner layer into that op too, with the merge and the next permutation, and
-`TritonSplineStep` a spline layer's splines with the merge and the next permutation. On CPU the native backend
+kernels/affine.py). The layers of `fastflow.nn` run on the Triton backend as runs of layers
+(`fastflow.ops.coupling_flow`: one fused launch, a fused affine backward with TF32 products), where
+`TritonAffineStep` takes an affine layer's last SiLU and conditioner layer into that op too, with the merge and the
+next permutation, and `TritonSplineStep` a spline layer's splines with the merge and the next permutation; these
+ops serve direct calls. On CPU the native backend
 runs the spline's elementwise part through `rq_spline` (C++) and the conditioner's hidden layers as a GEMM plus
 one native bias + SiLU pass (`conditioner_native`); without autograd it runs either layer block by block of rows
 (`conditioner_blocks`), the CPU counterpart of that fusion: the hidden activations of a block stay in cache, and

@@ -1,10 +1,13 @@
 """Runs of coupling layers as one fused launch: consecutive coupling layers of one kind and size in a flow's
 execution order, each optionally followed by a fixed permutation, go through `kernels.coupling.coupling_flow_triton`
-in one Triton launch (the permutations become column maps of the kernel's stores), where a layer alone would
-take the fused Triton kernel: same dispatch (`fastflow.ops.coupling.dispatch`), no autograd. Otherwise on the
-Triton backend (under autograd, or fp32 products on CUDA), affine runs take one `TritonAffineStep` per layer (its
-hidden layers in torch) and spline runs one `TritonSplineStep` per layer (its conditioner in torch). Otherwise the
-run applies its transforms one by one, as the flow would.
+in one Triton launch (the permutations become column maps of the kernel's stores) where the Triton backend fuses
+the conditioners (`fastflow.ops.coupling.dispatch`, `fuses_conditioner`: TF32 products) and autograd does not
+record. Under autograd there, affine runs train in two launches (`_FusedAffineRun`: the fused run keeping each
+step's input, then `kernels.coupling_backward`). Otherwise on the Triton backend (fp32 products on CUDA, spline
+runs under autograd, conditioners too wide for the fused backward), affine runs take one `TritonAffineStep` per
+layer (its hidden layers in torch) and spline runs one `TritonSplineStep` per layer (its conditioner in torch).
+Otherwise the run applies its transforms one by one, as the flow would. A coupling layer on its own runs as a
+one-layer run (`fastflow.nn.coupling`).
 
 A layer joins a run through its `fused_signature()`, `fused_layout()`, `fused_options()` and `_weights()`
 (`fastflow.nn.coupling`); a permutation through `column_map(inverse)` (`fastflow.flows.transforms`).
@@ -49,17 +52,25 @@ class CouplingRun:
         return [w for coupling in self.couplings for w in coupling._weights()]
 
     def __call__(self, x: torch.Tensor, context: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        if x.shape[0] and x.dim() == 2 and triton_device(x.device):  # else the layers dispatch one by one
-            kernel_context = self.couplings[0]._context(context)
-            weights = self.weights()
-            chosen, _, fused, precision, fuses = dispatch(x, kernel_context, x, weights, self.backend, None)
-            if fused:
-                return self.fused(x, kernel_context, precision, weights)
-            if fuses and self._trains_fused(kernel_context):
-                return _FusedAffineRun.apply(self, x, kernel_context, precision, *weights)
-            if chosen == "triton":
-                return self._layer_steps(x, kernel_context, precision)
-        return self._one_by_one(x, context)
+        result = self.on_triton(x, context)
+        return self._one_by_one(x, context) if result is None else result
+
+    def on_triton(self, x: torch.Tensor, context: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The run on the Triton backend where dispatch takes it: one fused launch without autograd, two under
+        autograd (`_trains_fused`), else one step per layer (`_layer_steps`); None where the layers dispatch one by one
+        (another backend, or tensors Triton cannot take)."""
+        if not (x.shape[0] and x.dim() == 2 and triton_device(x.device)):
+            return None
+        kernel_context = self.couplings[0]._context(context)
+        weights = self.weights()
+        chosen, _, fused, precision, fuses = dispatch(x, kernel_context, x, weights, self.backend, None)
+        if fused:
+            return self.fused(x, kernel_context, precision, weights)
+        if fuses and self._trains_fused(kernel_context):
+            return _FusedAffineRun.apply(self, x, kernel_context, precision, *weights)
+        if chosen == "triton":
+            return self._layer_steps(x, kernel_context, precision)
+        return None
 
     def _trains_fused(self, context: torch.Tensor | None) -> bool:
         """Whether this run, under autograd where the Triton backend fuses its conditioners, trains through the fused

@@ -300,3 +300,39 @@ def test_second_derivatives_raise_instead_of_vanishing(transform, fused_training
     (grad,) = torch.autograd.grad(flow.log_prob(x).sum(), x, create_graph=True)
     with pytest.raises(RuntimeError, match="once_differentiable"):
         grad.sum().backward()
+
+
+@pytest.mark.parametrize("layer, fused_training", [("affine", True), ("affine", False), ("spline", False)])
+def test_layers_on_their_own_run_as_one_layer_runs(layer, fused_training, monkeypatch, backend_pair):
+    """A coupling layer used on its own (a drop-in module in a user's model) runs as a one-layer `CouplingRun`:
+    forward and inverse without autograd in one fused launch, and under autograd through the fused affine backward
+    (two launches) or the layer step; values and gradients (parameters, input, context) against the reference
+    layer, a flipped layer with a context."""
+    from fastflow.ops import coupling
+
+    monkeypatch.setattr(coupling, "fuses_conditioner", lambda precision, device: fused_training)
+    make = ((lambda backend: AffineCoupling(5, 2, hidden=24, flip=True, backend=backend)) if layer == "affine" else
+            (lambda backend: SplineCoupling(5, 2, hidden=24, num_bins=5, flip=True, backend=backend)))
+    reference, fused = backend_pair(make)
+    x = (2.0 * torch.randn(40, 5, device=DEVICE)).requires_grad_()
+    context = torch.randn(40, 2, device=DEVICE, requires_grad=True)
+    launches = _kernel_names(monkeypatch)
+    with torch.no_grad():
+        for inverse in (False, True):
+            method, method_ref = (fused.inverse, reference.inverse) if inverse else (fused, reference)
+            for a, b in zip(method(x, context), method_ref(x, context)):
+                torch.testing.assert_close(a, b, atol=ATOL, rtol=RTOL)
+    if fused_training:
+        assert launches == {"_coupling_flow_kernel": 2}
+    launches.clear()
+    (y, ladj), (y_ref, ladj_ref) = fused(x, context), reference(x, context)
+    cotangents = torch.randn_like(y), torch.randn_like(ladj)
+    grads = torch.autograd.grad((y, ladj), [*fused.parameters(), x, context], cotangents)
+    grads_ref = torch.autograd.grad((y_ref, ladj_ref), [*reference.parameters(), x, context], cotangents)
+    _assert_gradients_close(grads, grads_ref)
+    if fused_training:
+        assert launches == {"_coupling_flow_kernel": 1, "_affine_flow_backward_kernel": 1}
+    elif layer == "affine":
+        assert launches == {"_affine_step_forward_kernel": 1, "_affine_step_backward_kernel": 1}
+    else:
+        assert launches == {"_spline_step_forward_kernel": 1, "_rq_backward_kernel": 1}
