@@ -134,21 +134,13 @@ def _rq_forward_kernel(x_ptr, p_ptr, out_ptr, ladj_ptr, n, num_bins, count, stri
 
 
 @triton.jit
-def _rq_backward_kernel(x_ptr, p_ptr, grad_out_ptr, grad_ladj_ptr, grad_x_ptr, grad_p_ptr, n, num_bins, count, stride_x,
-                        stride_grad_out, stride_ladj_row, stride_ladj_column,
-                        bound, min_width, min_height, min_derivative, derivative_shift,
-                        INVERSE: tl.constexpr, BLOCK: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Gradients of Σ grad_out·out + grad_ladj·ladj w.r.t. x and the raw parameters (as csrc's backward_block;
-    for the inverse, implicit differentiation through the forward map)."""
-    rows = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    row_ok = rows < n
-    inside, bin_index, onehot, x_k, w_k, y_k, h_k, d_k, d_k1, raw_k, raw_k1, t, bins, width_fraction, height_fraction, \
-        value = _load_spline(x_ptr, p_ptr, rows, row_ok, _offsets(rows, count, stride_x, 1), num_bins, bound, min_width,
-                             min_height, min_derivative, derivative_shift, INVERSE, BLOCK_K)
-    g_y = tl.load(grad_out_ptr + _offsets(rows, count, stride_grad_out, 1), mask=row_ok, other=0.0)
-    g_l = tl.load(grad_ladj_ptr + _offsets(rows, count, stride_ladj_row, stride_ladj_column), mask=row_ok, other=0.0)
+def rq_gradients(g_y, g_l, inside, bin_index, onehot, w_k, h_k, d_k, d_k1, raw_k, raw_k1, t, bins, width_fraction,
+                 height_fraction, num_bins, bound, min_width, min_height, INVERSE: tl.constexpr):
+    """Gradients of Σ g_y·out + g_l·ladj w.r.t. the elements `(...)` and their raw parameters, from `_rq_locate`'s
+    results (as csrc's backward_block; for the inverse, implicit differentiation through the forward map): grad_x
+    `(...)` (g_y outside the interval, where the spline is the identity), and `(..., K)` tiles of the raw widths',
+    heights' and interior derivatives' gradients (derivative slot j along the last axis; zero outside)."""
     grad_out = g_y
-
     s = h_k / w_k
     u = t * (1.0 - t)
     c = d_k1 + d_k - 2.0 * s
@@ -180,24 +172,44 @@ def _rq_backward_kernel(x_ptr, p_ptr, grad_out_ptr, grad_ladj_ptr, grad_x_ptr, g
     # knots X_k = -B + 2B Σ_{i<k} size_i, width_k = 2B size_k (heights alike), size = min + scale·softmax(raw):
     # g_size_i = 2B (g_below [i < bin] + g_at [i = bin]), then softmax's backward
     below = bins < tl.expand_dims(bin_index, -1)
-    n_params = 3 * num_bins - 1
-    base = grad_p_ptr + rows[:, None] * n_params
-    store_ok = row_ok[:, None] & (bins < num_bins)
     keep = tl.expand_dims(inside, -1)
     g_sizes = 2.0 * bound * tl.where(below, tl.expand_dims(g_width_below, -1), tl.where(onehot, tl.expand_dims(g_width_at, -1), 0.0))
-    g_raw = (1.0 - min_width * num_bins) * width_fraction * (g_sizes - tl.expand_dims(tl.sum(width_fraction * g_sizes, axis=-1), -1))
-    tl.store(base + bins, tl.where(keep, g_raw, 0.0), mask=store_ok)
+    g_width = (1.0 - min_width * num_bins) * width_fraction * (g_sizes - tl.expand_dims(tl.sum(width_fraction * g_sizes, axis=-1), -1))
     g_sizes = 2.0 * bound * tl.where(below, tl.expand_dims(g_y, -1), tl.where(onehot, tl.expand_dims(g_height_at, -1), 0.0))
-    g_raw = (1.0 - min_height * num_bins) * height_fraction * (g_sizes - tl.expand_dims(tl.sum(height_fraction * g_sizes, axis=-1), -1))
-    tl.store(base + num_bins + bins, tl.where(keep, g_raw, 0.0), mask=store_ok)
+    g_height = (1.0 - min_height * num_bins) * height_fraction * (g_sizes - tl.expand_dims(tl.sum(height_fraction * g_sizes, axis=-1), -1))
     # interior derivative j (slot j, knot j + 1) = min + softplus(raw_j + shift): the bin's left knot is slot
     # bin - 1, its right knot slot bin (tails have no slot)
     g_left = tl.expand_dims(g_d0 * tl.sigmoid(raw_k), -1)
     g_right = tl.expand_dims(g_d1 * tl.sigmoid(raw_k1), -1)
     slot_bin = tl.expand_dims(bin_index, -1)
-    g_raw = tl.where(bins == slot_bin - 1, g_left, tl.where(bins == slot_bin, g_right, 0.0))
-    tl.store(base + 2 * num_bins + bins, tl.where(keep, g_raw, 0.0), mask=row_ok[:, None] & (bins < num_bins - 1))
-    tl.store(grad_x_ptr + rows, tl.where(inside, grad_x, grad_out), mask=row_ok)
+    g_derivative = tl.where(bins == slot_bin - 1, g_left, tl.where(bins == slot_bin, g_right, 0.0))
+    return (tl.where(inside, grad_x, grad_out), tl.where(keep, g_width, 0.0), tl.where(keep, g_height, 0.0),
+            tl.where(keep, g_derivative, 0.0))
+
+
+@triton.jit
+def _rq_backward_kernel(x_ptr, p_ptr, grad_out_ptr, grad_ladj_ptr, grad_x_ptr, grad_p_ptr, n, num_bins, count, stride_x,
+                        stride_grad_out, stride_ladj_row, stride_ladj_column,
+                        bound, min_width, min_height, min_derivative, derivative_shift,
+                        INVERSE: tl.constexpr, BLOCK: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Gradients of Σ grad_out·out + grad_ladj·ladj w.r.t. x and the raw parameters (as csrc's backward_block;
+    for the inverse, implicit differentiation through the forward map)."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    row_ok = rows < n
+    inside, bin_index, onehot, x_k, w_k, y_k, h_k, d_k, d_k1, raw_k, raw_k1, t, bins, width_fraction, height_fraction, \
+        value = _load_spline(x_ptr, p_ptr, rows, row_ok, _offsets(rows, count, stride_x, 1), num_bins, bound, min_width,
+                             min_height, min_derivative, derivative_shift, INVERSE, BLOCK_K)
+    g_y = tl.load(grad_out_ptr + _offsets(rows, count, stride_grad_out, 1), mask=row_ok, other=0.0)
+    g_l = tl.load(grad_ladj_ptr + _offsets(rows, count, stride_ladj_row, stride_ladj_column), mask=row_ok, other=0.0)
+    grad_x, g_width, g_height, g_derivative = rq_gradients(
+        g_y, g_l, inside, bin_index, onehot, w_k, h_k, d_k, d_k1, raw_k, raw_k1, t, bins, width_fraction,
+        height_fraction, num_bins, bound, min_width, min_height, INVERSE)
+    base = grad_p_ptr + rows[:, None] * (3 * num_bins - 1)
+    store_ok = row_ok[:, None] & (bins < num_bins)
+    tl.store(base + bins, g_width, mask=store_ok)
+    tl.store(base + num_bins + bins, g_height, mask=store_ok)
+    tl.store(base + 2 * num_bins + bins, g_derivative, mask=row_ok[:, None] & (bins < num_bins - 1))
+    tl.store(grad_x_ptr + rows, grad_x, mask=row_ok)
 
 
 @triton.jit
