@@ -95,21 +95,28 @@ def compile_coupling_flow(transform: str, hidden: int, dim: int, context: int = 
                             meta, num_warps=num_warps, int_pointers=["steps_ptr", "column_maps_ptr"])
 
 
-def compile_affine_flow_backward(hidden: int, dim: int, context: int = 0, *, approximate: bool, block_m: int = 64,
-                                 num_warps: int = 8):
-    """The backward of a fused run of affine coupling layers (`kernels.coupling_backward.affine_flow_backward_triton`)
-    with conditioners of width `hidden`, TF32 products, compiled for sm_90."""
+def compile_coupling_flow_backward(transform: str, hidden: int, dim: int, context: int = 0, *, approximate: bool,
+                                   num_bins: int = 8, block_m: int = 64, num_warps: int = 8):
+    """The backward of a fused run of coupling layers (`kernels.coupling_backward.coupling_flow_backward_triton`) of
+    `transform` ("affine", or "spline" with `num_bins`) with conditioners of width `hidden`, TF32 products, compiled
+    for sm_90."""
     from fastflow.kernels import coupling_backward, dot_tile
 
     changed = dim - dim // 2
-    meta = dict(CONTEXT_GRAD=bool(context), INVERSE=False, BLOCK_M=block_m, BLOCK_IN=dot_tile(changed + context),
-                BLOCK_H=dot_tile(hidden), BLOCK_OUT=dot_tile(changed), PRECISION="tf32", APPROXIMATE=approximate,
-                FIELDS=coupling_backward.STEP_FIELDS, num_stages=1)
-    return compile_for_h100(coupling_backward._affine_flow_backward_kernel,
+    if transform == "affine":
+        tiles = dict(BLOCK_OUT=dot_tile(changed), BLOCK_T=1, BLOCK_K=16, T_CHUNK=1)
+    else:
+        meta = coupling_backward.spline_meta(changed + context, hidden, changed, num_bins, inverse=False)
+        tiles = dict(BLOCK_OUT=16, BLOCK_T=meta["BLOCK_T"], BLOCK_K=meta["BLOCK_K"], T_CHUNK=meta["T_CHUNK"])
+    meta = dict(SPLINE=transform == "spline", CONTEXT_GRAD=bool(context), INVERSE=False, BLOCK_M=block_m,
+                BLOCK_IN=dot_tile(changed + context), BLOCK_H=dot_tile(hidden), **tiles, PRECISION="tf32",
+                APPROXIMATE=approximate, FIELDS=coupling_backward.STEP_FIELDS, num_stages=1)
+    return compile_for_h100(coupling_backward._coupling_flow_backward_kernel,
                             ["x_ptr", "states_ptr", "context_ptr", "grad_out_ptr", "grad_ladj_ptr", "grad_x_ptr",
                              "grad_states_ptr", "grad_context_ptr", "partials_ptr", "params_ptr"],
-                            ["n_rows", "n_dim", "n_context", "n_hidden", "n_steps", "n_params", "stride_context"],
-                            ["scale_bound"], meta, num_warps=num_warps, int_pointers=["steps_ptr", "column_maps_ptr"])
+                            ["n_rows", "n_dim", "n_context", "n_hidden", "n_steps", "n_params", "num_bins", "stride_context"],
+                            ["scale_bound", "bound", "min_width", "min_height", "min_derivative", "derivative_shift"], meta,
+                            num_warps=num_warps, int_pointers=["steps_ptr", "column_maps_ptr"])
 
 
 def compile_affine_step(direction: str, hidden: int, dim: int):

@@ -2,7 +2,7 @@
 spline kernels (elements and warps per program, against the reference's autograd), the fused ODE integrator
 (rows per program, weight chunk, output chunk, pipelining, persistent programs, warps), the fused runs of
 spline/affine coupling layers (rows per program, first-layer units per chunk, warps, spline columns per pass), the
-backward of fused affine runs (rows, warps, programs), a fused layer on its own and the affine training step's
+backward of fused runs (rows, warps, programs), a fused layer on its own and the affine training step's
 kernels (rows and warps per program), TF32 products. Prints one line per setting and writes JSON.
 
 Usage (on a GPU machine; `FASTFLOW_GPU_STEPS=sweep bash bench/run_gpu.sh OUT` runs it):
@@ -40,7 +40,7 @@ SPLINE_CHUNK_COLUMNS = (32, None)  # spline (coordinate, bin) columns per pass b
 LAYER_SETTINGS = [{}, *(dict(block_m=m, num_warps=w) for m, w in ((32, 8), (64, 4), (64, 8), (128, 8)))]  # default first
 AFFINE_STEP_SETTINGS = [{}, *(dict(block_m=m, num_warps=w) for m, w in ((16, 4), (32, 4), (64, 4), (64, 8), (128, 8)))]
 SPLINE_SETTINGS = [(64, 4), (32, 4), (64, 2), (128, 4), (128, 8)]  # (block, num_warps), 8 bins: default first
-AFFINE_BACKWARD_SETTINGS = [{}, *(dict(block_m=m, num_warps=w, programs=p) for m, w, p in (  # default first
+BACKWARD_SETTINGS = [{}, *(dict(block_m=m, num_warps=w, programs=p) for m, w, p in (  # default first
     (64, 8, 264), (64, 4, None), (64, 4, 264), (128, 8, None), (32, 8, None), (32, 8, 264)))]  # 264: 2 per SM (132 SMs)
 
 
@@ -78,21 +78,28 @@ def sweep_ode(rows: list[dict], device: torch.device, samples: int = 131_072, st
                     _record(rows, kernel="ode", width=width, **launch, error=f"{type(failure).__name__}: {failure}"[:300])
 
 
+def _benchmark_flow(transform: str, dim: int, hidden: int, device: torch.device):
+    """The benchmark's 5-layer coupling flow (8 bins) on the Triton backend, its weights moved off their initial values,
+    and its one run of layers (`CouplingRun`)."""
+    from fastflow.flows import FlowConfig
+    from fastflow.nn import CouplingFlow
+
+    torch.manual_seed(0)
+    flow = CouplingFlow(dim, config=FlowConfig(transform=transform, num_layers=5, hidden=hidden, num_bins=8),
+                        backend="triton").to(device)
+    with torch.no_grad():
+        for p in flow.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    (run,) = flow._chain(inverse=False)
+    return flow, run
+
+
 def sweep_coupling(rows: list[dict], device: torch.device, batch: int = 65_536, hidden: int = 128,
                    settings: list[dict] = COUPLING_SETTINGS, flows=(("spline", 8), ("spline", 32), ("affine", 8))) -> None:
     """The fused run of the benchmark's 5-layer coupling flows (width 128, 8 bins; `CouplingRun.fused`), log_prob,
     for each (transform, dim) of `flows`."""
-    from fastflow.flows import FlowConfig
-    from fastflow.nn import CouplingFlow
-
     for transform, dim in flows:
-        torch.manual_seed(0)
-        flow = CouplingFlow(dim, config=FlowConfig(transform=transform, num_layers=5, hidden=hidden, num_bins=8),
-                            backend="triton").to(device)
-        with torch.no_grad():
-            for p in flow.parameters():
-                p.add_(0.1 * torch.randn_like(p))
-        (run,) = flow._chain(inverse=False)
+        flow, run = _benchmark_flow(transform, dim, hidden, device)
         x = torch.randn(batch, dim, device=device)
         launches = settings + ([dict(chunk_columns=columns) for columns in SPLINE_CHUNK_COLUMNS] if transform == "spline" else [])
         for launch in launches:
@@ -156,44 +163,40 @@ def sweep_affine_step(rows: list[dict], device: torch.device, batch: int = 65_53
                 _record(rows, kernel=name, dim=dim, **launch, error=f"{type(failure).__name__}: {failure}"[:300])
 
 
-def sweep_affine_training(rows: list[dict], device: torch.device, batch: int = 65_536, hidden: int = 128,
-                          settings: list[dict] = AFFINE_BACKWARD_SETTINGS, dims=(8, 32, 2)) -> None:
-    """The backward of the benchmark's fused 5-layer affine runs (`kernels.coupling_backward`, TF32) per launch
-    setting, and the flow's whole log_prob + backward (default settings) for scale."""
-    from fastflow.flows import FlowConfig
+def sweep_training(rows: list[dict], device: torch.device, batch: int = 65_536, hidden: int = 128,
+                   settings: list[dict] = BACKWARD_SETTINGS,
+                   flows=(("affine", 8), ("spline", 8), ("affine", 32), ("spline", 32), ("affine", 2))) -> None:
+    """The backward of the benchmark's fused 5-layer runs (`kernels.coupling_backward`, TF32, 8 bins) per launch
+    setting, and the flow's whole log_prob + backward (default settings) for scale, for each (transform, dim)."""
     from fastflow.kernels.activations import approximate_activations
-    from fastflow.kernels.coupling_backward import affine_flow_backward_triton
-    from fastflow.nn import CouplingFlow
+    from fastflow.kernels.coupling_backward import coupling_flow_backward_triton
     from fastflow.ops.coupling_flow import pack
 
-    for dim in dims:
-        torch.manual_seed(0)
-        flow = CouplingFlow(dim, config=FlowConfig(transform="affine", num_layers=5, hidden=hidden), backend="triton").to(device)
-        with torch.no_grad():
-            for p in flow.parameters():
-                p.add_(0.1 * torch.randn_like(p))
-        (run,) = flow._chain(inverse=False)
+    approximate = approximate_activations("tf32", device)
+    for transform, dim in flows:
+        flow, run = _benchmark_flow(transform, dim, hidden, device)
         x = torch.randn(batch, dim, device=device)
         params = pack(run.weights())
         _, _, states = run.launch(x, None, params, "tf32", keep_states=True)
         grad_out, grad_ladj = torch.randn(batch, dim, device=device), torch.randn(batch, device=device)
         steps, column_maps = run._on(device)
-        approximate = approximate_activations("tf32", device)
         previous = torch.backends.cuda.matmul.allow_tf32
         torch.backends.cuda.matmul.allow_tf32 = True
         try:
-            _record(rows, kernel="affine_flow_training", dim=dim, batch=batch,
+            _record(rows, kernel=f"{transform}_flow_training", dim=dim, batch=batch,
                     ms=_milliseconds(lambda: flow.log_prob(x).mean().backward(), device))  # noqa: B023
         finally:
             torch.backends.cuda.matmul.allow_tf32 = previous
         for launch in settings:
             try:
-                ms = _milliseconds(lambda: affine_flow_backward_triton(  # noqa: B023
-                    x, states, None, grad_out, grad_ladj, params, steps, column_maps, **run._sizes(None), scale_bound=3.0,  # noqa: B023
-                    inverse=False, context_grad=False, precision="tf32", approximate=approximate, **launch), device)  # noqa: B023
-                _record(rows, kernel="affine_flow_backward", dim=dim, batch=batch, **launch, ms=ms)
+                ms = _milliseconds(lambda: coupling_flow_backward_triton(  # noqa: B023
+                    x, states, None, grad_out, grad_ladj, params, steps, column_maps, **run._sizes(None),  # noqa: B023
+                    **run.options, inverse=False, context_grad=False, precision="tf32", approximate=approximate,  # noqa: B023
+                    **launch), device)  # noqa: B023
+                _record(rows, kernel=f"{transform}_flow_backward", dim=dim, batch=batch, **launch, ms=ms)
             except Exception as failure:
-                _record(rows, kernel="affine_flow_backward", dim=dim, **launch, error=f"{type(failure).__name__}: {failure}"[:300])
+                _record(rows, kernel=f"{transform}_flow_backward", dim=dim, **launch,
+                        error=f"{type(failure).__name__}: {failure}"[:300])
 
 
 def sweep_spline(rows: list[dict], device: torch.device, elements: int = 1_048_576,
@@ -249,7 +252,7 @@ def main() -> None:
     rows: list[dict] = []
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(124))  # a time limit (timeout) still writes what was measured
     try:
-        sweep_affine_training(rows, torch.device("cuda"))  # first: the fused affine backward was never timed
+        sweep_training(rows, torch.device("cuda"))  # first: the fused backward was never timed
         sweep_ode(rows, torch.device("cuda"))  # the streamed width-256 settings matter most (issue 5's target)
         sweep_coupling(rows, torch.device("cuda"))
         sweep_affine_step(rows, torch.device("cuda"))

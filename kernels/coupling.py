@@ -332,7 +332,7 @@ def _coupling_flow_kernel(
     """Every step (coupling layer, then the permutation after it as a column map of its stores) on a block of rows:
     step s reads the state written by step s-1 (x for the first) and writes the whole new state to out (the last
     step) or to slot s % n_slots of states `(n_slots, N, D)`: two slots alternate, or one per step to keep every
-    step's input for the backward (`_affine_flow_backward_kernel`); the log-determinants add up in registers."""
+    step's input for the backward (`kernels.coupling_backward`); the log-determinants add up in registers."""
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)  # int64: N·D may pass 2^31
     row_ok = rows < n_rows
     state_size = (tl.program_id(0).to(tl.int64) * 0 + n_rows) * n_dim  # int64 (a slot's elements may pass 2^31)
@@ -401,7 +401,7 @@ def coupling_flow_triton(x, context, params, steps, column_maps, *, n_hidden: in
         inverse: apply each layer's inverse (the steps are already in execution order).
         precision, approximate, chunk_columns: as the per-layer launchers; block_m, block_hk, num_warps: rows,
             first-layer units per chunk and warps per program (`FLOW_LAUNCH`).
-        keep_states: also return the inputs of steps 1 … S-1 (for `affine_flow_backward_triton`).
+        keep_states: also return the inputs of steps 1 … S-1 (for `kernels.coupling_backward.coupling_flow_backward_triton`).
     Returns:
         the final states `(N, D)` and the summed log|det J| `(N,)`; with `keep_states`, then the states `(S-1, N, D)`.
     """

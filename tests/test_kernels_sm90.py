@@ -59,14 +59,18 @@ def test_fused_coupling_runs_fit_an_h100(transform, hidden, dim, context, approx
     assert _compiled_shared_memory(transform, hidden, dim, context, approximate) <= H100_SHARED_MEMORY
 
 
-@pytest.mark.parametrize("hidden, dim, context, approximate", [(128, 8, 0, 1), (128, 64, 64, 0), (128, 128, 0, 1)])
-def test_fused_affine_backward_fits_an_h100(hidden, dim, context, approximate):
-    """Sizes `kernels.coupling_backward.fits` admits: the coupling layers' largest (dims and context 64) and beyond."""
-    from fastflow.kernels.coupling_backward import fits
+@pytest.mark.parametrize("transform", ["affine", "spline"])
+@pytest.mark.parametrize("hidden, dim, context, approximate", [(128, 8, 0, 1), (128, 128, 64, 0)])
+def test_fused_backward_fits_an_h100(transform, hidden, dim, context, approximate):
+    """Sizes `kernels.coupling_backward.fits` admits, up to its largest (128 inputs, 64 changed coordinates, and for
+    splines 32 bins: the size is the bin count there)."""
+    from fastflow.kernels.coupling_backward import MAX_SIZES, fits
 
     changed = dim - dim // 2
-    assert fits(hidden, changed + context, changed)
-    assert _compiled_shared_memory("affine_flow_backward", hidden, dim, context, approximate) <= H100_SHARED_MEMORY
+    bins = MAX_SIZES[3] if dim == 128 else 8
+    assert fits(hidden, changed + context, changed, bins if transform == "spline" else None)
+    assert _compiled_shared_memory(f"{transform}_flow_backward", hidden, dim, context, approximate,
+                                   bins) <= H100_SHARED_MEMORY
 
 
 @pytest.mark.parametrize("hidden, dim, context, approximate", [(64, 2, 0, 1), (256, 10, 4, 1), (64, 2, 3, 0)])
@@ -92,11 +96,11 @@ def _sm90():
     return module
 
 
-def _shared_memory(kernel: str, size: int, dim: int, context: int, approximate: int) -> int:
+def _shared_memory(kernel: str, size: int, dim: int, context: int, approximate: int, bins: int = 8) -> int:
     """Bytes of shared memory of the sm_90 build of `kernel` ("rq_forward" / "rq_backward": the elementwise
     spline kernels with `size` bins, inverse when `dim`; "affine" / "spline": the coupling kernels with
-    conditioner width `size`; "affine_flow" / "spline_flow": their fused runs; "affine_flow_backward": the
-    backward of a fused affine run; "affine_step_forward" / "affine_step_backward": the affine
+    conditioner width `size`; "affine_flow" / "spline_flow": their fused runs; "affine_flow_backward" /
+    "spline_flow_backward": their backward (splines of `bins` bins); "affine_step_forward" / "affine_step_backward": the affine
     training step after width-`size` hidden layers; "spline_step": a spline layer's step with `size` bins; "ode": the RK4 integrator of a 3-layer field of width `size`;
     "ode_streamed": the same with streamed layers, which must not spill)."""
     from fastflow.kernels import affine, coupling, spline
@@ -107,8 +111,9 @@ def _shared_memory(kernel: str, size: int, dim: int, context: int, approximate: 
         compiled = sm90.compile_spline_step(dim, size)
     elif kernel.startswith("affine_step_"):  # an affine layer after its hidden layers (width `size`), training
         compiled = sm90.compile_affine_step(kernel.removeprefix("affine_step_"), size, dim)
-    elif kernel == "affine_flow_backward":  # the backward of a fused run of affine layers (width `size`)
-        compiled = sm90.compile_affine_flow_backward(size, dim, context, approximate=bool(approximate))
+    elif kernel.endswith("_flow_backward"):  # the backward of a fused run of coupling layers (width `size`)
+        compiled = sm90.compile_coupling_flow_backward(kernel.removesuffix("_flow_backward"), size, dim, context,
+                                                       approximate=bool(approximate), num_bins=bins)
     elif kernel.endswith("_flow"):  # a fused run of coupling layers
         compiled = sm90.compile_coupling_flow(kernel.removesuffix("_flow"), size, dim, context, approximate=bool(approximate))
     elif kernel.startswith("affine_"):  # the elementwise affine kernels on `dim` changed coordinates

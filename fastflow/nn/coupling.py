@@ -126,8 +126,8 @@ class AffineCoupling(_Coupling):
         scale_bound: bound of the log-scale.
         backend: None/"auto", "reference", "triton" (CUDA, or TRITON_INTERPRET=1; the layer runs as a one-layer
             `fastflow.ops.coupling_flow.CouplingRun`: when its products may be TF32,
-            `torch.backends.cuda.matmul.allow_tf32`, one fused kernel without autograd and a fused backward kernel
-            under it (width <= 128); else the conditioner in torch and the rest in one Triton kernel each way) or
+            `torch.backends.cuda.matmul.allow_tf32`, one fused kernel without autograd and with it a fused backward
+            kernel too (width <= 128); else the conditioner in torch and the rest in one Triton kernel each way) or
             "native" (CPU: native bias + SiLU in the conditioner, blocks of rows without autograd). "auto" takes
             Triton for float32 on CUDA.
     """
@@ -156,9 +156,8 @@ class SplineCoupling(_Coupling):
     Arguments:
         dim, context_dim, flip, hidden, depth: as in `AffineCoupling`.
         num_bins: K, bins per spline; bound: B, half-width of the spline interval.
-        backend: None/"auto"; "triton" (as in `AffineCoupling`; under autograd the conditioner runs in torch and
-            the splines in Triton), "native" (C++ spline on CPU) or "reference"; "auto" on CUDA as in
-            `AffineCoupling`.
+        backend: None/"auto"; "triton" (as in `AffineCoupling`), "native" (C++ spline on CPU) or "reference";
+            "auto" on CUDA as in `AffineCoupling`.
     """
 
     def __init__(self, dim, context_dim=0, *, flip=False, hidden=64, depth=2, num_bins: int = 8, bound: float = 4.0,

@@ -2,11 +2,10 @@
 execution order, each optionally followed by a fixed permutation, go through `kernels.coupling.coupling_flow_triton`
 in one Triton launch (the permutations become column maps of the kernel's stores) where the Triton backend fuses
 the conditioners (`fastflow.ops.coupling.dispatch`, `fuses_conditioner`: TF32 products) and autograd does not
-record. Under autograd there, affine runs train in two launches (`_FusedAffineRun`: the fused run keeping each
-step's input, then `kernels.coupling_backward`). Otherwise on the Triton backend (fp32 products on CUDA, spline
-runs under autograd, conditioners too wide for the fused backward), affine runs take one `TritonAffineStep` per
-layer (its hidden layers in torch) and spline runs one `TritonSplineStep` per layer (its conditioner in torch).
-Otherwise the run applies its transforms one by one, as the flow would. A coupling layer on its own runs as a
+record. Under autograd there, runs train in two launches (`_FusedRun`: the fused run keeping each step's
+input, then `kernels.coupling_backward`). Otherwise on the Triton backend (fp32 products on CUDA, conditioners too
+wide for the fused backward), affine runs take one `TritonAffineStep` per layer (its hidden layers in torch) and
+spline runs one `TritonSplineStep` per layer (its conditioner in torch). Otherwise the run applies its transforms one by one, as the flow would. A coupling layer on its own runs as a
 one-layer run (`fastflow.nn.coupling`).
 
 A layer joins a run through its `fused_signature()`, `fused_layout()`, `fused_options()` and `_weights()`
@@ -67,18 +66,18 @@ class CouplingRun:
         if fused:
             return self.fused(x, kernel_context, precision, weights)
         if fuses and self._trains_fused(kernel_context):
-            return _FusedAffineRun.apply(self, x, kernel_context, precision, *weights)
+            return _FusedRun.apply(self, x, kernel_context, precision, *weights)
         if chosen == "triton":
             return self._layer_steps(x, kernel_context, precision)
         return None
 
     def _trains_fused(self, context: torch.Tensor | None) -> bool:
         """Whether this run, under autograd where the Triton backend fuses its conditioners, trains through the fused
-        kernels (`_FusedAffineRun`): affine layers whose conditioners the backward kernel takes
-        (`kernels.coupling_backward.fits`: width <= 128, weight tiles within shared memory)."""
+        kernels (`_FusedRun`): conditioners the backward kernel takes (`kernels.coupling_backward.fits`: width <= 128,
+        weight tiles within shared memory)."""
         from fastflow.kernels.coupling_backward import fits
 
-        return "scale_bound" in self.options and fits(**self._sizes(context))
+        return fits(**self._sizes(context), num_bins=self.options.get("num_bins"))
 
     def _one_by_one(self, x, context):
         total = None
@@ -146,10 +145,10 @@ def pack(weights: list[torch.Tensor]) -> torch.Tensor:
         return torch._utils._flatten_dense_tensors(weights)
 
 
-class _FusedAffineRun(torch.autograd.Function):
-    """A run of affine coupling layers for training, in two launches: the fused forward keeping each step's input
-    state (`coupling_flow_triton(keep_states=True)`), and `kernels.coupling_backward.affine_flow_backward_triton`,
-    which recomputes the conditioners and returns the gradients of x, the context and every weight.
+class _FusedRun(torch.autograd.Function):
+    """A run of coupling layers for training, in two launches: the fused forward keeping each step's input state
+    (`coupling_flow_triton(keep_states=True)`), and `kernels.coupling_backward.coupling_flow_backward_triton`, which
+    recomputes the conditioners and returns the gradients of x, the context and every weight.
 
     apply(run, x `(N, D)`, context `(N, C)` or None, precision, *run.weights()) -> (y `(N, D)`, log|det J| `(N,)`)."""
 
@@ -167,15 +166,15 @@ class _FusedAffineRun(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_out, grad_ladj):
         from fastflow.kernels.activations import approximate_activations
-        from fastflow.kernels.coupling_backward import affine_flow_backward_triton
+        from fastflow.kernels.coupling_backward import coupling_flow_backward_triton
 
         x, context, params, states = ctx.saved_tensors
         run = ctx.run
         steps, column_maps = run._on(x.device)
-        grad_x, grad_context, grad_params = affine_flow_backward_triton(
-            x, states, context, grad_out, grad_ladj, params, steps, column_maps, **run._sizes(context),
-            scale_bound=run.options["scale_bound"], inverse=run.inverse, context_grad=ctx.needs_input_grad[2],
-            precision=ctx.precision, approximate=approximate_activations(ctx.precision, x.device))
+        grad_x, grad_context, grad_params = coupling_flow_backward_triton(
+            x, states, context, grad_out, grad_ladj, params, steps, column_maps, **run._sizes(context), **run.options,
+            inverse=run.inverse, context_grad=ctx.needs_input_grad[2], precision=ctx.precision,
+            approximate=approximate_activations(ctx.precision, x.device))
         return (None, grad_x, grad_context, None, *torch._utils._unflatten_dense_tensors(grad_params, run._layout))
 
 

@@ -131,7 +131,7 @@ def _kernel_names(monkeypatch) -> dict:
 
     counts = _kernel_launches(monkeypatch)
     for module, names in ((affine, ("_affine_step_forward_kernel", "_affine_step_backward_kernel")),
-                          (coupling_backward, ("_affine_flow_backward_kernel",)),
+                          (coupling_backward, ("_coupling_flow_backward_kernel",)),
                           (spline, ("_rq_forward_kernel", "_rq_backward_kernel", "_spline_step_forward_kernel"))):
         for name in names:
             kernel = getattr(module, name)
@@ -153,12 +153,13 @@ def _assert_gradients_close(grads, grads_ref):
 @pytest.mark.parametrize("transform, dim, context, permutation, fused_training", [
     ("affine", 5, 3, "reverse", True), ("affine", 4, 0, "random", True), ("affine", 1, 2, "reverse", True),
     ("affine", 5, 3, "reverse", False), ("affine", 4, 0, "random", False), ("affine", 1, 0, "reverse", False),
+    ("spline", 4, 2, "reverse", True), ("spline", 5, 0, "random", True), ("spline", 1, 2, "reverse", True),
     ("spline", 4, 2, "reverse", False)])
 def test_under_autograd_values_and_gradients_match_the_reference(transform, dim, context, permutation, fused_training,
                                                                  monkeypatch, backend_pair):
-    """Training on the Triton backend: affine runs in two launches where the conditioners fuse (`_FusedAffineRun`:
-    the fused forward keeping its states, `_affine_flow_backward_kernel`), else one `TritonAffineStep` per layer
-    (forced here: fp32 products on CUDA), spline layers as `TritonSplineStep` (one kernel each way per layer);
+    """Training on the Triton backend: runs in two launches where the conditioners fuse (`_FusedRun`: the fused
+    forward keeping its states, `_coupling_flow_backward_kernel`), else (forced here: fp32 products on CUDA) one
+    `TritonAffineStep` or `TritonSplineStep` per layer (one kernel each way per layer);
     log_prob, draws and their gradients in the parameters, the inputs and the context against the reference flow.
     Gradients: fp32 products summed in another order through 3 layers, 1e-4 relative to the largest entry."""
     from fastflow.ops import coupling
@@ -178,7 +179,7 @@ def test_under_autograd_values_and_gradients_match_the_reference(transform, dim,
     grads_ref = torch.autograd.grad(log_prob_ref, [*reference.parameters(), *leaves], cotangent)
     _assert_gradients_close(grads, grads_ref)
     if fused_training:
-        assert launches == {"_coupling_flow_kernel": 1, "_affine_flow_backward_kernel": 1}
+        assert launches == {"_coupling_flow_kernel": 1, "_coupling_flow_backward_kernel": 1}
     elif transform == "affine":
         assert launches == {"_affine_step_forward_kernel": 3, "_affine_step_backward_kernel": 3}
     else:
@@ -194,17 +195,17 @@ def test_under_autograd_values_and_gradients_match_the_reference(transform, dim,
     _assert_gradients_close(grads, grads_ref)
 
 
-@pytest.mark.parametrize("programs", [1, 3, None])
-def test_fused_affine_backward_sums_the_programs_gradients(programs, monkeypatch, backend_pair):
-    """`_affine_flow_backward_kernel` takes row blocks to programs persistently (here 300 rows: 5 blocks to 1, 3 or
-    the default 4 programs) and sums their weight gradients afterwards; a context shared by every row (read at
+@pytest.mark.parametrize("transform, programs", [("affine", 1), ("affine", 3), ("affine", None), ("spline", 3)])
+def test_fused_backward_sums_the_programs_gradients(transform, programs, monkeypatch, backend_pair):
+    """`_coupling_flow_backward_kernel` takes row blocks to programs persistently (here 300 rows: 5 blocks to 1, 3
+    or the default 4 programs) and sums their weight gradients afterwards; a context shared by every row (read at
     stride 0) gets the gradients of all rows. Against the reference flow (tolerances as under autograd)."""
     from fastflow.kernels import coupling_backward
 
-    launcher = coupling_backward.affine_flow_backward_triton
-    monkeypatch.setattr(coupling_backward, "affine_flow_backward_triton",
+    launcher = coupling_backward.coupling_flow_backward_triton
+    monkeypatch.setattr(coupling_backward, "coupling_flow_backward_triton",
                         lambda *args, **kwargs: launcher(*args, **kwargs, programs=programs))
-    reference, fused = backend_pair(_coupling_flow("affine", 6, 4, "random", layers=4))
+    reference, fused = backend_pair(_coupling_flow(transform, 6, 4, "random", layers=4))
     x = (2.0 * torch.randn(300, 6, device=DEVICE)).requires_grad_()
     shared = torch.randn(4, device=DEVICE, requires_grad=True)
     log_prob, log_prob_ref = fused.log_prob(x, shared), reference.log_prob(x, shared)
@@ -215,21 +216,24 @@ def test_fused_affine_backward_sums_the_programs_gradients(programs, monkeypatch
     _assert_gradients_close(grads, grads_ref)
 
 
-def test_wide_affine_runs_train_through_the_layer_steps(monkeypatch):
-    """Conditioners wider than the fused backward holds (`MAX_HIDDEN`) train through one `TritonAffineStep` per
-    layer."""
+@pytest.mark.parametrize("transform", ["affine", "spline"])
+def test_wide_runs_train_through_the_layer_steps(transform, monkeypatch):
+    """Conditioners wider than the fused backward holds (`MAX_HIDDEN`) train through one `TritonAffineStep` or
+    `TritonSplineStep` per layer."""
     from fastflow.kernels.coupling_backward import MAX_HIDDEN
 
-    flow = _coupling_flow("affine", 4, 0, "reverse", layers=2)("triton").to(DEVICE)
-    wide = CouplingFlow(4, config=FlowConfig(transform="affine", num_layers=2, hidden=MAX_HIDDEN + 16),
+    flow = _coupling_flow(transform, 4, 0, "reverse", layers=2)("triton").to(DEVICE)
+    wide = CouplingFlow(4, config=FlowConfig(transform=transform, num_layers=2, hidden=MAX_HIDDEN + 16, num_bins=4),
                         backend="triton").to(DEVICE)
     x = torch.randn(8, 4, device=DEVICE)
     launches = _kernel_names(monkeypatch)
     flow.log_prob(x).sum().backward()
-    assert launches == {"_coupling_flow_kernel": 1, "_affine_flow_backward_kernel": 1}
+    assert launches == {"_coupling_flow_kernel": 1, "_coupling_flow_backward_kernel": 1}
     launches.clear()
     wide.log_prob(x).sum().backward()
-    assert launches == {"_affine_step_forward_kernel": 2, "_affine_step_backward_kernel": 2}
+    steps = (("_affine_step_forward_kernel", "_affine_step_backward_kernel") if transform == "affine" else
+             ("_spline_step_forward_kernel", "_rq_backward_kernel"))
+    assert launches == {name: 2 for name in steps}
 
 
 @pytest.mark.parametrize("transform, dim, context, permutation", [("affine", 5, 3, "reverse"), ("spline", 4, 2, "random"),
@@ -288,7 +292,8 @@ def test_forced_triton_on_unsupported_inputs_names_the_fallback(backend_pair):
         fused.double().log_prob(torch.randn(5, 4, device=DEVICE, dtype=torch.float64))
 
 
-@pytest.mark.parametrize("transform, fused_training", [("affine", True), ("affine", False), ("spline", False)])
+@pytest.mark.parametrize("transform, fused_training", [("affine", True), ("affine", False), ("spline", True),
+                                                      ("spline", False)])
 def test_second_derivatives_raise_instead_of_vanishing(transform, fused_training, monkeypatch):
     """The Triton backend's backward passes are kernels, not differentiable graphs: asking for a second derivative
     (create_graph=True, then differentiating the gradient) raises rather than returning zeros."""
@@ -302,12 +307,12 @@ def test_second_derivatives_raise_instead_of_vanishing(transform, fused_training
         grad.sum().backward()
 
 
-@pytest.mark.parametrize("layer, fused_training", [("affine", True), ("affine", False), ("spline", False)])
+@pytest.mark.parametrize("layer, fused_training", [("affine", True), ("affine", False), ("spline", True), ("spline", False)])
 def test_layers_on_their_own_run_as_one_layer_runs(layer, fused_training, monkeypatch, backend_pair):
     """A coupling layer used on its own (a drop-in module in a user's model) runs as a one-layer `CouplingRun`:
-    forward and inverse without autograd in one fused launch, and under autograd through the fused affine backward
-    (two launches) or the layer step; values and gradients (parameters, input, context) against the reference
-    layer, a flipped layer with a context."""
+    forward and inverse without autograd in one fused launch, and under autograd through the fused backward (two
+    launches) or the layer step; values and gradients (parameters, input, context) against the reference layer, a
+    flipped layer with a context."""
     from fastflow.ops import coupling
 
     monkeypatch.setattr(coupling, "fuses_conditioner", lambda precision, device: fused_training)
@@ -331,7 +336,7 @@ def test_layers_on_their_own_run_as_one_layer_runs(layer, fused_training, monkey
     grads_ref = torch.autograd.grad((y_ref, ladj_ref), [*reference.parameters(), x, context], cotangents)
     _assert_gradients_close(grads, grads_ref)
     if fused_training:
-        assert launches == {"_coupling_flow_kernel": 1, "_affine_flow_backward_kernel": 1}
+        assert launches == {"_coupling_flow_kernel": 1, "_coupling_flow_backward_kernel": 1}
     elif layer == "affine":
         assert launches == {"_affine_step_forward_kernel": 1, "_affine_step_backward_kernel": 1}
     else:

@@ -173,16 +173,17 @@ def test_gpu_flow_at_benchmark_size_matches_reference(transform, dim):
 
 
 @pytest.mark.gpu
-def test_gpu_fused_affine_training_at_benchmark_size_stays_within_tf32_error(monkeypatch):
-    """With TF32 products an affine flow trains in two launches (`fastflow.ops.coupling_flow._FusedAffineRun`). Its
-    log_prob and parameter gradients (65,536 rows, 5 layers, width 128, d = 8), against the fp32 reference flow, are
-    as accurate as those of the layer-step path with the same TF32 products in cuBLAS: relative error of the whole
-    gradient vector within 2x that path's (+1e-5), log_prob within 2x its largest error (+1e-4)."""
+@pytest.mark.parametrize("transform", ["affine", "spline"])
+def test_gpu_fused_training_at_benchmark_size_stays_within_tf32_error(transform, monkeypatch):
+    """With TF32 products a coupling flow trains in two launches (`fastflow.ops.coupling_flow._FusedRun`). Its
+    log_prob and parameter gradients (65,536 rows, 5 layers, width 128, 8 bins, d = 8), against the fp32 reference
+    flow, are as accurate as those of the layer-step path with the same TF32 products in cuBLAS: relative error of
+    the whole gradient vector within 2x that path's (+1e-5), log_prob within 2x its largest error (+1e-4)."""
     from fastflow.flows import FlowConfig
     from fastflow.nn import CouplingFlow
     from fastflow.ops import coupling
 
-    config = FlowConfig(transform="affine", num_layers=5, hidden=128)
+    config = FlowConfig(transform=transform, num_layers=5, hidden=128, num_bins=8)
     reference = CouplingFlow(8, config=config, backend="reference").to(DEVICE)
     with torch.no_grad():
         for p in reference.parameters():
