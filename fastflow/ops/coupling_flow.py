@@ -5,8 +5,8 @@ the conditioners (`fastflow.ops.coupling.dispatch`, `fuses_conditioner`: TF32 pr
 record. Under autograd there, runs train in two launches (`_FusedRun`: the fused run keeping each step's
 input, then `kernels.coupling_backward`). Otherwise on the Triton backend (fp32 products on CUDA, conditioners too
 wide for the fused backward), affine runs take one `TritonAffineStep` per layer (its hidden layers in torch) and
-spline runs one `TritonSplineStep` per layer (its conditioner in torch). Otherwise the run applies its transforms one by one, as the flow would. A coupling layer on its own runs as a
-one-layer run (`fastflow.nn.coupling`).
+spline runs one `TritonSplineStep` per layer (its conditioner in torch). Otherwise the run applies its transforms
+one by one, as the flow would. A coupling layer on its own runs as a one-layer run (`fastflow.nn.coupling`).
 
 A layer joins a run through its `fused_signature()`, `fused_layout()`, `fused_options()` and `_weights()`
 (`fastflow.nn.coupling`); a permutation through `column_map(inverse)` (`fastflow.flows.transforms`).
@@ -74,7 +74,7 @@ class CouplingRun:
     def _trains_fused(self, context: torch.Tensor | None) -> bool:
         """Whether this run, under autograd where the Triton backend fuses its conditioners, trains through the fused
         kernels (`_FusedRun`): conditioners the backward kernel takes (`kernels.coupling_backward.fits`: width <= 128,
-        weight tiles within shared memory)."""
+        up to 128 inputs, 64 changed coordinates, 32 bins)."""
         from fastflow.kernels.coupling_backward import fits
 
         return fits(**self._sizes(context), num_bins=self.options.get("num_bins"))
@@ -126,7 +126,7 @@ class CouplingRun:
     def _sizes(self, context: torch.Tensor | None) -> dict:
         """The kernels' size arguments: the conditioners' width and the largest input and changed counts."""
         n_context = 0 if context is None else context.shape[1]
-        return dict(n_hidden=int(self._n_hidden), max_inputs=self._max_kept + n_context, max_changed=self._max_changed)
+        return dict(n_hidden=self._n_hidden, max_inputs=self._max_kept + n_context, max_changed=self._max_changed)
 
     def _on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """The steps table and the column maps `(S, D)` int32 (where step s stores its state's columns: the
