@@ -5,7 +5,9 @@ TorchDispatchMode, the Triton kernels stubbed out (Triton's CPU interpreter woul
 so the counts are what a CUDA run launches besides the Triton kernels themselves; views and allocations are
 left out.
 
-Usage: TRITON_INTERPRET=1 python bench/count_ops.py [DIM]   (zuko from the `bench` extra)
+With --time, also each call's host time with the kernels stubbed and 2 rows (`host_microseconds`).
+
+Usage: TRITON_INTERPRET=1 python bench/count_ops.py [DIM] [--time]   (zuko from the `bench` extra)
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import collections
 import os
 import sys
+import time
 from unittest import mock
 
 import torch
@@ -56,18 +59,17 @@ def stub_triton_kernels(assign=setattr) -> None:
             assign(module, name, _Stub())
 
 
-def table(dim: int = 8, rows: int = 256) -> list[tuple[str, str, int, int]]:
-    """(transform, implementation, log_prob ops, log_prob+backward ops) for fastflow's reference and Triton
-    backends (`-fp32`: the Triton backend as on CUDA with fp32 products, its conditioners in torch) and zuko (the
-    coupling benchmark's flows: 5 layers, width 128, SiLU conditioners)."""
+def _cases(dim: int, rows: int):
+    """(transform, implementation, log_prob(), training()) for fastflow's reference and Triton backends (`-fp32`: the
+    Triton backend as on CUDA with fp32 products, its conditioners in torch) and zuko (the coupling benchmark's
+    flows: 5 layers, width 128, SiLU conditioners); call them before taking the next case (the dispatch of the
+    implementation holds until then)."""
     from fastflow import benchmarks
     from fastflow.flows import FlowConfig
     from fastflow.nn import CouplingFlow
-
     from fastflow.ops import coupling
 
     x = torch.randn(rows, dim)
-    result = []
     for transform in ("spline", "affine"):
         config = FlowConfig(transform=transform, num_layers=5, hidden=128, num_bins=8)
         flows = {f"fastflow-{backend}": CouplingFlow(dim, config=config, backend=backend) for backend in ("reference", "triton")}
@@ -89,17 +91,42 @@ def table(dim: int = 8, rows: int = 256) -> list[tuple[str, str, int, int]]:
                 flow.log_prob(x).mean().backward()
 
             with mock.patch.object(coupling, "fuses_conditioner", lambda precision, device: not name.endswith("fp32")):
-                result.append((transform, name, launches(log_prob), launches(training)))
-    return result
+                yield transform, name, log_prob, training  # (the consumer calls them inside the patch)
+
+
+def table(dim: int = 8, rows: int = 256) -> list[tuple[str, str, int, int]]:
+    """(transform, implementation, log_prob ops, log_prob+backward ops) of each `_cases` implementation."""
+    return [(transform, name, launches(log_prob), launches(training))
+            for transform, name, log_prob, training in _cases(dim, rows)]
+
+
+def host_microseconds(fn, calls: int = 100, rounds: int = 5) -> float:
+    """fn()'s wall time per call in µs, the best of `rounds` rounds (after a warm-up round): with the kernels stubbed
+    and a few rows, the host-side cost of a call (Python, dispatch, autograd), which bounds GPU times at small sizes
+    (this machine's CPU, not the GPU host's: compare implementations within one run)."""
+    best = float("inf")
+    for round_ in range(rounds + 1):
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        if round_:
+            best = min(best, (time.perf_counter() - start) / calls)
+    return 1e6 * best
 
 
 def main() -> None:
     if os.environ.get("TRITON_INTERPRET") != "1":
         raise SystemExit("run with TRITON_INTERPRET=1 (the Triton backend on CPU tensors; its kernels are stubbed)")
     stub_triton_kernels()
-    print(f"{'transform':10s} {'implementation':20s} {'log_prob':>9s} {'log_prob+backward':>18s}")
-    for transform, name, forward, training in table(int(sys.argv[1]) if len(sys.argv) > 1 else 8):
-        print(f"{transform:10s} {name:20s} {forward:9d} {training:18d}")
+    timed = "--time" in sys.argv
+    arguments = [a for a in sys.argv[1:] if a != "--time"]
+    print(f"{'transform':10s} {'implementation':20s} {'log_prob':>9s} {'log_prob+backward':>18s}"
+          + (f" {'host us':>9s} {'host us (+backward)':>20s}" if timed else ""))
+    for transform, name, log_prob, training in _cases(int(arguments[0]) if arguments else 8, rows=2 if timed else 256):
+        line = f"{transform:10s} {name:20s} {launches(log_prob):9d} {launches(training):18d}"
+        if timed:
+            line += f" {host_microseconds(log_prob):9.0f} {host_microseconds(training):20.0f}"
+        print(line, flush=True)
 
 
 if __name__ == "__main__":
