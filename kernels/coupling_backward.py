@@ -31,6 +31,7 @@ __all__ = ["MAX_HIDDEN", "backward_programs", "coupling_flow_backward_triton", "
 
 MAX_HIDDEN = 128
 MAX_SIZES = (MAX_HIDDEN, 128, 64, 32)  # the largest width, inputs (kept + context), changed coordinates and bins
+PARTIALS_BUDGET = 1 << 26  # float32 values (256 MiB) of the programs' partial weight gradients at most, by default
 
 
 @triton.jit
@@ -286,10 +287,11 @@ def _multiprocessors(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def backward_programs(n_rows: int, block_m: int, device: torch.device, programs: int | None = None) -> int:
+def backward_programs(n_rows: int, block_m: int, device: torch.device, n_params: int, programs: int | None = None) -> int:
     """Programs of the backward launch: `programs`, by default one per multiprocessor on CUDA (8 warps each) and 4
-    elsewhere (the interpreter), at most one per block of rows."""
-    default = _multiprocessors(device) if device.type == "cuda" else 4
+    elsewhere (the interpreter), fewer where their partial sums (`n_params` each) would pass `PARTIALS_BUDGET`
+    values, and at most one per block of rows."""
+    default = min(_multiprocessors(device) if device.type == "cuda" else 4, PARTIALS_BUDGET // max(n_params, 1))
     return max(1, min(cdiv(n_rows, block_m), programs or default))
 
 
@@ -309,7 +311,8 @@ def coupling_flow_backward_triton(x, states, context, grad_out, grad_ladj, param
         states `(S-1, N, D)`: the inputs of steps 1 … S-1 (the forward's `keep_states`).
         grad_out `(N, D)`, grad_ladj `(N,)`: the upstream gradients of the final states and the summed log|det J|.
         context_grad: also return the context's gradient.
-        block_m, num_warps, programs: rows per block, warps per program and programs (`backward_programs`).
+        block_m, num_warps, programs: rows per block, warps per program and programs (default:
+            `backward_programs`).
     Returns:
         the gradients w.r.t. x `(N, D)`, the context `(N, C)` (None without `context_grad`) and params (flat).
     """
@@ -319,7 +322,7 @@ def coupling_flow_backward_triton(x, states, context, grad_out, grad_ladj, param
                          f"inputs and {max_changed} changed coordinates (`fits`)")
     n_rows, n_dim = x.shape
     n_steps = steps.shape[0]
-    programs = backward_programs(n_rows, block_m, x.device, programs)
+    programs = backward_programs(n_rows, block_m, x.device, params.numel(), programs)
     context = x.new_empty(0, 0) if context is None else context
     grad_x = torch.empty_like(x)
     grad_states = x.new_empty(2 if n_steps > 1 else 1, n_rows, n_dim)

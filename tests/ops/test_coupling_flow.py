@@ -216,6 +216,20 @@ def test_fused_backward_sums_the_programs_gradients(transform, programs, monkeyp
     _assert_gradients_close(grads, grads_ref)
 
 
+def test_backward_programs_bound_their_partial_sums(monkeypatch):
+    """One program per multiprocessor by default (4 under the interpreter), at most one per block of rows, and fewer
+    where their partial weight gradients would pass `PARTIALS_BUDGET` values; an explicit count is taken as is."""
+    from fastflow.kernels import coupling_backward
+
+    cpu = torch.device("cpu")
+    assert coupling_backward.backward_programs(10_000, 64, cpu, 1_000) == 4
+    assert coupling_backward.backward_programs(100, 64, cpu, 1_000) == 2
+    monkeypatch.setattr(coupling_backward, "PARTIALS_BUDGET", 3_000)
+    assert coupling_backward.backward_programs(10_000, 64, cpu, 1_000) == 3
+    assert coupling_backward.backward_programs(10_000, 64, cpu, 10_000) == 1
+    assert coupling_backward.backward_programs(10_000, 64, cpu, 1_000, programs=7) == 7
+
+
 @pytest.mark.parametrize("transform", ["affine", "spline"])
 def test_wide_runs_train_through_the_layer_steps(transform, monkeypatch):
     """Conditioners wider than the fused backward holds (`MAX_HIDDEN`) train through one `TritonAffineStep` or
