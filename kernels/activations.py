@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["ACTIVATION_IDS", "SILU", "TANH", "activate", "approximate_activations"]
+__all__ = ["ACTIVATION_IDS", "SILU", "TANH", "activate", "approximate_activations", "silu_derivative"]
 
 ACTIVATION_IDS = {"silu": 0, "tanh": 1, "gelu": 2, "relu": 3}
 SILU, TANH = tl.constexpr(ACTIVATION_IDS["silu"]), tl.constexpr(ACTIVATION_IDS["tanh"])  # for use inside kernels
@@ -49,3 +49,10 @@ def activate(z, ACTIVATION: tl.constexpr, APPROXIMATE: tl.constexpr):
     else:
         out = tl.maximum(z, 0.0)
     return out
+
+
+@triton.jit
+def silu_derivative(z):
+    """SiLU'(z) elementwise (exact): σ(z)·(1 + z·(1 - σ(z)))."""
+    sigmoid = 1.0 / (1.0 + tl.exp(-z))
+    return sigmoid * (1.0 + z * (1.0 - sigmoid))

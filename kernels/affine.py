@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 
 from fastflow.kernels import cdiv, dot_tile, next_power_of_2, row_major
-from fastflow.kernels.activations import SILU, TANH, activate
+from fastflow.kernels.activations import SILU, TANH, activate, silu_derivative
 
 __all__ = ["affine_backward_triton", "affine_forward_triton", "affine_step_backward_triton", "affine_step_forward_triton"]
 
@@ -197,8 +197,7 @@ def _affine_step_backward_kernel(a_ptr, w3_ptr, b3_ptr, changed_ptr, column_map_
     tl.store(grad_changed_ptr + rows[:, None] * n_changed + cols[None, :], g_x, mask=mask)
     grad_h = (tl.dot(g_raw_scale, tl.trans(w_scale), input_precision=PRECISION)
               + tl.dot(g_shift, tl.trans(w_shift), input_precision=PRECISION))
-    sigmoid = 1.0 / (1.0 + tl.exp(-a))  # recomputed here: fewer tiles live across the products
-    grad_a = grad_h * sigmoid * (1.0 + a * (1.0 - sigmoid))  # SiLU'(a)
+    grad_a = grad_h * silu_derivative(a)  # (the sigmoid recomputed here: fewer tiles live across the products)
     tl.store(grad_a_ptr + rows[:, None] * n_hidden + cols_h[None, :], grad_a, mask=h_mask)
     cols_c = tl.arange(0, BLOCK_C)
     g_kept = gather_columns(grad_y_ptr, stride_grad_y, column_map_ptr + kept_0, rows, row_ok, cols_c, n_kept)

@@ -317,6 +317,12 @@ STEP_FIELDS = 10
 
 
 @triton.jit
+def state_elements(n_rows, n_dim):
+    """N·D as int64 (a state's elements may pass 2^31; the arguments may be i32 or Python ints)."""
+    return (tl.program_id(0).to(tl.int64) * 0 + n_rows) * n_dim
+
+
+@triton.jit
 def _coupling_flow_kernel(
     # pointers
     x_ptr, context_ptr, out_ptr, states_ptr, ladj_ptr, steps_ptr, column_maps_ptr, params_ptr,
@@ -335,7 +341,7 @@ def _coupling_flow_kernel(
     step's input for the backward (`kernels.coupling_backward`); the log-determinants add up in registers."""
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)  # int64: N·D may pass 2^31
     row_ok = rows < n_rows
-    state_size = (tl.program_id(0).to(tl.int64) * 0 + n_rows) * n_dim  # int64 (a slot's elements may pass 2^31)
+    state_size = state_elements(n_rows, n_dim)
     ladj = tl.zeros((BLOCK_M,), dtype=tl.float32)
     for s in range(n_steps):
         step = steps_ptr + s * FIELDS

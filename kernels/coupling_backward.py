@@ -22,9 +22,9 @@ import triton
 import triton.language as tl
 
 from fastflow.kernels import cdiv, dot_tile
-from fastflow.kernels.activations import SILU, TANH, activate
+from fastflow.kernels.activations import SILU, TANH, activate, silu_derivative
 from fastflow.kernels.affine import affine_gradients, gather_columns
-from fastflow.kernels.coupling import STEP_FIELDS, _spline_parameters, spline_meta
+from fastflow.kernels.coupling import STEP_FIELDS, _spline_parameters, spline_meta, state_elements
 from fastflow.kernels.spline import _rq_locate, _spline_knots, rq_gradients
 
 __all__ = ["MAX_HIDDEN", "backward_programs", "coupling_flow_backward_triton", "fits"]
@@ -32,12 +32,6 @@ __all__ = ["MAX_HIDDEN", "backward_programs", "coupling_flow_backward_triton", "
 MAX_HIDDEN = 128
 MAX_SIZES = (MAX_HIDDEN, 128, 64, 32)  # the largest width, inputs (kept + context), changed coordinates and bins
 PARTIALS_BUDGET = 1 << 26  # float32 values (256 MiB) of the programs' partial weight gradients at most, by default
-
-
-@triton.jit
-def _silu_derivative(a):
-    sigmoid = 1.0 / (1.0 + tl.exp(-a))
-    return sigmoid * (1.0 + a * (1.0 - sigmoid))
 
 
 @triton.jit
@@ -175,7 +169,7 @@ def _coupling_flow_backward_kernel(
     program = tl.program_id(0)
     programs = tl.num_programs(0)
     n_blocks = tl.cdiv(n_rows, BLOCK_M)
-    state_size = (program.to(tl.int64) * 0 + n_rows) * n_dim  # int64 (a state's elements may pass 2^31)
+    state_size = state_elements(n_rows, n_dim)
     partial = partials_ptr + program.to(tl.int64) * n_params
     cols_in = tl.arange(0, BLOCK_IN)
     cols_h = tl.arange(0, BLOCK_H)
@@ -240,12 +234,12 @@ def _coupling_flow_backward_kernel(
                     INVERSE, PRECISION, APPROXIMATE, BLOCK_OUT)
             # back through the hidden layers (the H x H gradient accumulates in the program's row of partials: in
             # registers it would spill)
-            g_a2 = g_h2 * _silu_derivative(a2)
+            g_a2 = g_h2 * silu_derivative(a2)
             tl.store(grad_w2_ptr, tl.dot(tl.trans(g_a2), h1, _so_far(grad_w2_ptr, grad_w2_mask, accumulate),
                                          input_precision=PRECISION), mask=grad_w2_mask)
             grad_b2 += tl.sum(g_a2, axis=0)
             w2 = tl.load(w2_ptr + cols_h[:, None] * n_hidden + cols_h[None, :], mask=grad_w2_mask, other=0.0)
-            g_a1 = tl.dot(g_a2, w2, input_precision=PRECISION) * _silu_derivative(a1)
+            g_a1 = tl.dot(g_a2, w2, input_precision=PRECISION) * silu_derivative(a1)
             grad_w1 += tl.dot(tl.trans(g_a1), inputs, input_precision=PRECISION)
             grad_b1 += tl.sum(g_a1, axis=0)
             w1 = tl.load(w1_ptr + cols_h[:, None] * n_in + cols_in[None, :], mask=h_ok[:, None] & in_ok[None, :], other=0.0)

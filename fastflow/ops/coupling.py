@@ -290,16 +290,19 @@ def _recording(tensors: list[torch.Tensor]) -> bool:
 
 
 class Dispatch(NamedTuple):
-    """How a coupling layer (or run of layers) runs: the backend, whether autograd records through its tensors,
-    whether the Triton backend runs the fused kernel without autograd, the products' precision, and whether the
-    Triton backend runs the conditioner inside its kernels (`fuses_conditioner`; under autograd, runs of affine
-    layers train through the fused kernels, `fastflow.ops.coupling_flow`)."""
+    """How a coupling layer (or run of layers) runs: the backend, whether autograd records through its tensors, the
+    products' precision, and whether the Triton backend runs the conditioner inside its kernels
+    (`fuses_conditioner`); `fused`: the fused kernel without autograd (under autograd, runs of layers train through
+    the fused kernels, `fastflow.ops.coupling_flow`)."""
 
     backend: str
     recording: bool
-    fused: bool
     precision: str
     fuses: bool
+
+    @property
+    def fused(self) -> bool:
+        return self.fuses and not self.recording
 
 
 def dispatch(kept, context, changed, weights, backend: str | None, precision: str | None) -> Dispatch:
@@ -309,8 +312,7 @@ def dispatch(kept, context, changed, weights, backend: str | None, precision: st
     precision = triton_precision(precision, kept.device)
     chosen = resolve_backend(backend, kept.device, supports=_supported(kept, tensors, fusable))
     recording = _recording(tensors)
-    fuses = chosen == "triton" and fuses_conditioner(precision, kept.device)
-    return Dispatch(chosen, recording, fuses and not recording, precision, fuses)
+    return Dispatch(chosen, recording, precision, chosen == "triton" and fuses_conditioner(precision, kept.device))
 
 
 def affine_coupling(kept, context, changed, weights, *, scale_bound: float, inverse: bool, backend: str | None = None,
@@ -326,7 +328,8 @@ def affine_coupling(kept, context, changed, weights, *, scale_bound: float, inve
     layer by blocks of rows (`_affine_coupling_blocked`); other inputs run the reference (forcing a backend
     that cannot run them raises).
     """
-    chosen, recording, fused, precision, _ = dispatch(kept, context, changed, weights, backend, precision)
+    how = dispatch(kept, context, changed, weights, backend, precision)
+    chosen, recording, precision, fused = how.backend, how.recording, how.precision, how.fused
     reference = partial(affine_coupling_ref, scale_bound=scale_bound, inverse=inverse)
     if fused:
         from fastflow.kernels.coupling import affine_coupling_triton
@@ -350,7 +353,8 @@ def spline_coupling(kept, context, changed, weights, *, num_bins: int, bound: fl
     backward kernel); `native` runs the
     spline and the hidden layers' bias + SiLU natively (`conditioner_native`), and without autograd the whole
     layer by blocks of rows (`_spline_coupling_blocked`)."""
-    chosen, recording, fused, precision, _ = dispatch(kept, context, changed, weights, backend, precision)
+    how = dispatch(kept, context, changed, weights, backend, precision)
+    chosen, recording, precision, fused = how.backend, how.recording, how.precision, how.fused
     reference = partial(spline_coupling_ref, num_bins=num_bins, bound=bound, inverse=inverse)
     if fused:
         from fastflow.kernels.coupling import spline_coupling_triton

@@ -62,13 +62,13 @@ class CouplingRun:
             return None
         kernel_context = self.couplings[0]._context(context)
         weights = self.weights()
-        chosen, _, fused, precision, fuses = dispatch(x, kernel_context, x, weights, self.backend, None)
-        if fused:
-            return self.fused(x, kernel_context, precision, weights)
-        if fuses and self._trains_fused(kernel_context):
-            return _FusedRun.apply(self, x, kernel_context, precision, *weights)
-        if chosen == "triton":
-            return self._layer_steps(x, kernel_context, precision)
+        how = dispatch(x, kernel_context, x, weights, self.backend, None)
+        if how.fused:
+            return self.fused(x, kernel_context, how.precision, weights)
+        if how.fuses and self._trains_fused(kernel_context):
+            return _FusedRun.apply(self, x, kernel_context, how.precision, *weights)
+        if how.backend == "triton":
+            return self._layer_steps(x, kernel_context, how.precision)
         return None
 
     def _trains_fused(self, context: torch.Tensor | None) -> bool:
