@@ -96,10 +96,10 @@ def compile_coupling_flow(transform: str, hidden: int, dim: int, context: int = 
 
 
 def compile_coupling_flow_backward(transform: str, hidden: int, dim: int, context: int = 0, *, approximate: bool,
-                                   num_bins: int = 8, block_m: int = 64, num_warps: int = 8):
+                                   num_bins: int = 8, block_m: int = 64, num_warps: int | None = None):
     """The backward of a fused run of coupling layers (`kernels.coupling_backward.coupling_flow_backward_triton`) of
     `transform` ("affine", or "spline" with `num_bins`) with conditioners of width `hidden`, TF32 products, compiled
-    for sm_90."""
+    for sm_90 (warps: the launcher's default)."""
     from fastflow.kernels import coupling_backward, dot_tile
 
     changed = dim - dim // 2
@@ -116,7 +116,8 @@ def compile_coupling_flow_backward(transform: str, hidden: int, dim: int, contex
                              "grad_states_ptr", "grad_context_ptr", "partials_ptr", "params_ptr"],
                             ["n_rows", "n_dim", "n_context", "n_hidden", "n_steps", "n_params", "num_bins", "stride_context"],
                             ["scale_bound", "bound", "min_width", "min_height", "min_derivative", "derivative_shift"], meta,
-                            num_warps=num_warps, int_pointers=["steps_ptr", "column_maps_ptr"])
+                            num_warps=num_warps or coupling_backward.default_warps(transform == "spline"),
+                            int_pointers=["steps_ptr", "column_maps_ptr"])
 
 
 def compile_affine_step(direction: str, hidden: int, dim: int):

@@ -40,8 +40,12 @@ SPLINE_CHUNK_COLUMNS = (32, None)  # spline (coordinate, bin) columns per pass b
 LAYER_SETTINGS = [{}, *(dict(block_m=m, num_warps=w) for m, w in ((32, 8), (64, 4), (64, 8), (128, 8)))]  # default first
 AFFINE_STEP_SETTINGS = [{}, *(dict(block_m=m, num_warps=w) for m, w in ((16, 4), (32, 4), (64, 4), (64, 8), (128, 8)))]
 SPLINE_SETTINGS = [(64, 4), (32, 4), (64, 2), (128, 4), (128, 8)]  # (block, num_warps), 8 bins: default first
-BACKWARD_SETTINGS = [{}, *(dict(block_m=m, num_warps=w, programs=p) for m, w, p in (  # default first
-    (64, 8, 264), (64, 4, None), (64, 4, 264), (128, 8, None), (32, 8, None), (32, 8, 264)))]  # 264: 2 per SM (132 SMs)
+BACKWARD_SETTINGS = {  # per transform, the default first; an H100 faulted on splines at 64 rows x 8 warps (an illegal
+    # address kills the process's CUDA context, so the sweep takes only settings sanitizer-clean at 8-D)
+    "affine": [{}, *(dict(block_m=m, num_warps=w, programs=p) for m, w, p in (
+        (128, 8, None), (128, 8, 264), (64, 8, 264), (64, 4, None)))],  # 264: 2 per SM (132 SMs)
+    "spline": [{}, *(dict(block_m=m, num_warps=w, programs=p) for m, w, p in ((64, 4, 264), (128, 8, None), (32, 8, None)))],
+}
 
 
 def _milliseconds(fn, device: torch.device, repeats: int = 3) -> float:
@@ -164,39 +168,48 @@ def sweep_affine_step(rows: list[dict], device: torch.device, batch: int = 65_53
 
 
 def sweep_training(rows: list[dict], device: torch.device, batch: int = 65_536, hidden: int = 128,
-                   settings: list[dict] = BACKWARD_SETTINGS,
-                   flows=(("affine", 8), ("spline", 8), ("affine", 32), ("spline", 32), ("affine", 2))) -> None:
+                   settings: dict[str, list[dict]] = BACKWARD_SETTINGS,
+                   flows=(("affine", 8), ("affine", 32), ("affine", 2), ("spline", 2), ("spline", 8), ("spline", 32))) -> None:
     """The backward of the benchmark's fused 5-layer runs (`kernels.coupling_backward`, TF32, 8 bins) per launch
-    setting, and the flow's whole log_prob + backward (default settings) for scale, for each (transform, dim)."""
+    setting of its transform, and the flow's whole log_prob + backward through the layer steps and fused (default
+    settings; `fastflow.ops.coupling_flow.trains_fused`), for each (transform, dim)."""
+    import os
+
     from fastflow.kernels.activations import approximate_activations
     from fastflow.kernels.coupling_backward import coupling_flow_backward_triton
     from fastflow.ops.coupling_flow import pack
 
     approximate = approximate_activations("tf32", device)
-    for transform, dim in flows:
-        flow, run = _benchmark_flow(transform, dim, hidden, device)
-        x = torch.randn(batch, dim, device=device)
-        params = pack(run.weights())
-        _, _, states = run.launch(x, None, params, "tf32", keep_states=True)
-        grad_out, grad_ladj = torch.randn(batch, dim, device=device), torch.randn(batch, device=device)
-        steps, column_maps = run._on(device)
-        previous = torch.backends.cuda.matmul.allow_tf32
-        torch.backends.cuda.matmul.allow_tf32 = True
-        try:
-            _record(rows, kernel=f"{transform}_flow_training", dim=dim, batch=batch,
-                    ms=_milliseconds(lambda: flow.log_prob(x).mean().backward(), device))  # noqa: B023
-        finally:
-            torch.backends.cuda.matmul.allow_tf32 = previous
-        for launch in settings:
-            try:
-                ms = _milliseconds(lambda: coupling_flow_backward_triton(  # noqa: B023
-                    x, states, None, grad_out, grad_ladj, params, steps, column_maps, **run._sizes(None),  # noqa: B023
-                    **run.options, inverse=False, context_grad=False, precision="tf32", approximate=approximate,  # noqa: B023
-                    **launch), device)  # noqa: B023
-                _record(rows, kernel=f"{transform}_flow_backward", dim=dim, batch=batch, **launch, ms=ms)
-            except Exception as failure:
-                _record(rows, kernel=f"{transform}_flow_backward", dim=dim, **launch,
-                        error=f"{type(failure).__name__}: {failure}"[:300])
+    previous = torch.backends.cuda.matmul.allow_tf32, os.environ.get("FASTFLOW_FUSED_BACKWARD")
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        for transform, dim in flows:
+            flow, run = _benchmark_flow(transform, dim, hidden, device)
+            x = torch.randn(batch, dim, device=device)
+            for fused in (False, True):
+                os.environ["FASTFLOW_FUSED_BACKWARD"] = str(int(fused))
+                _record(rows, kernel=f"{transform}_flow_training", dim=dim, batch=batch, fused=fused,
+                        ms=_milliseconds(lambda: flow.log_prob(x).mean().backward(), device))  # noqa: B023
+            params = pack(run.weights())
+            _, _, states = run.launch(x, None, params, "tf32", keep_states=True)
+            grad_out, grad_ladj = torch.randn(batch, dim, device=device), torch.randn(batch, device=device)
+            steps, column_maps = run._on(device)
+            for launch in settings[transform]:
+                try:
+                    ms = _milliseconds(lambda: coupling_flow_backward_triton(  # noqa: B023
+                        x, states, None, grad_out, grad_ladj, params, steps, column_maps, **run._sizes(None),  # noqa: B023
+                        **run.options, inverse=False, context_grad=False, precision="tf32", approximate=approximate,  # noqa: B023
+                        **launch), device)  # noqa: B023
+                    _record(rows, kernel=f"{transform}_flow_backward", dim=dim, batch=batch, **launch, ms=ms)
+                except Exception as failure:
+                    _record(rows, kernel=f"{transform}_flow_backward", dim=dim, **launch,
+                            error=f"{type(failure).__name__}: {failure}"[:300])
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous[0]
+        if previous[1] is None:
+            os.environ.pop("FASTFLOW_FUSED_BACKWARD", None)
+        else:
+            os.environ["FASTFLOW_FUSED_BACKWARD"] = previous[1]
 
 
 def sweep_spline(rows: list[dict], device: torch.device, elements: int = 1_048_576,
@@ -226,7 +239,7 @@ def sweep_spline(rows: list[dict], device: torch.device, elements: int = 1_048_5
                 _record(rows, kernel=name, block=block, num_warps=num_warps, error=f"{type(failure).__name__}: {failure}"[:300])
 
 
-SETTING_KEYS = ("block", "block_m", "block_k", "block_n", "block_hk", "k_stages", "programs", "num_warps", "chunk_columns",
+SETTING_KEYS = ("fused", "block", "block_m", "block_k", "block_n", "block_hk", "k_stages", "programs", "num_warps", "chunk_columns",
                 "approximate", "resident")
 
 
@@ -252,7 +265,7 @@ def main() -> None:
     rows: list[dict] = []
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(124))  # a time limit (timeout) still writes what was measured
     try:
-        sweep_training(rows, torch.device("cuda"))  # first: the fused backward was never timed
+        sweep_training(rows, torch.device("cuda"))  # first: the fused backward is barely timed (affine 8-D)
         sweep_ode(rows, torch.device("cuda"))  # the streamed width-256 settings matter most (issue 5's target)
         sweep_coupling(rows, torch.device("cuda"))
         sweep_affine_step(rows, torch.device("cuda"))

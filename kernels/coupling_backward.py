@@ -7,7 +7,14 @@ blocks through every step (rows are independent, so no grid-wide barrier is need
 weight gradients of its rows (in registers; the second layer's H × H one and a spline layer's last layer in its row
 of `partials`, read and written per block); the programs' sums (`partials`, one row per program) add up in one
 reduction afterwards, in a fixed order (deterministic). The sm_90 builds at width 128 spill ~3.6 KiB per thread
-(affine, 8 warps; not yet timed).
+(affine, 8 warps).
+
+On an H100 (Triton 3.6, bench/results/gpu_fused_backward_2026-11-26_NVIDIA-H100-80GB-HBM3.json): the spline kernel
+at 64 rows x 8 warps read shared memory past its allocation for 4 and 16 changed coordinates (compute-sanitizer:
+an illegal address; a miscompile, the interpreter's bounds are clean), so splines launch 4 warps by default
+(sanitizer-clean at 1, 4 and 16 changed coordinates, as 64 x 8 with 1 and affine 64 x 8 at all three). The affine
+backward took 3.7 ms at 8-D, 65,536 rows (2.7 ms with 128 rows per block), the whole training step 5.3 ms: no faster
+than the layer steps (5.6 ms), so CUDA trains through them unless asked (`fastflow.ops.coupling_flow.trains_fused`).
 
 Conditioners of width <= 128 with up to 128 inputs, 64 changed coordinates and 32 bins (`fits`: every size the
 coupling layers promise, data and context dims up to 64, and beyond). Each weight tile is loaded where each product needs it
@@ -27,7 +34,7 @@ from fastflow.kernels.affine import affine_gradients, gather_columns
 from fastflow.kernels.coupling import STEP_FIELDS, _spline_parameters, spline_meta, state_elements
 from fastflow.kernels.spline import _rq_locate, _spline_knots, rq_gradients
 
-__all__ = ["MAX_HIDDEN", "backward_programs", "coupling_flow_backward_triton", "fits"]
+__all__ = ["MAX_HIDDEN", "backward_programs", "coupling_flow_backward_triton", "default_warps", "fits"]
 
 MAX_HIDDEN = 128
 MAX_SIZES = (MAX_HIDDEN, 128, 64, 32)  # the largest width, inputs (kept + context), changed coordinates and bins
@@ -281,8 +288,13 @@ def _multiprocessors(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+def default_warps(spline: bool) -> int:
+    """Warps per program by default: 4 for splines (64 x 8 miscompiled on an H100, see the module docstring), else 8."""
+    return 4 if spline else 8
+
+
 def backward_programs(n_rows: int, block_m: int, device: torch.device, n_params: int, programs: int | None = None) -> int:
-    """Programs of the backward launch: `programs`, by default one per multiprocessor on CUDA (8 warps each) and 4
+    """Programs of the backward launch: `programs`, by default one per multiprocessor on CUDA and 4
     elsewhere (the interpreter), fewer where their partial sums (`n_params` each) would pass `PARTIALS_BUDGET`
     values, and at most one per block of rows."""
     default = min(_multiprocessors(device) if device.type == "cuda" else 4, PARTIALS_BUDGET // max(n_params, 1))
@@ -294,7 +306,7 @@ def coupling_flow_backward_triton(x, states, context, grad_out, grad_ladj, param
                                   scale_bound: float | None = None, num_bins: int | None = None,
                                   bound: float | None = None, constants: tuple[float, float, float, float] | None = None,
                                   precision: str = "ieee", approximate: bool = False, block_m: int = 64,
-                                  num_warps: int = 8, programs: int | None = None):
+                                  num_warps: int | None = None, programs: int | None = None):
     """Gradients of a fused run of coupling layers (`kernels.coupling.coupling_flow_triton`): affine when
     `scale_bound` is given, else spline with `num_bins`, `bound`, `constants`.
 
@@ -305,12 +317,13 @@ def coupling_flow_backward_triton(x, states, context, grad_out, grad_ladj, param
         states `(S-1, N, D)`: the inputs of steps 1 … S-1 (the forward's `keep_states`).
         grad_out `(N, D)`, grad_ladj `(N,)`: the upstream gradients of the final states and the summed log|det J|.
         context_grad: also return the context's gradient.
-        block_m, num_warps, programs: rows per block, warps per program and programs (default:
-            `backward_programs`).
+        block_m, num_warps, programs: rows per block, warps per program (default `default_warps`) and programs
+            (default: `backward_programs`).
     Returns:
         the gradients w.r.t. x `(N, D)`, the context `(N, C)` (None without `context_grad`) and params (flat).
     """
     spline = scale_bound is None
+    num_warps = num_warps or default_warps(spline)
     if not fits(n_hidden, max_inputs, max_changed, num_bins if spline else None):
         raise ValueError(f"the fused coupling backward does not fit conditioners of width {n_hidden} with {max_inputs} "
                          f"inputs and {max_changed} changed coordinates (`fits`)")

@@ -89,9 +89,10 @@ def test_gpu_sweep_runs_on_small_sizes_under_the_interpreter():
     sweep.sweep_affine_step(rows, torch.device("cpu"), batch=40, hidden=16, dim=5, settings=[{}, dict(block_m=32, num_warps=4)])
     sweep.sweep_layers(rows, torch.device("cpu"), batch=40, hidden=16, dim=5, settings=[{}, dict(block_m=16, num_warps=4)])
     sweep.sweep_training(rows, torch.device("cpu"), batch=40, hidden=16, flows=(("affine", 5), ("spline", 3)),
-                         settings=[{}, dict(block_m=16, num_warps=4, programs=2)])
-    # coupling runs: 2 settings, and 2 column budgets for splines; training: per flow, the flow, then 2 backward settings
-    assert len(rows) == 2 * (2 + 2) + 2 + 4 + 1 + 2 + 4 + 4 + 2 * (1 + 2)
+                         settings={transform: [{}, dict(block_m=16, num_warps=4, programs=2)] for transform in ("affine", "spline")})
+    # coupling runs: 2 settings, and 2 column budgets for splines; training: per flow, the flow (layer steps, fused),
+    # then 2 backward settings
+    assert len(rows) == 2 * (2 + 2) + 2 + 4 + 1 + 2 + 4 + 4 + 2 * (2 + 2)
     assert all("ms" in row and row["ms"] > 0 for row in rows), rows
     assert all(row["max_error"] < 1e-3 for row in rows if row["kernel"] == "ode")
     summary = sweep.fastest_settings(rows)  # per kernel and size: 2 spline dims, affine, ode, 3 spline ops, 2 steps,

@@ -3,7 +3,8 @@ execution order, each optionally followed by a fixed permutation, go through `ke
 in one Triton launch (the permutations become column maps of the kernel's stores) where the Triton backend fuses
 the conditioners (`fastflow.ops.coupling.dispatch`, `fuses_conditioner`: TF32 products) and autograd does not
 record. Under autograd there, runs train in two launches (`_FusedRun`: the fused run keeping each step's
-input, then `kernels.coupling_backward`). Otherwise on the Triton backend (fp32 products on CUDA, conditioners too
+input, then `kernels.coupling_backward`) where `trains_fused` says so (the interpreter; CUDA only when asked, with
+FASTFLOW_FUSED_BACKWARD=1: on an H100 it was no faster than the layer steps). Otherwise on the Triton backend (fp32 products on CUDA, conditioners too
 wide for the fused backward), affine runs take one `TritonAffineStep` per layer (its hidden layers in torch) and
 spline runs one `TritonSplineStep` per layer (its conditioner in torch). Otherwise the run applies its transforms
 one by one, as the flow would. A coupling layer on its own runs as a one-layer run (`fastflow.nn.coupling`).
@@ -14,6 +15,7 @@ A layer joins a run through its `fused_signature()`, `fused_layout()`, `fused_op
 
 from __future__ import annotations
 
+import os
 from typing import Callable
 
 import torch
@@ -22,7 +24,7 @@ from torch.autograd.function import once_differentiable
 from fastflow.backends import triton_device
 from fastflow.ops.coupling import TritonAffineStep, TritonSplineStep, conditioner_hidden, conditioner_ref, dispatch
 
-__all__ = ["CouplingRun", "chain_transforms"]
+__all__ = ["CouplingRun", "chain_transforms", "trains_fused"]
 
 Step = Callable[[torch.Tensor, "torch.Tensor | None"], "tuple[torch.Tensor, torch.Tensor]"]
 
@@ -65,19 +67,19 @@ class CouplingRun:
         how = dispatch(x, kernel_context, x, weights, self.backend, None)
         if how.fused:
             return self.fused(x, kernel_context, how.precision, weights)
-        if how.fuses and self._trains_fused(kernel_context):
+        if how.fuses and self._trains_fused(kernel_context, x.device):
             return _FusedRun.apply(self, x, kernel_context, how.precision, *weights)
         if how.backend == "triton":
             return self._layer_steps(x, kernel_context, how.precision)
         return None
 
-    def _trains_fused(self, context: torch.Tensor | None) -> bool:
+    def _trains_fused(self, context: torch.Tensor | None, device: torch.device) -> bool:
         """Whether this run, under autograd where the Triton backend fuses its conditioners, trains through the fused
-        kernels (`_FusedRun`): conditioners the backward kernel takes (`kernels.coupling_backward.fits`: width <= 128,
-        up to 128 inputs, 64 changed coordinates, 32 bins)."""
+        kernels (`_FusedRun`): on a device where `trains_fused`, with conditioners the backward kernel takes
+        (`kernels.coupling_backward.fits`: width <= 128, up to 128 inputs, 64 changed coordinates, 32 bins)."""
         from fastflow.kernels.coupling_backward import fits
 
-        return fits(**self._sizes(context), num_bins=self.options.get("num_bins"))
+        return fits(**self._sizes(context), num_bins=self.options.get("num_bins")) and trains_fused(device)
 
     def _one_by_one(self, x, context):
         total = None
@@ -136,6 +138,14 @@ class CouplingRun:
             maps = [identity if p is None else p.column_map(self.inverse).cpu() for _, p in self.steps]
             self._tables[device] = (self._steps.to(device), torch.stack(maps).to(device=device, dtype=torch.int32))
         return self._tables[device]
+
+
+def trains_fused(device: torch.device) -> bool:
+    """Whether runs on `device` train through the fused backward: under the interpreter (off CUDA), and on CUDA
+    with FASTFLOW_FUSED_BACKWARD=1 (untuned there: on an H100, 65,536 rows, TF32, the affine training step at 8-D
+    took 5.3 ms fused against 5.6 ms through the layer steps, the spline one at 2-D 8.4 ms against 6.0 ms;
+    bench/results/gpu_*_2026-11-26_NVIDIA-H100-80GB-HBM3*.json, `kernels.coupling_backward`)."""
+    return device.type != "cuda" or os.environ.get("FASTFLOW_FUSED_BACKWARD") == "1"
 
 
 def pack(weights: list[torch.Tensor]) -> torch.Tensor:

@@ -31,3 +31,10 @@ def fused_fp32(monkeypatch):
     from fastflow.ops import coupling
 
     monkeypatch.setattr(coupling, "fuses_conditioner", lambda precision, device: True)
+
+
+@pytest.fixture(autouse=True)
+def fused_backward_on_cuda(monkeypatch):
+    """The fused coupling backward on CUDA too (opt-in there, `fastflow.ops.coupling_flow.trains_fused`), so that
+    GPU runs of these tests check its kernel as CPU runs (the interpreter) do."""
+    monkeypatch.setenv("FASTFLOW_FUSED_BACKWARD", "1")

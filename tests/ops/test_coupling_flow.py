@@ -250,6 +250,42 @@ def test_wide_runs_train_through_the_layer_steps(transform, monkeypatch):
     assert launches == {name: 2 for name in steps}
 
 
+def test_cuda_trains_fused_only_when_asked(monkeypatch):
+    """`trains_fused`: the interpreter always (its tests cover the kernel), CUDA with FASTFLOW_FUSED_BACKWARD=1."""
+    from fastflow.ops.coupling_flow import trains_fused
+
+    monkeypatch.delenv("FASTFLOW_FUSED_BACKWARD")
+    assert trains_fused(torch.device("cpu")) and not trains_fused(torch.device("cuda"))
+    monkeypatch.setenv("FASTFLOW_FUSED_BACKWARD", "0")
+    assert not trains_fused(torch.device("cuda"))
+    monkeypatch.setenv("FASTFLOW_FUSED_BACKWARD", "1")
+    assert trains_fused(torch.device("cuda"))
+
+
+@pytest.mark.parametrize("transform", ["affine", "spline"])
+def test_runs_not_training_fused_take_the_layer_steps_with_fused_forwards(transform, monkeypatch, backend_pair,
+                                                                         fused_fp32):
+    """Where the conditioners fuse but the device does not train fused (`trains_fused` false: CUDA by default),
+    training takes the layer steps and inference the fused run; values and gradients against the reference."""
+    from fastflow.ops import coupling_flow
+
+    monkeypatch.setattr(coupling_flow, "trains_fused", lambda device: False)
+    reference, fused = backend_pair(_coupling_flow(transform, 4, 0, "reverse"))
+    x = torch.randn(21, 4, device=DEVICE)
+    launches = _kernel_names(monkeypatch)
+    log_prob = fused.log_prob(x)
+    torch.testing.assert_close(log_prob, reference.log_prob(x), atol=ATOL, rtol=RTOL)
+    grads = torch.autograd.grad(log_prob.sum(), list(fused.parameters()))
+    _assert_gradients_close(grads, torch.autograd.grad(reference.log_prob(x).sum(), list(reference.parameters())))
+    steps = (("_affine_step_forward_kernel", "_affine_step_backward_kernel") if transform == "affine" else
+             ("_spline_step_forward_kernel", "_rq_backward_kernel"))
+    assert launches == {name: 3 for name in steps}
+    launches.clear()
+    with torch.no_grad():
+        fused.log_prob(x)
+    assert launches == {"_coupling_flow_kernel": 1}
+
+
 @pytest.mark.parametrize("transform, dim, context, permutation", [("affine", 5, 3, "reverse"), ("spline", 4, 2, "random"),
                                                                   ("spline", 3, 0, "reverse"), ("spline", 1, 0, "reverse")])
 def test_unfused_path_without_autograd_matches_the_reference(transform, dim, context, permutation, monkeypatch,

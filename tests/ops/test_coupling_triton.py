@@ -175,7 +175,8 @@ def test_gpu_flow_at_benchmark_size_matches_reference(transform, dim):
 @pytest.mark.gpu
 @pytest.mark.parametrize("transform", ["affine", "spline"])
 def test_gpu_fused_training_at_benchmark_size_stays_within_tf32_error(transform, monkeypatch):
-    """With TF32 products a coupling flow trains in two launches (`fastflow.ops.coupling_flow._FusedRun`). Its
+    """With TF32 products and the fused backward asked for (FASTFLOW_FUSED_BACKWARD=1, set for these tests) a
+    coupling flow trains in two launches (`fastflow.ops.coupling_flow._FusedRun`). Its
     log_prob and parameter gradients (65,536 rows, 5 layers, width 128, 8 bins, d = 8), against the fp32 reference
     flow, are as accurate as those of the layer-step path with the same TF32 products in cuBLAS: relative error of
     the whole gradient vector within 2x that path's (+1e-5), log_prob within 2x its largest error (+1e-4)."""
