@@ -1,20 +1,25 @@
 #!/usr/bin/env bash
 # Every GPU benchmark and test, for a session that has the GPU device: builds fastflow there (with the CUDA
 # module) unless it is importable, then runs the steps named in FASTFLOW_GPU_STEPS (default "tests bench"):
+#   memcheck  compute-sanitizer over the Triton kernels at their defaults, small sizes (bench/memcheck_gpu.py),
+#          gpu_memcheck_<date>_<gpu>.json: a kernel that faults ends its process's CUDA context, so a new kernel
+#          or launch setting is checked here before the timed steps meet it
 #   tests  the gpu- and triton-marked tests with Triton compiled for the GPU (pytest-xdist spreads the
-#          compiles when installed; the slow sm_90 compile checks stay on CPU machines)
+#          compiles when installed; the slow sm_90 compile checks stay on CPU machines); the log, failures
+#          first, in gpu_tests_<date>_<gpu>.txt
 #   bench  the CUDA speed table one family at a time (FASTFLOW_GPU_FAMILIES, default "coupling ode"),
 #          gpu_<family>_<date>_<gpu>.json, rewritten after every case
-#   sweep  the Triton kernels' launch settings (bench/sweep_gpu.py), gpu_sweep_<date>_<gpu>.json
+#   sweep  the Triton kernels' launch settings (bench/sweep_gpu.py, each sweep in its own process; FASTFLOW_GPU_SWEEPS
+#          names some), gpu_sweep_<date>_<gpu>.json
 #   profile  wall against kernel time and launches of the cases short of their targets (bench/profile_gpu.py),
 #          gpu_profile_<date>_<gpu>.json
-# Each step has its own time limit (FASTFLOW_GPU_TEST_TIMEOUT, FASTFLOW_GPU_BENCH_TIMEOUT per family,
-# FASTFLOW_GPU_SWEEP_TIMEOUT, FASTFLOW_GPU_PROFILE_TIMEOUT). Seen on an H100 (2026-11-26): build ~30 s, tests 34 s
+# Each step has its own time limit (FASTFLOW_GPU_MEMCHECK_TIMEOUT, FASTFLOW_GPU_TEST_TIMEOUT, FASTFLOW_GPU_BENCH_TIMEOUT per family,
+# FASTFLOW_GPU_SWEEP_TIMEOUT, FASTFLOW_GPU_PROFILE_TIMEOUT). Seen on an H100 (2026-11-26): build ~30 s, tests 34-112 s
 # with xdist, coupling family ~2 min, ode family cut at 220 s before its last case (3x256 d=10) with 3 repeats of
 # every row; the timed calls now stop after FASTFLOW_GPU_BUDGET seconds (default 3), about halving the slow ODE
 # rows (estimate: ~300 s for the family); tests and sweep 147 s before the sweep grew (~5 min now). A device call
 # runs at most 600 s, so split the steps over calls: e.g. "tests bench profile" with FASTFLOW_GPU_FAMILIES=coupling,
-# then "sweep", then the ode family.
+# then "sweep", then the ode family. An H100 session (2026-11-26) took ~25 s per sanitized memcheck case.
 # Usage: bash bench/run_gpu.sh [OUTPUT_DIR]   (default bench/results)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -32,13 +37,20 @@ fi
 $python -c 'from fastflow.backends import backends; [print(n, s.reason) for n, s in backends().items()]'
 gpu=$($python -c 'import torch; print(torch.cuda.get_device_name().replace(" ", "-"))')
 status=0
+if [[ $steps == *" memcheck "* ]]; then
+  timeout "${FASTFLOW_GPU_MEMCHECK_TIMEOUT:-300}" $python bench/memcheck_gpu.py "$out/gpu_memcheck_$(date +%F)_${gpu}.json" \
+    || status=1
+fi
 if [[ $steps == *" tests "* ]]; then
   parallel=$($python -c 'import xdist' 2>/dev/null && echo "-n 8")
-  timeout "${FASTFLOW_GPU_TEST_TIMEOUT:-300}" $python -m pytest -v -m "(gpu or triton) and not slow" -p no:cacheprovider \
-    $parallel --durations=10 || status=1
+  log="$out/gpu_tests_$(date +%F)_${gpu}.txt"
+  timeout "${FASTFLOW_GPU_TEST_TIMEOUT:-300}" $python -m pytest -m "(gpu or triton) and not slow" -p no:cacheprovider \
+    $parallel --durations=10 -rfEs --tb=short > "$log" 2>&1 || status=1
+  grep -E "^(FAILED|ERROR)|passed|failed" "$log" | tail -n 40
 fi
 if [[ $steps == *" sweep "* ]]; then
-  timeout "${FASTFLOW_GPU_SWEEP_TIMEOUT:-330}" $python bench/sweep_gpu.py "$out/gpu_sweep_$(date +%F)_${gpu}.json" || status=1
+  timeout "${FASTFLOW_GPU_SWEEP_TIMEOUT:-330}" $python bench/sweep_gpu.py "$out/gpu_sweep_$(date +%F)_${gpu}.json" \
+    ${FASTFLOW_GPU_SWEEPS:-} || status=1
 fi
 if [[ $steps == *" profile "* ]]; then
   timeout "${FASTFLOW_GPU_PROFILE_TIMEOUT:-200}" $python bench/profile_gpu.py "$out/gpu_profile_$(date +%F)_${gpu}.json" || status=1

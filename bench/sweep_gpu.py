@@ -6,7 +6,7 @@ backward of fused runs (rows, warps, programs), a fused layer on its own and the
 kernels (rows and warps per program), TF32 products. Prints one line per setting and writes JSON.
 
 Usage (on a GPU machine; `FASTFLOW_GPU_STEPS=sweep bash bench/run_gpu.sh OUT` runs it):
-    python bench/sweep_gpu.py OUT.json
+    python bench/sweep_gpu.py OUT.json [SWEEP ...]   (SWEEP: a `SWEEPS` name; default all, each in its own process)
 
 Static facts from sm_90 compiles (bench/sm90.py: cuobjdump --dump-resource-usage of Triton 3.9's cubins, RK4, 3 hidden layers):
 width 64 compiles without spills at (block_m, block_k, warps) = (64, 16, 4), (64, 64, 4), (64, 16, 8),
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import signal
+import subprocess
 import sys
 from pathlib import Path
 
@@ -258,19 +259,39 @@ def fastest_settings(rows: list[dict]) -> list[str]:
     return lines
 
 
+SWEEPS = {"training": sweep_training,  # first: the fused backward is barely timed (affine 8-D)
+          "ode": sweep_ode,  # the streamed width-256 settings matter most (issue 5's target)
+          "coupling": sweep_coupling, "affine_step": sweep_affine_step, "layers": sweep_layers, "spline": sweep_spline}
+
+
+def sweep_in_children(names: list[str], rows: list[dict]) -> None:
+    """Each sweep of `names` in its own process (a kernel that faults ends its process's CUDA context, not the
+    other sweeps), its rows appended to `rows` as it prints them; a sweep that dies is recorded with its last
+    output."""
+    for name in names:
+        child = subprocess.Popen([sys.executable, __file__, "--sweep", name], stdout=subprocess.PIPE,
+                                 stderr=subprocess.STDOUT, text=True)
+        tail: list[str] = []
+        for line in child.stdout:
+            print(line, end="", flush=True)
+            if line.startswith("{"):
+                rows.append(json.loads(line))
+            tail = (tail + [line.rstrip()])[-5:]
+        if child.wait():
+            rows.append({"sweep": name, "exit": child.returncode, "error": " | ".join(tail)[-600:]})
+
+
 def main() -> None:
     if not torch.cuda.is_available():
         raise SystemExit("sweep_gpu.py needs a CUDA device")
+    if sys.argv[1:2] == ["--sweep"]:
+        SWEEPS[sys.argv[2]]([], torch.device("cuda"))  # (the child: prints its rows)
+        return
     out = Path(sys.argv[1] if len(sys.argv) > 1 else "sweep_gpu.json")
     rows: list[dict] = []
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(124))  # a time limit (timeout) still writes what was measured
     try:
-        sweep_training(rows, torch.device("cuda"))  # first: the fused backward is barely timed (affine 8-D)
-        sweep_ode(rows, torch.device("cuda"))  # the streamed width-256 settings matter most (issue 5's target)
-        sweep_coupling(rows, torch.device("cuda"))
-        sweep_affine_step(rows, torch.device("cuda"))
-        sweep_layers(rows, torch.device("cuda"))
-        sweep_spline(rows, torch.device("cuda"))
+        sweep_in_children(sys.argv[2:] or list(SWEEPS), rows)
     finally:
         import triton
 

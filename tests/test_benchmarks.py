@@ -1,11 +1,21 @@
 """The speed-table runner: every case times each implementation and reports ratios to its baseline."""
 
+import importlib.util
 import json
+from pathlib import Path
 
 import pytest
 
 from fastflow import benchmarks
 from fastflow.cli import main
+
+
+def _bench_script(name: str):
+    """bench/<name>.py as a module."""
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).parents[1] / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def test_quick_run_reports_ratios_against_the_baseline():
@@ -67,18 +77,13 @@ def test_ode_family_on_cpu_compares_the_reference_without_triton():
 @pytest.mark.triton
 def test_gpu_sweep_runs_on_small_sizes_under_the_interpreter():
     """bench/sweep_gpu.py (run on GPU machines) on tiny sizes on CPU: each setting gives a time or an error."""
-    import importlib.util
-    from pathlib import Path
-
     import torch
 
     from fastflow.backends import backends
 
     if "cpu" not in backends()["triton"].devices:
         pytest.skip("needs the Triton interpreter on CPU")
-    spec = importlib.util.spec_from_file_location("sweep_gpu", Path(__file__).parents[1] / "bench" / "sweep_gpu.py")
-    sweep = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(sweep)
+    sweep = _bench_script("sweep_gpu")
     rows = []
     sweep.sweep_coupling(rows, torch.device("cpu"), batch=40, hidden=16, settings=[{}, dict(block_m=16, block_hk=16, num_warps=4)],
                          flows=[("spline", 2), ("spline", 3), ("affine", 2)])
@@ -105,16 +110,11 @@ def test_op_counts_show_the_triton_paths_launch_less(monkeypatch):
     """bench/count_ops.py: with the Triton kernels stubbed, the Triton backend's coupling flow launches fewer
     device operations than the reference, for log_prob and for log_prob + backward, with its conditioners fused
     (TF32: fewest, its backward fused too) or in torch (fp32)."""
-    import importlib.util
-    from pathlib import Path
-
     from fastflow.backends import backends
 
     if "cpu" not in backends()["triton"].devices:
         pytest.skip("needs the Triton interpreter on CPU")
-    spec = importlib.util.spec_from_file_location("count_ops", Path(__file__).parents[1] / "bench" / "count_ops.py")
-    count_ops = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(count_ops)
+    count_ops = _bench_script("count_ops")
     count_ops.stub_triton_kernels(monkeypatch.setattr)
     rows = {(transform, name): (forward, training) for transform, name, forward, training in count_ops.table(dim=4, rows=16)}
     for transform in ("spline", "affine"):
@@ -130,15 +130,65 @@ def test_op_counts_show_the_triton_paths_launch_less(monkeypatch):
 def test_gpu_profile_runs_the_named_cases_on_cpu():
     """bench/profile_gpu.py (run on GPU machines) on the quick CPU cases: wall time and launches (no device
     kernels on CPU), and a case that does not exist is reported as missing."""
-    import importlib.util
-    from pathlib import Path
-
     import torch
 
-    spec = importlib.util.spec_from_file_location("profile_gpu", Path(__file__).parents[1] / "bench" / "profile_gpu.py")
-    profiler = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(profiler)
+    profiler = _bench_script("profile_gpu")
     rows = profiler.profile_cases(torch.device("cpu"), [("coupling", "affine d=2 n=2048 log_prob", "fastflow-native"),
                                                         ("coupling", "affine d=2 n=2048 nope", "fastflow-native")], quick=True)
     assert rows[0]["wall_ms"] > 0 and rows[0]["device_ms"] == 0 and rows[0]["launches"] == 0
     assert rows[1]["missing"]
+
+
+@pytest.mark.triton
+def test_gpu_memcheck_cases_run_under_the_interpreter(monkeypatch, capsys):
+    """bench/memcheck_gpu.py's cases (sanitized on GPU machines) on tiny sizes on CPU: every call reports its
+    error against the reference, and the errors are small."""
+    import torch
+
+    from fastflow.backends import backends
+
+    if "cpu" not in backends()["triton"].devices:
+        pytest.skip("needs the Triton interpreter on CPU")
+    memcheck = _bench_script("memcheck_gpu")
+    monkeypatch.setenv("FASTFLOW_FUSED_BACKWARD", "0")  # (restored after the cases set it)
+    previous = torch.backends.cuda.matmul.allow_tf32
+    try:
+        memcheck._coupling("affine", 3, rows=8, hidden=16, device="cpu")
+        memcheck._coupling("spline", 3, rows=8, hidden=16, device="cpu")
+        memcheck._ode(16, samples=8, device="cpu")
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
+    calls = [json.loads(line[len("RESULT "):]) for line in capsys.readouterr().out.splitlines()
+             if line.startswith("RESULT ")]
+    assert len(calls) == 2 * 6 + 2 and all(call["max_error"] < 1e-3 for call in calls), calls
+
+
+def test_memcheck_reads_the_sanitizer_verdict(tmp_path):
+    """bench/memcheck_gpu.py's parent: the error count, the first invalid accesses and the calls' errors from
+    the sanitized child's output (a stand-in sanitizer prints what compute-sanitizer printed on an H100)."""
+    memcheck = _bench_script("memcheck_gpu")
+    sanitizer = tmp_path / "compute-sanitizer"
+    sanitizer.write_text("#!/bin/sh\n"
+                         "echo 'RESULT {\"call\": \"log_prob tf32\", \"max_error\": 0.01}'\n"
+                         "echo '========= Invalid __shared__ read of size 2048 bytes'\n"
+                         "echo '=========     at _coupling_flow_backward_kernel+0xc380 in activations.py:39'\n"
+                         "echo '========= ERROR SUMMARY: 10 errors'\n")
+    sanitizer.chmod(0o755)
+    row = memcheck.sanitize("coupling spline 8", sanitizer=str(sanitizer))
+    assert row["sanitizer_errors"] == 10 and not row["timed_out"]
+    assert row["first_invalid"][0].startswith("Invalid __shared__ read") and "_coupling_flow_backward_kernel" in row["first_invalid"][1]
+    assert row["calls"] == [{"call": "log_prob tf32", "max_error": 0.01}]
+
+
+def test_gpu_sweep_keeps_the_rows_of_a_sweep_that_dies(tmp_path, monkeypatch):
+    """bench/sweep_gpu.py runs each sweep in its own process: the rows a child printed before it died (a CUDA fault
+    ends its process) are kept, and its death is recorded with its last output."""
+    sweep = _bench_script("sweep_gpu")
+    child = tmp_path / "child.py"
+    child.write_text("import sys\nprint('{\"kernel\": \"affine_flow_backward\", \"ms\": 1.5}')\n"
+                     "print('torch.AcceleratorError: CUDA error: an illegal memory access was encountered')\nsys.exit(1)\n")
+    monkeypatch.setattr(sweep, "__file__", str(child))
+    rows = []
+    sweep.sweep_in_children(["training"], rows)
+    assert rows[0] == {"kernel": "affine_flow_backward", "ms": 1.5}
+    assert rows[1]["sweep"] == "training" and rows[1]["exit"] == 1 and "illegal memory access" in rows[1]["error"]
