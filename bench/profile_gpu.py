@@ -24,6 +24,7 @@ PROFILED = [  # (family, case, implementation): the cases short of their targets
     ("coupling", "spline d=8 n=65536 log_prob+backward", "fastflow-triton-tf32"),  # the layer steps on CUDA
     ("coupling", "affine d=2 n=65536 sample", "fastflow-triton-tf32"),
     ("coupling", "affine d=32 n=65536 sample", "fastflow-triton-tf32"),
+    ("coupling", "affine d=2 n=65536 sample", "fastflow-triton"),  # fp32 (torch's default): 0.8x zuko's
     ("coupling", "affine d=8 n=65536 log_prob", "fastflow-triton"),
     ("coupling", "spline d=8 n=65536 log_prob", "fastflow-triton"),
     ("ode", "mlp 3x256 d=2 n=1000000 rk4-100", "fastflow-triton-tf32"),
