@@ -2,11 +2,12 @@
 execution order, each optionally followed by a fixed permutation, go through `kernels.coupling.coupling_flow_triton`
 in one Triton launch (the permutations become column maps of the kernel's stores) where the Triton backend fuses
 the conditioners (`fastflow.ops.coupling.dispatch`, `fuses_conditioner`: TF32 products) and autograd does not
-record. Under autograd there, runs train in two launches (`_FusedRun`: the fused run keeping each step's
-input, then `kernels.coupling_backward`) where `trains_fused` says so (the interpreter; CUDA only when asked, with
-FASTFLOW_FUSED_BACKWARD=1: on an H100 it was no faster than the layer steps). Otherwise on the Triton backend (fp32 products on CUDA, conditioners too
-wide for the fused backward), affine runs take one `TritonAffineStep` per layer (its hidden layers in torch) and
-spline runs one `TritonSplineStep` per layer (its conditioner in torch). Otherwise the run applies its transforms
+record. Under autograd there, runs train in two launches (`_FusedRun`: the fused run keeping each step's input,
+then `kernels.coupling_backward`) where `trains_fused` says so (the interpreter; CUDA only when asked, with
+FASTFLOW_FUSED_BACKWARD=1: on an H100 it was no faster than the layer steps). Otherwise on the Triton backend (fp32
+products on CUDA, training on CUDA, conditioners too wide for the fused backward), affine runs take one
+`TritonAffineStep` per layer (its hidden layers in torch) and spline runs one `TritonSplineStep` per layer (its
+conditioner in torch). Otherwise the run applies its transforms
 one by one, as the flow would. A coupling layer on its own runs as a one-layer run (`fastflow.nn.coupling`).
 
 A layer joins a run through its `fused_signature()`, `fused_layout()`, `fused_options()` and `_weights()`
