@@ -17,7 +17,8 @@
 # FASTFLOW_GPU_SWEEP_TIMEOUT, FASTFLOW_GPU_PROFILE_TIMEOUT). Seen on an H100 (2026-11-26): build ~30 s, tests 34-112 s
 # with xdist, coupling family ~2 min, ode family cut at 220 s before its last case (3x256 d=10) with 3 repeats of
 # every row; the timed calls now stop after FASTFLOW_GPU_BUDGET seconds (default 3), about halving the slow ODE
-# rows (estimate: ~300 s for the family); tests and sweep 147 s before the sweep grew (~5 min now). A device call
+# rows (estimate: ~300 s for the family); rows take up to FASTFLOW_GPU_REPEATS (default 10: one run's zuko rows varied
+# up to 1.8x with 3) within that budget; tests and sweep 147 s before the sweep grew (~5 min now). A device call
 # runs at most 600 s, so split the steps over calls: e.g. "tests bench profile" with FASTFLOW_GPU_FAMILIES=coupling,
 # then "sweep", then the ode family. An H100 session (2026-11-26) took ~25 s per sanitized memcheck case.
 # Usage: bash bench/run_gpu.sh [OUTPUT_DIR]   (default bench/results)
@@ -58,7 +59,7 @@ fi
 if [[ $steps == *" bench "* ]]; then
   for family in ${FASTFLOW_GPU_FAMILIES:-coupling ode}; do
     timeout "${FASTFLOW_GPU_BENCH_TIMEOUT:-300}" $python -m fastflow.cli bench --device cuda --family "$family" \
-      --repeats "${FASTFLOW_GPU_REPEATS:-3}" --budget "${FASTFLOW_GPU_BUDGET:-3}" --out "$out/gpu_${family}_$(date +%F)_${gpu}.json" || status=1
+      --repeats "${FASTFLOW_GPU_REPEATS:-10}" --budget "${FASTFLOW_GPU_BUDGET:-3}" --out "$out/gpu_${family}_$(date +%F)_${gpu}.json" || status=1
   done
 fi
 exit $status
