@@ -18,6 +18,15 @@ def _bench_script(name: str):
     return module
 
 
+@pytest.fixture
+def interpreter():
+    """Skips the test unless Triton's interpreter runs the kernels on CPU (CPU machines; GPU ones compile them)."""
+    from fastflow.backends import backends
+
+    if "cpu" not in backends()["triton"].devices:
+        pytest.skip("needs the Triton interpreter on CPU")
+
+
 def test_quick_run_reports_ratios_against_the_baseline():
     results = benchmarks.run("cpu", quick=True, repeats=1, families=["coupling"])
     assert {r.case for r in results} == {
@@ -75,14 +84,10 @@ def test_ode_family_on_cpu_compares_the_reference_without_triton():
 
 
 @pytest.mark.triton
-def test_gpu_sweep_runs_on_small_sizes_under_the_interpreter():
+def test_gpu_sweep_runs_on_small_sizes_under_the_interpreter(interpreter):
     """bench/sweep_gpu.py (run on GPU machines) on tiny sizes on CPU: each setting gives a time or an error."""
     import torch
 
-    from fastflow.backends import backends
-
-    if "cpu" not in backends()["triton"].devices:
-        pytest.skip("needs the Triton interpreter on CPU")
     sweep = _bench_script("sweep_gpu")
     rows = []
     sweep.sweep_coupling(rows, torch.device("cpu"), batch=40, hidden=16, settings=[{}, dict(block_m=16, block_hk=16, num_warps=4)],
@@ -106,14 +111,10 @@ def test_gpu_sweep_runs_on_small_sizes_under_the_interpreter():
 
 
 @pytest.mark.triton
-def test_op_counts_show_the_triton_paths_launch_less(monkeypatch):
+def test_op_counts_show_the_triton_paths_launch_less(monkeypatch, interpreter):
     """bench/count_ops.py: with the Triton kernels stubbed, the Triton backend's coupling flow launches fewer
     device operations than the reference, for log_prob and for log_prob + backward, with its conditioners fused
     (TF32: fewest, its backward fused too) or in torch (fp32)."""
-    from fastflow.backends import backends
-
-    if "cpu" not in backends()["triton"].devices:
-        pytest.skip("needs the Triton interpreter on CPU")
     count_ops = _bench_script("count_ops")
     count_ops.stub_triton_kernels(monkeypatch.setattr)
     rows = {(transform, name): (forward, training) for transform, name, forward, training in count_ops.table(dim=4, rows=16)}
@@ -140,15 +141,11 @@ def test_gpu_profile_runs_the_named_cases_on_cpu():
 
 
 @pytest.mark.triton
-def test_gpu_memcheck_cases_run_under_the_interpreter(monkeypatch, capsys):
+def test_gpu_memcheck_cases_run_under_the_interpreter(monkeypatch, capsys, interpreter):
     """bench/memcheck_gpu.py's cases (sanitized on GPU machines) on tiny sizes on CPU: every call reports its
     error against the reference, and the errors are small."""
     import torch
 
-    from fastflow.backends import backends
-
-    if "cpu" not in backends()["triton"].devices:
-        pytest.skip("needs the Triton interpreter on CPU")
     memcheck = _bench_script("memcheck_gpu")
     monkeypatch.setenv("FASTFLOW_FUSED_BACKWARD", "0")  # (restored after the cases set it)
     previous = torch.backends.cuda.matmul.allow_tf32

@@ -126,8 +126,9 @@ class AffineCoupling(_Coupling):
         scale_bound: bound of the log-scale.
         backend: None/"auto", "reference", "triton" (CUDA, or TRITON_INTERPRET=1; the layer runs as a one-layer
             `fastflow.ops.coupling_flow.CouplingRun`: when its products may be TF32,
-            `torch.backends.cuda.matmul.allow_tf32`, one fused kernel without autograd and with it a fused backward
-            kernel too (width <= 128); else the conditioner in torch and the rest in one Triton kernel each way) or
+            `torch.backends.cuda.matmul.allow_tf32`, one fused kernel without autograd, and under autograd a fused
+            backward kernel too where `fastflow.ops.coupling_flow.trains_fused` (width <= 128); else the
+            conditioner in torch and the rest in one Triton kernel each way) or
             "native" (CPU: native bias + SiLU in the conditioner, blocks of rows without autograd). "auto" takes
             Triton for float32 on CUDA.
     """

@@ -6,7 +6,7 @@ transform of the changed half (affine, or rational-quadratic spline) and log|det
 memory; under autograd, and for fp32 products on CUDA (`fuses_conditioner`), the conditioner runs in torch
 (cuBLAS) and the transform through an elementwise Triton op with its backward kernel (kernels/spline.py,
 kernels/affine.py). The layers of `fastflow.nn` run on the Triton backend as runs of layers
-(`fastflow.ops.coupling_flow`: one fused launch, and a fused backward, with TF32 products), where
+(`fastflow.ops.coupling_flow`: one fused launch with TF32 products, and a fused backward where `trains_fused`), where
 `TritonAffineStep` takes an affine layer's last SiLU and conditioner layer into that op too, with the merge and the
 next permutation, and `TritonSplineStep` a spline layer's splines with the merge and the next permutation; these
 ops serve direct calls. On CPU the native backend

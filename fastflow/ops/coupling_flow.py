@@ -7,8 +7,8 @@ then `kernels.coupling_backward`) where `trains_fused` says so (the interpreter;
 FASTFLOW_FUSED_BACKWARD=1: on an H100 it was no faster than the layer steps). Otherwise on the Triton backend (fp32
 products on CUDA, training on CUDA, conditioners too wide for the fused backward), affine runs take one
 `TritonAffineStep` per layer (its hidden layers in torch) and spline runs one `TritonSplineStep` per layer (its
-conditioner in torch). Otherwise the run applies its transforms
-one by one, as the flow would. A coupling layer on its own runs as a one-layer run (`fastflow.nn.coupling`).
+conditioner in torch). Otherwise the run applies its transforms one by one, as the flow would. A coupling layer on
+its own runs as a one-layer run (`fastflow.nn.coupling`).
 
 A layer joins a run through its `fused_signature()`, `fused_layout()`, `fused_options()` and `_weights()`
 (`fastflow.nn.coupling`); a permutation through `column_map(inverse)` (`fastflow.flows.transforms`).
