@@ -96,7 +96,8 @@ def compile_coupling_flow(transform: str, hidden: int, dim: int, context: int = 
 
 
 def compile_coupling_flow_backward(transform: str, hidden: int, dim: int, context: int = 0, *, approximate: bool,
-                                   num_bins: int = 8, block_m: int = 64, num_warps: int | None = None):
+                                   num_bins: int = 8, block_m: int = 64, block_hk: int = 32,
+                                   num_warps: int | None = None):
     """The backward of a fused run of coupling layers (`kernels.coupling_backward.coupling_flow_backward_triton`) of
     `transform` ("affine", or "spline" with `num_bins`) with conditioners of width `hidden`, TF32 products, compiled
     for sm_90 (warps: the launcher's default)."""
@@ -109,12 +110,15 @@ def compile_coupling_flow_backward(transform: str, hidden: int, dim: int, contex
         meta = coupling_backward.spline_meta(changed + context, hidden, changed, num_bins, inverse=False)
         tiles = dict(BLOCK_OUT=16, BLOCK_T=meta["BLOCK_T"], BLOCK_K=meta["BLOCK_K"], T_CHUNK=meta["T_CHUNK"])
     meta = dict(SPLINE=transform == "spline", CONTEXT_GRAD=bool(context), INVERSE=False, BLOCK_M=block_m,
-                BLOCK_IN=dot_tile(changed + context), BLOCK_H=dot_tile(hidden), **tiles, PRECISION="tf32",
+                BLOCK_IN=dot_tile(changed + context), BLOCK_H=dot_tile(hidden), BLOCK_HK=min(block_hk, dot_tile(hidden)),
+                **tiles, PRECISION="tf32",
                 APPROXIMATE=approximate, FIELDS=coupling_backward.STEP_FIELDS, num_stages=1)
     return compile_for_h100(coupling_backward._coupling_flow_backward_kernel,
                             ["x_ptr", "states_ptr", "context_ptr", "grad_out_ptr", "grad_ladj_ptr", "grad_x_ptr",
-                             "grad_states_ptr", "grad_context_ptr", "partials_ptr", "params_ptr"],
-                            ["n_rows", "n_dim", "n_context", "n_hidden", "n_steps", "n_params", "num_bins", "stride_context"],
+                             "grad_states_ptr", "grad_context_ptr", "inputs_ptr", "h1_ptr", "g_a1_ptr", "h2_ptr",
+                             "g_a2_ptr", "g_raw_ptr", "params_ptr"],
+                            ["n_rows", "row_0", "n_group", "n_dim", "n_context", "n_hidden", "n_steps", "max_inputs",
+                             "max_changed", "n_outputs", "num_bins", "stride_context"],
                             ["scale_bound", "bound", "min_width", "min_height", "min_derivative", "derivative_shift"], meta,
                             num_warps=num_warps or coupling_backward.default_warps(transform == "spline"),
                             int_pointers=["steps_ptr", "column_maps_ptr"])

@@ -41,11 +41,12 @@ SPLINE_CHUNK_COLUMNS = (32, None)  # spline (coordinate, bin) columns per pass b
 LAYER_SETTINGS = [{}, *(dict(block_m=m, num_warps=w) for m, w in ((32, 8), (64, 4), (64, 8), (128, 8)))]  # default first
 AFFINE_STEP_SETTINGS = [{}, *(dict(block_m=m, num_warps=w) for m, w in ((16, 4), (32, 4), (64, 4), (64, 8), (128, 8)))]
 SPLINE_SETTINGS = [(64, 4), (32, 4), (64, 2), (128, 4), (128, 8)]  # (block, num_warps), 8 bins: default first
-BACKWARD_SETTINGS = {  # per transform, the default first; an H100 faulted on splines at 64 rows x 8 warps (an illegal
-    # address kills the process's CUDA context, so the sweep takes only settings sanitizer-clean at 8-D)
-    "affine": [{}, *(dict(block_m=m, num_warps=w, programs=p) for m, w, p in (
-        (128, 8, None), (128, 8, 264), (64, 8, 264), (64, 4, None)))],  # 264: 2 per SM (132 SMs)
-    "spline": [{}, *(dict(block_m=m, num_warps=w, programs=p) for m, w, p in ((64, 4, 264), (128, 8, None), (32, 8, None)))],
+BACKWARD_SETTINGS = {  # per transform, the default first (64 rows, 32 first-layer units per chunk; 8 warps affine, 4
+    # spline: the earlier kernel faulted on splines at 64 x 8 on an H100 (bench/memcheck_gpu.py checks 64 x 8 now), and
+    # an illegal address ends the sweep's process)
+    "affine": [{}, *(dict(block_m=m, block_hk=k, num_warps=w) for m, k, w in (
+        (64, 16, 8), (64, 64, 8), (128, 32, 8), (64, 32, 4), (32, 32, 4)))],
+    "spline": [{}, *(dict(block_m=m, block_hk=k, num_warps=w) for m, k, w in ((64, 16, 4), (128, 32, 8)))],
 }
 
 
@@ -198,7 +199,8 @@ def sweep_training(rows: list[dict], device: torch.device, batch: int = 65_536, 
             for launch in settings[transform]:
                 try:
                     ms = _milliseconds(lambda: coupling_flow_backward_triton(  # noqa: B023
-                        x, states, None, grad_out, grad_ladj, params, steps, column_maps, **run._sizes(None),  # noqa: B023
+                        x, states, None, grad_out, grad_ladj, params, steps, column_maps,  # noqa: B023
+                        run.gradient_positions(device, None), **run._sizes(None),  # noqa: B023
                         **run.options, inverse=False, context_grad=False, precision="tf32", approximate=approximate,  # noqa: B023
                         **launch), device)  # noqa: B023
                     _record(rows, kernel=f"{transform}_flow_backward", dim=dim, batch=batch, **launch, ms=ms)

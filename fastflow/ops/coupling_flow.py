@@ -4,7 +4,7 @@ in one Triton launch (the permutations become column maps of the kernel's stores
 the conditioners (`fastflow.ops.coupling.dispatch`, `fuses_conditioner`: TF32 products) and autograd does not
 record. Under autograd there, runs train in two launches (`_FusedRun`: the fused run keeping each step's input,
 then `kernels.coupling_backward`) where `trains_fused` says so (the interpreter; CUDA only when asked, with
-FASTFLOW_FUSED_BACKWARD=1: on an H100 it was no faster than the layer steps). Otherwise on the Triton backend (fp32
+FASTFLOW_FUSED_BACKWARD=1: on an H100 its earlier form was no faster than the layer steps). Otherwise on the Triton backend (fp32
 products on CUDA, training on CUDA, conditioners too wide for the fused backward), affine runs take one
 `TritonAffineStep` per layer (its hidden layers in torch) and spline runs one `TritonSplineStep` per layer (its
 conditioner in torch). Otherwise the run applies its transforms one by one, as the flow would. A coupling layer on
@@ -48,6 +48,7 @@ class CouplingRun:
         self._n_hidden = first.conditioner[0].out_features
         self._layout = [torch.empty(w.shape, device="meta") for w in self.weights()]  # the weights' shapes, for unpacking
         self._tables: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}  # device -> (steps, column maps)
+        self._gradient_positions: dict[tuple[torch.device, int], torch.Tensor] = {}  # (device, context dim) -> index
 
     def weights(self) -> list[torch.Tensor]:
         """Every layer's (w1, b1, w2, b2, w3, b3), read from the layers on each call (parameters may be replaced)."""
@@ -141,11 +142,26 @@ class CouplingRun:
         return self._tables[device]
 
 
+    def gradient_positions(self, device: torch.device, context: torch.Tensor | None) -> torch.Tensor:
+        """`kernels.coupling_backward.gradient_index` of this run with `context` on `device` (built once)."""
+        from fastflow.kernels.coupling_backward import gradient_index
+
+        key = (device, 0 if context is None else context.shape[1])
+        if key not in self._gradient_positions:
+            sizes = self._sizes(context)
+            index = gradient_index(self._steps, sum(w.numel() for w in self._layout), n_context=key[1],
+                                   n_hidden=sizes["n_hidden"], max_inputs=sizes["max_inputs"],
+                                   max_changed=sizes["max_changed"], num_bins=self.options.get("num_bins"))
+            self._gradient_positions[key] = index.to(device)
+        return self._gradient_positions[key]
+
+
 def trains_fused(device: torch.device) -> bool:
     """Whether runs on `device` train through the fused backward: under the interpreter (off CUDA), and on CUDA
-    with FASTFLOW_FUSED_BACKWARD=1 (untuned there: on an H100, 65,536 rows, TF32, the affine training step at 8-D
-    took 5.3 ms fused against 5.6 ms through the layer steps, the spline one at 2-D 8.4 ms against 6.0 ms;
-    bench/results/gpu_*_2026-11-26_NVIDIA-H100-80GB-HBM3*.json, `kernels.coupling_backward`)."""
+    with FASTFLOW_FUSED_BACKWARD=1 (not yet timed there in its current form; the earlier one, on an H100, 65,536
+    rows, TF32: the affine training step at 8-D took 5.3 ms fused against 5.6 ms through the layer steps, the spline
+    one at 2-D 8.4 ms against 6.0 ms; bench/results/gpu_*_2026-11-26_NVIDIA-H100-80GB-HBM3*.json,
+    `kernels.coupling_backward`)."""
     return device.type != "cuda" or os.environ.get("FASTFLOW_FUSED_BACKWARD") == "1"
 
 
@@ -159,7 +175,8 @@ def pack(weights: list[torch.Tensor]) -> torch.Tensor:
 class _FusedRun(torch.autograd.Function):
     """A run of coupling layers for training, in two launches: the fused forward keeping each step's input state
     (`coupling_flow_triton(keep_states=True)`), and `kernels.coupling_backward.coupling_flow_backward_triton`, which
-    recomputes the conditioners and returns the gradients of x, the context and every weight.
+    recomputes the conditioners and returns the gradients of x, the context and every weight (the weights' summed
+    by batched products over the rows).
 
     apply(run, x `(N, D)`, context `(N, C)` or None, precision, *run.weights()) -> (y `(N, D)`, log|det J| `(N,)`)."""
 
@@ -183,7 +200,8 @@ class _FusedRun(torch.autograd.Function):
         run = ctx.run
         steps, column_maps = run._on(x.device)
         grad_x, grad_context, grad_params = coupling_flow_backward_triton(
-            x, states, context, grad_out, grad_ladj, params, steps, column_maps, **run._sizes(context), **run.options,
+            x, states, context, grad_out, grad_ladj, params, steps, column_maps, run.gradient_positions(x.device, context),
+            **run._sizes(context), **run.options,
             inverse=run.inverse, context_grad=ctx.needs_input_grad[2], precision=ctx.precision,
             approximate=approximate_activations(ctx.precision, x.device))
         return (None, grad_x, grad_context, None, *torch._utils._unflatten_dense_tensors(grad_params, run._layout))

@@ -195,39 +195,65 @@ def test_under_autograd_values_and_gradients_match_the_reference(transform, dim,
     _assert_gradients_close(grads, grads_ref)
 
 
-@pytest.mark.parametrize("transform, programs", [("affine", 1), ("affine", 3), ("affine", None), ("spline", 3)])
-def test_fused_backward_sums_the_programs_gradients(transform, programs, monkeypatch, backend_pair):
-    """`_coupling_flow_backward_kernel` takes row blocks to programs persistently (here 300 rows: 5 blocks to 1, 3
-    or the default 4 programs) and sums their weight gradients afterwards; a context shared by every row (read at
-    stride 0) gets the gradients of all rows. Against the reference flow (tolerances as under autograd)."""
+@pytest.mark.parametrize("transform, budget", [("affine", None), ("affine", 1), ("spline", None), ("spline", 1)])
+def test_fused_backward_sums_the_weight_gradients_over_chunks_and_launches(transform, budget, monkeypatch,
+                                                                           backend_pair):
+    """`kernels.coupling_backward` sums each weight gradient over chunks of rows (here 300 rows in 3 chunks of 128
+    rows, the last one partly past the rows) as batched products, within one launch or (a budget of one chunk) over
+    3 launches; a context shared by every row (read at stride 0) gets the gradients of all rows. Against the
+    reference flow (tolerances as under autograd)."""
     from fastflow.kernels import coupling_backward
 
-    launcher = coupling_backward.coupling_flow_backward_triton
-    monkeypatch.setattr(coupling_backward, "coupling_flow_backward_triton",
-                        lambda *args, **kwargs: launcher(*args, **kwargs, programs=programs))
+    monkeypatch.setattr(coupling_backward, "CHUNK_ROWS", 100)
+    assert coupling_backward.factor_rows(300, 64, 1) == (128, 3, 3)
+    if budget is not None:
+        launcher = coupling_backward.coupling_flow_backward_triton
+        monkeypatch.setattr(coupling_backward, "coupling_flow_backward_triton",
+                            lambda *args, **kwargs: launcher(*args, **kwargs, budget=budget))
     reference, fused = backend_pair(_coupling_flow(transform, 6, 4, "random", layers=4))
     x = (2.0 * torch.randn(300, 6, device=DEVICE)).requires_grad_()
     shared = torch.randn(4, device=DEVICE, requires_grad=True)
     log_prob, log_prob_ref = fused.log_prob(x, shared), reference.log_prob(x, shared)
     torch.testing.assert_close(log_prob, log_prob_ref, atol=ATOL, rtol=RTOL)
     cotangent = torch.randn(300, device=DEVICE)
+    kernel_launches = _kernel_names(monkeypatch)
     grads = torch.autograd.grad(log_prob, [*fused.parameters(), x, shared], cotangent)
     grads_ref = torch.autograd.grad(log_prob_ref, [*reference.parameters(), x, shared], cotangent)
     _assert_gradients_close(grads, grads_ref)
+    assert kernel_launches == {"_coupling_flow_backward_kernel": 1 if budget is None else 3}
 
 
-def test_backward_programs_bound_their_partial_sums(monkeypatch):
-    """One program per multiprocessor by default (4 under the interpreter), at most one per block of rows, and fewer
-    where their partial weight gradients would pass `PARTIALS_BUDGET` values; an explicit count is taken as is."""
+@pytest.mark.parametrize("transform, hidden, block_hk", [("affine", 48, 32), ("affine", 32, 16), ("spline", 48, 16)])
+def test_fused_backward_takes_the_first_layer_in_chunks(transform, hidden, block_hk, monkeypatch, backend_pair):
+    """The backward kernel takes the first hidden layer's units `block_hk` at a time (here 2-4 chunks, the last
+    one partly or wholly past the width); gradients against the reference flow (tolerances as under autograd)."""
     from fastflow.kernels import coupling_backward
 
-    cpu = torch.device("cpu")
-    assert coupling_backward.backward_programs(10_000, 64, cpu, 1_000) == 4
-    assert coupling_backward.backward_programs(100, 64, cpu, 1_000) == 2
-    monkeypatch.setattr(coupling_backward, "PARTIALS_BUDGET", 3_000)
-    assert coupling_backward.backward_programs(10_000, 64, cpu, 1_000) == 3
-    assert coupling_backward.backward_programs(10_000, 64, cpu, 10_000) == 1
-    assert coupling_backward.backward_programs(10_000, 64, cpu, 1_000, programs=7) == 7
+    launcher = coupling_backward.coupling_flow_backward_triton
+    monkeypatch.setattr(coupling_backward, "coupling_flow_backward_triton",
+                        lambda *args, **kwargs: launcher(*args, **kwargs, block_hk=block_hk))
+    config = FlowConfig(transform=transform, num_layers=2, hidden=hidden, num_bins=5, permutation="random")
+    reference, fused = backend_pair(lambda backend: CouplingFlow(5, 2, config=config, backend=backend))
+    x = (2.0 * torch.randn(40, 5, device=DEVICE)).requires_grad_()
+    contexts = torch.randn(40, 2, device=DEVICE, requires_grad=True)
+    cotangent = torch.randn(40, device=DEVICE)
+    launches = _kernel_names(monkeypatch)
+    grads = torch.autograd.grad(fused.log_prob(x, contexts), [*fused.parameters(), x, contexts], cotangent)
+    grads_ref = torch.autograd.grad(reference.log_prob(x, contexts), [*reference.parameters(), x, contexts], cotangent)
+    _assert_gradients_close(grads, grads_ref)
+    assert launches == {"_coupling_flow_kernel": 1, "_coupling_flow_backward_kernel": 1}
+
+
+def test_factor_rows_chunk_the_rows_within_the_budget():
+    """Chunks of about `CHUNK_ROWS` rows, rounded up to whole blocks; as many per launch as the budget holds (at
+    least one)."""
+    from fastflow.kernels.coupling_backward import CHUNK_ROWS, factor_rows
+
+    assert factor_rows(33, 64, 10) == (64, 1, 1)
+    assert factor_rows(65_536, 64, 10) == (CHUNK_ROWS, 16, 16)
+    assert factor_rows(65_537, 64, 10) == (3904, 17, 17)  # 17 chunks of 3,857 rows, rounded up to 61 blocks
+    assert factor_rows(65_536, 128, 10, budget=10 * 4096 * 5) == (CHUNK_ROWS, 16, 5)
+    assert factor_rows(65_536, 64, 10, budget=1) == (CHUNK_ROWS, 16, 1)
 
 
 @pytest.mark.parametrize("transform", ["affine", "spline"])
