@@ -50,7 +50,8 @@ class _Coupling(Transform):
         self.conditioner = MLP(
             identity_count + context_dim, self.transformed_count * self.params_per_coordinate, hidden=hidden, depth=depth
         )
-        self._linears = tuple(layer for layer in self.conditioner if isinstance(layer, nn.Linear))  # read on every call
+        self.parameter_slots = tuple((layer._parameters, name) for layer in self.conditioner  # read on every call
+                                     if isinstance(layer, nn.Linear) for name in ("weight", "bias"))
         self._runs: dict[tuple[bool, str | None], CouplingRun] = {}  # (inverse, backend) -> this layer as a run
 
     def _split(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -72,8 +73,9 @@ class _Coupling(Transform):
         return context
 
     def _weights(self) -> tuple[torch.Tensor, ...]:
-        """The conditioner's (weight, bias) pairs in order, as the coupling ops take them."""
-        return tuple(p for layer in self._linears for p in (layer.weight, layer.bias))
+        """The conditioner's (weight, bias) pairs in order, as the coupling ops take them (read from the layers'
+        parameter dicts, `parameter_slots`: a replaced parameter is read too)."""
+        return tuple(parameters[name] for parameters, name in self.parameter_slots)
 
     def _transform(self, x, context, inverse):
         raise NotImplementedError

@@ -254,24 +254,25 @@ def _spline_coupling_blocked(kept, context, changed, weights, *, num_bins: int, 
     return out, ladj
 
 
-def _check(kept, context, changed, weights) -> tuple[bool, list[torch.Tensor]]:
+def _check(kept, context, changed, weights) -> tuple[bool, set[torch.dtype], list[torch.Tensor]]:
     """Whether the fused Triton kernels can take these tensors (float32 on a Triton device, conditioners of two
-    hidden layers: `weights` holds one or more layers' six tensors), and the tensors; mixed devices raise."""
+    hidden layers: `weights` holds one or more layers' six tensors), their dtypes, and the tensors; mixed devices
+    raise. (One pass over the tensors: a run of layers checks ~30 per call.)"""
     tensors = [kept, changed, *weights] + ([] if context is None else [context])
-    if len({t.device for t in tensors}) != 1:
+    if len({t.get_device() for t in tensors}) != 1:  # (the device index, -1 on CPU: cheaper than t.device)
         raise ValueError("coupling: inputs and weights must be on one device")
-    fusable = (triton_device(kept.device) and len(weights) % 6 == 0 and len(weights) > 0
-               and all(t.dtype == torch.float32 for t in tensors))
-    return fusable, tensors
+    dtypes = {t.dtype for t in tensors}
+    fusable = triton_device(kept.device) and len(weights) % 6 == 0 and len(weights) > 0 and dtypes == {torch.float32}
+    return fusable, dtypes, tensors
 
 
-def _supported(kept: torch.Tensor, tensors: list[torch.Tensor], fusable: bool) -> tuple[str, ...]:
-    """The backends a coupling layer can run these tensors on: native on CPU float32/float64, Triton when
+def _supported(kept: torch.Tensor, dtypes: set[torch.dtype], fusable: bool) -> tuple[str, ...]:
+    """The backends a coupling layer can run tensors of `dtypes` on: native on CPU float32/float64, Triton when
     fusable (automatic dispatch prefers it on CUDA: on an H100, `bench/results/gpu_coupling_2026-11-26_*H100*`,
     the fused kernel with TF32 products ran log_prob and sample 1.7-30x faster than the fp32 reference; with
     autograd the Triton path was 2.8-16x faster for splines, on a par for affine layers with fp32 products and
     1.1-1.2x faster with TF32)."""
-    native_ok = kept.device.type == "cpu" and all(t.dtype in (torch.float32, torch.float64) for t in tensors)
+    native_ok = kept.device.type == "cpu" and dtypes <= {torch.float32, torch.float64}
     return ("reference",) + (("native",) if native_ok else ()) + (("triton",) if fusable else ())
 
 
@@ -308,9 +309,9 @@ class Dispatch(NamedTuple):
 def dispatch(kept, context, changed, weights, backend: str | None, precision: str | None) -> Dispatch:
     """The `Dispatch` of a coupling layer, or of a run of layers with `weights` holding each one's six tensors
     (`fastflow.ops.coupling_flow`)."""
-    fusable, tensors = _check(kept, context, changed, weights)
+    fusable, dtypes, tensors = _check(kept, context, changed, weights)
     precision = triton_precision(precision, kept.device)
-    chosen = resolve_backend(backend, kept.device, supports=_supported(kept, tensors, fusable))
+    chosen = resolve_backend(backend, kept.device, supports=_supported(kept, dtypes, fusable))
     recording = _recording(tensors)
     return Dispatch(chosen, recording, precision, chosen == "triton" and fuses_conditioner(precision, kept.device))
 

@@ -10,7 +10,7 @@ products on CUDA, training on CUDA, conditioners too wide for the fused backward
 conditioner in torch). Otherwise the run applies its transforms one by one, as the flow would. A coupling layer on
 its own runs as a one-layer run (`fastflow.nn.coupling`).
 
-A layer joins a run through its `fused_signature()`, `fused_layout()`, `fused_options()` and `_weights()`
+A layer joins a run through its `fused_signature()`, `fused_layout()`, `fused_options()`, `parameter_slots` and `_weights()`
 (`fastflow.nn.coupling`); a permutation through `column_map(inverse)` (`fastflow.flows.transforms`).
 """
 
@@ -39,6 +39,7 @@ class CouplingRun:
     def __init__(self, steps: list[tuple[torch.nn.Module, torch.nn.Module | None]], inverse: bool):
         self.steps, self.inverse = steps, inverse
         self.couplings = [coupling for coupling, _ in steps]
+        self._parameter_slots = [slot for coupling in self.couplings for slot in coupling.parameter_slots]
         first = self.couplings[0]
         self.backend, self.options = first.backend, first.fused_options()
         offsets = torch.tensor([0] + [w.numel() for w in self.weights()]).cumsum(0)[:-1].view(len(steps), 6)
@@ -52,7 +53,7 @@ class CouplingRun:
 
     def weights(self) -> list[torch.Tensor]:
         """Every layer's (w1, b1, w2, b2, w3, b3), read from the layers on each call (parameters may be replaced)."""
-        return [w for coupling in self.couplings for w in coupling._weights()]
+        return [parameters[name] for parameters, name in self._parameter_slots]
 
     def __call__(self, x: torch.Tensor, context: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         result = self.on_triton(x, context)

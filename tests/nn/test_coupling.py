@@ -48,3 +48,22 @@ def test_forcing_an_unimplemented_backend_raises():
         layer(torch.randn(3, 4, dtype=torch.bfloat16))
     with pytest.raises(ValueError, match="unknown backend"):
         SplineCoupling(4, 0, backend="cuda-magic")(torch.randn(3, 4))
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_a_replaced_conditioner_parameter_is_used(backend, monkeypatch):
+    """The layers read their weights from the conditioner's parameter dicts on every call (runs of layers cache
+    where to read them, not the tensors): a parameter assigned anew, or moved with `.to`, is the one used."""
+    if backend == "triton":
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    flow = CouplingFlow(3, config=FlowConfig(transform="affine", num_layers=2, hidden=16), backend=backend)
+    x = torch.randn(5, 3)
+    with torch.no_grad():
+        before = flow.log_prob(x)
+        last = flow.transforms[0].conditioner[-1]
+        last.bias = torch.nn.Parameter(last.bias + 0.5)  # a new tensor, not an in-place change
+        after = flow.log_prob(x)
+        flow.to(torch.float64).to(torch.float32)
+        moved = flow.log_prob(x)
+    assert not torch.allclose(before, after)
+    torch.testing.assert_close(moved, after)

@@ -217,9 +217,9 @@ def test_automatic_dispatch_offers_triton_for_float32_and_fuses_only_tensor_core
 
     monkeypatch.delenv("FASTFLOW_BACKEND", raising=False)
     kept, context, changed, weights = _layer_inputs(8, 2, 0, 2, 16)
-    tensors = [kept, changed, *weights]
-    assert "triton" in _supported(kept, tensors, True)
-    assert "triton" not in _supported(kept, tensors, False)
+    dtypes = {t.dtype for t in [kept, changed, *weights]}
+    assert "triton" in _supported(kept, dtypes, True)
+    assert "triton" not in _supported(kept, dtypes, False)
     cuda = torch.device("cuda")
     assert fuses_conditioner("tf32", cuda) and fuses_conditioner("tf32x3", cuda) and not fuses_conditioner("ieee", cuda)
     assert fuses_conditioner("ieee", torch.device("cpu"))  # the interpreter tests the fused kernels
