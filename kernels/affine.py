@@ -8,6 +8,8 @@ The map, per changed coordinate t of a row: s = bound·tanh(raw[2t] / bound), sh
 forward out = x·exp(s) + shift, inverse out = (x - shift)·exp(-s); log|det J| = ±Σ_t s.
 """
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -236,11 +238,12 @@ def affine_backward_triton(raw, x, grad_out, grad_ladj, *, scale_bound: float, i
     return grad_raw, grad_x
 
 
+@functools.lru_cache(maxsize=256)
 def _step_meta(n_hidden: int, n_kept: int, n_changed: int, precision: str, block_m: int | None = None,
                num_warps: int | None = None) -> dict:
-    """Tiles and warps of the step kernels (`block_m`, `num_warps` override them, for tuning), from sm_90 compiles
-    (bench/sm90.py `compile_affine_step`, Triton 3.6; not yet timed): 16 rows per program with the whole hidden
-    width, 8 warps. The backward kept no spills at width 128 (1,912 SASS instructions; 32 rows at 4 warps spilled
+    """Tiles and warps of the step kernels (`block_m`, `num_warps` override them, for tuning; cached: not to be
+    changed), from sm_90 compiles (bench/sm90.py `compile_affine_step`, Triton 3.6; not yet timed): 16 rows per
+    program with the whole hidden width, 8 warps. The backward kept no spills at width 128 (1,912 SASS instructions; 32 rows at 4 warps spilled
     424 B in 4,872) and 200 B at width 256."""
     return dict(PRECISION=precision, BLOCK_M=block_m or 16, BLOCK_H=dot_tile(n_hidden), BLOCK_OUT=dot_tile(n_changed),
                 BLOCK_C=next_power_of_2(max(n_kept, 1)), num_warps=num_warps or 8)

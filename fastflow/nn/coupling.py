@@ -57,9 +57,9 @@ class _Coupling(Transform):
     def _split(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(kept, changed) column views of x; one split (its backward is one cat, not a zero-filled copy per half)."""
         if self.flip:
-            changed, kept = x.split([self.transformed_count, self.identity_count], dim=1)
+            changed, kept = x.split_with_sizes([self.transformed_count, self.identity_count], dim=1)
         else:
-            kept, changed = x.split([self.identity_count, self.transformed_count], dim=1)
+            kept, changed = x.split_with_sizes([self.identity_count, self.transformed_count], dim=1)
         return kept, changed
 
     def _merge(self, kept: torch.Tensor, changed: torch.Tensor) -> torch.Tensor:

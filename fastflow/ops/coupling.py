@@ -145,6 +145,16 @@ def _affine_transform_triton(raw: torch.Tensor, changed: torch.Tensor, *, scale_
     return _TritonAffine.apply(raw, changed, float(scale_bound), bool(inverse))
 
 
+def affine_step(a, w3, b3, kept, changed, ladj_in, column_map, kept_0: int, changed_0: int, scale_bound: float,
+                inverse: bool, precision: str):
+    """`TritonAffineStep` without autograd (the kernel alone: no Function bookkeeping per layer); same arguments."""
+    from fastflow.kernels.affine import affine_step_forward_triton
+
+    return affine_step_forward_triton(a.contiguous(), w3.contiguous(), b3.contiguous(), kept, changed, ladj_in, column_map,
+                                      kept_0=kept_0, changed_0=changed_0, scale_bound=scale_bound, inverse=inverse,
+                                      precision=precision)
+
+
 class TritonAffineStep(torch.autograd.Function):
     """An affine coupling layer from its conditioner's last hidden pre-activations, for training on the Triton
     backend (`kernels.affine.affine_step_forward_triton`): the last SiLU, the last layer, the map, the
@@ -157,15 +167,13 @@ class TritonAffineStep(torch.autograd.Function):
     @staticmethod
     def forward(ctx, a, w3, b3, kept, changed, ladj_in, column_map, kept_0: int, changed_0: int, scale_bound: float,
                 inverse: bool, precision: str):
-        from fastflow.kernels.affine import affine_step_forward_triton
-
         a, w3, b3 = a.detach().contiguous(), w3.detach().contiguous(), b3.detach().contiguous()
         changed = changed.detach()
         ctx.save_for_backward(a, w3, b3, changed, column_map)
         ctx.options = dict(kept_0=kept_0, changed_0=changed_0, scale_bound=scale_bound, inverse=inverse, precision=precision)
         ctx.n_kept, ctx.has_ladj_in = kept.shape[1], ladj_in is not None
-        return affine_step_forward_triton(a, w3, b3, kept.detach(), changed, None if ladj_in is None else ladj_in.detach(),
-                                          column_map, **ctx.options)
+        return affine_step(a, w3, b3, kept.detach(), changed, None if ladj_in is None else ladj_in.detach(), column_map,
+                           **ctx.options)
 
     @staticmethod
     @once_differentiable
@@ -183,6 +191,14 @@ class TritonAffineStep(torch.autograd.Function):
                 None, None, None, None, None, None)
 
 
+def spline_step(params, kept, changed, ladj_in, column_map, kept_0: int, changed_0: int, bound: float, inverse: bool):
+    """`TritonSplineStep` without autograd (the kernel alone); same arguments."""
+    from fastflow.kernels.spline import spline_step_forward_triton
+
+    return spline_step_forward_triton(params.contiguous(), kept, changed, ladj_in, column_map, kept_0=kept_0,
+                                      changed_0=changed_0, bound=bound, inverse=inverse, constants=SPLINE_CONSTANTS)
+
+
 class TritonSplineStep(torch.autograd.Function):
     """A spline coupling layer from its conditioner's outputs on the Triton backend
     (`kernels.spline.spline_step_forward_triton`: the splines, the log-determinant added to the running one and the
@@ -194,15 +210,12 @@ class TritonSplineStep(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, params, kept, changed, ladj_in, column_map, kept_0: int, changed_0: int, bound: float, inverse: bool):
-        from fastflow.kernels.spline import spline_step_forward_triton
-
         params, changed = params.detach().contiguous(), changed.detach()
         ctx.save_for_backward(params, changed, column_map)
         ctx.options = dict(kept_0=kept_0, changed_0=changed_0, n_kept=kept.shape[1], bound=bound, inverse=inverse)
         ctx.has_ladj_in = ladj_in is not None
-        return spline_step_forward_triton(params, kept.detach(), changed, None if ladj_in is None else ladj_in.detach(),
-                                          column_map, kept_0=kept_0, changed_0=changed_0, bound=bound, inverse=inverse,
-                                          constants=SPLINE_CONSTANTS)
+        return spline_step(params, kept.detach(), changed, None if ladj_in is None else ladj_in.detach(), column_map,
+                           kept_0, changed_0, bound, inverse)
 
     @staticmethod
     @once_differentiable

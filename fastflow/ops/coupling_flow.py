@@ -23,7 +23,9 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from fastflow.backends import triton_device
-from fastflow.ops.coupling import TritonAffineStep, TritonSplineStep, conditioner_hidden, conditioner_ref, dispatch
+from fastflow.ops.coupling import (
+    TritonAffineStep, TritonSplineStep, affine_step, conditioner_hidden, conditioner_ref, dispatch, spline_step,
+)
 
 __all__ = ["CouplingRun", "chain_transforms", "trains_fused"]
 
@@ -73,7 +75,7 @@ class CouplingRun:
         if how.fuses and self._trains_fused(kernel_context, x.device):
             return _FusedRun.apply(self, x, kernel_context, how.precision, *weights)
         if how.backend == "triton":
-            return self._layer_steps(x, kernel_context, how.precision)
+            return self._layer_steps(x, kernel_context, how.precision, how.recording)
         return None
 
     def _trains_fused(self, context: torch.Tensor | None, device: torch.device) -> bool:
@@ -93,22 +95,25 @@ class CouplingRun:
                 x, _ = permutation.inverse(x, context) if self.inverse else permutation(x, context)
         return x, total
 
-    def _layer_steps(self, x, context, precision):
+    def _layer_steps(self, x, context, precision, recording: bool):
         """The layers on the Triton backend where the run does not fuse: each layer's conditioner in torch (affine:
         up to the last hidden pre-activation), the rest (map, log-determinant, permuted merge) as one
-        `TritonAffineStep` or `TritonSplineStep`."""
+        `TritonAffineStep` or `TritonSplineStep` (where autograd records; else their kernels alone)."""
         ladj = None
+        affine = "scale_bound" in self.options
+        step = (TritonAffineStep.apply if affine else TritonSplineStep.apply) if recording else (
+            affine_step if affine else spline_step)
         for (coupling, _), column_map in zip(self.steps, self._on(x.device)[1]):
             kept, changed = coupling._split(x)
             weights = coupling._weights()
             kept_0, _, changed_0, _ = coupling.fused_layout()
-            if "scale_bound" in self.options:
-                x, ladj = TritonAffineStep.apply(conditioner_hidden(kept, context, weights, activate_last=False),
-                                                 weights[-2], weights[-1], kept, changed, ladj, column_map, kept_0,
-                                                 changed_0, self.options["scale_bound"], self.inverse, precision)
+            if affine:
+                x, ladj = step(conditioner_hidden(kept, context, weights, activate_last=False), weights[-2], weights[-1],
+                               kept, changed, ladj, column_map, kept_0, changed_0, self.options["scale_bound"],
+                               self.inverse, precision)
             else:
-                x, ladj = TritonSplineStep.apply(conditioner_ref(kept, context, weights), kept, changed, ladj, column_map,
-                                                 kept_0, changed_0, self.options["bound"], self.inverse)
+                x, ladj = step(conditioner_ref(kept, context, weights), kept, changed, ladj, column_map, kept_0, changed_0,
+                               self.options["bound"], self.inverse)
         return x, ladj
 
     def fused(self, x: torch.Tensor, context: torch.Tensor | None, precision: str,
