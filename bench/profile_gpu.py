@@ -10,16 +10,20 @@ Usage (on a GPU machine; `FASTFLOW_GPU_STEPS=profile bash bench/run_gpu.sh OUT` 
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
+from unittest import mock
 
 import torch
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
-PROFILED = [  # (family, case, implementation): the cases short of their targets on an H100 (2026-11-26)
+PROFILED = [  # (family, case, implementation): the cases short of their targets on an H100 (2026-11-26); an
+    # implementation ending in "+fused-backward" runs with FASTFLOW_FUSED_BACKWARD=1 (training through the fused backward)
     ("coupling", "affine d=8 n=65536 log_prob+backward", "fastflow-triton"),
     ("coupling", "affine d=8 n=65536 log_prob+backward", "fastflow-triton-tf32"),
+    ("coupling", "affine d=8 n=65536 log_prob+backward", "fastflow-triton-tf32+fused-backward"),
     ("coupling", "affine d=8 n=65536 log_prob+backward", "zuko-realnvp"),
     ("coupling", "spline d=8 n=65536 log_prob+backward", "fastflow-triton-tf32"),  # the layer steps on CUDA
     ("coupling", "affine d=2 n=65536 sample", "fastflow-triton-tf32"),
@@ -29,6 +33,9 @@ PROFILED = [  # (family, case, implementation): the cases short of their targets
     ("coupling", "spline d=8 n=65536 log_prob", "fastflow-triton"),
     ("ode", "mlp 3x256 d=2 n=1000000 rk4-100", "fastflow-triton-tf32"),
 ]
+
+
+FUSED_BACKWARD = "+fused-backward"
 
 
 def profile_call(fn, device: torch.device, repeats: int = 3, top: int = 8) -> dict:
@@ -62,11 +69,13 @@ def profile_cases(device: torch.device, selected: list[tuple[str, str, str]], qu
     for family in dict.fromkeys(family for family, _, _ in selected):
         cases = {case.name: case for case in benchmarks.cases(device, quick=quick, families=[family])}
         for _, name, implementation in (row for row in selected if row[0] == family):
-            fn = cases[name].implementations.get(implementation) if name in cases else None
+            base, fused_backward = implementation.removesuffix(FUSED_BACKWARD), implementation.endswith(FUSED_BACKWARD)
+            fn = cases[name].implementations.get(base) if name in cases else None
             if fn is None:
                 rows.append({"case": name, "implementation": implementation, "missing": True})
                 continue
-            rows.append({"case": name, "implementation": implementation, **profile_call(fn, device)})
+            with mock.patch.dict(os.environ, {"FASTFLOW_FUSED_BACKWARD": "1"} if fused_backward else {}):
+                rows.append({"case": name, "implementation": implementation, **profile_call(fn, device)})
             print(json.dumps(rows[-1]), flush=True)
     return rows
 

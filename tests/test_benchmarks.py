@@ -3,6 +3,7 @@
 import importlib.util
 import json
 from pathlib import Path
+from unittest import mock
 
 import pytest
 
@@ -130,14 +131,24 @@ def test_op_counts_show_the_triton_paths_launch_less(monkeypatch, interpreter):
 
 def test_gpu_profile_runs_the_named_cases_on_cpu():
     """bench/profile_gpu.py (run on GPU machines) on the quick CPU cases: wall time and launches (no device
-    kernels on CPU), and a case that does not exist is reported as missing."""
+    kernels on CPU), an implementation profiled with FASTFLOW_FUSED_BACKWARD=1 (its name suffixed), and a case that
+    does not exist is reported as missing."""
+    import os
+
     import torch
 
     profiler = _bench_script("profile_gpu")
-    rows = profiler.profile_cases(torch.device("cpu"), [("coupling", "affine d=2 n=2048 log_prob", "fastflow-native"),
-                                                        ("coupling", "affine d=2 n=2048 nope", "fastflow-native")], quick=True)
-    assert rows[0]["wall_ms"] > 0 and rows[0]["device_ms"] == 0 and rows[0]["launches"] == 0
-    assert rows[1]["missing"]
+    seen = []
+    cases = profiler.profile_cases(torch.device("cpu"), [("coupling", "affine d=2 n=2048 log_prob", "fastflow-native")],
+                                   quick=True)
+    with mock.patch.object(profiler, "profile_call",
+                           lambda fn, device: seen.append(os.environ.get("FASTFLOW_FUSED_BACKWARD")) or {"wall_ms": 1.0}):
+        cases += profiler.profile_cases(torch.device("cpu"), [
+            ("coupling", "affine d=2 n=2048 log_prob+backward", "fastflow-native+fused-backward"),
+            ("coupling", "affine d=2 n=2048 nope", "fastflow-native")], quick=True)
+    assert cases[0]["wall_ms"] > 0 and cases[0]["device_ms"] == 0 and cases[0]["launches"] == 0
+    assert cases[1]["implementation"] == "fastflow-native+fused-backward" and seen == ["1"]
+    assert cases[2]["missing"]
 
 
 @pytest.mark.triton
