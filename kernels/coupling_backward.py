@@ -11,7 +11,7 @@ one batched product per chunk of rows (deterministic); they take S · rows · (i
 (0.7 GB at 65,536 rows, 5 layers, width 128, 8-D), launches taking fewer rows where they would pass `FACTOR_BUDGET`.
 The first hidden layer's units go BLOCK_HK at a time, both
 ways (a1 recomputed on the way back), as the forward's. sm_90 builds (Triton 3.6, width 128, affine 8-D, 64 rows, 8
-warps; bench/sm90.py): 64 KiB of shared memory, 1.5 KiB of spills per thread, 5,984 SASS instructions. This replaced
+warps; bench/sm90.py): 64 KiB of shared memory, 1.3 KiB of spills per thread, 5,656 SASS instructions. This replaced
 sums inside the kernel (each program summing its blocks' weight gradients in registers and in a row of partials:
 132 KiB, 3.6 KiB of spills, 11,552 instructions, one program per multiprocessor; on an H100 the affine backward took
 3.7 ms at 8-D, 65,536 rows, 2.7 ms with 128 rows per block: no faster than the layer steps), and is not yet timed on
@@ -210,7 +210,7 @@ def _coupling_flow_backward_kernel(
         grad_dst = grad_x_ptr
         if s > 0:
             grad_dst = grad_states_ptr + ((s - 1) % 2) * state_size
-        factor_rows = (s * n_group + local).to(tl.int64)[:, None]  # the block's rows of the step's factors
+        factor_rows = (s * n_group + local)[:, None]  # the block's rows of the step's factors (int32: `factor_rows`)
         # the conditioner's hidden layers again, from the step's input: [kept, context] -> a1 -> a2, the first
         # layer's units BLOCK_HK at a time (its weights and activations in chunks, as the forward)
         inputs = tl.load(src + kept_0 + rows[:, None] * n_dim + cols_in[None, :],
@@ -294,9 +294,15 @@ def conditioner_outputs(max_changed: int, num_bins: int | None) -> int:
 
 def factor_rows(n_rows: int, block_m: int, values_per_row: int, budget: int = FACTOR_BUDGET) -> tuple[int, int, int]:
     """How the backward takes n_rows: (chunk, chunks, chunks per launch). Each launch stores the factors of its
-    rows (`values_per_row` each) within `budget` values; the weight gradients sum products over chunks of `chunk`
-    rows (a multiple of block_m, about `CHUNK_ROWS`; the last chunk's rows past n_rows are zero)."""
-    chunks = cdiv(n_rows, CHUNK_ROWS)
+    rows (`values_per_row` each) within `budget` values (at most 2^31 - 1: the kernel's offsets into them are
+    int32), and at least one block of rows; the weight gradients sum products over chunks of `chunk` rows (a
+    multiple of block_m, at most about `CHUNK_ROWS`; the last chunk's rows past n_rows are zero)."""
+    budget = min(budget, 2**31 - 1)
+    if values_per_row * block_m > 2**31 - 1:
+        raise ValueError(f"the fused coupling backward cannot store {values_per_row} factor values per row for "
+                         f"{block_m} rows (int32 offsets)")
+    rows_within_budget = max(block_m, budget // values_per_row // block_m * block_m)
+    chunks = cdiv(n_rows, min(CHUNK_ROWS, rows_within_budget))
     chunk = block_m * cdiv(cdiv(n_rows, chunks), block_m)
     return chunk, chunks, max(1, min(chunks, budget // (values_per_row * chunk)))
 

@@ -199,9 +199,9 @@ def test_under_autograd_values_and_gradients_match_the_reference(transform, dim,
 def test_fused_backward_sums_the_weight_gradients_over_chunks_and_launches(transform, budget, monkeypatch,
                                                                            backend_pair):
     """`kernels.coupling_backward` sums each weight gradient over chunks of rows (here 300 rows in 3 chunks of 128
-    rows, the last one partly past the rows) as batched products, within one launch or (a budget of one chunk) over
-    3 launches; a context shared by every row (read at stride 0) gets the gradients of all rows. Against the
-    reference flow (tolerances as under autograd)."""
+    rows, the last one partly past the rows) as batched products, within one launch or (a budget below one block of
+    rows) in chunks of one block, one launch each; a context shared by every row (read at stride 0) gets the
+    gradients of all rows. Against the reference flow (tolerances as under autograd)."""
     from fastflow.kernels import coupling_backward
 
     monkeypatch.setattr(coupling_backward, "CHUNK_ROWS", 100)
@@ -220,7 +220,7 @@ def test_fused_backward_sums_the_weight_gradients_over_chunks_and_launches(trans
     grads = torch.autograd.grad(log_prob, [*fused.parameters(), x, shared], cotangent)
     grads_ref = torch.autograd.grad(log_prob_ref, [*reference.parameters(), x, shared], cotangent)
     _assert_gradients_close(grads, grads_ref)
-    assert kernel_launches == {"_coupling_flow_backward_kernel": 1 if budget is None else 3}
+    assert kernel_launches == {"_coupling_flow_backward_kernel": 1 if budget is None else 5}  # 5 blocks of 64 rows
 
 
 @pytest.mark.parametrize("transform, hidden, block_hk", [("affine", 48, 32), ("affine", 32, 16), ("spline", 48, 16)])
@@ -245,15 +245,19 @@ def test_fused_backward_takes_the_first_layer_in_chunks(transform, hidden, block
 
 
 def test_factor_rows_chunk_the_rows_within_the_budget():
-    """Chunks of about `CHUNK_ROWS` rows, rounded up to whole blocks; as many per launch as the budget holds (at
-    least one)."""
+    """Chunks of about `CHUNK_ROWS` rows, rounded up to whole blocks, fewer rows where a chunk would pass the budget
+    (one block at least); as many chunks per launch as the budget holds (at least one); int32 offsets bound it."""
     from fastflow.kernels.coupling_backward import CHUNK_ROWS, factor_rows
 
     assert factor_rows(33, 64, 10) == (64, 1, 1)
     assert factor_rows(65_536, 64, 10) == (CHUNK_ROWS, 16, 16)
     assert factor_rows(65_537, 64, 10) == (3904, 17, 17)  # 17 chunks of 3,857 rows, rounded up to 61 blocks
     assert factor_rows(65_536, 128, 10, budget=10 * 4096 * 5) == (CHUNK_ROWS, 16, 5)
-    assert factor_rows(65_536, 64, 10, budget=1) == (CHUNK_ROWS, 16, 1)
+    assert factor_rows(65_536, 64, 10, budget=10 * 1000) == (960, 69, 1)  # 960 rows: 15 blocks within the budget
+    assert factor_rows(65_536, 64, 10, budget=1) == (64, 1024, 1)
+    assert factor_rows(10**9, 64, 10, budget=2**40)[0] * 10 * factor_rows(10**9, 64, 10, budget=2**40)[2] < 2**31
+    with pytest.raises(ValueError, match="int32"):
+        factor_rows(100, 64, 2**26)
 
 
 @pytest.mark.parametrize("transform", ["affine", "spline"])
