@@ -3,7 +3,8 @@
 # module) unless it is importable, then runs the steps named in FASTFLOW_GPU_STEPS (default "tests bench"):
 #   memcheck  compute-sanitizer over the Triton kernels at their defaults, small sizes (bench/memcheck_gpu.py),
 #          gpu_memcheck_<date>_<gpu>.json: a kernel that faults ends its process's CUDA context, so a new kernel
-#          or launch setting is checked here before the timed steps meet it
+#          or launch setting is checked here before the timed steps meet it (FASTFLOW_GPU_MEMCHECK_CASES: some of its
+#          cases, comma-separated, e.g. "coupling affine 8,coupling spline 8")
 #   tests  the gpu- and triton-marked tests with Triton compiled for the GPU (pytest-xdist spreads the
 #          compiles when installed; the slow sm_90 compile checks stay on CPU machines); the log, failures
 #          first, in gpu_tests_<date>_<gpu>.txt
@@ -39,8 +40,10 @@ $python -c 'from fastflow.backends import backends; [print(n, s.reason) for n, s
 gpu=$($python -c 'import torch; print(torch.cuda.get_device_name().replace(" ", "-"))')
 status=0
 if [[ $steps == *" memcheck "* ]]; then
+  cases=()
+  IFS=, read -ra cases <<< "${FASTFLOW_GPU_MEMCHECK_CASES:-}"
   timeout "${FASTFLOW_GPU_MEMCHECK_TIMEOUT:-300}" $python bench/memcheck_gpu.py "$out/gpu_memcheck_$(date +%F)_${gpu}.json" \
-    || status=1
+    "${cases[@]}" || status=1
 fi
 if [[ $steps == *" tests "* ]]; then
   parallel=$($python -c 'import xdist' 2>/dev/null && echo "-n 8")
