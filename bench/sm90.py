@@ -96,11 +96,11 @@ def compile_coupling_flow(transform: str, hidden: int, dim: int, context: int = 
 
 
 def compile_coupling_flow_backward(transform: str, hidden: int, dim: int, context: int = 0, *, approximate: bool,
-                                   num_bins: int = 8, block_m: int = 64, block_hk: int = 32,
+                                   num_bins: int = 8, block_m: int = 64, block_hk: int | None = None,
                                    num_warps: int | None = None):
     """The backward of a fused run of coupling layers (`kernels.coupling_backward.coupling_flow_backward_triton`) of
     `transform` ("affine", or "spline" with `num_bins`) with conditioners of width `hidden`, TF32 products, compiled
-    for sm_90 (warps: the launcher's default)."""
+    for sm_90 (first-layer chunk and warps: the launcher's defaults unless given)."""
     from fastflow.kernels import coupling_backward, dot_tile
 
     changed = dim - dim // 2
@@ -110,7 +110,7 @@ def compile_coupling_flow_backward(transform: str, hidden: int, dim: int, contex
         meta = coupling_backward.spline_meta(changed + context, hidden, changed, num_bins, inverse=False)
         tiles = dict(BLOCK_OUT=16, BLOCK_T=meta["BLOCK_T"], BLOCK_K=meta["BLOCK_K"], T_CHUNK=meta["T_CHUNK"])
     meta = dict(SPLINE=transform == "spline", CONTEXT_GRAD=bool(context), INVERSE=False, BLOCK_M=block_m,
-                BLOCK_IN=dot_tile(changed + context), BLOCK_H=dot_tile(hidden), BLOCK_HK=min(block_hk, dot_tile(hidden)),
+                BLOCK_IN=dot_tile(changed + context), BLOCK_H=dot_tile(hidden), BLOCK_HK=min(block_hk or coupling_backward.BLOCK_HK, dot_tile(hidden)),
                 **tiles, PRECISION="tf32",
                 APPROXIMATE=approximate, FIELDS=coupling_backward.STEP_FIELDS, num_stages=1)
     return compile_for_h100(coupling_backward._coupling_flow_backward_kernel,

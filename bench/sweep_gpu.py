@@ -41,12 +41,12 @@ SPLINE_CHUNK_COLUMNS = (32, None)  # spline (coordinate, bin) columns per pass b
 LAYER_SETTINGS = [{}, *(dict(block_m=m, num_warps=w) for m, w in ((32, 8), (64, 4), (64, 8), (128, 8)))]  # default first
 AFFINE_STEP_SETTINGS = [{}, *(dict(block_m=m, num_warps=w) for m, w in ((16, 4), (32, 4), (64, 4), (64, 8), (128, 8)))]
 SPLINE_SETTINGS = [(64, 4), (32, 4), (64, 2), (128, 4), (128, 8)]  # (block, num_warps), 8 bins: default first
-BACKWARD_SETTINGS = {  # per transform, the default first (64 rows, 32 first-layer units per chunk; 8 warps affine, 4
+BACKWARD_SETTINGS = {  # per transform, the default first (64 rows, 16 first-layer units per chunk; 8 warps affine, 4
     # spline: the earlier kernel faulted on splines at 64 x 8 on an H100 (bench/memcheck_gpu.py checks 64 x 8 now), and
     # an illegal address ends the sweep's process)
     "affine": [{}, *(dict(block_m=m, block_hk=k, num_warps=w) for m, k, w in (
-        (64, 16, 8), (64, 64, 8), (128, 32, 8), (64, 32, 4), (32, 32, 4)))],
-    "spline": [{}, *(dict(block_m=m, block_hk=k, num_warps=w) for m, k, w in ((64, 16, 4), (128, 32, 8)))],
+        (64, 32, 8), (64, 64, 8), (128, 16, 8), (64, 16, 4), (32, 16, 4)))],
+    "spline": [{}, *(dict(block_m=m, block_hk=k, num_warps=w) for m, k, w in ((64, 32, 4), (128, 16, 8)))],
 }
 
 

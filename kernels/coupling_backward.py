@@ -10,8 +10,9 @@ and the gradients of a1, a2 and of the conditioner's outputs; `(S, rows, ·)`) a
 one batched product per chunk of rows (deterministic); they take S · rows · (inputs + 4 H + outputs) float32 values
 (0.7 GB at 65,536 rows, 5 layers, width 128, 8-D), launches taking fewer rows where they would pass `FACTOR_BUDGET`.
 The first hidden layer's units go BLOCK_HK at a time, both
-ways (a1 recomputed on the way back), as the forward's. sm_90 builds (Triton 3.6, width 128, affine 8-D, 64 rows, 8
-warps; bench/sm90.py): 64 KiB of shared memory, 1.3 KiB of spills per thread, 5,656 SASS instructions. This replaced
+ways (a1 recomputed on the way back), as the forward's. sm_90 builds (Triton 3.6, width 128, 64 rows; bench/sm90.py):
+affine (8 warps) 64 KiB of shared memory, 1.0 KiB of spills per thread and 4,792 SASS instructions with 16 units per
+chunk (1.3 KiB, 5,656 with 32; 1.7 KiB with 64), spline 8-D (4 warps) 36 KiB, 2.2 KiB, 9,928 (2.8 KiB with 32). This replaced
 sums inside the kernel (each program summing its blocks' weight gradients in registers and in a row of partials:
 132 KiB, 3.6 KiB of spills, 11,552 instructions, one program per multiprocessor; on an H100 the affine backward took
 3.7 ms at 8-D, 65,536 rows, 2.7 ms with 128 rows per block: no faster than the layer steps), and is not yet timed on
@@ -45,6 +46,7 @@ MAX_HIDDEN = 128
 MAX_SIZES = (MAX_HIDDEN, 128, 64, 32)  # the largest width, inputs (kept + context), changed coordinates and bins
 FACTOR_BUDGET = 1 << 28  # float32 values (1 GiB) of per-row factors per launch at most, by default
 CHUNK_ROWS = 4096  # rows per batched product of the weight gradients (about)
+BLOCK_HK = 16  # first-layer units per chunk by default (sm_90 builds spilled less than with 32 or 64: module docstring)
 
 
 @triton.jit
@@ -343,7 +345,7 @@ def coupling_flow_backward_triton(x, states, context, grad_out, grad_ladj, param
                                   scale_bound: float | None = None, num_bins: int | None = None,
                                   bound: float | None = None, constants: tuple[float, float, float, float] | None = None,
                                   precision: str = "ieee", approximate: bool = False, block_m: int = 64,
-                                  block_hk: int = 32, num_warps: int | None = None, budget: int = FACTOR_BUDGET):
+                                  block_hk: int = BLOCK_HK, num_warps: int | None = None, budget: int = FACTOR_BUDGET):
     """Gradients of a fused run of coupling layers (`kernels.coupling.coupling_flow_triton`): affine when
     `scale_bound` is given, else spline with `num_bins`, `bound`, `constants`.
 
@@ -362,6 +364,8 @@ def coupling_flow_backward_triton(x, states, context, grad_out, grad_ladj, param
     """
     spline = scale_bound is None
     num_warps = num_warps or default_warps(spline)
+    if block_hk < 16 or block_hk & (block_hk - 1):
+        raise ValueError(f"block_hk must be a power of 2 >= 16, got {block_hk}")
     if not fits(n_hidden, max_inputs, max_changed, num_bins if spline else None):
         raise ValueError(f"the fused coupling backward does not fit conditioners of width {n_hidden} with {max_inputs} "
                          f"inputs and {max_changed} changed coordinates (`fits`)")
@@ -396,7 +400,8 @@ def coupling_flow_backward_triton(x, states, context, grad_out, grad_ladj, param
             n_rows, first * chunk, n_group, n_dim, context.shape[1], n_hidden, n_steps, max_inputs, max_changed,
             n_outputs, num_bins or 0, context.stride(0) if context.numel() else 0, *scalars,
             SPLINE=spline, CONTEXT_GRAD=context_grad, INVERSE=inverse, BLOCK_M=block_m, BLOCK_IN=dot_tile(max_inputs),
-            BLOCK_H=dot_tile(n_hidden), BLOCK_HK=min(block_hk, dot_tile(n_hidden)), **tiles, PRECISION=precision, APPROXIMATE=approximate, FIELDS=STEP_FIELDS,
+            BLOCK_H=dot_tile(n_hidden), BLOCK_HK=min(block_hk, dot_tile(n_hidden)), **tiles, PRECISION=precision,
+            APPROXIMATE=approximate, FIELDS=STEP_FIELDS,
             num_warps=num_warps, num_stages=1,
         )
         parts = torch.cat([part.flatten() for part in (

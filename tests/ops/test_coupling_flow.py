@@ -223,9 +223,9 @@ def test_fused_backward_sums_the_weight_gradients_over_chunks_and_launches(trans
     assert kernel_launches == {"_coupling_flow_backward_kernel": 1 if budget is None else 5}  # 5 blocks of 64 rows
 
 
-@pytest.mark.parametrize("transform, hidden, block_hk", [("affine", 48, 32), ("affine", 32, 16), ("spline", 48, 16)])
+@pytest.mark.parametrize("transform, hidden, block_hk", [("affine", 48, 32), ("affine", 32, 32), ("spline", 48, 16)])
 def test_fused_backward_takes_the_first_layer_in_chunks(transform, hidden, block_hk, monkeypatch, backend_pair):
-    """The backward kernel takes the first hidden layer's units `block_hk` at a time (here 2-4 chunks, the last
+    """The backward kernel takes the first hidden layer's units `block_hk` at a time (here 1-4 chunks, the last
     one partly or wholly past the width); gradients against the reference flow (tolerances as under autograd)."""
     from fastflow.kernels import coupling_backward
 
@@ -242,6 +242,16 @@ def test_fused_backward_takes_the_first_layer_in_chunks(transform, hidden, block
     grads_ref = torch.autograd.grad(reference.log_prob(x, contexts), [*reference.parameters(), x, contexts], cotangent)
     _assert_gradients_close(grads, grads_ref)
     assert launches == {"_coupling_flow_kernel": 1, "_coupling_flow_backward_kernel": 1}
+
+
+@pytest.mark.parametrize("block_hk", [8, 24])
+def test_fused_backward_refuses_a_chunk_that_is_not_a_power_of_two_from_16(block_hk):
+    from fastflow.kernels.coupling_backward import coupling_flow_backward_triton
+
+    x = torch.zeros(4, 2)
+    with pytest.raises(ValueError, match="block_hk must be a power of 2 >= 16"):
+        coupling_flow_backward_triton(x, x, None, x, x[:, 0], x, x, x, x, n_hidden=16, max_inputs=1, max_changed=1,
+                                      inverse=False, context_grad=False, scale_bound=2.0, block_hk=block_hk)
 
 
 def test_factor_rows_chunk_the_rows_within_the_budget():
