@@ -337,7 +337,7 @@ def _summed_products(g: torch.Tensor, h: torch.Tensor, chunks: int) -> torch.Ten
     n_steps, n_rows, a = g.shape
     products = torch.bmm(g.view(n_steps * chunks, n_rows // chunks, a).transpose(1, 2),
                          h.view(n_steps * chunks, n_rows // chunks, h.shape[2]))
-    return products.view(n_steps, chunks, a, h.shape[2]).sum(1)
+    return products if chunks == 1 else products.view(n_steps, chunks, a, h.shape[2]).sum(1)
 
 
 def coupling_flow_backward_triton(x, states, context, grad_out, grad_ladj, params, steps, column_maps, gradient_positions, *,
