@@ -7,7 +7,8 @@ invalid access it reports and those errors.
 
 Cases: 5-layer coupling flows (width 128, 8 bins), affine and spline at 2, 8 and 32 dims: log_prob and sample
 without autograd (the fused run, TF32; and the layer steps, fp32), training through the layer steps and through the
-fused backward (FASTFLOW_FUSED_BACKWARD=1; splines also at 8 warps); and the fused ODE integrator (3x64 and 3x256 fields, RK4).
+fused backward (FASTFLOW_FUSED_BACKWARD=1; splines also at 8 warps); and the fused ODE integrator (3x64 and 3x256
+fields, RK4).
 
 Usage (on a GPU machine; `FASTFLOW_GPU_STEPS=memcheck bash bench/run_gpu.sh OUT` runs it):
     python bench/memcheck_gpu.py OUT.json [CASE ...]     (CASE: e.g. "coupling spline 8", "ode 256")
@@ -70,7 +71,7 @@ def _coupling(transform: str, dim: int, rows: int = 256, hidden: int = 128, devi
         os.environ["FASTFLOW_FUSED_BACKWARD"] = fused
         error = ((gradient(flow) - gradient_ref).norm() / gradient_ref.norm()).item()
         _report(f"training {'fused' if fused == '1' else 'steps'} tf32 (relative)", error)
-    if transform == "spline":  # last (a fault ends the process): 8 warps, which the earlier kernel read out of bounds at
+    if transform == "spline":  # last (a fault ends the process): 8 warps, where the earlier kernel read out of bounds
         from fastflow.kernels import coupling_backward
 
         with mock.patch.object(coupling_backward, "default_warps", lambda spline: 8):

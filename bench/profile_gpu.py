@@ -20,7 +20,8 @@ from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 PROFILED = [  # (family, case, implementation): the cases short of their targets on an H100 (2026-11-26); an
-    # implementation ending in "+fused-backward" runs with FASTFLOW_FUSED_BACKWARD=1 (training through the fused backward)
+    # implementation ending in "+fused-backward" runs with FASTFLOW_FUSED_BACKWARD=1 (training through the fused
+    # backward)
     ("coupling", "affine d=8 n=65536 log_prob+backward", "fastflow-triton"),
     ("coupling", "affine d=8 n=65536 log_prob+backward", "fastflow-triton-tf32"),
     ("coupling", "affine d=8 n=65536 log_prob+backward", "fastflow-triton-tf32+fused-backward"),

@@ -110,7 +110,8 @@ def compile_coupling_flow_backward(transform: str, hidden: int, dim: int, contex
         meta = coupling_backward.spline_meta(changed + context, hidden, changed, num_bins, inverse=False)
         tiles = dict(BLOCK_OUT=16, BLOCK_T=meta["BLOCK_T"], BLOCK_K=meta["BLOCK_K"], T_CHUNK=meta["T_CHUNK"])
     meta = dict(SPLINE=transform == "spline", CONTEXT_GRAD=bool(context), INVERSE=False, BLOCK_M=block_m,
-                BLOCK_IN=dot_tile(changed + context), BLOCK_H=dot_tile(hidden), BLOCK_HK=min(block_hk or coupling_backward.BLOCK_HK, dot_tile(hidden)),
+                BLOCK_IN=dot_tile(changed + context), BLOCK_H=dot_tile(hidden),
+                BLOCK_HK=min(block_hk or coupling_backward.BLOCK_HK, dot_tile(hidden)),
                 **tiles, PRECISION="tf32",
                 APPROXIMATE=approximate, FIELDS=coupling_backward.STEP_FIELDS, num_stages=1)
     return compile_for_h100(coupling_backward._coupling_flow_backward_kernel,

@@ -270,7 +270,7 @@ def _spline_coupling_blocked(kept, context, changed, weights, *, num_bins: int, 
 def _check(kept, context, changed, weights) -> tuple[bool, set[torch.dtype], list[torch.Tensor]]:
     """Whether the fused Triton kernels can take these tensors (float32 on a Triton device, conditioners of two
     hidden layers: `weights` holds one or more layers' six tensors), their dtypes, and the tensors; mixed devices
-    raise. (One pass over the tensors: a run of layers checks ~30 per call.)"""
+    raise. (Two cheap passes over the tensors: a run of layers checks ~30 per call.)"""
     tensors = [kept, changed, *weights] + ([] if context is None else [context])
     if len({t.get_device() for t in tensors}) != 1:  # (the device index, -1 on CPU: cheaper than t.device)
         raise ValueError("coupling: inputs and weights must be on one device")

@@ -4,14 +4,14 @@ in one Triton launch (the permutations become column maps of the kernel's stores
 the conditioners (`fastflow.ops.coupling.dispatch`, `fuses_conditioner`: TF32 products) and autograd does not
 record. Under autograd there, runs train in two launches (`_FusedRun`: the fused run keeping each step's input,
 then `kernels.coupling_backward`) where `trains_fused` says so (the interpreter; CUDA only when asked, with
-FASTFLOW_FUSED_BACKWARD=1: on an H100 its earlier form was no faster than the layer steps). Otherwise on the Triton backend (fp32
-products on CUDA, training on CUDA, conditioners too wide for the fused backward), affine runs take one
+FASTFLOW_FUSED_BACKWARD=1: on an H100 its earlier form was no faster than the layer steps). Otherwise on the Triton
+backend (fp32 products on CUDA, training on CUDA, conditioners too wide for the fused backward), affine runs take one
 `TritonAffineStep` per layer (its hidden layers in torch) and spline runs one `TritonSplineStep` per layer (its
 conditioner in torch). Otherwise the run applies its transforms one by one, as the flow would. A coupling layer on
 its own runs as a one-layer run (`fastflow.nn.coupling`).
 
-A layer joins a run through its `fused_signature()`, `fused_layout()`, `fused_options()`, `parameter_slots` and `_weights()`
-(`fastflow.nn.coupling`); a permutation through `column_map(inverse)` (`fastflow.flows.transforms`).
+A layer joins a run through its `fused_signature()`, `fused_layout()`, `fused_options()`, `parameter_slots` and
+`_weights()` (`fastflow.nn.coupling`); a permutation through `column_map(inverse)` (`fastflow.flows.transforms`).
 """
 
 from __future__ import annotations
