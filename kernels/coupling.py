@@ -20,6 +20,20 @@ __all__ = ["FLOW_LAUNCH", "STEP_FIELDS", "affine_coupling_triton", "affine_meta"
 
 
 @triton.jit
+def first_layer(inputs, w1_ptr, b1_ptr, unit, unit_ok, cols_in, in_ok, n_in, PRECISION: tl.constexpr):
+    """The conditioner's first-layer pre-activations of the units `unit` (valid where `unit_ok`) for inputs
+    `(BLOCK_M, BLOCK_IN)` (columns valid where `in_ok`; w1 `(H, n_in)` row-major): `(BLOCK_M, len(unit))`."""
+    w1 = tl.load(w1_ptr + unit[None, :] * n_in + cols_in[:, None], mask=in_ok[:, None] & unit_ok[None, :], other=0.0)
+    return tl.dot(inputs, w1, input_precision=PRECISION) + tl.load(b1_ptr + unit, mask=unit_ok, other=0.0)[None, :]
+
+
+def check_block_hk(block_hk: int | None) -> None:
+    """Refuses a chunk of first-layer units (`block_hk`) that is not a power of 2 >= 16 (None: the default)."""
+    if block_hk is not None and (block_hk < 16 or block_hk & (block_hk - 1)):
+        raise ValueError(f"block_hk must be a power of 2 >= 16, got {block_hk}")
+
+
+@triton.jit
 def _conditioner_hidden(kept_ptr, context_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, rows, row_ok,
                         n_kept, n_context, n_hidden, stride_kept, stride_context, BLOCK_M: tl.constexpr,
                         BLOCK_IN: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HK: tl.constexpr, PRECISION: tl.constexpr,
@@ -41,9 +55,8 @@ def _conditioner_hidden(kept_ptr, context_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, r
     for start in range(0, BLOCK_H, BLOCK_HK):
         unit = start + units
         unit_ok = unit < n_hidden
-        w1 = tl.load(w1_ptr + unit[None, :] * n_in + cols_in[:, None], mask=(cols_in[:, None] < n_in) & unit_ok[None, :], other=0.0)
-        b1 = tl.load(b1_ptr + unit, mask=unit_ok, other=0.0)
-        h = activate(tl.dot(x_in, w1, input_precision=PRECISION) + b1[None, :], SILU, APPROXIMATE)
+        h = activate(first_layer(x_in, w1_ptr, b1_ptr, unit, unit_ok, cols_in, cols_in < n_in, n_in, PRECISION), SILU,
+                     APPROXIMATE)
         w2 = tl.load(w2_ptr + cols_h[None, :] * n_hidden + unit[:, None], mask=unit_ok[:, None] & (cols_h[None, :] < n_hidden), other=0.0)
         pre_activation += tl.dot(h, w2, input_precision=PRECISION)
     b2 = tl.load(b2_ptr + cols_h, mask=cols_h < n_hidden, other=0.0)
@@ -105,8 +118,7 @@ def _conditioner_meta(n_in: int, n_hidden: int, *, inverse: bool, block_m: int, 
     power of 2 >= 16; default: as many as a weight tile holds), the products' input precision ("ieee": fp32,
     "tf32" or "tf32x3") and the activations' form (`kernels.activations`)."""
     block_h = dot_tile(n_hidden)
-    if block_hk is not None and (block_hk < 16 or block_hk & (block_hk - 1)):
-        raise ValueError(f"block_hk must be a power of 2 >= 16, got {block_hk}")
+    check_block_hk(block_hk)
     return dict(INVERSE=inverse, BLOCK_M=block_m, BLOCK_IN=dot_tile(n_in), BLOCK_H=block_h,
                 BLOCK_HK=min(block_h, block_hk or max(16, _WEIGHT_TILE // block_h)), PRECISION=precision, APPROXIMATE=approximate,
                 num_stages=1)  # no software pipelining of the chunk loops: multi-buffered tiles overflow shared memory

@@ -36,7 +36,9 @@ import triton.language as tl
 from fastflow.kernels import cdiv, dot_tile
 from fastflow.kernels.activations import SILU, TANH, activate, silu_derivative
 from fastflow.kernels.affine import affine_gradients, gather_columns
-from fastflow.kernels.coupling import STEP_FIELDS, _spline_parameters, spline_meta, state_elements
+from fastflow.kernels.coupling import (
+    STEP_FIELDS, _spline_parameters, check_block_hk, first_layer, spline_meta, state_elements,
+)
 from fastflow.kernels.spline import _rq_locate, _spline_knots, rq_gradients
 
 __all__ = ["MAX_HIDDEN", "conditioner_outputs", "coupling_flow_backward_triton", "default_warps", "factor_rows", "fits",
@@ -47,13 +49,6 @@ MAX_SIZES = (MAX_HIDDEN, 128, 64, 32)  # the largest width, inputs (kept + conte
 FACTOR_BUDGET = 1 << 28  # float32 values (1 GiB) of per-row factors per launch at most, by default
 CHUNK_ROWS = 4096  # rows per batched product of the weight gradients (about)
 BLOCK_HK = 16  # first-layer units per chunk by default (sm_90 builds spilled less than with 32 or 64: module docstring)
-
-
-@triton.jit
-def _first_layer(inputs, w1_ptr, b1_ptr, unit, unit_ok, cols_in, in_ok, n_in, PRECISION: tl.constexpr):
-    """The first layer's pre-activations of the units `unit` for inputs `(BLOCK_M, BLOCK_IN)`: `(BLOCK_M, len(unit))`."""
-    w1 = tl.load(w1_ptr + unit[None, :] * n_in + cols_in[:, None], mask=in_ok[:, None] & unit_ok[None, :], other=0.0)
-    return tl.dot(inputs, w1, input_precision=PRECISION) + tl.load(b1_ptr + unit, mask=unit_ok, other=0.0)[None, :]
 
 
 @triton.jit
@@ -226,7 +221,7 @@ def _coupling_flow_backward_kernel(
         for start in range(0, BLOCK_H, BLOCK_HK):
             unit = start + units
             unit_ok = unit < n_hidden
-            h1 = activate(_first_layer(inputs, w1_ptr, b1_ptr, unit, unit_ok, cols_in, in_ok, n_in, PRECISION), SILU,
+            h1 = activate(first_layer(inputs, w1_ptr, b1_ptr, unit, unit_ok, cols_in, in_ok, n_in, PRECISION), SILU,
                           APPROXIMATE)
             tl.store(h1_ptr + factor_rows * n_hidden + unit[None, :], h1, mask=factor_ok[:, None] & unit_ok[None, :])
             w2 = tl.load(w2_ptr + cols_h[None, :] * n_hidden + unit[:, None], mask=unit_ok[:, None] & h_ok[None, :],
@@ -255,7 +250,7 @@ def _coupling_flow_backward_kernel(
         for start in range(0, BLOCK_H, BLOCK_HK):
             unit = start + units
             unit_ok = unit < n_hidden
-            a1 = _first_layer(inputs, w1_ptr, b1_ptr, unit, unit_ok, cols_in, in_ok, n_in, PRECISION)
+            a1 = first_layer(inputs, w1_ptr, b1_ptr, unit, unit_ok, cols_in, in_ok, n_in, PRECISION)
             w2 = tl.load(w2_ptr + cols_h[:, None] * n_hidden + unit[None, :], mask=h_ok[:, None] & unit_ok[None, :],
                          other=0.0)  # (out, in)
             g_a1 = tl.where(row_ok[:, None], tl.dot(g_a2, w2, input_precision=PRECISION) * silu_derivative(a1), 0.0)
@@ -364,8 +359,7 @@ def coupling_flow_backward_triton(x, states, context, grad_out, grad_ladj, param
     """
     spline = scale_bound is None
     num_warps = num_warps or default_warps(spline)
-    if block_hk < 16 or block_hk & (block_hk - 1):
-        raise ValueError(f"block_hk must be a power of 2 >= 16, got {block_hk}")
+    check_block_hk(block_hk)
     if not fits(n_hidden, max_inputs, max_changed, num_bins if spline else None):
         raise ValueError(f"the fused coupling backward does not fit conditioners of width {n_hidden} with {max_inputs} "
                          f"inputs and {max_changed} changed coordinates (`fits`)")
