@@ -78,7 +78,7 @@ class Flow(nn.Module):
                 raise ValueError(
                     f"context batch shape {tuple(context.shape[:-1])} does not broadcast to θ batch shape {tuple(batch_shape)}"
                 ) from None
-            embedded = embedded.reshape(x.shape[0], -1)
+            embedded = embedded.reshape(x.shape[0], -1).to(x.dtype)  # (the layers' kernels take one dtype)
         log_q = None
         for step in self._chain(inverse=False):
             x, ladj = step(x, embedded)
@@ -100,7 +100,7 @@ class Flow(nn.Module):
         z = self.base.rsample(n * contexts)
         log_q = self.base.log_prob(z) if with_log_prob else None
         if embedded is not None:
-            embedded = embedded.unsqueeze(0).expand(n, -1, -1).reshape(n * contexts, -1)
+            embedded = embedded.unsqueeze(0).expand(n, -1, -1).reshape(n * contexts, -1).to(z.dtype)
         for step in self._chain(inverse=True):
             z, ladj = step(z, embedded)
             if with_log_prob:

@@ -106,20 +106,52 @@ class _Coupling(Transform):
         return self._run_or_op(z, context, inverse=True)
 
     def _run_or_op(self, x, context, inverse):
-        """On the Triton backend the layer runs as a one-layer `CouplingRun` (fused kernels, with its merge), as in
-        a `Flow`; otherwise through the coupling op (`_transform`)."""
+        """x `(*, dim)` (and context `(*, context_dim)`, the same batch shape) → (y `(*, dim)`, log|det J| `(*,)`).
+        On the Triton backend the layer runs as a one-layer `CouplingRun` (fused kernels, with its merge), as in a
+        `Flow`; otherwise through the coupling op (`_transform`)."""
+        batch_shape = x.shape[:-1]
+        x, context = self._rows(x, context)
+        result = None
         if self.backend not in ("reference", "native") and triton_device(x.device) and self.fused_signature() is not None:
             key = (inverse, self.backend)
             if key not in self._runs:
                 self._runs[key] = CouplingRun([(self, None)], inverse)
             result = self._runs[key].on_triton(x, context)
-            if result is not None:
-                return result
-        return self._transform(x, context, inverse)
+        y, ladj = self._transform(x, context, inverse) if result is None else result
+        return (y, ladj) if len(batch_shape) == 1 else (y.reshape(*batch_shape, self.dim), ladj.reshape(batch_shape))
+
+    def _rows(self, x: torch.Tensor, context: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """x `(*, dim)` and context `(*, context_dim)` as `(N, dim)` and `(N, context_dim)` rows, the context in
+        x's dtype (None when the layer takes none), after checking shapes, dtypes and devices against the layer's."""
+        name = type(self).__name__
+        weight = self.parameter_slots[0][0]["weight"]
+        if x.dim() == 0 or x.shape[-1] != self.dim:
+            raise ValueError(f"{name}: x must be (*, {self.dim}), got {tuple(x.shape)}")
+        if x.dtype != weight.dtype:
+            raise ValueError(f"{name}: x is {x.dtype} but the layer's parameters are {weight.dtype} (convert one with .to())")
+        tensors = [("x", x)]
+        if self.context_dim:
+            context = self._context(context)
+            if context.shape[:-1] != x.shape[:-1] or context.dim() == 0 or context.shape[-1] != self.context_dim:
+                raise ValueError(f"{name}: context must be (*, {self.context_dim}) with x's batch shape "
+                                 f"{tuple(x.shape[:-1])}, got {tuple(context.shape)}")
+            if not context.is_floating_point():
+                raise ValueError(f"{name}: context must be floating-point, got {context.dtype}")
+            tensors.append(("context", context))
+            context = context.reshape(-1, self.context_dim).to(x.dtype)
+        else:
+            context = None  # (a flow passes its context to every transform: unconditioned layers ignore it)
+        for what, tensor in tensors:
+            if tensor.get_device() != weight.get_device():
+                raise ValueError(f"{name}: {what} is on {tensor.device} but the layer's parameters on {weight.device}")
+        return x.reshape(-1, self.dim), context
 
 
 class AffineCoupling(_Coupling):
     """RealNVP affine coupling z = x · exp(s) + t with a soft-clamped log-scale s ∈ (-scale_bound, scale_bound).
+
+    `layer(x (*, dim), context (*, context_dim))` → `(z (*, dim), log|det J| (*,))`, `layer.inverse(z, context)`
+    likewise; the context is cast to x's dtype, which must be the layer's (bad shapes, dtypes, devices: ValueError).
 
     Arguments:
         dim: data dimension; context_dim: conditioning dimension (0 for none).
@@ -154,7 +186,7 @@ class AffineCoupling(_Coupling):
 
 class SplineCoupling(_Coupling):
     """Neural spline coupling: a rational-quadratic spline with `num_bins` bins on [-bound, bound],
-    identity tails outside.
+    identity tails outside. Called as `AffineCoupling`.
 
     Arguments:
         dim, context_dim, flip, hidden, depth: as in `AffineCoupling`.

@@ -67,3 +67,64 @@ def test_a_replaced_conditioner_parameter_is_used(backend, monkeypatch):
         moved = flow.log_prob(x)
     assert not torch.allclose(before, after)
     torch.testing.assert_close(moved, after)
+
+
+def _perturbed(layer: torch.nn.Module) -> torch.nn.Module:
+    """The layer with every parameter moved off its initial value (a fresh coupling layer is the identity)."""
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.add_(0.3 * torch.randn(p.shape, generator=generator))
+    return layer
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("layer_type", [AffineCoupling, SplineCoupling])
+def test_layers_take_any_batch_shape(layer_type, backend, monkeypatch):
+    """As zuko's transforms: x `(*, dim)` with a context of the same batch shape, one row `(dim,)` included."""
+    if backend == "triton":
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    layer = _perturbed(layer_type(5, 3, hidden=16, backend=backend))
+    x, context = 2 * torch.randn(2, 4, 5), torch.randn(2, 4, 3)
+    for transform in (layer, layer.inverse):
+        y, ladj = transform(x, context)
+        rows_y, rows_ladj = transform(x.reshape(8, 5), context.reshape(8, 3))
+        assert y.shape == (2, 4, 5) and ladj.shape == (2, 4)
+        torch.testing.assert_close(y.reshape(8, 5), rows_y)
+        torch.testing.assert_close(ladj.reshape(8), rows_ladj)
+        one_y, one_ladj = transform(x[1, 2], context[1, 2])
+        assert one_y.shape == (5,) and one_ladj.shape == ()
+        torch.testing.assert_close(one_y, rows_y[6])
+        assert not torch.allclose(rows_y, x.reshape(8, 5))  # (the layer is not the identity)
+
+
+@pytest.mark.parametrize("layer_type", [AffineCoupling, SplineCoupling])
+def test_layers_refuse_bad_inputs_clearly(layer_type):
+    layer = _perturbed(layer_type(5, 3, hidden=16))
+    x, context = torch.randn(7, 5), torch.randn(7, 3)
+    name = layer_type.__name__
+    with pytest.raises(ValueError, match=rf"{name}: x must be \(\*, 5\), got \(7, 4\)"):
+        layer(torch.randn(7, 4), context)
+    with pytest.raises(ValueError, match="needs a context of dim 3"):
+        layer(x)
+    for bad in (torch.randn(6, 3), torch.randn(7, 2), torch.randn(7, 1, 3)):
+        with pytest.raises(ValueError, match=rf"{name}: context must be \(\*, 3\) with x's batch shape \(7,\)"):
+            layer(x, bad)
+    with pytest.raises(ValueError, match=f"{name}: x is torch.float64 but the layer's parameters are torch.float32"):
+        layer(x.double(), context)
+    with pytest.raises(ValueError, match="context must be floating-point"):
+        layer(x, context.long())
+    # a context of another floating dtype is cast to the layer's (as the flows' contexts are)
+    torch.testing.assert_close(layer(x, context.double()), layer(x, context))
+
+
+def test_a_flow_casts_its_context_to_its_dtype():
+    flow = _perturbed(CouplingFlow(3, 2, config=FlowConfig(transform="affine", num_layers=2, hidden=16)))
+    theta, context = torch.randn(6, 3), torch.randn(6, 2)
+    torch.testing.assert_close(flow.log_prob(theta, context.double()), flow.log_prob(theta, context))
+    with torch.no_grad():
+        torch.manual_seed(1)
+        draws = flow.sample(4, context.double())
+        torch.manual_seed(1)
+        torch.testing.assert_close(draws, flow.sample(4, context))
+    assert draws.dtype == torch.float32
