@@ -45,8 +45,9 @@ class Flow(nn.Module):
         return cached[1]
 
     # -- input handling -------------------------------------------------------------------------
-    def _embed(self, context: torch.Tensor | None) -> torch.Tensor | None:
-        """Embedded context with the context's batch shape: `(*, C)` → `(*, E)`."""
+    def _embed(self, context: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+        """Embedded context with the context's batch shape: `(*, C)` → `(*, E)`, cast to `dtype` (the flow's)
+        before the embedding."""
         if self.context_dim == 0:
             if context is not None:
                 raise ValueError("this flow is unconditional: pass no context")
@@ -55,7 +56,7 @@ class Flow(nn.Module):
             raise ValueError(f"this flow needs a context of dim {self.context_dim}")
         if context.dim() == 0 or context.shape[-1] != self.context_dim:
             raise ValueError(f"context must have last dimension {self.context_dim}, got {tuple(context.shape)}")
-        embedded = self.embedding(context.reshape(-1, self.context_dim))
+        embedded = self.embedding(context.reshape(-1, self.context_dim).to(dtype))
         return embedded.reshape(*context.shape[:-1], embedded.shape[-1])
 
     @staticmethod
@@ -70,7 +71,7 @@ class Flow(nn.Module):
             raise ValueError(f"θ must have last dimension {self.dim}, got {tuple(theta.shape)}")
         batch_shape = theta.shape[:-1]
         x = theta.reshape(-1, self.dim)
-        embedded = self._embed(context)
+        embedded = self._embed(context, x.dtype)
         if embedded is not None:
             try:
                 embedded = embedded.expand(*batch_shape, embedded.shape[-1])
@@ -78,7 +79,7 @@ class Flow(nn.Module):
                 raise ValueError(
                     f"context batch shape {tuple(context.shape[:-1])} does not broadcast to θ batch shape {tuple(batch_shape)}"
                 ) from None
-            embedded = embedded.reshape(x.shape[0], -1).to(x.dtype)  # (the layers' kernels take one dtype)
+            embedded = embedded.reshape(x.shape[0], -1)
         log_q = None
         for step in self._chain(inverse=False):
             x, ladj = step(x, embedded)
@@ -93,14 +94,12 @@ class Flow(nn.Module):
         self._check_n(n)
         if context is not None and context.dim() > 2:
             raise ValueError(f"sampling takes a context (C,) or (B, C), got {tuple(context.shape)}")
-        embedded = self._embed(context)
-        if embedded is not None:
-            embedded = embedded.reshape(-1, embedded.shape[-1])
-        contexts = 1 if embedded is None else embedded.shape[0]
+        contexts = context.shape[0] if context is not None and context.dim() == 2 else 1
         z = self.base.rsample(n * contexts)
+        embedded = self._embed(context, z.dtype)
         log_q = self.base.log_prob(z) if with_log_prob else None
         if embedded is not None:
-            embedded = embedded.unsqueeze(0).expand(n, -1, -1).reshape(n * contexts, -1).to(z.dtype)
+            embedded = embedded.reshape(contexts, -1).unsqueeze(0).expand(n, -1, -1).reshape(n * contexts, -1)
         for step in self._chain(inverse=True):
             z, ladj = step(z, embedded)
             if with_log_prob:

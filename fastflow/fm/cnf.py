@@ -99,7 +99,8 @@ class CNF(nn.Module):
 
     # -- context ----------------------------------------------------------------------------------
     def embed(self, context: torch.Tensor | None) -> torch.Tensor | None:
-        """The embedded context with its batch shape: `(*, C)` → `(*, E)` (None when unconditional)."""
+        """The embedded context with its batch shape: `(*, C)` → `(*, E)` (None when unconditional), the context
+        cast to the velocity field's dtype first."""
         if self.context_dim == 0:
             if context is not None:
                 raise ValueError("this flow is unconditional: pass no context")
@@ -107,8 +108,12 @@ class CNF(nn.Module):
         if context is None or context.dim() == 0 or context.shape[-1] != self.context_dim:
             raise ValueError(f"this flow needs a context of last dimension {self.context_dim}, got "
                              f"{None if context is None else tuple(context.shape)}")
-        embedded = self.embedding(context.reshape(-1, self.context_dim))
+        embedded = self.embedding(context.reshape(-1, self.context_dim).to(self._parameter().dtype))
         return embedded.reshape(*context.shape[:-1], embedded.shape[-1])
+
+    def _parameter(self) -> torch.Tensor:
+        """A parameter of the velocity field: the model's dtype and device."""
+        return next(self.velocity.parameters())
 
     def to_flow_space(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Apply `transforms` to `(n, D)` data: the flow-space points and their log|det J| `(n,)`."""
@@ -134,7 +139,7 @@ class CNF(nn.Module):
             raise ValueError(f"sampling takes a context (C,) or (B, C), got {tuple(context.shape)}")
         embedded = self.embed(context)
         contexts = 1 if embedded is None else embedded.reshape(-1, embedded.shape[-1]).shape[0]
-        param = next(self.velocity.parameters())
+        param = self._parameter()
         x_0 = torch.randn(n * contexts, self.dim, dtype=param.dtype, device=param.device)
         args = () if embedded is None else (embedded.reshape(contexts, -1).repeat(n, 1),)
         if x_0.device.type == "cuda" and isinstance(self.velocity, VelocityMLP) and not SOLVERS[self.sampler.method].adaptive:
@@ -154,6 +159,9 @@ class CNF(nn.Module):
         """log q(x | context) for x `(*, D)` by the augmented ODE; context `(C,)` or `(*, C)`."""
         if x.shape[-1] != self.dim:
             raise ValueError(f"x must have last dimension {self.dim}, got {tuple(x.shape)}")
+        dtype = self._parameter().dtype
+        if x.dtype != dtype:
+            raise ValueError(f"x is {x.dtype} but the flow's parameters are {dtype} (convert one with .to())")
         if not torch.isfinite(x).all():
             raise ValueError("x contains NaN or inf")
         batch_shape = x.shape[:-1]

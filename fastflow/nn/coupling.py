@@ -121,22 +121,21 @@ class _Coupling(Transform):
         return (y, ladj) if len(batch_shape) == 1 else (y.reshape(*batch_shape, self.dim), ladj.reshape(batch_shape))
 
     def _rows(self, x: torch.Tensor, context: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """x `(*, dim)` and context `(*, context_dim)` as `(N, dim)` and `(N, context_dim)` rows, the context in
+        """x `(*, dim)` and context `(*, context_dim)` as `(N, dim)` and `(N, context_dim)` rows, the context cast to
         x's dtype (None when the layer takes none), after checking shapes, dtypes and devices against the layer's."""
         name = type(self).__name__
         weight = self.parameter_slots[0][0]["weight"]
         if x.dim() == 0 or x.shape[-1] != self.dim:
             raise ValueError(f"{name}: x must be (*, {self.dim}), got {tuple(x.shape)}")
         if x.dtype != weight.dtype:
-            raise ValueError(f"{name}: x is {x.dtype} but the layer's parameters are {weight.dtype} (convert one with .to())")
+            raise ValueError(f"{name}: x is {x.dtype} but the layer's parameters are {weight.dtype} "
+                             "(convert one with .to())")
         tensors = [("x", x)]
         if self.context_dim:
             context = self._context(context)
             if context.shape[:-1] != x.shape[:-1] or context.dim() == 0 or context.shape[-1] != self.context_dim:
                 raise ValueError(f"{name}: context must be (*, {self.context_dim}) with x's batch shape "
                                  f"{tuple(x.shape[:-1])}, got {tuple(context.shape)}")
-            if not context.is_floating_point():
-                raise ValueError(f"{name}: context must be floating-point, got {context.dtype}")
             tensors.append(("context", context))
             context = context.reshape(-1, self.context_dim).to(x.dtype)
         else:

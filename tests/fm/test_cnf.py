@@ -73,12 +73,28 @@ def test_bad_input():
         cnf.log_prob(torch.randn(3, 4))
     with pytest.raises(ValueError, match="NaN"):
         cnf.log_prob(torch.tensor([[math.nan, 0.0]]))
+    with pytest.raises(ValueError, match="x is torch.float64 but the flow's parameters are torch.float32"):
+        cnf.log_prob(torch.randn(3, 2, dtype=torch.float64))
     with pytest.raises(ValueError, match="unknown divergence"):
         CNF(VelocityMLP(2), 2, divergence="hutch")
     with pytest.raises(ValueError, match="unknown ODE method"):
         OdeConfig(method="rk45")
     with pytest.raises(ValueError, match="steps"):
         OdeConfig(method="rk4", steps=0)
+
+
+def test_contexts_are_cast_to_the_fields_dtype():
+    """Observations of another dtype (float64 from numpy, integer counts) condition as their float32 values."""
+    cnf = CNF(VelocityMLP(2, context_dim=3, hidden=(8,)), 2, context_dim=3, sampler=OdeConfig(method="euler", steps=4))
+    context = torch.tensor([[1.0, 2.0, 3.0], [0.0, -1.0, 4.0]])
+    x = torch.randn(2, 2)
+    torch.testing.assert_close(cnf.log_prob(x, context.double()), cnf.log_prob(x, context))
+    torch.testing.assert_close(cnf.log_prob(x, context.long()), cnf.log_prob(x, context))
+    torch.manual_seed(0)
+    draws = cnf.sample(3, context.long())
+    torch.manual_seed(0)
+    torch.testing.assert_close(draws, cnf.sample(3, context))
+    assert draws.dtype == torch.float32
 
 
 def eight_gaussians(n, generator):

@@ -112,16 +112,16 @@ def test_layers_refuse_bad_inputs_clearly(layer_type):
             layer(x, bad)
     with pytest.raises(ValueError, match=f"{name}: x is torch.float64 but the layer's parameters are torch.float32"):
         layer(x.double(), context)
-    with pytest.raises(ValueError, match="context must be floating-point"):
-        layer(x, context.long())
-    # a context of another floating dtype is cast to the layer's (as the flows' contexts are)
+    # a context of another dtype is cast to the layer's (as the flows' contexts are: integer observations too)
     torch.testing.assert_close(layer(x, context.double()), layer(x, context))
+    torch.testing.assert_close(layer(x, context.round().long()), layer(x, context.round()))
 
 
 def test_a_flow_casts_its_context_to_its_dtype():
     flow = _perturbed(CouplingFlow(3, 2, config=FlowConfig(transform="affine", num_layers=2, hidden=16)))
     theta, context = torch.randn(6, 3), torch.randn(6, 2)
     torch.testing.assert_close(flow.log_prob(theta, context.double()), flow.log_prob(theta, context))
+    torch.testing.assert_close(flow.log_prob(theta, context.round().long()), flow.log_prob(theta, context.round()))
     with torch.no_grad():
         torch.manual_seed(1)
         draws = flow.sample(4, context.double())
