@@ -10,8 +10,8 @@ Usage (on a GPU machine; `FASTFLOW_GPU_STEPS=sweep bash bench/run_gpu.sh OUT` ru
 
 Static facts from sm_90 compiles (bench/sm90.py: cuobjdump --dump-resource-usage of Triton 3.9's cubins, RK4, 3 hidden layers):
 width 64 compiles without spills at (block_m, block_k, warps) = (64, 16, 4), (64, 64, 4), (64, 16, 8),
-(128, 64, 8), and in one chunk (block_k 64, the default); every width-256 setting tried spills (0.7-3.4 KB of
-stack per thread). Timed on an H100 (bench/results/gpu_sweep_2026-11-26_NVIDIA-H100-80GB-HBM3.json, 131,072
+(128, 64, 8), and in one chunk (block_k 64, the default); at width 256 every whole-layer setting spills (0.6-3.4 KB
+of stack per thread), while the streamed ones (block_n 64 or 128, pipelined, 4 or 8 warps) do not (212-226 registers). Timed on an H100 (bench/results/gpu_sweep_2026-11-26_NVIDIA-H100-80GB-HBM3.json, 131,072
 samples, RK4-100): the ODE defaults were the fastest setting at both widths (7.2 ms at width 64, 220 ms at 256);
 the exact activations took 2.4x / 1.4x longer, and weights outside shared memory 1.2x at width 64. Spill-free
 is not fastest for the coupling runs: 4 warps (spilling) beat 8 (none), see `kernels.coupling.FLOW_LAUNCH`.
@@ -33,6 +33,8 @@ ODE_SETTINGS = {  # width: launch settings of `mlp_odeint` (kernels.ode.mlp_odei
           *(dict(block_m=m, block_k=k, block_n=64, k_stages=s, num_warps=w) for m, k, s, w in (  # streamed layers
               (64, 32, 1, 8), (64, 32, 2, 8), (128, 32, 2, 8), (128, 64, 2, 8), (128, 32, 3, 8))),
           dict(block_m=64, block_k=32, block_n=32, k_stages=2, num_warps=8),  # no spills with a context either
+          dict(block_m=64, block_k=16, block_n=128, k_stages=2, num_warps=8),  # sm_90: 218 registers, no spills
+          dict(block_m=64, block_k=16, block_n=64, k_stages=2, num_warps=4),  # no spills, 2 programs per SM
           dict(block_m=128, block_k=32, block_n=64, k_stages=2, num_warps=8, programs=264)],  # 2 per SM (132 SMs)
 }
 COUPLING_SETTINGS = [{}, *(dict(block_m=m, block_hk=k, num_warps=w) for m, k, w in (  # fused 5-layer runs, default first
