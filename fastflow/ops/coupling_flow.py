@@ -147,7 +147,6 @@ class CouplingRun:
             self._tables[device] = (self._steps.to(device), torch.stack(maps).to(device=device, dtype=torch.int32))
         return self._tables[device]
 
-
     def gradient_positions(self, device: torch.device, context: torch.Tensor | None) -> torch.Tensor:
         """`kernels.coupling_backward.gradient_index` of this run with `context` on `device` (built once)."""
         from fastflow.kernels.coupling_backward import gradient_index
