@@ -122,7 +122,8 @@ class _Coupling(Transform):
 
     def _rows(self, x: torch.Tensor, context: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """x `(*, dim)` and context `(*, context_dim)` as `(N, dim)` and `(N, context_dim)` rows, the context cast to
-        x's dtype (None when the layer takes none), after checking shapes, dtypes and devices against the layer's."""
+        x's dtype (None when the layer takes none), after checking shapes, dtypes and devices against the layer's
+        (views and casts only where needed: a standalone layer pays this on every call)."""
         name = type(self).__name__
         weight = self.parameter_slots[0][0]["weight"]
         if x.dim() == 0 or x.shape[-1] != self.dim:
@@ -130,21 +131,23 @@ class _Coupling(Transform):
         if x.dtype != weight.dtype:
             raise ValueError(f"{name}: x is {x.dtype} but the layer's parameters are {weight.dtype} "
                              "(convert one with .to())")
-        tensors = [("x", x)]
-        if self.context_dim:
-            context = self._context(context)
-            if context.shape[:-1] != x.shape[:-1] or context.dim() == 0 or context.shape[-1] != self.context_dim:
-                raise ValueError(f"{name}: context must be (*, {self.context_dim}) with x's batch shape "
-                                 f"{tuple(x.shape[:-1])}, got {tuple(context.shape)}")
-            tensors.append(("context", context))
-            context = context.reshape(-1, self.context_dim).to(x.dtype)
-        else:
-            context = None  # (a flow passes its context to every transform: unconditioned layers ignore it)
-        for what, tensor in tensors:
-            if tensor.get_device() != weight.get_device():
-                raise ValueError(f"{name}: {what} is on {tensor.device} but the layer's parameters on {weight.device}")
-        return x.reshape(-1, self.dim), context
-
+        device = weight.get_device()
+        if x.get_device() != device:
+            raise ValueError(f"{name}: x is on {x.device} but the layer's parameters on {weight.device}")
+        rows_2d = x.dim() == 2
+        rows = x if rows_2d else x.reshape(-1, self.dim)
+        if not self.context_dim:
+            return rows, None  # (a flow passes its context to every transform: unconditioned layers ignore it)
+        context = self._context(context)
+        if context.dim() != x.dim() or context.shape[-1] != self.context_dim or (
+                context.shape[0] != x.shape[0] if rows_2d else context.shape[:-1] != x.shape[:-1]):
+            raise ValueError(f"{name}: context must be (*, {self.context_dim}) with x's batch shape "
+                             f"{tuple(x.shape[:-1])}, got {tuple(context.shape)}")
+        if context.get_device() != device:
+            raise ValueError(f"{name}: context is on {context.device} but the layer's parameters on {weight.device}")
+        if not rows_2d:
+            context = context.reshape(-1, self.context_dim)
+        return rows, context if context.dtype == x.dtype else context.to(x.dtype)
 
 class AffineCoupling(_Coupling):
     """RealNVP affine coupling z = x · exp(s) + t with a soft-clamped log-scale s ∈ (-scale_bound, scale_bound).

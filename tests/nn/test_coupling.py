@@ -128,3 +128,14 @@ def test_a_flow_casts_its_context_to_its_dtype():
         torch.manual_seed(1)
         torch.testing.assert_close(draws, flow.sample(4, context))
     assert draws.dtype == torch.float32
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("layer_type", [AffineCoupling, SplineCoupling])
+def test_layers_refuse_inputs_on_another_device(layer_type):
+    layer = layer_type(5, 3, hidden=16)  # on the CPU
+    x, context = torch.randn(7, 5), torch.randn(7, 3)
+    with pytest.raises(ValueError, match="x is on cuda:0 but the layer's parameters on cpu"):
+        layer(x.cuda(), context)
+    with pytest.raises(ValueError, match="context is on cuda:0 but the layer's parameters on cpu"):
+        layer(x, context.cuda())
