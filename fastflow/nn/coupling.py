@@ -123,7 +123,7 @@ class _Coupling(Transform):
     def _rows(self, x: torch.Tensor, context: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """x `(*, dim)` and context `(*, context_dim)` as `(N, dim)` and `(N, context_dim)` rows, the context cast to
         x's dtype (None when the layer takes none), after checking shapes, dtypes and devices against the layer's
-        (views and casts only where needed: a standalone layer pays this on every call)."""
+        (views and casts only where needed: every call of a layer pays this, ~3 µs)."""
         name = type(self).__name__
         weight = self.parameter_slots[0][0]["weight"]
         if x.dim() == 0 or x.shape[-1] != self.dim:
@@ -148,6 +148,7 @@ class _Coupling(Transform):
         if not rows_2d:
             context = context.reshape(-1, self.context_dim)
         return rows, context if context.dtype == x.dtype else context.to(x.dtype)
+
 
 class AffineCoupling(_Coupling):
     """RealNVP affine coupling z = x · exp(s) + t with a soft-clamped log-scale s ∈ (-scale_bound, scale_bound).
