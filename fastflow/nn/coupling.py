@@ -69,7 +69,7 @@ class _Coupling(Transform):
         if not self.context_dim:
             return None
         if context is None:
-            raise ValueError(f"this coupling layer needs a context of dim {self.context_dim}")
+            raise ValueError(f"{type(self).__name__}: this layer needs a context of dim {self.context_dim}")
         return context
 
     def _weights(self) -> tuple[torch.Tensor, ...]:

@@ -105,7 +105,7 @@ def test_layers_refuse_bad_inputs_clearly(layer_type):
     name = layer_type.__name__
     with pytest.raises(ValueError, match=rf"{name}: x must be \(\*, 5\), got \(7, 4\)"):
         layer(torch.randn(7, 4), context)
-    with pytest.raises(ValueError, match="needs a context of dim 3"):
+    with pytest.raises(ValueError, match=f"{name}: this layer needs a context of dim 3"):
         layer(x)
     for bad in (torch.randn(6, 3), torch.randn(7, 2), torch.randn(7, 1, 3)):
         with pytest.raises(ValueError, match=rf"{name}: context must be \(\*, 3\) with x's batch shape \(7,\)"):
