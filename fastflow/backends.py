@@ -47,14 +47,21 @@ def _cuda_devices() -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
+_STATUS: dict[bool, dict[str, BackendStatus]] = {}  # TRITON_INTERPRET set -> `backends()`, computed once
+
+
 def backends() -> dict[str, BackendStatus]:
-    """What each backend can do on this machine, with the reason where it cannot."""
-    return dict(_backends(os.environ.get("TRITON_INTERPRET") == "1"))
+    """What each backend can do on this machine, with the reason where it cannot. (Ops resolve on every call: the
+    status is computed once per value of TRITON_INTERPRET, in a plain dict that torch.compile reads as a constant
+    once it is filled: `lru_cache` would be traced through, extension imports included.)"""
+    triton_interpret = os.environ.get("TRITON_INTERPRET") == "1"
+    if triton_interpret not in _STATUS:
+        _STATUS[triton_interpret] = _backends(triton_interpret)
+    return dict(_STATUS[triton_interpret])
 
 
-@lru_cache(maxsize=None)
-def _backends(triton_interpret: bool) -> tuple[tuple[str, BackendStatus], ...]:
-    """`backends()` for one value of TRITON_INTERPRET, computed once (ops resolve on every call)."""
+def _backends(triton_interpret: bool) -> dict[str, BackendStatus]:
+    """`backends()` for one value of TRITON_INTERPRET."""
     status = {"reference": BackendStatus("reference", True, "plain PyTorch", ("cpu", "cuda") if _cuda_devices() else ("cpu",))}
 
     native_devices, native_reasons = [], []
@@ -85,7 +92,7 @@ def _backends(triton_interpret: bool) -> tuple[tuple[str, BackendStatus], ...]:
         status["triton"] = BackendStatus("triton", True, "Triton interpreter on CPU (TRITON_INTERPRET=1; for tests, slow)", ("cpu",))
     else:
         status["triton"] = BackendStatus("triton", False, "no CUDA device (set TRITON_INTERPRET=1 to interpret kernels on CPU)", ())
-    return tuple(status.items())
+    return status
 
 
 def resolve_backend(

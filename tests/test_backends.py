@@ -28,10 +28,9 @@ def no_extension(monkeypatch):
     def missing(name):
         return None, f"fastflow.{name} is not importable (simulated); {backends_module._INSTALL_HINT}"
 
-    backends_module._backends.cache_clear()
+    monkeypatch.setattr(backends_module, "_STATUS", {})
     monkeypatch.setattr(backends_module, "_import_extension", missing)
     yield
-    backends_module._backends.cache_clear()
 
 
 def test_report_lists_every_backend_with_a_reason():
