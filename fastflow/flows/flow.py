@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from fastflow.backends import backends
 from fastflow.flows.transforms import Transform
 from fastflow.ops.coupling_flow import chain_transforms
 
@@ -33,6 +34,11 @@ class Flow(nn.Module):
         self.context_dim = context_dim
         self.embedding = embedding if embedding is not None else nn.Identity()
         self._chains: dict[bool, tuple] = {}
+        # built here, outside any torch.compile trace: dispatch then reads the backends' status and the runs of
+        # layers as constants, so a first call under torch.compile(fullgraph=True) traces in one graph
+        backends()
+        for inverse in (False, True):
+            self._chain(inverse)
 
     def _chain(self, inverse: bool) -> list:
         """The transforms in execution order as steps `(x, context) -> (x, log|det J|)`, runs of coupling layers
