@@ -243,8 +243,8 @@ def _step_meta(n_hidden: int, n_kept: int, n_changed: int, precision: str, block
                num_warps: int | None = None) -> dict:
     """Tiles and warps of the step kernels (`block_m`, `num_warps` override them, for tuning; cached: not to be
     changed), from sm_90 compiles (bench/sm90.py `compile_affine_step`, Triton 3.6; not yet timed): 16 rows per
-    program with the whole hidden width, 8 warps. The backward kept no spills at width 128 (1,912 SASS instructions; 32 rows at 4 warps spilled
-    424 B in 4,872) and 200 B at width 256."""
+    program with the whole hidden width, 8 warps. The backward kept no spills at width 128 (1,912 SASS
+    instructions; 32 rows at 4 warps spilled 424 B in 4,872) and 200 B at width 256."""
     return dict(PRECISION=precision, BLOCK_M=block_m or 16, BLOCK_H=dot_tile(n_hidden), BLOCK_OUT=dot_tile(n_changed),
                 BLOCK_C=next_power_of_2(max(n_kept, 1)), num_warps=num_warps or 8)
 
