@@ -9,6 +9,7 @@ from fastflow.inference import FMPE, Posterior, TrainingConfig, VelocityConfig, 
 from fastflow.inference.methods import METHODS
 from fastflow.priors import BoxUniform
 from fastflow.tasks import get_task
+from gaussian_linear_checks import assert_moments_match_analytic
 
 SMALL_TRAINING = TrainingConfig(batch_size=256, learning_rate=2e-3, max_epochs=30, patience=30)
 
@@ -22,17 +23,7 @@ def linear_posterior():
 
 
 def test_gaussian_linear_moments_match_analytic(linear_posterior):
-    task, posterior = linear_posterior
-    for i in (1, 2):
-        x_obs = task.observation(i)
-        mean, covariance = task.reference_posterior_moments(x_obs)
-        torch.manual_seed(0)
-        samples = posterior.sample(20_000, x_obs).double()
-        sd = covariance.diagonal().sqrt()
-        # the same tolerances as NPE's test: half a posterior sd for the mean, ±30 % for the variances
-        assert ((samples.mean(0) - mean).abs() / sd).max() < 0.5
-        ratio = samples.var(0) / covariance.diagonal()
-        assert ((ratio > 0.75) & (ratio < 1.33)).all(), ratio
+    assert_moments_match_analytic(*linear_posterior)
 
 
 def test_log_prob_matches_the_analytic_density_up_to_a_constant(linear_posterior):
