@@ -19,7 +19,7 @@ from types import ModuleType
 import torch
 
 __all__ = ["BACKENDS", "BackendStatus", "backends", "native_module", "resolve_backend", "set_num_threads", "triton_precision",
-           "is_automatic", "triton_device", "AUTO_TRITON_PRECISIONS"]
+           "is_automatic", "requested_backend", "triton_device", "AUTO_TRITON_PRECISIONS"]
 
 BACKENDS = ("reference", "triton", "native")
 _INSTALL_HINT = "reinstall fastflow with `pip install .` (or `make install`) so that the C++ extension is built"
@@ -112,9 +112,8 @@ def resolve_backend(
         ValueError: unknown backend name. RuntimeError: a forced backend cannot run here, with why.
     """
     device_type = torch.device(device).type
-    source = "argument"
-    if requested in (None, "auto"):
-        requested, source = os.environ.get("FASTFLOW_BACKEND") or "auto", "FASTFLOW_BACKEND"
+    source = "argument" if requested not in (None, "auto") else "FASTFLOW_BACKEND"
+    requested = requested_backend(requested)
     if requested not in (*BACKENDS, "auto"):
         raise ValueError(f"unknown backend {requested!r} (from the {source}); choose one of {('auto', *BACKENDS)}")
     status = backends()
@@ -156,9 +155,16 @@ def triton_device(device: torch.device | str) -> bool:
     return torch.device(device).type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
 
 
+def requested_backend(requested: str | None) -> str:
+    """The backend `resolve_backend(requested, ...)` is asked for: the argument, else FASTFLOW_BACKEND, else "auto"."""
+    if requested in (None, "auto"):
+        return os.environ.get("FASTFLOW_BACKEND") or "auto"
+    return requested
+
+
 def is_automatic(requested: str | None) -> bool:
     """Whether `resolve_backend(requested, ...)` chooses automatically (no backend named, nor FASTFLOW_BACKEND)."""
-    return requested in (None, "auto") and os.environ.get("FASTFLOW_BACKEND", "auto") in ("", "auto")
+    return requested_backend(requested) == "auto"
 
 
 def native_module(device: torch.device | str) -> ModuleType:

@@ -12,7 +12,7 @@ import torch.nn as nn
 
 from fastflow.fm.fused import mlp_odeint
 from fastflow.fm.nets import VelocityMLP
-from fastflow.fm.solvers import SOLVERS, odeint
+from fastflow.fm.solvers import SOLVERS, check_tolerances, odeint
 
 __all__ = ["CNF", "DIVERGENCES", "Divergence", "OdeConfig", "exact_divergence"]
 
@@ -24,15 +24,19 @@ class Divergence(Protocol):
 
 
 def exact_divergence(velocity, t, x, *args):
-    """Exact divergence by autograd: one vector-Jacobian product per dimension (D backward passes)."""
+    """Exact divergence by autograd: one vector-Jacobian product per dimension (D backward passes); zero where v
+    does not depend on x."""
     differentiable = torch.is_grad_enabled()
     with torch.enable_grad():
         x_in = x if (differentiable and x.requires_grad) else x.detach().requires_grad_(True)
         v = velocity(t, x_in, *args)
-        div = sum(
-            torch.autograd.grad(v[:, i].sum(), x_in, create_graph=differentiable, retain_graph=True)[0][:, i]
-            for i in range(x.shape[1])
-        )
+        div = x.new_zeros(x.shape[0])
+        if v.requires_grad:
+            for i in range(x.shape[1]):
+                row, = torch.autograd.grad(v[:, i].sum(), x_in, create_graph=differentiable, retain_graph=True,
+                                           allow_unused=True)
+                if row is not None:
+                    div = div + row[:, i]
     return (v, div) if differentiable else (v.detach(), div.detach())
 
 
@@ -52,10 +56,9 @@ class OdeConfig:
     def __post_init__(self):
         if self.method not in SOLVERS:
             raise ValueError(f"unknown ODE method {self.method!r}; known: {sorted(SOLVERS)}")
-        if not isinstance(self.steps, int) or self.steps < 1:
+        if not isinstance(self.steps, int) or isinstance(self.steps, bool) or self.steps < 1:
             raise ValueError(f"steps must be a positive int, got {self.steps!r}")
-        if self.rtol <= 0 or self.atol <= 0:
-            raise ValueError(f"rtol and atol must be positive, got {self.rtol}, {self.atol}")
+        check_tolerances(self.rtol, self.atol)
 
     def times(self, t_0: float, t_1: float) -> torch.Tensor:
         return torch.linspace(t_0, t_1, 2 if SOLVERS[self.method].adaptive else self.steps + 1, dtype=torch.float64)
@@ -108,6 +111,8 @@ class CNF(nn.Module):
         if context is None or context.dim() == 0 or context.shape[-1] != self.context_dim:
             raise ValueError(f"this flow needs a context of last dimension {self.context_dim}, got "
                              f"{None if context is None else tuple(context.shape)}")
+        if not torch.isfinite(context).all():
+            raise ValueError("the context contains NaN or inf")
         embedded = self.embedding(context.reshape(-1, self.context_dim).to(self._parameter().dtype))
         return embedded.reshape(*context.shape[:-1], embedded.shape[-1])
 
@@ -141,7 +146,7 @@ class CNF(nn.Module):
         contexts = 1 if embedded is None else embedded.reshape(-1, embedded.shape[-1]).shape[0]
         param = self._parameter()
         x_0 = torch.randn(n * contexts, self.dim, dtype=param.dtype, device=param.device)
-        args = () if embedded is None else (embedded.reshape(contexts, -1).repeat(n, 1),)
+        args = () if embedded is None else (embedded.reshape(contexts, embedded.shape[-1]).repeat(n, 1),)
         if x_0.device.type == "cuda" and isinstance(self.velocity, VelocityMLP) and not SOLVERS[self.sampler.method].adaptive:
             # the fused Triton integrator where it supports the field (backend "auto"), else odeint
             # one context for all draws goes in as (E,): the kernel folds it into the first layer's time bias
@@ -174,7 +179,7 @@ class CNF(nn.Module):
             except RuntimeError:
                 raise ValueError(f"context batch shape {tuple(context.shape[:-1])} does not broadcast to "
                                  f"x batch shape {tuple(batch_shape)}") from None
-            args = (embedded.reshape(x_1.shape[0], -1),)
+            args = (embedded.reshape(x_1.shape[0], embedded.shape[-1]),)
 
         def augmented(t, state, *args):
             v, div = self.divergence(self.velocity, t, state[:, : self.dim], *args)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from fastflow.backends import AUTO_TRITON_PRECISIONS, is_automatic, resolve_backend, triton_precision
+from fastflow.backends import AUTO_TRITON_PRECISIONS, is_automatic, requested_backend, resolve_backend, triton_precision
 from fastflow.fm.nets import VelocityMLP
 from fastflow.fm.solvers import SOLVERS, OdeSolution, _check_times, _stage_times, odeint
 
@@ -100,7 +100,7 @@ def mlp_odeint(velocity: VelocityMLP, x: torch.Tensor, times, method: str = "rk4
     if not torch.isfinite(x).all():
         raise ValueError("the initial state contains NaN or inf")
     reason = fused_unsupported(velocity, x, method, context)
-    if backend == "triton" and reason is not None:
+    if requested_backend(backend) == "triton" and reason is not None:  # named here or by FASTFLOW_BACKEND
         raise ValueError(f"the fused Triton ODE kernel cannot run this: {reason}; use backend='reference' (odeint) instead")
     if is_automatic(backend) and reason is None and triton_precision(precision, x.device) not in AUTO_TRITON_PRECISIONS:
         reason = "fp32 products: the reference is faster (automatic choice only)"

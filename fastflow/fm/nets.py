@@ -67,12 +67,20 @@ class VelocityMLP(nn.Module):
         """t scalar or `(n,)`, x_t `(n, D)`, context `(n, E)` or `(E,)` → `(n, D)`."""
         if x_t.dim() != 2 or x_t.shape[1] != self.dim:
             raise ValueError(f"x_t must be (n, {self.dim}), got {tuple(x_t.shape)}")
+        if x_t.dtype != self.output.weight.dtype:
+            raise ValueError(f"x_t is {x_t.dtype} but the field's parameters are {self.output.weight.dtype} "
+                             "(convert one with .to())")
         n = x_t.shape[0]
-        inputs = [self.time_embedding(torch.as_tensor(t, dtype=x_t.dtype, device=x_t.device).expand(n)), x_t]
+        t = torch.as_tensor(t, dtype=x_t.dtype, device=x_t.device)
+        if t.dim() > 1 or (t.dim() == 1 and t.shape[0] != n):
+            raise ValueError(f"t must be a scalar or ({n},), got {tuple(t.shape)}")
+        inputs = [self.time_embedding(t.expand(n)), x_t]
         if self.context_dim:
-            if context is None or context.shape[-1] != self.context_dim:
-                raise ValueError(f"this field needs a context of last dimension {self.context_dim}")
-            inputs.append(context.expand(n, self.context_dim))
+            if context is None or context.dim() not in (1, 2) or context.shape[-1] != self.context_dim or (
+                    context.dim() == 2 and context.shape[0] != n):
+                raise ValueError(f"this field needs a context ({self.context_dim},) or ({n}, {self.context_dim}), got "
+                                 f"{None if context is None else tuple(context.shape)}")
+            inputs.append(context.to(x_t.dtype).expand(n, self.context_dim))
         elif context is not None:
             raise ValueError("this velocity field is unconditional: pass no context")
         h = torch.cat(inputs, -1)

@@ -3,12 +3,13 @@ Butcher tableaus, fixed-step (Euler, midpoint, Heun, RK4) or adaptive (Dopri5, p
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
 
-__all__ = ["SOLVERS", "ButcherTableau", "OdeSolution", "odeint"]
+__all__ = ["SOLVERS", "ButcherTableau", "OdeSolution", "check_tolerances", "odeint"]
 
 
 @dataclass(frozen=True)
@@ -101,6 +102,21 @@ def _stage_times(grid: Sequence[float], c: Sequence[float], dtype: torch.dtype) 
     return starts.to(dtype)[:, None] + (torch.tensor(c, dtype=torch.float64)[None, :] * steps[:, None]).to(dtype)
 
 
+def check_tolerances(rtol: float, atol: float) -> None:
+    """Adaptive tolerances must be finite positive numbers (a NaN one would never accept a step)."""
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < math.inf for v in (rtol, atol)):
+        raise ValueError(f"rtol and atol must be finite positive numbers, got {rtol!r}, {atol!r}")
+
+
+def _evaluate_first(f, t, x, args) -> torch.Tensor:
+    """f(t, x, *args), checked once per solve: the velocity must have the state's shape `(n, S)` (broadcasting
+    would hide a wrong field)."""
+    k = f(t, x, *args)
+    if not isinstance(k, torch.Tensor) or k.shape != x.shape:
+        raise ValueError(f"f must return the state's shape {tuple(x.shape)}, got {tuple(getattr(k, 'shape', ())) or type(k)}")
+    return k
+
+
 def _check_times(times) -> list[float]:
     times = torch.as_tensor(times, dtype=torch.float64)
     if times.dim() != 1 or times.numel() < 2:
@@ -118,8 +134,8 @@ def odeint(f: Callable[..., torch.Tensor], x: torch.Tensor, times, *, method: st
     """Integrate dx/dt = f(t, x, *args) from times[0] to times[-1] for a batch of states.
 
     Arguments:
-        f: `(t, x (n, S), *args) -> (n, S)`; t is a 0-d tensor for fixed-step methods and `(n,)` (one time
-            per sample) for adaptive ones.
+        f: `(t, x (n, S), *args) -> (n, S)`; t (in x's dtype) is a 0-d tensor for fixed-step methods and `(n,)`
+            (one time per sample) for adaptive ones.
         x: `(n, S)` initial states at times[0].
         times: strictly monotone grid `(K + 1,)`; fixed-step methods take one step per interval
             (decreasing grids integrate backward in time); adaptive methods use only its two end points.
@@ -144,9 +160,8 @@ def odeint(f: Callable[..., torch.Tensor], x: torch.Tensor, times, *, method: st
     tableau = SOLVERS[method]
     if not tableau.adaptive:
         return _fixed(f, tableau, x, grid, args)
-    if rtol <= 0 or atol <= 0:
-        raise ValueError(f"rtol and atol must be positive, got {rtol}, {atol}")
-    if not isinstance(max_steps, int) or max_steps < 1:
+    check_tolerances(rtol, atol)
+    if not isinstance(max_steps, int) or isinstance(max_steps, bool) or max_steps < 1:
         raise ValueError(f"max_steps must be a positive int, got {max_steps!r}")
     return _adaptive(f, tableau, x, grid[0], grid[-1], args, rtol, atol, max_steps)
 
@@ -155,7 +170,8 @@ def _fixed(f, tableau, x, grid, args) -> OdeSolution:
     times = _stage_times(grid, tableau.c, x.dtype).to(x.device)  # one copy to the device, not one per step
     for step, (t_0, t_1) in enumerate(zip(grid[:-1], grid[1:])):
         h = t_1 - t_0
-        k = _stages(f, tableau, times[step], x, h, args, f(times[step, 0], x, *args))
+        k_1 = _evaluate_first(f, times[step, 0], x, args) if step == 0 else f(times[step, 0], x, *args)
+        k = _stages(f, tableau, times[step], x, h, args, k_1)
         x = _advance(x, h, tableau.b, k)
     return OdeSolution(x, evaluations=len(tableau.b) * (len(grid) - 1))
 
@@ -165,16 +181,23 @@ def _rms(values: torch.Tensor) -> torch.Tensor:
 
 
 def _adaptive(f, tableau, x, t_0, t_1, args, rtol, atol, max_steps) -> OdeSolution:
+    """Per-sample adaptive steps. Times and step sizes are float64 (f gets them in the state's dtype), error norms
+    at least float32 (a float16 state's squares overflow), and the step-size control is detached: gradients flow
+    through the accepted steps, not through the choice of their sizes."""
     n = x.shape[0]
     direction = 1.0 if t_1 > t_0 else -1.0
     span = abs(t_1 - t_0)
     exponent = -1.0 / tableau.order
-    t = torch.full((n,), t_0, dtype=x.dtype, device=x.device)
-    k_1 = f(t, x, *args)
+    norm_dtype = torch.promote_types(x.dtype, torch.float32)
+    t = torch.full((n,), t_0, dtype=torch.float64, device=x.device)
+    k_1 = _evaluate_first(f, t.to(x.dtype), x, args)
+    if not torch.isfinite(k_1).all():
+        raise RuntimeError(f"the velocity returned NaN or inf at t = {t_0}")
     # Initial step (Hairer, Nørsett & Wanner, II.4): 1 % of ||x|| / ||f||, at most the whole span.
-    scale = atol + rtol * x.abs()
-    d_0, d_1 = _rms(x / scale), _rms(k_1 / scale)
-    h = torch.where((d_0 < 1e-5) | (d_1 < 1e-5), torch.full_like(d_0, 1e-6), 0.01 * d_0 / d_1).clamp(max=span)
+    with torch.no_grad():
+        scale = atol + rtol * x.to(norm_dtype).abs()
+        d_0, d_1 = _rms(x.to(norm_dtype) / scale), _rms(k_1.to(norm_dtype) / scale)
+        h = torch.where((d_0 < 1e-5) | (d_1 < 1e-5), torch.full_like(d_0, 1e-6), 0.01 * d_0 / d_1).double().clamp(max=span)
     solution = OdeSolution(x, evaluations=1)
     active = torch.arange(n, device=x.device)
     for _ in range(max_steps):
@@ -186,22 +209,25 @@ def _adaptive(f, tableau, x, t_0, t_1, args, rtol, atol, max_steps) -> OdeSoluti
         remaining = (t_1 - t_a).abs()
         step = torch.minimum(h[active], remaining)
         signed = (direction * step).unsqueeze(-1)
-        k = _stages(f, tableau, [t_a] + [t_a + c_i * direction * step for c_i in tableau.c[1:]], x_a, signed, args_a, k_a)
+        stage_times = [(t_a + c_i * direction * step).to(x.dtype) for c_i in tableau.c]
+        k = _stages(f, tableau, stage_times, x_a, signed.to(x.dtype), args_a, k_a)
         solution.evaluations += len(tableau.b) - 1
-        x_new = _advance(x_a, signed, tableau.b, k)
-        error = signed * _combine(tableau.error, k)
-        norm = _rms(error / (atol + rtol * torch.maximum(x_a.abs(), x_new.abs())))
+        x_new = _advance(x_a, signed.to(x.dtype), tableau.b, k)
+        with torch.no_grad():
+            error = signed * _combine(tableau.error, k).to(norm_dtype)
+            norm = _rms(error / (atol + rtol * torch.maximum(x_a.abs(), x_new.abs()).to(norm_dtype)))
         accept = norm <= 1.0  # False for NaN
         finished = accept & (step >= remaining)
         rows = active[accept]
-        # out of place, so that gradients flow through the solve (e.g. MAP on a CNF's log-density)
+        # out of place, so that gradients flow through the solve (e.g. MAP on a CNF's log-density) and f may keep
+        # the times it was given for its backward pass
         x = x.index_copy(0, rows, x_new[accept])
         k_1 = k_1.index_copy(0, rows, k[-1][accept])
         solution.x = x
-        t[rows] = torch.where(finished[accept], torch.full_like(remaining[accept], t_1), t_a[accept] + direction * step[accept])
-        factor = (0.9 * norm.clamp_min(1e-10) ** exponent).clamp(0.2, 10.0).nan_to_num(0.2)
+        t = t.index_copy(0, rows, torch.where(finished[accept], t_1, t_a[accept] + direction * step[accept]))
+        factor = (0.9 * norm.double().clamp_min(1e-10) ** exponent).clamp(0.2, 10.0).nan_to_num(0.2)
         h[active] = step * factor
-        if (h[active] < 1e-12 * span).any():
+        if not (h[active] >= 1e-12 * span).all():  # NaN fails too
             raise RuntimeError("adaptive step size underflow: the ODE is too stiff or the velocity returned NaN")
         solution.accepted += int(accept.sum())
         solution.rejected += int((~accept).sum())

@@ -77,8 +77,8 @@ class Posterior:
     def log_prob(self, theta, x) -> torch.Tensor:
         """log q(θ | x), `-inf` outside the prior support.
 
-        θ `(*, D)` with x `(C,)`, or x `(B, C)` broadcasting against θ's batch shape (e.g. θ `(n, B, D)`).
-        """
+        θ `(*, D)` with x `(C,)`, or x `(B, C)` expanding to θ's batch shape, which ends in B (θ `(B, D)` or
+        `(n, B, D)`); `(*,)`."""
         return self._log_prob(torch.as_tensor(theta, dtype=torch.float32, device=self.device), self._check_x(x))
 
     def _log_prob(self, theta: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -124,19 +124,15 @@ class Posterior:
         margin = 1e-5 * (high - low).nan_to_num(nan=0.0, posinf=0.0)
         standardized = ((starts - center) / scale).requires_grad_(True)
         optimizer = torch.optim.Adam([standardized], lr=learning_rate)
-        self.estimator.requires_grad_(False)
-        try:
-            for _ in range(steps):
-                theta = center + scale * standardized
-                loss = -self.estimator.log_prob(theta, xs).sum()
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                with torch.no_grad():
-                    clamped = torch.maximum(torch.minimum(center + scale * standardized, high - margin), low + margin)
-                    standardized.copy_((clamped - center) / scale)
-        finally:
-            self.estimator.requires_grad_(True)
+        for _ in range(steps):
+            theta = center + scale * standardized
+            loss = -self.estimator.log_prob(theta, xs).sum()
+            # the gradient for θ alone: the estimator's parameters (and their requires_grad) are left as they are
+            standardized.grad, = torch.autograd.grad(loss, standardized)
+            optimizer.step()
+            with torch.no_grad():
+                clamped = torch.maximum(torch.minimum(center + scale * standardized, high - margin), low + margin)
+                standardized.copy_((clamped - center) / scale)
         with torch.no_grad():
             theta = center + scale * standardized
             best = self._log_prob(theta, xs).argmax(0)

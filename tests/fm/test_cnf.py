@@ -81,6 +81,44 @@ def test_bad_input():
         OdeConfig(method="rk45")
     with pytest.raises(ValueError, match="steps"):
         OdeConfig(method="rk4", steps=0)
+    with pytest.raises(ValueError, match="steps"):
+        OdeConfig(method="rk4", steps=True)
+    with pytest.raises(ValueError, match="finite positive"):
+        OdeConfig(rtol=math.nan)
+    conditional = CNF(VelocityMLP(2, context_dim=3, hidden=(8,)), 2, context_dim=3)
+    with pytest.raises(ValueError, match="context contains NaN"):
+        conditional.sample(2, torch.tensor([math.nan, 0.0, 0.0]))
+    field = VelocityMLP(2, context_dim=3, hidden=(8,))
+    with pytest.raises(ValueError, match=r"t must be a scalar or \(3,\)"):
+        field(torch.zeros(5), torch.zeros(3, 2), torch.zeros(3, 3))
+    with pytest.raises(ValueError, match=r"context \(3,\) or \(3, 3\), got \(4, 3\)"):
+        field(torch.zeros(3), torch.zeros(3, 2), torch.zeros(4, 3))
+    with pytest.raises(ValueError, match="x_t is torch.float64"):
+        field(torch.zeros(3), torch.zeros(3, 2, dtype=torch.float64), torch.zeros(3, 3))
+
+
+def test_empty_batches_with_a_context():
+    cnf = CNF(VelocityMLP(2, context_dim=3, hidden=(8,)), 2, context_dim=3)
+    assert cnf.log_prob(torch.zeros(0, 2), torch.randn(3)).shape == (0,)
+    assert cnf.sample(3, torch.zeros(0, 3)).shape == (3, 0, 2)
+
+
+class Drift(torch.nn.Module):
+    """v = c, independent of x: divergence 0, log q(x) = log N(x - c; 0, I)."""
+
+    def __init__(self):
+        super().__init__()
+        self.c = torch.nn.Parameter(torch.tensor([1.0, -2.0]))
+
+    def forward(self, t, x):
+        return self.c.expand_as(x)
+
+
+def test_exact_divergence_of_a_field_that_ignores_x():
+    cnf = CNF(Drift(), 2)
+    x = torch.randn(4, 2)
+    expected = torch.distributions.Normal(0.0, 1.0).log_prob(x - cnf.velocity.c).sum(-1)
+    torch.testing.assert_close(cnf.log_prob(x), expected, atol=1e-5, rtol=0)
 
 
 def test_contexts_are_cast_to_the_fields_dtype():

@@ -149,6 +149,12 @@ def test_unsupported_configurations_raise_and_name_the_reference(change, match):
         mlp_odeint(net, x, GRIDS["forward"], method, backend="triton")
 
 
+def test_a_triton_backend_forced_by_the_environment_names_the_reason(monkeypatch):
+    monkeypatch.setenv("FASTFLOW_BACKEND", "triton")
+    with pytest.raises(ValueError, match="not all equal.*backend='reference'"):
+        mlp_odeint(_field(2, (16, 32)), _randn(8, 2), GRIDS["forward"], "rk4")
+
+
 def test_unsupported_activation_and_grad_raise():
     net, x = _field(2, (16, 16)), _randn(8, 2)
     net.activation = "softplus"  # a field whose activation the kernel does not implement

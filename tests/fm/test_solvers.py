@@ -87,5 +87,38 @@ def test_bad_input():
         odeint(rotation, X_0, [0.0, 1.0], args=(torch.ones(2),))
     with pytest.raises(ValueError, match="positive"):
         odeint(rotation, X_0, [0.0, 1.0], method="dopri5", rtol=0)
-    with pytest.raises(RuntimeError, match="underflow|max_steps"):
+    with pytest.raises(ValueError, match="finite positive"):
+        odeint(rotation, X_0, [0.0, 1.0], method="dopri5", rtol=math.nan)
+    with pytest.raises(RuntimeError, match="NaN or inf at t = 0.0"):  # at once, not after max_steps
         odeint(lambda t, x: x * math.nan, X_0, [0.0, 1.0], method="dopri5")
+    with pytest.raises(RuntimeError, match="underflow"):  # NaN from the middle of the span on
+        odeint(lambda t, x: x * torch.where(t[:, None] < 0.5, 1.0, math.nan), X_0, [0.0, 1.0], method="dopri5")
+
+
+@pytest.mark.parametrize("method", ["euler", "dopri5"])
+def test_a_velocity_of_another_shape_is_refused(method):
+    """Broadcasting (n, 1) against the state would integrate a different field without a word."""
+    with pytest.raises(ValueError, match=r"state's shape \(3, 2\), got \(3, 1\)"):
+        odeint(lambda t, x: x[:, :1], X_0[:3], [0.0, 1.0], method=method)
+
+
+def test_dopri5_keeps_time_in_float64():
+    """t = 10^4 + s in float32 is 1e-3 coarse: the span's end and the steps are kept in float64 (as in torchdiffeq)."""
+    solution = odeint(lambda t, x: torch.ones_like(x), torch.zeros(2, 1), [1e4, 1e4 + 1], method="dopri5")
+    torch.testing.assert_close(solution.x, torch.ones(2, 1), atol=1e-5, rtol=0)
+
+
+def test_dopri5_gradients_through_a_field_that_keeps_t():
+    """A learned time layer saves t for its backward pass: the solver must not overwrite it in place."""
+    time_layer = torch.nn.Linear(1, 2).double()
+    x_0 = X_0.clone().requires_grad_(True)
+    odeint(lambda t, x: -x + time_layer(t[:, None]), x_0, [0.0, 1.0], method="dopri5").x.sum().backward()
+    assert torch.isfinite(x_0.grad).all() and torch.isfinite(time_layer.weight.grad).all()
+
+
+def test_dopri5_on_a_float16_state():
+    """Error norms in float32: squares of float16 ratios overflowed, and every step was rejected."""
+    solution = odeint(lambda t, x: -x, torch.ones(4, 2, dtype=torch.float16), [0.0, 1.0], method="dopri5",
+                      rtol=1e-3, atol=1e-3)
+    assert solution.x.dtype == torch.float16
+    torch.testing.assert_close(solution.x.float(), torch.full((4, 2), math.exp(-1.0)), atol=3e-3, rtol=0)

@@ -42,7 +42,13 @@ def test_gaussian_linear_moments_match_analytic(linear_posterior):
 def test_map_is_near_the_analytic_mode(linear_posterior):
     task, posterior = linear_posterior
     x_obs = torch.stack([task.observation(1), task.observation(2)])
-    modes = posterior.map(x_obs, num_samples=500, steps=100)
+    frozen = next(posterior.estimator.parameters())
+    frozen.requires_grad_(False)  # a user's choice that MAP must leave as it is
+    try:
+        modes = posterior.map(x_obs, num_samples=500, steps=100)
+        assert not frozen.requires_grad
+    finally:
+        frozen.requires_grad_(True)
     assert modes.shape == (2, 10)
     torch.manual_seed(1)
     q_means = posterior.mean(x_obs, num_samples=50_000)
