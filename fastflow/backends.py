@@ -18,6 +18,8 @@ from types import ModuleType
 
 import torch
 
+from fastflow._checks import positive_int
+
 __all__ = ["BACKENDS", "BackendStatus", "backends", "native_module", "resolve_backend", "set_num_threads", "triton_precision",
            "is_automatic", "requested_backend", "triton_device", "AUTO_TRITON_PRECISIONS"]
 
@@ -100,6 +102,7 @@ def resolve_backend(
     device: torch.device | str,
     *,
     supports: tuple[str, ...] = BACKENDS,
+    why: dict[str, str | None] | None = None,
 ) -> str:
     """The backend an op runs with on `device`.
 
@@ -107,6 +110,7 @@ def resolve_backend(
         requested: None or "auto" (then `FASTFLOW_BACKEND` if set, else automatic), or a backend name.
         device: where the op's tensors live.
         supports: the backends this op (for these dtypes) implements.
+        why: for the error when a backend outside `supports` is forced: why this op cannot run on it, by name.
 
     Raises:
         ValueError: unknown backend name. RuntimeError: a forced backend cannot run here, with why.
@@ -125,7 +129,8 @@ def resolve_backend(
         reasons = "; ".join(f"{name}: {status[name].reason}" for name in preference if name in supports)
         raise RuntimeError(f"no backend among {supports} runs on {device_type} here ({reasons})")
     if requested not in supports:
-        raise RuntimeError(f"backend {requested!r} (from the {source}) does not implement this op for these inputs; it supports {supports}")
+        raise RuntimeError(f"backend {requested!r} (from the {source}) does not implement this op for these inputs"
+                           f"{f' ({why[requested]})' if why and why.get(requested) else ''}; it supports {supports}")
     if device_type not in status[requested].devices:
         raise RuntimeError(f"backend {requested!r} (from the {source}) cannot run on {device_type}: {status[requested].reason}")
     return requested
@@ -178,8 +183,7 @@ def native_module(device: torch.device | str) -> ModuleType:
 
 def set_num_threads(n: int) -> None:
     """Use `n` threads in PyTorch and in the OpenMP kernels of fastflow._C."""
-    if not isinstance(n, int) or n < 1:
-        raise ValueError(f"thread count must be a positive int, got {n!r}")
+    n = positive_int(n, "thread count")
     torch.set_num_threads(n)
     module, _ = _import_extension("_C")
     if module is not None:

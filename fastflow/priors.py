@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import math
-import numbers
 
 import torch
+
+from fastflow._checks import positive_int
 
 __all__ = ["BoxUniform", "Gaussian", "Prior", "prior_from_config"]
 
@@ -40,10 +41,6 @@ class Prior:
         low, high = self.low.to(theta), self.high.to(theta)
         return ((theta >= low) & (theta <= high)).all(-1)
 
-    def _check_n(self, n: int) -> None:
-        if not isinstance(n, numbers.Integral) or isinstance(n, bool) or n <= 0:
-            raise ValueError(f"number of prior samples must be a positive int, got {n!r}")
-
     def _check_theta(self, theta: torch.Tensor) -> None:
         if theta.shape[-1] != self.dim:
             raise ValueError(f"θ has last dimension {theta.shape[-1]}, the prior has dim {self.dim}")
@@ -69,7 +66,7 @@ class BoxUniform(Prior):
         self._log_volume = float(torch.log(self.high.double() - self.low.double()).sum())
 
     def sample(self, n, *, generator=None):
-        self._check_n(n)
+        n = positive_int(n, "number of prior samples")
         u = torch.rand(n, self.dim, generator=generator)
         return self.low + (self.high - self.low) * u
 
@@ -102,7 +99,7 @@ class Gaussian(Prior):
         self.high = torch.full((self.dim,), math.inf)
 
     def sample(self, n, *, generator=None):
-        self._check_n(n)
+        n = positive_int(n, "number of prior samples")
         eps = torch.randn(n, self.dim, generator=generator)
         return self.loc + eps @ self._dist.scale_tril.T
 

@@ -23,6 +23,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from fastflow._checks import positive_int
 from fastflow.abc._fused import FusedSimulator
 from fastflow.abc._kernels import KERNELS, METRICS
 from fastflow.priors import Prior
@@ -293,9 +294,8 @@ def rejection(
         raise TypeError(f"prior must be a fastflow.priors.Prior, got {type(prior).__name__}")
     if not isinstance(simulator, Task) and not callable(simulator):
         raise TypeError(f"simulator must be a Task or a callable, got {type(simulator).__name__}")
-    for name, value in (("n_sims", n_sims), ("chunk_size", 1 if chunk_size is None else chunk_size)):
-        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    n_sims = positive_int(n_sims, "n_sims")
+    chunk_size = None if chunk_size is None else positive_int(chunk_size, "chunk_size")
     if quantile is None and eps is None:
         raise ValueError("give quantile, eps or both")
     if quantile is not None and not (isinstance(quantile, numbers.Real) and 0 < quantile <= 1):

@@ -88,7 +88,7 @@ def build_flow(
     conditioning = context_dim if embedding_dim is None else embedding_dim
     transforms: list[Transform] = list(preprocess or [])
     for layer in range(config.num_layers):
-        flip = layer % 2 == 1 and config.permutation == "lu"
+        flip = layer % 2 == 1 and config.permutation == "lu" and dim > 1  # (1-D: flipped layers would change nothing)
         if config.transform == "spline":
             coupling = SplineCoupling(
                 dim, conditioning, flip=flip, hidden=config.hidden, depth=config.depth, num_bins=config.num_bins, bound=config.bound,

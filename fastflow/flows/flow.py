@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from fastflow._checks import positive_int
 from fastflow.backends import backends
 from fastflow.flows.transforms import Transform
 from fastflow.ops.coupling_flow import chain_transforms
@@ -65,11 +66,6 @@ class Flow(nn.Module):
         embedded = self.embedding(context.reshape(-1, self.context_dim).to(dtype))
         return embedded.reshape(*context.shape[:-1], embedded.shape[-1])
 
-    @staticmethod
-    def _check_n(n: int) -> None:
-        if not isinstance(n, int) or isinstance(n, bool) or n <= 0:
-            raise ValueError(f"number of samples must be a positive int, got {n!r}")
-
     # -- density ----------------------------------------------------------------------------------
     def log_prob(self, theta: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         """log q(θ | context) for θ `(*, D)`; context `(C,)`, or `(*, C)` matching θ's batch shape."""
@@ -85,7 +81,7 @@ class Flow(nn.Module):
                 raise ValueError(
                     f"context batch shape {tuple(context.shape[:-1])} does not broadcast to θ batch shape {tuple(batch_shape)}"
                 ) from None
-            embedded = embedded.reshape(x.shape[0], -1)
+            embedded = embedded.reshape(x.shape[0], embedded.shape[-1])
         log_q = None
         for step in self._chain(inverse=False):
             x, ladj = step(x, embedded)
@@ -97,7 +93,7 @@ class Flow(nn.Module):
     def _sample(self, n: int, context: torch.Tensor | None,
                 with_log_prob: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Draws and (when `with_log_prob`; else None) their log q, shaped as `sample_and_log_prob`'s."""
-        self._check_n(n)
+        n = positive_int(n, "number of samples")
         if context is not None and context.dim() > 2:
             raise ValueError(f"sampling takes a context (C,) or (B, C), got {tuple(context.shape)}")
         contexts = context.shape[0] if context is not None and context.dim() == 2 else 1
@@ -105,7 +101,8 @@ class Flow(nn.Module):
         embedded = self._embed(context, z.dtype)
         log_q = self.base.log_prob(z) if with_log_prob else None
         if embedded is not None:
-            embedded = embedded.reshape(contexts, -1).unsqueeze(0).expand(n, -1, -1).reshape(n * contexts, -1)
+            width = embedded.shape[-1]
+            embedded = embedded.reshape(contexts, width).unsqueeze(0).expand(n, -1, -1).reshape(n * contexts, width)
         for step in self._chain(inverse=True):
             z, ladj = step(z, embedded)
             if with_log_prob:

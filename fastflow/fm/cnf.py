@@ -10,6 +10,7 @@ from typing import Callable, Protocol
 import torch
 import torch.nn as nn
 
+from fastflow._checks import positive_int
 from fastflow.fm.fused import mlp_odeint
 from fastflow.fm.nets import VelocityMLP
 from fastflow.fm.solvers import SOLVERS, check_tolerances, odeint
@@ -56,8 +57,7 @@ class OdeConfig:
     def __post_init__(self):
         if self.method not in SOLVERS:
             raise ValueError(f"unknown ODE method {self.method!r}; known: {sorted(SOLVERS)}")
-        if not isinstance(self.steps, int) or isinstance(self.steps, bool) or self.steps < 1:
-            raise ValueError(f"steps must be a positive int, got {self.steps!r}")
+        positive_int(self.steps, "steps")  # (kept as given: a frozen dataclass, saved in configs)
         check_tolerances(self.rtol, self.atol)
 
     def times(self, t_0: float, t_1: float) -> torch.Tensor:
@@ -138,8 +138,7 @@ class CNF(nn.Module):
     def sample(self, n: int, context: torch.Tensor | None = None) -> torch.Tensor:
         """Draws `(n, D)`, or `(n, B, D)` for a context `(B, C)`. On CUDA, a `VelocityMLP` with a fixed-step
         sampler integrates in the fused Triton kernel where it supports the field (`fastflow.fm.fused.mlp_odeint`)."""
-        if not isinstance(n, int) or isinstance(n, bool) or n <= 0:
-            raise ValueError(f"number of samples must be a positive int, got {n!r}")
+        n = positive_int(n, "number of samples")
         if context is not None and context.dim() > 2:
             raise ValueError(f"sampling takes a context (C,) or (B, C), got {tuple(context.shape)}")
         embedded = self.embed(context)

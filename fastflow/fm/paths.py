@@ -9,6 +9,8 @@ from typing import Callable
 
 import torch
 
+from fastflow._checks import positive_int
+
 __all__ = [
     "PATHS",
     "CondOTPath",
@@ -175,8 +177,7 @@ def sample_time(n: int, *, distribution: str = "uniform", alpha: float = 0.0, ge
             more weight near the data end t = 1; drawn by inverse CDF t = u^((1+alpha)/(2+alpha)).
         alpha: exponent parameter of "power" (> -1).
     """
-    if not isinstance(n, int) or n <= 0:
-        raise ValueError(f"n must be a positive int, got {n!r}")
+    n = positive_int(n, "n")
     u = torch.rand(n, generator=generator, device=device)
     if distribution == "uniform":
         return u

@@ -9,6 +9,8 @@ from typing import Callable, Sequence
 
 import torch
 
+from fastflow._checks import positive_int
+
 __all__ = ["SOLVERS", "ButcherTableau", "OdeSolution", "check_tolerances", "odeint"]
 
 
@@ -161,8 +163,7 @@ def odeint(f: Callable[..., torch.Tensor], x: torch.Tensor, times, *, method: st
     if not tableau.adaptive:
         return _fixed(f, tableau, x, grid, args)
     check_tolerances(rtol, atol)
-    if not isinstance(max_steps, int) or isinstance(max_steps, bool) or max_steps < 1:
-        raise ValueError(f"max_steps must be a positive int, got {max_steps!r}")
+    max_steps = positive_int(max_steps, "max_steps")
     return _adaptive(f, tableau, x, grid[0], grid[-1], args, rtol, atol, max_steps)
 
 

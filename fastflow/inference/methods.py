@@ -6,6 +6,7 @@ from typing import Callable, Protocol
 
 import torch
 
+from fastflow._checks import positive_int
 from fastflow.inference.fmpe import FMPE
 from fastflow.inference.npe import NPE
 from fastflow.inference.posterior import Posterior
@@ -69,6 +70,5 @@ def posterior_samples(
         raise ValueError(f"x_obs must be a 1-D array of length {task.dim_x} for this task, got shape {tuple(x_obs.shape)}")
     if not torch.isfinite(x_obs).all():
         raise ValueError("x_obs contains NaN or inf")
-    if not isinstance(num_samples, int) or num_samples <= 0:
-        raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
+    num_samples = positive_int(num_samples, "num_samples")
     return METHODS[method](task, x_obs, num_simulations=num_simulations, num_samples=num_samples, seed=seed, progress=progress)

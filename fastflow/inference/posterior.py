@@ -4,12 +4,14 @@ and MAP, batched over several observations, and saved as weights plus a plain co
 from __future__ import annotations
 
 import math
+import numbers
 from pathlib import Path
 from typing import Callable
 
 import torch
 import torch.nn as nn
 
+from fastflow._checks import positive_int
 from fastflow.priors import Prior, prior_from_config
 
 __all__ = ["Posterior", "register_estimator", "FORMAT", "FORMAT_VERSION"]
@@ -57,11 +59,6 @@ class Posterior:
             raise ValueError("x contains NaN or inf")
         return x
 
-    @staticmethod
-    def _check_n(n: int, name: str = "number of samples") -> None:
-        if not isinstance(n, int) or isinstance(n, bool) or n <= 0:
-            raise ValueError(f"{name} must be a positive int, got {n!r}")
-
     def to(self, device) -> "Posterior":
         self.estimator.to(device)
         return self
@@ -70,7 +67,7 @@ class Posterior:
     @torch.no_grad()
     def sample(self, n: int, x) -> torch.Tensor:
         """`n` draws of θ: `(n, D)` for x `(C,)`, `(n, B, D)` for x `(B, C)`."""
-        self._check_n(n)
+        n = positive_int(n, "number of samples")
         return self.estimator.sample(n, self._check_x(x))
 
     @torch.no_grad()
@@ -104,39 +101,44 @@ class Posterior:
         return torch.quantile(self.sample(num_samples, x), levels, dim=0)
 
     def map(self, x, *, num_samples: int = 1_000, num_starts: int = 10, steps: int = 200, learning_rate: float = 0.05) -> torch.Tensor:
-        """Maximum a posteriori θ: gradient ascent on log q(θ | x) from the best `num_starts` of
-        `num_samples` posterior draws (in standardized coordinates, kept inside the prior support).
+        """Maximum a posteriori θ: gradient ascent (Adam, `steps` steps) on log q(θ | x) from the best `num_starts` of
+        `num_samples` posterior draws (in standardized coordinates, kept inside the prior support); the best point
+        seen, starts included, is returned (a step may overshoot).
 
         Returns `(D,)` or `(B, D)`.
         """
-        self._check_n(num_samples, "num_samples")
-        self._check_n(num_starts, "num_starts")
+        num_samples, num_starts = positive_int(num_samples, "num_samples"), positive_int(num_starts, "num_starts")
+        if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 0:
+            raise ValueError(f"steps must be a non-negative int, got {steps!r}")
         x = self._check_x(x)
         single = x.dim() == 1
         xs = x.reshape(-1, self.dim_x)
         draws = self.estimator.sample(num_samples, xs)  # (n, B, D)
         with torch.no_grad():
             log_q = self._log_prob(draws, xs)
-        top = log_q.topk(min(num_starts, num_samples), dim=0).indices
-        starts = draws.gather(0, top.unsqueeze(-1).expand(-1, -1, self.dim_theta))
+        best_log_q, top = log_q.topk(min(num_starts, num_samples), dim=0)  # (starts, B)
+        best = draws.gather(0, top.unsqueeze(-1).expand(-1, -1, self.dim_theta))  # (starts, B, D)
         center, scale = draws.mean(0), draws.std(0).nan_to_num(1.0).clamp_min(1e-6)
         low, high = self.prior.low.to(draws), self.prior.high.to(draws)
         margin = 1e-5 * (high - low).nan_to_num(nan=0.0, posinf=0.0)
-        standardized = ((starts - center) / scale).requires_grad_(True)
+        standardized = ((best - center) / scale).requires_grad_(True)
         optimizer = torch.optim.Adam([standardized], lr=learning_rate)
-        for _ in range(steps):
+        for step in range(steps + 1):
             theta = center + scale * standardized
-            loss = -self.estimator.log_prob(theta, xs).sum()
+            log_q = self.estimator.log_prob(theta, xs)
+            with torch.no_grad():
+                better = log_q.masked_fill(~self.prior.in_support(theta), -math.inf) > best_log_q
+                best_log_q = torch.where(better, log_q, best_log_q)
+                best = torch.where(better.unsqueeze(-1), theta, best)
+            if step == steps:
+                break
             # the gradient for θ alone: the estimator's parameters (and their requires_grad) are left as they are
-            standardized.grad, = torch.autograd.grad(loss, standardized)
+            standardized.grad, = torch.autograd.grad(-log_q.sum(), standardized)
             optimizer.step()
             with torch.no_grad():
                 clamped = torch.maximum(torch.minimum(center + scale * standardized, high - margin), low + margin)
                 standardized.copy_((clamped - center) / scale)
-        with torch.no_grad():
-            theta = center + scale * standardized
-            best = self._log_prob(theta, xs).argmax(0)
-            result = theta[best, torch.arange(xs.shape[0])]
+        result = best[best_log_q.argmax(0), torch.arange(xs.shape[0])]
         return result[0] if single else result
 
     # -- persistence ------------------------------------------------------------------------------

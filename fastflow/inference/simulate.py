@@ -7,11 +7,13 @@ import warnings
 from dataclasses import dataclass
 from typing import Callable
 
+import numpy as np
 import torch
 
+from fastflow._checks import positive_int
 from fastflow.priors import Prior
 
-__all__ = ["Simulations", "simulate"]
+__all__ = ["Simulations", "simulate", "simulator_seed"]
 
 
 @dataclass
@@ -30,6 +32,12 @@ def _accepts_generator(simulator: Callable) -> bool:
         return False
 
 
+def simulator_seed(seed: int) -> int:
+    """The global RNG's seed for a simulator without a `generator` keyword: a hash of `seed` (numpy's SeedSequence),
+    so that its stream is independent of the prior's generator, seeded with `seed`."""
+    return int(np.random.SeedSequence([seed, 1]).generate_state(1, np.uint64)[0] >> np.uint64(1))
+
+
 def simulate(
     simulator: Callable[..., torch.Tensor],
     prior: Prior,
@@ -42,18 +50,19 @@ def simulate(
 
     Arguments:
         simulator: maps θ `(n, D)` to x `(n, C)`; when it takes a `generator` keyword (as the package's
-            tasks do) it gets a seeded `torch.Generator`, otherwise the global RNG is seeded.
+            tasks do) it gets the prior's seeded `torch.Generator`, otherwise the global RNG is seeded with
+            `simulator_seed(seed)` (a stream independent of the prior's).
         num_simulations: N > 0.
 
     Returns:
         `Simulations` without the rows whose x has a NaN or inf (a warning gives their count).
     """
-    if not isinstance(num_simulations, int) or isinstance(num_simulations, bool) or num_simulations <= 0:
-        raise ValueError(f"num_simulations must be a positive int, got {num_simulations!r}")
+    num_simulations, batch_size = positive_int(num_simulations, "num_simulations"), positive_int(batch_size, "batch_size")
     generator = torch.Generator().manual_seed(seed)
     takes_generator = _accepts_generator(simulator)
     if not takes_generator:
-        torch.manual_seed(seed)
+        # a stream of its own: seeded with `seed` too, the simulator's noise would repeat the prior's draws
+        torch.manual_seed(simulator_seed(seed))
     thetas, xs = [], []
     for start in range(0, num_simulations, batch_size):
         count = min(batch_size, num_simulations - start)

@@ -42,7 +42,8 @@ def c2st(X, Y, *, seed: int = 1, n_folds: int = 5, z_score: bool = True, n_jobs:
 
     An MLP classifier (two ReLU hidden layers of 10·dim units, adam, max_iter 10000) is trained to tell
     X from Y; the score is the mean accuracy over `n_folds` shuffled K-fold splits. 0.5 means the samples
-    are indistinguishable, 1.0 fully separable. With `z_score`, both samples are standardized with the
+    are indistinguishable, 1.0 fully separable. For samples of different sizes the score is the balanced
+    accuracy (the mean of the two classes' recalls): plain accuracy would tend to the larger sample's share. With `z_score`, both samples are standardized with the
     mean and (unbiased) standard deviation of X, the reference.
 
     Arguments:
@@ -57,7 +58,7 @@ def c2st(X, Y, *, seed: int = 1, n_folds: int = 5, z_score: bool = True, n_jobs:
             with n_jobs=2, which pays for starting worker processes).
 
     Returns:
-        The mean cross-validated accuracy.
+        The mean cross-validated accuracy (balanced accuracy when n ≠ m).
 
     References:
         Lopez-Paz & Oquab (2017), "Revisiting classifier two-sample tests", ICLR.
@@ -84,7 +85,8 @@ def c2st(X, Y, *, seed: int = 1, n_folds: int = 5, z_score: bool = True, n_jobs:
     folds = KFold(n_splits=n_folds, shuffle=True, random_state=seed)
     # single-threaded BLAS: faster for these small matrices, and the score no longer depends on n_jobs
     with threadpool_limits(limits=1):
-        scores = cross_val_score(classifier, data, target, cv=folds, scoring="accuracy", n_jobs=n_jobs)
+        scoring = "accuracy" if X.shape[0] == Y.shape[0] else "balanced_accuracy"
+        scores = cross_val_score(classifier, data, target, cv=folds, scoring=scoring, n_jobs=n_jobs)
     return float(np.mean(scores))
 
 

@@ -9,7 +9,7 @@ import torch.nn as nn
 from fastflow.backends import triton_device
 from fastflow.flows.transforms import Transform
 from fastflow.ops.coupling import affine_coupling, spline_coupling
-from fastflow.ops.coupling_flow import CouplingRun
+from fastflow.ops.coupling_flow import CouplingRun, read_parameters
 from fastflow.ops.spline import SPLINE_CONSTANTS, spline_param_count
 
 __all__ = ["MLP", "AffineCoupling", "SplineCoupling"]
@@ -31,6 +31,33 @@ class MLP(nn.Sequential):
         nn.init.zeros_(last.weight)
         nn.init.zeros_(last.bias)
         super().__init__(*layers, last)
+        self._sealed = True
+
+    # The coupling ops compute SiLU MLPs of this shape from the Linear layers' parameters (read on every call), so a
+    # layer swapped in afterwards would be ignored: adding, replacing or removing layers raises instead.
+    def _refuse_new_layers(self):
+        if self.__dict__.get("_sealed"):
+            raise TypeError("a coupling conditioner's layers are fixed at construction (the coupling ops compute a SiLU "
+                            "MLP of its shape from its Linear layers); assign new parameters to those layers "
+                            "(layer.weight = nn.Parameter(...)) or build another coupling layer")
+
+    def add_module(self, name, module):
+        self._refuse_new_layers()
+        super().add_module(name, module)
+
+    def __setattr__(self, name, value):
+        if isinstance(value, nn.Module):
+            self._refuse_new_layers()
+        super().__setattr__(name, value)
+
+    def __delattr__(self, name):
+        if name in self._modules:
+            self._refuse_new_layers()
+        super().__delattr__(name)
+
+    def insert(self, index, module):
+        self._refuse_new_layers()
+        return super().insert(index, module)
 
 
 class _Coupling(Transform):
@@ -43,6 +70,9 @@ class _Coupling(Transform):
         super().__init__()
         if dim < 1:
             raise ValueError(f"coupling needs dim >= 1, got {dim}")
+        if dim == 1 and flip:
+            raise ValueError("a flipped coupling layer of dim 1 would transform no coordinate (flip=False transforms it, "
+                             "conditioned on the context alone)")
         self.dim, self.context_dim, self.flip = dim, context_dim, flip
         identity_count = dim // 2 if not flip else dim - dim // 2
         self.identity_count = identity_count
@@ -75,7 +105,7 @@ class _Coupling(Transform):
     def _weights(self) -> tuple[torch.Tensor, ...]:
         """The conditioner's (weight, bias) pairs in order, as the coupling ops take them (read from the layers'
         parameter dicts, `parameter_slots`: a replaced parameter is read too)."""
-        return tuple(parameters[name] for parameters, name in self.parameter_slots)
+        return tuple(read_parameters(self.parameter_slots))
 
     def _transform(self, x, context, inverse):
         raise NotImplementedError
@@ -125,7 +155,7 @@ class _Coupling(Transform):
         x's dtype (None when the layer takes none), after checking shapes, dtypes and devices against the layer's
         (views and casts only where needed: every call of a layer pays this, ~3 µs)."""
         name = type(self).__name__
-        weight = self.parameter_slots[0][0]["weight"]
+        weight = read_parameters(self.parameter_slots[:1])[0]
         if x.dim() == 0 or x.shape[-1] != self.dim:
             raise ValueError(f"{name}: x must be (*, {self.dim}), got {tuple(x.shape)}")
         if x.dtype != weight.dtype:

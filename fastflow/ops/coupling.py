@@ -23,13 +23,11 @@ from typing import Callable, Iterator, NamedTuple
 
 import torch
 import torch.nn.functional as F
-from torch.autograd.function import once_differentiable
 
 from fastflow.backends import resolve_backend, triton_device, triton_precision
+from fastflow.ops.autograd import first_order
 from fastflow.ops.linear import BLOCK_ROWS, linear_silu, linear_silu_into
-from fastflow.ops.spline import (
-    SPLINE_CONSTANTS, rq_spline, rq_spline_rows_native_into,
-)
+from fastflow.ops.spline import SPLINE_CONSTANTS, native_takes, rq_spline, rq_spline_rows_native_into
 
 __all__ = ["affine_coupling", "affine_coupling_ref", "spline_coupling", "spline_coupling_ref"]
 
@@ -128,7 +126,7 @@ class _TritonAffine(torch.autograd.Function):
         return affine_forward_triton(raw, changed, scale_bound=scale_bound, inverse=inverse)
 
     @staticmethod
-    @once_differentiable
+    @first_order
     def backward(ctx, grad_out, grad_ladj):
         from fastflow.kernels.affine import affine_backward_triton
 
@@ -176,7 +174,7 @@ class TritonAffineStep(torch.autograd.Function):
                            **ctx.options)
 
     @staticmethod
-    @once_differentiable
+    @first_order
     def backward(ctx, grad_y, grad_ladj):
         from fastflow.kernels.affine import affine_step_backward_triton
 
@@ -218,7 +216,7 @@ class TritonSplineStep(torch.autograd.Function):
                            kept_0, changed_0, bound, inverse)
 
     @staticmethod
-    @once_differentiable
+    @first_order
     def backward(ctx, grad_y, grad_ladj):
         from fastflow.kernels.spline import rq_spline_backward_triton
 
@@ -267,25 +265,34 @@ def _spline_coupling_blocked(kept, context, changed, weights, *, num_bins: int, 
     return out, ladj
 
 
-def _check(kept, context, changed, weights) -> tuple[bool, set[torch.dtype], list[torch.Tensor]]:
-    """Whether the fused Triton kernels can take these tensors (float32 on a Triton device, conditioners of two
-    hidden layers: `weights` holds one or more layers' six tensors), their dtypes, and the tensors; mixed devices
-    raise. (Two cheap passes over the tensors: a run of layers checks ~30 per call.)"""
+def _check(kept, context, changed, weights, layers: int) -> tuple[str | None, set[torch.dtype], list[torch.Tensor]]:
+    """Why the fused Triton kernels cannot take these tensors (None when they can: float32 on a Triton device,
+    `layers` conditioners of two hidden layers, six tensors each in `weights`), their dtypes, and the tensors; mixed
+    devices raise. (Two cheap passes over the tensors: a run of layers checks ~30 per call.)"""
     tensors = [kept, changed, *weights] + ([] if context is None else [context])
     if len({t.get_device() for t in tensors}) != 1:  # (the device index, -1 on CPU: cheaper than t.device)
         raise ValueError("coupling: inputs and weights must be on one device")
     dtypes = {t.dtype for t in tensors}
-    fusable = triton_device(kept.device) and len(weights) % 6 == 0 and len(weights) > 0 and dtypes == {torch.float32}
-    return fusable, dtypes, tensors
+    if len(weights) != 6 * layers:
+        unfusable = "the Triton kernels take conditioners of two hidden layers (depth=2)"
+    elif dtypes != {torch.float32}:
+        unfusable = f"the Triton kernels take float32 only, got {sorted(map(str, dtypes))}"
+    elif not triton_device(kept.device):
+        unfusable = "Triton runs on CUDA tensors (on CPU only under TRITON_INTERPRET=1)"
+    else:
+        unfusable = None
+    return unfusable, dtypes, tensors
 
 
-def _supported(kept: torch.Tensor, dtypes: set[torch.dtype], fusable: bool) -> tuple[str, ...]:
-    """The backends a coupling layer can run tensors of `dtypes` on: native on CPU float32/float64, Triton when
+def _supported(kept: torch.Tensor, dtypes: set[torch.dtype], fusable: bool,
+               num_bins: int | None = None) -> tuple[str, ...]:
+    """The backends a coupling layer can run tensors of `dtypes` on: native on CPU float32/float64 (splines of at
+    most `NATIVE_MAX_BINS` bins), Triton when
     fusable (automatic dispatch prefers it on CUDA: on an H100, `bench/results/gpu_coupling_2026-11-26_*H100*`,
     the fused kernel with TF32 products ran log_prob and sample 1.7-30x faster than the fp32 reference; with
     autograd the Triton path was 2.8-16x faster for splines, on a par for affine layers with fp32 products and
     1.1-1.2x faster with TF32)."""
-    native_ok = kept.device.type == "cpu" and dtypes <= {torch.float32, torch.float64}
+    native_ok = native_takes(kept, dtypes, num_bins)
     return ("reference",) + (("native",) if native_ok else ()) + (("triton",) if fusable else ())
 
 
@@ -319,12 +326,14 @@ class Dispatch(NamedTuple):
         return self.fuses and not self.recording
 
 
-def dispatch(kept, context, changed, weights, backend: str | None, precision: str | None) -> Dispatch:
-    """The `Dispatch` of a coupling layer, or of a run of layers with `weights` holding each one's six tensors
-    (`fastflow.ops.coupling_flow`)."""
-    fusable, dtypes, tensors = _check(kept, context, changed, weights)
+def dispatch(kept, context, changed, weights, backend: str | None, precision: str | None, layers: int = 1,
+             num_bins: int | None = None) -> Dispatch:
+    """The `Dispatch` of a coupling layer, or of a run of `layers` layers with `weights` holding each one's six
+    tensors (`fastflow.ops.coupling_flow`); `num_bins` for spline layers."""
+    unfusable, dtypes, tensors = _check(kept, context, changed, weights, layers)
     precision = triton_precision(precision, kept.device)
-    chosen = resolve_backend(backend, kept.device, supports=_supported(kept, dtypes, fusable))
+    chosen = resolve_backend(backend, kept.device, supports=_supported(kept, dtypes, unfusable is None, num_bins),
+                             why={"triton": unfusable})
     recording = _recording(tensors)
     return Dispatch(chosen, recording, precision, chosen == "triton" and fuses_conditioner(precision, kept.device))
 
@@ -367,7 +376,7 @@ def spline_coupling(kept, context, changed, weights, *, num_bins: int, bound: fl
     backward kernel); `native` runs the
     spline and the hidden layers' bias + SiLU natively (`conditioner_native`), and without autograd the whole
     layer by blocks of rows (`_spline_coupling_blocked`)."""
-    how = dispatch(kept, context, changed, weights, backend, precision)
+    how = dispatch(kept, context, changed, weights, backend, precision, num_bins=num_bins)
     chosen, recording, precision, fused = how.backend, how.recording, how.precision, how.fused
     reference = partial(spline_coupling_ref, num_bins=num_bins, bound=bound, inverse=inverse)
     if fused:

@@ -20,16 +20,26 @@ import os
 from typing import Callable
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from fastflow.backends import triton_device
+from fastflow.ops.autograd import first_order
 from fastflow.ops.coupling import (
     TritonAffineStep, TritonSplineStep, affine_step, conditioner_hidden, conditioner_ref, dispatch, spline_step,
 )
 
-__all__ = ["CouplingRun", "chain_transforms", "trains_fused"]
+__all__ = ["CouplingRun", "chain_transforms", "read_parameters", "trains_fused"]
 
 Step = Callable[[torch.Tensor, "torch.Tensor | None"], "tuple[torch.Tensor, torch.Tensor]"]
+
+
+def read_parameters(slots) -> list[torch.Tensor]:
+    """The tensors named by `slots`, (module parameter dict, name) pairs, read on every call (a parameter assigned
+    anew is the one read); a parameter that is no longer one (a parametrization such as weight_norm) raises."""
+    try:
+        return [parameters[name] for parameters, name in slots]
+    except KeyError:
+        raise RuntimeError("coupling layers read their conditioner's Linear weights and biases as plain parameters: "
+                           "parametrizations (weight_norm, spectral_norm, ...) are not supported") from None
 
 
 class CouplingRun:
@@ -50,12 +60,12 @@ class CouplingRun:
         self._max_kept, self._max_changed = int(layouts[:, 1].max()), int(layouts[:, 3].max())
         self._n_hidden = first.conditioner[0].out_features
         self._layout = [torch.empty(w.shape, device="meta") for w in self.weights()]  # the weights' shapes, for unpacking
-        self._tables: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}  # device -> (steps, column maps)
+        self._tables: dict[torch.device, tuple] = {}  # device -> (permutations' stamp, steps, column maps)
         self._gradient_positions: dict[tuple[torch.device, int], torch.Tensor] = {}  # (device, context dim) -> index
 
     def weights(self) -> list[torch.Tensor]:
         """Every layer's (w1, b1, w2, b2, w3, b3), read from the layers on each call (parameters may be replaced)."""
-        return [parameters[name] for parameters, name in self._parameter_slots]
+        return read_parameters(self._parameter_slots)
 
     def __call__(self, x: torch.Tensor, context: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         result = self.on_triton(x, context)
@@ -69,7 +79,7 @@ class CouplingRun:
             return None
         kernel_context = self.couplings[0]._context(context)
         weights = self.weights()
-        how = dispatch(x, kernel_context, x, weights, self.backend, None)
+        how = dispatch(x, kernel_context, x, weights, self.backend, None, len(self.couplings), self.options.get("num_bins"))
         if how.fused:
             return self.fused(x, kernel_context, how.precision, weights)
         if how.fuses and self._trains_fused(kernel_context, x.device):
@@ -140,12 +150,16 @@ class CouplingRun:
 
     def _on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """The steps table and the column maps `(S, D)` int32 (where step s stores its state's columns: the
-        permutation after the layer, or none) on `device`; both fixed by the layers' structure."""
-        if device not in self._tables:
+        permutation after the layer, or none) on `device`; copied there again when a permutation's buffer changed
+        (`load_state_dict` writes it in place: its version moves)."""
+        maps = [None if p is None else p.column_map(self.inverse) for _, p in self.steps]
+        stamp = tuple(None if m is None else (id(m), m._version) for m in maps)
+        cached = self._tables.get(device)
+        if cached is None or cached[0] != stamp:
             identity = torch.arange(self.couplings[0].dim)
-            maps = [identity if p is None else p.column_map(self.inverse).cpu() for _, p in self.steps]
-            self._tables[device] = (self._steps.to(device), torch.stack(maps).to(device=device, dtype=torch.int32))
-        return self._tables[device]
+            stacked = torch.stack([identity if m is None else m.cpu() for m in maps])
+            self._tables[device] = (stamp, self._steps.to(device), stacked.to(device=device, dtype=torch.int32))
+        return self._tables[device][1:]
 
     def gradient_positions(self, device: torch.device, context: torch.Tensor | None) -> torch.Tensor:
         """`kernels.coupling_backward.gradient_index` of this run with `context` on `device` (built once)."""
@@ -196,7 +210,7 @@ class _FusedRun(torch.autograd.Function):
         return out, ladj
 
     @staticmethod
-    @once_differentiable
+    @first_order
     def backward(ctx, grad_out, grad_ladj):
         from fastflow.kernels.activations import approximate_activations
         from fastflow.kernels.coupling_backward import coupling_flow_backward_triton

@@ -6,9 +6,9 @@ ops (`fastflow::bias_silu_keep`, `fastflow::silu_backward`), so torch.compile tr
 from __future__ import annotations
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from fastflow.backends import backends, native_module
+from fastflow.ops.autograd import first_order
 
 __all__ = ["BLOCK_ROWS", "linear_silu", "linear_silu_into", "native_linear_silu_runs"]
 
@@ -74,7 +74,7 @@ class _LinearSiLU(torch.autograd.Function):
         return out
 
     @staticmethod
-    @once_differentiable
+    @first_order
     def backward(ctx, grad_out):
         h, w, v = ctx.saved_tensors
         grad_v = _silu_backward(grad_out, v)

@@ -11,12 +11,12 @@ import math
 
 import torch
 import torch.nn.functional as F
-from torch.autograd.function import once_differentiable
 
 from fastflow.backends import native_module, resolve_backend, triton_device
+from fastflow.ops.autograd import first_order
 
-__all__ = ["rq_spline", "rq_spline_native_into", "rq_spline_ref", "rq_spline_rows_native_into", "spline_param_count",
-           "DERIVATIVE_SHIFT", "SPLINE_CONSTANTS"]
+__all__ = ["NATIVE_MAX_BINS", "native_takes", "rq_spline", "rq_spline_native_into", "rq_spline_ref",
+           "rq_spline_rows_native_into", "spline_param_count", "DERIVATIVE_SHIFT", "SPLINE_CONSTANTS"]
 
 MIN_BIN_WIDTH = 1e-3
 MIN_BIN_HEIGHT = 1e-3
@@ -104,7 +104,14 @@ def rq_spline_ref(
     return outputs, logabsdet
 
 
-_NATIVE_DTYPES = (torch.float32, torch.float64)
+NATIVE_MAX_BINS = 128  # csrc/spline_math.h: kMaxBins
+
+
+def native_takes(inputs: torch.Tensor, dtypes, num_bins: int | None) -> bool:
+    """Whether the native (C++) kernels take CPU tensors of `dtypes` with splines of `num_bins` bins (None: no
+    spline): float32/float64, at most `NATIVE_MAX_BINS` bins."""
+    return (inputs.device.type == "cpu" and set(dtypes) <= {torch.float32, torch.float64}
+            and (num_bins is None or num_bins <= NATIVE_MAX_BINS))
 
 
 def rq_spline(
@@ -130,7 +137,8 @@ def rq_spline(
         raise ValueError(f"inputs on {inputs.device} and params on {params.device}: put them on one device")
     if inputs.dtype != params.dtype:
         raise TypeError(f"inputs are {inputs.dtype} but params are {params.dtype}")
-    supports = ("reference", "native") if inputs.device.type == "cpu" and inputs.dtype in _NATIVE_DTYPES else ("reference",)
+    supports = ("reference", "native") if native_takes(inputs, (inputs.dtype,), (params.shape[-1] + 1) // 3) else (
+        "reference",)
     if triton_device(inputs.device) and inputs.dtype == torch.float32:
         supports += ("triton",)
     chosen = resolve_backend(backend, inputs.device, supports=supports)
@@ -156,7 +164,7 @@ class _TritonSpline(torch.autograd.Function):
         return out.view(inputs.shape), ladj.view(inputs.shape)
 
     @staticmethod
-    @once_differentiable
+    @first_order
     def backward(ctx, grad_out, grad_ladj):
         from fastflow.kernels.spline import rq_spline_backward_triton
 

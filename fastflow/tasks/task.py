@@ -9,6 +9,7 @@ from typing import Callable
 
 import torch
 
+from fastflow._checks import positive_int
 from fastflow.priors import Prior
 from fastflow.tasks.numba_simulator import NumbaSimulator
 
@@ -138,8 +139,7 @@ class Task:
             `(n, dim_theta)` float32 samples.
         """
         x = self._check_x_obs(x_obs)
-        if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
-            raise ValueError(f"n must be a positive int, got {n!r}")
+        n = positive_int(n, "n")
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise ValueError(f"seed must be an int, got {seed!r}")
         return _reference(self, tuple(x.tolist()), n, seed).clone()
@@ -193,12 +193,15 @@ def _reference(task: Task, x_key: tuple[float, ...], n: int, seed: int) -> torch
     return task.reference_fn(x, n, generator).float()
 
 
-def rejection_batches(propose: Callable[[int], torch.Tensor], n: int, *, max_rounds: int = 1000) -> torch.Tensor:
+def rejection_batches(propose: Callable[[int], torch.Tensor], n: int, *, max_rounds: int = 1000,
+                      give_up_after: int = 10_000_000) -> torch.Tensor:
     """Collect `n` accepted rows from a vectorized proposer.
 
     Arguments:
         propose: `m -> (k, dim)` accepted rows out of `m` proposals (k ≤ m).
         n: number of rows wanted.
+        give_up_after: proposals without a single acceptance after which it raises (an observation the
+            model cannot produce would otherwise run all `max_rounds` rounds of millions of proposals).
 
     Returns:
         `(n, dim)` the first `n` accepted rows, in proposal order.
@@ -211,6 +214,9 @@ def rejection_batches(propose: Callable[[int], torch.Tensor], n: int, *, max_rou
         proposed += batch
         if count >= n:
             return torch.cat(accepted)[:n]
+        if count == 0 and proposed >= give_up_after:
+            raise RuntimeError(f"rejection sampler accepted none of {proposed} proposals: is the observation one "
+                               "the simulator can produce?")
         rate = max(count, 1) / proposed
         batch = min(4_000_000, max(1024, math.ceil(1.2 * (n - count) / rate)))
     raise RuntimeError(f"rejection sampler accepted only {count} of {n} wanted rows in {max_rounds} rounds")

@@ -61,6 +61,19 @@ def test_map_is_near_the_analytic_mode(linear_posterior):
         assert ((modes[row].double() - mean).abs() / sd).max() < 0.5
 
 
+def test_map_never_returns_a_point_below_its_best_start(linear_posterior):
+    """Adam at a step size far too large overshoots; the best point seen is returned, the starts included."""
+    task, posterior = linear_posterior
+    x_obs = torch.stack([task.observation(1), task.observation(2)])
+    torch.manual_seed(3)
+    start = posterior.map(x_obs, num_samples=200, num_starts=3, steps=0)
+    torch.manual_seed(3)
+    overshooting = posterior.map(x_obs, num_samples=200, num_starts=3, steps=5, learning_rate=5.0)
+    assert (posterior.log_prob(overshooting, x_obs) >= posterior.log_prob(start, x_obs)).all()
+    with pytest.raises(ValueError, match="steps must be a non-negative int"):
+        posterior.map(x_obs, steps=-1)
+
+
 def test_batched_posterior_api_shapes(linear_posterior):
     task, posterior = linear_posterior
     xs = torch.stack([task.observation(i) for i in (1, 2, 3)])

@@ -39,6 +39,14 @@ def test_c2st_same_and_separated():
     assert c2st(X, _normal(2000, 2, 4, shift=5.0)) > 0.99
 
 
+def test_c2st_of_samples_of_different_sizes():
+    """Plain accuracy of a classifier with no signal tends to the larger sample's share (1000 vs 200: 0.83);
+    the balanced accuracy stays at 0.5."""
+    X = _normal(1000, 2, 8)
+    assert abs(c2st(X, _normal(200, 2, 9)) - 0.5) < 0.06
+    assert c2st(X, _normal(200, 2, 10, shift=5.0)) > 0.99
+
+
 def test_c2st_affine_invariance_with_z_score():
     X, Y = _normal(500, 2, 5), _normal(500, 2, 6, shift=0.5)
     scale, shift = torch.tensor([100.0, 0.01]), torch.tensor([-3.0, 50.0])

@@ -69,6 +69,112 @@ def test_a_replaced_conditioner_parameter_is_used(backend, monkeypatch):
     torch.testing.assert_close(moved, after)
 
 
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_a_conditioner_keeps_its_layers(backend, monkeypatch):
+    """The coupling ops compute the conditioner from its Linear layers' parameters: a layer swapped in would be
+    ignored (it was, silently), so adding, replacing or removing layers raises."""
+    if backend == "triton":
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    layer = AffineCoupling(4, backend=backend)
+    for change in (lambda m: m.__setitem__(-1, torch.nn.Linear(64, 4)), lambda m: m.append(torch.nn.Tanh()),
+                   lambda m: m.__delitem__(1), lambda m: m.insert(0, torch.nn.Identity()),
+                   lambda m: setattr(m, "extra", torch.nn.Linear(2, 2))):
+        with pytest.raises(TypeError, match="fixed at construction"):
+            change(layer.conditioner)
+    assert len(layer.conditioner) == 5
+    torch.nn.utils.parametrizations.weight_norm(layer.conditioner[0])
+    with pytest.raises(RuntimeError, match="parametrizations"):
+        layer(torch.randn(3, 4))
+
+
+def test_a_flipped_one_dimensional_layer_is_refused():
+    with pytest.raises(ValueError, match="transform no coordinate"):
+        AffineCoupling(1, flip=True)
+    flow = CouplingFlow(1, 2, config=FlowConfig(permutation="lu", num_layers=4))
+    assert all(not t.flip for t in flow.transforms if hasattr(t, "flip"))
+
+
+@pytest.mark.parametrize("backend", [None, "reference", "triton"])
+def test_second_derivatives_are_exact_or_refused(backend, monkeypatch):
+    """The fused kernels' gradients are first order: a Hessian through them raises (it came back wrong, or zero,
+    without a word); the reference's is the Hessian of its log-density."""
+    if backend == "triton":
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    flow = _perturbed(CouplingFlow(2, config=FlowConfig(transform="affine", num_layers=2, hidden=8), backend=backend))
+    if backend != "triton":
+        flow = flow.double()
+    point = torch.tensor([0.3, -0.7], dtype=torch.float32 if backend == "triton" else torch.float64)
+
+    def log_q(t):
+        return flow.log_prob(t[None])[0]
+
+    if backend != "reference":
+        with pytest.raises(RuntimeError, match="first order only"):
+            torch.autograd.functional.hessian(log_q, point)
+        return
+    hessian = torch.autograd.functional.hessian(log_q, point)
+    step = 1e-5
+    by_differences = torch.stack([
+        (torch.autograd.functional.jacobian(log_q, point + step * e) - torch.autograd.functional.jacobian(log_q, point - step * e))
+        / (2 * step) for e in torch.eye(2, dtype=point.dtype)])
+    torch.testing.assert_close(hessian, by_differences, atol=1e-6, rtol=1e-6)
+
+
+def test_triton_runs_read_permutations_loaded_later(monkeypatch):
+    """A fused run keeps its column maps on the device: `load_state_dict` writes the permutations in place after the
+    first call, and the run must use the new ones."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    source = _perturbed(CouplingFlow(6, config=FlowConfig(transform="affine", permutation="random", seed=0, hidden=8),
+                                     backend="reference"))
+    target = CouplingFlow(6, config=FlowConfig(transform="affine", permutation="random", seed=7, hidden=8), backend="triton")
+    x = torch.randn(5, 6)
+    with torch.no_grad():
+        target.log_prob(x)
+        target.load_state_dict(source.state_dict())
+        torch.testing.assert_close(target.log_prob(x), source.log_prob(x), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("depth", [1, 5])
+def test_triton_layers_of_other_depths(depth, monkeypatch):
+    """The fused kernels take two hidden layers; other depths run the reference conditioner (depth 5's twelve
+    tensors were taken for two layers' six, and the kernel launch failed)."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    layer = _perturbed(AffineCoupling(5, 3, depth=depth, backend="triton"))
+    reference = AffineCoupling(5, 3, depth=depth, backend="reference")
+    reference.load_state_dict(layer.state_dict())
+    x, context = torch.randn(9, 5), torch.randn(9, 3)
+    with torch.no_grad():
+        if depth == 5:
+            with pytest.raises(RuntimeError, match="two hidden layers"):
+                layer(x, context)
+        for backend in ("auto", None):
+            layer.backend = backend
+            torch.testing.assert_close(layer(x, context), reference(x, context))
+
+
+def test_splines_beyond_the_native_bin_limit_run_the_reference():
+    from fastflow.ops.spline import NATIVE_MAX_BINS
+
+    layer = _perturbed(SplineCoupling(2, num_bins=NATIVE_MAX_BINS + 1))
+    reference = SplineCoupling(2, num_bins=NATIVE_MAX_BINS + 1, backend="reference")
+    reference.load_state_dict(layer.state_dict())
+    x = torch.randn(7, 2)
+    torch.testing.assert_close(layer(x), reference(x))
+    if not native_missing:
+        with pytest.raises(RuntimeError, match="does not implement"):
+            SplineCoupling(2, num_bins=NATIVE_MAX_BINS + 1, backend="native")(x)
+        SplineCoupling(2, num_bins=NATIVE_MAX_BINS, backend="native")(x)  # the limit itself runs natively
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_empty_batches_with_a_context(backend, monkeypatch):
+    if backend == "triton":
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    flow = CouplingFlow(3, 2, config=FlowConfig(num_layers=2, hidden=8), backend=backend)
+    assert flow.log_prob(torch.empty(0, 3), torch.empty(0, 2)).shape == (0,)
+    assert flow.sample(4, torch.empty(0, 2)).shape == (4, 0, 3)
+
+
 def _perturbed(layer: torch.nn.Module) -> torch.nn.Module:
     """The layer with every parameter moved off its initial value (a fresh coupling layer is the identity)."""
     generator = torch.Generator().manual_seed(0)

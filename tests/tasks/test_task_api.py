@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from fastflow.tasks import TASKS, Task, get_task
+from fastflow.tasks.task import rejection_batches
 
 DIMS = {"two_moons": (2, 2), "gaussian_linear": (10, 10), "gaussian_mixture": (2, 2), "slcp": (5, 8)}
 
@@ -110,3 +111,12 @@ def test_bad_input(name):
 def test_moments_only_where_closed_form():
     with pytest.raises(ValueError, match="no closed-form posterior moments"):
         get_task("slcp").reference_posterior_moments(get_task("slcp").observation(1))
+
+
+def test_rejection_sampling_gives_up_when_nothing_is_accepted():
+    """An observation the simulator cannot produce (two_moons at x = (5, 5)) accepts nothing: it raises after
+    `give_up_after` proposals instead of running a thousand rounds of millions."""
+    with pytest.raises(RuntimeError, match="accepted none of"):
+        rejection_batches(lambda m: torch.empty(0, 2), 10, give_up_after=10_000)
+    rows = rejection_batches(lambda m: torch.ones(m // 1000, 2), 10, give_up_after=10_000)  # rare but possible
+    assert rows.shape == (10, 2)
