@@ -19,6 +19,7 @@ def _demo(args: argparse.Namespace) -> int:
     from fastflow.plot import corner
     from fastflow.tasks import get_task
 
+    _check_output(args.out, "--out")
     task = get_task("two_moons")
     x_obs = task.observation(args.observation)
     start = time.perf_counter()
@@ -41,9 +42,16 @@ def _posterior(args: argparse.Namespace) -> int:
     from fastflow.tasks import get_task
 
     task = get_task(args.task)
-    x_obs = np.load(args.x_obs)
-    if x_obs.ndim != 1:
-        raise ValueError(f"--x-obs must hold a 1-D array, got shape {x_obs.shape}")
+    out = args.out if args.out.suffix == ".npy" else args.out.with_name(args.out.name + ".npy")  # as np.save names it
+    _check_output(out, "--out")
+    if not args.x_obs.is_file():
+        raise ValueError(f"--x-obs {args.x_obs}: no such file")
+    try:
+        x_obs = np.load(args.x_obs, allow_pickle=False)
+    except (ValueError, OSError) as error:
+        raise ValueError(f"--x-obs {args.x_obs}: not a .npy array file ({error})") from None
+    if not isinstance(x_obs, np.ndarray) or x_obs.ndim != 1:
+        raise ValueError(f"--x-obs must hold a 1-D array, got {getattr(x_obs, 'shape', type(x_obs).__name__)}")
     method = args.method
     if args.no_adjust:
         if method != "abc":
@@ -53,9 +61,15 @@ def _posterior(args: argparse.Namespace) -> int:
         task, method, torch.from_numpy(x_obs.astype(np.float32)),
         num_simulations=args.sims, num_samples=args.num_samples, seed=args.seed, progress=not args.quiet,
     )
-    np.save(args.out, samples.cpu().numpy())
-    print(f"wrote {tuple(samples.shape)} samples to {args.out}")
+    np.save(out, samples.cpu().numpy())
+    print(f"wrote {tuple(samples.shape)} samples to {out}")
     return 0
+
+
+def _check_output(path: Path, flag: str) -> None:
+    """Fail before any work when `path` cannot be written (its folder is missing), not after it."""
+    if not path.parent.is_dir():
+        raise ValueError(f"{flag} {path}: the folder {path.parent} does not exist")
 
 
 def _bench(args: argparse.Namespace) -> int:
@@ -64,6 +78,8 @@ def _bench(args: argparse.Namespace) -> int:
     from fastflow import benchmarks
 
     device = torch.device(args.device)
+    if args.out is not None:
+        _check_output(args.out, "--out")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda: no CUDA device is visible")
     print(f"device: {benchmarks.device_name(device)}, torch {torch.__version__}, {torch.get_num_threads()} threads",

@@ -8,7 +8,7 @@ import torch
 
 from fastflow._checks import positive_int
 
-__all__ = ["BoxUniform", "Gaussian", "Prior", "prior_from_config"]
+__all__ = ["BoxUniform", "Gaussian", "Prior", "check_prior", "prior_from_config"]
 
 
 class Prior:
@@ -38,24 +38,38 @@ class Prior:
 
     def in_support(self, theta: torch.Tensor) -> torch.Tensor:
         """Boolean `(*,)`: θ lies inside the support."""
+        theta = torch.as_tensor(theta)
         low, high = self.low.to(theta), self.high.to(theta)
         return ((theta >= low) & (theta <= high)).all(-1)
 
-    def _check_theta(self, theta: torch.Tensor) -> None:
-        if theta.shape[-1] != self.dim:
-            raise ValueError(f"θ has last dimension {theta.shape[-1]}, the prior has dim {self.dim}")
+    def _check_theta(self, theta) -> torch.Tensor:
+        """θ as a floating tensor `(*, dim)` (numpy arrays taken too)."""
+        theta = torch.as_tensor(theta)
+        if not theta.is_floating_point():
+            theta = theta.to(torch.get_default_dtype())
+        if theta.dim() == 0 or theta.shape[-1] != self.dim:
+            raise ValueError(f"θ must be (*, {self.dim}) for this prior, got {tuple(theta.shape)}")
+        return theta
+
+
+def _vector(values, name: str) -> torch.Tensor:
+    """`values` as a float64 vector `(dim,)`, dim >= 1 (a scalar is one coordinate)."""
+    vector = torch.as_tensor(values, dtype=torch.float64)
+    if vector.dim() > 1 or vector.numel() == 0:
+        raise ValueError(f"{name} must be a non-empty vector (dim,), got shape {tuple(vector.shape)}")
+    return vector.reshape(-1)
 
 
 class BoxUniform(Prior):
     """Independent uniform prior on the box `[low, high]`.
 
     Arguments:
-        low, high: `(dim,)` finite bounds with low < high.
+        low, high: `(dim,)` finite bounds with low < high (kept in float64, so that a float64 θ on a bound such as
+            0.1 is inside; samples are float32).
     """
 
     def __init__(self, low, high):
-        self.low = torch.as_tensor(low, dtype=torch.float32).flatten()
-        self.high = torch.as_tensor(high, dtype=torch.float32).flatten()
+        self.low, self.high = _vector(low, "low"), _vector(high, "high")
         if self.low.shape != self.high.shape:
             raise ValueError(f"low {tuple(self.low.shape)} and high {tuple(self.high.shape)} differ in shape")
         if not (torch.isfinite(self.low).all() and torch.isfinite(self.high).all()):
@@ -63,15 +77,16 @@ class BoxUniform(Prior):
         if not (self.low < self.high).all():
             raise ValueError("BoxUniform needs low < high in every coordinate")
         self.dim = self.low.numel()
-        self._log_volume = float(torch.log(self.high.double() - self.low.double()).sum())
+        self._log_volume = float(torch.log(self.high - self.low).sum())
+        self._low32, self._high32 = self.low.float(), self.high.float()
 
     def sample(self, n, *, generator=None):
         n = positive_int(n, "number of prior samples")
         u = torch.rand(n, self.dim, generator=generator)
-        return self.low + (self.high - self.low) * u
+        return self._low32 + (self._high32 - self._low32) * u
 
     def log_prob(self, theta):
-        self._check_theta(theta)
+        theta = self._check_theta(theta)
         inside = self.in_support(theta)
         lp = torch.full(inside.shape, -self._log_volume, dtype=theta.dtype, device=theta.device)
         return lp.masked_fill(~inside, -math.inf)
@@ -89,7 +104,7 @@ class Gaussian(Prior):
     """
 
     def __init__(self, loc, covariance):
-        self.loc = torch.as_tensor(loc, dtype=torch.float32).flatten()
+        self.loc = _vector(loc, "loc").float()
         self.covariance = torch.as_tensor(covariance, dtype=torch.float32)
         self.dim = self.loc.numel()
         if self.covariance.shape != (self.dim, self.dim):
@@ -104,12 +119,20 @@ class Gaussian(Prior):
         return self.loc + eps @ self._dist.scale_tril.T
 
     def log_prob(self, theta):
-        self._check_theta(theta)
+        theta = self._check_theta(theta)
         scale_tril = self._dist.scale_tril.to(theta)
         return torch.distributions.MultivariateNormal(self.loc.to(theta), scale_tril=scale_tril).log_prob(theta)
 
     def config(self) -> dict:
         return {"type": "Gaussian", "loc": self.loc.tolist(), "covariance": self.covariance.tolist()}
+
+
+def check_prior(prior) -> Prior:
+    """`prior` when it is a fastflow `Prior`; else a TypeError saying which to use (torch distributions have no
+    support bounds or seedable batched sampling here)."""
+    if not isinstance(prior, Prior):
+        raise TypeError(f"prior must be a fastflow.priors.Prior (BoxUniform, Gaussian), got {type(prior).__name__}")
+    return prior
 
 
 def prior_from_config(config: dict) -> Prior:

@@ -48,3 +48,30 @@ def test_unknown_method_and_non_positive_counts_are_refused(tmp_path):
         main(["posterior", "two_moons", "--method", "magic", "--sims", "10", "--x-obs", "x.npy", "--out", "o.npy"])
     with pytest.raises(SystemExit):
         main(["posterior", "two_moons", "--sims", "0", "--x-obs", "x.npy", "--out", "o.npy"])
+
+
+def test_files_are_checked_before_any_work(tmp_path, capsys):
+    """A missing observation file, one that is not a .npy array, or an output folder that does not exist: a clear
+    error (exit 2) before simulating, not a traceback after."""
+    x_path, text = tmp_path / "x.npy", tmp_path / "x.txt"
+    np.save(x_path, get_task("two_moons").observation(1).numpy())
+    text.write_text("0.1 0.2")
+    cases = [
+        (["--x-obs", str(tmp_path / "missing.npy"), "--out", str(tmp_path / "o.npy")], "no such file"),
+        (["--x-obs", str(text), "--out", str(tmp_path / "o.npy")], "not a .npy array file"),
+        (["--x-obs", str(x_path), "--out", str(tmp_path / "no" / "o.npy")], "does not exist"),
+    ]
+    for arguments, message in cases:
+        assert main(["posterior", "two_moons", "--sims", "10", *arguments]) == 2
+        assert message in capsys.readouterr().err
+    assert main(["demo", "--out", str(tmp_path / "no" / "demo.png")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_the_output_name_reported_is_the_file_written(tmp_path, capsys):
+    x_path = tmp_path / "x.npy"
+    np.save(x_path, get_task("two_moons").observation(1).numpy())
+    code = main(["posterior", "two_moons", "--method", "abc", "--sims", "2000", "--x-obs", str(x_path),
+                 "--num-samples", "50", "--out", str(tmp_path / "samples"), "--quiet"])
+    assert code == 0 and (tmp_path / "samples.npy").is_file()
+    assert f"to {tmp_path / 'samples.npy'}" in capsys.readouterr().out

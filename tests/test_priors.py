@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from fastflow.priors import BoxUniform, Gaussian, prior_from_config
+from fastflow.priors import BoxUniform, Gaussian, check_prior, prior_from_config
 
 
 def test_box_uniform_samples_density_and_support():
@@ -46,7 +46,22 @@ def test_bad_input():
         BoxUniform([0.0], [1.0]).sample(0)
     with pytest.raises(ValueError, match="covariance"):
         Gaussian([0.0, 0.0], torch.eye(3))
-    with pytest.raises(ValueError, match="dim 1"):
+    with pytest.raises(ValueError, match=r"θ must be \(\*, 1\)"):
         BoxUniform([0.0], [1.0]).log_prob(torch.zeros(3, 2))
+    with pytest.raises(ValueError, match="non-empty vector"):
+        BoxUniform([], [])
+    with pytest.raises(ValueError, match="non-empty vector"):  # a 2x2 box used to become a 4-D one
+        BoxUniform(torch.zeros(2, 2), torch.ones(2, 2))
+    with pytest.raises(TypeError, match="fastflow.priors.Prior"):
+        check_prior(torch.distributions.Uniform(torch.zeros(2), torch.ones(2)))
     with pytest.raises(ValueError, match="unknown prior"):
         prior_from_config({"type": "Cauchy"})
+
+
+def test_box_bounds_are_exact_in_float64():
+    """Bounds kept in float32 put a float64 θ on the bound 0.1 outside (0.1 rounds up in float32)."""
+    prior = BoxUniform([0.1, -0.3], [0.7, 0.3])
+    on_bounds = torch.tensor([[0.1, -0.3], [0.7, 0.3]], dtype=torch.float64)
+    assert prior.in_support(on_bounds).all() and torch.isfinite(prior.log_prob(on_bounds)).all()
+    assert prior.sample(3).dtype == torch.float32
+    assert prior.log_prob(np.array([[0.2, 0.0]])).item() == pytest.approx(-math.log(0.6 * 0.6))  # numpy θ too

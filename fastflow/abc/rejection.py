@@ -26,7 +26,7 @@ import torch
 from fastflow._checks import positive_int
 from fastflow.abc._fused import FusedSimulator
 from fastflow.abc._kernels import KERNELS, METRICS
-from fastflow.priors import Prior
+from fastflow.priors import Prior, check_prior
 from fastflow.tasks import Task
 
 __all__ = ["RejectionResult", "rejection"]
@@ -290,8 +290,7 @@ def rejection(
         ValueError: bad arguments, x_obs of the wrong length or not finite, a simulator returning a wrong
             batch, or no simulation accepted.
     """
-    if not isinstance(prior, Prior):
-        raise TypeError(f"prior must be a fastflow.priors.Prior, got {type(prior).__name__}")
+    check_prior(prior)
     if not isinstance(simulator, Task) and not callable(simulator):
         raise TypeError(f"simulator must be a Task or a callable, got {type(simulator).__name__}")
     n_sims = positive_int(n_sims, "n_sims")

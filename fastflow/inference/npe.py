@@ -10,7 +10,7 @@ import torch.nn as nn
 
 from fastflow.flows import BoxToReal, Flow, FlowConfig, Standardize, Transform, build_flow
 from fastflow.inference.posterior import Posterior, register_estimator
-from fastflow.priors import Prior
+from fastflow.priors import Prior, check_prior
 from fastflow.train import fit
 
 __all__ = ["NPE", "TrainingConfig", "ZScore", "check_simulations", "fit_preprocessing", "preprocessing"]
@@ -81,6 +81,7 @@ def fit_preprocessing(transforms: list[Transform], embedding: ZScore, prior: Pri
 
 def check_simulations(prior: Prior, theta, x, *, method: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Validate training pairs θ `(N, D)`, x `(N, C)` for an estimator `method`; returns them as float32."""
+    check_prior(prior)
     theta = torch.as_tensor(theta, dtype=torch.float32)
     x = torch.as_tensor(x, dtype=torch.float32)
     if theta.dim() != 2 or x.dim() != 2 or theta.shape[0] != x.shape[0]:

@@ -81,6 +81,8 @@ class Posterior:
     def _log_prob(self, theta: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         if theta.shape[-1] != self.dim_theta:
             raise ValueError(f"θ must have last dimension {self.dim_theta}; got {tuple(theta.shape)}")
+        if not torch.isfinite(theta).all():
+            raise ValueError("θ contains NaN or inf")
         log_q = self.estimator.log_prob(theta, x)
         return log_q.masked_fill(~self.prior.in_support(theta), -math.inf)
 
@@ -90,7 +92,9 @@ class Posterior:
         return self.sample(num_samples, x).mean(0)
 
     def var(self, x, *, num_samples: int = 10_000) -> torch.Tensor:
-        """Marginal posterior variances by Monte Carlo: `(D,)` or `(B, D)`."""
+        """Marginal posterior variances by Monte Carlo (`num_samples` >= 2): `(D,)` or `(B, D)`."""
+        if positive_int(num_samples, "num_samples") < 2:
+            raise ValueError("a variance needs num_samples >= 2")
         return self.sample(num_samples, x).var(0)
 
     def quantile(self, q, x, *, num_samples: int = 10_000) -> torch.Tensor:

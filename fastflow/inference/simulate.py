@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from fastflow._checks import positive_int
-from fastflow.priors import Prior
+from fastflow.priors import Prior, check_prior
 
 __all__ = ["Simulations", "simulate", "simulator_seed"]
 
@@ -57,6 +57,7 @@ def simulate(
     Returns:
         `Simulations` without the rows whose x has a NaN or inf (a warning gives their count).
     """
+    check_prior(prior)
     num_simulations, batch_size = positive_int(num_simulations, "num_simulations"), positive_int(batch_size, "batch_size")
     generator = torch.Generator().manual_seed(seed)
     takes_generator = _accepts_generator(simulator)

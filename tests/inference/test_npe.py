@@ -4,13 +4,14 @@ persistence, and bad input."""
 import math
 import warnings
 
+import numpy as np
 import pytest
 import torch
 
 from fastflow.flows import FlowConfig
 from fastflow.inference import NPE, Posterior, TrainingConfig, simulate
 from fastflow.inference.posterior import FORMAT_VERSION
-from fastflow.priors import BoxUniform
+from fastflow.priors import BoxUniform, Gaussian
 from fastflow.tasks import get_task
 from gaussian_linear_checks import assert_moments_match_analytic
 
@@ -160,6 +161,20 @@ def test_simulate_drops_nan_and_checks_batch_size():
             simulate(lambda theta: theta * math.inf, prior, 10)
 
 
+def test_simulate_gives_a_simulator_without_a_generator_its_own_noise():
+    """Seeding torch's global RNG with the prior's seed made x = θ + 0.5·randn_like(θ) exactly 1.5 θ."""
+    prior = Gaussian(torch.zeros(2), torch.eye(2))
+    sims = simulate(lambda theta: theta + 0.5 * torch.randn_like(theta), prior, 4000, seed=0)
+    noise = (sims.x - sims.theta) / 0.5
+    correlation = torch.corrcoef(torch.cat([noise, sims.theta], 1).T)[:2, 2:]
+    assert correlation.abs().max() < 0.06  # sd 1/√4000 ≈ 0.016
+    again = simulate(lambda theta: theta + 0.5 * torch.randn_like(theta), prior, 4000, seed=0)
+    assert torch.equal(again.x, sims.x)  # still reproducible for a seed
+    with pytest.raises(ValueError, match="batch_size must be a positive int"):
+        simulate(lambda theta: theta, prior, 10, batch_size=0)
+    assert simulate(lambda theta: theta, prior, np.int64(10)).theta.shape == (10, 2)  # numpy integers count
+
+
 def test_posterior_bad_input(box_posterior):
     with pytest.raises(ValueError, match=r"shape \(2,\)"):
         box_posterior.sample(10, torch.zeros(3))
@@ -171,6 +186,14 @@ def test_posterior_bad_input(box_posterior):
         box_posterior.log_prob(torch.zeros(4, 3), torch.zeros(2))
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
         box_posterior.quantile(1.5, torch.zeros(2))
+    with pytest.raises(ValueError, match="θ contains NaN"):
+        box_posterior.log_prob(torch.tensor([[math.nan, 0.0]]), torch.zeros(2))
+    with pytest.raises(ValueError, match="num_samples >= 2"):
+        box_posterior.var(torch.zeros(2), num_samples=1)
+    with pytest.raises(TypeError, match="fastflow.priors.Prior"):
+        NPE(torch.distributions.Uniform(torch.zeros(2), torch.ones(2))).fit(torch.zeros(4, 2), torch.zeros(4, 2))
+    assert box_posterior.sample(np.int64(3), torch.zeros(2)).shape == (3, 2)
+    assert box_posterior.sample(3, torch.zeros(0, 2)).shape == (3, 0, 2)
 
 
 def test_npe_bad_training_data():
