@@ -8,6 +8,7 @@ import importlib.util
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from typing import Callable
 
 import torch
@@ -108,13 +109,19 @@ def device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
 
-def to_json(results: list[Result], device: torch.device) -> dict:
-    """Results with the facts needed to read them later (device, versions, threads)."""
+def to_json(results: list[Result], device: torch.device, settings: dict | None = None) -> dict:
+    """Results with the facts needed to read them later: device, the packages' versions, threads, when, and the
+    run's `settings` (quick, repeats, budget, ...)."""
+    versions = {name: importlib.metadata.version(name) if importlib.util.find_spec(module) else None
+                for name, module in (("fastflow", "fastflow"), ("triton", "triton"), ("zuko", "zuko"),
+                                     ("torchdiffeq", "torchdiffeq"))}
     return {
         "device": device_name(device),
         "torch": torch.__version__,
-        "triton": importlib.metadata.version("triton") if importlib.util.find_spec("triton") else None,
+        **versions,
         "threads": torch.get_num_threads(),
+        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        **(settings or {}),
         "results": [asdict(r) for r in results],
     }
 
@@ -125,9 +132,12 @@ def to_json(results: list[Result], device: torch.device) -> dict:
 @register("coupling")
 def _coupling_cases(device: torch.device, quick: bool) -> list[Case]:
     """Coupling flows, 5 layers, width 128: log_prob, sample, log_prob forward+backward. Spline flows
-    (8 bins) on the backends implementing the spline against zuko's NSF (coupling, passes=2); affine
-    flows against zuko's RealNVP; both with SiLU as fastflow's conditioners (the baseline: same architecture)
-    and with zuko's default ReLU (`-relu`). Triton runs only on CUDA here (the CPU interpreter is for tests). On CUDA
+    (8 bins) on the backends implementing the spline against zuko's NSF (the baseline the issue names: zuko's
+    masked autoregressive spline with passes=2, whose conditioners take every coordinate and whose every
+    coordinate gets a spline, the first half unconditioned, and whose inverse runs two passes) and zuko's coupling
+    spline flow (`zuko-coupling-nsf`: zuko's RealNVP with NSF's rational-quadratic transform, the same work as
+    fastflow's spline layers); affine flows against zuko's RealNVP; all with SiLU as fastflow's conditioners and
+    with zuko's default ReLU (`-relu`). Triton runs only on CUDA here (the CPU interpreter is for tests). On CUDA
     each flow but the ReLU ones runs with fp32 products and once more with TF32 (`-tf32`; the ratios stay against
     the fp32 baseline, `zuko-*-tf32` gives the TF32 one)."""
     from fastflow.backends import backends
@@ -149,6 +159,8 @@ def _coupling_cases(device: torch.device, quick: bool) -> list[Case]:
                 baseline = "zuko-nsf" if transform == "spline" else "zuko-realnvp"
                 flows[baseline] = _ZukoAdapter(_zuko_flow(transform, dim, torch.nn.SiLU).to(device))
                 flows[f"{baseline}-relu"] = _ZukoAdapter(_zuko_flow(transform, dim, torch.nn.ReLU).to(device))
+                if transform == "spline":
+                    flows["zuko-coupling-nsf"] = _ZukoAdapter(_zuko_flow("coupling-spline", dim, torch.nn.SiLU).to(device))
             x = torch.randn(batch, dim, device=device)
             prefix = f"{transform} d={dim} n={batch}"
             for work, run in (("log_prob", lambda f, x=x: _no_grad(lambda: f.log_prob(x))),
@@ -162,11 +174,16 @@ def _coupling_cases(device: torch.device, quick: bool) -> list[Case]:
 
 
 def _zuko_flow(transform: str, dim: int, activation: type[torch.nn.Module]):
-    """zuko's coupling flow with fastflow's benchmark architecture (5 layers, 2 hidden layers of 128)."""
+    """zuko's flow with fastflow's benchmark architecture (5 layers, 2 hidden layers of 128): "spline" zuko's NSF
+    (autoregressive, passes=2), "coupling-spline" zuko's coupling flow with NSF's transform, "affine" its RealNVP."""
     import zuko
 
     if transform == "spline":
         return zuko.flows.NSF(dim, 0, transforms=5, hidden_features=(128, 128), bins=8, passes=2, activation=activation)
+    if transform == "coupling-spline":  # zuko.flows.NSF's univariate transform and shapes, on coupling masks
+        spline = partial(zuko.transforms.MonotonicRQSTransform, slope=1e-3)
+        return zuko.flows.RealNVP(dim, 0, transforms=5, hidden_features=(128, 128), activation=activation,
+                                  univariate=spline, shapes=[(8,), (8,), (7,)])
     return zuko.flows.RealNVP(dim, 0, transforms=5, hidden_features=(128, 128), activation=activation)
 
 

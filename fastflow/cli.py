@@ -91,7 +91,8 @@ def _bench(args: argparse.Namespace) -> int:
         print(benchmarks.table(rows), flush=True)
         measured.extend(rows)
         if args.out is not None:
-            args.out.write_text(json.dumps(benchmarks.to_json(measured, device), indent=1))
+            settings = {"quick": args.quick, "repeats": args.repeats, "budget": args.budget, "families": args.family}
+            args.out.write_text(json.dumps(benchmarks.to_json(measured, device, settings), indent=1))
 
     benchmarks.run(device, quick=args.quick, repeats=args.repeats, families=args.family, on_case=report, budget=args.budget)
     if args.out is not None:

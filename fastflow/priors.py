@@ -39,8 +39,12 @@ class Prior:
     def in_support(self, theta: torch.Tensor) -> torch.Tensor:
         """Boolean `(*,)`: θ lies inside the support."""
         theta = torch.as_tensor(theta)
-        low, high = self.low.to(theta), self.high.to(theta)
+        low, high = (bound.to(theta) for bound in self._support())
         return ((theta >= low) & (theta <= high)).all(-1)
+
+    def _support(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The support's bounds `(dim,)` as given (float64 where the prior keeps them so)."""
+        return self.low, self.high
 
     def _check_theta(self, theta) -> torch.Tensor:
         """θ as a floating tensor `(*, dim)` (numpy arrays taken too)."""
@@ -64,12 +68,13 @@ class BoxUniform(Prior):
     """Independent uniform prior on the box `[low, high]`.
 
     Arguments:
-        low, high: `(dim,)` finite bounds with low < high (kept in float64, so that a float64 θ on a bound such as
-            0.1 is inside; samples are float32).
+        low, high: `(dim,)` finite bounds with low < high; `low`, `high` hold them in float32, as the samples, and
+            the support test uses them as given (float64), so that a float64 θ on a bound such as 0.1 is inside.
     """
 
     def __init__(self, low, high):
-        self.low, self.high = _vector(low, "low"), _vector(high, "high")
+        self._exact_low, self._exact_high = _vector(low, "low"), _vector(high, "high")
+        self.low, self.high = self._exact_low, self._exact_high  # checked in float64, then kept in float32 below
         if self.low.shape != self.high.shape:
             raise ValueError(f"low {tuple(self.low.shape)} and high {tuple(self.high.shape)} differ in shape")
         if not (torch.isfinite(self.low).all() and torch.isfinite(self.high).all()):
@@ -78,12 +83,15 @@ class BoxUniform(Prior):
             raise ValueError("BoxUniform needs low < high in every coordinate")
         self.dim = self.low.numel()
         self._log_volume = float(torch.log(self.high - self.low).sum())
-        self._low32, self._high32 = self.low.float(), self.high.float()
+        self.low, self.high = self._exact_low.float(), self._exact_high.float()
+
+    def _support(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._exact_low, self._exact_high
 
     def sample(self, n, *, generator=None):
         n = positive_int(n, "number of prior samples")
         u = torch.rand(n, self.dim, generator=generator)
-        return self._low32 + (self._high32 - self._low32) * u
+        return self.low + (self.high - self.low) * u
 
     def log_prob(self, theta):
         theta = self._check_theta(theta)
@@ -92,7 +100,7 @@ class BoxUniform(Prior):
         return lp.masked_fill(~inside, -math.inf)
 
     def config(self) -> dict:
-        return {"type": "BoxUniform", "low": self.low.tolist(), "high": self.high.tolist()}
+        return {"type": "BoxUniform", "low": self._exact_low.tolist(), "high": self._exact_high.tolist()}
 
 
 class Gaussian(Prior):

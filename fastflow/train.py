@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -40,6 +41,9 @@ def _split(count: int, validation_fraction: float, generator: torch.Generator) -
     if count - validation_count < 1:
         raise ValueError(f"{count} examples leave nothing to train on")
     return order[validation_count:], order[:validation_count]
+
+
+EVALUATION_SEED = 0  # `evaluate`'s random numbers
 
 
 def fit(
@@ -118,6 +122,14 @@ def fit(
                 scheduler.step()
             running += loss.detach() * index.numel()
         history.train_loss.append(float(running) / train_count)
+        if not math.isfinite(history.train_loss[-1]):
+            if best_state is None:
+                raise RuntimeError(f"the training loss is {history.train_loss[-1]} at epoch {epoch}: lower the learning "
+                                   "rate (or clip gradients), or check the data")
+            warnings.warn(f"the training loss became {history.train_loss[-1]} at epoch {epoch}: stopped, keeping the "
+                          f"weights of epoch {history.best_epoch}", RuntimeWarning, stacklevel=2)
+            history.stopped_early = True
+            break
 
         if validation_index.numel() == 0:
             history.best_epoch = epoch
@@ -143,11 +155,15 @@ def fit(
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loss_fn: Callable[..., torch.Tensor], data: tuple[torch.Tensor, ...], *, batch_size: int = 4096) -> float:
-    """Mean of `loss_fn` over `data` in chunks, without gradients."""
+    """Mean of `loss_fn` over `data` in chunks, without gradients. A loss that draws random numbers (flow matching's
+    times and noise) draws the same ones at every call, so that epochs compare by their weights, not by their draws;
+    the caller's random state is left as it was."""
     model.eval()
     count = data[0].shape[0]
     total = torch.zeros((), device=data[0].device)
-    for start in range(0, count, batch_size):
-        chunk = tuple(t[start : start + batch_size] for t in data)
-        total += loss_fn(model, *chunk) * chunk[0].shape[0]
+    with torch.random.fork_rng(devices=[data[0].device] if data[0].device.type == "cuda" else []):
+        torch.manual_seed(EVALUATION_SEED)
+        for start in range(0, count, batch_size):
+            chunk = tuple(t[start : start + batch_size] for t in data)
+            total += loss_fn(model, *chunk) * chunk[0].shape[0]
     return float(total) / count

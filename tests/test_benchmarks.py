@@ -40,11 +40,29 @@ def test_quick_run_reports_ratios_against_the_baseline():
     assert any(r.implementation == "fastflow-reference" for r in results)
 
 
+@pytest.mark.skipif(importlib.util.find_spec("zuko") is None, reason="zuko (the bench extra) is not installed")
+def test_zuko_coupling_spline_baseline_has_fastflows_parameters():
+    """zuko's NSF (autoregressive, two passes) does more work than a coupling flow; `zuko-coupling-nsf` is zuko's
+    coupling flow with NSF's transform: the same parameters as fastflow's spline flow."""
+    import torch
+
+    from fastflow.flows import FlowConfig
+    from fastflow.nn import CouplingFlow
+
+    for dim in (2, 8):
+        zuko_flow = benchmarks._zuko_flow("coupling-spline", dim, torch.nn.SiLU)
+        ours = CouplingFlow(dim, config=FlowConfig(transform="spline", num_layers=5, hidden=128, num_bins=8))
+        assert sum(p.numel() for p in zuko_flow.parameters()) == sum(p.numel() for p in ours.parameters())
+    names = {name for case in benchmarks.cases("cpu", quick=True, families=["coupling"]) for name in case.implementations}
+    assert {"zuko-nsf", "zuko-coupling-nsf", "zuko-realnvp"} <= names
+
+
 def test_bench_command_writes_json(tmp_path, capsys):
     out = tmp_path / "bench.json"
     assert main(["bench", "--device", "cpu", "--quick", "--repeats", "1", "--out", str(out)]) == 0
     payload = json.loads(out.read_text())
     assert payload["device"] == "cpu" and payload["results"]
+    assert payload["quick"] is True and payload["repeats"] == 1 and payload["fastflow"] and payload["date"]
     assert "vs baseline" in capsys.readouterr().out
 
 

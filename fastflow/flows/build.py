@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import asdict, dataclass
 
 import torch.nn as nn
@@ -50,8 +52,8 @@ class FlowConfig:
         for name in ("num_layers", "hidden", "depth", "num_bins", "num_components"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.bound <= 0:
-            raise ValueError(f"bound must be positive, got {self.bound}")
+        if not 0 < self.bound < math.inf:  # (a NaN bound made every spline the identity)
+            raise ValueError(f"bound must be a finite positive number, got {self.bound}")
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -159,6 +159,9 @@ def test_bad_input_is_rejected():
         FlowConfig(transform="maf")
     with pytest.raises(ValueError, match="num_bins"):
         FlowConfig(num_bins=0)
+    for bound in (0.0, math.nan, math.inf):  # a NaN bound made every spline the identity
+        with pytest.raises(ValueError, match="bound must be a finite positive"):
+            FlowConfig(bound=bound)
 
 
 @pytest.mark.parametrize("permutation", ["reverse", "random", "lu"])

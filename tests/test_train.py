@@ -1,0 +1,47 @@
+"""The training loop: a loss that turns NaN stops it clearly, and a random loss is validated on fixed draws."""
+
+import math
+
+import pytest
+import torch
+
+from fastflow.train import evaluate, fit
+
+
+def _data():
+    x = torch.randn(64, 2)
+    return (x, x.sum(-1, keepdim=True))
+
+
+def test_a_loss_that_is_nan_from_the_start_raises():
+    model = torch.nn.Linear(2, 1)
+    with pytest.raises(RuntimeError, match="training loss is nan at epoch 0"):
+        fit(model, lambda m, x, y: (m(x) - y).square().mean() * math.nan, _data(), max_epochs=3, progress=False)
+
+
+def test_a_loss_that_turns_nan_keeps_the_best_weights():
+    model = torch.nn.Linear(2, 1)
+    calls = [0]
+
+    def loss(m, x, y):
+        calls[0] += 1
+        value = (m(x) - y).square().mean()
+        return value * math.nan if m.training and calls[0] > 20 else value
+
+    with pytest.warns(RuntimeWarning, match="stopped, keeping the weights of epoch"):
+        history = fit(model, loss, _data(), batch_size=16, max_epochs=50, progress=False)
+    assert history.stopped_early and all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_evaluate_draws_the_same_random_numbers_and_leaves_the_callers_state():
+    model = torch.nn.Linear(2, 1)
+
+    def noisy(m, x, y):
+        return (m(x) - y + torch.randn_like(y)).square().mean()
+
+    data = _data()
+    torch.manual_seed(5)
+    before = torch.random.get_rng_state()
+    first = evaluate(model, noisy, data)
+    assert torch.equal(torch.random.get_rng_state(), before)
+    assert evaluate(model, noisy, data) == first
