@@ -43,9 +43,6 @@ def _split(count: int, validation_fraction: float, generator: torch.Generator) -
     return order[validation_count:], order[:validation_count]
 
 
-EVALUATION_SEED = 0  # `evaluate`'s random numbers
-
-
 def fit(
     model: nn.Module,
     loss_fn: Callable[..., torch.Tensor],
@@ -155,15 +152,12 @@ def fit(
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loss_fn: Callable[..., torch.Tensor], data: tuple[torch.Tensor, ...], *, batch_size: int = 4096) -> float:
-    """Mean of `loss_fn` over `data` in chunks, without gradients. A loss that draws random numbers (flow matching's
-    times and noise) draws the same ones at every call, so that epochs compare by their weights, not by their draws;
-    the caller's random state is left as it was."""
+    """Mean of `loss_fn` over `data` in chunks, without gradients. (A loss that draws random numbers, as flow
+    matching's does, draws new ones at every call: its validation loss is noisy from epoch to epoch.)"""
     model.eval()
     count = data[0].shape[0]
     total = torch.zeros((), device=data[0].device)
-    with torch.random.fork_rng(devices=[data[0].device] if data[0].device.type == "cuda" else []):
-        torch.manual_seed(EVALUATION_SEED)
-        for start in range(0, count, batch_size):
-            chunk = tuple(t[start : start + batch_size] for t in data)
-            total += loss_fn(model, *chunk) * chunk[0].shape[0]
+    for start in range(0, count, batch_size):
+        chunk = tuple(t[start : start + batch_size] for t in data)
+        total += loss_fn(model, *chunk) * chunk[0].shape[0]
     return float(total) / count

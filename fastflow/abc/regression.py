@@ -13,6 +13,8 @@ directions (two_moons: mirror-image crescents), a pooled fit averages the slopes
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 from scipy.sparse.csgraph import connected_components
 from sklearn.neighbors import NearestNeighbors
@@ -178,6 +180,11 @@ def modes(theta, *, neighbors: int = 10) -> np.ndarray:
     theta = _float_matrix(theta, "theta")
     if isinstance(neighbors, bool) or not isinstance(neighbors, int) or not 1 <= neighbors < theta.shape[0]:
         raise ValueError(f"neighbors must be an int in [1, {theta.shape[0]}), got {neighbors!r}")
+    if theta.shape[1] == 1:
+        # In 1-D a draw's nearest draws lie on one side, so a gap of ~`neighbors` spacings cuts the graph, and among
+        # n spacings the widest is ~ln(n) of them: a unimodal sample of 10^4 split into large pieces (whose separate
+        # fits were biased). 2·ln(n) neighbours keep it whole and still part modes with empty space between them.
+        neighbors = min(theta.shape[0] - 1, max(neighbors, math.ceil(2 * math.log(theta.shape[0]))))
     scale = theta.std(axis=0)
     scale[scale == 0] = 1.0
     # k-d trees pay off in low dimension only (10^4 draws in 10-D: brute force 0.5 s, k-d tree 4 s)
@@ -202,7 +209,8 @@ def adjust_by_mode(theta, summaries, s_obs, distances, *, kernel: str = "epanech
         raise ValueError(f"theta {theta.shape}, summaries {summaries.shape} and distances {distances.shape} "
                          "must have the same number of rows")
     min_size = max(100, 10 * (summaries.shape[1] + 1)) if min_size is None else min_size
-    labels = modes(theta, neighbors=neighbors)
+    # (a sample of `neighbors` draws or fewer is one mode)
+    labels = modes(theta, neighbors=neighbors) if theta.shape[0] > neighbors else np.zeros(theta.shape[0], dtype=int)
     own_fit = np.flatnonzero(np.bincount(labels) >= min_size)
     bandwidth = float(distances.max())
 

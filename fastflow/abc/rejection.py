@@ -322,7 +322,8 @@ def rejection(
     if not torch.isfinite(x).all():
         raise ValueError("x_obs contains NaN or inf")
 
-    k = None if quantile is None else max(1, math.ceil(quantile * n_sims - 1e-9))
+    # (a relative tolerance: 0.07 · 3e8 is 21000000.000000004 in floating point, which is 21 million draws)
+    k = None if quantile is None else max(1, math.ceil(quantile * n_sims * (1 - 1e-12)))
     plan = _Plan(simulator, prior, framework, summary, int(n_sims), int(chunk_size), int(seed),
                  np.empty(0), np.empty(0), distance, backend, k, math.inf if eps is None else float(eps),
                  fused_simulator)
