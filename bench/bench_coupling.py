@@ -21,11 +21,12 @@ CASES = benchmarks.cases(DEVICE, quick=QUICK, families=["coupling"])
 
 
 def synchronized(fn):
-    """fn, then a CUDA synchronize (as `benchmarks.time_call` does for the baseline): launches are asynchronous."""
+    """fn, then waiting for the device (as `benchmarks.time_call` does for the baseline)."""
+    synchronize = benchmarks.synchronizer(DEVICE)
+
     def call():
         result = fn()
-        if DEVICE.type == "cuda":
-            torch.cuda.synchronize()
+        synchronize()
         return result
 
     return call

@@ -17,7 +17,7 @@ import torch
 
 from fastflow import set_num_threads
 from fastflow.backends import backends
-from fastflow.benchmarks import with_tf32
+from fastflow.benchmarks import synchronizer, with_tf32
 from fastflow.fm import VelocityMLP, odeint
 from fastflow.fm.fused import mlp_odeint
 
@@ -29,12 +29,11 @@ GRID = torch.linspace(0.0, 1.0, STEPS + 1)
 
 
 def _timed(fn):
-    if DEVICE == "cuda":
-        torch.cuda.synchronize()
+    synchronize = synchronizer(torch.device(DEVICE))
+    synchronize()
     start = time.perf_counter()
     result = fn()
-    if DEVICE == "cuda":
-        torch.cuda.synchronize()
+    synchronize()
     return time.perf_counter() - start, result
 
 

@@ -42,9 +42,9 @@ FUSED_BACKWARD = "+fused-backward"
 def profile_call(fn, device: torch.device, repeats: int = 3, top: int = 8) -> dict:
     """Profile `repeats` calls of `fn` after a warm-up: wall ms per call, device (kernel) ms per call, kernel
     launches per call, and the `top` kernels by device time (name, ms per call, launches per call)."""
-    from fastflow.benchmarks import time_call
+    from fastflow.benchmarks import synchronizer, time_call
 
-    synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    synchronize = synchronizer(device)
     fn()
     synchronize()
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])

@@ -4,11 +4,20 @@ from __future__ import annotations
 
 import numbers
 
-__all__ = ["positive_int"]
+__all__ = ["nonnegative_int", "positive_int"]
 
 
 def positive_int(value, name: str) -> int:
     """`value` as an int when it is a positive integer (Python or numpy, not a bool); else a ValueError naming it."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return _int_from(value, name, 1, "a positive int")
+
+
+def nonnegative_int(value, name: str) -> int:
+    """`value` as an int when it is an integer >= 0 (Python or numpy, not a bool); else a ValueError naming it."""
+    return _int_from(value, name, 0, "a non-negative int")
+
+
+def _int_from(value, name: str, minimum: int, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise ValueError(f"{name} must be {what}, got {value!r}")
     return int(value)

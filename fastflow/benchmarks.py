@@ -13,7 +13,7 @@ from typing import Callable
 
 import torch
 
-__all__ = ["Case", "Result", "register", "cases", "device_name", "run", "time_call", "with_tf32"]
+__all__ = ["Case", "Result", "register", "cases", "device_name", "run", "synchronizer", "time_call", "with_tf32"]
 
 
 @dataclass
@@ -58,11 +58,16 @@ def cases(device: str | torch.device, *, quick: bool = False, families: list[str
     return [case for name in (families or sorted(_FAMILIES)) for case in _FAMILIES[name](device, quick)]
 
 
+def synchronizer(device: torch.device) -> Callable[[], None]:
+    """What waits for `device`'s queued work (kernel launches are asynchronous on CUDA; a no-op elsewhere)."""
+    return torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+
 def time_call(fn: Callable[[], object], *, device: torch.device, repeats: int = 5, warmup: int = 1,
               budget: float | None = None) -> float:
     """Median wall time of `fn()` in seconds, synchronizing CUDA around each call; with a `budget` (seconds), the
     timed calls stop once they have taken that long (at least one call: slow cases take fewer repeats)."""
-    synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    synchronize = synchronizer(device)
     for _ in range(warmup):
         fn()
     synchronize()

@@ -73,17 +73,17 @@ class BoxUniform(Prior):
     """
 
     def __init__(self, low, high):
-        self._exact_low, self._exact_high = _vector(low, "low"), _vector(high, "high")
-        self.low, self.high = self._exact_low, self._exact_high  # checked in float64, then kept in float32 below
-        if self.low.shape != self.high.shape:
-            raise ValueError(f"low {tuple(self.low.shape)} and high {tuple(self.high.shape)} differ in shape")
-        if not (torch.isfinite(self.low).all() and torch.isfinite(self.high).all()):
+        low, high = _vector(low, "low"), _vector(high, "high")
+        if low.shape != high.shape:
+            raise ValueError(f"low {tuple(low.shape)} and high {tuple(high.shape)} differ in shape")
+        if not (torch.isfinite(low).all() and torch.isfinite(high).all()):
             raise ValueError("BoxUniform bounds must be finite")
-        if not (self.low < self.high).all():
+        if not (low < high).all():
             raise ValueError("BoxUniform needs low < high in every coordinate")
-        self.dim = self.low.numel()
-        self._log_volume = float(torch.log(self.high - self.low).sum())
-        self.low, self.high = self._exact_low.float(), self._exact_high.float()
+        self.dim = low.numel()
+        self._log_volume = float(torch.log(high - low).sum())
+        self._exact_low, self._exact_high = low, high
+        self.low, self.high = low.float(), high.float()
 
     def _support(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self._exact_low, self._exact_high

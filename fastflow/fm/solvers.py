@@ -196,8 +196,9 @@ def _adaptive(f, tableau, x, t_0, t_1, args, rtol, atol, max_steps) -> OdeSoluti
         raise RuntimeError(f"the velocity returned NaN or inf at t = {t_0}")
     # Initial step (Hairer, Nørsett & Wanner, II.4): 1 % of ||x|| / ||f||, at most the whole span.
     with torch.no_grad():
-        scale = atol + rtol * x.to(norm_dtype).abs()
-        d_0, d_1 = _rms(x.to(norm_dtype) / scale), _rms(k_1.to(norm_dtype) / scale)
+        x_norm = x.to(norm_dtype)
+        scale = atol + rtol * x_norm.abs()
+        d_0, d_1 = _rms(x_norm / scale), _rms(k_1.to(norm_dtype) / scale)
         h = torch.where((d_0 < 1e-5) | (d_1 < 1e-5), torch.full_like(d_0, 1e-6), 0.01 * d_0 / d_1).double().clamp(max=span)
     solution = OdeSolution(x, evaluations=1)
     active = torch.arange(n, device=x.device)
@@ -209,11 +210,12 @@ def _adaptive(f, tableau, x, t_0, t_1, args, rtol, atol, max_steps) -> OdeSoluti
         args_a = args if every else tuple(a[active] for a in args)
         remaining = (t_1 - t_a).abs()
         step = torch.minimum(h[active], remaining)
-        signed = (direction * step).unsqueeze(-1)
+        signed = (direction * step).unsqueeze(-1)  # float64, for the error norm
+        signed_x = signed.to(x.dtype)
         stage_times = [(t_a + c_i * direction * step).to(x.dtype) for c_i in tableau.c]
-        k = _stages(f, tableau, stage_times, x_a, signed.to(x.dtype), args_a, k_a)
+        k = _stages(f, tableau, stage_times, x_a, signed_x, args_a, k_a)
         solution.evaluations += len(tableau.b) - 1
-        x_new = _advance(x_a, signed.to(x.dtype), tableau.b, k)
+        x_new = _advance(x_a, signed_x, tableau.b, k)
         with torch.no_grad():
             error = signed * _combine(tableau.error, k).to(norm_dtype)
             norm = _rms(error / (atol + rtol * torch.maximum(x_a.abs(), x_new.abs()).to(norm_dtype)))

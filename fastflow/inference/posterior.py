@@ -4,14 +4,13 @@ and MAP, batched over several observations, and saved as weights plus a plain co
 from __future__ import annotations
 
 import math
-import numbers
 from pathlib import Path
 from typing import Callable
 
 import torch
 import torch.nn as nn
 
-from fastflow._checks import positive_int
+from fastflow._checks import nonnegative_int, positive_int
 from fastflow.priors import Prior, prior_from_config
 
 __all__ = ["Posterior", "register_estimator", "FORMAT", "FORMAT_VERSION"]
@@ -112,8 +111,7 @@ class Posterior:
         Returns `(D,)` or `(B, D)`.
         """
         num_samples, num_starts = positive_int(num_samples, "num_samples"), positive_int(num_starts, "num_starts")
-        if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 0:
-            raise ValueError(f"steps must be a non-negative int, got {steps!r}")
+        steps = nonnegative_int(steps, "steps")
         x = self._check_x(x)
         single = x.dim() == 1
         xs = x.reshape(-1, self.dim_x)
@@ -129,7 +127,8 @@ class Posterior:
         optimizer = torch.optim.Adam([standardized], lr=learning_rate)
         for step in range(steps + 1):
             theta = center + scale * standardized
-            log_q = self.estimator.log_prob(theta, xs)
+            with torch.set_grad_enabled(step < steps):  # the last point is scored only
+                log_q = self.estimator.log_prob(theta, xs)
             with torch.no_grad():
                 better = log_q.masked_fill(~self.prior.in_support(theta), -math.inf) > best_log_q
                 best_log_q = torch.where(better, log_q, best_log_q)

@@ -43,8 +43,9 @@ def c2st(X, Y, *, seed: int = 1, n_folds: int = 5, z_score: bool = True, n_jobs:
     An MLP classifier (two ReLU hidden layers of 10·dim units, adam, max_iter 10000) is trained to tell
     X from Y; the score is the mean accuracy over `n_folds` shuffled K-fold splits. 0.5 means the samples
     are indistinguishable, 1.0 fully separable. For samples of different sizes the score is the balanced
-    accuracy (the mean of the two classes' recalls): plain accuracy would tend to the larger sample's share. With `z_score`, both samples are standardized with the
-    mean and (unbiased) standard deviation of X, the reference.
+    accuracy (the mean of the two classes' recalls): plain accuracy would tend to the larger sample's share.
+    With `z_score`, both samples are standardized with the mean and (unbiased) standard deviation of X, the
+    reference.
 
     Arguments:
         X: `(n, dim)` reference sample, a torch tensor or numpy array.
