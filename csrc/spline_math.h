@@ -14,9 +14,10 @@ constexpr double kMinDerivative = 1e-3;
 
 // exp(x) for x <= 0, branch-free so that loops over it vectorize (std::exp does not): 2^n · e^r with
 // n = round(x / ln 2) by the 1.5·2^52 trick, |r| <= ln2/2, and a degree-11 Taylor polynomial
-// (truncation < 1e-16 relative); 2^n is assembled in the exponent bits. Below -700 it returns ~1e-304.
+// (truncation < 1e-16 relative); 2^n is assembled in the exponent bits. Below -700 it returns ~1e-304;
+// NaN stays NaN.
 inline double exp_nonpositive(double x) {
-  x = x > -700.0 ? x : -700.0;
+  x = x < -700.0 ? -700.0 : x;
   const double shifter = 6755399441055744.0;  // 1.5 * 2^52
   const double kd = x * 1.4426950408889634 + shifter;
   const double n = kd - shifter;
@@ -38,7 +39,7 @@ inline double exp_nonpositive(double x) {
 }
 
 // log(x) for finite x > 0 (normal), branch-free: x = 2^e · m with m in [√½, √2), and
-// log m = 2 atanh(z), z = (m-1)/(m+1), |z| <= 0.172, by its odd series to z^23 (error < 1e-17).
+// log m = 2 atanh(z), z = (m-1)/(m+1), |z| <= 0.172, by its odd series to z^23 (error < 1e-17). NaN stays NaN.
 inline double log_positive(double x) {
   const uint64_t bits = __builtin_bit_cast(uint64_t, x);
   // shift the mantissa range from [1, 2) to [√½, √2) by borrowing from the exponent
@@ -58,13 +59,14 @@ inline double log_positive(double x) {
   p = p * z2 + 1.0 / 5;
   p = p * z2 + 1.0 / 3;
   p = p * z2 + 1.0;
-  return static_cast<double>(exponent) * 0.6931471805599453 + 2.0 * z * p;
+  const double log_x = static_cast<double>(exponent) * 0.6931471805599453 + 2.0 * z * p;
+  return x == x ? log_x : x;
 }
 
 // float versions: the same constructions with polynomials sized for float (relative error ~1e-7),
 // so that float32 inputs run 8 lanes per AVX register instead of 4 (double) and shorter polynomials.
 inline float exp_nonpositive(float x) {
-  x = std::max(x, -87.0f);
+  x = x < -87.0f ? -87.0f : x;
   const float shifter = 12582912.0f;  // 1.5 * 2^23
   const float kd = x * 1.44269504f + shifter;
   const float n = kd - shifter;
@@ -93,7 +95,8 @@ inline float log_positive(float x) {
   p = p * z2 + 1.0f / 5;
   p = p * z2 + 1.0f / 3;
   p = p * z2 + 1.0f;
-  return static_cast<float>(exponent) * 0.693147181f + 2.0f * z * p;
+  const float log_x = static_cast<float>(exponent) * 0.693147181f + 2.0f * z * p;
+  return x == x ? log_x : x;
 }
 
 // softplus(v) = max(v, 0) + log(1 + e^{-|v|}); absolute error ~1e-16.

@@ -47,7 +47,7 @@ def activate(z, ACTIVATION: tl.constexpr, APPROXIMATE: tl.constexpr):
     elif ACTIVATION == 2:
         out = 0.5 * z * (1.0 + tl.math.erf(z * 0.7071067811865476))  # exact GELU, as nn.GELU()
     else:
-        out = tl.maximum(z, 0.0)
+        out = tl.where(z < 0.0, 0.0, z)  # NaN stays NaN (a GPU's max drops it)
     return out
 
 

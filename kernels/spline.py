@@ -17,7 +17,7 @@ __all__ = ["rq_spline_backward_triton", "rq_spline_forward_triton", "spline_step
 
 @triton.jit
 def _softplus(x):
-    return tl.where(x > 20.0, x, tl.log(1.0 + tl.exp(tl.minimum(x, 20.0))))
+    return tl.where(x < 20.0, tl.log(1.0 + tl.exp(tl.minimum(x, 20.0))), x)  # NaN stays NaN
 
 
 @triton.jit
@@ -49,8 +49,9 @@ def _rq_locate(value, widths, left_x, heights, left_y, raw_dleft, raw_dright, bi
     the raw interior derivative at each bin's left / right knot). Returns (inside, bin_index, onehot, x_k, w_k,
     y_k, h_k, d_k, d_k1, shifted raw derivative at the bin's left and right knots, t): t is the
     position in the bin of x (forward) or of the root of the rational-quadratic equation in y (inverse)."""
-    inside = (value >= -bound) & (value <= bound)
-    clamped = tl.minimum(tl.maximum(value, -bound), bound)
+    below, above = value < -bound, value > bound
+    inside = ~(below | above)  # NaN too, so that it reaches the outputs and the log-det (a GPU's min/max drop it)
+    clamped = tl.where(below, -bound, tl.where(above, bound, value))
     search = left_y if INVERSE else left_x
     bin_index = tl.sum(tl.where(bin_ok & (bins > 0) & (search < tl.expand_dims(clamped, -1)), 1, 0), axis=-1)
     onehot = bins == tl.expand_dims(bin_index, -1)
@@ -129,7 +130,7 @@ def _rq_forward_kernel(x_ptr, p_ptr, out_ptr, ladj_ptr, n, num_bins, count, stri
         value = _load_spline(x_ptr, p_ptr, rows, row_ok, _offsets(rows, count, stride_x, 1), num_bins, bound, min_width,
                              min_height, min_derivative, derivative_shift, INVERSE, BLOCK_K)
     result, logabsdet = _rq_value(t, x_k, w_k, y_k, h_k, d_k, d_k1, INVERSE)
-    tl.store(out_ptr + rows, tl.where(inside, result, value), mask=row_ok)  # outside (and NaN): passed through
+    tl.store(out_ptr + rows, tl.where(inside, result, value), mask=row_ok)  # outside: passed through
     tl.store(ladj_ptr + rows, tl.where(inside, logabsdet, 0.0), mask=row_ok)
 
 

@@ -65,7 +65,7 @@ def rq_spline_ref(
     interior = MIN_DERIVATIVE + F.softplus(params[..., 2 * num_bins :] + DERIVATIVE_SHIFT)
     derivatives = F.pad(interior, (1, 1), value=1.0)
 
-    inside = (inputs >= -bound) & (inputs <= bound)
+    inside = ~(inputs.abs() > bound)  # NaN counts as inside, so that it reaches the outputs and the log-det
     clamped = inputs.clamp(-bound, bound)
     search_knots = cumheights if inverse else cumwidths
     bin_index = torch.searchsorted(search_knots.contiguous(), clamped.unsqueeze(-1)) - 1

@@ -224,6 +224,56 @@ def test_every_instruction_set_of_bias_silu_matches_torch(dtype, rtol, rows, col
         _C.bias_silu(x.numpy(), bias[:-1].numpy(), x.numpy())
 
 
+def _with_nans(num_bins: int, dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Elements with a NaN input, or with a NaN raw width or height (each position) or NaN raw derivatives (only the
+    bin's own knots count), inside and in the tails (x = 5), beside clean elements; returns x, params and which
+    elements must come out NaN."""
+    n = 2 * num_bins + 1
+    x, params = (t.detach().clone() for t in _inputs((2 * n + 4,), num_bins, dtype, scale=0.5))
+    x[:n], x[n : 2 * n] = 0.3, 5.0  # inside, in the tails
+    for j in range(2 * num_bins):
+        params[j, j] = params[n + j, j] = float("nan")
+    params[n - 1, 2 * num_bins :] = params[2 * n - 1, 2 * num_bins :] = float("nan")
+    x[2 * n] = x[2 * n + 1] = float("nan")
+    nan = torch.zeros(len(x), dtype=torch.bool)
+    nan[:n] = nan[2 * n : 2 * n + 2] = True  # NaN parameters leave the tails' identity alone
+    return x, params, nan
+
+
+def _assert_nans_propagate(out, ladj, x, nan, what):
+    assert out[nan].isnan().all() and ladj[nan].isnan().all(), what
+    assert out[~nan].isfinite().all() and ladj[~nan].isfinite().all(), what
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("inverse", [False, True])
+@pytest.mark.parametrize("num_bins", [2, 5])
+def test_nans_reach_the_outputs_and_log_determinants(dtype, inverse, num_bins):
+    """A NaN input, or a NaN among an element's spline parameters, makes that element's value and log-det NaN on
+    the reference and every instruction set (the vectorized exp clamped NaN to e^-700 and the range test sent NaN to
+    the identity tails: finite log-dets such as 89); other elements are untouched."""
+    from fastflow import _C
+    from fastflow.ops.spline import DERIVATIVE_SHIFT
+
+    x, params, nan = _with_nans(num_bins, dtype)
+    expected_out, expected_ladj = rq_spline_ref(x, params, bound=2.0, inverse=inverse)
+    _assert_nans_propagate(expected_out, expected_ladj, x, nan, "reference")
+    for isa in _isas():
+        out, ladj = torch.empty_like(x), torch.empty_like(x)
+        _C.rq_spline_forward(x.numpy(), params.numpy(), out.numpy(), ladj.numpy(), 2.0, inverse, DERIVATIVE_SHIFT, isa)
+        _assert_nans_propagate(out, ladj, x, nan, isa)
+        torch.testing.assert_close(out[~nan], expected_out[~nan])
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("inverse", [False, True])
+def test_triton_spline_propagates_nans(inverse):
+    device = _triton_device()
+    x, params, nan = _with_nans(5, torch.float32)
+    out, ladj = rq_spline(x.to(device), params.to(device), bound=2.0, inverse=inverse, backend="triton")
+    _assert_nans_propagate(out.cpu(), ladj.cpu(), x, nan, "triton")
+
+
 def test_unknown_instruction_set_is_rejected():
     from fastflow import _C
 
