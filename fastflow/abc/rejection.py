@@ -23,7 +23,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from fastflow._checks import positive_int
+from fastflow._checks import nonnegative_int, positive_int
 from fastflow.abc._fused import FusedSimulator
 from fastflow.abc._kernels import KERNELS, METRICS
 from fastflow.priors import Prior, check_prior
@@ -210,8 +210,10 @@ def _summaries(x, summary: Callable | None) -> np.ndarray:
 
 
 def _weight(pilot: np.ndarray, scale, metric: str) -> np.ndarray:
-    """The distance scaling from the pilot chunk's finite summaries `(n, dim_s)`."""
+    """The distance scaling from the pilot's finite summaries `(n, dim_s)`."""
     dim_s = pilot.shape[1]
+    if isinstance(scale, str) and scale != "mad":
+        raise ValueError(f"scale must be 'mad', None or ({dim_s},) finite positive values, got {scale!r}")
     pilot = pilot[np.isfinite(pilot).all(axis=1)]
     if metric == "mahalanobis":
         if pilot.shape[0] <= dim_s:
@@ -221,12 +223,12 @@ def _weight(pilot: np.ndarray, scale, metric: str) -> np.ndarray:
             return np.linalg.inv(np.linalg.cholesky(covariance))
         except np.linalg.LinAlgError:
             raise ValueError("the pilot covariance of the summaries is singular; use distance='euclidean'") from None
-    if isinstance(scale, str) and scale == "mad":
+    if isinstance(scale, str):
         if pilot.shape[0] < 2:
-            raise ValueError("the pilot chunk has fewer than 2 finite simulations; cannot estimate the MAD scale")
+            raise ValueError("the pilot has fewer than 2 finite simulations; cannot estimate the MAD scale")
         mad = _MAD_TO_SD * np.median(np.abs(pilot - np.median(pilot, axis=0)), axis=0)
         if not (mad > 0).all():
-            raise ValueError(f"summary statistics {np.flatnonzero(mad <= 0).tolist()} have zero MAD in the pilot chunk")
+            raise ValueError(f"summary statistics {np.flatnonzero(mad <= 0).tolist()} have zero MAD in the pilot")
         return 1.0 / mad
     if scale is None:
         return np.ones(dim_s)
@@ -270,8 +272,8 @@ def rejection(
         summary: `x (n, dim_x) -> s (n, dim_s)` in the simulator's framework; None uses x itself.
         distance: `"euclidean"`, `"l1"` or `"mahalanobis"` (covariance of the pilot's summaries,
             which makes `scale` irrelevant).
-        scale: `"mad"` (median absolute deviation of the pilot: the first `PILOT_SIZE` simulations of chunk 0),
-            None (no scaling) or `(dim_s,)` positive scales; summaries are divided by it.
+        scale: `"mad"` (median absolute deviation of the pilot: the first `PILOT_SIZE` simulations, over as many
+            chunks as they take), None (no scaling) or `(dim_s,)` positive scales; summaries are divided by it.
         chunk_size: simulations per chunk; None: `CHUNK_SIZE` (10^6) on the general path, whose memory is
             O(k + chunk_size), `FUSED_CHUNK_SIZE` (10^7) on the fused path, which holds no chunk in memory.
         seed: chunk i uses random streams derived from (seed, i).
@@ -324,7 +326,7 @@ def rejection(
 
     # (a relative tolerance: 0.07 · 3e8 is 21000000.000000004 in floating point, which is 21 million draws)
     k = None if quantile is None else max(1, math.ceil(quantile * n_sims * (1 - 1e-12)))
-    plan = _Plan(simulator, prior, framework, summary, int(n_sims), int(chunk_size), int(seed),
+    plan = _Plan(simulator, prior, framework, summary, int(n_sims), int(chunk_size), nonnegative_int(seed, "seed"),
                  np.empty(0), np.empty(0), distance, backend, k, math.inf if eps is None else float(eps),
                  fused_simulator)
     if fused_simulator is None:
@@ -338,16 +340,26 @@ def rejection(
     s_obs = _summaries(x_native[None], summary)[0]
     if not np.isfinite(s_obs).all():
         raise ValueError("the summary statistics of x_obs contain NaN or inf")
+    # the pilot: the first PILOT_SIZE simulations, over as many chunks as they take (simulated once: the general
+    # path reduces these chunks from memory; the fused kernel reduces them anew, only the pilot rows are kept)
+    pilot_size = min(PILOT_SIZE, n_sims)
     if fused_simulator is None:
-        chunk_zero = (pilot_theta, _summaries(pilot_x, summary))
-        pilot = chunk_zero[1][:PILOT_SIZE]
-    else:  # the kernel reduces chunk 0 without materializing it; only the pilot rows are kept
-        chunk_zero, pilot = None, fused_simulator.chunk(plan.key(0), min(PILOT_SIZE, plan.length(0)))[1]
+        pilot_chunks = [(pilot_theta, _summaries(pilot_x, summary))]
+        while len(pilot_chunks) * chunk_size < pilot_size:
+            pilot_chunks.append(plan.simulate(len(pilot_chunks)))
+        pilot = np.concatenate([s for _, s in pilot_chunks])[:pilot_size]
+    else:
+        starts = range(0, pilot_size, chunk_size)
+        pilot_chunks = [None] * len(starts)
+        pilot = np.concatenate([fused_simulator.chunk(plan.key(chunk), min(chunk_size, pilot_size - start))[1]
+                                for chunk, start in enumerate(starts)])
     plan = replace(plan, s_obs=s_obs, weight=_weight(pilot, scale, distance))
 
     n_chunks = math.ceil(n_sims / chunk_size)
-    best = plan.reduce(0, _Candidates.empty(prior.dim, s_obs.shape[0]), chunk_zero)
-    rest = list(range(1, n_chunks))
+    best = _Candidates.empty(prior.dim, s_obs.shape[0])
+    for chunk, simulated in enumerate(pilot_chunks):
+        best = plan.reduce(chunk, best, simulated)
+    rest = list(range(len(pilot_chunks), n_chunks))
     if client is None:
         for chunk in rest:
             best = plan.reduce(chunk, best)

@@ -36,12 +36,15 @@ def test_streaming_top_k_equals_the_top_k_of_all_simulations():
 
 
 @pytest.mark.parametrize("fused", [False, True])
-def test_mad_scale_comes_from_the_pilot_rows_of_chunk_zero(monkeypatch, fused):
+@pytest.mark.parametrize("chunk_size", [800, 120])
+def test_mad_scale_comes_from_the_first_pilot_size_simulations(monkeypatch, fused, chunk_size):
+    """Within chunk 0, or over the first chunks when they are smaller (the pilot was chunk 0's 120 rows)."""
     monkeypatch.setattr(importlib.import_module("fastflow.abc.rejection"), "PILOT_SIZE", 300)
     task = get_task("two_moons")
-    result = rejection(task, task.prior, task.observation(1), 1_000, quantile=1.0, chunk_size=800, seed=3,
+    result = rejection(task, task.prior, task.observation(1), 1_000, quantile=1.0, chunk_size=chunk_size, seed=3,
                        fused=fused)
     assert result.fused == fused
+    np.testing.assert_array_equal(np.sort(result.index), np.arange(1_000))
     pilot = result.summaries[np.argsort(result.index)][:300]
     mad = 1.4826 * np.median(np.abs(pilot - np.median(pilot, axis=0)), axis=0)
     np.testing.assert_allclose(result.weight, 1 / mad, rtol=1e-12)
@@ -112,6 +115,9 @@ def test_task_summary_statistics_are_used():
         (dict(distance="cosine"), "unknown distance"),
         (dict(backend="cuda"), "unknown backend"),
         (dict(scale=np.array([1.0, -1.0])), "scale"),
+        (dict(scale="MAD"), "scale must be 'mad'"),
+        (dict(seed=1.5), "seed"),
+        (dict(seed=-1), "seed"),
         (dict(simulator=lambda theta, rng: simulate(theta, rng)[:-1]), "n = 1000 rows"),
         (dict(simulator=lambda theta, rng: simulate(theta, rng)[:, 0]), r"shape \(1000,\)"),
         (dict(simulator=lambda theta, generator: torch.cat((theta, theta)), framework="torch"), "n = 1000 rows"),
