@@ -26,7 +26,8 @@ class FlowConfig:
     transform: "spline" (NSF) or "affine" (RealNVP); num_layers coupling layers, each followed by a
     permutation ("reverse", "random" or trainable "lu"); conditioner MLPs with `depth` hidden layers of
     width `hidden`; splines with `num_bins` bins on [-bound, bound]; base "gaussian" or "gmm" with
-    `num_components`.
+    `num_components`. `seed` draws the random permutations and the mixture's initial means; the conditioners'
+    initial weights come from torch's global RNG, as any `nn.Module`'s (NPE and FMPE seed it with their `seed`).
     """
 
     transform: str = "spline"
