@@ -132,11 +132,11 @@ class _Plan:
         theta = self.prior.sample(n, generator=generator)
         if isinstance(self.simulator, Task):
             x = self.simulator.simulate(theta, generator=generator)
-        elif self.framework == "torch":
-            x = self.simulator(theta, generator)
+        elif self.framework == "torch":  # (simulators get copies: one changing θ in place must not change the draws)
+            x = self.simulator(theta.clone(), generator)
         else:
             theta = theta.double().numpy()
-            x = self.simulator(theta, np.random.default_rng(numpy_stream))
+            x = self.simulator(theta.copy(), np.random.default_rng(numpy_stream))
         if getattr(x, "ndim", None) != 2 or x.shape[0] != n:
             shape = tuple(getattr(x, "shape", ()))
             raise ValueError(f"the simulator must return an (n, dim_x) batch with n = {n} rows, got shape {shape}")

@@ -68,7 +68,8 @@ def simulate(
     for start in range(0, num_simulations, batch_size):
         count = min(batch_size, num_simulations - start)
         theta = prior.sample(count, generator=generator)
-        x = simulator(theta, generator=generator) if takes_generator else simulator(theta)
+        given = theta.clone()  # the simulator's own copy: one that changes θ in place must not change the pairs
+        x = simulator(given, generator=generator) if takes_generator else simulator(given)
         x = torch.as_tensor(x)
         if x.dim() == 1:
             x = x.unsqueeze(-1)

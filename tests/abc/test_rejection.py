@@ -50,6 +50,18 @@ def test_mad_scale_comes_from_the_first_pilot_size_simulations(monkeypatch, fuse
     np.testing.assert_allclose(result.weight, 1 / mad, rtol=1e-12)
 
 
+@pytest.mark.parametrize("framework", ["numpy", "torch"])
+def test_a_simulator_changing_theta_in_place_keeps_the_drawn_parameters(framework):
+    """A simulator that overwrites θ (here: with zeros, after using it) returned those zeros as accepted θ."""
+    def overwrite(theta, rng):
+        x = theta + 0.0
+        theta[:] = 0.0
+        return x
+
+    result = rejection(overwrite, PRIOR, X_OBS, 2_000, quantile=1.0, chunk_size=700, seed=4, framework=framework)
+    np.testing.assert_array_equal(result.theta, result.summaries)
+
+
 def test_eps_accepts_exactly_the_simulations_within_eps():
     everything = rejection(simulate, PRIOR, X_OBS, 4_000, quantile=1.0, chunk_size=1_000, seed=2)
     eps = float(np.quantile(everything.distances, 0.1))

@@ -175,6 +175,18 @@ def test_simulate_gives_a_simulator_without_a_generator_its_own_noise():
     assert simulate(lambda theta: theta, prior, np.int64(10)).theta.shape == (10, 2)  # numpy integers count
 
 
+def test_a_simulator_changing_theta_in_place_keeps_the_drawn_parameters():
+    """A simulator that transforms θ in place (here: to exp θ) got the stored draws: the pairs held exp θ as θ."""
+    prior = Gaussian(torch.zeros(2), torch.eye(2))
+
+    def in_place(theta):
+        return theta.exp_() + 0.1
+
+    sims = simulate(in_place, prior, 500, seed=3)
+    torch.testing.assert_close(sims.x, sims.theta.exp() + 0.1)
+    torch.testing.assert_close(sims.theta, prior.sample(500, generator=torch.Generator().manual_seed(3)))
+
+
 def test_posterior_bad_input(box_posterior):
     with pytest.raises(ValueError, match=r"shape \(2,\)"):
         box_posterior.sample(10, torch.zeros(3))
