@@ -66,6 +66,7 @@ def fit(
         lr_schedule: "constant" or "cosine" (annealed to zero over `max_epochs`).
         patience: stop after this many epochs without a better validation loss; the best weights are
             restored. With `validation_fraction=0` every epoch trains and the last weights are kept.
+            A loss that turns NaN/inf stops training with a warning and restores the best (or last) finite weights.
         device: where to train (default: the model's device); data is moved there once.
         progress: show a tqdm bar.
 
@@ -128,8 +129,8 @@ def fit(
             history.stopped_early = True
             break
 
-        if validation_index.numel() == 0:
-            history.best_epoch = epoch
+        if validation_index.numel() == 0:  # the last finite weights are kept (a later NaN epoch restores them)
+            history.best_epoch, best_state = epoch, copy.deepcopy(model.state_dict())
             continue
         validation_loss = evaluate(model, loss_fn, validation_data, batch_size=max(batch_size, 4096))
         history.validation_loss.append(validation_loss)

@@ -19,7 +19,10 @@ def test_a_loss_that_is_nan_from_the_start_raises():
         fit(model, lambda m, x, y: (m(x) - y).square().mean() * math.nan, _data(), max_epochs=3, progress=False)
 
 
-def test_a_loss_that_turns_nan_keeps_the_best_weights():
+@pytest.mark.parametrize("validation_fraction", [0.1, 0.0])
+def test_a_loss_that_turns_nan_keeps_the_best_weights(validation_fraction):
+    """With a validation split the best weights; without one (FMPE's default) the last finite ones (it raised,
+    losing every epoch, and left the model NaN)."""
     model = torch.nn.Linear(2, 1)
     calls = [0]
 
@@ -29,5 +32,7 @@ def test_a_loss_that_turns_nan_keeps_the_best_weights():
         return value * math.nan if m.training and calls[0] > 20 else value
 
     with pytest.warns(RuntimeWarning, match="stopped, keeping the weights of epoch"):
-        history = fit(model, loss, _data(), batch_size=16, max_epochs=50, progress=False)
+        history = fit(model, loss, _data(), batch_size=16, max_epochs=50, validation_fraction=validation_fraction,
+                      progress=False)
     assert history.stopped_early and all(torch.isfinite(p).all() for p in model.parameters())
+    assert history.best_epoch >= 3 and history.epochs == history.best_epoch + 2
