@@ -101,8 +101,8 @@ class VPPath(Path):
     beta_max: float = 20.0
 
     def __post_init__(self):
-        if not 0.0 < self.beta_min <= self.beta_max:
-            raise ValueError(f"need 0 < beta_min <= beta_max, got {self.beta_min}, {self.beta_max}")
+        if not 0.0 < self.beta_min <= self.beta_max < math.inf:
+            raise ValueError(f"need 0 < beta_min <= beta_max < inf, got {self.beta_min}, {self.beta_max}")
 
     def coefficients(self, t):
         s = 1 - t
@@ -121,8 +121,8 @@ class _Interpolant(Path):
     scale: float = 0.1
 
     def __post_init__(self):
-        if self.scale < 0:
-            raise ValueError(f"the interpolant's noise scale must be >= 0, got {self.scale}")
+        if not 0 <= self.scale < math.inf:  # (NaN or inf: a NaN loss at the first step)
+            raise ValueError(f"the interpolant's noise scale must be finite and >= 0, got {self.scale}")
 
     @property
     def stochastic(self):
@@ -178,14 +178,19 @@ def sample_time(n: int, *, distribution: str = "uniform", alpha: float = 0.0, ge
         alpha: exponent parameter of "power" (> -1).
     """
     n = positive_int(n, "n")
+    check_time_distribution(distribution, alpha)
     u = torch.rand(n, generator=generator, device=device)
     if distribution == "uniform":
         return u
-    if distribution == "power":
-        if alpha <= -1:
-            raise ValueError(f"the power-law time distribution needs alpha > -1, got {alpha}")
-        return u ** ((1 + alpha) / (2 + alpha))
-    raise ValueError(f"unknown time distribution {distribution!r}; known: ['power', 'uniform']")
+    return u ** ((1 + alpha) / (2 + alpha))
+
+
+def check_time_distribution(distribution: str, alpha: float) -> None:
+    """A ValueError unless `sample_time` takes this distribution and alpha (finite, > -1 for "power")."""
+    if distribution not in ("power", "uniform"):
+        raise ValueError(f"unknown time distribution {distribution!r}; known: ['power', 'uniform']")
+    if distribution == "power" and not -1 < alpha < math.inf:  # (NaN or inf: NaN times, a NaN loss)
+        raise ValueError(f"the power-law time distribution needs a finite alpha > -1, got {alpha}")
 
 
 def cfm_loss(velocity: Callable[..., torch.Tensor], path: Path, x_1: torch.Tensor, context: torch.Tensor | None = None, *,

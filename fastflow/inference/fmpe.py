@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from fastflow.fm import CNF, OdeConfig, Path, VelocityMLP, cfm_loss, get_path
+from fastflow.fm.paths import check_time_distribution
 from fastflow.inference.npe import TrainingConfig, check_simulations, fit_posterior, fit_preprocessing, preprocessing
 from fastflow.inference.posterior import Posterior, register_estimator
 from fastflow.priors import Prior
@@ -97,6 +98,9 @@ class FMPE:
     seed: int = 0
     device: str = "cpu"
     progress: bool = True
+
+    def __post_init__(self):
+        check_time_distribution(self.time_distribution, self.alpha)  # before any simulation or training
 
     def fit(self, theta: torch.Tensor, x: torch.Tensor) -> Posterior:
         """Train on pairs θ `(N, D)`, x `(N, C)`; returns the `Posterior` (its `history` holds the losses)."""

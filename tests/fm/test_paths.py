@@ -1,5 +1,7 @@
 """Paths hit noise at t = 0 and data at t = 1, their derivatives match autograd, time sampling, bad input."""
 
+import math
+
 import pytest
 import torch
 
@@ -68,8 +70,12 @@ def test_bad_input():
         get_path("nope")
     with pytest.raises(ValueError, match="sigma_min"):
         get_path("ot", sigma_min=1.5)
-    with pytest.raises(ValueError, match="alpha > -1"):
-        sample_time(3, distribution="power", alpha=-2)
+    for alpha in (-2.0, math.nan, math.inf):  # (NaN and inf gave NaN times, so a NaN loss)
+        with pytest.raises(ValueError, match="finite alpha > -1"):
+            sample_time(3, distribution="power", alpha=alpha)
+    for name, options in (("linear", dict(scale=math.nan)), ("trig", dict(scale=math.inf)), ("vp", dict(beta_max=math.inf))):
+        with pytest.raises(ValueError, match="scale must be finite|beta_max < inf"):
+            get_path(name, **options)
     with pytest.raises(ValueError, match="unknown time distribution"):
         sample_time(3, distribution="beta")
     with pytest.raises(ValueError, match="positive int"):

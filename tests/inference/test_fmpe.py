@@ -96,3 +96,6 @@ def test_bad_input():
         fmpe.fit(torch.zeros(1, 1), torch.zeros(1, 1))
     with pytest.raises(ValueError, match="finite"):
         fmpe.fit(torch.zeros(3, 1), torch.tensor([[0.0], [float("nan")], [1.0]]))
+    for options in (dict(alpha=float("nan")), dict(alpha=-1.0), dict(time_distribution="beta")):
+        with pytest.raises(ValueError, match="alpha|time distribution"):  # at construction, before any training
+            FMPE(prior, **options)
