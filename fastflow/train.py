@@ -13,6 +13,8 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
+from fastflow._checks import positive_int
+
 __all__ = ["History", "fit"]
 
 
@@ -78,9 +80,10 @@ def fit(
     count = data[0].shape[0]
     if any(t.shape[0] != count for t in data):
         raise ValueError(f"data tensors disagree in their first dimension: {[tuple(t.shape) for t in data]}")
-    for name, value in (("batch_size", batch_size), ("max_epochs", max_epochs), ("patience", patience)):
-        if value < 1:
-            raise ValueError(f"{name} must be >= 1, got {value}")
+    batch_size, max_epochs, patience = (positive_int(value, name) for name, value in (
+        ("batch_size", batch_size), ("max_epochs", max_epochs), ("patience", patience)))
+    if clip_grad_norm is not None and not 0 < clip_grad_norm < math.inf:  # (NaN made every weight NaN)
+        raise ValueError(f"clip_grad_norm must be None or a finite positive number, got {clip_grad_norm}")
     if lr_schedule not in ("constant", "cosine"):
         raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {lr_schedule!r}")
     device = torch.device(device) if device is not None else next(model.parameters()).device

@@ -36,3 +36,16 @@ def test_a_loss_that_turns_nan_keeps_the_best_weights(validation_fraction):
                       progress=False)
     assert history.stopped_early and all(torch.isfinite(p).all() for p in model.parameters())
     assert history.best_epoch >= 3 and history.epochs == history.best_epoch + 2
+
+
+def test_bad_settings_are_refused_before_training():
+    """Fractional counts gave obscure TypeErrors; a NaN clip_grad_norm made every weight NaN after one step, and a
+    negative one was reported as a learning-rate problem."""
+    model = torch.nn.Linear(2, 1)
+    loss = lambda m, x, y: (m(x) - y).square().mean()  # noqa: E731
+    for options, message in ((dict(batch_size=2.5), "batch_size"), (dict(max_epochs=2.5), "max_epochs"),
+                             (dict(patience=0), "patience"), (dict(clip_grad_norm=math.nan), "clip_grad_norm"),
+                             (dict(clip_grad_norm=-1.0), "clip_grad_norm")):
+        with pytest.raises(ValueError, match=message):
+            fit(model, loss, _data(), progress=False, **options)
+    assert all(torch.isfinite(p).all() for p in model.parameters())

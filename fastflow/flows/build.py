@@ -7,6 +7,8 @@ from dataclasses import asdict, dataclass
 
 import torch.nn as nn
 
+from fastflow._checks import positive_int
+
 from fastflow.flows.bases import GaussianMixture, StandardNormal
 from fastflow.nn.coupling import AffineCoupling, SplineCoupling
 from fastflow.flows.flow import Flow
@@ -50,8 +52,7 @@ class FlowConfig:
             if value not in allowed:
                 raise ValueError(f"unknown {name} {value!r}; choose one of {allowed}")
         for name in ("num_layers", "hidden", "depth", "num_bins", "num_components"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+            object.__setattr__(self, name, positive_int(getattr(self, name), name))  # (numpy integers become ints)
         if not 0 < self.bound < math.inf:  # (a NaN bound made every spline the identity)
             raise ValueError(f"bound must be a finite positive number, got {self.bound}")
 

@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -159,6 +160,10 @@ def test_bad_input_is_rejected():
         FlowConfig(transform="maf")
     with pytest.raises(ValueError, match="num_bins"):
         FlowConfig(num_bins=0)
+    for options in (dict(num_layers=2.5), dict(hidden=32.0), dict(num_bins=True)):  # (obscure TypeErrors, or 1 bin)
+        with pytest.raises(ValueError, match="must be a positive int"):
+            FlowConfig(**options)
+    assert type(FlowConfig(num_layers=np.int64(3)).num_layers) is int  # (saved configs are JSON)
     for bound in (0.0, math.nan, math.inf):  # a NaN bound made every spline the identity
         with pytest.raises(ValueError, match="bound must be a finite positive"):
             FlowConfig(bound=bound)
