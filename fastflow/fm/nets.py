@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from fastflow._checks import nonnegative_int, positive_int
 from fastflow.ops.linear import BLOCK_ROWS, linear_silu_into, native_linear_silu_runs
 
 __all__ = ["ACTIVATIONS", "TimeEmbedding", "VelocityMLP"]
@@ -24,8 +25,7 @@ class TimeEmbedding(nn.Module):
 
     def __init__(self, num_frequencies: int = 4):
         super().__init__()
-        if num_frequencies < 0:
-            raise ValueError(f"num_frequencies must be >= 0, got {num_frequencies}")
+        num_frequencies = nonnegative_int(num_frequencies, "num_frequencies")
         self.register_buffer("frequencies", math.pi * torch.arange(1, num_frequencies + 1, dtype=torch.float32))
         self.dim = 1 + 2 * num_frequencies
 
@@ -50,10 +50,10 @@ class VelocityMLP(nn.Module):
     def __init__(self, dim: int, *, context_dim: int = 0, hidden: tuple[int, ...] = (128, 128, 128),
                  activation: str = "silu", num_frequencies: int = 4, residual: bool = False):
         super().__init__()
-        if dim < 1 or context_dim < 0:
-            raise ValueError(f"need dim >= 1 and context_dim >= 0, got {dim}, {context_dim}")
-        if not hidden or min(hidden) < 1:
+        dim, context_dim = positive_int(dim, "dim"), nonnegative_int(context_dim, "context_dim")
+        if not hidden:
             raise ValueError(f"hidden must be a non-empty tuple of positive widths, got {hidden!r}")
+        hidden = tuple(positive_int(width, "each hidden width") for width in hidden)
         if activation not in ACTIVATIONS:
             raise ValueError(f"unknown activation {activation!r}; known: {sorted(ACTIVATIONS)}")
         self.dim, self.context_dim, self.residual, self.activation = dim, context_dim, residual, activation

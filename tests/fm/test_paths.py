@@ -84,6 +84,10 @@ def test_bad_input():
         cfm_loss(lambda t, x: x, get_path("ot"), torch.randn(3))
     with pytest.raises(ValueError, match="activation"):
         VelocityMLP(2, activation="sigmoid")
+    for options, message in ((dict(hidden=(32.0,)), "hidden width"), (dict(hidden=()), "hidden"),
+                             (dict(num_frequencies=2.5), "num_frequencies"), (dict(context_dim=-1), "context_dim")):
+        with pytest.raises(ValueError, match=message):  # (fractional sizes: obscure TypeErrors from torch.empty)
+            VelocityMLP(2, **options)
     with pytest.raises(ValueError, match="unconditional"):
         VelocityMLP(2)(torch.zeros(3), torch.randn(3, 2), torch.randn(3, 1))
     with pytest.raises(ValueError, match="x_t must be"):
