@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import math
 import numbers
 
-__all__ = ["nonnegative_int", "positive_int"]
+__all__ = ["nonnegative_int", "positive_finite", "positive_int"]
 
 
 def positive_int(value, name: str) -> int:
@@ -15,6 +16,13 @@ def positive_int(value, name: str) -> int:
 def nonnegative_int(value, name: str) -> int:
     """`value` as an int when it is an integer >= 0 (Python or numpy, not a bool); else a ValueError naming it."""
     return _int_from(value, name, 0, "a non-negative int")
+
+
+def positive_finite(value, name: str) -> float:
+    """`value` as a float when it is a finite real number > 0 (not a bool); else a ValueError naming it."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 < value < math.inf:
+        raise ValueError(f"{name} must be a finite positive number, got {value!r}")
+    return float(value)
 
 
 def _int_from(value, name: str, minimum: int, what: str) -> int:

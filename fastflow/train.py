@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from fastflow._checks import positive_int
+from fastflow._checks import positive_finite, positive_int
 
 __all__ = ["History", "fit"]
 
@@ -82,8 +82,8 @@ def fit(
         raise ValueError(f"data tensors disagree in their first dimension: {[tuple(t.shape) for t in data]}")
     batch_size, max_epochs, patience = (positive_int(value, name) for name, value in (
         ("batch_size", batch_size), ("max_epochs", max_epochs), ("patience", patience)))
-    if clip_grad_norm is not None and not 0 < clip_grad_norm < math.inf:  # (NaN made every weight NaN)
-        raise ValueError(f"clip_grad_norm must be None or a finite positive number, got {clip_grad_norm}")
+    if clip_grad_norm is not None:  # (NaN made every weight NaN)
+        positive_finite(clip_grad_norm, "clip_grad_norm")
     if lr_schedule not in ("constant", "cosine"):
         raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {lr_schedule!r}")
     device = torch.device(device) if device is not None else next(model.parameters()).device

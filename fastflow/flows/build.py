@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass
 
 import torch.nn as nn
 
-from fastflow._checks import positive_int
-
+from fastflow._checks import positive_finite, positive_int
 from fastflow.flows.bases import GaussianMixture, StandardNormal
 from fastflow.nn.coupling import AffineCoupling, SplineCoupling
 from fastflow.flows.flow import Flow
@@ -53,8 +51,7 @@ class FlowConfig:
                 raise ValueError(f"unknown {name} {value!r}; choose one of {allowed}")
         for name in ("num_layers", "hidden", "depth", "num_bins", "num_components"):
             object.__setattr__(self, name, positive_int(getattr(self, name), name))  # (numpy integers become ints)
-        if not 0 < self.bound < math.inf:  # (a NaN bound made every spline the identity)
-            raise ValueError(f"bound must be a finite positive number, got {self.bound}")
+        positive_finite(self.bound, "bound")  # (a NaN bound made every spline the identity)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from fastflow._checks import nonnegative_int, positive_finite, positive_int
 from fastflow.backends import triton_device
 from fastflow.flows.transforms import Transform
 from fastflow.ops.coupling import affine_coupling, spline_coupling
@@ -68,8 +69,8 @@ class _Coupling(Transform):
 
     def __init__(self, dim: int, context_dim: int, *, flip: bool, hidden: int, depth: int):
         super().__init__()
-        if dim < 1:
-            raise ValueError(f"coupling needs dim >= 1, got {dim}")
+        dim, context_dim = positive_int(dim, "dim"), nonnegative_int(context_dim, "context_dim")
+        hidden, depth = positive_int(hidden, "hidden"), nonnegative_int(depth, "depth")
         if dim == 1 and flip:
             raise ValueError("a flipped coupling layer of dim 1 would transform no coordinate (flip=False transforms it, "
                              "conditioned on the context alone)")
@@ -204,7 +205,7 @@ class AffineCoupling(_Coupling):
 
     def __init__(self, dim, context_dim=0, *, flip=False, hidden=64, depth=2, scale_bound: float = 3.0, backend: str | None = None):
         super().__init__(dim, context_dim, flip=flip, hidden=hidden, depth=depth)
-        self.scale_bound, self.backend = scale_bound, backend
+        self.scale_bound, self.backend = positive_finite(scale_bound, "scale_bound"), backend
 
     def _transform(self, x: torch.Tensor, context: torch.Tensor | None, inverse: bool) -> tuple[torch.Tensor, torch.Tensor]:
         kept, changed = self._split(x)
@@ -230,6 +231,7 @@ class SplineCoupling(_Coupling):
 
     def __init__(self, dim, context_dim=0, *, flip=False, hidden=64, depth=2, num_bins: int = 8, bound: float = 4.0,
                  backend: str | None = None):
+        num_bins, bound = positive_int(num_bins, "num_bins"), positive_finite(bound, "bound")
         self.params_per_coordinate = spline_param_count(num_bins)
         super().__init__(dim, context_dim, flip=flip, hidden=hidden, depth=depth)
         self.num_bins, self.bound, self.backend = num_bins, bound, backend
