@@ -113,6 +113,8 @@ class Gaussian(Prior):
 
     def __init__(self, loc, covariance):
         self.loc = _vector(loc, "loc").float()
+        if not torch.isfinite(self.loc).all():  # (every draw would be inf or NaN)
+            raise ValueError(f"Gaussian loc must be finite, got {self.loc.tolist()}")
         self.covariance = torch.as_tensor(covariance, dtype=torch.float32)
         self.dim = self.loc.numel()
         if self.covariance.shape != (self.dim, self.dim):

@@ -46,6 +46,8 @@ def test_bad_input():
         BoxUniform([0.0], [1.0]).sample(0)
     with pytest.raises(ValueError, match="covariance"):
         Gaussian([0.0, 0.0], torch.eye(3))
+    with pytest.raises(ValueError, match="loc must be finite"):  # (every draw was inf)
+        Gaussian([math.inf, 0.0], torch.eye(2))
     with pytest.raises(ValueError, match=r"θ must be \(\*, 1\)"):
         BoxUniform([0.0], [1.0]).log_prob(torch.zeros(3, 2))
     with pytest.raises(ValueError, match="non-empty vector"):
