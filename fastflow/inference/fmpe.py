@@ -56,8 +56,7 @@ class _FlowMatchingLoss:
 # Defaults measured on two_moons at 10^4 simulations (1 thread), mean C2ST over observations 1..5: 800 epochs
 # of 512-pair batches with a 4×128 velocity MLP sampled by RK4 × 10 steps (40 evaluations; the same as 4×256
 # sampled by Dopri5 1e-3, at a quarter of the cost per evaluation). Fewer evaluations cost accuracy (with an earlier
-# training): RK4 × 5 0.631,
-# midpoint × 5 0.636, Euler × 10 0.712 (4×128 for 200 epochs: 0.746).
+# training): RK4 × 5 0.631, midpoint × 5 0.636, Euler × 10 0.712 (4×128 for 200 epochs: 0.746).
 # Training keeps the last weights of the cosine-annealed run, on every pair: the flow-matching loss of 1,000
 # validation pairs varies by ±0.065 between epochs (random times and noise), so the best epoch was picked by noise
 # (seed 1: epoch 414 of 800). Over seeds 0-3 of the simulations and the fit: learning rate 1e-3 with the best
