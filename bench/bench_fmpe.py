@@ -5,7 +5,9 @@ reports each ODE method's velocity evaluations, time and error against a tight D
 from the same noise, the basis of FMPE's default sampler.
 
 Run: `python -m pytest bench/bench_fmpe.py --benchmark-only -s` (add `--benchmark-json FILE` to keep the
-numbers, in `extra_info`); the sbi side needs the `bench` extra.
+numbers, in `extra_info`); the sbi side needs the `bench` extra. `FASTFLOW_BENCH_SEEDS=0,1,2,3` also fits
+fastflow's FMPE on the simulations and with the seed of each (`test_fmpe_two_moons_seeds`), the study behind its
+training defaults (`fastflow/inference/fmpe.py`).
 """
 
 import importlib.util
@@ -13,6 +15,7 @@ import os
 import time
 
 import numpy as np
+import pytest
 import torch
 
 from fastflow import set_num_threads
@@ -25,6 +28,7 @@ NUM_SIMULATIONS = 10_000
 NUM_SAMPLES = 10_000
 THREADS = int(os.environ.get("FASTFLOW_BENCH_THREADS", "1"))
 OBSERVATIONS = range(1, int(os.environ.get("FASTFLOW_BENCH_OBSERVATIONS", "5")) + 1)
+SEEDS = [int(seed) for seed in os.environ.get("FASTFLOW_BENCH_SEEDS", "").split(",") if seed.strip()]
 SWEEP = [OdeConfig("euler", steps=20), OdeConfig("heun", steps=10), OdeConfig("midpoint", steps=10),
          OdeConfig("rk4", steps=5), OdeConfig("rk4", steps=10), OdeConfig("rk4", steps=25),
          OdeConfig("dopri5", rtol=1e-3, atol=1e-3), OdeConfig("dopri5", rtol=1e-4, atol=1e-4),
@@ -101,3 +105,22 @@ def test_fmpe_two_moons(benchmark):
         lines.append("sbi not installed (pip install -e '.[bench]'): no side-by-side run")
     benchmark.extra_info.update(info)
     print("\n" + "\n".join(lines))
+
+
+@pytest.mark.skipif(not SEEDS, reason="set FASTFLOW_BENCH_SEEDS (e.g. 0,1,2,3) for the seed study")
+def test_fmpe_two_moons_seeds(benchmark):
+    """Mean C2ST and training time of fastflow's FMPE for each seed of the simulations and the fit."""
+    set_num_threads(THREADS)
+    task = get_task("two_moons")
+
+    def fit_and_score(seed: int) -> tuple[float, float]:
+        sims = simulate(task.simulate, task.prior, NUM_SIMULATIONS, seed=seed)
+        start = time.perf_counter()
+        posterior = FMPE(task.prior, seed=seed, progress=False).fit(sims.theta, sims.x)
+        seconds = time.perf_counter() - start
+        torch.manual_seed(seed)
+        return seconds, float(np.mean(_scores(task, {i: posterior.sample(NUM_SAMPLES, task.observation(i)) for i in OBSERVATIONS})))
+
+    results = benchmark.pedantic(lambda: [fit_and_score(seed) for seed in SEEDS], rounds=1, iterations=1)
+    benchmark.extra_info.update(seeds=SEEDS, train_seconds=[r[0] for r in results], mean_c2st=[r[1] for r in results])
+    print("\n" + "\n".join(f"fastflow FMPE seed {seed}: train {t:6.1f} s, mean C2ST {c:.3f}" for seed, (t, c) in zip(SEEDS, results)))
