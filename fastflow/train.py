@@ -133,14 +133,14 @@ def fit(
             break
 
         if validation_index.numel() == 0:  # the last finite weights are kept (a later NaN epoch restores them)
-            history.best_epoch, best_state = epoch, copy.deepcopy(model.state_dict())
+            history.best_epoch, best_state = epoch, _snapshot(model, best_state)
             continue
         validation_loss = evaluate(model, loss_fn, validation_data, batch_size=max(batch_size, 4096))
         history.validation_loss.append(validation_loss)
         bar.set_postfix(train=f"{history.train_loss[-1]:.3f}", val=f"{validation_loss:.3f}")
         if validation_loss < best_loss:
             best_loss, stale, history.best_epoch = validation_loss, 0, epoch
-            best_state = copy.deepcopy(model.state_dict())
+            best_state = _snapshot(model, best_state)
         else:
             stale += 1
             if stale >= patience:
@@ -152,6 +152,16 @@ def fit(
     model.eval()
     history.seconds = time.perf_counter() - start
     return history
+
+
+@torch.no_grad()
+def _snapshot(model: nn.Module, kept: dict | None) -> dict:
+    """The model's state copied into `kept`, the previous snapshot (allocated once, at the first call)."""
+    if kept is None:
+        return copy.deepcopy(model.state_dict())
+    for saved, value in zip(kept.values(), model.state_dict().values()):
+        saved.copy_(value)
+    return kept
 
 
 @torch.no_grad()
