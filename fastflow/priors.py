@@ -37,8 +37,9 @@ class Prior:
         return bool(torch.isfinite(self.low).all() and torch.isfinite(self.high).all())
 
     def in_support(self, theta: torch.Tensor) -> torch.Tensor:
-        """Boolean `(*,)`: θ lies inside the support."""
-        theta = torch.as_tensor(theta)
+        """Boolean `(*,)`: θ `(*, dim)` lies inside the support (integer θ compared as floats, as `log_prob` takes
+        it)."""
+        theta = self._check_theta(theta)
         low, high = (bound.to(theta) for bound in self._support())
         return ((theta >= low) & (theta <= high)).all(-1)
 

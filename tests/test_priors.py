@@ -19,6 +19,17 @@ def test_box_uniform_samples_density_and_support():
     assert prior.bounded
 
 
+def test_support_of_integer_theta_compares_as_floats():
+    """Integer θ took the bounds' integer casts: 0 was inside [0.5, 1.5] and ±3 outside a Gaussian's (±inf) support."""
+    theta = torch.tensor([[0], [1], [2]])
+    box = BoxUniform([0.5], [1.5])
+    assert box.in_support(theta).tolist() == [False, True, False]
+    assert torch.equal(box.in_support(theta), torch.isfinite(box.log_prob(theta)))
+    assert Gaussian([0.0], [[1.0]]).in_support(torch.tensor([[-3], [3]])).all()
+    with pytest.raises(ValueError, match=r"\(\*, 1\)"):
+        box.in_support(torch.zeros(3, 2))
+
+
 def test_gaussian_density_matches_torch_in_float64():
     covariance = torch.tensor([[0.5, 0.1], [0.1, 0.3]])
     prior = Gaussian([1.0, -1.0], covariance)

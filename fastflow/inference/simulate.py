@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import random
 import warnings
 from dataclasses import dataclass
 from typing import Callable
@@ -38,6 +39,13 @@ def simulator_seed(seed: int) -> int:
     return int(np.random.SeedSequence([seed, 1]).generate_state(1, np.uint64)[0] >> np.uint64(1))
 
 
+def _seed_global_rngs(seed: int) -> None:
+    """Seed torch's, numpy's and Python's global random number generators (a simulator may draw from any)."""
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+
+
 def simulate(
     simulator: Callable[..., torch.Tensor],
     prior: Prior,
@@ -50,8 +58,9 @@ def simulate(
 
     Arguments:
         simulator: maps θ `(n, D)` to x `(n, C)`; when it takes a `generator` keyword (as the package's
-            tasks do) it gets the prior's seeded `torch.Generator`, otherwise the global RNG is seeded with
-            `simulator_seed(seed)` (a stream independent of the prior's).
+            tasks do) it gets the prior's seeded `torch.Generator`, otherwise the global RNGs of torch, numpy and
+            Python's `random` are seeded with `simulator_seed(seed)` (a stream independent of the prior's; as sbi's
+            `simulate_for_sbi(seed=...)`).
         num_simulations: N > 0.
 
     Returns:
@@ -63,7 +72,7 @@ def simulate(
     takes_generator = _accepts_generator(simulator)
     if not takes_generator:
         # a stream of its own: seeded with `seed` too, the simulator's noise would repeat the prior's draws
-        torch.manual_seed(simulator_seed(seed))
+        _seed_global_rngs(simulator_seed(seed))
     thetas, xs = [], []
     for start in range(0, num_simulations, batch_size):
         count = min(batch_size, num_simulations - start)

@@ -175,6 +175,25 @@ def test_simulate_gives_a_simulator_without_a_generator_its_own_noise():
     assert simulate(lambda theta: theta, prior, np.int64(10)).theta.shape == (10, 2)  # numpy integers count
 
 
+def test_simulate_reproduces_numpy_and_random_simulators_for_a_seed():
+    """Only torch's global RNG was seeded: a numpy or `random` simulator gave other x for the same seed."""
+    import random
+
+    prior = Gaussian(torch.zeros(1), torch.eye(1))
+
+    def numpy_simulator(theta):
+        return theta + torch.from_numpy(np.random.standard_normal(theta.shape)).float()
+
+    def random_simulator(theta):
+        return theta + torch.tensor([[random.gauss(0.0, 1.0)] for _ in range(len(theta))])
+
+    for simulator in (numpy_simulator, random_simulator):
+        first = simulate(simulator, prior, 200, seed=4)
+        np.random.seed(0), random.seed(0)  # whatever the state before, the seed decides
+        assert torch.equal(simulate(simulator, prior, 200, seed=4).x, first.x)
+        assert not torch.equal(simulate(simulator, prior, 200, seed=5).x, first.x)
+
+
 def test_a_simulator_changing_theta_in_place_keeps_the_drawn_parameters():
     """A simulator that transforms θ in place (here: to exp θ) got the stored draws: the pairs held exp θ as θ."""
     prior = Gaussian(torch.zeros(2), torch.eye(2))
