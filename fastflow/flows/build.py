@@ -9,6 +9,7 @@ import torch.nn as nn
 from fastflow._checks import positive_finite, positive_int
 from fastflow.flows.bases import GaussianMixture, StandardNormal
 from fastflow.nn.coupling import AffineCoupling, SplineCoupling
+from fastflow.ops.spline import check_num_bins
 from fastflow.flows.flow import Flow
 from fastflow.flows.transforms import LULinear, RandomPermutation, ReversePermutation, Transform
 
@@ -49,9 +50,11 @@ class FlowConfig:
         ):
             if value not in allowed:
                 raise ValueError(f"unknown {name} {value!r}; choose one of {allowed}")
-        for name in ("num_layers", "hidden", "depth", "num_bins", "num_components"):
+        for name in ("num_layers", "hidden", "depth", "num_components"):
             object.__setattr__(self, name, positive_int(getattr(self, name), name))  # (numpy integers become ints)
-        positive_finite(self.bound, "bound")  # (a NaN bound made every spline the identity)
+        object.__setattr__(self, "num_bins", check_num_bins(self.num_bins))
+        # (a NaN bound made every spline the identity; a numpy one made saved posteriors unloadable)
+        object.__setattr__(self, "bound", positive_finite(self.bound, "bound"))
 
     def to_dict(self) -> dict:
         return asdict(self)

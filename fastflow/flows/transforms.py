@@ -6,6 +6,8 @@ sampling direction); both return the output and log|det J| of the map they apply
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -120,6 +122,9 @@ class RandomPermutation(_Permutation):
         super().__init__(permutation)
 
 
+MIN_DIAGONAL = 1e-3  # of LULinear's U: softplus(raw) + MIN_DIAGONAL
+
+
 class LULinear(Transform):
     """Invertible linear map z = W x + b with W = L U (unit lower L, upper U with positive diagonal).
 
@@ -131,12 +136,12 @@ class LULinear(Transform):
         self.dim = dim
         self.lower = nn.Parameter(torch.zeros(dim, dim))
         self.upper = nn.Parameter(torch.zeros(dim, dim))
-        self.raw_diagonal = nn.Parameter(torch.full((dim,), 0.5413248546129181))  # softplus(.) = 1
+        self.raw_diagonal = nn.Parameter(torch.full((dim,), math.log(math.expm1(1.0 - MIN_DIAGONAL))))  # diag(U) = 1
         self.bias = nn.Parameter(torch.zeros(dim))
 
     def _factors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         eye = torch.eye(self.dim, dtype=self.lower.dtype, device=self.lower.device)
-        diagonal = F.softplus(self.raw_diagonal) + 1e-3
+        diagonal = F.softplus(self.raw_diagonal) + MIN_DIAGONAL
         lower = torch.tril(self.lower, -1) + eye
         upper = torch.triu(self.upper, 1) + torch.diag(diagonal)
         return lower, upper, diagonal

@@ -11,7 +11,7 @@ from fastflow.backends import triton_device
 from fastflow.flows.transforms import Transform
 from fastflow.ops.coupling import affine_coupling, spline_coupling
 from fastflow.ops.coupling_flow import CouplingRun, read_parameters
-from fastflow.ops.spline import SPLINE_CONSTANTS, spline_param_count
+from fastflow.ops.spline import SPLINE_CONSTANTS, check_num_bins, spline_param_count
 
 __all__ = ["MLP", "AffineCoupling", "SplineCoupling"]
 
@@ -231,7 +231,7 @@ class SplineCoupling(_Coupling):
 
     def __init__(self, dim, context_dim=0, *, flip=False, hidden=64, depth=2, num_bins: int = 8, bound: float = 4.0,
                  backend: str | None = None):
-        num_bins, bound = positive_int(num_bins, "num_bins"), positive_finite(bound, "bound")
+        num_bins, bound = check_num_bins(num_bins), positive_finite(bound, "bound")
         self.params_per_coordinate = spline_param_count(num_bins)
         super().__init__(dim, context_dim, flip=flip, hidden=hidden, depth=depth)
         self.num_bins, self.bound, self.backend = num_bins, bound, backend

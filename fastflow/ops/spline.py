@@ -12,10 +12,11 @@ import math
 import torch
 import torch.nn.functional as F
 
+from fastflow._checks import positive_int
 from fastflow.backends import native_module, resolve_backend, triton_device
 from fastflow.ops.autograd import first_order
 
-__all__ = ["NATIVE_MAX_BINS", "native_takes", "rq_spline", "rq_spline_native_into", "rq_spline_ref",
+__all__ = ["MAX_BINS", "NATIVE_MAX_BINS", "check_num_bins", "native_takes", "rq_spline", "rq_spline_native_into", "rq_spline_ref",
            "rq_spline_rows_native_into", "spline_param_count", "DERIVATIVE_SHIFT", "SPLINE_CONSTANTS"]
 
 MIN_BIN_WIDTH = 1e-3
@@ -24,6 +25,19 @@ MIN_DERIVATIVE = 1e-3
 # softplus(DERIVATIVE_SHIFT) + MIN_DERIVATIVE == 1: zero conditioner outputs give the identity spline.
 DERIVATIVE_SHIFT = math.log(math.expm1(1.0 - MIN_DERIVATIVE))
 SPLINE_CONSTANTS = (MIN_BIN_WIDTH, MIN_BIN_HEIGHT, MIN_DERIVATIVE, DERIVATIVE_SHIFT)  # as the Triton kernels take them
+
+
+MAX_BINS = 999  # bins with widths and heights >= 1e-3 each: below 1000 of them fill [-B, B]
+
+
+def check_num_bins(num_bins) -> int:
+    """`num_bins` as an int when splines can have that many bins (1 … MAX_BINS: with more, the minimum bin sizes
+    exceed the interval, widths turn negative and the spline is no bijection); else a ValueError."""
+    num_bins = positive_int(num_bins, "num_bins")
+    if num_bins > MAX_BINS:
+        raise ValueError(f"num_bins must be at most {MAX_BINS} (each bin is at least {MIN_BIN_WIDTH} of the interval), "
+                         f"got {num_bins}")
+    return num_bins
 
 
 def spline_param_count(num_bins: int) -> int:
@@ -244,7 +258,8 @@ def _setup_context(ctx, inputs, output):
     ctx.bound, ctx.inverse = bound, inverse
 
 
-def _backward(ctx, grad_outputs, grad_logabsdet):
+@first_order
+def _rq_spline_backward(ctx, grad_outputs, grad_logabsdet):
     x, params = ctx.saved_tensors
     grad_outputs = torch.zeros_like(x) if grad_outputs is None else grad_outputs
     grad_logabsdet = torch.zeros_like(x) if grad_logabsdet is None else grad_logabsdet
@@ -252,4 +267,4 @@ def _backward(ctx, grad_outputs, grad_logabsdet):
     return grad_x, grad_params, None, None
 
 
-_rq_spline_native.register_autograd(_backward, setup_context=_setup_context)
+_rq_spline_native.register_autograd(_rq_spline_backward, setup_context=_setup_context)

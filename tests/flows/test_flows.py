@@ -164,9 +164,21 @@ def test_bad_input_is_rejected():
         with pytest.raises(ValueError, match="must be a positive int"):
             FlowConfig(**options)
     assert type(FlowConfig(num_layers=np.int64(3)).num_layers) is int  # (saved configs are JSON)
+    assert type(FlowConfig(bound=np.float64(3.0)).bound) is float  # (a numpy bound made saved posteriors unloadable)
+    for make in (lambda: FlowConfig(num_bins=1000), lambda: SplineCoupling(2, num_bins=1000)):
+        with pytest.raises(ValueError, match="num_bins must be at most 999"):  # (negative widths: no bijection)
+            make()
     for bound in (0.0, math.nan, math.inf):  # a NaN bound made every spline the identity
         with pytest.raises(ValueError, match="bound must be a finite positive"):
             FlowConfig(bound=bound)
+
+
+def test_lu_linear_starts_as_the_identity():
+    """Its diagonal started at 1.001 (softplus(raw) = 1 plus the minimum 1e-3), not at the documented identity."""
+    x = torch.randn(5, 3)
+    z, ladj = LULinear(3)(x)
+    torch.testing.assert_close(z, x, rtol=1e-6, atol=0)
+    assert ladj.abs().max() < 1e-6
 
 
 @pytest.mark.parametrize("permutation", ["reverse", "random", "lu"])

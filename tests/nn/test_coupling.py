@@ -120,6 +120,14 @@ def test_second_derivatives_are_exact_or_refused(backend, monkeypatch):
     torch.testing.assert_close(hessian, by_differences, atol=1e-6, rtol=1e-6)
 
 
+def test_a_bare_native_spline_layer_refuses_second_derivatives_by_name():
+    """Without hidden layers only the native spline op is fused: its backward gave torch's "no autograd formula"."""
+    layer = SplineCoupling(2, depth=0, num_bins=4, backend="native").double()
+    x = torch.tensor([[0.3, -0.7]], dtype=torch.float64, requires_grad=True)
+    with pytest.raises(RuntimeError, match="first order only"):
+        torch.autograd.grad(layer(x)[1].sum(), x, create_graph=True)
+
+
 def test_triton_runs_read_permutations_loaded_later(monkeypatch):
     """A fused run keeps its column maps on the device: `load_state_dict` writes the permutations in place after the
     first call, and the run must use the new ones."""
