@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import asdict, dataclass
 from typing import Callable, Protocol
@@ -26,9 +27,11 @@ class Divergence(Protocol):
 
 def exact_divergence(velocity, t, x, *args):
     """Exact divergence by autograd: one vector-Jacobian product per dimension (D backward passes); zero where v
-    does not depend on x."""
+    does not depend on x. Under `torch.inference_mode` too (autograd is off there: a plain copy of x records)."""
     differentiable = torch.is_grad_enabled()
-    with torch.enable_grad():
+    with torch.inference_mode(False), torch.enable_grad():
+        if x.is_inference():
+            x = x.clone()  # (an inference tensor records no graph: the divergence came back 0)
         x_in = x if (differentiable and x.requires_grad) else x.detach().requires_grad_(True)
         v = velocity(t, x_in, *args)
         div = x.new_zeros(x.shape[0])
@@ -117,8 +120,11 @@ class CNF(nn.Module):
         return embedded.reshape(*context.shape[:-1], embedded.shape[-1])
 
     def _parameter(self) -> torch.Tensor:
-        """A parameter of the velocity field: the model's dtype and device."""
-        return next(self.velocity.parameters())
+        """A parameter (else a buffer) of the velocity field or the flow: the model's dtype and device; for a field
+        with neither (an analytic one), an empty tensor of the default dtype on the CPU."""
+        tensors = itertools.chain(self.velocity.parameters(), self.velocity.buffers(), self.parameters(), self.buffers())
+        first = next(tensors, None)
+        return torch.empty(0) if first is None else first
 
     def to_flow_space(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Apply `transforms` to `(n, D)` data: the flow-space points and their log|det J| `(n,)`."""

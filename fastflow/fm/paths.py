@@ -51,7 +51,12 @@ class Path:
         raise NotImplementedError
 
     def sample(self, t: torch.Tensor, x_0: torch.Tensor, x_1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x_t and the conditional velocity dx_t for t `(n,)`, x_0 and x_1 `(n, D)`; both `(n, D)`."""
+        """x_t and the conditional velocity dx_t for t `(n,)` (or a scalar: one time for all), x_0 and x_1 `(n, D)`;
+        both `(n, D)`."""
+        if x_0.dim() != 2 or x_1.shape != x_0.shape:
+            raise ValueError(f"x_0 and x_1 must both be (n, D), got {tuple(x_0.shape)} and {tuple(x_1.shape)}")
+        if t.dim() > 1 or (t.dim() == 1 and t.shape[0] != x_0.shape[0]):  # ((n, 1) times paired every row with every time)
+            raise ValueError(f"t must be ({x_0.shape[0]},) or a scalar for x of shape {tuple(x_0.shape)}, got {tuple(t.shape)}")
         c = self.coefficients(t.unsqueeze(-1))
         x_t = c.alpha_t * x_1 + c.sigma_t * x_0
         dx_t = c.d_alpha_t * x_1 + c.d_sigma_t * x_0

@@ -194,12 +194,14 @@ def _adaptive(f, tableau, x, t_0, t_1, args, rtol, atol, max_steps) -> OdeSoluti
     k_1 = _evaluate_first(f, t.to(x.dtype), x, args)
     if not torch.isfinite(k_1).all():
         raise RuntimeError(f"the velocity returned NaN or inf at t = {t_0}")
-    # Initial step (Hairer, Nørsett & Wanner, II.4): 1 % of ||x|| / ||f||, at most the whole span.
+    # Initial step (Hairer, Nørsett & Wanner, II.4): 1 % of ||x|| / ||f||, at most the whole span; 1e-6 of the span
+    # where x or f is about 0 (HNW's 1e-6 time units: below the underflow bound on spans over 1e6)
     with torch.no_grad():
         x_norm = x.to(norm_dtype)
         scale = atol + rtol * x_norm.abs()
         d_0, d_1 = _rms(x_norm / scale), _rms(k_1.to(norm_dtype) / scale)
-        h = torch.where((d_0 < 1e-5) | (d_1 < 1e-5), torch.full_like(d_0, 1e-6), 0.01 * d_0 / d_1).double().clamp(max=span)
+        h = torch.where((d_0 < 1e-5) | (d_1 < 1e-5), torch.full_like(d_0, 1e-6 * span), 0.01 * d_0 / d_1)
+        h = h.double().clamp(max=span)
     solution = OdeSolution(x, evaluations=1)
     active = torch.arange(n, device=x.device)
     for _ in range(max_steps):
@@ -230,7 +232,8 @@ def _adaptive(f, tableau, x, t_0, t_1, args, rtol, atol, max_steps) -> OdeSoluti
         t = t.index_copy(0, rows, torch.where(finished[accept], t_1, t_a[accept] + direction * step[accept]))
         factor = (0.9 * norm.double().clamp_min(1e-10) ** exponent).clamp(0.2, 10.0).nan_to_num(0.2)
         h[active] = step * factor
-        if not (h[active] >= 1e-12 * span).all():  # NaN fails too
+        # (rows that just finished are left out: their last step may be a tiny remainder)
+        if not (h[active][~finished] >= 1e-12 * span).all():  # NaN fails too
             raise RuntimeError("adaptive step size underflow: the ODE is too stiff or the velocity returned NaN")
         solution.accepted += int(accept.sum())
         solution.rejected += int((~accept).sum())

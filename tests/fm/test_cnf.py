@@ -31,6 +31,48 @@ def test_linear_flow_log_prob_is_exact(config):
     assert abs(cnf.sample(20_000).std().item() - math.exp(-0.5)) < 0.01
 
 
+def test_log_prob_under_inference_mode_keeps_the_divergence():
+    """Autograd records nothing under inference_mode: the exact divergence came back 0 (log q off by D·w = 1.5)."""
+    cnf = CNF(Linear(), 3)
+    x = torch.randn(5, 3, dtype=torch.float64)
+    expected = torch.distributions.Normal(0.0, math.exp(-0.5)).log_prob(x).sum(-1)
+    with torch.inference_mode():
+        torch.testing.assert_close(cnf.log_prob(x), expected, atol=1e-3, rtol=0)
+
+
+class _AnalyticField(torch.nn.Module):
+    """v(t, x) = -x · rate with the rate a buffer: a field without parameters."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("rate", torch.tensor(0.5, dtype=torch.float64))
+
+    def forward(self, t, x):
+        return -self.rate * x
+
+
+@pytest.mark.parametrize("field", [_AnalyticField(), lambda t, x: 0.5 * x])
+def test_a_field_without_parameters(field):
+    """The flow's dtype and device came from the field's first parameter: StopIteration without one."""
+    module = field if isinstance(field, torch.nn.Module) else _Lambda(field)
+    cnf = CNF(module, 2)
+    sign = -1.0 if isinstance(field, torch.nn.Module) else 1.0  # x_1 = e^{±0.5} x_0
+    dtype = torch.float64 if isinstance(field, torch.nn.Module) else torch.get_default_dtype()
+    x = torch.randn(4, 2, dtype=dtype)
+    expected = torch.distributions.Normal(0.0, math.exp(0.5 * sign)).log_prob(x).sum(-1)
+    torch.testing.assert_close(cnf.log_prob(x).detach(), expected, atol=1e-3, rtol=0)
+    assert cnf.sample(3).dtype == dtype
+
+
+class _Lambda(torch.nn.Module):
+    def __init__(self, function):
+        super().__init__()
+        self.function = function
+
+    def forward(self, t, x):
+        return self.function(t, x)
+
+
 def test_shapes_and_broadcasting():
     cnf = CNF(VelocityMLP(2, context_dim=3, hidden=(16,)), 2, context_dim=3, sampler=OdeConfig(method="euler", steps=3))
     assert cnf.sample(4, torch.randn(3)).shape == (4, 2)

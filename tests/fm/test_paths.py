@@ -82,6 +82,13 @@ def test_bad_input():
         sample_time(0)
     with pytest.raises(ValueError, match=r"\(n, D\)"):
         cfm_loss(lambda t, x: x, get_path("ot"), torch.randn(3))
+    path, x = get_path("ot"), torch.randn(4, 2)
+    for t in (torch.rand(4, 1), torch.rand(3)):  # ((4, 1) times gave (4, 4, 2): every row at every time)
+        with pytest.raises(ValueError, match=r"t must be \(4,\) or a scalar"):
+            path.sample(t, x, x)
+    with pytest.raises(ValueError, match="x_0 and x_1"):
+        path.sample(torch.rand(4), x, torch.randn(4, 3))
+    assert path.sample(torch.tensor(0.5), x, x)[0].shape == (4, 2)
     with pytest.raises(ValueError, match="activation"):
         VelocityMLP(2, activation="sigmoid")
     for options, message in ((dict(hidden=(32.0,)), "hidden width"), (dict(hidden=()), "hidden"),

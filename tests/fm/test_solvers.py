@@ -122,3 +122,18 @@ def test_dopri5_on_a_float16_state():
                       rtol=1e-3, atol=1e-3)
     assert solution.x.dtype == torch.float16
     torch.testing.assert_close(solution.x.float(), torch.full((4, 2), math.exp(-1.0)), atol=3e-3, rtol=0)
+
+
+def test_dopri5_ends_on_a_tiny_last_step():
+    """A solve whose last accepted step ended 5e-15 before t_1 took a 5e-15 remainder and raised "underflow"."""
+    x = torch.zeros(1, 1, dtype=torch.float64)
+    solution = odeint(lambda t, x: torch.zeros_like(x), x, [0.0, 0.111111 + 5e-15], method="dopri5")
+    assert torch.equal(solution.x, x)
+
+
+def test_dopri5_on_a_long_span_from_rest():
+    """From x = 0 the first step was 1e-6 time units, under the underflow bound 1e-12 · span for spans over 1e6:
+    dx/dt = 1e-8 (1 - x) over [0, 3e8] raised (torchdiffeq: 0.950212)."""
+    x = torch.zeros(2, 1, dtype=torch.float64)
+    solution = odeint(lambda t, x: 1e-8 * (1 - x), x, [0.0, 3e8], method="dopri5", rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(solution.x, torch.full_like(x, 1 - math.exp(-3.0)), atol=1e-5, rtol=0)
