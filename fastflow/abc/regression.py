@@ -107,18 +107,17 @@ class LLRegression:
         if np.count_nonzero(self.weights_) <= summaries.shape[1] + 1:
             raise ValueError(f"need more than {summaries.shape[1] + 1} samples with positive kernel weight, "
                              f"got {np.count_nonzero(self.weights_)}; accept more or widen the bandwidth")
-        # regress on standardized columns (conditioning), report coefficients per unit of s
-        unit = summaries.std(axis=0)
-        unit[unit == 0] = 1.0
-        per_unit = np.concatenate(([1.0], unit))[:, None]
         self.s_obs_, self._summaries = s_obs, summaries
         design = self._design(summaries)
+        # a summary constant where the kernel weighs (a discrete one, in one mode) gets slope 0, as R's lm drops an
+        # aliased column: least squares split the intercept between the two, in that summary's units
+        varies = np.concatenate(([True], ~_constant_columns(summaries[self.weights_ > 0])))
         transformed = self._forward(theta)
-        self.coef_ = _weighted_lstsq(design / per_unit.T, transformed, self.weights_) / per_unit
+        self.coef_ = _weighted_fit(design, transformed, self.weights_, varies)
         self._residuals = transformed - design @ self.coef_
         if self.heteroscedastic:
             log_squares = np.log(self._residuals**2 + np.finfo(np.float64).tiny)
-            self._log_var_coef = _weighted_lstsq(design / per_unit.T, log_squares, self.weights_) / per_unit
+            self._log_var_coef = _weighted_fit(design, log_squares, self.weights_, varies)
         return self
 
     def predict(self, s_obs=None) -> np.ndarray:
@@ -232,6 +231,23 @@ def _kinds(low: np.ndarray, high: np.ndarray) -> tuple[np.ndarray, np.ndarray, n
     """Masks of the coordinates bounded on both sides, below only, above only."""
     finite_low, finite_high = np.isfinite(low), np.isfinite(high)
     return finite_low & finite_high, finite_low & ~finite_high, ~finite_low & finite_high
+
+
+def _constant_columns(values: np.ndarray) -> np.ndarray:
+    """`(dim,)` True where a column of `(n, dim)` values is constant up to rounding (spread <= 1e-12 of its size)."""
+    spread = values.max(axis=0) - values.min(axis=0)
+    return spread <= 1e-12 * np.abs(values).max(axis=0)
+
+
+def _weighted_fit(design: np.ndarray, target: np.ndarray, weights: np.ndarray, varies: np.ndarray) -> np.ndarray:
+    """Coefficients `(1 + dim_s, dim_target)` of the weighted least-squares fit of target on the design's `varies`
+    columns (the others get 0), regressed on standardized columns (conditioning) and reported per unit of s."""
+    columns = design[:, varies]
+    per_unit = columns.std(axis=0)
+    per_unit[0] = 1.0  # the intercept's column of ones
+    coef = np.zeros((design.shape[1], target.shape[1]))
+    coef[varies] = _weighted_lstsq(columns / per_unit, target, weights) / per_unit[:, None]
+    return coef
 
 
 def _weighted_lstsq(design: np.ndarray, target: np.ndarray, weights: np.ndarray) -> np.ndarray:

@@ -28,6 +28,23 @@ def test_adjustment_removes_an_exact_linear_dependence():
     np.testing.assert_allclose(moved - adjusted, np.broadcast_to(regression.coef_[1], adjusted.shape), atol=1e-10)
 
 
+@pytest.mark.parametrize("unit", [0.1, 1.0, 10.0])
+@pytest.mark.parametrize("heteroscedastic", [False, True])
+def test_a_summary_constant_among_the_draws_gets_no_slope(unit, heteroscedastic):
+    """A summary equal to 3 · unit for every draw but observed at 2 · unit is aliased with the intercept: least
+    squares split the intercept between them, and the adjusted mean (0.50, -0.003 or 0.01 for units 1, 0.1, 10)
+    depended on that summary's units; it is the fit without the summary."""
+    rng = np.random.default_rng(0)
+    theta = rng.normal(1.0, 0.3, size=(2000, 1))
+    summaries = np.c_[theta[:, 0] + 0.1 * rng.normal(size=2000), np.full(2000, 3.0 * unit)]
+    s_obs = np.array([1.0, 2.0 * unit])
+    distances = np.abs(summaries[:, 0] - s_obs[0])
+    fitted = LLRegression(heteroscedastic=heteroscedastic).fit(theta, summaries, s_obs, distances)
+    without = LLRegression(heteroscedastic=heteroscedastic).fit(theta, summaries[:, :1], s_obs[:1], distances)
+    np.testing.assert_allclose(fitted.predict(), without.predict(), rtol=1e-9, atol=1e-12)
+    assert fitted.coef_[2] == 0.0
+
+
 def test_adjustment_improves_conjugate_moments_at_a_coarse_tolerance():
     result = rejection(simulate, PRIOR, X_OBS, 40_000, quantile=0.2, chunk_size=20_000, seed=4)
     mean, var = posterior_moments(X_OBS)
