@@ -124,12 +124,8 @@ def fit(
             running += loss.detach() * index.numel()
         history.train_loss.append(float(running) / train_count)
         if not math.isfinite(history.train_loss[-1]):
-            if best_state is None:
-                raise RuntimeError(f"the training loss is {history.train_loss[-1]} at epoch {epoch}: lower the learning "
-                                   "rate (or clip gradients), or check the data")
-            warnings.warn(f"the training loss became {history.train_loss[-1]} at epoch {epoch}: stopped, keeping the "
-                          f"weights of epoch {history.best_epoch}", RuntimeWarning, stacklevel=2)
-            history.stopped_early = True
+            _stop_at_nonfinite("training", history.train_loss[-1], epoch, history, best_state,
+                               "lower the learning rate (or clip gradients), or check the data")
             break
 
         if validation_index.numel() == 0:  # the last finite weights are kept (a later NaN epoch restores them)
@@ -138,6 +134,10 @@ def fit(
         validation_loss = evaluate(model, loss_fn, validation_data, batch_size=max(batch_size, 4096))
         history.validation_loss.append(validation_loss)
         bar.set_postfix(train=f"{history.train_loss[-1]:.3f}", val=f"{validation_loss:.3f}")
+        if not math.isfinite(validation_loss):  # (it ran out the patience without a word, keeping the last weights)
+            _stop_at_nonfinite("validation", validation_loss, epoch, history, best_state,
+                               "check the data for rows the model gives no finite loss (NaN or inf)")
+            break
         if validation_loss < best_loss:
             best_loss, stale, history.best_epoch = validation_loss, 0, epoch
             best_state = _snapshot(model, best_state)
@@ -152,6 +152,16 @@ def fit(
     model.eval()
     history.seconds = time.perf_counter() - start
     return history
+
+
+def _stop_at_nonfinite(kind: str, loss: float, epoch: int, history: History, kept: dict | None, advice: str) -> None:
+    """A NaN/inf `kind` loss at `epoch`: raise where no weights are kept yet, else warn that training stops with the
+    kept weights (those of `history.best_epoch`)."""
+    if kept is None:
+        raise RuntimeError(f"the {kind} loss is {loss} at epoch {epoch}: {advice}")
+    warnings.warn(f"the {kind} loss became {loss} at epoch {epoch}: stopped, keeping the weights of epoch "
+                  f"{history.best_epoch}", RuntimeWarning, stacklevel=3)
+    history.stopped_early = True
 
 
 @torch.no_grad()

@@ -19,6 +19,27 @@ def test_a_loss_that_is_nan_from_the_start_raises():
         fit(model, lambda m, x, y: (m(x) - y).square().mean() * math.nan, _data(), max_epochs=3, progress=False)
 
 
+def test_a_validation_loss_that_is_not_finite_stops_clearly():
+    """A NaN validation loss ran out the patience without a word (best_epoch -1, the last weights kept): it raises
+    at the first epoch, and later stops with a warning, keeping the best weights."""
+    model = torch.nn.Linear(2, 1)
+    with pytest.raises(RuntimeError, match="validation loss is nan at epoch 0"):
+        fit(model, lambda m, x, y: (m(x) - y).square().mean() * (math.nan if not m.training else 1.0), _data(),
+            max_epochs=3, progress=False)
+    evaluations = [0]
+
+    def loss(m, x, y):
+        value = (m(x) - y).square().mean()
+        if not m.training:
+            evaluations[0] += 1
+            return value * math.inf if evaluations[0] > 4 else value
+        return value
+
+    with pytest.warns(RuntimeWarning, match="validation loss became inf at epoch 4: stopped, keeping the weights of epoch 3"):
+        history = fit(model, loss, _data(), max_epochs=20, learning_rate=1e-2, validation_fraction=0.25, progress=False)
+    assert history.stopped_early and history.best_epoch == 3 and history.epochs == 5
+
+
 @pytest.mark.parametrize("validation_fraction", [0.1, 0.0])
 def test_a_loss_that_turns_nan_keeps_the_best_weights(validation_fraction):
     """With a validation split the best weights; without one (FMPE's default) the last finite ones (it raised,
