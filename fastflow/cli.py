@@ -16,10 +16,10 @@ __all__ = ["main"]
 def _demo(args: argparse.Namespace) -> int:
     from fastflow.inference.methods import train_npe
     from fastflow.metrics import c2st
-    from fastflow.plot import corner
+    from fastflow.plot import corner, image_path
     from fastflow.tasks import get_task
 
-    _check_output(args.out, "--out")
+    _check_output(image_path(args.out), "--out")
     task = get_task("two_moons")
     x_obs = task.observation(args.observation)
     start = time.perf_counter()
@@ -67,9 +67,11 @@ def _posterior(args: argparse.Namespace) -> int:
 
 
 def _check_output(path: Path, flag: str) -> None:
-    """Fail before any work when `path` cannot be written (its folder is missing), not after it."""
+    """Fail before any work when `path` cannot be written (its folder is missing, or it is a folder), not after it."""
     if not path.parent.is_dir():
         raise ValueError(f"{flag} {path}: the folder {path.parent} does not exist")
+    if path.is_dir():
+        raise ValueError(f"{flag} {path}: a folder, not a file")
 
 
 def _bench(args: argparse.Namespace) -> int:

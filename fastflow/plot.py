@@ -6,11 +6,26 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["corner"]
+__all__ = ["corner", "image_path"]
+
+
+def image_path(path: str | Path) -> Path:
+    """The file `corner` writes for `path`: a PNG where it has no suffix (as matplotlib names it); a ValueError for a
+    suffix matplotlib cannot write, before any plotting."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    path = Path(path)
+    if not path.suffix:
+        return path.with_name(path.name + ".png")
+    formats = FigureCanvasAgg.get_supported_filetypes()
+    if path.suffix[1:].lower() not in formats:
+        raise ValueError(f"{path}: matplotlib writes no {path.suffix} images; use one of {', '.join(sorted(formats))}")
+    return path
 
 
 def corner(samples: dict[str, torch.Tensor], path: str | Path, *, labels: list[str] | None = None, bins: int = 60) -> Path:
-    """Write a corner plot of several `(n, D)` sample sets (name → samples) to a PNG at `path`.
+    """Write a corner plot of several `(n, D)` sample sets (name → samples) to `image_path(path)` (a PNG unless its
+    suffix names another format), and return that path.
 
     Diagonal: marginal histograms; below it: 2-D density contours of every pair.
     """
@@ -19,6 +34,7 @@ def corner(samples: dict[str, torch.Tensor], path: str | Path, *, labels: list[s
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    path = image_path(path)
     if not samples:
         raise ValueError("corner needs at least one sample set")
     sets = {name: torch.as_tensor(s).detach().cpu().double() for name, s in samples.items()}
@@ -59,7 +75,6 @@ def corner(samples: dict[str, torch.Tensor], path: str | Path, *, labels: list[s
                 axis.set_ylabel(labels[row])
     axes[0][0].legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.05, 1.0) if dim > 1 else None)
     figure.tight_layout()
-    path = Path(path)
     figure.savefig(path, dpi=110)
     plt.close(figure)
     return path

@@ -20,10 +20,12 @@ def test_posterior_command_writes_samples(tmp_path, capsys):
 
 
 def test_demo_reports_c2st_time_and_writes_plot(tmp_path, capsys):
+    """Without a suffix matplotlib writes demo.png: the demo reported "demo", a file it did not write."""
     plot = tmp_path / "demo.png"
-    assert main(["demo", "--sims", "1000", "--num-samples", "500", "--out", str(plot), "--quiet"]) == 0
+    assert main(["demo", "--sims", "1000", "--num-samples", "500", "--out", str(tmp_path / "demo"), "--quiet"]) == 0
     out = capsys.readouterr().out
     assert "C2ST against the reference posterior" in out and "wall time" in out
+    assert f"corner plot: {plot}\n" in out
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -66,6 +68,15 @@ def test_files_are_checked_before_any_work(tmp_path, capsys):
         assert message in capsys.readouterr().err
     assert main(["demo", "--out", str(tmp_path / "no" / "demo.png")]) == 2
     assert "does not exist" in capsys.readouterr().err
+    # an existing folder, or a suffix matplotlib cannot write, failed after all the work
+    folder = tmp_path / "folder.npy"
+    folder.mkdir()
+    assert main(["posterior", "two_moons", "--sims", "10", "--x-obs", str(x_path), "--out", str(folder)]) == 2
+    assert "a folder, not a file" in capsys.readouterr().err
+    assert main(["bench", "--device", "cpu", "--out", str(folder)]) == 2
+    assert "a folder, not a file" in capsys.readouterr().err
+    assert main(["demo", "--out", str(tmp_path / "demo.txt")]) == 2
+    assert "matplotlib writes no .txt images" in capsys.readouterr().err
 
 
 def test_the_output_name_reported_is_the_file_written(tmp_path, capsys):
