@@ -62,8 +62,8 @@ def stub_triton_kernels(assign=setattr) -> None:
 def _cases(dim: int, rows: int):
     """(transform, implementation, log_prob(), training()) for fastflow's reference and Triton backends (`-fp32`: the
     Triton backend as on CUDA with fp32 products, its conditioners in torch) and zuko (the coupling benchmark's
-    flows: 5 layers, width 128, SiLU conditioners); call them before taking the next case (the dispatch of the
-    implementation holds until then)."""
+    baselines: 5 layers, width 128, SiLU conditioners; its coupling spline flow for splines); call them before
+    taking the next case (the dispatch of the implementation holds until then)."""
     from fastflow import benchmarks
     from fastflow.flows import FlowConfig
     from fastflow.nn import CouplingFlow
@@ -75,7 +75,8 @@ def _cases(dim: int, rows: int):
         flows = {f"fastflow-{backend}": CouplingFlow(dim, config=config, backend=backend) for backend in ("reference", "triton")}
         flows["fastflow-triton-fp32"] = flows["fastflow-triton"]  # as on CUDA with fp32 products: conditioner in torch
         try:
-            flows["zuko"] = benchmarks._ZukoAdapter(benchmarks._zuko_flow(transform, dim, torch.nn.SiLU))
+            kind = "coupling-spline" if transform == "spline" else transform  # zuko's flow of the same architecture
+            flows["zuko"] = benchmarks._ZukoAdapter(benchmarks._zuko_flow(kind, dim, torch.nn.SiLU))
         except ImportError:  # zuko (the `bench` extra) not installed: fastflow's rows only
             pass
         for name, flow in flows.items():

@@ -53,8 +53,24 @@ def test_zuko_coupling_spline_baseline_has_fastflows_parameters():
         zuko_flow = benchmarks._zuko_flow("coupling-spline", dim, torch.nn.SiLU)
         ours = CouplingFlow(dim, config=FlowConfig(transform="spline", num_layers=5, hidden=128, num_bins=8))
         assert sum(p.numel() for p in zuko_flow.parameters()) == sum(p.numel() for p in ours.parameters())
-    names = {name for case in benchmarks.cases("cpu", quick=True, families=["coupling"]) for name in case.implementations}
+    coupling_cases = benchmarks.cases("cpu", quick=True, families=["coupling"])
+    names = {name for case in coupling_cases for name in case.implementations}
     assert {"zuko-nsf", "zuko-coupling-nsf", "zuko-realnvp"} <= names
+    # the ratios' baselines are the same-architecture flows (zuko's NSF, with more parameters, was the spline one)
+    assert {case.name.split()[0]: case.baseline for case in coupling_cases} == {"spline": "zuko-coupling-nsf",
+                                                                              "affine": "zuko-realnvp"}
+
+
+def test_ratios_are_against_the_faster_baseline_run(monkeypatch):
+    """On CUDA a baseline runs with fp32 and TF32 products: ratios are against whichever was faster (they were
+    against the fp32 run, which flattered the TF32 rows, or noise that made zuko's TF32 run the slower one)."""
+    seconds = {"zuko": 0.03, "zuko-tf32": 0.01, "fastflow": 0.005}  # (timings stubbed: each call "takes" these)
+    case = benchmarks.Case("toy", "toy case", "zuko", {name: lambda s=s: s for name, s in seconds.items()})
+    monkeypatch.setitem(benchmarks._FAMILIES, "toy", lambda device, quick: [case])
+    monkeypatch.setattr(benchmarks, "time_call", lambda fn, **options: fn())
+    results = {r.implementation: r for r in benchmarks.run("cpu", repeats=1, families=["toy"])}
+    assert {r.baseline for r in results.values()} == {"zuko-tf32"}
+    assert [results[name].ratio for name in seconds] == pytest.approx([1 / 3, 1.0, 2.0])
 
 
 def test_bench_command_writes_json(tmp_path, capsys):
