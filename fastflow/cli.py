@@ -1,4 +1,5 @@
-"""The `fastflow` command: `demo` (the default job) and `posterior` (samples for one observation)."""
+"""The `fastflow` command: `demo` (NPE on two_moons end to end), `posterior` (samples for one observation) and
+`bench` (the speed table for this device)."""
 
 from __future__ import annotations
 

@@ -99,14 +99,15 @@ def mlp_odeint(velocity: VelocityMLP, x: torch.Tensor, times, method: str = "rk4
     grid = _check_times(times)
     if not torch.isfinite(x).all():
         raise ValueError("the initial state contains NaN or inf")
+    resolved_precision = triton_precision(precision, x.device)  # (checked on every path: a bad one passed under autograd)
     reason = fused_unsupported(velocity, x, method, context)
     if requested_backend(backend) == "triton" and reason is not None:  # named here or by FASTFLOW_BACKEND
         raise ValueError(f"the fused Triton ODE kernel cannot run this: {reason}; use backend='reference' (odeint) instead")
-    if is_automatic(backend) and reason is None and triton_precision(precision, x.device) not in AUTO_TRITON_PRECISIONS:
+    if is_automatic(backend) and reason is None and resolved_precision not in AUTO_TRITON_PRECISIONS:
         reason = "fp32 products: the reference is faster (automatic choice only)"
     chosen = resolve_backend(backend, x.device, supports=("reference",) if reason else ("reference", "triton"))
     if chosen == "triton":
-        return _fused(velocity, x, grid, method, context, precision, launch or {})
+        return _fused(velocity, x, grid, method, context, resolved_precision, launch or {})
     if context is not None and context.dim() == 1:
         context = context.expand(x.shape[0], -1)
     return odeint(velocity, x, times, method=method, args=() if context is None else (context,))

@@ -165,6 +165,8 @@ def test_unsupported_activation_and_grad_raise():
         mlp_odeint(trainable, x, GRIDS["forward"], "rk4", backend="triton")
     with torch.no_grad():
         mlp_odeint(trainable, x, GRIDS["forward"], "euler", backend="triton")
+    with pytest.raises(ValueError, match="precision must be one of"):  # (under autograd a bad one passed unchecked)
+        mlp_odeint(trainable, x, GRIDS["forward"], "rk4", precision="bogus")
     assert fused_unsupported(torch.nn.Linear(2, 2), x, "rk4") is not None
 
 
