@@ -20,8 +20,8 @@ import torch
 
 from fastflow._checks import positive_int
 
-__all__ = ["BACKENDS", "BackendStatus", "backends", "native_module", "resolve_backend", "set_num_threads", "triton_precision",
-           "is_automatic", "requested_backend", "triton_device", "AUTO_TRITON_PRECISIONS"]
+__all__ = ["BACKENDS", "BackendStatus", "backends", "device_key", "native_module", "resolve_backend", "set_num_threads",
+           "triton_precision", "is_automatic", "requested_backend", "triton_device", "AUTO_TRITON_PRECISIONS"]
 
 BACKENDS = ("reference", "triton", "native")
 _INSTALL_HINT = "reinstall fastflow with `pip install .` (or `make install`) so that the C++ extension is built"
@@ -153,6 +153,13 @@ def triton_precision(precision: str | None, device: torch.device | str) -> str:
     if precision not in TRITON_PRECISIONS:
         raise ValueError(f"precision must be one of {TRITON_PRECISIONS}, got {precision!r}")
     return precision
+
+
+def device_key(tensor: torch.Tensor) -> int | str:
+    """What tells `tensor`'s device apart, cheaply on the hot path: the CUDA index, else the device type ("cpu",
+    "meta", ...; `get_device()` is -1 for all of those)."""
+    index = tensor.get_device()
+    return index if index >= 0 else tensor.device.type
 
 
 def triton_device(device: torch.device | str) -> bool:

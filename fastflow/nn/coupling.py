@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 
 from fastflow._checks import nonnegative_int, positive_finite, positive_int
-from fastflow.backends import triton_device
+from fastflow.backends import device_key, triton_device
 from fastflow.flows.transforms import Transform
 from fastflow.ops.coupling import affine_coupling, spline_coupling
 from fastflow.ops.coupling_flow import CouplingRun, read_parameters
@@ -162,8 +162,8 @@ class _Coupling(Transform):
         if x.dtype != weight.dtype:
             raise ValueError(f"{name}: x is {x.dtype} but the layer's parameters are {weight.dtype} "
                              "(convert one with .to())")
-        device = weight.get_device()
-        if x.get_device() != device:
+        device = device_key(weight)
+        if device_key(x) != device:
             raise ValueError(f"{name}: x is on {x.device} but the layer's parameters on {weight.device}")
         rows_2d = x.dim() == 2
         rows = x if rows_2d else x.reshape(-1, self.dim)
@@ -174,7 +174,7 @@ class _Coupling(Transform):
                 context.shape[0] != x.shape[0] if rows_2d else context.shape[:-1] != x.shape[:-1]):
             raise ValueError(f"{name}: context must be (*, {self.context_dim}) with x's batch shape "
                              f"{tuple(x.shape[:-1])}, got {tuple(context.shape)}")
-        if context.get_device() != device:
+        if device_key(context) != device:
             raise ValueError(f"{name}: context is on {context.device} but the layer's parameters on {weight.device}")
         if not rows_2d:
             context = context.reshape(-1, self.context_dim)

@@ -24,7 +24,7 @@ from typing import Callable, Iterator, NamedTuple
 import torch
 import torch.nn.functional as F
 
-from fastflow.backends import resolve_backend, triton_device, triton_precision
+from fastflow.backends import device_key, resolve_backend, triton_device, triton_precision
 from fastflow.ops.autograd import first_order
 from fastflow.ops.linear import BLOCK_ROWS, linear_silu, linear_silu_into
 from fastflow.ops.spline import SPLINE_CONSTANTS, native_takes, rq_spline, rq_spline_rows_native_into
@@ -270,7 +270,7 @@ def _check(kept, context, changed, weights, layers: int) -> tuple[str | None, se
     `layers` conditioners of two hidden layers, six tensors each in `weights`), their dtypes, and the tensors; mixed
     devices raise. (Two cheap passes over the tensors: a run of layers checks ~30 per call.)"""
     tensors = [kept, changed, *weights] + ([] if context is None else [context])
-    if len({t.get_device() for t in tensors}) != 1:  # (the device index, -1 on CPU: cheaper than t.device)
+    if len({device_key(t) for t in tensors}) != 1:
         raise ValueError("coupling: inputs and weights must be on one device")
     dtypes = {t.dtype for t in tensors}
     if len(weights) != 6 * layers:

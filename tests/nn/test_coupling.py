@@ -319,6 +319,24 @@ def test_a_training_loss_compiles_into_one_graph(transform, backend):
         torch.testing.assert_close(g, g_eager)
 
 
+@pytest.mark.parametrize("backend", [None, "reference", "native"])
+@pytest.mark.parametrize("layer_type", [AffineCoupling, SplineCoupling])
+def test_layers_refuse_inputs_on_another_non_cuda_device(layer_type, backend):
+    """The device check compared get_device(), -1 for CPU and meta alike: a meta x or context passed it and failed
+    in torch, or blamed the backend."""
+    from fastflow.ops.coupling import affine_coupling
+
+    layer = layer_type(5, 3, hidden=16, backend=backend)
+    x, context = torch.randn(7, 5), torch.randn(7, 3)
+    with pytest.raises(ValueError, match="x is on meta but the layer's parameters on cpu"):
+        layer(x.to("meta"), context)
+    with pytest.raises(ValueError, match="context is on meta but the layer's parameters on cpu"):
+        layer(x, context.to("meta"))
+    weights = [p.detach() for p in AffineCoupling(4, 3, hidden=8).conditioner.parameters()]
+    with pytest.raises(ValueError, match="inputs and weights must be on one device"):
+        affine_coupling(x[:, :2], context.to("meta"), x[:, 2:4], weights, scale_bound=3.0, inverse=False, backend=backend)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("layer_type", [AffineCoupling, SplineCoupling])
 def test_layers_refuse_inputs_on_another_device(layer_type):
