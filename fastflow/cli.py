@@ -1,5 +1,5 @@
-"""The `fastflow` command: `demo` (NPE on two_moons end to end), `posterior` (samples for one observation) and
-`bench` (the speed table for this device)."""
+"""The `fastflow` command: `demo` (the default job: NPE on two_moons end to end), `posterior` (samples for one
+observation) and `bench` (the speed table for this device)."""
 
 from __future__ import annotations
 
@@ -169,7 +169,8 @@ def _add_threads(command: argparse.ArgumentParser) -> None:
 def main(argv: list[str] | None = None) -> int:
     from fastflow.backends import set_num_threads
 
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser().parse_args(argv or ["demo"])  # (no command: the demo, the default job)
     set_num_threads(args.threads)
     try:
         return args.run(args)

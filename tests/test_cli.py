@@ -45,6 +45,15 @@ def test_posterior_command_rejects_bad_input(tmp_path, capsys, x_obs, task, mess
     assert message in capsys.readouterr().err
 
 
+def test_no_command_runs_the_demo(monkeypatch):
+    """`fastflow` alone is the demo (the default job); it exited 2 asking for a command."""
+    from fastflow import cli
+
+    ran = []
+    monkeypatch.setattr(cli, "_demo", lambda args: ran.append(args.sims) or 0)
+    assert main([]) == 0 and ran == [10_000]
+
+
 def test_unknown_method_and_non_positive_counts_are_refused(tmp_path):
     with pytest.raises(SystemExit):
         main(["posterior", "two_moons", "--method", "magic", "--sims", "10", "--x-obs", "x.npy", "--out", "o.npy"])
