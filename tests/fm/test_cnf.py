@@ -38,6 +38,12 @@ def test_log_prob_under_inference_mode_keeps_the_divergence():
     expected = torch.distributions.Normal(0.0, math.exp(-0.5)).log_prob(x).sum(-1)
     with torch.inference_mode():
         torch.testing.assert_close(cnf.log_prob(x), expected, atol=1e-3, rtol=0)
+    conditional = CNF(VelocityMLP(2, hidden=(16,), context_dim=3), 2, context_dim=3)  # (the context an inference tensor too)
+    x, context = torch.randn(4, 2), torch.randn(3)
+    with torch.no_grad():
+        expected = conditional.log_prob(x, context)
+    with torch.inference_mode():
+        torch.testing.assert_close(conditional.log_prob(x, context), expected)
 
 
 class _AnalyticField(torch.nn.Module):
