@@ -8,6 +8,12 @@
 
 #include <cstdint>
 
+namespace fastflow {
+// The OpenMP thread count of every kernel's parallel regions, whichever Python thread calls the kernel
+// (`set_num_threads`; omp_set_num_threads alone sets it for the calling thread only). Defined in module.cpp.
+int kernel_threads();
+}  // namespace fastflow
+
 namespace fastflow_spline {
 
 // Entry points, one set per instruction set: out/ladj `(n,)` from x `(n,)` and params `(n, 3K-1)`;

@@ -21,7 +21,10 @@ def build_info() -> BuildInfo:
     """How this module was built: OpenMP, its maximum thread count, compiler, fastflow version."""
 
 def set_num_threads(n: int) -> None:
-    """Set the OpenMP thread count of the kernels (n >= 1)."""
+    """Set the OpenMP thread count of the kernels (n >= 1), for calls from every thread."""
+
+def kernel_region_threads() -> int:
+    """The threads of a kernel's parallel region started from the calling thread (1 without OpenMP)."""
 
 def rq_spline_forward(
     x: npt.NDArray[_Float],

@@ -164,6 +164,26 @@ def test_set_num_threads_sets_torch_and_openmp():
             set_num_threads(bad)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_the_kernels_thread_count_holds_in_every_thread(threads):
+    """omp_set_num_threads set the count for the calling thread only: kernels called from another Python thread
+    (a DataLoader worker, a thread pool) ran on every core after set_num_threads(1)."""
+    import threading
+
+    if not fastflow._C.build_info()["openmp"]:
+        pytest.skip("built without OpenMP")
+    before = torch.get_num_threads()
+    seen = []
+    try:
+        set_num_threads(threads)
+        worker = threading.Thread(target=lambda: seen.append(fastflow._C.kernel_region_threads()))
+        worker.start()
+        worker.join()
+        assert seen == [threads] and fastflow._C.kernel_region_threads() == threads
+    finally:
+        set_num_threads(before)
+
+
 def test_cuda_module_when_built():
     cuda = pytest.importorskip("fastflow._C_cuda", reason="built without a CUDA compiler")
     count = cuda.cuda_device_count()
