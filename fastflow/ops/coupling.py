@@ -268,11 +268,13 @@ def _spline_coupling_blocked(kept, context, changed, weights, *, num_bins: int, 
 def _check(kept, context, changed, weights, layers: int) -> tuple[str | None, set[torch.dtype], list[torch.Tensor]]:
     """Why the fused Triton kernels cannot take these tensors (None when they can: float32 on a Triton device,
     `layers` conditioners of two hidden layers, six tensors each in `weights`), their dtypes, and the tensors; mixed
-    devices raise. (Two cheap passes over the tensors: a run of layers checks ~30 per call.)"""
+    devices or dtypes raise. (Two cheap passes over the tensors: a run of layers checks ~30 per call.)"""
     tensors = [kept, changed, *weights] + ([] if context is None else [context])
     if len({device_key(t) for t in tensors}) != 1:
         raise ValueError("coupling: inputs and weights must be on one device")
     dtypes = {t.dtype for t in tensors}
+    if len(dtypes) != 1:  # (the native path failed inside pybind11, the affine reference promoted silently)
+        raise ValueError(f"coupling: inputs and weights must share one dtype, got {sorted(map(str, dtypes))}")
     if len(weights) != 6 * layers:
         unfusable = "the Triton kernels take conditioners of two hidden layers (depth=2)"
     elif dtypes != {torch.float32}:

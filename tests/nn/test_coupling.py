@@ -321,9 +321,9 @@ def test_a_training_loss_compiles_into_one_graph(transform, backend):
 
 @pytest.mark.parametrize("backend", [None, "reference", "native"])
 @pytest.mark.parametrize("layer_type", [AffineCoupling, SplineCoupling])
-def test_layers_refuse_inputs_on_another_non_cuda_device(layer_type, backend):
+def test_inputs_on_another_non_cuda_device_or_of_mixed_dtypes_are_refused(layer_type, backend):
     """The device check compared get_device(), -1 for CPU and meta alike: a meta x or context passed it and failed
-    in torch, or blamed the backend."""
+    in torch, or blamed the backend; the functional op took mixed dtypes to pybind11 (native) or promoted them."""
     from fastflow.ops.coupling import affine_coupling
 
     layer = layer_type(5, 3, hidden=16, backend=backend)
@@ -335,6 +335,8 @@ def test_layers_refuse_inputs_on_another_non_cuda_device(layer_type, backend):
     weights = [p.detach() for p in AffineCoupling(4, 3, hidden=8).conditioner.parameters()]
     with pytest.raises(ValueError, match="inputs and weights must be on one device"):
         affine_coupling(x[:, :2], context.to("meta"), x[:, 2:4], weights, scale_bound=3.0, inverse=False, backend=backend)
+    with pytest.raises(ValueError, match="inputs and weights must share one dtype"):  # (pybind11's TypeError on native)
+        affine_coupling(x[:, :2], context, x[:, 2:4].double(), weights, scale_bound=3.0, inverse=False, backend=backend)
 
 
 @pytest.mark.gpu
