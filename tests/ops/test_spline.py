@@ -164,6 +164,26 @@ def test_every_instruction_set_of_the_blocked_kernels_matches_the_reference(dtyp
             _assert_as_accurate(value, expected, reference, f"{isa} {name}")
 
 
+@pytest.mark.parametrize("dtype, raw", [(torch.float32, 1e20), (torch.float32, 1e30), (torch.float64, 1e160)])
+def test_log_determinants_of_huge_derivatives_stay_right(dtype, raw):
+    """The kernels took log(s²G/den²): den² overflowed (raw derivatives from ~5e19 in float32) and the log of the 0
+    ratio came out finite (-88.03 float32, -709.09 float64) where the log-det is -43.2 (float32, 1e20). (Forward
+    only: with such derivatives the inverse's quadratic root is degenerate in the float64 reference too.)"""
+    from fastflow import _C
+    from fastflow.ops.spline import DERIVATIVE_SHIFT
+
+    num_bins = 5
+    params = torch.randn(4, 3 * num_bins - 1, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    params[:, 2 * num_bins:] = raw
+    x = torch.tensor([0.3, -0.7, 1.1, -1.9], dtype=torch.float64)
+    expected = rq_spline_ref(x, params, bound=2.0)[1]
+    for isa in _isas():
+        out, ladj = torch.empty_like(x, dtype=dtype), torch.empty_like(x, dtype=dtype)
+        _C.rq_spline_forward(x.to(dtype).numpy(), params.to(dtype).numpy(), out.numpy(), ladj.numpy(), 2.0, False,
+                             DERIVATIVE_SHIFT, isa)
+        torch.testing.assert_close(ladj.double(), expected, rtol=1e-5, atol=0, msg=isa)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("inverse", [False, True])
 @pytest.mark.parametrize("rows, count, num_bins, padding", [(131, 4, 8, 4), (70, 1, 3, 3), (33, 5, 13, 0), (9, 16, 8, 8)])
