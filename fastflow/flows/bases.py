@@ -37,14 +37,17 @@ class GaussianMixture(nn.Module):
     drawn components (the weights get no gradient through it; they learn through `log_prob`).
 
     Arguments:
-        dim: dimension; num_components: K; spread: standard deviation of the initial means.
-        seed: seed of the initial means.
+        dim: dimension; num_components: K; seed: seed of the initial means.
+        spread: standard deviation of the initial means; None: √(2/dim), at most 1, so that they start about 2
+            apart in any dimension (with spread 1 they started √(2·dim) apart: in 10-D a unimodal posterior was
+            split over far-apart components, KL(p‖q) 0.41 against 0.22 on gaussian_linear at 10^4 simulations).
     """
 
-    def __init__(self, dim: int, num_components: int, *, spread: float = 1.0, seed: int = 0):
+    def __init__(self, dim: int, num_components: int, *, spread: float | None = None, seed: int = 0):
         super().__init__()
         if num_components < 1:
             raise ValueError(f"num_components must be >= 1, got {num_components}")
+        spread = min(1.0, math.sqrt(2.0 / dim)) if spread is None else spread
         generator = torch.Generator().manual_seed(seed)
         self.dim, self.num_components = dim, num_components
         self.logits = nn.Parameter(torch.zeros(num_components))

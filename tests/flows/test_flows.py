@@ -144,6 +144,15 @@ def test_gaussian_mixture_base_moments():
     assert abs(_grid_mass(base.log_prob) - 1.0) < 1e-3
 
 
+@pytest.mark.parametrize("dim", [2, 10, 50])
+def test_gaussian_mixture_means_start_about_two_apart_in_any_dimension(dim):
+    """With spread 1 the initial means were √(2·dim) apart on average (4.5 in 10-D): a unimodal posterior was split
+    over far-apart components. Their mean squared distance is 2·dim·spread² = 4 now (spread √(2/dim), at most 1)."""
+    means = GaussianMixture(dim, 400).means.detach()
+    squared = torch.cdist(means, means).square()
+    assert 3.5 < float(squared.sum() / (400 * 399)) < 4.5
+
+
 def test_bad_input_is_rejected():
     flow = build_flow(FlowConfig(num_layers=2), 2, 3)
     with pytest.raises(ValueError, match="last dimension"):

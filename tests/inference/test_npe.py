@@ -40,6 +40,24 @@ def test_gaussian_linear_moments_match_analytic(linear_posterior):
     assert_moments_match_analytic(*linear_posterior)
 
 
+def test_default_npe_fits_the_ten_dimensional_gaussian_posterior():
+    """NPE's defaults (its spline flow over a 2-component mixture base) on gaussian_linear at 10^4 simulations:
+    KL(p‖q) against the analytic posterior, by its own samples, over observations 1-3. The mixture's means started
+    4.5 apart in 10-D, splitting the unimodal posterior: 0.41 (a smaller flow without mixture: 0.30); 0.22 now."""
+    task = get_task("gaussian_linear")
+    sims = simulate(task.simulate, task.prior, 10_000, seed=0)
+    posterior = NPE(task.prior, progress=False).fit(sims.theta, sims.x)
+    divergences = []
+    for i in (1, 2, 3):
+        x_obs = task.observation(i)
+        mean, covariance = task.reference_posterior_moments(x_obs)
+        exact = torch.distributions.MultivariateNormal(mean, covariance)
+        torch.manual_seed(i)
+        theta = exact.sample((10_000,))  # (Monte Carlo sd of each estimate ~0.01)
+        divergences.append(float((exact.log_prob(theta) - posterior.log_prob(theta.float(), x_obs).double()).mean()))
+    assert sum(divergences) / 3 < 0.32, divergences
+
+
 def test_map_is_near_the_analytic_mode(linear_posterior):
     task, posterior = linear_posterior
     x_obs = torch.stack([task.observation(1), task.observation(2)])
