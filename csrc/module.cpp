@@ -19,19 +19,6 @@ namespace {
 
 std::atomic<int> g_kernel_threads{0};  // 0: not set, OpenMP's default
 
-}  // namespace
-
-int fastflow::kernel_threads() {
-  const int n = g_kernel_threads.load(std::memory_order_relaxed);
-#ifdef _OPENMP
-  return n > 0 ? n : omp_get_max_threads();
-#else
-  return n > 0 ? n : 1;
-#endif
-}
-
-namespace {
-
 py::dict build_info() {
   py::dict info;
 #ifdef _OPENMP
@@ -70,6 +57,15 @@ int kernel_region_threads() {
 }
 
 }  // namespace
+
+int fastflow::kernel_threads() {
+  const int n = g_kernel_threads.load(std::memory_order_relaxed);
+#ifdef _OPENMP
+  return n > 0 ? n : omp_get_max_threads();
+#else
+  return n > 0 ? n : 1;
+#endif
+}
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "fastflow C++/OpenMP kernels";
