@@ -1,13 +1,14 @@
-"""FMPE on two_moons at 10^4 simulations: fastflow against sbi's FMPE (defaults) on the same simulations;
-training time, time to draw 10^4 posterior samples, and C2ST against the package's reference over
-observations 1..FASTFLOW_BENCH_OBSERVATIONS (default 5). A sampler sweep on the trained fastflow model
+"""FMPE on a task (FASTFLOW_BENCH_TASK, default two_moons) at 10^4 simulations: fastflow against sbi's FMPE
+(defaults) on the same simulations; training time, time to draw 10^4 posterior samples, and C2ST against the
+package's reference over observations 1..FASTFLOW_BENCH_OBSERVATIONS (default 5). A sampler sweep on the trained fastflow model
 reports each ODE method's velocity evaluations, time and error against a tight Dopri5 (1e-7) solve
 from the same noise, the basis of FMPE's default sampler.
 
 Run: `python -m pytest bench/bench_fmpe.py --benchmark-only -s` (add `--benchmark-json FILE` to keep the
 numbers, in `extra_info`); the sbi side needs the `bench` extra. `FASTFLOW_BENCH_SEEDS=0,1,2,3` also fits
-fastflow's FMPE on the simulations and with the seed of each (`test_fmpe_two_moons_seeds`), the study behind its
-training defaults (`fastflow/inference/fmpe.py`).
+fastflow's FMPE on the simulations and with the seed of each (`test_fmpe_seeds`), the study behind its
+training defaults (`fastflow/inference/fmpe.py`; `FASTFLOW_BENCH_TASK=slcp FASTFLOW_BENCH_OBSERVATIONS=3` for the
+overfitting guard).
 """
 
 import importlib.util
@@ -27,6 +28,7 @@ from fastflow.tasks import get_task
 NUM_SIMULATIONS = 10_000
 NUM_SAMPLES = 10_000
 THREADS = int(os.environ.get("FASTFLOW_BENCH_THREADS", "1"))
+TASK = os.environ.get("FASTFLOW_BENCH_TASK", "two_moons")
 OBSERVATIONS = range(1, int(os.environ.get("FASTFLOW_BENCH_OBSERVATIONS", "5")) + 1)
 SEEDS = [int(seed) for seed in os.environ.get("FASTFLOW_BENCH_SEEDS", "").split(",") if seed.strip()]
 SWEEP = [OdeConfig("euler", steps=20), OdeConfig("heun", steps=10), OdeConfig("midpoint", steps=10),
@@ -66,9 +68,9 @@ def _sweep(posterior, x_obs):
 _OBS: dict[int, torch.Tensor] = {}
 
 
-def test_fmpe_two_moons(benchmark):
+def test_fmpe(benchmark):
     set_num_threads(THREADS)  # torch's and the native kernels' OpenMP threads alike
-    task = get_task("two_moons")
+    task = get_task(TASK)
     _OBS.update({i: task.observation(i) for i in OBSERVATIONS})
     sims = simulate(task.simulate, task.prior, NUM_SIMULATIONS, seed=0)
     start = time.perf_counter()
@@ -77,7 +79,7 @@ def test_fmpe_two_moons(benchmark):
     torch.manual_seed(0)
     sample_seconds, samples = benchmark.pedantic(lambda: _sample_all(lambda x: posterior.sample(NUM_SAMPLES, x)), rounds=1, iterations=1)
     scores = _scores(task, samples)
-    info = {"threads": THREADS, "fastflow_train_seconds": train_seconds, "fastflow_sample_seconds": sample_seconds,
+    info = {"task": TASK, "threads": THREADS, "fastflow_train_seconds": train_seconds, "fastflow_sample_seconds": sample_seconds,
             "fastflow_c2st": scores, "fastflow_mean_c2st": float(np.mean(scores))}
     lines = [f"fastflow FMPE: train {train_seconds:6.1f} s, 10^4 samples {sample_seconds:6.3f} s, "
              f"C2ST {np.mean(scores):.3f} ({', '.join(f'{s:.3f}' for s in scores)})"]
@@ -108,10 +110,10 @@ def test_fmpe_two_moons(benchmark):
 
 
 @pytest.mark.skipif(not SEEDS, reason="set FASTFLOW_BENCH_SEEDS (e.g. 0,1,2,3) for the seed study")
-def test_fmpe_two_moons_seeds(benchmark):
+def test_fmpe_seeds(benchmark):
     """Mean C2ST and training time of fastflow's FMPE for each seed of the simulations and the fit."""
     set_num_threads(THREADS)
-    task = get_task("two_moons")
+    task = get_task(TASK)
 
     def fit_and_score(seed: int) -> tuple[float, float]:
         sims = simulate(task.simulate, task.prior, NUM_SIMULATIONS, seed=seed)
@@ -122,5 +124,5 @@ def test_fmpe_two_moons_seeds(benchmark):
         return seconds, float(np.mean(_scores(task, {i: posterior.sample(NUM_SAMPLES, task.observation(i)) for i in OBSERVATIONS})))
 
     results = benchmark.pedantic(lambda: [fit_and_score(seed) for seed in SEEDS], rounds=1, iterations=1)
-    benchmark.extra_info.update(seeds=SEEDS, train_seconds=[r[0] for r in results], mean_c2st=[r[1] for r in results])
+    benchmark.extra_info.update(task=TASK, seeds=SEEDS, train_seconds=[r[0] for r in results], mean_c2st=[r[1] for r in results])
     print("\n" + "\n".join(f"fastflow FMPE seed {seed}: train {t:6.1f} s, mean C2ST {c:.3f}" for seed, (t, c) in zip(SEEDS, results)))

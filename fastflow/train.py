@@ -20,12 +20,14 @@ __all__ = ["History", "fit"]
 
 @dataclass
 class History:
-    """What `fit` did: per-epoch mean losses, the epoch whose weights were kept, and the wall time."""
+    """What `fit` did: per-epoch mean losses, the epoch whose weights were kept, whether it stopped early (and
+    whether for overfitting, see `fit`'s overfit_tolerance), and the wall time."""
 
     train_loss: list[float] = field(default_factory=list)
     validation_loss: list[float] = field(default_factory=list)
     best_epoch: int = -1
     stopped_early: bool = False
+    overfit: bool = False
     seconds: float = 0.0
 
     @property
@@ -57,6 +59,8 @@ def fit(
     patience: int = 20,
     clip_grad_norm: float | None = 5.0,
     lr_schedule: str = "constant",
+    keep: str = "best",
+    overfit_tolerance: float | None = None,
     seed: int = 0,
     device: str | torch.device | None = None,
     progress: bool = True,
@@ -69,6 +73,12 @@ def fit(
         patience: stop after this many epochs without a better validation loss; the best weights are
             restored. With `validation_fraction=0` every epoch trains and the last weights are kept.
             A loss that turns NaN/inf stops training with a warning and restores the best (or last) finite weights.
+        keep: with a validation split, the weights kept when training ends: "best" (the best validation epoch's)
+            or "last" (the last epoch's: for losses whose validation estimate cannot rank nearby epochs, as flow
+            matching's, where the last epochs of a cosine schedule are better than the best-scored one).
+        overfit_tolerance: with a validation split, stop once the validation loss exceeds its best by this
+            fraction of the best's magnitude, keeping the best epoch's weights whatever `keep` says (the model
+            is memorizing its training pairs); for losses bounded below by 0, as flow matching's. None: never.
         device: where to train (default: the model's device); data is moved there once.
         progress: show a tqdm bar.
 
@@ -86,6 +96,10 @@ def fit(
         positive_finite(clip_grad_norm, "clip_grad_norm")
     if lr_schedule not in ("constant", "cosine"):
         raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {lr_schedule!r}")
+    if keep not in ("best", "last"):
+        raise ValueError(f"keep must be 'best' or 'last', got {keep!r}")
+    if overfit_tolerance is not None:
+        positive_finite(overfit_tolerance, "overfit_tolerance")
     device = torch.device(device) if device is not None else next(model.parameters()).device
     model.to(device)
     data = tuple(t.to(device) for t in data)
@@ -105,6 +119,7 @@ def fit(
     )
     history = History()
     best_loss, best_state, stale = math.inf, None, 0
+    restore_best = keep == "best" or validation_index.numel() == 0  # (the last finite weights without a split)
     start = time.perf_counter()
     bar = tqdm(range(max_epochs), disable=not progress, desc="training", unit="epoch", leave=False)
     for epoch in bar:
@@ -126,29 +141,36 @@ def fit(
         if not math.isfinite(history.train_loss[-1]):
             _stop_at_nonfinite("training", history.train_loss[-1], epoch, history, best_state,
                                "lower the learning rate (or clip gradients), or check the data")
+            restore_best = True
             break
 
         if validation_index.numel() == 0:  # the last finite weights are kept (a later NaN epoch restores them)
             history.best_epoch, best_state = epoch, _snapshot(model, best_state)
             continue
-        validation_loss = evaluate(model, loss_fn, validation_data, batch_size=max(batch_size, 4096))
+        validation_loss = evaluate(model, loss_fn, validation_data, batch_size=max(batch_size, 4096), seed=seed)
         history.validation_loss.append(validation_loss)
         bar.set_postfix(train=f"{history.train_loss[-1]:.3f}", val=f"{validation_loss:.3f}")
         if not math.isfinite(validation_loss):  # (it ran out the patience without a word, keeping the last weights)
             _stop_at_nonfinite("validation", validation_loss, epoch, history, best_state,
                                "check the data for rows the model gives no finite loss (NaN or inf)")
+            restore_best = True
             break
         if validation_loss < best_loss:
             best_loss, stale, history.best_epoch = validation_loss, 0, epoch
             best_state = _snapshot(model, best_state)
+        elif overfit_tolerance is not None and validation_loss > best_loss + overfit_tolerance * abs(best_loss):
+            history.stopped_early = history.overfit = restore_best = True
+            break
         else:
             stale += 1
             if stale >= patience:
                 history.stopped_early = True
                 break
     bar.close()
-    if best_state is not None:
+    if restore_best and best_state is not None:
         model.load_state_dict(best_state)
+    elif not restore_best:
+        history.best_epoch = history.epochs - 1
     model.eval()
     history.seconds = time.perf_counter() - start
     return history
@@ -175,13 +197,21 @@ def _snapshot(model: nn.Module, kept: dict | None) -> dict:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loss_fn: Callable[..., torch.Tensor], data: tuple[torch.Tensor, ...], *, batch_size: int = 4096) -> float:
-    """Mean of `loss_fn` over `data` in chunks, without gradients. (A loss that draws random numbers, as flow
-    matching's does, draws new ones at every call: its validation loss is noisy from epoch to epoch.)"""
+def evaluate(model: nn.Module, loss_fn: Callable[..., torch.Tensor], data: tuple[torch.Tensor, ...], *, batch_size: int = 4096,
+             seed: int | None = 0) -> float:
+    """Mean of `loss_fn` over `data` in chunks, without gradients.
+
+    A loss that draws random numbers (flow matching's times and noise) draws them from a generator seeded with
+    `seed`, the same at every call (common random numbers: validation losses of successive epochs then differ by
+    the model alone, not by new draws); the global random stream is left as it was. `seed=None`: fresh draws."""
     model.eval()
     count = data[0].shape[0]
-    total = torch.zeros((), device=data[0].device)
-    for start in range(0, count, batch_size):
-        chunk = tuple(t[start : start + batch_size] for t in data)
-        total += loss_fn(model, *chunk) * chunk[0].shape[0]
+    device = data[0].device
+    total = torch.zeros((), device=device)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else [], enabled=seed is not None):
+        if seed is not None:
+            torch.manual_seed(seed)
+        for start in range(0, count, batch_size):
+            chunk = tuple(t[start : start + batch_size] for t in data)
+            total += loss_fn(model, *chunk) * chunk[0].shape[0]
     return float(total) / count

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from fastflow.train import fit
+from fastflow.train import evaluate, fit
 
 
 def _data():
@@ -70,3 +70,76 @@ def test_bad_settings_are_refused_before_training():
         with pytest.raises(ValueError, match=message):
             fit(model, loss, _data(), progress=False, **options)
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_a_random_validation_loss_uses_the_same_draws_at_every_call():
+    """Flow matching's loss draws times and noise: validated with fresh draws, its epochs differed by the draws'
+    noise, not by the model. `evaluate` draws the same numbers at every call and leaves the global stream alone."""
+    model = torch.nn.Linear(2, 1)
+    noisy = lambda m, x, y: (m(x) + torch.randn_like(y) - y).square().mean()  # noqa: E731
+    data = _data()
+    torch.manual_seed(3)
+    state = torch.get_rng_state()
+    first, second = (evaluate(model, noisy, data, batch_size=16) for _ in range(2))
+    assert first == second and torch.equal(torch.get_rng_state(), state)
+    assert evaluate(model, noisy, data, seed=1) != first  # another seed, other draws
+    fresh = [evaluate(model, noisy, data, seed=None) for _ in range(2)]
+    assert fresh[0] != fresh[1] and not torch.equal(torch.get_rng_state(), state)
+
+
+class _ScriptedValidation:
+    """A loss whose training value is a model's MSE and whose validation value follows `script` (one per epoch)."""
+
+    def __init__(self, script):
+        self.script, self.epoch = list(script), 0
+
+    def __call__(self, m, x, y):
+        if m.training:
+            return (m(x) - y).square().mean()
+        value = self.script[min(self.epoch, len(self.script) - 1)]
+        self.epoch += 1
+        return torch.tensor(value)
+
+
+def _weights_by_epoch(model):
+    """Records the model's weights after each epoch (read where `evaluate` calls the loss)."""
+    kept = []
+
+    def loss(m, x, y, scripted):
+        if not m.training:
+            kept.append(m.weight.detach().clone())
+        return scripted(m, x, y)
+    return kept, loss
+
+
+@pytest.mark.parametrize("keep", ["best", "last"])
+def test_keep_chooses_the_best_or_the_last_epoch(keep):
+    model = torch.nn.Linear(2, 1)
+    kept, loss = _weights_by_epoch(model)
+    scripted = _ScriptedValidation([3.0, 1.0, 2.0, 2.5, 2.0])
+    history = fit(model, lambda m, x, y: loss(m, x, y, scripted), _data(), batch_size=512, max_epochs=5,
+                  learning_rate=1e-2, validation_fraction=0.25, keep=keep, progress=False)
+    epoch = 1 if keep == "best" else 4
+    assert history.best_epoch == epoch and not history.stopped_early
+    assert torch.equal(model.weight, kept[epoch]) and not torch.equal(kept[1], kept[4])
+
+
+def test_overfitting_stops_and_keeps_the_best_weights():
+    """A validation loss more than overfit_tolerance above its best stops training and restores the best epoch's
+    weights, even with keep="last"; rises within the tolerance do not."""
+    model = torch.nn.Linear(2, 1)
+    kept, loss = _weights_by_epoch(model)
+    scripted = _ScriptedValidation([3.0, 2.0, 2.19, 2.1, 1.5, 1.6, 1.66, 1.0])
+    history = fit(model, lambda m, x, y: loss(m, x, y, scripted), _data(), batch_size=512, max_epochs=8,
+                  learning_rate=1e-2, validation_fraction=0.25, keep="last", overfit_tolerance=0.1, progress=False)
+    assert history.overfit and history.stopped_early and history.epochs == 7 and history.best_epoch == 4
+    assert torch.equal(model.weight, kept[4])
+
+
+def test_bad_keep_and_overfit_tolerance_are_refused():
+    model = torch.nn.Linear(2, 1)
+    loss = lambda m, x, y: (m(x) - y).square().mean()  # noqa: E731
+    for options, message in ((dict(keep="middle"), "keep"), (dict(overfit_tolerance=-0.1), "overfit_tolerance"),
+                             (dict(overfit_tolerance=math.nan), "overfit_tolerance")):
+        with pytest.raises(ValueError, match=message):
+            fit(model, loss, _data(), progress=False, **options)

@@ -28,6 +28,8 @@ class TrainingConfig:
     patience: int = 30
     clip_grad_norm: float | None = 5.0
     lr_schedule: str = "cosine"
+    keep: str = "best"
+    overfit_tolerance: float | None = None
 
 
 def fit_posterior(estimator, loss_fn, theta, x, prior, *, config: dict, training: TrainingConfig, seed: int, device, progress: bool) -> Posterior:
