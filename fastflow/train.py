@@ -76,9 +76,11 @@ def fit(
         keep: with a validation split, the weights kept when training ends: "best" (the best validation epoch's)
             or "last" (the last epoch's: for losses whose validation estimate cannot rank nearby epochs, as flow
             matching's, where the last epochs of a cosine schedule are better than the best-scored one).
-        overfit_tolerance: with a validation split, stop once the validation loss exceeds its best by this
-            fraction of the best's magnitude, keeping the best epoch's weights whatever `keep` says (the model
-            is memorizing its training pairs); for losses bounded below by 0, as flow matching's. None: never.
+        overfit_tolerance: with a validation split, stop once the validation loss has risen past its best by more
+            than this fraction of the improvement the best made on the first epoch's, keeping the best epoch's
+            weights whatever `keep` says (the model is memorizing its training pairs; a scale-free test, which a
+            loss's irreducible part does not dilute). For models trained from scratch, whose first epoch leaves
+            much to improve; it never fires before the loss improves on the first epoch's. None: never.
         device: where to train (default: the model's device); data is moved there once.
         progress: show a tqdm bar.
 
@@ -118,7 +120,7 @@ def fit(
         else None
     )
     history = History()
-    best_loss, best_state, stale = math.inf, None, 0
+    best_loss, best_state, stale, first_loss = math.inf, None, 0, None
     restore_best = keep == "best" or validation_index.numel() == 0  # (the last finite weights without a split)
     start = time.perf_counter()
     bar = tqdm(range(max_epochs), disable=not progress, desc="training", unit="epoch", leave=False)
@@ -149,6 +151,7 @@ def fit(
             continue
         validation_loss = evaluate(model, loss_fn, validation_data, batch_size=max(batch_size, 4096), seed=seed)
         history.validation_loss.append(validation_loss)
+        first_loss = validation_loss if first_loss is None else first_loss
         bar.set_postfix(train=f"{history.train_loss[-1]:.3f}", val=f"{validation_loss:.3f}")
         if not math.isfinite(validation_loss):  # (it ran out the patience without a word, keeping the last weights)
             _stop_at_nonfinite("validation", validation_loss, epoch, history, best_state,
@@ -158,7 +161,8 @@ def fit(
         if validation_loss < best_loss:
             best_loss, stale, history.best_epoch = validation_loss, 0, epoch
             best_state = _snapshot(model, best_state)
-        elif overfit_tolerance is not None and validation_loss > best_loss + overfit_tolerance * abs(best_loss):
+        elif overfit_tolerance is not None and best_loss < first_loss and (
+                validation_loss - best_loss > overfit_tolerance * (first_loss - best_loss)):
             history.stopped_early = history.overfit = restore_best = True
             break
         else:

@@ -125,15 +125,21 @@ def test_keep_chooses_the_best_or_the_last_epoch(keep):
 
 
 def test_overfitting_stops_and_keeps_the_best_weights():
-    """A validation loss more than overfit_tolerance above its best stops training and restores the best epoch's
-    weights, even with keep="last"; rises within the tolerance do not."""
+    """A validation loss risen past its best by more than overfit_tolerance of the improvement on the first epoch's
+    stops training and restores the best epoch's weights, even with keep="last"; smaller rises do not, nor any
+    rise before the loss improves on the first epoch's."""
     model = torch.nn.Linear(2, 1)
     kept, loss = _weights_by_epoch(model)
-    scripted = _ScriptedValidation([3.0, 2.0, 2.19, 2.1, 1.5, 1.6, 1.66, 1.0])
-    history = fit(model, lambda m, x, y: loss(m, x, y, scripted), _data(), batch_size=512, max_epochs=8,
-                  learning_rate=1e-2, validation_fraction=0.25, keep="last", overfit_tolerance=0.1, progress=False)
-    assert history.overfit and history.stopped_early and history.epochs == 7 and history.best_epoch == 4
-    assert torch.equal(model.weight, kept[4])
+    # improvements 1.0 then 2.0 on the first epoch's 3.0: thresholds 0.2 and 0.4 above the best
+    scripted = _ScriptedValidation([3.0, 2.0, 2.15, 1.0, 1.3, 1.45, 0.5])
+    history = fit(model, lambda m, x, y: loss(m, x, y, scripted), _data(), batch_size=512, max_epochs=7,
+                  learning_rate=1e-2, validation_fraction=0.25, keep="last", overfit_tolerance=0.2, progress=False)
+    assert history.overfit and history.stopped_early and history.epochs == 6 and history.best_epoch == 3
+    assert torch.equal(model.weight, kept[3])
+    scripted = _ScriptedValidation([1.0, 2.0, 4.0, 8.0])
+    history = fit(model, scripted, _data(), batch_size=512, max_epochs=4, validation_fraction=0.25, keep="last",
+                  overfit_tolerance=0.2, progress=False)
+    assert not history.overfit and history.epochs == 4 and history.best_epoch == 3
 
 
 def test_bad_keep_and_overfit_tolerance_are_refused():

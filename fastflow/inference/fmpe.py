@@ -64,15 +64,19 @@ class _FlowMatchingLoss:
 # epoch 610, 0.570 against 0.542). Over seeds 0-3 of the simulations and the fit, on every pair: learning rate 1e-3
 # with the best validation epoch 0.559 / 0.650 / 0.571 / 0.545, with the last 0.551 / 0.539 / 0.530 / 0.545; the
 # last at 2e-3 0.535 / 0.530 / 0.529 / 0.530 and at 3e-3 (the default) 0.534 / 0.526 / 0.529 / 0.529; 400 epochs at
-# 1e-3: 0.75, at 2e-3: 0.548 on average (max 0.564). But on slcp (8-D x, 10^4 simulations) the run memorizes its
-# pairs: the validation loss bottoms out near epoch 130 and ends 35 % above it, and the last weights score C2ST
-# 0.929 / 0.957 (seeds 0 / 1, observations 1-3). So 10 % of the pairs validate (with the same draws at every epoch),
-# and a validation loss 10 % above its best stops training and keeps the best epoch (`overfit_tolerance`): slcp
-# 0.862 / 0.892 (seed 1 stopped at epoch 334 of 800; sbi's FMPE: about 0.85); two_moons never stopped and lost
-# little to the held-out pairs: 0.542 / 0.539 / 0.528 / 0.529 over seeds 0-3.
+# 1e-3: 0.75, at 2e-3: 0.548 on average (max 0.564). But on slcp (8-D x) and gaussian_linear (10-D θ) the run
+# memorizes its pairs: the validation loss bottoms out by epoch 36-134 and ends 10-40 % above it; the last weights
+# score C2ST 0.929 / 0.957 on slcp (seeds 0 / 1, observations 1-3) and 0.763 on gaussian_linear (seed 0). So 10 %
+# of the pairs validate (with the same draws at every epoch), and training stops with the best epoch's weights once
+# the validation loss has risen past its best by more than 20 % of the improvement the best made on the first
+# epoch's (`overfit_tolerance`). Over full runs, two_moons (seeds 0-3) rose 9 % of it at most, slcp and
+# gaussian_linear (seeds 0-1) 32-68 %: they stop at epochs 340-514 (relative to the loss itself the rises do not
+# separate: two_moons 8.5 % early on, gaussian_linear's overfitting 10 %). slcp 0.862 / 0.892 (sbi's FMPE: about
+# 0.85), gaussian_linear 0.557 (NPE 0.538); two_moons never stops and loses little to the held-out pairs:
+# 0.542 / 0.539 / 0.528 / 0.529 over seeds 0-3.
 FMPE_SAMPLER = OdeConfig(method="rk4", steps=10)
 FMPE_LIKELIHOOD = OdeConfig(method="dopri5", rtol=1e-5, atol=1e-5)
-FMPE_TRAINING = TrainingConfig(max_epochs=800, patience=800, validation_fraction=0.1, keep="last", overfit_tolerance=0.1)
+FMPE_TRAINING = TrainingConfig(max_epochs=800, patience=800, validation_fraction=0.1, keep="last", overfit_tolerance=0.2)
 
 
 @dataclass
@@ -88,8 +92,8 @@ class FMPE:
         path: a `fastflow.fm.Path` (default: conditional OT with sigma_min = 1e-3).
         time_distribution, alpha: training times, "uniform" or "power" (p(t) ∝ t^(1/(1+alpha))).
         training: optimizer and stopping options (default `FMPE_TRAINING`: 800 cosine-annealed epochs keeping the
-            last weights, unless the loss on 10 % of the pairs, held out, rises 10 % past its best: then training
-            stops with the best epoch's weights, as the model memorizes its training pairs).
+            last weights, unless the loss on 10 % of the pairs, held out, rises past its best by 20 % of what training
+            gained on it: then training stops with the best epoch's weights, as the model memorizes its pairs).
         sampler, likelihood: ODE options of `sample` and `log_prob`.
         seed: seed of the initialization and the minibatch order.
         device: training device (default CPU).
