@@ -120,7 +120,7 @@ def fit(
         else None
     )
     history = History()
-    best_loss, best_state, stale, first_loss = math.inf, None, 0, None
+    best_loss, best_state, stale = math.inf, None, 0
     restore_best = keep == "best" or validation_index.numel() == 0  # (the last finite weights without a split)
     start = time.perf_counter()
     bar = tqdm(range(max_epochs), disable=not progress, desc="training", unit="epoch", leave=False)
@@ -151,7 +151,6 @@ def fit(
             continue
         validation_loss = evaluate(model, loss_fn, validation_data, batch_size=max(batch_size, 4096), seed=seed)
         history.validation_loss.append(validation_loss)
-        first_loss = validation_loss if first_loss is None else first_loss
         bar.set_postfix(train=f"{history.train_loss[-1]:.3f}", val=f"{validation_loss:.3f}")
         if not math.isfinite(validation_loss):  # (it ran out the patience without a word, keeping the last weights)
             _stop_at_nonfinite("validation", validation_loss, epoch, history, best_state,
@@ -161,8 +160,8 @@ def fit(
         if validation_loss < best_loss:
             best_loss, stale, history.best_epoch = validation_loss, 0, epoch
             best_state = _snapshot(model, best_state)
-        elif overfit_tolerance is not None and best_loss < first_loss and (
-                validation_loss - best_loss > overfit_tolerance * (first_loss - best_loss)):
+        elif overfit_tolerance is not None and best_loss < history.validation_loss[0] and (
+                validation_loss - best_loss > overfit_tolerance * (history.validation_loss[0] - best_loss)):
             history.stopped_early = history.overfit = restore_best = True
             break
         else:

@@ -101,7 +101,7 @@ class _ScriptedValidation:
         return torch.tensor(value)
 
 
-def _weights_by_epoch(model):
+def _weights_by_epoch():
     """Records the model's weights after each epoch (read where `evaluate` calls the loss)."""
     kept = []
 
@@ -115,7 +115,7 @@ def _weights_by_epoch(model):
 @pytest.mark.parametrize("keep", ["best", "last"])
 def test_keep_chooses_the_best_or_the_last_epoch(keep):
     model = torch.nn.Linear(2, 1)
-    kept, loss = _weights_by_epoch(model)
+    kept, loss = _weights_by_epoch()
     scripted = _ScriptedValidation([3.0, 1.0, 2.0, 2.5, 2.0])
     history = fit(model, lambda m, x, y: loss(m, x, y, scripted), _data(), batch_size=512, max_epochs=5,
                   learning_rate=1e-2, validation_fraction=0.25, keep=keep, progress=False)
@@ -129,7 +129,7 @@ def test_overfitting_stops_and_keeps_the_best_weights():
     stops training and restores the best epoch's weights, even with keep="last"; smaller rises do not, nor any
     rise before the loss improves on the first epoch's."""
     model = torch.nn.Linear(2, 1)
-    kept, loss = _weights_by_epoch(model)
+    kept, loss = _weights_by_epoch()
     # improvements 1.0 then 2.0 on the first epoch's 3.0: thresholds 0.2 and 0.4 above the best
     scripted = _ScriptedValidation([3.0, 2.0, 2.15, 1.0, 1.3, 1.45, 0.5])
     history = fit(model, lambda m, x, y: loss(m, x, y, scripted), _data(), batch_size=512, max_epochs=7,
