@@ -112,11 +112,16 @@ class Posterior:
         """
         num_samples, num_starts = positive_int(num_samples, "num_samples"), positive_int(num_starts, "num_starts")
         steps = nonnegative_int(steps, "steps")
-        x = self._check_x(x)
+        # gradient ascent also when called under no_grad or inference_mode (x cloned: a caller's inference tensor
+        # cannot be saved for backward)
+        with torch.inference_mode(False), torch.enable_grad():
+            return self._map(self._check_x(x).clone(), num_samples, num_starts, steps, learning_rate)
+
+    def _map(self, x: torch.Tensor, num_samples: int, num_starts: int, steps: int, learning_rate: float) -> torch.Tensor:
         single = x.dim() == 1
         xs = x.reshape(-1, self.dim_x)
-        draws = self.estimator.sample(num_samples, xs)  # (n, B, D)
         with torch.no_grad():
+            draws = self.estimator.sample(num_samples, xs)  # (n, B, D)
             log_q = self._log_prob(draws, xs)
         best_log_q, top = log_q.topk(min(num_starts, num_samples), dim=0)  # (starts, B)
         best = draws.gather(0, top.unsqueeze(-1).expand(-1, -1, self.dim_theta))  # (starts, B, D)

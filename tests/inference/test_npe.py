@@ -93,6 +93,19 @@ def test_map_never_returns_a_point_below_its_best_start(linear_posterior):
         posterior.map(x_obs, steps=-1)
 
 
+@pytest.mark.parametrize("mode", [torch.no_grad, torch.inference_mode])
+def test_map_under_no_grad_and_inference_mode(linear_posterior, mode):
+    """Evaluation code often runs under no_grad or inference_mode (x made there too): MAP still ascends."""
+    task, posterior = linear_posterior
+    torch.manual_seed(4)
+    expected = posterior.map(task.observation(1), num_samples=100, num_starts=2, steps=10)
+    with mode():
+        x_obs = task.observation(1).clone()
+        torch.manual_seed(4)
+        mode_found = posterior.map(x_obs, num_samples=100, num_starts=2, steps=10)
+    torch.testing.assert_close(mode_found, expected)
+
+
 def test_batched_posterior_api_shapes(linear_posterior):
     task, posterior = linear_posterior
     xs = torch.stack([task.observation(i) for i in (1, 2, 3)])
