@@ -49,10 +49,12 @@ def _posterior(args: argparse.Namespace) -> int:
         raise ValueError(f"--x-obs {args.x_obs}: no such file")
     try:
         x_obs = np.load(args.x_obs, allow_pickle=False)
-    except (ValueError, OSError) as error:
-        raise ValueError(f"--x-obs {args.x_obs}: not a .npy array file ({error})") from None
+    except (ValueError, OSError, EOFError) as error:  # EOFError: an empty or truncated file
+        raise ValueError(f"--x-obs {args.x_obs}: not a .npy array file ({error!r})") from None
     if not isinstance(x_obs, np.ndarray) or x_obs.ndim != 1:
         raise ValueError(f"--x-obs must hold a 1-D array, got {getattr(x_obs, 'shape', type(x_obs).__name__)}")
+    if x_obs.dtype.kind not in "iuf":  # complex parts would be dropped, booleans read as 0/1
+        raise ValueError(f"--x-obs must hold real numbers, got dtype {x_obs.dtype}")
     method = args.method
     if args.no_adjust:
         if method != "abc":
@@ -110,6 +112,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _nonnegative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {text}")
+    return value
+
+
 def _positive_float(text: str) -> float:
     value = float(text)
     if not value > 0:
@@ -127,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--sims", type=_positive_int, default=10_000)
     demo.add_argument("--num-samples", type=_positive_int, default=10_000)
     demo.add_argument("--observation", type=int, default=1, choices=range(1, 11), metavar="{1..10}")
-    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--seed", type=_nonnegative_int, default=0)
     demo.add_argument("--out", type=Path, default=Path("fastflow-demo.png"))
     demo.add_argument("--quiet", action="store_true", help="no progress bar")
     demo.set_defaults(run=_demo)
@@ -139,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     posterior.add_argument("--sims", type=_positive_int, required=True)
     posterior.add_argument("--x-obs", type=Path, required=True, help=".npy file with a 1-D observation")
     posterior.add_argument("--num-samples", type=_positive_int, default=10_000)
-    posterior.add_argument("--seed", type=int, default=0)
+    posterior.add_argument("--seed", type=_nonnegative_int, default=0)
     posterior.add_argument("--out", type=Path, required=True, help=".npy file for the (num_samples, dim) samples")
     posterior.add_argument("--quiet", action="store_true")
     posterior.add_argument("--no-adjust", action="store_true", help="--method abc: plain rejection, no regression adjustment")

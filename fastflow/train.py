@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from fastflow._checks import positive_finite, positive_int
+from fastflow._checks import nonnegative_int, positive_finite, positive_int
 
 __all__ = ["History", "fit"]
 
@@ -105,6 +105,7 @@ def fit(
     device = torch.device(device) if device is not None else next(model.parameters()).device
     model.to(device)
     data = tuple(t.to(device) for t in data)
+    seed = nonnegative_int(seed, "seed")
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     train_index, validation_index = _split(count, validation_fraction, generator)

@@ -54,11 +54,21 @@ def test_no_command_runs_the_demo(monkeypatch):
     assert main([]) == 0 and ran == [10_000]
 
 
-def test_unknown_method_and_non_positive_counts_are_refused(tmp_path):
+def test_unknown_method_non_positive_counts_and_negative_seeds_are_refused(tmp_path):
     with pytest.raises(SystemExit):
         main(["posterior", "two_moons", "--method", "magic", "--sims", "10", "--x-obs", "x.npy", "--out", "o.npy"])
     with pytest.raises(SystemExit):
         main(["posterior", "two_moons", "--sims", "0", "--x-obs", "x.npy", "--out", "o.npy"])
+    with pytest.raises(SystemExit):  # it worked for npe and failed for abc
+        main(["posterior", "two_moons", "--seed", "-1", "--x-obs", "x.npy", "--out", "o.npy"])
+
+
+def test_python_dash_m_runs_the_command():
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "fastflow", "posterior", "--help"], capture_output=True, text=True)
+    assert result.returncode == 0 and "--x-obs" in result.stdout
 
 
 def test_files_are_checked_before_any_work(tmp_path, capsys):
@@ -67,9 +77,16 @@ def test_files_are_checked_before_any_work(tmp_path, capsys):
     x_path, text = tmp_path / "x.npy", tmp_path / "x.txt"
     np.save(x_path, get_task("two_moons").observation(1).numpy())
     text.write_text("0.1 0.2")
+    empty, complex_x, bool_x = tmp_path / "empty.npy", tmp_path / "complex.npy", tmp_path / "bool.npy"
+    empty.write_bytes(b"")  # np.load raised EOFError: a traceback
+    np.save(complex_x, np.array([0.1 + 1j, 0.2]))  # its imaginary part was dropped with a warning
+    np.save(bool_x, np.array([True, False]))
     cases = [
         (["--x-obs", str(tmp_path / "missing.npy"), "--out", str(tmp_path / "o.npy")], "no such file"),
         (["--x-obs", str(text), "--out", str(tmp_path / "o.npy")], "not a .npy array file"),
+        (["--x-obs", str(empty), "--out", str(tmp_path / "o.npy")], "not a .npy array file"),
+        (["--x-obs", str(complex_x), "--out", str(tmp_path / "o.npy")], "real numbers"),
+        (["--x-obs", str(bool_x), "--out", str(tmp_path / "o.npy")], "real numbers"),
         (["--x-obs", str(x_path), "--out", str(tmp_path / "no" / "o.npy")], "does not exist"),
     ]
     for arguments, message in cases:

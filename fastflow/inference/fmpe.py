@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from fastflow._checks import nonnegative_int
 from fastflow.fm import CNF, OdeConfig, Path, VelocityMLP, cfm_loss, get_path
 from fastflow.fm.paths import check_time_distribution
 from fastflow.inference.npe import TrainingConfig, check_simulations, fit_posterior, fit_preprocessing, preprocessing
@@ -128,9 +129,10 @@ class FMPE:
             "likelihood": self.likelihood.to_dict(),
             "training": asdict(self.training),
         }
-        torch.manual_seed(self.seed)
+        seed = nonnegative_int(self.seed, "seed")
+        torch.manual_seed(seed)
         cnf = build_fmpe_cnf(config)
         fit_preprocessing(list(cnf.transforms), cnf.embedding, self.prior, theta, x)
         loss = _FlowMatchingLoss(self.path, self.time_distribution, self.alpha)
         return fit_posterior(cnf, loss, theta, x, self.prior, config=config, training=self.training,
-                             seed=self.seed, device=self.device, progress=self.progress)
+                             seed=seed, device=self.device, progress=self.progress)

@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 import torch.nn as nn
 
+from fastflow._checks import nonnegative_int
 from fastflow.flows import BoxToReal, Flow, FlowConfig, Standardize, Transform, build_flow
 from fastflow.inference.posterior import Posterior, register_estimator
 from fastflow.priors import Prior, check_prior
@@ -84,8 +85,8 @@ def fit_preprocessing(transforms: list[Transform], embedding: ZScore, prior: Pri
 def check_simulations(prior: Prior, theta, x, *, method: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Validate training pairs θ `(N, D)`, x `(N, C)` for an estimator `method`; returns them as float32."""
     check_prior(prior)
-    theta = torch.as_tensor(theta, dtype=torch.float32)
-    x = torch.as_tensor(x, dtype=torch.float32)
+    theta = torch.as_tensor(theta, dtype=torch.float32).detach()  # plain data, whatever graph they came with
+    x = torch.as_tensor(x, dtype=torch.float32).detach()
     if theta.dim() != 2 or x.dim() != 2 or theta.shape[0] != x.shape[0]:
         raise ValueError(f"θ must be (N, D) and x (N, C) with the same N; got {tuple(theta.shape)} and {tuple(x.shape)}")
     if theta.shape[1] != prior.dim:
@@ -151,9 +152,10 @@ class NPE:
             "flow": self.flow.to_dict(),
             "training": asdict(self.training),
         }
-        torch.manual_seed(self.seed)
+        seed = nonnegative_int(self.seed, "seed")
+        torch.manual_seed(seed)
         flow = build_npe_flow(config)
         fit_preprocessing(list(flow.transforms)[: 2 if self.prior.bounded else 1], flow.embedding, self.prior, theta, x)
 
         return fit_posterior(flow, _negative_log_likelihood, theta, x, self.prior, config=config, training=self.training,
-                             seed=self.seed, device=self.device, progress=self.progress)
+                             seed=seed, device=self.device, progress=self.progress)

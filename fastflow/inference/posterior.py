@@ -166,7 +166,12 @@ class Posterior:
     @classmethod
     def load(cls, path: str | Path, *, device: str | torch.device = "cpu") -> "Posterior":
         """Read a posterior written by `save` (with `torch.load(weights_only=True)`)."""
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            payload = torch.load(path, map_location="cpu", weights_only=True)
+        except OSError:  # a missing or unreadable file says so itself
+            raise
+        except Exception as error:  # torch's unpickler fails on other files with any of many errors (KeyError, EOFError, ...)
+            raise ValueError(f"{path} is not a saved fastflow posterior ({error!r})") from error
         if not isinstance(payload, dict) or payload.get("format") != FORMAT:
             raise ValueError(f"{path} is not a saved fastflow posterior")
         version = payload.get("format_version")

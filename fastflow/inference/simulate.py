@@ -11,7 +11,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from fastflow._checks import positive_int
+from fastflow._checks import nonnegative_int, positive_int
 from fastflow.priors import Prior, check_prior
 
 __all__ = ["Simulations", "simulate", "simulator_seed"]
@@ -62,12 +62,16 @@ def simulate(
             Python's `random` are seeded with `simulator_seed(seed)` (a stream independent of the prior's; as sbi's
             `simulate_for_sbi(seed=...)`).
         num_simulations: N > 0.
+        seed: an int >= 0; the same seed and batch_size give the same simulations (a simulator taking the
+            generator draws from it between the batches' θ draws, so another batch_size gives other θ too).
+        batch_size: simulations per simulator call.
 
     Returns:
         `Simulations` without the rows whose x has a NaN or inf (a warning gives their count).
     """
     check_prior(prior)
     num_simulations, batch_size = positive_int(num_simulations, "num_simulations"), positive_int(batch_size, "batch_size")
+    seed = nonnegative_int(seed, "seed")
     generator = torch.Generator().manual_seed(seed)
     takes_generator = _accepts_generator(simulator)
     if not takes_generator:
@@ -79,7 +83,7 @@ def simulate(
         theta = prior.sample(count, generator=generator)
         given = theta.clone()  # the simulator's own copy: one that changes θ in place must not change the pairs
         x = simulator(given, generator=generator) if takes_generator else simulator(given)
-        x = torch.as_tensor(x)
+        x = torch.as_tensor(x).detach()  # plain data: a simulator's autograd graph must not reach the training loss
         if x.dim() == 1:
             x = x.unsqueeze(-1)
         if x.dim() != 2 or x.shape[0] != count:

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import torch
 from sklearn.model_selection import KFold, cross_val_score
 from sklearn.neural_network import MLPClassifier
 from threadpoolctl import threadpool_limits
+
+from fastflow._checks import positive_finite
 
 __all__ = ["c2st", "mmd"]
 
@@ -135,8 +135,8 @@ def mmd(X, Y, *, bandwidth: float | None = None) -> float:
         bandwidth = _median_distance(X, Y)
         if bandwidth <= 0:
             raise ValueError("the median pairwise distance is 0; pass a positive bandwidth")
-    elif not (isinstance(bandwidth, (int, float)) and math.isfinite(bandwidth) and bandwidth > 0):
-        raise ValueError(f"bandwidth must be a positive finite number, got {bandwidth!r}")
+    else:
+        bandwidth = positive_finite(bandwidth, "bandwidth")
     gamma = 1.0 / (2.0 * float(bandwidth) ** 2)
     n, m = X.shape[0], Y.shape[0]
     # the diagonal terms k(x, x) = 1 are removed from the within-sample sums

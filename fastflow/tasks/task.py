@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Callable
 
@@ -173,9 +174,9 @@ class Task:
         return x
 
     def _check_index(self, i: int) -> int:
-        if isinstance(i, bool) or not isinstance(i, int) or not 1 <= i <= NUM_OBSERVATIONS:
+        if isinstance(i, bool) or not isinstance(i, numbers.Integral) or not 1 <= i <= NUM_OBSERVATIONS:
             raise ValueError(f"observation index must be an int in 1..{NUM_OBSERVATIONS}, got {i!r}")
-        return i
+        return int(i)
 
 
 @functools.lru_cache(maxsize=None)

@@ -169,6 +169,12 @@ def test_load_refuses_incompatible_files(box_posterior, tmp_path):
     torch.save({"weights": torch.zeros(2)}, path)
     with pytest.raises(ValueError, match="not a saved fastflow posterior"):
         Posterior.load(path)
+    for garbage in (b"hello world\n", b"", bytes(range(256)) * 4):  # torch's unpickler: KeyError, EOFError, ...
+        path.write_bytes(garbage)
+        with pytest.raises(ValueError, match="not a saved fastflow posterior"):
+            Posterior.load(path)
+    with pytest.raises(FileNotFoundError):
+        Posterior.load(tmp_path / "missing.pt")
 
 
 def test_simulate_drops_nan_and_checks_batch_size():
@@ -204,6 +210,25 @@ def test_simulate_gives_a_simulator_without_a_generator_its_own_noise():
     with pytest.raises(ValueError, match="batch_size must be a positive int"):
         simulate(lambda theta: theta, prior, 10, batch_size=0)
     assert simulate(lambda theta: theta, prior, np.int64(10)).theta.shape == (10, 2)  # numpy integers count
+
+
+def test_simulations_are_plain_data_and_seeds_are_checked():
+    """A simulator whose x carries an autograd graph (a module inside) broke training: its loss backpropagated into
+    the simulator's graph (a second backward through it raised). Seeds: ints >= 0, numpy's too."""
+    prior = BoxUniform([-1.0, -1.0], [1.0, 1.0])
+    net = torch.nn.Linear(2, 2)
+    sims = simulate(lambda theta: net(theta) + 0.1 * torch.randn_like(theta), prior, 300)
+    assert not sims.x.requires_grad
+    theta, x = prior.sample(300), net(prior.sample(300))  # pairs with a graph, given to fit directly
+    training = TrainingConfig(batch_size=100, max_epochs=2, patience=2)
+    NPE(prior, flow=FlowConfig(num_layers=1, hidden=8), training=training, progress=False).fit(theta, x)
+    assert torch.equal(simulate(lambda theta: theta, prior, 10, seed=np.int64(3)).theta,
+                       simulate(lambda theta: theta, prior, 10, seed=3).theta)
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="seed must be a non-negative int"):
+            simulate(lambda theta: theta, prior, 10, seed=bad)
+        with pytest.raises(ValueError, match="seed must be a non-negative int"):
+            NPE(prior, training=training, seed=bad, progress=False).fit(theta, x)
 
 
 def test_simulate_reproduces_numpy_and_random_simulators_for_a_seed():

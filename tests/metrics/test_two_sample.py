@@ -87,6 +87,7 @@ def test_mmd_matches_naive_formula_across_chunks(monkeypatch):
     assert mmd(X, Y, bandwidth=1.3) == pytest.approx(expected, rel=1e-10)
     monkeypatch.setattr(two_sample, "CHUNK", 7)
     assert mmd(X, Y, bandwidth=1.3) == pytest.approx(expected, rel=1e-10)
+    assert mmd(X, Y, bandwidth=np.float64(1.3)) == pytest.approx(expected, rel=1e-10)  # numpy numbers count
     Z = torch.cat((X, Y))
     assert mmd(X, Y) == pytest.approx(_mmd_naive(X, Y, float(torch.pdist(Z).median())), rel=1e-10)
 

@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -58,6 +59,7 @@ def test_observations(name):
     task.observation(2).fill_(math.nan)
     assert torch.isfinite(task.observation(2)).all()
     assert not torch.equal(task.observation(1), task.observation(2))
+    assert torch.equal(task.observation(np.int64(3)), task.observation(3))  # numpy integers count
 
 
 @pytest.mark.parametrize("name", TASKS)
