@@ -51,6 +51,9 @@ class Standardize(Transform):
 class BoxToReal(Transform):
     """u = logit((x - low) / (high - low)): maps the open box (low, high) onto R^dim.
 
+    Points on the box's faces are moved 1e-6 of its width inside (finite densities); points outside it get
+    log|det J| = -inf, so a flow's density is 0 there.
+
     Arguments:
         low, high: `(dim,)` finite bounds.
     """
@@ -62,10 +65,11 @@ class BoxToReal(Transform):
 
     def forward(self, x, context=None):
         width = self.high - self.low
-        p = ((x - self.low) / width).clamp(_LOGIT_EPS, 1.0 - _LOGIT_EPS)
+        unit = (x - self.low) / width
+        p = unit.clamp(_LOGIT_EPS, 1.0 - _LOGIT_EPS)
         u = torch.logit(p)
         ladj = (-torch.log(p) - torch.log1p(-p) - torch.log(width)).sum(-1)
-        return u, ladj
+        return u, ladj.masked_fill(((unit < 0) | (unit > 1)).any(-1), -math.inf)
 
     def inverse(self, u, context=None):
         width = self.high - self.low

@@ -63,6 +63,16 @@ def test_inverse_and_log_det_match_autograd_jacobian(make):
         torch.testing.assert_close(ladj[i], torch.linalg.slogdet(jacobian)[1], atol=1e-9, rtol=1e-9)
 
 
+def test_box_to_real_gives_zero_density_outside_its_box():
+    """The clamp that keeps faces finite made the density outside the box constant along each axis (a flow's
+    log_prob of a point past `high` was finite: its density did not integrate to 1)."""
+    box = BoxToReal(torch.tensor([-1.0, 0.0]), torch.tensor([1.0, 2.0]))
+    x = torch.tensor([[0.0, 1.0], [1.0, 0.0], [1.5, 1.0], [0.0, -0.1], [-3.0, 5.0]])
+    _, ladj = box(x)
+    assert torch.isfinite(ladj[:2]).all()  # inside, and on the faces
+    assert (ladj[2:] == -math.inf).all()
+
+
 def test_spline_is_identity_in_tails_and_monotone():
     params = torch.randn(1, 1, 3 * 5 - 1, dtype=torch.float64).expand(2001, 1, -1)
     x = torch.linspace(-4, 4, 2001, dtype=torch.float64)[:, None]
