@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from fastflow._checks import positive_int
 from fastflow.abc.regression import adjust_by_mode
 from fastflow.abc.rejection import RejectionResult, rejection
 from fastflow.tasks import Task
@@ -22,6 +23,7 @@ def abc_posterior_samples(
     Raises:
         ValueError: `num_samples` exceeds `num_simulations`, or the rejection/regression inputs are bad.
     """
+    num_simulations, num_samples = positive_int(num_simulations, "num_simulations"), positive_int(num_samples, "num_samples")
     if num_samples > num_simulations:
         raise ValueError(f"ABC keeps the best num_samples of num_simulations: {num_samples} > {num_simulations}")
     result = rejection(task, task.prior, x_obs, num_simulations, quantile=num_samples / num_simulations,

@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 from dataclasses import dataclass, replace
 from typing import Callable
 
 import numpy as np
 import torch
 
-from fastflow._checks import nonnegative_int, positive_int
+from fastflow._checks import nonnegative_int, positive_finite, positive_int
 from fastflow.abc._fused import FusedSimulator
 from fastflow.abc._kernels import KERNELS, METRICS
 from fastflow.priors import Prior, check_prior
@@ -51,7 +52,7 @@ class RejectionResult:
         weight: the scaling used by the distance: `(dim_s,)` for euclidean/l1, `(dim_s, dim_s)` whitening
             matrix for mahalanobis.
         tolerance: the tolerance h actually used: the largest accepted distance with `quantile`, else `eps`.
-        num_accepted: k.
+        num_accepted: k (fewer with `eps`, or where NaN/inf simulations leave fewer than k: a warning says so).
         num_dropped: simulations whose summaries or distance were NaN/inf, never accepted.
         num_simulations: simulations run, `n_sims`.
         fused: whether the fused Numba kernel ran prior, simulator and reduction.
@@ -299,10 +300,11 @@ def rejection(
     chunk_size = None if chunk_size is None else positive_int(chunk_size, "chunk_size")
     if quantile is None and eps is None:
         raise ValueError("give quantile, eps or both")
-    if quantile is not None and not (isinstance(quantile, numbers.Real) and 0 < quantile <= 1):
+    if quantile is not None and (isinstance(quantile, bool) or not isinstance(quantile, numbers.Real)
+                                 or not 0 < quantile <= 1):
         raise ValueError(f"quantile must lie in (0, 1], got {quantile!r}")
-    if eps is not None and not (isinstance(eps, numbers.Real) and eps > 0 and math.isfinite(eps)):
-        raise ValueError(f"eps must be a positive finite number, got {eps!r}")
+    if eps is not None:
+        positive_finite(eps, "eps")
     if distance not in METRICS:
         raise ValueError(f"unknown distance {distance!r}; known: {', '.join(METRICS)}")
     if framework not in _FRAMEWORKS:
@@ -375,6 +377,9 @@ def rejection(
             f"no simulation accepted (eps={eps}, {best.dropped} of {n_sims} simulations dropped as NaN/inf); "
             "raise eps or n_sims"
         )
+    if k is not None and eps is None and best.distances.shape[0] < k:
+        warnings.warn(f"accepted {best.distances.shape[0]} simulations, not {k}: {best.dropped} of {n_sims} were "
+                      "dropped as NaN/inf", RuntimeWarning, stacklevel=2)
     tolerance = float(eps) if k is None else float(best.distances[-1])
     return RejectionResult(
         theta=best.theta, summaries=best.summaries, distances=best.distances, index=best.index, s_obs=s_obs,

@@ -40,6 +40,11 @@ def test_more_samples_than_simulations_is_refused():
     task = get_task("two_moons")
     with pytest.raises(ValueError, match="num_samples"):
         abc_posterior_samples(task, task.observation(1), num_simulations=100, num_samples=200)
+    for count in (2.5, 0, -3):  # 2.5 gave 3 draws; 0 named a quantile the caller never passed
+        with pytest.raises(ValueError, match="num_samples must be a positive int"):
+            abc_posterior_samples(task, task.observation(1), num_simulations=100, num_samples=count)
+    with pytest.raises(ValueError, match="num_simulations must be a positive int"):
+        abc_posterior_samples(task, task.observation(1), num_simulations=-1, num_samples=20)
 
 
 def test_two_moons_c2st_improves_with_the_number_of_simulations():

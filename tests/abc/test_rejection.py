@@ -88,6 +88,10 @@ def test_nan_simulations_are_dropped_and_counted():
     result = rejection(flaky, PRIOR, X_OBS, 10_000, quantile=0.05, chunk_size=2_500, seed=0)
     assert result.num_dropped == 1_000 and result.num_accepted == 500
     assert np.isfinite(result.distances).all() and np.all(result.index % 10 != 0)
+    # fewer finite simulations than the quantile asks for: all of them, and a warning (it was silent)
+    with pytest.warns(RuntimeWarning, match="accepted 9000 simulations, not 9500: 1000 of 10000 were dropped"):
+        result = rejection(flaky, PRIOR, X_OBS, 10_000, quantile=0.95, chunk_size=2_500, seed=0)
+    assert result.num_accepted == 9_000
 
 
 def test_torch_simulator_and_task_give_posterior_draws_inside_the_prior():
@@ -119,6 +123,8 @@ def test_task_summary_statistics_are_used():
         (dict(x_obs=np.array([np.nan, 0.0])), "NaN"),
         (dict(quantile=0.0), "quantile"),
         (dict(quantile=1.5), "quantile"),
+        (dict(quantile=True), "quantile"),  # (accepted every simulation)
+        (dict(quantile=None, eps=True), "eps"),
         (dict(quantile=None), "quantile, eps"),
         (dict(quantile=None, eps=-1.0), "eps"),
         (dict(quantile=None, eps=1e-9), "no simulation accepted"),
