@@ -7,10 +7,9 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from fastflow._checks import nonnegative_int
 from fastflow.fm import CNF, OdeConfig, Path, VelocityMLP, cfm_loss, get_path
 from fastflow.fm.paths import check_time_distribution
-from fastflow.inference.npe import TrainingConfig, check_simulations, fit_posterior, fit_preprocessing, preprocessing
+from fastflow.inference.npe import TrainingConfig, fit_posterior, preprocessing
 from fastflow.inference.posterior import Posterior, register_estimator
 from fastflow.priors import Prior
 
@@ -118,21 +117,8 @@ class FMPE:
 
     def fit(self, theta: torch.Tensor, x: torch.Tensor) -> Posterior:
         """Train on pairs θ `(N, D)`, x `(N, C)`; returns the `Posterior` (its `history` holds the losses)."""
-        theta, x = check_simulations(self.prior, theta, x, method="FMPE")
-        config = {
-            "method": "fmpe",
-            "dim_theta": theta.shape[1],
-            "dim_x": x.shape[1],
-            "bounded": self.prior.bounded,
-            "network": self.network.to_dict(),
-            "sampler": self.sampler.to_dict(),
-            "likelihood": self.likelihood.to_dict(),
-            "training": asdict(self.training),
-        }
-        seed = nonnegative_int(self.seed, "seed")
-        torch.manual_seed(seed)
-        cnf = build_fmpe_cnf(config)
-        fit_preprocessing(list(cnf.transforms), cnf.embedding, self.prior, theta, x)
+        settings = {"network": self.network.to_dict(), "sampler": self.sampler.to_dict(),
+                    "likelihood": self.likelihood.to_dict()}
         loss = _FlowMatchingLoss(self.path, self.time_distribution, self.alpha)
-        return fit_posterior(cnf, loss, theta, x, self.prior, config=config, training=self.training,
-                             seed=seed, device=self.device, progress=self.progress)
+        return fit_posterior("fmpe", build_fmpe_cnf, loss, self.prior, theta, x, settings=settings,
+                             training=self.training, seed=self.seed, device=self.device, progress=self.progress)

@@ -4,6 +4,7 @@ flow q(θ | x) by maximum likelihood on simulated pairs (θ, x)."""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -14,7 +15,7 @@ from fastflow.inference.posterior import Posterior, register_estimator
 from fastflow.priors import Prior, check_prior
 from fastflow.train import fit
 
-__all__ = ["NPE", "TrainingConfig", "ZScore", "check_simulations", "fit_preprocessing", "preprocessing"]
+__all__ = ["NPE", "TrainingConfig", "ZScore", "check_simulations", "fit_posterior", "fit_preprocessing", "preprocessing"]
 
 
 @dataclass(frozen=True)
@@ -33,10 +34,19 @@ class TrainingConfig:
     overfit_tolerance: float | None = None
 
 
-def fit_posterior(estimator, loss_fn, theta, x, prior, *, config: dict, training: TrainingConfig, seed: int, device, progress: bool) -> Posterior:
-    """Train `estimator` on (θ, x) with `fastflow.train.fit` and wrap it as a `Posterior` (with `history`)."""
-    options = asdict(training)
-    history = fit(estimator, loss_fn, (theta, x), **options, seed=seed, device=device, progress=progress)
+def fit_posterior(method: str, build: Callable[[dict], nn.Module], loss_fn, prior: Prior, theta, x, *, settings: dict,
+                  training: TrainingConfig, seed: int, device, progress: bool) -> Posterior:
+    """An estimator's fit: checks the pairs θ `(N, D)`, x `(N, C)`, builds the estimator of `method` from its config
+    (`settings` and the sizes; seeded with `seed`), sets its preprocessing statistics, trains it with
+    `fastflow.train.fit` and wraps it as a `Posterior` (with `history`)."""
+    theta, x = check_simulations(prior, theta, x, method=method.upper())
+    config = {"method": method, "dim_theta": theta.shape[1], "dim_x": x.shape[1], "bounded": prior.bounded, **settings,
+              "training": asdict(training)}
+    seed = nonnegative_int(seed, "seed")
+    torch.manual_seed(seed)
+    estimator = build(config)
+    fit_preprocessing(list(estimator.transforms)[: 2 if prior.bounded else 1], estimator.embedding, prior, theta, x)
+    history = fit(estimator, loss_fn, (theta, x), **asdict(training), seed=seed, device=device, progress=progress)
     posterior = Posterior(estimator, prior, config=config)
     posterior.history = history
     return posterior
@@ -143,19 +153,6 @@ class NPE:
 
     def fit(self, theta: torch.Tensor, x: torch.Tensor) -> Posterior:
         """Train on pairs θ `(N, D)`, x `(N, C)`; returns the `Posterior` (its `history` holds the losses)."""
-        theta, x = check_simulations(self.prior, theta, x, method="NPE")
-        config = {
-            "method": "npe",
-            "dim_theta": theta.shape[1],
-            "dim_x": x.shape[1],
-            "bounded": self.prior.bounded,
-            "flow": self.flow.to_dict(),
-            "training": asdict(self.training),
-        }
-        seed = nonnegative_int(self.seed, "seed")
-        torch.manual_seed(seed)
-        flow = build_npe_flow(config)
-        fit_preprocessing(list(flow.transforms)[: 2 if self.prior.bounded else 1], flow.embedding, self.prior, theta, x)
-
-        return fit_posterior(flow, _negative_log_likelihood, theta, x, self.prior, config=config, training=self.training,
-                             seed=seed, device=self.device, progress=self.progress)
+        return fit_posterior("npe", build_npe_flow, _negative_log_likelihood, self.prior, theta, x,
+                             settings={"flow": self.flow.to_dict()}, training=self.training, seed=self.seed,
+                             device=self.device, progress=self.progress)
