@@ -11,6 +11,7 @@ import torch
 from fastflow.flows import FlowConfig
 from fastflow.inference import NPE, Posterior, TrainingConfig, simulate
 from fastflow.inference.posterior import FORMAT_VERSION
+from fastflow.metrics import expected_coverage, sbc_ranks, sbc_uniformity
 from fastflow.priors import BoxUniform, Gaussian
 from fastflow.tasks import get_task
 from gaussian_linear_checks import assert_moments_match_analytic
@@ -56,6 +57,19 @@ def test_default_npe_fits_the_ten_dimensional_gaussian_posterior():
         theta = exact.sample((10_000,))  # (Monte Carlo sd of each estimate ~0.01)
         divergences.append(float((exact.log_prob(theta) - posterior.log_prob(theta.float(), x_obs).double()).mean()))
     assert sum(divergences) / 3 < 0.32, divergences
+
+
+def test_npe_is_calibrated_over_simulated_datasets(linear_posterior):
+    """SBC over 500 fresh datasets (200 draws each): uniform marginal ranks (measured p-values 0.07-0.91) and
+    highest-density regions covering their level (within 0.032 at levels 0.1-0.9; binomial sd 0.022)."""
+    task, posterior = linear_posterior
+    datasets = simulate(task.simulate, task.prior, 500, seed=7)
+    torch.manual_seed(0)
+    ranks = sbc_ranks(posterior, datasets.theta, datasets.x, num_posterior_samples=200)
+    assert (sbc_uniformity(ranks, 200) > 1e-3).all()
+    levels = torch.linspace(0.1, 0.9, 9, dtype=torch.float64)
+    log_prob_ranks = sbc_ranks(posterior, datasets.theta, datasets.x, num_posterior_samples=200, reduce="log_prob")
+    assert (expected_coverage(log_prob_ranks, 200, levels) - levels).abs().max() < 0.1
 
 
 def test_map_is_near_the_analytic_mode(linear_posterior):
