@@ -4,6 +4,7 @@ and MAP, batched over several observations, and saved as weights plus a plain co
 from __future__ import annotations
 
 import math
+import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -67,7 +68,12 @@ class Posterior:
     def sample(self, n: int, x) -> torch.Tensor:
         """`n` draws of θ: `(n, D)` for x `(C,)`, `(n, B, D)` for x `(B, C)`."""
         n = positive_int(n, "number of samples")
-        return self.estimator.sample(n, self._check_x(x))
+        samples = self.estimator.sample(n, self._check_x(x))
+        finite = torch.isfinite(samples).all(-1)
+        if not finite.all():  # (one check per call, after the sampling)
+            warnings.warn(f"{int((~finite).sum())} of {finite.numel()} posterior samples are NaN or inf: the estimator "
+                          "is broken for this x (did training diverge?)", RuntimeWarning, stacklevel=2)
+        return samples
 
     @torch.no_grad()
     def log_prob(self, theta, x) -> torch.Tensor:

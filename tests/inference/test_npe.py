@@ -1,6 +1,7 @@
 """NPE and Posterior: statistics against the analytic gaussian_linear posterior, the Posterior API,
 persistence, and bad input."""
 
+import copy
 import math
 import warnings
 
@@ -274,6 +275,18 @@ def test_a_simulator_changing_theta_in_place_keeps_the_drawn_parameters():
     sims = simulate(in_place, prior, 500, seed=3)
     torch.testing.assert_close(sims.x, sims.theta.exp() + 0.1)
     torch.testing.assert_close(sims.theta, prior.sample(500, generator=torch.Generator().manual_seed(3)))
+
+
+def test_non_finite_samples_are_reported(box_posterior):
+    """A broken estimator (here NaN weights; in practice a diverged fit) sampled NaN without a word."""
+    broken = copy.deepcopy(box_posterior)
+    with torch.no_grad():
+        next(broken.estimator.parameters()).fill_(math.nan)
+    with pytest.warns(RuntimeWarning, match="10 of 10 posterior samples are NaN or inf"):
+        broken.sample(10, torch.zeros(2))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        box_posterior.sample(10, torch.zeros(2))
 
 
 def test_posterior_bad_input(box_posterior):
