@@ -21,7 +21,8 @@ import torch
 from fastflow._checks import positive_int
 
 __all__ = ["BACKENDS", "BackendStatus", "backends", "device_key", "native_module", "resolve_backend", "set_num_threads",
-           "triton_precision", "is_automatic", "requested_backend", "triton_device", "AUTO_TRITON_PRECISIONS"]
+           "triton_precision", "is_automatic", "requested_backend", "triton_device", "AUTO_TRITON_PRECISIONS",
+           "cpu_has_bf16_products"]
 
 BACKENDS = ("reference", "triton", "native")
 _INSTALL_HINT = "reinstall fastflow with `pip install .` (or `make install`) so that the C++ extension is built"
@@ -195,3 +196,16 @@ def set_num_threads(n: int) -> None:
     module, _ = _import_extension("_C")
     if module is not None:
         module.set_num_threads(n)
+
+
+@lru_cache(maxsize=None)
+def cpu_has_bf16_products() -> bool:
+    """Whether this CPU multiplies bfloat16 in hardware (x86's AVX512-BF16 or AMX-BF16 flags in /proc/cpuinfo):
+    there torch's bfloat16 matrix products run about twice as fast as float32 ones (on an AMD EPYC with AVX512-BF16,
+    512x128 by 128x128: 91 µs against 171 µs); elsewhere they are emulated. False off Linux."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            flags = next((line.split(":", 1)[1].split() for line in cpuinfo if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags

@@ -14,6 +14,7 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from fastflow._checks import nonnegative_int, positive_finite, positive_int
+from fastflow.backends import cpu_has_bf16_products
 
 __all__ = ["History", "fit"]
 
@@ -61,6 +62,7 @@ def fit(
     lr_schedule: str = "constant",
     keep: str = "best",
     overfit_tolerance: float | None = None,
+    mixed_precision: str = "off",
     seed: int = 0,
     device: str | torch.device | None = None,
     progress: bool = True,
@@ -81,6 +83,9 @@ def fit(
             weights whatever `keep` says (the model is memorizing its training pairs; a scale-free test, which a
             loss's irreducible part does not dilute). For models trained from scratch, whose first epoch leaves
             much to improve; it never fires before the loss improves on the first epoch's. None: never.
+        mixed_precision: "bf16": compute the loss (training and validation) under `torch.autocast` with bfloat16
+            products (weights, gradients and the optimizer stay float32); "auto": so on a CPU that multiplies
+            bfloat16 in hardware (`fastflow.backends.cpu_has_bf16_products`), else as "off" (float32).
         device: where to train (default: the model's device); data is moved there once.
         progress: show a tqdm bar.
 
@@ -102,7 +107,10 @@ def fit(
         raise ValueError(f"keep must be 'best' or 'last', got {keep!r}")
     if overfit_tolerance is not None:
         positive_finite(overfit_tolerance, "overfit_tolerance")
+    if mixed_precision not in ("off", "bf16", "auto"):
+        raise ValueError(f"mixed_precision must be 'off', 'bf16' or 'auto', got {mixed_precision!r}")
     device = torch.device(device) if device is not None else next(model.parameters()).device
+    bf16 = mixed_precision == "bf16" or (mixed_precision == "auto" and device.type == "cpu" and cpu_has_bf16_products())
     model.to(device)
     data = tuple(t.to(device) for t in data)
     seed = nonnegative_int(seed, "seed")
@@ -131,7 +139,8 @@ def fit(
         running = torch.zeros((), device=device)
         for step in range(steps_per_epoch):
             index = order[step * batch_size : (step + 1) * batch_size]
-            loss = loss_fn(model, *(t[index] for t in train_data))
+            with _autocast(device, bf16):
+                loss = loss_fn(model, *(t[index] for t in train_data))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if clip_grad_norm is not None:
@@ -150,7 +159,8 @@ def fit(
         if validation_index.numel() == 0:  # the last finite weights are kept (a later NaN epoch restores them)
             history.best_epoch, best_state = epoch, _snapshot(model, best_state)
             continue
-        validation_loss = evaluate(model, loss_fn, validation_data, batch_size=max(batch_size, 4096), seed=seed)
+        validation_loss = evaluate(model, loss_fn, validation_data, batch_size=max(batch_size, 4096), seed=seed,
+                                   bf16=bf16)
         history.validation_loss.append(validation_loss)
         bar.set_postfix(train=f"{history.train_loss[-1]:.3f}", val=f"{validation_loss:.3f}")
         if not math.isfinite(validation_loss):  # (it ran out the patience without a word, keeping the last weights)
@@ -190,6 +200,11 @@ def _stop_at_nonfinite(kind: str, loss: float, epoch: int, history: History, kep
     history.stopped_early = True
 
 
+def _autocast(device: torch.device, enabled: bool) -> torch.autocast:
+    """bfloat16 products (`torch.autocast` on `device`'s type) where `enabled`."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
+
+
 @torch.no_grad()
 def _snapshot(model: nn.Module, kept: dict | None) -> dict:
     """The model's state copied into `kept`, the previous snapshot (allocated once, at the first call)."""
@@ -202,12 +217,13 @@ def _snapshot(model: nn.Module, kept: dict | None) -> dict:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loss_fn: Callable[..., torch.Tensor], data: tuple[torch.Tensor, ...], *, batch_size: int = 4096,
-             seed: int | None = 0) -> float:
+             seed: int | None = 0, bf16: bool = False) -> float:
     """Mean of `loss_fn` over `data` in chunks, without gradients.
 
     A loss that draws random numbers (flow matching's times and noise) draws them from a generator seeded with
     `seed`, the same at every call (common random numbers: validation losses of successive epochs then differ by
-    the model alone, not by new draws); the global random stream is left as it was. `seed=None`: fresh draws."""
+    the model alone, not by new draws); the global random stream is left as it was. `seed=None`: fresh draws.
+    `bf16`: under `torch.autocast` with bfloat16 products (`fit`'s mixed_precision)."""
     model.eval()
     count = data[0].shape[0]
     device = data[0].device
@@ -217,5 +233,6 @@ def evaluate(model: nn.Module, loss_fn: Callable[..., torch.Tensor], data: tuple
             torch.manual_seed(seed)
         for start in range(0, count, batch_size):
             chunk = tuple(t[start : start + batch_size] for t in data)
-            total += loss_fn(model, *chunk) * chunk[0].shape[0]
+            with _autocast(device, bf16):
+                total += loss_fn(model, *chunk).float() * chunk[0].shape[0]
     return float(total) / count

@@ -149,3 +149,26 @@ def test_bad_keep_and_overfit_tolerance_are_refused():
                              (dict(overfit_tolerance=math.nan), "overfit_tolerance")):
         with pytest.raises(ValueError, match=message):
             fit(model, loss, _data(), progress=False, **options)
+
+
+@pytest.mark.parametrize("mixed_precision, hardware, expected", [
+    ("bf16", False, True), ("off", True, False), ("auto", True, True), ("auto", False, False)])
+def test_mixed_precision_runs_the_loss_under_bf16_autocast(monkeypatch, mixed_precision, hardware, expected):
+    """bf16 products in the loss, training and validation ("auto": where the CPU multiplies bf16 in hardware), with
+    float32 weights and optimizer; the model still learns."""
+    from fastflow import train
+
+    monkeypatch.setattr(train, "cpu_has_bf16_products", lambda: hardware)
+    model = torch.nn.Linear(2, 1)
+    autocast_seen = set()
+
+    def loss(m, x, y):
+        autocast_seen.add((m.training, torch.is_autocast_enabled("cpu")))
+        return (m(x) - y).square().mean()
+
+    history = fit(model, loss, _data(), batch_size=16, learning_rate=0.05, max_epochs=30, validation_fraction=0.25,
+                  mixed_precision=mixed_precision, progress=False)
+    assert autocast_seen == {(True, expected), (False, expected)}
+    assert model.weight.dtype == torch.float32 and history.validation_loss[-1] < 0.1 * history.validation_loss[0]
+    with pytest.raises(ValueError, match="mixed_precision must be"):
+        fit(model, loss, _data(), mixed_precision=True, progress=False)

@@ -74,9 +74,14 @@ class _FlowMatchingLoss:
 # separate: two_moons 8.5 % early on, gaussian_linear's overfitting 10 %). slcp 0.862 / 0.892 (sbi's FMPE: about
 # 0.85), gaussian_linear 0.557 (NPE 0.538); two_moons never stops and loses little to the held-out pairs:
 # 0.542 / 0.539 / 0.528 / 0.529 over seeds 0-3.
+# The loss runs with bfloat16 products on CPUs that multiply bfloat16 in hardware (mixed_precision "auto"): on an AMD
+# EPYC with AVX512-BF16 training took 50.8 s against 66.0 s (two_moons, seed 0, 800 epochs, 1 thread, one process), and
+# scored as float32: two_moons 0.530 / 0.541 / 0.531 (seeds 0-2), slcp 0.861 (stopping at epoch 350 instead of 343),
+# gaussian_linear 0.555 (509 instead of 514).
 FMPE_SAMPLER = OdeConfig(method="rk4", steps=10)
 FMPE_LIKELIHOOD = OdeConfig(method="dopri5", rtol=1e-5, atol=1e-5)
-FMPE_TRAINING = TrainingConfig(max_epochs=800, patience=800, validation_fraction=0.1, keep="last", overfit_tolerance=0.2)
+FMPE_TRAINING = TrainingConfig(max_epochs=800, patience=800, validation_fraction=0.1, keep="last", overfit_tolerance=0.2,
+                               mixed_precision="auto")
 
 
 @dataclass

@@ -32,6 +32,7 @@ class TrainingConfig:
     lr_schedule: str = "cosine"
     keep: str = "best"
     overfit_tolerance: float | None = None
+    mixed_precision: str = "off"
 
 
 def fit_posterior(method: str, build: Callable[[dict], nn.Module], loss_fn, prior: Prior, theta, x, *, settings: dict,
