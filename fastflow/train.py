@@ -133,53 +133,57 @@ def fit(
     restore_best = keep == "best" or validation_index.numel() == 0  # (the last finite weights without a split)
     start = time.perf_counter()
     bar = tqdm(range(max_epochs), disable=not progress, desc="training", unit="epoch", leave=False)
-    for epoch in bar:
-        model.train()
-        order = torch.randperm(train_count, generator=generator).to(device)
-        running = torch.zeros((), device=device)
-        for step in range(steps_per_epoch):
-            index = order[step * batch_size : (step + 1) * batch_size]
-            with _autocast(device, bf16):
-                loss = loss_fn(model, *(t[index] for t in train_data))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if clip_grad_norm is not None:
-                nn.utils.clip_grad_norm_(model.parameters(), clip_grad_norm)
-            optimizer.step()
-            if scheduler is not None:
-                scheduler.step()
-            running += loss.detach() * index.numel()
-        history.train_loss.append(float(running) / train_count)
-        if not math.isfinite(history.train_loss[-1]):
-            _stop_at_nonfinite("training", history.train_loss[-1], epoch, history, best_state,
-                               "lower the learning rate (or clip gradients), or check the data")
-            restore_best = True
-            break
-
-        if validation_index.numel() == 0:  # the last finite weights are kept (a later NaN epoch restores them)
-            history.best_epoch, best_state = epoch, _snapshot(model, best_state)
-            continue
-        validation_loss = evaluate(model, loss_fn, validation_data, batch_size=max(batch_size, 4096), seed=seed,
-                                   bf16=bf16)
-        history.validation_loss.append(validation_loss)
-        bar.set_postfix(train=f"{history.train_loss[-1]:.3f}", val=f"{validation_loss:.3f}")
-        if not math.isfinite(validation_loss):  # (it ran out the patience without a word, keeping the last weights)
-            _stop_at_nonfinite("validation", validation_loss, epoch, history, best_state,
-                               "check the data for rows the model gives no finite loss (NaN or inf)")
-            restore_best = True
-            break
-        if validation_loss < best_loss:
-            best_loss, stale, history.best_epoch = validation_loss, 0, epoch
-            best_state = _snapshot(model, best_state)
-        elif overfit_tolerance is not None and best_loss < history.validation_loss[0] and (
-                validation_loss - best_loss > overfit_tolerance * (history.validation_loss[0] - best_loss)):
-            history.stopped_early = history.overfit = restore_best = True
-            break
-        else:
-            stale += 1
-            if stale >= patience:
-                history.stopped_early = True
+    # a caller's autocast is off here (the loss alone takes bf16 products, with mixed_precision): around fit it
+    # reached the optimizer and kept its cast copies of the weights for the whole fit (an autocast caches them until
+    # its outermost context exits), so every step ran the first step's weights and nothing was learned
+    with torch.autocast(device.type, enabled=False):
+        for epoch in bar:
+            model.train()
+            order = torch.randperm(train_count, generator=generator).to(device)
+            running = torch.zeros((), device=device)
+            for step in range(steps_per_epoch):
+                index = order[step * batch_size : (step + 1) * batch_size]
+                with _autocast(device, bf16):
+                    loss = loss_fn(model, *(t[index] for t in train_data))
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if clip_grad_norm is not None:
+                    nn.utils.clip_grad_norm_(model.parameters(), clip_grad_norm)
+                optimizer.step()
+                if scheduler is not None:
+                    scheduler.step()
+                running += loss.detach() * index.numel()
+            history.train_loss.append(float(running) / train_count)
+            if not math.isfinite(history.train_loss[-1]):
+                _stop_at_nonfinite("training", history.train_loss[-1], epoch, history, best_state,
+                                   "lower the learning rate (or clip gradients), or check the data")
+                restore_best = True
                 break
+
+            if validation_index.numel() == 0:  # the last finite weights are kept (a later NaN epoch restores them)
+                history.best_epoch, best_state = epoch, _snapshot(model, best_state)
+                continue
+            validation_loss = evaluate(model, loss_fn, validation_data, batch_size=max(batch_size, 4096), seed=seed,
+                                       bf16=bf16)
+            history.validation_loss.append(validation_loss)
+            bar.set_postfix(train=f"{history.train_loss[-1]:.3f}", val=f"{validation_loss:.3f}")
+            if not math.isfinite(validation_loss):  # (it ran out the patience without a word, keeping the last weights)
+                _stop_at_nonfinite("validation", validation_loss, epoch, history, best_state,
+                                   "check the data for rows the model gives no finite loss (NaN or inf)")
+                restore_best = True
+                break
+            if validation_loss < best_loss:
+                best_loss, stale, history.best_epoch = validation_loss, 0, epoch
+                best_state = _snapshot(model, best_state)
+            elif overfit_tolerance is not None and best_loss < history.validation_loss[0] and (
+                    validation_loss - best_loss > overfit_tolerance * (history.validation_loss[0] - best_loss)):
+                history.stopped_early = history.overfit = restore_best = True
+                break
+            else:
+                stale += 1
+                if stale >= patience:
+                    history.stopped_early = True
+                    break
     bar.close()
     if restore_best and best_state is not None:
         model.load_state_dict(best_state)
@@ -201,8 +205,9 @@ def _stop_at_nonfinite(kind: str, loss: float, epoch: int, history: History, kep
 
 
 def _autocast(device: torch.device, enabled: bool) -> torch.autocast:
-    """bfloat16 products (`torch.autocast` on `device`'s type) where `enabled`."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
+    """bfloat16 products (`torch.autocast` on `device`'s type) where `enabled`, casting the weights anew at each call
+    (a nested autocast's cached copies outlive it: they would freeze the weights it sees)."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled, cache_enabled=False)
 
 
 @torch.no_grad()

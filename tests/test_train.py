@@ -172,3 +172,15 @@ def test_mixed_precision_runs_the_loss_under_bf16_autocast(monkeypatch, mixed_pr
     assert model.weight.dtype == torch.float32 and history.validation_loss[-1] < 0.1 * history.validation_loss[0]
     with pytest.raises(ValueError, match="mixed_precision must be"):
         fit(model, loss, _data(), mixed_precision=True, progress=False)
+
+
+@pytest.mark.parametrize("mixed_precision", ["off", "bf16"])
+def test_an_autocast_around_fit_does_not_freeze_the_weights(mixed_precision):
+    """Under a caller's autocast the loss saw the weights cast at the first step for the whole fit (autocast keeps
+    its cast copies until its outermost context exits): the loss never moved. The caller's autocast is off inside fit,
+    and mixed_precision casts anew at every step."""
+    model = torch.nn.Linear(2, 1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        history = fit(model, lambda m, x, y: (m(x) - y).square().mean(), _data(), batch_size=16, learning_rate=0.05,
+                      max_epochs=30, validation_fraction=0.25, mixed_precision=mixed_precision, progress=False)
+    assert history.validation_loss[-1] < 0.1 * history.validation_loss[0]
