@@ -1,5 +1,5 @@
 # Set-up and run commands. Every target creates .venv when missing, installs torch first (the pinned
-# $(TORCH), the CPU wheel here, so pip never pulls a CUDA build for the project's `torch>=2.3`), then
+# $(TORCH), the CPU wheel here, so pip never pulls a CUDA build for the project's `torch>=2.4`), then
 # fastflow in editable mode with its C++ extension. Idempotent: stamps in .venv make repeat runs skip
 # the installs, and the editable install reruns (an incremental CMake build in build/) only when
 # pyproject.toml, CMakeLists.txt or csrc/ change. Python edits (fastflow/, kernels/) need no reinstall.

@@ -9,6 +9,7 @@ with the reason instead of falling back.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 import os
@@ -22,7 +23,7 @@ from fastflow._checks import positive_int
 
 __all__ = ["BACKENDS", "BackendStatus", "backends", "device_key", "native_module", "resolve_backend", "set_num_threads",
            "triton_precision", "is_automatic", "requested_backend", "triton_device", "AUTO_TRITON_PRECISIONS",
-           "cpu_has_bf16_products"]
+           "autocast_off", "cpu_has_bf16_products"]
 
 BACKENDS = ("reference", "triton", "native")
 _INSTALL_HINT = "reinstall fastflow with `pip install .` (or `make install`) so that the C++ extension is built"
@@ -209,3 +210,10 @@ def cpu_has_bf16_products() -> bool:
     except OSError:
         return False
     return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def autocast_off(device_type: str) -> contextlib.AbstractContextManager:
+    """A context turning a caller's autocast off on `device_type` (a no-op context where none is on: entering an
+    autocast costs ~3 µs): flows and coupling layers run in their parameters' dtype, since the native and Triton ops
+    take float32/64 (under a bfloat16 autocast the conditioners' bf16 outputs reached them) and densities need it."""
+    return torch.autocast(device_type, enabled=False) if torch.is_autocast_enabled(device_type) else contextlib.nullcontext()

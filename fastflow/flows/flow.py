@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 import torch.nn as nn
 
 from fastflow._checks import positive_int
-from fastflow.backends import backends
+from fastflow.backends import autocast_off, backends
 from fastflow.flows.transforms import Transform
 from fastflow.ops.coupling_flow import chain_transforms
 
@@ -69,6 +71,10 @@ class Flow(nn.Module):
     # -- density ----------------------------------------------------------------------------------
     def log_prob(self, theta: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         """log q(θ | context) for θ `(*, D)`; context `(C,)`, or `(*, C)` matching θ's batch shape."""
+        with autocast_off(theta.device.type):  # (a flow runs in its parameters' dtype)
+            return self._log_prob(theta, context)
+
+    def _log_prob(self, theta: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
         if theta.shape[-1] != self.dim:
             raise ValueError(f"θ must have last dimension {self.dim}, got {tuple(theta.shape)}")
         batch_shape = theta.shape[:-1]
@@ -94,6 +100,11 @@ class Flow(nn.Module):
                 with_log_prob: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Draws and (when `with_log_prob`; else None) their log q, shaped as `sample_and_log_prob`'s."""
         n = positive_int(n, "number of samples")
+        tensor = next(itertools.chain(self.parameters(), self.buffers()), context)
+        with autocast_off("cpu" if tensor is None else tensor.device.type):
+            return self._draw(n, context, with_log_prob)
+
+    def _draw(self, n: int, context: torch.Tensor | None, with_log_prob: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         if context is not None and context.dim() > 2:
             raise ValueError(f"sampling takes a context (C,) or (B, C), got {tuple(context.shape)}")
         contexts = context.shape[0] if context is not None and context.dim() == 2 else 1
@@ -123,3 +134,4 @@ class Flow(nn.Module):
     def sample_and_log_prob(self, n: int, context: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Draws and their log q in one pass: `(n, [B,] D)` and `(n, [B])`."""
         return self._sample(n, context)
+

@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 
 from fastflow._checks import nonnegative_int, positive_finite, positive_int
-from fastflow.backends import device_key, triton_device
+from fastflow.backends import autocast_off, device_key, triton_device
 from fastflow.flows.transforms import Transform
 from fastflow.ops.coupling import affine_coupling, spline_coupling
 from fastflow.ops.coupling_flow import CouplingRun, read_parameters
@@ -139,16 +139,18 @@ class _Coupling(Transform):
     def _run_or_op(self, x, context, inverse):
         """x `(*, dim)` (and context `(*, context_dim)`, the same batch shape) → (y `(*, dim)`, log|det J| `(*,)`).
         On the Triton backend the layer runs as a one-layer `CouplingRun` (fused kernels, with its merge), as in a
-        `Flow`; otherwise through the coupling op (`_transform`)."""
+        `Flow`; otherwise through the coupling op (`_transform`). It runs in its parameters' dtype: an autocast is
+        off inside (its bfloat16 conditioner outputs reached the native and Triton ops, which take float32/64)."""
         batch_shape = x.shape[:-1]
         x, context = self._rows(x, context)
         result = None
-        if self.backend not in ("reference", "native") and triton_device(x.device) and self.fused_signature() is not None:
-            key = (inverse, self.backend)
-            if key not in self._runs:
-                self._runs[key] = CouplingRun([(self, None)], inverse)
-            result = self._runs[key].on_triton(x, context)
-        y, ladj = self._transform(x, context, inverse) if result is None else result
+        with autocast_off(x.device.type):
+            if self.backend not in ("reference", "native") and triton_device(x.device) and self.fused_signature() is not None:
+                key = (inverse, self.backend)
+                if key not in self._runs:
+                    self._runs[key] = CouplingRun([(self, None)], inverse)
+                result = self._runs[key].on_triton(x, context)
+            y, ladj = self._transform(x, context, inverse) if result is None else result
         return (y, ladj) if len(batch_shape) == 1 else (y.reshape(*batch_shape, self.dim), ladj.reshape(batch_shape))
 
     def _rows(self, x: torch.Tensor, context: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:

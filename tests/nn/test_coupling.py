@@ -348,3 +348,28 @@ def test_layers_refuse_inputs_on_another_device(layer_type):
         layer(x.cuda(), context)
     with pytest.raises(ValueError, match="context is on cuda:0 but the layer's parameters on cpu"):
         layer(x, context.cuda())
+
+
+@pytest.mark.parametrize("backend", ["reference", "native", "triton"])
+def test_layers_and_flows_run_in_their_dtype_under_autocast(backend, monkeypatch):
+    """Under a bf16 autocast (a mixed-precision loss around a flow) the conditioner's bf16 outputs reached the native
+    op (TypeError: unsupported ScalarType BFloat16): layers and flows run in their parameters' dtype inside."""
+    if backend == "native" and native_missing:
+        pytest.skip("fastflow._C is not built")
+    if backend == "triton":
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    flow = CouplingFlow(3, 2, config=FlowConfig(num_layers=2, hidden=16, num_bins=5), backend=backend)
+    layer = _perturbed(SplineCoupling(3, 2, num_bins=5, backend=backend))
+    _perturbed(flow)
+    x, context = torch.randn(6, 3), torch.randn(6, 2)
+    expected = flow.log_prob(x, context), layer(x, context)
+    torch.manual_seed(0)
+    expected_draws = flow.sample(4, context[:2])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        log_q, (y, ladj) = flow.log_prob(x, context), layer(x, context)
+        torch.manual_seed(0)
+        draws = flow.sample(4, context[:2])
+        log_q.sum().backward()  # (gradients under autocast too)
+    torch.testing.assert_close(log_q, expected[0])
+    torch.testing.assert_close((y, ladj), expected[1])
+    torch.testing.assert_close(draws, expected_draws)
