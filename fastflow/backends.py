@@ -10,8 +10,10 @@ with the reason instead of falling back.
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import importlib.util
+import itertools
 import os
 from dataclasses import dataclass
 from functools import lru_cache
@@ -23,7 +25,7 @@ from fastflow._checks import positive_int
 
 __all__ = ["BACKENDS", "BackendStatus", "backends", "device_key", "native_module", "resolve_backend", "set_num_threads",
            "triton_precision", "is_automatic", "requested_backend", "triton_device", "AUTO_TRITON_PRECISIONS",
-           "autocast_off", "cpu_has_bf16_products"]
+           "autocast_off", "cpu_has_bf16_products", "in_own_dtype"]
 
 BACKENDS = ("reference", "triton", "native")
 _INSTALL_HINT = "reinstall fastflow with `pip install .` (or `make install`) so that the C++ extension is built"
@@ -217,3 +219,16 @@ def autocast_off(device_type: str) -> contextlib.AbstractContextManager:
     autocast costs ~3 µs): flows and coupling layers run in their parameters' dtype, since the native and Triton ops
     take float32/64 (under a bfloat16 autocast the conditioners' bf16 outputs reached them) and densities need it."""
     return torch.autocast(device_type, enabled=False) if torch.is_autocast_enabled(device_type) else contextlib.nullcontext()
+
+
+def in_own_dtype(method):
+    """Decorate a module's method to run with a caller's autocast off on the module's device (that of its first
+    parameter or buffer; CPU without any): flows and CNFs run in their parameters' dtype (`autocast_off`)."""
+
+    @functools.wraps(method)
+    def run(self, *args, **kwargs):
+        tensor = next(itertools.chain(self.parameters(), self.buffers()), None)
+        with autocast_off("cpu" if tensor is None else tensor.device.type):
+            return method(self, *args, **kwargs)
+
+    return run

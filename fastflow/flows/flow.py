@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import itertools
-
 import torch
 import torch.nn as nn
 
 from fastflow._checks import positive_int
-from fastflow.backends import autocast_off, backends
+from fastflow.backends import backends, in_own_dtype
 from fastflow.flows.transforms import Transform
 from fastflow.ops.coupling_flow import chain_transforms
 
@@ -20,6 +18,7 @@ class Flow(nn.Module):
 
     Contexts broadcast: `log_prob(θ (N, D), context (C,) or (N, C))`; `sample(n, context (C,))` gives
     `(n, D)` and `sample(n, context (B, C))` gives `(n, B, D)` — every draw for every context in one batch.
+    It runs in its parameters' dtype: a caller's autocast is off inside.
 
     Arguments:
         transforms: bijections applied in order from data to latent.
@@ -69,12 +68,9 @@ class Flow(nn.Module):
         return embedded.reshape(*context.shape[:-1], embedded.shape[-1])
 
     # -- density ----------------------------------------------------------------------------------
+    @in_own_dtype
     def log_prob(self, theta: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         """log q(θ | context) for θ `(*, D)`; context `(C,)`, or `(*, C)` matching θ's batch shape."""
-        with autocast_off(theta.device.type):  # (a flow runs in its parameters' dtype)
-            return self._log_prob(theta, context)
-
-    def _log_prob(self, theta: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
         if theta.shape[-1] != self.dim:
             raise ValueError(f"θ must have last dimension {self.dim}, got {tuple(theta.shape)}")
         batch_shape = theta.shape[:-1]
@@ -96,15 +92,11 @@ class Flow(nn.Module):
         return log_q.reshape(batch_shape)
 
     # -- sampling ---------------------------------------------------------------------------------
+    @in_own_dtype
     def _sample(self, n: int, context: torch.Tensor | None,
                 with_log_prob: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Draws and (when `with_log_prob`; else None) their log q, shaped as `sample_and_log_prob`'s."""
         n = positive_int(n, "number of samples")
-        tensor = next(itertools.chain(self.parameters(), self.buffers()), context)
-        with autocast_off("cpu" if tensor is None else tensor.device.type):
-            return self._draw(n, context, with_log_prob)
-
-    def _draw(self, n: int, context: torch.Tensor | None, with_log_prob: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         if context is not None and context.dim() > 2:
             raise ValueError(f"sampling takes a context (C,) or (B, C), got {tuple(context.shape)}")
         contexts = context.shape[0] if context is not None and context.dim() == 2 else 1

@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 
 from fastflow._checks import positive_int
+from fastflow.backends import in_own_dtype
 from fastflow.fm.fused import mlp_odeint
 from fastflow.fm.nets import VelocityMLP
 from fastflow.fm.solvers import SOLVERS, check_tolerances, odeint
@@ -141,6 +142,7 @@ class CNF(nn.Module):
 
     # -- sampling and density ---------------------------------------------------------------------
     @torch.no_grad()
+    @in_own_dtype
     def sample(self, n: int, context: torch.Tensor | None = None) -> torch.Tensor:
         """Draws `(n, D)`, or `(n, B, D)` for a context `(B, C)`. On CUDA, a `VelocityMLP` with a fixed-step
         sampler integrates in the fused Triton kernel where it supports the field (`fastflow.fm.fused.mlp_odeint`)."""
@@ -165,8 +167,10 @@ class CNF(nn.Module):
             x, _ = transform.inverse(x)
         return x.reshape(n, contexts, self.dim) if context is not None and context.dim() == 2 else x
 
+    @in_own_dtype
     def log_prob(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
-        """log q(x | context) for x `(*, D)` by the augmented ODE; context `(C,)` or `(*, C)`."""
+        """log q(x | context) for x `(*, D)` by the augmented ODE; context `(C,)` or `(*, C)`; in the model's dtype
+        (a caller's autocast is off inside, as in `sample`)."""
         if x.shape[-1] != self.dim:
             raise ValueError(f"x must have last dimension {self.dim}, got {tuple(x.shape)}")
         dtype = self._parameter().dtype
