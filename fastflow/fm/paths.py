@@ -178,9 +178,11 @@ def sample_time(n: int, *, distribution: str = "uniform", alpha: float = 0.0, ge
     """`(n,)` training times in [0, 1].
 
     Arguments:
-        distribution: "uniform", or "power": p(t) ∝ t^(1/(1+alpha)) (FMPE, Dax et al. 2023), which puts
-            more weight near the data end t = 1; drawn by inverse CDF t = u^((1+alpha)/(2+alpha)).
-        alpha: exponent parameter of "power" (> -1).
+        distribution: "uniform", or "power": p(t) ∝ t^(1/(1+alpha)) (FMPE, as printed in Dax et al. 2023), which
+            puts more weight near the data end t = 1; drawn by inverse CDF t = u^((1+alpha)/(2+alpha)). (dingo, the
+            paper's code, draws p(t) ∝ t^a instead, t = u^(1/(1+a)): its a > 0 is alpha = 1/a - 1 here, e.g. a = 4 is
+            alpha = -0.75; sbi's FMPE draws t uniformly, with data at t = 0.)
+        alpha: exponent parameter of "power" (> -1); 0 gives p(t) = 2t.
     """
     n = positive_int(n, "n")
     check_time_distribution(distribution, alpha)
