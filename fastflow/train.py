@@ -14,7 +14,7 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from fastflow._checks import nonnegative_int, positive_finite, positive_int
-from fastflow.backends import cpu_has_bf16_products
+from fastflow.backends import autocast_off, cpu_has_bf16_products
 
 __all__ = ["History", "fit"]
 
@@ -136,7 +136,7 @@ def fit(
     # a caller's autocast is off here (the loss alone takes bf16 products, with mixed_precision): around fit it
     # reached the optimizer and kept its cast copies of the weights for the whole fit (an autocast caches them until
     # its outermost context exits), so every step ran the first step's weights and nothing was learned
-    with torch.autocast(device.type, enabled=False):
+    with autocast_off(device.type):
         for epoch in bar:
             model.train()
             order = torch.randperm(train_count, generator=generator).to(device)

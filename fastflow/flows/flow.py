@@ -126,4 +126,3 @@ class Flow(nn.Module):
     def sample_and_log_prob(self, n: int, context: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Draws and their log q in one pass: `(n, [B,] D)` and `(n, [B])`."""
         return self._sample(n, context)
-
