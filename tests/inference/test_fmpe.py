@@ -1,6 +1,8 @@
 """FMPE: moments against the analytic gaussian_linear posterior, the Posterior API (log_prob, MAP,
 quantiles, save/load), the CLI method registry, and bad input."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -25,6 +27,15 @@ def linear_posterior():
 
 def test_gaussian_linear_moments_match_analytic(linear_posterior):
     assert_moments_match_analytic(*linear_posterior)
+
+
+def test_bf16_training_matches_analytic_moments_too():
+    """Mixed precision (the loss under a bf16 autocast; FMPE's default on CPUs with bf16 products) trains as well."""
+    task = get_task("gaussian_linear")
+    sims = simulate(task.simulate, task.prior, 10_000, seed=1)
+    training = dataclasses.replace(SMALL_TRAINING, mixed_precision="bf16")
+    fmpe = FMPE(task.prior, network=VelocityConfig(hidden=(128, 128, 128)), training=training, progress=False)
+    assert_moments_match_analytic(task, fmpe.fit(sims.theta, sims.x))
 
 
 def test_fmpe_marginals_are_calibrated_over_simulated_datasets(linear_posterior):
