@@ -13,7 +13,6 @@ import contextlib
 import functools
 import importlib
 import importlib.util
-import itertools
 import os
 from dataclasses import dataclass
 from functools import lru_cache
@@ -222,13 +221,12 @@ def autocast_off(device_type: str) -> contextlib.AbstractContextManager:
 
 
 def in_own_dtype(method):
-    """Decorate a module's method to run with a caller's autocast off on the module's device (that of its first
-    parameter or buffer; CPU without any): flows and CNFs run in their parameters' dtype (`autocast_off`)."""
+    """Decorate a method to run with a caller's autocast off on the devices fastflow runs on (CPU and CUDA): flows and
+    CNFs run in their parameters' dtype (`autocast_off`)."""
 
     @functools.wraps(method)
-    def run(self, *args, **kwargs):
-        tensor = next(itertools.chain(self.parameters(), self.buffers()), None)
-        with autocast_off("cpu" if tensor is None else tensor.device.type):
-            return method(self, *args, **kwargs)
+    def run(*args, **kwargs):
+        with autocast_off("cpu"), autocast_off("cuda"):
+            return method(*args, **kwargs)
 
     return run
