@@ -15,7 +15,7 @@ from fastflow._checks import positive_int
 from fastflow.backends import in_own_dtype
 from fastflow.fm.fused import mlp_odeint
 from fastflow.fm.nets import VelocityMLP
-from fastflow.fm.solvers import SOLVERS, check_tolerances, odeint
+from fastflow.fm.solvers import SOLVERS, OdeSolution, check_tolerances, odeint
 
 __all__ = ["CNF", "DIVERGENCES", "Divergence", "OdeConfig", "exact_divergence"]
 
@@ -135,10 +135,11 @@ class CNF(nn.Module):
             total = total + ladj
         return x, total
 
-    def _integrate(self, state, t_0, t_1, config: OdeConfig, f, args):
-        solution = odeint(f, state, config.times(t_0, t_1), method=config.method, args=args, rtol=config.rtol, atol=config.atol)
+    def _integrate(self, state, times, config: OdeConfig, f, args, trajectory: bool = False) -> OdeSolution:
+        solution = odeint(f, state, times, method=config.method, args=args, rtol=config.rtol, atol=config.atol,
+                          trajectory=trajectory)
         self.last_evaluations = solution.evaluations
-        return solution.x
+        return solution
 
     # -- sampling and density ---------------------------------------------------------------------
     @torch.no_grad()
@@ -146,6 +147,26 @@ class CNF(nn.Module):
     def sample(self, n: int, context: torch.Tensor | None = None) -> torch.Tensor:
         """Draws `(n, D)`, or `(n, B, D)` for a context `(B, C)`. On CUDA, a `VelocityMLP` with a fixed-step
         sampler integrates in the fused Triton kernel where it supports the field (`fastflow.fm.fused.mlp_odeint`)."""
+        return self._sample(n, context, self.sampler.times(0.0, 1.0), trajectory=False)
+
+    @torch.no_grad()
+    @in_own_dtype
+    def sample_trajectory(self, n: int, context: torch.Tensor | None = None, times=None) -> torch.Tensor:
+        """Draws with their paths from the noise: the states at every time of `times`, in data space,
+        `(K + 1, n, D)`, or `(K + 1, n, B, D)` for a context `(B, C)`; the last are samples as `sample` draws them.
+
+        times: increasing grid `(K + 1,)` from 0 to at most 1; the sampler's method integrates it (a fixed-step
+        method takes one step per interval, an adaptive one ends a step on each time). None: the sampler's grid for
+        fixed-step methods, 11 evenly spaced times for adaptive ones.
+        """
+        if times is None:
+            times = self.sampler.times(0.0, 1.0) if not SOLVERS[self.sampler.method].adaptive else torch.linspace(0, 1, 11)
+        grid = torch.as_tensor(times, dtype=torch.float64)
+        if grid.dim() != 1 or grid.numel() < 2 or grid[0] != 0 or not (grid.diff() > 0).all() or grid[-1] > 1:
+            raise ValueError(f"times must be an increasing grid from 0 to at most 1, got {times!r}")
+        return self._sample(n, context, grid, trajectory=True)
+
+    def _sample(self, n: int, context: torch.Tensor | None, times: torch.Tensor, trajectory: bool) -> torch.Tensor:
         n = positive_int(n, "number of samples")
         if context is not None and context.dim() > 2:
             raise ValueError(f"sampling takes a context (C,) or (B, C), got {tuple(context.shape)}")
@@ -158,14 +179,16 @@ class CNF(nn.Module):
             # the fused Triton integrator where it supports the field (backend "auto"), else odeint
             # one context for all draws goes in as (E,): the kernel folds it into the first layer's time bias
             fused_context = embedded.reshape(-1) if embedded is not None and contexts == 1 else (args[0] if args else None)
-            solution = mlp_odeint(self.velocity, x_0, self.sampler.times(0.0, 1.0), self.sampler.method,
-                                  context=fused_context)
-            self.last_evaluations, x = solution.evaluations, solution.x
+            solution = mlp_odeint(self.velocity, x_0, times, self.sampler.method, context=fused_context,
+                                  trajectory=trajectory)
+            self.last_evaluations = solution.evaluations
         else:
-            x = self._integrate(x_0, 0.0, 1.0, self.sampler, self.velocity, args)
+            solution = self._integrate(x_0, times, self.sampler, self.velocity, args, trajectory)
+        x = solution.trajectory.reshape(-1, self.dim) if trajectory else solution.x
         for transform in reversed(self.transforms):
             x, _ = transform.inverse(x)
-        return x.reshape(n, contexts, self.dim) if context is not None and context.dim() == 2 else x
+        shape = (n, contexts, self.dim) if context is not None and context.dim() == 2 else (n * contexts, self.dim)
+        return x.reshape(-1, *shape) if trajectory else x.reshape(shape)
 
     @in_own_dtype
     def log_prob(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
@@ -195,7 +218,7 @@ class CNF(nn.Module):
             return torch.cat([v, div.unsqueeze(-1)], -1)
 
         state = torch.cat([x_1, x_1.new_zeros(x_1.shape[0], 1)], -1)
-        end = self._integrate(state, 1.0, 0.0, self.likelihood, augmented, args)
+        end = self._integrate(state, self.likelihood.times(1.0, 0.0), self.likelihood, augmented, args).x
         x_0, log_det = end[:, : self.dim], end[:, self.dim]
         log_base = -0.5 * x_0.square().sum(-1) - 0.5 * self.dim * math.log(2 * math.pi)
         return (log_base + log_det + ladj).reshape(batch_shape)

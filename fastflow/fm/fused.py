@@ -2,8 +2,8 @@
 `odeint` on the same field as its reference.
 
 `mlp_odeint` is forward only (sampling runs under `torch.no_grad()`): the kernel keeps no graph, so
-it refuses inputs that would need one. For intermediate states, call it once per interval
-(`times[i : i + 2]`, a one-step grid): the same kernel, one launch per step.
+it refuses inputs that would need one. With `trajectory=True` (the states at every time of the grid) the
+kernel runs one launch per step, each a one-step grid.
 
 Tolerances against the reference (float32): exact fp32 products in the kernel (`precision="ieee"`, and
 always under TRITON_INTERPRET=1), summed in another order, agree to ~1e-6 relative per evaluation;
@@ -59,7 +59,7 @@ def fused_unsupported(velocity: torch.nn.Module, x: torch.Tensor, method: str,
 
 def mlp_odeint(velocity: VelocityMLP, x: torch.Tensor, times, method: str = "rk4", *,
                context: torch.Tensor | None = None, backend: str | None = "auto",
-               precision: str | None = None, launch: dict | None = None) -> OdeSolution:
+               precision: str | None = None, launch: dict | None = None, trajectory: bool = False) -> OdeSolution:
     """`odeint(velocity, x, times, method=method, args=(context,))` through the chosen backend.
 
     Arguments:
@@ -76,6 +76,8 @@ def mlp_odeint(velocity: VelocityMLP, x: torch.Tensor, times, method: str = "rk4
             `torch.backends.cuda.matmul.allow_tf32` on CUDA ("ieee" on CPU).
         launch: the kernel's settings for tuning (`approximate`, `resident`, `block_m`, `block_k`, `num_warps` of
             `kernels.ode.mlp_odeint_triton`); None: its defaults.
+        trajectory: also return the states at every time of the grid `(K + 1, n, D)` (the fused kernel then
+            runs one launch per step).
 
     Returns:
         `OdeSolution` with the final states `(n, D)` and the number of batched velocity evaluations.
@@ -96,6 +98,8 @@ def mlp_odeint(velocity: VelocityMLP, x: torch.Tensor, times, method: str = "rk4
                 isinstance(velocity, VelocityMLP) and context.shape[-1] != velocity.context_dim):
             raise ValueError(f"context must be (E,) or (n = {x.shape[0]}, E) with E = {getattr(velocity, 'context_dim', 'E')}, "
                              f"got {tuple(context.shape)}")
+    if not isinstance(trajectory, bool):
+        raise TypeError(f"trajectory must be True or False, got {trajectory!r}")
     grid = _check_times(times)
     if not torch.isfinite(x).all():
         raise ValueError("the initial state contains NaN or inf")
@@ -107,15 +111,16 @@ def mlp_odeint(velocity: VelocityMLP, x: torch.Tensor, times, method: str = "rk4
         reason = "fp32 products: the reference is faster (automatic choice only)"
     chosen = resolve_backend(backend, x.device, supports=("reference",) if reason else ("reference", "triton"))
     if chosen == "triton":
-        return _fused(velocity, x, grid, method, context, resolved_precision, launch or {})
+        return _fused(velocity, x, grid, method, context, resolved_precision, launch or {}, trajectory)
     if context is not None and context.dim() == 1:
         context = context.expand(x.shape[0], -1)
-    return odeint(velocity, x, times, method=method, args=() if context is None else (context,))
+    return odeint(velocity, x, times, method=method, args=() if context is None else (context,), trajectory=trajectory)
 
 
 def _fused(velocity: VelocityMLP, x, grid: list[float], method: str, context, precision: str | None,
-           launch: dict) -> OdeSolution:
-    """Pack the field (first-layer time and context terms precomputed) and launch the kernel."""
+           launch: dict, trajectory: bool) -> OdeSolution:
+    """Pack the field (first-layer time and context terms precomputed) and launch the kernel: once for the whole
+    grid, or once per step for a trajectory."""
     from fastflow.kernels.ode import mlp_odeint_triton
 
     precision = triton_precision(precision, x.device)
@@ -133,10 +138,19 @@ def _fused(velocity: VelocityMLP, x, grid: list[float], method: str, context, pr
     width = first.out_features
     w_hidden = torch.stack([layer.weight for layer in hidden]) if hidden else x.new_empty(0, width, width)
     b_hidden = torch.stack([layer.bias for layer in hidden]) if hidden else x.new_empty(0, width)
-    out = mlp_odeint_triton(
-        x, steps.float().to(x.device), time_bias.contiguous(), context_bias, w_x.contiguous(), w_hidden.contiguous(),
-        b_hidden.contiguous(), velocity.output.weight.contiguous(), velocity.output.bias.contiguous(),
-        a=tableau.a, b=tableau.b, activation=velocity.activation, residual=velocity.residual, precision=precision,
-        **launch,
-    )
-    return OdeSolution(out, evaluations=len(tableau.b) * (len(grid) - 1))
+    steps, time_bias = steps.float().to(x.device), time_bias.contiguous()
+    weights = (w_x.contiguous(), w_hidden.contiguous(), b_hidden.contiguous(), velocity.output.weight.contiguous(),
+               velocity.output.bias.contiguous())
+
+    def integrate(start, steps, time_bias):
+        return mlp_odeint_triton(start, steps, time_bias, context_bias, *weights, a=tableau.a, b=tableau.b,
+                                 activation=velocity.activation, residual=velocity.residual, precision=precision, **launch)
+
+    evaluations = len(tableau.b) * (len(grid) - 1)
+    if not trajectory:
+        return OdeSolution(integrate(x, steps, time_bias), evaluations=evaluations)
+    stages = len(tableau.b)
+    states = [x]
+    for k in range(len(grid) - 1):
+        states.append(integrate(states[-1], steps[k : k + 1], time_bias[k * stages : (k + 1) * stages]))
+    return OdeSolution(states[-1], evaluations=evaluations, trajectory=torch.stack(states))

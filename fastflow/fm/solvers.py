@@ -61,13 +61,15 @@ SOLVERS: dict[str, ButcherTableau] = {
 
 @dataclass
 class OdeSolution:
-    """The state at the final time `(n, S)`, the number of (batched) evaluations of f, and for adaptive
-    methods the accepted and rejected steps summed over samples."""
+    """The state at the final time `(n, S)`, the number of (batched) evaluations of f, for adaptive methods
+    the accepted and rejected steps summed over samples, and when asked for, the states at every time of the
+    grid `(K + 1, n, S)` (as torchdiffeq's `odeint` returns)."""
 
     x: torch.Tensor
     evaluations: int
     accepted: int = 0
     rejected: int = 0
+    trajectory: torch.Tensor | None = None
 
 
 def _combine(weights: Sequence[float], k: list[torch.Tensor]) -> torch.Tensor | None:
@@ -132,19 +134,21 @@ def _check_times(times) -> list[float]:
 
 
 def odeint(f: Callable[..., torch.Tensor], x: torch.Tensor, times, *, method: str = "rk4", args: tuple = (),
-           rtol: float = 1e-5, atol: float = 1e-5, max_steps: int = 10_000) -> OdeSolution:
+           rtol: float = 1e-5, atol: float = 1e-5, max_steps: int = 10_000, trajectory: bool = False) -> OdeSolution:
     """Integrate dx/dt = f(t, x, *args) from times[0] to times[-1] for a batch of states.
 
     Arguments:
         f: `(t, x (n, S), *args) -> (n, S)`; t (in x's dtype) is a 0-d tensor for fixed-step methods and `(n,)`
             (one time per sample) for adaptive ones.
         x: `(n, S)` initial states at times[0].
-        times: strictly monotone grid `(K + 1,)`; fixed-step methods take one step per interval
-            (decreasing grids integrate backward in time); adaptive methods use only its two end points.
+        times: strictly monotone grid `(K + 1,)` (decreasing grids integrate backward in time); fixed-step
+            methods take one step per interval; adaptive methods choose their own steps and end one on each
+            time of the grid (a step cut short there does not shrink the next one).
         method: a key of `SOLVERS`: "euler", "midpoint", "heun", "rk4" (fixed) or "dopri5" (adaptive).
         args: tensors `(n, ...)` passed to f, sliced with the state when adaptive steps drop finished samples.
         rtol, atol: per-sample error tolerances of adaptive methods (RMS norm over the state).
         max_steps: limit on adaptive step attempts.
+        trajectory: also return the states at every time of the grid, `(K + 1, n, S)` (differentiable).
 
     Returns:
         `OdeSolution` with the final state `(n, S)`.
@@ -158,39 +162,49 @@ def odeint(f: Callable[..., torch.Tensor], x: torch.Tensor, times, *, method: st
     for a in args:
         if not isinstance(a, torch.Tensor) or a.shape[:1] != x.shape[:1]:
             raise ValueError(f"args must be tensors with leading dimension n = {x.shape[0]}")
+    if not isinstance(trajectory, bool):
+        raise TypeError(f"trajectory must be True or False, got {trajectory!r}")
     grid = _check_times(times)
     tableau = SOLVERS[method]
     if not tableau.adaptive:
-        return _fixed(f, tableau, x, grid, args)
+        return _fixed(f, tableau, x, grid, args, trajectory)
     check_tolerances(rtol, atol)
     max_steps = positive_int(max_steps, "max_steps")
-    return _adaptive(f, tableau, x, grid[0], grid[-1], args, rtol, atol, max_steps)
+    return _adaptive(f, tableau, x, grid, args, rtol, atol, max_steps, trajectory)
 
 
-def _fixed(f, tableau, x, grid, args) -> OdeSolution:
+def _fixed(f, tableau, x, grid, args, trajectory: bool) -> OdeSolution:
     times = _stage_times(grid, tableau.c, x.dtype).to(x.device)  # one copy to the device, not one per step
+    states = [x] if trajectory else None
     for step, (t_0, t_1) in enumerate(zip(grid[:-1], grid[1:])):
         h = t_1 - t_0
         k_1 = _evaluate_first(f, times[step, 0], x, args) if step == 0 else f(times[step, 0], x, *args)
         k = _stages(f, tableau, times[step], x, h, args, k_1)
         x = _advance(x, h, tableau.b, k)
-    return OdeSolution(x, evaluations=len(tableau.b) * (len(grid) - 1))
+        if trajectory:
+            states.append(x)
+    return OdeSolution(x, evaluations=len(tableau.b) * (len(grid) - 1),
+                       trajectory=torch.stack(states) if trajectory else None)
 
 
 def _rms(values: torch.Tensor) -> torch.Tensor:
     return values.square().mean(-1).sqrt()
 
 
-def _adaptive(f, tableau, x, t_0, t_1, args, rtol, atol, max_steps) -> OdeSolution:
-    """Per-sample adaptive steps. Times and step sizes are float64 (f gets them in the state's dtype), error norms
-    at least float32 (a float16 state's squares overflow), and the step-size control is detached: gradients flow
-    through the accepted steps, not through the choice of their sizes."""
+def _adaptive(f, tableau, x, grid, args, rtol, atol, max_steps, trajectory: bool) -> OdeSolution:
+    """Per-sample adaptive steps, each sample ending a step on every time of the grid in turn. Times and step sizes
+    are float64 (f gets them in the state's dtype), error norms at least float32 (a float16 state's squares
+    overflow), and the step-size control is detached: gradients flow through the accepted steps, not through the
+    choice of their sizes."""
     n = x.shape[0]
+    t_0, t_1 = grid[0], grid[-1]
     direction = 1.0 if t_1 > t_0 else -1.0
     span = abs(t_1 - t_0)
     exponent = -1.0 / tableau.order
     norm_dtype = torch.promote_types(x.dtype, torch.float32)
     t = torch.full((n,), t_0, dtype=torch.float64, device=x.device)
+    grid_times = torch.tensor(grid, dtype=torch.float64, device=x.device)
+    target = torch.ones(n, dtype=torch.long, device=x.device)  # each sample's next grid time
     k_1 = _evaluate_first(f, t.to(x.dtype), x, args)
     if not torch.isfinite(k_1).all():
         raise RuntimeError(f"the velocity returned NaN or inf at t = {t_0}")
@@ -203,15 +217,21 @@ def _adaptive(f, tableau, x, t_0, t_1, args, rtol, atol, max_steps) -> OdeSoluti
         h = torch.where((d_0 < 1e-5) | (d_1 < 1e-5), torch.full_like(d_0, 1e-6 * span), 0.01 * d_0 / d_1)
         h = h.double().clamp(max=span)
     solution = OdeSolution(x, evaluations=1)
+    if trajectory:
+        # written in place as samples reach each time (autograd records the writes)
+        solution.trajectory = x.new_empty(len(grid), *x.shape)
+        solution.trajectory[0] = x
     active = torch.arange(n, device=x.device)
     for _ in range(max_steps):
         if active.numel() == 0:
             return solution
         every = active.numel() == n
-        x_a, t_a, k_a = (x, t, k_1) if every else (x[active], t[active], k_1[active])
+        x_a, t_a, k_a, h_a, target_a = (x, t, k_1, h, target) if every else (
+            x[active], t[active], k_1[active], h[active], target[active])
         args_a = args if every else tuple(a[active] for a in args)
-        remaining = (t_1 - t_a).abs()
-        step = torch.minimum(h[active], remaining)
+        t_next = grid_times[target_a]
+        remaining = (t_next - t_a).abs()
+        step = torch.minimum(h_a, remaining)
         signed = (direction * step).unsqueeze(-1)  # float64, for the error norm
         signed_x = signed.to(x.dtype)
         stage_times = [(t_a + c_i * direction * step).to(x.dtype) for c_i in tableau.c]
@@ -222,16 +242,22 @@ def _adaptive(f, tableau, x, t_0, t_1, args, rtol, atol, max_steps) -> OdeSoluti
             error = signed * _combine(tableau.error, k).to(norm_dtype)
             norm = _rms(error / (atol + rtol * torch.maximum(x_a.abs(), x_new.abs()).to(norm_dtype)))
         accept = norm <= 1.0  # False for NaN
-        finished = accept & (step >= remaining)
+        reached = accept & (step >= remaining)
+        finished = reached & (target_a == len(grid) - 1)
         rows = active[accept]
         # out of place, so that gradients flow through the solve (e.g. MAP on a CNF's log-density) and f may keep
         # the times it was given for its backward pass
         x = x.index_copy(0, rows, x_new[accept])
         k_1 = k_1.index_copy(0, rows, k[-1][accept])
         solution.x = x
-        t = t.index_copy(0, rows, torch.where(finished[accept], t_1, t_a[accept] + direction * step[accept]))
+        t = t.index_copy(0, rows, torch.where(reached[accept], t_next[accept], t_a[accept] + direction * step[accept]))
+        if trajectory:
+            solution.trajectory[target_a[reached], active[reached]] = x_new[reached]
+        target = target.index_add(0, active[reached], torch.ones_like(target_a[reached]))
         factor = (0.9 * norm.double().clamp_min(1e-10) ** exponent).clamp(0.2, 10.0).nan_to_num(0.2)
-        h[active] = step * factor
+        proposal = step * factor
+        # a step cut short to land on a grid time keeps the size proposed before it
+        h[active] = torch.where(reached & (step < h_a), torch.maximum(h_a, proposal), proposal)
         # (rows that just finished are left out: their last step may be a tiny remainder)
         if not (h[active][~finished] >= 1e-12 * span).all():  # NaN fails too
             raise RuntimeError("adaptive step size underflow: the ODE is too stiff or the velocity returned NaN")

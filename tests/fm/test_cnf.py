@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 
+from fastflow.flows import Standardize
 from fastflow.fm import CNF, OdeConfig, VelocityMLP, cfm_loss, get_path
 from fastflow.fm.nets import BLOCK_ROWS
 from fastflow.train import fit
@@ -86,6 +87,35 @@ def test_shapes_and_broadcasting():
     with torch.no_grad():
         assert cnf.log_prob(torch.randn(4, 5, 2), torch.randn(5, 3)).shape == (4, 5)
         assert cnf.log_prob(torch.randn(7, 2), torch.randn(3)).shape == (7,)
+
+
+@pytest.mark.parametrize("sampler", [OdeConfig(), OdeConfig(method="rk4", steps=8)])
+def test_sample_trajectory_follows_the_exact_paths_in_data_space(sampler):
+    """v = w x carries x_0 to e^{w t} x_0; the states come back through the transforms (here x = 3 + 2 z)."""
+    cnf = CNF(Linear(), 3, transforms=[Standardize(torch.full((3,), 3.0), torch.full((3,), 2.0))], sampler=sampler)
+    times = torch.tensor([0.0, 0.25, 0.5, 1.0])
+    paths = cnf.sample_trajectory(6, times=times)
+    assert paths.shape == (4, 6, 3)
+    z_0 = (paths[0] - 3.0) / 2.0
+    expected = 3.0 + 2.0 * torch.exp(-0.5 * times.double())[:, None, None] * z_0
+    torch.testing.assert_close(paths, expected, atol=1e-4, rtol=0)
+    default = cnf.sample_trajectory(2)  # the sampler's grid for fixed steps, 11 times for adaptive ones
+    assert default.shape == ((9 if sampler.method == "rk4" else 11), 2, 3)
+
+
+def test_sample_trajectory_ends_on_the_samples_and_broadcasts_contexts():
+    cnf = CNF(VelocityMLP(2, context_dim=3, hidden=(16,)), 2, context_dim=3, sampler=OdeConfig(method="rk4", steps=4))
+    context = torch.randn(5, 3)
+    torch.manual_seed(1)
+    samples = cnf.sample(7, context)
+    torch.manual_seed(1)
+    paths = cnf.sample_trajectory(7, context)
+    assert paths.shape == (5, 7, 5, 2)
+    torch.testing.assert_close(paths[-1], samples, atol=1e-6, rtol=1e-6)
+    assert cnf.sample_trajectory(7, context[0], times=[0.0, 0.5]).shape == (2, 7, 2)
+    for times in ([0.1, 1.0], [0.0, 0.6, 0.5], [0.0, 1.5], [0.0]):
+        with pytest.raises(ValueError, match="increasing grid from 0 to at most 1"):
+            cnf.sample_trajectory(2, context[0], times=times)
 
 
 def test_log_prob_is_differentiable_in_x():

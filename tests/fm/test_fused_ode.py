@@ -114,14 +114,21 @@ def test_shared_context_vector_and_rows_not_a_multiple_of_the_tile():
     torch.testing.assert_close(mlp_odeint(net, x, GRIDS["forward"], "heun", context=context, backend="triton").x, fused.x)
 
 
-def test_one_step_grids_chain_to_the_full_grid():
-    """Intermediate states: one launch per interval gives the same states as one launch for the grid."""
-    net = _field(2, (16, 16))
+@pytest.mark.parametrize("context_dim", [0, 2])
+def test_trajectory_launches_one_step_grids_and_matches_the_reference(context_dim):
+    """The states at every grid time (one launch per interval) match odeint's trajectory, and the last one the
+    single launch for the whole grid."""
+    net = _field(2, (16, 16), context_dim=context_dim)
     x_0, grid = _randn(16, 2), GRIDS["non-uniform"]
-    x = x_0
-    for i in range(len(grid) - 1):
-        x = mlp_odeint(net, x, grid[i : i + 2], "rk4", backend="triton").x
-    torch.testing.assert_close(x, mlp_odeint(net, x_0, grid, "rk4", backend="triton").x, atol=1e-6, rtol=1e-6)
+    context = _randn(16, context_dim) if context_dim else None
+    fused = mlp_odeint(net, x_0, grid, "rk4", context=context, backend="triton", trajectory=True)
+    reference = odeint(net, x_0, grid, method="rk4", args=() if context is None else (context,), trajectory=True)
+    assert fused.trajectory.shape == (len(grid), 16, 2)
+    assert torch.equal(fused.trajectory[0], x_0) and torch.equal(fused.trajectory[-1], fused.x)
+    torch.testing.assert_close(fused.trajectory, reference.trajectory, atol=1e-5, rtol=1e-5)
+    whole = mlp_odeint(net, x_0, grid, "rk4", context=context, backend="triton")
+    torch.testing.assert_close(fused.x, whole.x, atol=1e-6, rtol=1e-6)
+    assert fused.evaluations == whole.evaluations == reference.evaluations
 
 
 def test_auto_runs_the_reference_on_cpu_and_for_unsupported_configurations():
@@ -187,6 +194,8 @@ def test_bad_input():
         mlp_odeint(net, x, GRIDS["forward"], "rk5", context=context, backend="triton")
     with pytest.raises(ValueError, match="one device"):
         mlp_odeint(net, x.to("meta"), GRIDS["forward"], context=context, backend="triton")
+    with pytest.raises(TypeError, match="trajectory must be True or False"):
+        mlp_odeint(net, x, GRIDS["forward"], context=context, backend="triton", trajectory="yes")
 
 
 def test_cnf_sampling_on_cpu_keeps_the_reference_path(monkeypatch):
