@@ -29,8 +29,11 @@ $(STAMP): $(TORCH_STAMP) $(BUILD_INPUTS)
 	$(PY) -m pip install --no-build-isolation -e ".[test]"
 	touch $@
 
+# torchcfm without its dependencies: its flow matchers need only torch and POT (the bench extra), while its
+# torchdyn requirement pulls an unpinned torchvision (and with it another torch).
 $(BENCH_STAMP): $(STAMP)
 	$(PY) -m pip install --no-build-isolation -e ".[test,bench]"
+	$(PY) -m pip install --no-deps "torchcfm==1.0.7"
 	touch $@
 
 venv: $(STAMP)

@@ -4,13 +4,14 @@ continuous normalizing flows (sampling and log-likelihood)."""
 from fastflow.fm.cnf import CNF, DIVERGENCES, Divergence, OdeConfig, exact_divergence
 from fastflow.fm.fused import mlp_odeint
 from fastflow.fm.nets import TimeEmbedding, VelocityMLP
+from fastflow.fm.pairing import PAIRINGS, ot_pairing
 from fastflow.fm.paths import (PATHS, CondOTPath, CosinePath, LinearInterpolant, Path, TrigInterpolant, VPPath,
                                cfm_loss, get_path, sample_time)
 from fastflow.fm.solvers import SOLVERS, ButcherTableau, OdeSolution, odeint
 
 __all__ = [
     "CNF", "DIVERGENCES", "Divergence", "OdeConfig", "exact_divergence",
-    "PATHS", "SOLVERS", "ButcherTableau", "CondOTPath", "CosinePath", "LinearInterpolant", "OdeSolution", "Path",
+    "PAIRINGS", "PATHS", "SOLVERS", "ButcherTableau", "CondOTPath", "CosinePath", "LinearInterpolant", "OdeSolution", "Path",
     "TimeEmbedding", "TrigInterpolant", "VPPath", "VelocityMLP", "cfm_loss", "get_path", "mlp_odeint", "odeint",
-    "sample_time",
+    "ot_pairing", "sample_time",
 ]
