@@ -1,5 +1,5 @@
 """CNF sampling ODE: fastflow's batched solvers against torchdiffeq `odeint` on the same MLP velocity field,
-100 steps for fixed-step methods, Dopri5 at rtol = atol = 1e-5. Reports seconds, velocity evaluations,
+100 steps for fixed-step methods, Dopri5 and Bogacki–Shampine 3(2) at rtol = atol = 1e-5. Reports seconds, velocity evaluations,
 max error against a tight Dopri5 (1e-9) reference on the first 1,000 samples, and the ratio to torchdiffeq rk4 (on
 CUDA the faster of its fp32 and TF32 runs).
 On CUDA with Triton, also the fused integrator (`fastflow.fm.fused.mlp_odeint`: all steps in one launch),
@@ -42,7 +42,9 @@ def _cases(net, x_0):
     cases = {}
     for method in ("euler", "heun", "rk4"):
         cases[f"fastflow {method}-{STEPS}"] = lambda method=method: (lambda s: (s.x, s.evaluations))(odeint(net, x_0, GRID, method=method))
-    cases["fastflow dopri5 1e-5"] = lambda: (lambda s: (s.x, s.evaluations))(odeint(net, x_0, [0.0, 1.0], method="dopri5"))
+    for method in ("dopri5", "bosh3"):
+        cases[f"fastflow {method} 1e-5"] = lambda method=method: (lambda s: (s.x, s.evaluations))(
+            odeint(net, x_0, [0.0, 1.0], method=method))
     if DEVICE == "cuda" and "cuda" in backends()["triton"].devices:
         for method in ("euler", "rk4"):
             for precision in ("ieee", "tf32"):
@@ -64,7 +66,8 @@ def _cases(net, x_0):
         cases[f"torchdiffeq rk4-{STEPS}"] = lambda: counted("rk4", options={"step_size": 1.0 / STEPS})
         if DEVICE == "cuda":  # with TF32 cuBLAS products too: the like-for-like baseline of the fused TF32 rows
             cases[f"torchdiffeq rk4-{STEPS} tf32"] = with_tf32(cases[f"torchdiffeq rk4-{STEPS}"])
-        cases["torchdiffeq dopri5 1e-5"] = lambda: counted("dopri5", rtol=1e-5, atol=1e-5)
+        for method in ("dopri5", "bosh3"):
+            cases[f"torchdiffeq {method} 1e-5"] = lambda method=method: counted(method, rtol=1e-5, atol=1e-5)
     return cases
 
 

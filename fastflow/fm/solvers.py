@@ -1,5 +1,6 @@
 """Batched ODE solvers dx/dt = f(t, x) for states `(n, S)`: explicit Runge–Kutta methods declared as
-Butcher tableaus, fixed-step (Euler, midpoint, Heun, RK4) or adaptive (Dopri5, per-sample error control)."""
+Butcher tableaus, fixed-step (Euler, midpoint, Heun, RK4) or adaptive with per-sample error control (Dopri5 and
+Bogacki–Shampine 3(2): torchdiffeq's "dopri5" and "bosh3")."""
 
 from __future__ import annotations
 
@@ -25,6 +26,11 @@ class ButcherTableau:
     order: int
     error: tuple[float, ...] | None = None
 
+    def __post_init__(self):
+        # the adaptive solver reuses the last stage as the next step's first: it must be f at the new state
+        if self.adaptive and not (self.c[-1] == 1.0 and self.a[-1] == self.b[:-1] and self.b[-1] == 0.0):
+            raise ValueError("an adaptive tableau must be first-same-as-last (c_s = 1, a_s = b, b_s = 0)")
+
     @property
     def adaptive(self) -> bool:
         return self.error is not None
@@ -32,6 +38,12 @@ class ButcherTableau:
 
 _DOPRI5_B = (35 / 384, 0.0, 500 / 1113, 125 / 192, -2187 / 6784, 11 / 84, 0.0)
 _DOPRI5_B_HAT = (5179 / 57600, 0.0, 7571 / 16695, 393 / 640, -92097 / 339200, 187 / 2100, 1 / 40)
+_BOSH3_B, _BOSH3_B_HAT = (2 / 9, 1 / 3, 4 / 9, 0.0), (7 / 24, 1 / 4, 1 / 3, 1 / 8)
+
+
+def _difference(b: tuple[float, ...], b_hat: tuple[float, ...]) -> tuple[float, ...]:
+    return tuple(w - w_hat for w, w_hat in zip(b, b_hat))
+
 
 SOLVERS: dict[str, ButcherTableau] = {
     "euler": ButcherTableau(c=(0.0,), a=((),), b=(1.0,), order=1),
@@ -54,7 +66,12 @@ SOLVERS: dict[str, ButcherTableau] = {
         ),
         b=_DOPRI5_B,
         order=5,
-        error=tuple(b - b_hat for b, b_hat in zip(_DOPRI5_B, _DOPRI5_B_HAT)),
+        error=_difference(_DOPRI5_B, _DOPRI5_B_HAT),
+    ),
+    # Bogacki & Shampine (1989): 3rd-order solution, embedded 2nd-order estimate, first same as last.
+    "bosh3": ButcherTableau(
+        c=(0.0, 1 / 2, 3 / 4, 1.0), a=((), (1 / 2,), (0.0, 3 / 4), _BOSH3_B[:3]), b=_BOSH3_B, order=3,
+        error=_difference(_BOSH3_B, _BOSH3_B_HAT),
     ),
 }
 
@@ -144,7 +161,7 @@ def odeint(f: Callable[..., torch.Tensor], x: torch.Tensor, times, *, method: st
         times: strictly monotone grid `(K + 1,)` (decreasing grids integrate backward in time); fixed-step
             methods take one step per interval; adaptive methods choose their own steps and end one on each
             time of the grid (a step cut short there does not shrink the next one).
-        method: a key of `SOLVERS`: "euler", "midpoint", "heun", "rk4" (fixed) or "dopri5" (adaptive).
+        method: a key of `SOLVERS`: "euler", "midpoint", "heun", "rk4" (fixed) or "dopri5", "bosh3" (adaptive).
         args: tensors `(n, ...)` passed to f, sliced with the state when adaptive steps drop finished samples.
         rtol, atol: per-sample error tolerances of adaptive methods (RMS norm over the state).
         max_steps: limit on adaptive step attempts.

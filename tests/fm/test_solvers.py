@@ -6,9 +6,11 @@ import math
 import pytest
 import torch
 
-from fastflow.fm import SOLVERS, odeint
+from fastflow.fm import SOLVERS, ButcherTableau, odeint
+from fastflow.fm.solvers import _fixed
 
 FIXED = {name: tableau.order for name, tableau in SOLVERS.items() if not tableau.adaptive}
+ADAPTIVE = sorted(name for name, tableau in SOLVERS.items() if tableau.adaptive)
 
 
 def rotation(t, x):
@@ -34,6 +36,26 @@ def test_fixed_step_convergence_order(method):
     assert all(abs(order - FIXED[method]) < 0.25 for order in orders), orders
 
 
+@pytest.mark.parametrize("name", sorted(SOLVERS))
+def test_every_tableau_and_its_embedded_estimate_have_their_order(name):
+    """The weights b (and for adaptive methods the embedded b - error, one order lower) as fixed-step methods."""
+    tableau = SOLVERS[name]
+    weights = {tableau.order: tableau.b}
+    if tableau.adaptive:
+        weights[tableau.order - 1] = tuple(b - e for b, e in zip(tableau.b, tableau.error))
+    for order, b in weights.items():
+        method = ButcherTableau(c=tableau.c, a=tableau.a, b=b, order=order)
+        errors = [(_fixed(rotation, method, X_0, torch.linspace(0, 1.5, n + 1).tolist(), (), False).x
+                   - exact(X_0, 1.5)).abs().max() for n in (20, 40, 80)]
+        measured = [math.log2(errors[i] / errors[i + 1]) for i in range(2)]
+        assert all(abs(m - order) < 0.3 for m in measured), (order, measured)
+
+
+def test_adaptive_tableaus_must_reuse_their_last_stage():
+    with pytest.raises(ValueError, match="first-same-as-last"):
+        ButcherTableau(c=(0.0, 1.0), a=((), (1.0,)), b=(0.5, 0.5), order=2, error=(-0.5, 0.5))  # adaptive Heun
+
+
 @pytest.mark.parametrize("method", sorted(FIXED))
 def test_backward_in_time_inverts_forward(method):
     forward = odeint(rotation, X_0, torch.linspace(0, 1, 201), method=method).x
@@ -43,10 +65,11 @@ def test_backward_in_time_inverts_forward(method):
 
 
 @pytest.mark.parametrize("tol", [1e-4, 1e-7, 1e-10])
-def test_dopri5_meets_its_tolerance(tol):
-    solution = odeint(rotation, X_0, [0.0, 2.0], method="dopri5", rtol=tol, atol=tol)
+@pytest.mark.parametrize("method", ADAPTIVE)
+def test_adaptive_methods_meet_their_tolerance(method, tol):
+    solution = odeint(rotation, X_0, [0.0, 2.0], method=method, rtol=tol, atol=tol)
     assert (solution.x - exact(X_0, 2.0)).abs().max() < 50 * tol
-    back = odeint(rotation, solution.x, [2.0, 0.0], method="dopri5", rtol=tol, atol=tol)
+    back = odeint(rotation, solution.x, [2.0, 0.0], method=method, rtol=tol, atol=tol)
     assert (back.x - X_0).abs().max() < 100 * tol
 
 
@@ -75,10 +98,11 @@ def test_fixed_step_trajectory_holds_the_state_at_every_grid_time(method):
 
 
 @pytest.mark.parametrize("grid", [torch.linspace(0.0, 2.0, 11), torch.linspace(2.0, 0.0, 11)])
-def test_dopri5_trajectory_lands_on_every_grid_time(grid):
+@pytest.mark.parametrize("method", ADAPTIVE)
+def test_adaptive_trajectory_lands_on_every_grid_time(method, grid):
     tol = 1e-8
     x_start = exact(X_0, float(grid[0]))
-    solution = odeint(rotation, x_start, grid, method="dopri5", rtol=tol, atol=tol, trajectory=True)
+    solution = odeint(rotation, x_start, grid, method=method, rtol=tol, atol=tol, trajectory=True)
     assert torch.equal(solution.trajectory[0], x_start) and torch.equal(solution.trajectory[-1], solution.x)
     for state, t in zip(solution.trajectory, grid.tolist()):
         assert (state - exact(X_0, t)).abs().max() < 50 * tol
