@@ -1,4 +1,4 @@
-"""Corner plots of posterior samples (matplotlib)."""
+"""Corner plots of posterior samples and flow paths of continuous flows (matplotlib)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,26 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["corner", "image_path"]
+from fastflow._checks import positive_int
+
+__all__ = ["corner", "image_path", "trajectories"]
+
+
+def _pyplot():
+    """matplotlib's pyplot on the Agg backend (image files, no display)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(plt, figure, path: Path) -> Path:
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
 
 
 def image_path(path: str | Path) -> Path:
@@ -29,11 +48,7 @@ def corner(samples: dict[str, torch.Tensor], path: str | Path, *, labels: list[s
 
     Diagonal: marginal histograms; below it: 2-D density contours of every pair.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     path = image_path(path)
     if not samples:
         raise ValueError("corner needs at least one sample set")
@@ -74,10 +89,7 @@ def corner(samples: dict[str, torch.Tensor], path: str | Path, *, labels: list[s
             if col == 0 and row > 0:
                 axis.set_ylabel(labels[row])
     axes[0][0].legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.05, 1.0) if dim > 1 else None)
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-    return path
+    return _save(plt, figure, path)
 
 
 def _mass_levels(hist: torch.Tensor, masses: tuple[float, ...]) -> list[float]:
@@ -86,3 +98,39 @@ def _mass_levels(hist: torch.Tensor, masses: tuple[float, ...]) -> list[float]:
     cumulative = values.cumsum(0) / values.sum()
     levels = sorted({float(values[min(int((cumulative < m).sum()), values.numel() - 1)]) for m in masses})
     return [level for level in levels if level > 0] or [float(values[0]) / 2]
+
+
+def trajectories(paths: torch.Tensor, path: str | Path, *, times=None, dims: tuple[int, int] = (0, 1),
+                 num_paths: int = 200) -> Path:
+    """Write a plot of a continuous flow's paths `(T, n, D)` (as `CNF.sample_trajectory` returns them) to
+    `image_path(path)` and return that path: for D >= 2, the first `num_paths` paths projected on `dims`, from their
+    start (noise, grey) to their end (samples, black), over a density of all the ends; for D = 1, the value against
+    `times` (default: T evenly spaced times in [0, 1])."""
+    plt = _pyplot()
+    path = image_path(path)
+    paths = torch.as_tensor(paths).detach().cpu().double()
+    if paths.dim() != 3 or paths.shape[0] < 2 or paths.shape[1] == 0:
+        raise ValueError(f"paths must be (T >= 2, n >= 1, D), got {tuple(paths.shape)}")
+    shown = paths[:, : positive_int(num_paths, "num_paths")]
+    if paths.shape[2] == 1:
+        times = torch.linspace(0, 1, paths.shape[0]) if times is None else torch.as_tensor(times, dtype=torch.float64)
+        if times.shape != (paths.shape[0],):
+            raise ValueError(f"times must be ({paths.shape[0]},) for {paths.shape[0]} states, got {tuple(times.shape)}")
+    elif len(dims) != 2 or len(set(dims)) != 2 or not all(0 <= d < paths.shape[2] for d in dims):
+        raise ValueError(f"dims must be two different dimensions of the {paths.shape[2]}, got {dims}")
+    figure, axis = plt.subplots(figsize=(5, 5))
+    if paths.shape[2] == 1:
+        axis.plot(times.numpy(), shown[:, :, 0].numpy(), color="tab:blue", alpha=0.3, linewidth=0.7)
+        axis.set_xlabel("t")
+        axis.set_ylabel("x")
+    else:
+        first, second = dims
+        ends = paths[-1]
+        axis.hist2d(ends[:, first].numpy(), ends[:, second].numpy(), bins=100, cmap="Blues", cmin=1)
+        axis.plot(shown[:, :, first].numpy(), shown[:, :, second].numpy(), color="tab:olive", alpha=0.4, linewidth=0.7)
+        axis.scatter(shown[0, :, first].numpy(), shown[0, :, second].numpy(), s=4, color="grey", label="noise (t = 0)")
+        axis.scatter(shown[-1, :, first].numpy(), shown[-1, :, second].numpy(), s=4, color="black", label="samples")
+        axis.set_xlabel(f"x{first + 1}")
+        axis.set_ylabel(f"x{second + 1}")
+        axis.legend(fontsize="small", loc="upper right")
+    return _save(plt, figure, path)

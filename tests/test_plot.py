@@ -1,0 +1,34 @@
+"""Plots: flow paths of a CNF written as images, and their bad input."""
+
+import pytest
+import torch
+
+from fastflow.fm import CNF, OdeConfig, VelocityMLP
+from fastflow.plot import trajectories
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("dim", [1, 3])
+def test_trajectories_of_a_cnf_are_written(tmp_path, dim):
+    cnf = CNF(VelocityMLP(dim, hidden=(8,)), dim, sampler=OdeConfig("euler", steps=4))
+    paths = cnf.sample_trajectory(50)
+    written = trajectories(paths, tmp_path / "paths", dims=(2, 0) if dim == 3 else (0, 1), num_paths=20)
+    assert written == tmp_path / "paths.png" and written.read_bytes()[:8] == PNG
+
+
+def test_bad_input(tmp_path):
+    paths = torch.randn(5, 10, 2)
+    for bad in (torch.randn(10, 2), torch.randn(1, 10, 2), torch.randn(5, 0, 2)):
+        with pytest.raises(ValueError, match="paths must be"):
+            trajectories(bad, tmp_path / "p.png")
+    for dims in ((0, 0), (0, 2), (0,)):
+        with pytest.raises(ValueError, match="dims must be"):
+            trajectories(paths, tmp_path / "p.png", dims=dims)
+    with pytest.raises(ValueError, match="times must be"):
+        trajectories(torch.randn(5, 10, 1), tmp_path / "p.png", times=torch.linspace(0, 1, 4))
+    with pytest.raises(ValueError, match="num_paths"):
+        trajectories(paths, tmp_path / "p.png", num_paths=0)
+    with pytest.raises(ValueError, match="writes no"):
+        trajectories(paths, tmp_path / "p.xyz")
+    assert not list(tmp_path.iterdir())  # nothing written for bad input
