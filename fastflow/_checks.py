@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import numbers
 
-__all__ = ["nonnegative_int", "positive_finite", "positive_int"]
+__all__ = ["check_floating", "nonnegative_int", "positive_finite", "positive_int"]
 
 
 def positive_int(value, name: str) -> int:
@@ -23,6 +23,13 @@ def positive_finite(value, name: str) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 < value < math.inf:
         raise ValueError(f"{name} must be a finite positive number, got {value!r}")
     return float(value)
+
+
+def check_floating(dtype, what: str) -> None:
+    """A TypeError unless the torch `dtype` is a real floating one (integers, booleans and complex numbers are
+    refused: some ops failed deep inside torch on them, others returned complex numbers)."""
+    if not dtype.is_floating_point:
+        raise TypeError(f"{what} must be float16/bfloat16/float32/float64 tensors, got {dtype}")
 
 
 def _int_from(value, name: str, minimum: int, what: str) -> int:

@@ -22,7 +22,7 @@ import torch
 
 from fastflow._checks import positive_int
 
-__all__ = ["BACKENDS", "BackendStatus", "backends", "device_key", "native_module", "resolve_backend", "set_num_threads",
+__all__ = ["BACKENDS", "BackendStatus", "backends", "check_backend_name", "device_key", "native_module", "resolve_backend", "set_num_threads",
            "triton_precision", "is_automatic", "requested_backend", "triton_device", "AUTO_TRITON_PRECISIONS",
            "autocast_off", "cpu_has_bf16_products", "in_own_dtype"]
 
@@ -120,9 +120,7 @@ def resolve_backend(
     """
     device_type = torch.device(device).type
     source = "argument" if requested not in (None, "auto") else "FASTFLOW_BACKEND"
-    requested = requested_backend(requested)
-    if requested not in (*BACKENDS, "auto"):
-        raise ValueError(f"unknown backend {requested!r} (from the {source}); choose one of {('auto', *BACKENDS)}")
+    requested = check_backend_name(requested_backend(requested), source)
     status = backends()
     if requested == "auto":
         preference = ("triton", "native", "reference") if device_type == "cuda" else ("native", "reference")
@@ -168,6 +166,13 @@ def device_key(tensor: torch.Tensor) -> int | str:
 def triton_device(device: torch.device | str) -> bool:
     """Whether Triton kernels can take tensors on `device`: CUDA, or CPU under TRITON_INTERPRET=1."""
     return torch.device(device).type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def check_backend_name(name: str | None, source: str = "argument") -> str | None:
+    """`name` when it is None, "auto" or one of `BACKENDS`; else a ValueError naming where it came from."""
+    if name is not None and name not in (*BACKENDS, "auto"):
+        raise ValueError(f"unknown backend {name!r} (from the {source}); choose one of {('auto', *BACKENDS)}")
+    return name
 
 
 def requested_backend(requested: str | None) -> str:

@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 
 from fastflow._checks import nonnegative_int, positive_finite, positive_int
-from fastflow.backends import autocast_off, device_key, triton_device
+from fastflow.backends import autocast_off, check_backend_name, device_key, triton_device
 from fastflow.flows.transforms import Transform
 from fastflow.ops.coupling import affine_coupling, spline_coupling
 from fastflow.ops.coupling_flow import CouplingRun, read_parameters
@@ -207,7 +207,7 @@ class AffineCoupling(_Coupling):
 
     def __init__(self, dim, context_dim=0, *, flip=False, hidden=64, depth=2, scale_bound: float = 3.0, backend: str | None = None):
         super().__init__(dim, context_dim, flip=flip, hidden=hidden, depth=depth)
-        self.scale_bound, self.backend = positive_finite(scale_bound, "scale_bound"), backend
+        self.scale_bound, self.backend = positive_finite(scale_bound, "scale_bound"), check_backend_name(backend)
 
     def _transform(self, x: torch.Tensor, context: torch.Tensor | None, inverse: bool) -> tuple[torch.Tensor, torch.Tensor]:
         kept, changed = self._split(x)
@@ -236,7 +236,7 @@ class SplineCoupling(_Coupling):
         num_bins, bound = check_num_bins(num_bins), positive_finite(bound, "bound")
         self.params_per_coordinate = spline_param_count(num_bins)
         super().__init__(dim, context_dim, flip=flip, hidden=hidden, depth=depth)
-        self.num_bins, self.bound, self.backend = num_bins, bound, backend
+        self.num_bins, self.bound, self.backend = num_bins, bound, check_backend_name(backend)
 
     def _transform(self, x: torch.Tensor, context: torch.Tensor | None, inverse: bool) -> tuple[torch.Tensor, torch.Tensor]:
         kept, changed = self._split(x)

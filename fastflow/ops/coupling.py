@@ -24,10 +24,12 @@ from typing import Callable, Iterator, NamedTuple
 import torch
 import torch.nn.functional as F
 
+from fastflow._checks import check_floating, positive_finite
 from fastflow.backends import device_key, resolve_backend, triton_device, triton_precision
 from fastflow.ops.autograd import first_order
 from fastflow.ops.linear import BLOCK_ROWS, linear_silu, linear_silu_into
-from fastflow.ops.spline import SPLINE_CONSTANTS, native_takes, rq_spline, rq_spline_rows_native_into
+from fastflow.ops.spline import (SPLINE_CONSTANTS, check_num_bins, native_unsupported, rq_spline,
+                                 rq_spline_rows_native_into, spline_param_count)
 
 __all__ = ["affine_coupling", "affine_coupling_ref", "spline_coupling", "spline_coupling_ref"]
 
@@ -275,6 +277,7 @@ def _check(kept, context, changed, weights, layers: int) -> tuple[str | None, se
     dtypes = {t.dtype for t in tensors}
     if len(dtypes) != 1:  # (the native path failed inside pybind11, the affine reference promoted silently)
         raise ValueError(f"coupling: inputs and weights must share one dtype, got {sorted(map(str, dtypes))}")
+    check_floating(kept.dtype, "coupling: inputs and weights")
     if len(weights) != 6 * layers:
         unfusable = "the Triton kernels take conditioners of two hidden layers (depth=2)"
     elif dtypes != {torch.float32}:
@@ -286,16 +289,36 @@ def _check(kept, context, changed, weights, layers: int) -> tuple[str | None, se
     return unfusable, dtypes, tensors
 
 
-def _supported(kept: torch.Tensor, dtypes: set[torch.dtype], fusable: bool,
-               num_bins: int | None = None) -> tuple[str, ...]:
-    """The backends a coupling layer can run tensors of `dtypes` on: native on CPU float32/float64 (splines of at
-    most `NATIVE_MAX_BINS` bins), Triton when
-    fusable (automatic dispatch prefers it on CUDA: on an H100, `bench/results/gpu_coupling_2026-11-26_*H100*`,
-    the fused kernel with TF32 products ran log_prob and sample 1.7-30x faster than the fp32 reference; with
-    autograd the Triton path was 2.8-16x faster for splines, on a par for affine layers with fp32 products and
-    1.1-1.2x faster with TF32)."""
-    native_ok = native_takes(kept, dtypes, num_bins)
-    return ("reference",) + (("native",) if native_ok else ()) + (("triton",) if fusable else ())
+def _supported(why: dict[str, str | None]) -> tuple[str, ...]:
+    """The backends a coupling layer can run on, given why native and Triton cannot (None where they can): native
+    on CPU float32/float64 (splines of at most `NATIVE_MAX_BINS` bins), Triton when fusable (automatic dispatch
+    prefers it on CUDA: on an H100, `bench/results/gpu_coupling_2026-11-26_*H100*`, the fused kernel with TF32
+    products ran log_prob and sample 1.7-30x faster than the fp32 reference; with autograd the Triton path was
+    2.8-16x faster for splines, on a par for affine layers with fp32 products and 1.1-1.2x faster with TF32)."""
+    return ("reference",) + tuple(name for name in ("native", "triton") if why[name] is None)
+
+
+def check_layer_shapes(kept, context, changed, weights, outputs_per_coordinate: int) -> None:
+    """A ValueError unless kept `(N, K)`, context `(N, C)` or None and changed `(N, T)` share their rows and the
+    conditioner's `(w, b)` pairs chain from K + C inputs to `outputs_per_coordinate · T` outputs (the native and
+    Triton kernels ran wrong shapes on other rows and columns and returned garbage)."""
+    if kept.dim() != 2 or changed.dim() != 2 or (context is not None and context.dim() != 2):
+        raise ValueError(f"coupling: kept, changed and context must be (N, ·) matrices, got {tuple(kept.shape)}, "
+                         f"{tuple(changed.shape)} and {None if context is None else tuple(context.shape)}")
+    rows = {kept.shape[0], changed.shape[0]} | (set() if context is None else {context.shape[0]})
+    if len(rows) != 1:
+        raise ValueError(f"coupling: kept, changed and context must have the same rows, got {sorted(rows)}")
+    if len(weights) < 2 or len(weights) % 2:
+        raise ValueError(f"coupling: weights must be the conditioner's (w, b) pairs, got {len(weights)} tensors")
+    width = kept.shape[1] + (0 if context is None else context.shape[1])
+    for layer, (w, b) in enumerate(zip(weights[0::2], weights[1::2]), 1):
+        if w.dim() != 2 or w.shape[1] != width or b.shape != w.shape[:1]:
+            raise ValueError(f"coupling: conditioner layer {layer} takes {width} inputs: it needs a weight (out, {width})"
+                             f" and a bias (out,), got {tuple(w.shape)} and {tuple(b.shape)}")
+        width = w.shape[0]
+    if width != outputs_per_coordinate * changed.shape[1]:
+        raise ValueError(f"coupling: the conditioner has {width} outputs; {changed.shape[1]} changed coordinates need "
+                         f"{outputs_per_coordinate} each ({outputs_per_coordinate * changed.shape[1]})")
 
 
 def fuses_conditioner(precision: str, device: torch.device) -> bool:
@@ -334,8 +357,8 @@ def dispatch(kept, context, changed, weights, backend: str | None, precision: st
     tensors (`fastflow.ops.coupling_flow`); `num_bins` for spline layers."""
     unfusable, dtypes, tensors = _check(kept, context, changed, weights, layers)
     precision = triton_precision(precision, kept.device)
-    chosen = resolve_backend(backend, kept.device, supports=_supported(kept, dtypes, unfusable is None, num_bins),
-                             why={"triton": unfusable})
+    why = {"native": native_unsupported(kept, dtypes, num_bins), "triton": unfusable}
+    chosen = resolve_backend(backend, kept.device, supports=_supported(why), why=why)
     recording = _recording(tensors)
     return Dispatch(chosen, recording, precision, chosen == "triton" and fuses_conditioner(precision, kept.device))
 
@@ -353,6 +376,8 @@ def affine_coupling(kept, context, changed, weights, *, scale_bound: float, inve
     layer by blocks of rows (`_affine_coupling_blocked`); other inputs run the reference (forcing a backend
     that cannot run them raises).
     """
+    check_layer_shapes(kept, context, changed, weights, 2)
+    scale_bound = positive_finite(scale_bound, "scale_bound")
     how = dispatch(kept, context, changed, weights, backend, precision)
     chosen, recording, precision, fused = how.backend, how.recording, how.precision, how.fused
     reference = partial(affine_coupling_ref, scale_bound=scale_bound, inverse=inverse)
@@ -378,6 +403,8 @@ def spline_coupling(kept, context, changed, weights, *, num_bins: int, bound: fl
     backward kernel); `native` runs the
     spline and the hidden layers' bias + SiLU natively (`conditioner_native`), and without autograd the whole
     layer by blocks of rows (`_spline_coupling_blocked`)."""
+    num_bins, bound = check_num_bins(num_bins), positive_finite(bound, "bound")
+    check_layer_shapes(kept, context, changed, weights, spline_param_count(num_bins))
     how = dispatch(kept, context, changed, weights, backend, precision, num_bins=num_bins)
     chosen, recording, precision, fused = how.backend, how.recording, how.precision, how.fused
     reference = partial(spline_coupling_ref, num_bins=num_bins, bound=bound, inverse=inverse)

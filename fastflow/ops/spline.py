@@ -12,12 +12,12 @@ import math
 import torch
 import torch.nn.functional as F
 
-from fastflow._checks import positive_int
+from fastflow._checks import check_floating, positive_finite, positive_int
 from fastflow.backends import native_module, resolve_backend, triton_device
 from fastflow.ops.autograd import first_order
 
-__all__ = ["MAX_BINS", "NATIVE_MAX_BINS", "check_num_bins", "native_takes", "rq_spline", "rq_spline_native_into", "rq_spline_ref",
-           "rq_spline_rows_native_into", "spline_param_count", "DERIVATIVE_SHIFT", "SPLINE_CONSTANTS"]
+__all__ = ["MAX_BINS", "NATIVE_MAX_BINS", "check_num_bins", "native_unsupported", "rq_spline", "rq_spline_native_into",
+           "rq_spline_ref", "rq_spline_rows_native_into", "spline_param_count", "DERIVATIVE_SHIFT", "SPLINE_CONSTANTS"]
 
 MIN_BIN_WIDTH = 1e-3
 MIN_BIN_HEIGHT = 1e-3
@@ -121,11 +121,16 @@ def rq_spline_ref(
 NATIVE_MAX_BINS = 128  # csrc/spline_math.h: kMaxBins
 
 
-def native_takes(inputs: torch.Tensor, dtypes, num_bins: int | None) -> bool:
-    """Whether the native (C++) kernels take CPU tensors of `dtypes` with splines of `num_bins` bins (None: no
-    spline): float32/float64, at most `NATIVE_MAX_BINS` bins."""
-    return (inputs.device.type == "cpu" and set(dtypes) <= {torch.float32, torch.float64}
-            and (num_bins is None or num_bins <= NATIVE_MAX_BINS))
+def native_unsupported(inputs: torch.Tensor, dtypes, num_bins: int | None) -> str | None:
+    """Why the native (C++) kernels cannot take tensors like `inputs` of `dtypes` with splines of `num_bins` bins
+    (None: no spline), or None when they can: CPU float32/float64, at most `NATIVE_MAX_BINS` bins."""
+    if inputs.device.type != "cpu":
+        return "the native kernels run on CPU tensors"
+    if not set(dtypes) <= {torch.float32, torch.float64}:
+        return f"the native kernels take float32/float64, got {sorted(map(str, dtypes))}"
+    if num_bins is not None and num_bins > NATIVE_MAX_BINS:
+        return f"the native spline takes at most {NATIVE_MAX_BINS} bins, got {num_bins}"
+    return None
 
 
 def rq_spline(
@@ -151,15 +156,20 @@ def rq_spline(
         raise ValueError(f"inputs on {inputs.device} and params on {params.device}: put them on one device")
     if inputs.dtype != params.dtype:
         raise TypeError(f"inputs are {inputs.dtype} but params are {params.dtype}")
-    supports = ("reference", "native") if native_takes(inputs, (inputs.dtype,), (params.shape[-1] + 1) // 3) else (
-        "reference",)
-    if triton_device(inputs.device) and inputs.dtype == torch.float32:
-        supports += ("triton",)
-    chosen = resolve_backend(backend, inputs.device, supports=supports)
+    check_floating(inputs.dtype, "rq_spline: inputs and params")
+    num_bins = check_num_bins((params.shape[-1] + 1) // 3)
+    bound = positive_finite(bound, "bound")  # (a bound <= 0 made the spline the identity, an infinite one NaN)
+    why = {"native": native_unsupported(inputs, (inputs.dtype,), num_bins)}
+    if not triton_device(inputs.device):
+        why["triton"] = "Triton runs on CUDA tensors (on CPU only under TRITON_INTERPRET=1)"
+    elif inputs.dtype != torch.float32:
+        why["triton"] = f"the Triton spline takes float32, got {inputs.dtype}"
+    supports = ("reference",) + tuple(name for name in ("native", "triton") if why.get(name) is None)
+    chosen = resolve_backend(backend, inputs.device, supports=supports, why=why)
     if chosen == "native":
-        return _rq_spline_native(inputs, params, float(bound), bool(inverse))
+        return _rq_spline_native(inputs, params, bound, bool(inverse))
     if chosen == "triton":
-        return _TritonSpline.apply(inputs, params, float(bound), bool(inverse))
+        return _TritonSpline.apply(inputs, params, bound, bool(inverse))
     return rq_spline_ref(inputs, params, bound=bound, inverse=inverse)
 
 

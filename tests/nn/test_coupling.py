@@ -246,7 +246,7 @@ def test_a_nan_reaches_its_rows_outputs_and_log_determinant(layer_type, backend,
     (dict(dim=2.5), "dim"), (dict(context_dim=-1), "context_dim"), (dict(hidden=32.0), "hidden"),
     (dict(depth=-1), "depth"), (dict(scale_bound=-1.0), "scale_bound"), (dict(scale_bound=float("nan")), "scale_bound"),
     (dict(num_bins=0), "num_bins"), (dict(num_bins=2.5), "num_bins"), (dict(bound=-1.0), "bound"),
-    (dict(bound=float("nan")), "bound")])
+    (dict(bound=float("nan")), "bound"), (dict(backend="bogus"), "unknown backend 'bogus'")])
 def test_layers_refuse_bad_settings_clearly(options, message):
     """A negative spline bound made the layer the identity and a negative context_dim built a layer; NaN bounds gave NaN
     everywhere; fractional sizes failed in torch.empty."""

@@ -91,3 +91,49 @@ def test_native_layer_with_autograd_matches_the_reference_values_and_gradients(t
     for native, reference in zip(*results):
         scale = reference.abs().max().item()
         torch.testing.assert_close(native, reference, atol=tolerance * scale, rtol=tolerance)
+
+
+@pytest.mark.parametrize("transform", sorted(LAYERS))
+@pytest.mark.parametrize("backend", ["reference", "native"])
+def test_functional_ops_refuse_inconsistent_shapes_and_settings(transform, backend):
+    """Extra changed rows came back as uninitialised memory from the native blocks, and a context or bin count
+    the weights do not fit ran on other columns (the Triton kernels too); every backend refuses them first."""
+    op, _, options, outputs = LAYERS[transform]
+    kept, context, changed, weights = _layer(7, 3, 2, 4, 16, 6, torch.float32, outputs=outputs)
+    run = lambda *args, **changes: op(*args, **{**options, **changes}, inverse=False, backend=backend)  # noqa: E731
+    for bad_args, message in [
+        ((kept, context, torch.zeros(9, 4), weights), "same rows"),
+        ((kept, context[:1], changed, weights), "same rows"),
+        ((kept, None, changed, weights), "layer 1 takes 3 inputs"),
+        ((kept, torch.zeros(7, 5), changed, weights), "layer 1 takes 8 inputs"),
+        ((kept, context, changed[:, :3], weights), "changed coordinates need"),
+        ((kept, context, changed[0], weights), r"\(N, ·\) matrices"),
+        ((kept, context, changed, weights[:-1]), r"\(w, b\) pairs"),
+        ((kept, context, changed, weights[:2] + (weights[2][:, :3], weights[3]) + weights[4:]), "layer 2 takes 16"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            run(*bad_args)
+    if transform == "spline":
+        with pytest.raises(ValueError, match="changed coordinates need"):
+            run(kept, context, changed, weights, num_bins=5)  # 4 x 14 outputs, not the weights' 4 x 17
+        for settings, message in [(dict(num_bins=0), "num_bins"), (dict(bound=-3.0), "bound"), (dict(bound=float("inf")), "bound")]:
+            with pytest.raises(ValueError, match=message):
+                run(kept, context, changed, weights, **settings)
+    else:
+        with pytest.raises(ValueError, match="scale_bound"):
+            run(kept, context, changed, weights, scale_bound=0.0)
+    as_ints = [t.long() for t in (kept, context, changed, *weights)]
+    with pytest.raises(TypeError, match="float16/bfloat16/float32/float64"):
+        run(as_ints[0], as_ints[1], as_ints[2], tuple(as_ints[3:]))
+    as_complex = [t.to(torch.complex64) for t in (kept, context, changed, *weights)]
+    with pytest.raises(TypeError, match="float16/bfloat16/float32/float64"):
+        run(as_complex[0], as_complex[1], as_complex[2], tuple(as_complex[3:]))
+
+
+def test_forcing_native_on_inputs_it_cannot_take_says_why():
+    kept, context, changed, weights = _layer(7, 3, 2, 4, 16, 6, torch.float16)
+    with pytest.raises(RuntimeError, match="native kernels take float32/float64"):
+        spline_coupling(kept, context, changed, weights, num_bins=6, bound=3.0, inverse=False, backend="native")
+    kept, context, changed, weights = _layer(7, 3, 2, 4, 16, 130, torch.float32)
+    with pytest.raises(RuntimeError, match="at most 128 bins"):
+        spline_coupling(kept, context, changed, weights, num_bins=130, bound=3.0, inverse=False, backend="native")

@@ -213,13 +213,15 @@ def test_automatic_dispatch_offers_triton_for_float32_and_fuses_only_tensor_core
     """On an H100 the Triton backend beat the reference with and without autograd, but its fused kernel with fp32
     products (CUDA cores inside Triton) lost to cuBLAS: Triton is offered whenever the tensors fit it, and the
     conditioner is fused for TF32 products (or under the interpreter) only."""
-    from fastflow.ops.coupling import _supported, dispatch, fuses_conditioner
+    from fastflow.ops.coupling import _check, _supported, dispatch, fuses_conditioner
 
     monkeypatch.delenv("FASTFLOW_BACKEND", raising=False)
     kept, context, changed, weights = _layer_inputs(8, 2, 0, 2, 16)
-    dtypes = {t.dtype for t in [kept, changed, *weights]}
-    assert "triton" in _supported(kept, dtypes, True)
-    assert "triton" not in _supported(kept, dtypes, False)
+    unfusable = _check(kept, None, changed, weights, 1)[0]
+    assert unfusable is None and "triton" in _supported({"native": None, "triton": unfusable})
+    as_float64 = [t.double() for t in (kept, changed, *weights)]
+    unfusable = _check(as_float64[0], None, as_float64[1], as_float64[2:], 1)[0]
+    assert "float32 only" in unfusable and "triton" not in _supported({"native": None, "triton": unfusable})
     cuda = torch.device("cuda")
     assert fuses_conditioner("tf32", cuda) and fuses_conditioner("tf32x3", cuda) and not fuses_conditioner("ieee", cuda)
     assert fuses_conditioner("ieee", torch.device("cpu"))  # the interpreter tests the fused kernels

@@ -330,8 +330,19 @@ def test_bad_input_is_rejected():
         rq_spline(torch.zeros(4), torch.zeros(4, 4), bound=1.0)
     with pytest.raises(TypeError, match="float64"):
         rq_spline(torch.zeros(4), torch.zeros(4, 5, dtype=torch.float64), bound=1.0)
-    with pytest.raises(RuntimeError, match="native"):
+    with pytest.raises(RuntimeError, match="native kernels take float32/float64"):
         rq_spline(torch.zeros(4, dtype=torch.float16), torch.zeros(4, 5, dtype=torch.float16), bound=1.0, backend="native")
+    # more bins than fit their minimum sizes in [-B, B] (no bijection: backends disagreed), a bound that made the
+    # spline the identity (<= 0) or NaN (inf), and integers (a bare torch error) are refused
+    with pytest.raises(ValueError, match="num_bins must be at most 999"):
+        rq_spline(torch.zeros(4), torch.zeros(4, 3 * 1500 - 1), bound=3.0)
+    for bound in (0.0, -3.0, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="bound"):
+            rq_spline(torch.zeros(4), torch.zeros(4, 5), bound=bound)
+    with pytest.raises(TypeError, match="float16/bfloat16/float32/float64"):
+        rq_spline(torch.zeros(4, dtype=torch.long), torch.zeros(4, 5, dtype=torch.long), bound=1.0)
+    with pytest.raises(RuntimeError, match="at most 128 bins"):
+        rq_spline(torch.zeros(4), torch.zeros(4, 3 * 130 - 1), bound=1.0, backend="native")
 
 
 def test_hidden_layer_custom_ops_pass_opcheck():
