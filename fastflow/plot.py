@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from pathlib import Path
 
 import torch
@@ -102,31 +103,36 @@ def _mass_levels(hist: torch.Tensor, masses: tuple[float, ...]) -> list[float]:
 
 def trajectories(paths: torch.Tensor, path: str | Path, *, times=None, dims: tuple[int, int] = (0, 1),
                  num_paths: int = 200) -> Path:
-    """Write a plot of a continuous flow's paths `(T, n, D)` (as `CNF.sample_trajectory` returns them) to
-    `image_path(path)` and return that path: for D >= 2, the first `num_paths` paths projected on `dims`, from their
-    start (noise, grey) to their end (samples, black), over a density of all the ends; for D = 1, the value against
-    `times` (default: T evenly spaced times in [0, 1])."""
+    """Write a plot of a continuous flow's paths `(T, n, D)` (as `CNF.sample_trajectory` returns them; for paths
+    under B contexts, `(T, n, B, D)`, pick one: `paths[:, :, b]`) to `image_path(path)` and return that path: for
+    D >= 2, the first `num_paths` paths projected on `dims`, from their start (noise, grey) to their end (samples,
+    black), over a density of the finite ends; for D = 1, the value against `times` `(T,)` (default: T evenly spaced
+    times in [0, 1]; only D = 1 plots use them)."""
     plt = _pyplot()
     path = image_path(path)
     paths = torch.as_tensor(paths).detach().cpu().double()
     if paths.dim() != 3 or paths.shape[0] < 2 or paths.shape[1] == 0:
-        raise ValueError(f"paths must be (T >= 2, n >= 1, D), got {tuple(paths.shape)}")
+        hint = "; for paths under several contexts (T, n, B, D), pick one: paths[:, :, b]" if paths.dim() == 4 else ""
+        raise ValueError(f"paths must be (T >= 2, n >= 1, D), got {tuple(paths.shape)}{hint}")
     shown = paths[:, : positive_int(num_paths, "num_paths")]
-    if paths.shape[2] == 1:
+    if times is not None or paths.shape[2] == 1:
         times = torch.linspace(0, 1, paths.shape[0]) if times is None else torch.as_tensor(times, dtype=torch.float64)
         if times.shape != (paths.shape[0],):
             raise ValueError(f"times must be ({paths.shape[0]},) for {paths.shape[0]} states, got {tuple(times.shape)}")
-    elif len(dims) != 2 or len(set(dims)) != 2 or not all(0 <= d < paths.shape[2] for d in dims):
-        raise ValueError(f"dims must be two different dimensions of the {paths.shape[2]}, got {dims}")
+    if paths.shape[2] > 1 and (len(dims) != 2 or len(set(dims)) != 2 or not all(
+            isinstance(d, numbers.Integral) and not isinstance(d, bool) and 0 <= d < paths.shape[2] for d in dims)):
+        raise ValueError(f"dims must be two different dimensions (ints) of the {paths.shape[2]}, got {dims}")
     figure, axis = plt.subplots(figsize=(5, 5))
     if paths.shape[2] == 1:
         axis.plot(times.numpy(), shown[:, :, 0].numpy(), color="tab:blue", alpha=0.3, linewidth=0.7)
         axis.set_xlabel("t")
         axis.set_ylabel("x")
     else:
-        first, second = dims
-        ends = paths[-1]
-        axis.hist2d(ends[:, first].numpy(), ends[:, second].numpy(), bins=100, cmap="Blues", cmin=1)
+        first, second = int(dims[0]), int(dims[1])
+        ends = paths[-1][:, [first, second]]
+        ends = ends[ends.isfinite().all(-1)]  # (a diverged sample broke the histogram's range)
+        if len(ends):
+            axis.hist2d(ends[:, 0].numpy(), ends[:, 1].numpy(), bins=100, cmap="Blues", cmin=1)
         axis.plot(shown[:, :, first].numpy(), shown[:, :, second].numpy(), color="tab:olive", alpha=0.4, linewidth=0.7)
         axis.scatter(shown[0, :, first].numpy(), shown[0, :, second].numpy(), s=4, color="grey", label="noise (t = 0)")
         axis.scatter(shown[-1, :, first].numpy(), shown[-1, :, second].numpy(), s=4, color="black", label="samples")

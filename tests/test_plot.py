@@ -17,16 +17,26 @@ def test_trajectories_of_a_cnf_are_written(tmp_path, dim):
     assert written == tmp_path / "paths.png" and written.read_bytes()[:8] == PNG
 
 
+def test_diverged_samples_do_not_break_the_plot(tmp_path):
+    paths = torch.randn(5, 300, 2)
+    paths[-1, 7] = float("nan")
+    paths[-1, 8, 0] = float("inf")
+    assert trajectories(paths, tmp_path / "p.png").read_bytes()[:8] == PNG
+
+
 def test_bad_input(tmp_path):
     paths = torch.randn(5, 10, 2)
     for bad in (torch.randn(10, 2), torch.randn(1, 10, 2), torch.randn(5, 0, 2)):
         with pytest.raises(ValueError, match="paths must be"):
             trajectories(bad, tmp_path / "p.png")
-    for dims in ((0, 0), (0, 2), (0,)):
+    with pytest.raises(ValueError, match=r"pick one: paths\[:, :, b\]"):
+        trajectories(torch.randn(5, 10, 3, 2), tmp_path / "p.png")  # a conditional CNF's paths under 3 contexts
+    for dims in ((0, 0), (0, 2), (0,), (0.0, 1.0), (False, True)):
         with pytest.raises(ValueError, match="dims must be"):
             trajectories(paths, tmp_path / "p.png", dims=dims)
-    with pytest.raises(ValueError, match="times must be"):
-        trajectories(torch.randn(5, 10, 1), tmp_path / "p.png", times=torch.linspace(0, 1, 4))
+    for bad_paths in (torch.randn(5, 10, 1), paths):  # (times are checked even where only 1-D plots use them)
+        with pytest.raises(ValueError, match="times must be"):
+            trajectories(bad_paths, tmp_path / "p.png", times=torch.linspace(0, 1, 4))
     with pytest.raises(ValueError, match="num_paths"):
         trajectories(paths, tmp_path / "p.png", num_paths=0)
     with pytest.raises(ValueError, match="writes no"):

@@ -32,9 +32,11 @@ def ot_pairing(x_0: torch.Tensor, x_1: torch.Tensor, block_size: int = 64) -> to
         raise ValueError(f"x_0 and x_1 must be (n, D) of one shape, got {tuple(x_0.shape)} and {tuple(x_1.shape)}")
     block_size = positive_int(block_size, "block_size")
     n = x_0.shape[0]
-    with torch.no_grad():
+    if n == 0:
+        return x_0
+    with torch.no_grad():  # float64 costs: float32 ones lost the optimum for data far from 0 (and cdist has no bf16)
         costs = [torch.cdist(data, noise).square().cpu().numpy()
-                 for data, noise in _blocks(x_1.detach(), x_0.detach(), block_size)]
+                 for data, noise in _blocks(x_1.detach().double(), x_0.detach().double(), block_size)]
     order = np.concatenate([start + linear_sum_assignment(cost)[1]
                             for start, cost in zip(range(0, n, block_size), (c for batch in costs for c in batch))])
     return x_0[torch.from_numpy(order).to(x_0.device)]

@@ -238,10 +238,10 @@ def _adaptive(f, tableau, x, grid, args, rtol, atol, max_steps, trajectory: bool
         # written in place as samples reach each time (autograd records the writes)
         solution.trajectory = x.new_empty(len(grid), *x.shape)
         solution.trajectory[0] = x
+    if n == 0:
+        return solution
     active = torch.arange(n, device=x.device)
     for _ in range(max_steps):
-        if active.numel() == 0:
-            return solution
         every = active.numel() == n
         x_a, t_a, k_a, h_a, target_a = (x, t, k_1, h, target) if every else (
             x[active], t[active], k_1[active], h[active], target[active])
@@ -281,6 +281,8 @@ def _adaptive(f, tableau, x, grid, args, rtol, atol, max_steps, trajectory: bool
         solution.accepted += int(accept.sum())
         solution.rejected += int((~accept).sum())
         active = active[~finished]
+        if active.numel() == 0:
+            return solution
     raise RuntimeError(f"{_method_name(tableau)} did not reach t = {t_1} within max_steps = {max_steps}")
 
 

@@ -27,6 +27,18 @@ def test_each_block_gets_the_optimal_assignment():
     assert torch.equal(ot_pairing(x_0, x_1, block_size=64).sort(0).values, x_0.sort(0).values)
 
 
+def test_low_precision_far_data_and_empty_batches():
+    """Costs are float64: bfloat16 failed in cdist, and float32 costs of data 1000 away from the noise lost the
+    optimum (the squared distances differ in their last bits)."""
+    generator = torch.Generator().manual_seed(3)  # (a seed where float32 costs chose a worse assignment)
+    x_0, x_1 = torch.randn(6, 2, generator=generator), 1000 + torch.randn(6, 2, generator=generator)
+    best = min(_cost(x_0.double()[list(order)], x_1.double()) for order in itertools.permutations(range(6)))
+    assert _cost(ot_pairing(x_0, x_1).double(), x_1.double()) == pytest.approx(best, rel=1e-12)
+    low = ot_pairing(x_0.bfloat16(), x_1.bfloat16())
+    assert low.dtype == torch.bfloat16 and torch.equal(low.sort(0).values, x_0.bfloat16().sort(0).values)
+    assert ot_pairing(torch.randn(0, 2), torch.randn(0, 2)).shape == (0, 2)
+
+
 def test_bad_input():
     x = torch.randn(8, 2)
     with pytest.raises(ValueError, match="one shape"):

@@ -141,6 +141,16 @@ def test_gradients_flow_through_adaptive_solve():
     assert torch.isfinite(x_0.grad).all()
 
 
+@pytest.mark.parametrize("method", ADAPTIVE)
+def test_a_solve_may_take_exactly_max_steps(method):
+    """The last step attempt ends every sample: no "did not reach" error (the check ran only before the next one)."""
+    attempts = (lambda s: s.accepted + s.rejected)(odeint(rotation, X_0[:1], [0.0, 0.5, 1.0], method=method))
+    odeint(rotation, X_0[:1], [0.0, 0.5, 1.0], method=method, max_steps=attempts)
+    with pytest.raises(RuntimeError, match="did not reach"):
+        odeint(rotation, X_0[:1], [0.0, 0.5, 1.0], method=method, max_steps=attempts - 1)
+    assert odeint(rotation, X_0[:0], [0.0, 1.0], method=method).x.shape == (0, 2)
+
+
 def test_bad_input():
     with pytest.raises(ValueError, match="strictly increasing"):
         odeint(rotation, X_0, [0.0, 0.5, 0.5, 1.0])
