@@ -142,6 +142,19 @@ def test_gradients_flow_through_adaptive_solve():
 
 
 @pytest.mark.parametrize("method", ADAPTIVE)
+def test_first_step_sees_a_field_that_is_small_but_fast_in_time(method):
+    """dx/dt = 0.1 cos(ωt): the first step came from ||x|| / ||f|| alone (0.2 here), and Bogacki–Shampine's stages
+    then sampled cos(40πt) only at its crests (2 steps, off by 0.1 at tolerance 1e-5). The first step now also
+    sees the change of f over a trial Euler step (HNW II.4)."""
+    x_0 = torch.full((1, 1), 2.0, dtype=torch.float64)
+    for k in (10, 19, 23, 40):
+        omega = k * math.pi
+        solution = odeint(lambda t, x: 0.1 * torch.cos(omega * t)[:, None].expand_as(x), x_0, [0.0, 1.0], method=method,
+                          rtol=1e-5, atol=1e-5)
+        assert abs(solution.x.item() - (2.0 + 0.1 * math.sin(omega) / omega)) < 2e-3
+
+
+@pytest.mark.parametrize("method", ADAPTIVE)
 def test_a_solve_may_take_exactly_max_steps(method):
     """The last step attempt ends every sample: no "did not reach" error (the check ran only before the next one)."""
     attempts = (lambda s: s.accepted + s.rejected)(odeint(rotation, X_0[:1], [0.0, 0.5, 1.0], method=method))
