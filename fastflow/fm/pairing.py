@@ -26,7 +26,7 @@ def ot_pairing(x_0: torch.Tensor, x_1: torch.Tensor, block_size: int = 64) -> to
             128, ~70 ms for 512); pairing in blocks keeps the cost linear in n.
 
     Returns:
-        `(n, D)` the rows of x_0 in the paired order (one host transfer of the `(n / b, b, b)` block costs).
+        `(n, D)` the rows of x_0 in the paired order (the `(n / b, b, b)` block costs go to the host: a sync on CUDA).
     """
     if x_0.dim() != 2 or x_0.shape != x_1.shape:
         raise ValueError(f"x_0 and x_1 must be (n, D) of one shape, got {tuple(x_0.shape)} and {tuple(x_1.shape)}")
