@@ -79,3 +79,11 @@ def test_ot_pairing_straightens_the_learned_paths():
             distances[pairing, steps] = _wasserstein_1(samples, target)
     assert distances["ot", 2] < 0.5 < 0.7 < distances["independent", 2], distances
     assert distances["ot", 50] < 0.25, distances
+
+
+@pytest.mark.gpu
+def test_cuda_tensors_pair_as_on_the_cpu():
+    generator = torch.Generator().manual_seed(4)
+    x_0, x_1 = torch.randn(150, 3, generator=generator), torch.randn(150, 3, generator=generator)
+    paired = ot_pairing(x_0.cuda(), x_1.cuda())
+    assert paired.device.type == "cuda" and torch.equal(paired.cpu(), ot_pairing(x_0, x_1))
