@@ -48,10 +48,15 @@ class Prior:
         return self.low, self.high
 
     def _check_theta(self, theta) -> torch.Tensor:
-        """θ as a floating tensor `(*, dim)` (numpy arrays taken too)."""
+        """θ as a float32/float64 tensor `(*, dim)` (numpy arrays taken too; integers in the default dtype, half
+        precisions as float32; complex numbers refused: they lost their imaginary parts)."""
         theta = torch.as_tensor(theta)
+        if theta.is_complex():
+            raise TypeError(f"θ must be real, got {theta.dtype}")
         if not theta.is_floating_point():
             theta = theta.to(torch.get_default_dtype())
+        elif theta.dtype not in (torch.float32, torch.float64):  # (Gaussian's triangular solve has no half kernel)
+            theta = theta.float()
         if theta.dim() == 0 or theta.shape[-1] != self.dim:
             raise ValueError(f"θ must be (*, {self.dim}) for this prior, got {tuple(theta.shape)}")
         return theta
@@ -81,6 +86,9 @@ class BoxUniform(Prior):
             raise ValueError("BoxUniform bounds must be finite")
         if not (low < high).all():
             raise ValueError("BoxUniform needs low < high in every coordinate")
+        if not (torch.isfinite(low.float()).all() and torch.isfinite(high.float()).all() and (low.float() < high.float()).all()):
+            # (samples are float32: bounds of 1e39 sampled NaN, and [1e8, 1e8 + 1] collapsed to one point)
+            raise ValueError("BoxUniform bounds must be finite and distinct in float32, the samples' precision")
         self.dim = low.numel()
         self._log_volume = float(torch.log(high - low).sum())
         self._exact_low, self._exact_high = low, high
@@ -114,9 +122,11 @@ class Gaussian(Prior):
 
     def __init__(self, loc, covariance):
         self.loc = _vector(loc, "loc").float()
-        if not torch.isfinite(self.loc).all():  # (every draw would be inf or NaN)
+        if not torch.isfinite(self.loc).all():  # (every draw would be inf or NaN; in float32, the samples' precision)
             raise ValueError(f"Gaussian loc must be finite, got {self.loc.tolist()}")
         self.covariance = torch.as_tensor(covariance, dtype=torch.float32)
+        if not torch.isfinite(self.covariance).all():  # (a 1x1 inf covariance sampled ±inf)
+            raise ValueError("Gaussian covariance must be finite in float32, the samples' precision")
         self.dim = self.loc.numel()
         if self.covariance.shape != (self.dim, self.dim):
             raise ValueError(f"covariance must be ({self.dim}, {self.dim}), got {tuple(self.covariance.shape)}")

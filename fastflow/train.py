@@ -86,19 +86,22 @@ def fit(
         mixed_precision: "bf16": compute the loss (training and validation) under `torch.autocast` with bfloat16
             products (weights, gradients and the optimizer stay float32); "auto": so on a CPU that multiplies
             bfloat16 in hardware (`fastflow.backends.cpu_has_bf16_products`), else as "off" (float32).
+        seed: draws the validation split and the minibatch order, and seeds torch's global random stream for the
+            loss's own draws during training (the caller's stream is restored afterwards).
         device: where to train (default: the model's device); data is moved there once.
         progress: show a tqdm bar.
 
     Returns:
         the `History`.
     """
-    if not data:
-        raise ValueError("fit needs at least one data tensor")
+    if not isinstance(data, (tuple, list)) or not data or not all(isinstance(t, torch.Tensor) for t in data):
+        raise TypeError(f"data must be a non-empty tuple of tensors sharing their first dimension, got {type(data).__name__}")
     count = data[0].shape[0]
     if any(t.shape[0] != count for t in data):
         raise ValueError(f"data tensors disagree in their first dimension: {[tuple(t.shape) for t in data]}")
     batch_size, max_epochs, patience = (positive_int(value, name) for name, value in (
         ("batch_size", batch_size), ("max_epochs", max_epochs), ("patience", patience)))
+    learning_rate = positive_finite(learning_rate, "learning_rate")  # (inf blamed the data for its NaN loss)
     if clip_grad_norm is not None:  # (NaN made every weight NaN)
         positive_finite(clip_grad_norm, "clip_grad_norm")
     if lr_schedule not in ("constant", "cosine"):
@@ -115,7 +118,6 @@ def fit(
     data = tuple(t.to(device) for t in data)
     seed = nonnegative_int(seed, "seed")
     generator = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
     train_index, validation_index = _split(count, validation_fraction, generator)
     train_data = tuple(t[train_index] for t in data)
     validation_data = tuple(t[validation_index] for t in data)
@@ -136,7 +138,10 @@ def fit(
     # a caller's autocast is off here (the loss alone takes bf16 products, with mixed_precision): around fit it
     # reached the optimizer and kept its cast copies of the weights for the whole fit (an autocast caches them until
     # its outermost context exits), so every step ran the first step's weights and nothing was learned
-    with autocast_off(device.type):
+    # the global random stream (a loss's draws: flow matching's times and noise) is seeded with `seed` inside, and
+    # the caller's is left as it was (reseeding it made the draws after consecutive fits repeat)
+    with autocast_off(device.type), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
         for epoch in bar:
             model.train()
             order = torch.randperm(train_count, generator=generator).to(device)
@@ -229,8 +234,11 @@ def evaluate(model: nn.Module, loss_fn: Callable[..., torch.Tensor], data: tuple
     `seed`, the same at every call (common random numbers: validation losses of successive epochs then differ by
     the model alone, not by new draws); the global random stream is left as it was. `seed=None`: fresh draws.
     `bf16`: under `torch.autocast` with bfloat16 products (`fit`'s mixed_precision)."""
-    model.eval()
+    batch_size = positive_int(batch_size, "batch_size")  # (a negative one summed nothing and returned 0.0)
     count = data[0].shape[0]
+    if count == 0:
+        raise ValueError("evaluate needs at least one row of data")
+    model.eval()
     device = data[0].device
     total = torch.zeros((), device=device)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else [], enabled=seed is not None):

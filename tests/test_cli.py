@@ -63,6 +63,16 @@ def test_unknown_method_non_positive_counts_and_negative_seeds_are_refused(tmp_p
         main(["posterior", "two_moons", "--seed", "-1", "--x-obs", "x.npy", "--out", "o.npy"])
 
 
+def test_demo_refuses_too_few_draws_for_its_c2st_before_training(monkeypatch, capsys):
+    """--num-samples 1 failed after training, and 3 printed a C2ST of 0.200."""
+    from fastflow import cli
+
+    monkeypatch.setattr(cli, "_demo", lambda args: pytest.fail("the demo ran"))
+    with pytest.raises(SystemExit):
+        main(["demo", "--num-samples", "3"])
+    assert "at least 10" in capsys.readouterr().err
+
+
 def test_python_dash_m_runs_the_command():
     import subprocess
     import sys

@@ -69,6 +69,23 @@ def test_bad_input():
         check_prior(torch.distributions.Uniform(torch.zeros(2), torch.ones(2)))
     with pytest.raises(ValueError, match="unknown prior"):
         prior_from_config({"type": "Cauchy"})
+    # in float32, the samples' precision: 1e39 sampled NaN, [1e8, 1e8 + 1] one point, a 1x1 inf covariance ±inf
+    for low, high in (([-1e39], [1e39]), ([1e8], [1e8 + 1])):
+        with pytest.raises(ValueError, match="finite and distinct in float32"):
+            BoxUniform(low, high)
+    for covariance in ([[math.inf]], [[1e39]]):
+        with pytest.raises(ValueError, match="covariance must be finite"):
+            Gaussian([0.0], covariance)
+    for prior in (BoxUniform([0.0], [1.0]), Gaussian([0.0], [[1.0]])):
+        with pytest.raises(TypeError, match="θ must be real"):
+            prior.log_prob(torch.zeros(3, 1, dtype=torch.complex64))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_theta_is_evaluated_in_float32(dtype):
+    theta = torch.tensor([[0.5], [2.0]])
+    for prior in (BoxUniform([0.0], [1.0]), Gaussian([0.0], [[1.0]])):
+        torch.testing.assert_close(prior.log_prob(theta.to(dtype)), prior.log_prob(theta))
 
 
 def test_box_bounds_are_exact_in_float64():

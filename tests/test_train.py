@@ -66,10 +66,38 @@ def test_bad_settings_are_refused_before_training():
     loss = lambda m, x, y: (m(x) - y).square().mean()  # noqa: E731
     for options, message in ((dict(batch_size=2.5), "batch_size"), (dict(max_epochs=2.5), "max_epochs"),
                              (dict(patience=0), "patience"), (dict(clip_grad_norm=math.nan), "clip_grad_norm"),
-                             (dict(clip_grad_norm=-1.0), "clip_grad_norm")):
+                             (dict(clip_grad_norm=-1.0), "clip_grad_norm"), (dict(learning_rate=math.inf), "learning_rate"),
+                             (dict(learning_rate=0.0), "learning_rate")):
         with pytest.raises(ValueError, match=message):
             fit(model, loss, _data(), progress=False, **options)
     assert all(torch.isfinite(p).all() for p in model.parameters())
+    for data in (_data()[0], (), tuple(t.numpy() for t in _data())):  # a bare tensor, nothing, numpy arrays
+        with pytest.raises(TypeError, match="data must be a non-empty tuple of tensors"):
+            fit(model, loss, data, progress=False)
+
+
+def test_evaluate_refuses_bad_batch_sizes_and_empty_data():
+    """A negative batch size summed nothing and returned 0.0; empty data divided by zero."""
+    model = torch.nn.Linear(2, 1)
+    loss = lambda m, x, y: (m(x) - y).square().mean()  # noqa: E731
+    for batch_size in (-1, 0):
+        with pytest.raises(ValueError, match="batch_size"):
+            evaluate(model, loss, _data(), batch_size=batch_size)
+    with pytest.raises(ValueError, match="at least one row"):
+        evaluate(model, loss, tuple(t[:0] for t in _data()))
+
+
+def test_fit_leaves_the_callers_random_stream_as_it_was():
+    """fit seeded torch's global stream with its seed: draws after consecutive fits repeated whatever the caller
+    had seeded before them."""
+    model = torch.nn.Linear(2, 1)
+    loss = lambda m, x, y: (m(x) - y).square().mean()  # noqa: E731
+    data = _data()
+    torch.manual_seed(123)
+    expected = torch.randn(3)
+    torch.manual_seed(123)
+    fit(model, loss, data, max_epochs=2, progress=False)
+    assert torch.equal(torch.randn(3), expected)
 
 
 def test_a_random_validation_loss_uses_the_same_draws_at_every_call():

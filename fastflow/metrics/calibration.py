@@ -9,7 +9,7 @@ import torch
 from scipy import stats
 from tqdm.auto import tqdm
 
-from fastflow._checks import positive_int
+from fastflow._checks import nonnegative_int, positive_int
 
 __all__ = ["expected_coverage", "sbc_ranks", "sbc_uniformity"]
 
@@ -66,26 +66,35 @@ def _check_ranks(ranks, num_posterior_samples: int) -> tuple[np.ndarray, int]:
     return ranks, n
 
 
-def sbc_uniformity(ranks, num_posterior_samples: int) -> torch.Tensor:
+def _randomized_pit(ranks: np.ndarray, n: int, seed: int) -> np.ndarray:
+    """(rank + U) / (n + 1) with U ~ U(0, 1) from `seed`: exactly U(0, 1) when the ranks are uniform on 0..n (the
+    ranks alone take n + 1 values; tested at fixed points of their bins, a KS test rejected an exact posterior's
+    ranks at 10 draws per dataset in every repeat, and coverage at level 0.1 read 0.18)."""
+    seed = nonnegative_int(seed, "seed")
+    return (ranks + np.random.default_rng(seed).random(ranks.shape)) / (n + 1)
+
+
+def sbc_uniformity(ranks, num_posterior_samples: int, *, seed: int = 0) -> torch.Tensor:
     """Kolmogorov-Smirnov p-values `(K,)` of the hypothesis that each column of `ranks` `(N, K)` (from `sbc_ranks`
     with that `num_posterior_samples`) is uniform: p-values of a calibrated posterior are themselves uniform, so a
-    small one (say < 0.01 in every repeat) flags a miscalibrated coordinate. The ranks are tested at their bins'
-    midpoints, (rank + 1/2) / (num_posterior_samples + 1)."""
+    small one (say < 0.01 in every repeat) flags a miscalibrated coordinate. The ranks are spread uniformly over
+    their bins first (`seed` draws the offsets), so the test is exact for any number of posterior samples."""
     ranks, n = _check_ranks(ranks, num_posterior_samples)
-    unit = (ranks + 0.5) / (n + 1)
+    unit = _randomized_pit(ranks, n, seed)
     return torch.tensor([stats.kstest(column, "uniform").pvalue for column in unit.T], dtype=torch.float64)
 
 
-def expected_coverage(ranks, num_posterior_samples: int, levels) -> torch.Tensor:
+def expected_coverage(ranks, num_posterior_samples: int, levels, *, seed: int = 0) -> torch.Tensor:
     """Empirical coverage `(L,)` of the posterior's highest-density regions at credibility `levels` `(L,)` in
     [0, 1]: the fraction of datasets whose true θ lies in q's region of that credibility, from the log-density
     ranks of `sbc_ranks(..., reduce="log_prob")` `(N, 1)`. A calibrated posterior covers each level at that level;
-    below it the posterior is overconfident, above it underconfident."""
+    below it the posterior is overconfident, above it underconfident. The share of draws denser than the true θ
+    is spread uniformly over its rank's bin (`seed` draws the offsets: exact for any number of posterior samples)."""
     ranks, n = _check_ranks(ranks, num_posterior_samples)
     if ranks.shape[1] != 1:
         raise ValueError(f"expected_coverage takes the (N, 1) log_prob ranks, got shape {ranks.shape}")
     levels = torch.as_tensor(levels, dtype=torch.float64)
     if levels.dim() != 1 or not torch.isfinite(levels).all() or (levels < 0).any() or (levels > 1).any():
         raise ValueError(f"levels must be a 1-D sequence in [0, 1], got {levels}")
-    more_probable = torch.from_numpy(1.0 - ranks[:, 0] / n)  # the share of draws denser than the true θ
+    more_probable = torch.from_numpy(1.0 - _randomized_pit(ranks[:, 0], n, seed))  # the share of denser draws
     return (more_probable[None, :] < levels[:, None]).double().mean(1)
