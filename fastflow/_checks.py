@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import numbers
 
-__all__ = ["check_floating", "nonnegative_int", "positive_finite", "positive_int"]
+__all__ = ["check_floating", "check_seed", "nonnegative_int", "positive_finite", "positive_int"]
 
 
 def positive_int(value, name: str) -> int:
@@ -23,6 +23,17 @@ def positive_finite(value, name: str) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 < value < math.inf:
         raise ValueError(f"{name} must be a finite positive number, got {value!r}")
     return float(value)
+
+
+MAX_SEED = 2**63 - 1  # torch's and numpy's generators take seeds up to here (2**64 overflowed inside torch)
+
+
+def check_seed(value) -> int:
+    """`value` as an int seed in 0 … 2**63 - 1 (Python or numpy integers); else a ValueError."""
+    seed = nonnegative_int(value, "seed")
+    if seed > MAX_SEED:
+        raise ValueError(f"seed must be at most 2**63 - 1, got {value!r}")
+    return seed
 
 
 def check_floating(dtype, what: str) -> None:

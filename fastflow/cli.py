@@ -11,6 +11,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fastflow._checks import check_seed
+
 __all__ = ["main"]
 
 
@@ -120,11 +122,11 @@ def _demo_samples(text: str) -> int:
     return value
 
 
-def _nonnegative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {text}")
-    return value
+def _seed(text: str) -> int:
+    try:
+        return check_seed(int(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer in 0 … 2**63 - 1, got {text}") from None
 
 
 def _positive_float(text: str) -> float:
@@ -144,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--sims", type=_positive_int, default=10_000)
     demo.add_argument("--num-samples", type=_demo_samples, default=10_000)
     demo.add_argument("--observation", type=int, default=1, choices=range(1, 11), metavar="{1..10}")
-    demo.add_argument("--seed", type=_nonnegative_int, default=0)
+    demo.add_argument("--seed", type=_seed, default=0)
     demo.add_argument("--out", type=Path, default=Path("fastflow-demo.png"))
     demo.add_argument("--quiet", action="store_true", help="no progress bar")
     demo.set_defaults(run=_demo)
@@ -156,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     posterior.add_argument("--sims", type=_positive_int, required=True)
     posterior.add_argument("--x-obs", type=Path, required=True, help=".npy file with a 1-D observation")
     posterior.add_argument("--num-samples", type=_positive_int, default=10_000)
-    posterior.add_argument("--seed", type=_nonnegative_int, default=0)
+    posterior.add_argument("--seed", type=_seed, default=0)
     posterior.add_argument("--out", type=Path, required=True, help=".npy file for the (num_samples, dim) samples")
     posterior.add_argument("--quiet", action="store_true")
     posterior.add_argument("--no-adjust", action="store_true", help="--method abc: plain rejection, no regression adjustment")

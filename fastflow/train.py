@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from fastflow._checks import nonnegative_int, positive_finite, positive_int
+from fastflow._checks import check_seed, positive_finite, positive_int
 from fastflow.backends import autocast_off, cpu_has_bf16_products
 
 __all__ = ["History", "fit"]
@@ -116,7 +116,7 @@ def fit(
     bf16 = mixed_precision == "bf16" or (mixed_precision == "auto" and device.type == "cpu" and cpu_has_bf16_products())
     model.to(device)
     data = tuple(t.to(device) for t in data)
-    seed = nonnegative_int(seed, "seed")
+    seed = check_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     train_index, validation_index = _split(count, validation_fraction, generator)
     train_data = tuple(t[train_index] for t in data)

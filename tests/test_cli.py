@@ -61,6 +61,8 @@ def test_unknown_method_non_positive_counts_and_negative_seeds_are_refused(tmp_p
         main(["posterior", "two_moons", "--sims", "0", "--x-obs", "x.npy", "--out", "o.npy"])
     with pytest.raises(SystemExit):  # it worked for npe and failed for abc
         main(["posterior", "two_moons", "--seed", "-1", "--x-obs", "x.npy", "--out", "o.npy"])
+    with pytest.raises(SystemExit):
+        main(["posterior", "two_moons", "--seed", str(2**64), "--x-obs", "x.npy", "--out", "o.npy"])
 
 
 def test_demo_refuses_too_few_draws_for_its_c2st_before_training(monkeypatch, capsys):

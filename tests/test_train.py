@@ -71,6 +71,8 @@ def test_bad_settings_are_refused_before_training():
         with pytest.raises(ValueError, match=message):
             fit(model, loss, _data(), progress=False, **options)
     assert all(torch.isfinite(p).all() for p in model.parameters())
+    with pytest.raises(ValueError, match=r"at most 2\*\*63 - 1"):  # (torch overflowed "unpacking long long")
+        fit(model, loss, _data(), progress=False, seed=2**64)
     for data in (_data()[0], (), tuple(t.numpy() for t in _data())):  # a bare tensor, nothing, numpy arrays
         with pytest.raises(TypeError, match="data must be a non-empty tuple of tensors"):
             fit(model, loss, data, progress=False)

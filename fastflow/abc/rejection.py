@@ -24,7 +24,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from fastflow._checks import nonnegative_int, positive_finite, positive_int
+from fastflow._checks import check_seed, positive_finite, positive_int
 from fastflow.abc._fused import FusedSimulator
 from fastflow.abc._kernels import KERNELS, METRICS
 from fastflow.priors import Prior, check_prior
@@ -328,7 +328,7 @@ def rejection(
 
     # (a relative tolerance: 0.07 · 3e8 is 21000000.000000004 in floating point, which is 21 million draws)
     k = None if quantile is None else max(1, math.ceil(quantile * n_sims * (1 - 1e-12)))
-    plan = _Plan(simulator, prior, framework, summary, int(n_sims), int(chunk_size), nonnegative_int(seed, "seed"),
+    plan = _Plan(simulator, prior, framework, summary, int(n_sims), int(chunk_size), check_seed(seed),
                  np.empty(0), np.empty(0), distance, backend, k, math.inf if eps is None else float(eps),
                  fused_simulator)
     if fused_simulator is None:

@@ -9,7 +9,7 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
-from fastflow._checks import nonnegative_int
+from fastflow._checks import check_seed
 from fastflow.flows import BoxToReal, Flow, FlowConfig, Standardize, Transform, build_flow
 from fastflow.inference.posterior import Posterior, register_estimator
 from fastflow.priors import Prior, check_prior
@@ -43,7 +43,7 @@ def fit_posterior(method: str, build: Callable[[dict], nn.Module], loss_fn, prio
     theta, x = check_simulations(prior, theta, x, method=method.upper())
     config = {"method": method, "dim_theta": theta.shape[1], "dim_x": x.shape[1], "bounded": prior.bounded, **settings,
               "training": asdict(training)}
-    seed = nonnegative_int(seed, "seed")
+    seed = check_seed(seed)
     torch.manual_seed(seed)
     estimator = build(config)
     fit_preprocessing(list(estimator.transforms)[: 2 if prior.bounded else 1], estimator.embedding, prior, theta, x)

@@ -11,7 +11,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from fastflow._checks import nonnegative_int, positive_int
+from fastflow._checks import check_seed, positive_int
 from fastflow.priors import Prior, check_prior
 
 __all__ = ["Simulations", "simulate", "simulator_seed"]
@@ -71,7 +71,7 @@ def simulate(
     """
     check_prior(prior)
     num_simulations, batch_size = positive_int(num_simulations, "num_simulations"), positive_int(batch_size, "batch_size")
-    seed = nonnegative_int(seed, "seed")
+    seed = check_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     takes_generator = _accepts_generator(simulator)
     if not takes_generator:

@@ -83,6 +83,10 @@ def test_bad_input_is_refused():
         sbc_ranks(posterior, theta, x[:5])
     with pytest.raises(ValueError, match="reduce"):
         sbc_ranks(posterior, theta, x, reduce="mean")
+    with pytest.raises(ValueError, match="must be finite"):
+        sbc_ranks(posterior, theta.index_fill(0, torch.tensor([2]), math.nan), x)
+    with pytest.raises(ValueError, match="seed"):
+        sbc_uniformity(torch.tensor([[3], [1]]), 10, seed=-1)
     with pytest.raises(ValueError, match="num_posterior_samples"):
         sbc_ranks(posterior, theta, x, num_posterior_samples=0)
     with pytest.raises(ValueError, match="integers in 0..num_posterior_samples"):
