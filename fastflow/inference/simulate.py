@@ -83,13 +83,9 @@ def simulate(
         theta = prior.sample(count, generator=generator)
         given = theta.clone()  # the simulator's own copy: one that changes θ in place must not change the pairs
         x = simulator(given, generator=generator) if takes_generator else simulator(given)
-        x = torch.as_tensor(x).detach()  # plain data: a simulator's autograd graph must not reach the training loss
-        if x.dim() == 1:
-            x = x.unsqueeze(-1)
-        if x.dim() != 2 or x.shape[0] != count:
-            raise ValueError(f"simulator returned shape {tuple(x.shape)} for a batch of {count} parameters; expected ({count}, dim_x)")
+        x = _simulated(x, count, xs[0].shape[1] if xs else None)
         thetas.append(theta)
-        xs.append(x.to(theta.dtype))
+        xs.append(x)
     theta, x = torch.cat(thetas), torch.cat(xs)
     finite = torch.isfinite(x).all(-1)
     num_dropped = int((~finite).sum())
@@ -99,3 +95,27 @@ def simulate(
             raise ValueError("every simulation returned NaN/inf: nothing to train on")
         theta, x = theta[finite], x[finite]
     return Simulations(theta, x, num_dropped)
+
+
+def _simulated(x, count: int, dim_x: int | None) -> torch.Tensor:
+    """A simulator's output for `count` parameters as float32 `(count, dim_x)` data (plain: a simulator's autograd
+    graph must not reach the training loss), `dim_x` > 0 and that of the earlier batches; NaN/inf rows are kept
+    for `simulate` to drop, while finite values beyond float32's range are refused (the cast made them inf, and
+    they were dropped as failed simulations)."""
+    try:
+        x = torch.as_tensor(x).detach()
+    except (TypeError, ValueError, RuntimeError) as error:
+        raise TypeError(f"the simulator must return a tensor or array (count, dim_x), got {type(x).__name__}") from error
+    if x.is_complex():  # (a cast to real dropped the imaginary parts)
+        raise TypeError(f"the simulator must return real numbers, got {x.dtype}")
+    if x.dim() == 1:
+        x = x.unsqueeze(-1)
+    if x.dim() != 2 or x.shape[0] != count or x.shape[1] == 0:
+        raise ValueError(f"simulator returned shape {tuple(x.shape)} for a batch of {count} parameters; expected "
+                         f"({count}, dim_x) with dim_x > 0")
+    if dim_x is not None and x.shape[1] != dim_x:
+        raise ValueError(f"simulator returned {x.shape[1]} columns after {dim_x} in earlier batches")
+    cast = x.to(torch.float32)
+    if (torch.isfinite(x) & ~torch.isfinite(cast)).any():
+        raise ValueError("the simulator returned finite values beyond float32's range (|x| > 3.4e38): rescale them")
+    return cast

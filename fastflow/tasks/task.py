@@ -10,7 +10,7 @@ from typing import Callable
 
 import torch
 
-from fastflow._checks import positive_int
+from fastflow._checks import check_seed, positive_int
 from fastflow.priors import Prior
 from fastflow.tasks.numba_simulator import NumbaSimulator
 
@@ -75,9 +75,11 @@ class Task:
             generator: source of randomness; its device must be θ's device.
 
         Returns:
-            `(n, dim_x)` simulated data in θ's floating dtype.
+            `(n, dim_x)` simulated data in θ's floating dtype (float32 for half precisions and integers).
         """
         theta = self._check_theta(theta)
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
         if generator is not None and generator.device != theta.device:
             raise ValueError(f"generator is on {generator.device} but θ is on {theta.device}")
         return self.simulator_fn(theta, generator)
@@ -107,7 +109,7 @@ class Task:
             `(n,)` log-densities in θ's floating dtype, `-inf` where x is impossible under θ.
         """
         theta = self._check_theta(theta)
-        x = torch.as_tensor(x_obs, device=theta.device).to(theta.dtype)
+        x = _real(x_obs, "x_obs").to(theta.device, theta.dtype)
         if x.shape == (self.dim_x,):
             x = x.expand(theta.shape[0], self.dim_x)
         elif x.shape != (theta.shape[0], self.dim_x):
@@ -141,9 +143,7 @@ class Task:
         """
         x = self._check_x_obs(x_obs)
         n = positive_int(n, "n")
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise ValueError(f"seed must be an int, got {seed!r}")
-        return _reference(self, tuple(x.tolist()), n, seed).clone()
+        return _reference(self, tuple(x.tolist()), n, check_seed(seed)).clone()
 
     def reference_posterior_moments(self, x_obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Analytic posterior mean `(dim_theta,)` and covariance `(dim_theta, dim_theta)`, float64.
@@ -156,9 +156,9 @@ class Task:
         return self.moments_fn(self._check_x_obs(x_obs))
 
     def _check_theta(self, theta: torch.Tensor) -> torch.Tensor:
-        theta = torch.as_tensor(theta)
-        if not theta.is_floating_point():
-            theta = theta.float()
+        theta = _real(theta, "θ")
+        if theta.dtype not in (torch.float32, torch.float64):  # integers, and half precisions (gaussian_mixture's
+            theta = theta.float()  # noise came back float32 for them, the others' float16)
         if theta.ndim != 2 or theta.shape[1] != self.dim_theta:
             raise ValueError(f"θ must have shape (n, {self.dim_theta}) for {self.name}, got {tuple(theta.shape)}")
         if not torch.isfinite(theta).all():
@@ -166,7 +166,7 @@ class Task:
         return theta
 
     def _check_x_obs(self, x_obs: torch.Tensor) -> torch.Tensor:
-        x = torch.as_tensor(x_obs).detach().to("cpu", torch.float64)
+        x = _real(x_obs, "x_obs").detach().to("cpu", torch.float64)
         if x.shape != (self.dim_x,):
             raise ValueError(f"x_obs must have shape ({self.dim_x},) for {self.name}, got {tuple(x.shape)}")
         if not torch.isfinite(x).all():
@@ -177,6 +177,14 @@ class Task:
         if isinstance(i, bool) or not isinstance(i, numbers.Integral) or not 1 <= i <= NUM_OBSERVATIONS:
             raise ValueError(f"observation index must be an int in 1..{NUM_OBSERVATIONS}, got {i!r}")
         return int(i)
+
+
+def _real(values, name: str) -> torch.Tensor:
+    """`values` as a tensor, refusing complex numbers (a cast to real dropped their imaginary parts)."""
+    tensor = torch.as_tensor(values)
+    if tensor.is_complex():
+        raise TypeError(f"{name} must be real, got {tensor.dtype}")
+    return tensor
 
 
 @functools.lru_cache(maxsize=None)

@@ -213,6 +213,26 @@ def test_simulate_drops_nan_and_checks_batch_size():
             simulate(lambda theta: theta * math.inf, prior, 10)
 
 
+def test_simulate_refuses_what_it_would_misread():
+    """x of width 0 failed later as "this flow is unconditional"; finite float64 values beyond float32's range were
+    dropped as failed simulations; complex x lost its imaginary part; None, lists and a width that changed between
+    batches gave bare torch errors."""
+    prior = BoxUniform([0.0, 0.0], [1.0, 1.0])
+    with pytest.raises(ValueError, match="dim_x > 0"):
+        simulate(lambda theta: theta[:, :0], prior, 10)
+    with pytest.raises(ValueError, match="beyond float32's range"):
+        simulate(lambda theta: theta.double() * 1e39, prior, 10)
+    with pytest.raises(TypeError, match="real numbers"):
+        simulate(lambda theta: theta.to(torch.complex64), prior, 10)
+    for returned in (lambda theta: None, lambda theta: [t for t in theta]):
+        with pytest.raises(TypeError, match="must return a tensor or array"):
+            simulate(returned, prior, 10)
+    widths = iter([2, 3])
+    with pytest.raises(ValueError, match="3 columns after 2"):
+        simulate(lambda theta: theta.repeat(1, 2)[:, : next(widths)], prior, 10, batch_size=5)
+    assert simulate(lambda theta: theta.double(), prior, 10).x.dtype == torch.float32
+
+
 def test_simulate_gives_a_simulator_without_a_generator_its_own_noise():
     """Seeding torch's global RNG with the prior's seed made x = θ + 0.5·randn_like(θ) exactly 1.5 θ."""
     prior = Gaussian(torch.zeros(2), torch.eye(2))

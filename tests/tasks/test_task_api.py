@@ -108,6 +108,29 @@ def test_bad_input(name):
             task.observation(i)
         with pytest.raises(ValueError, match="1..10"):
             task.true_parameters(i)
+    # complex numbers lost their imaginary parts; seeds -1 and 2**63 aliased others; a bad generator raised an
+    # AttributeError
+    with pytest.raises(TypeError, match="θ must be real"):
+        task.simulate(torch.zeros(2, d, dtype=torch.complex64))
+    with pytest.raises(TypeError, match="x_obs must be real"):
+        task.log_likelihood(torch.zeros(2, d), x.to(torch.complex64))
+    with pytest.raises(TypeError, match="x_obs must be real"):
+        task.reference_posterior_samples(x.to(torch.complex64), 10)
+    for seed in (-1, 2**63, 1.5):
+        with pytest.raises(ValueError, match="seed"):
+            task.reference_posterior_samples(x, 10, seed=seed)
+    with pytest.raises(TypeError, match="torch.Generator"):
+        task.simulate(torch.zeros(2, d), generator=0)
+
+
+@pytest.mark.parametrize("name", TASKS)
+def test_half_precision_and_numpy_seeds(name):
+    task = get_task(name)
+    theta = task.prior.sample(4, generator=torch.Generator().manual_seed(0))
+    assert task.simulate(theta.half()).dtype == torch.float32  # (gaussian_mixture's came back float32, others' float16)
+    x = task.observation(1)
+    torch.testing.assert_close(task.reference_posterior_samples(x, 5, seed=np.int64(3)),
+                               task.reference_posterior_samples(x, 5, seed=3))
 
 
 def test_moments_only_where_closed_form():
