@@ -102,6 +102,31 @@ def _defensive_importance_sample(x_obs, reference, draws, generator):
     return theta, torch.softmax(log_target - log_q, 0)
 
 
+def test_folded_walk_proposal_density_sums_the_sign_patterns():
+    """q(θ' | θ) of θ' = fold(θ + Lε) is Σ_s N(s θ'; θ, LLᵀ) over the sign flips of θ2, θ3 (up to a constant):
+    with a covariance that correlates them with the others, the two directions differ (the Hastings ratio), and
+    with one that does not, they agree."""
+    from fastflow.tasks.slcp import _log_folded_proposal
+
+    generator = torch.Generator().manual_seed(0)
+    a = torch.randn(5, 5, generator=generator, dtype=torch.float64)
+    chol = torch.linalg.cholesky(a @ a.T / 5 + 0.1 * torch.eye(5, dtype=torch.float64))
+    start = _folded(0.3 * torch.randn(6, 5, generator=generator, dtype=torch.float64))
+    to = _folded(start + 0.5 * torch.randn(6, 5, generator=generator, dtype=torch.float64))
+    normal = torch.distributions.MultivariateNormal(torch.zeros(5, dtype=torch.float64), scale_tril=chol)
+    flips = [torch.tensor([1.0, 1.0, s2, s3, 1.0], dtype=torch.float64) for s2 in (1, -1) for s3 in (1, -1)]
+    expected = torch.logsumexp(torch.stack([normal.log_prob(f * to - start) for f in flips]), 0) - normal.log_prob(
+        torch.zeros(5, dtype=torch.float64))
+    torch.testing.assert_close(_log_folded_proposal(to, start, chol), expected)
+    assert (_log_folded_proposal(to, start, chol) - _log_folded_proposal(start, to, chol)).abs().max() > 1e-3
+    covariance = chol @ chol.T
+    uncorrelated = torch.tensor([0.0, 0.0, 1.0, 1.0, 0.0], dtype=torch.float64)  # θ2, θ3 uncorrelated with the rest
+    keep = (uncorrelated[:, None] == uncorrelated[None, :]).double()
+    keep[2, 3] = keep[3, 2] = 0.0
+    chol_symmetric = torch.linalg.cholesky(covariance * keep)
+    torch.testing.assert_close(_log_folded_proposal(to, start, chol_symmetric), _log_folded_proposal(start, to, chol_symmetric))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("i", range(1, 11))
 def test_reference_against_defensive_importance_sampling(i):
