@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import numbers
 
-__all__ = ["check_floating", "check_seed", "nonnegative_int", "positive_finite", "positive_int"]
+__all__ = ["check_floating", "check_seed", "nonnegative_int", "positive_finite", "positive_int", "real_tensor"]
 
 
 def positive_int(value, name: str) -> int:
@@ -41,6 +41,17 @@ def check_floating(dtype, what: str) -> None:
     refused: some ops failed deep inside torch on them, others returned complex numbers)."""
     if not dtype.is_floating_point:
         raise TypeError(f"{what} must be float16/bfloat16/float32/float64 tensors, got {dtype}")
+
+
+def real_tensor(values, name: str):
+    """`values` (a tensor, array or nested sequence) as a torch tensor; a TypeError for complex numbers, which a
+    cast to a real dtype would silently drop the imaginary parts of."""
+    import torch
+
+    tensor = torch.as_tensor(values)
+    if tensor.is_complex():
+        raise TypeError(f"{name} must be real, got {tensor.dtype}")
+    return tensor
 
 
 def _int_from(value, name: str, minimum: int, what: str) -> int:

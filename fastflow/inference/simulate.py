@@ -11,7 +11,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from fastflow._checks import check_seed, positive_int
+from fastflow._checks import check_seed, positive_int, real_tensor
 from fastflow.priors import Prior, check_prior
 
 __all__ = ["Simulations", "simulate", "simulator_seed"]
@@ -103,11 +103,10 @@ def _simulated(x, count: int, dim_x: int | None) -> torch.Tensor:
     for `simulate` to drop, while finite values beyond float32's range are refused (the cast made them inf, and
     they were dropped as failed simulations)."""
     try:
-        x = torch.as_tensor(x).detach()
+        x = torch.as_tensor(x)
     except (TypeError, ValueError, RuntimeError) as error:
         raise TypeError(f"the simulator must return a tensor or array (count, dim_x), got {type(x).__name__}") from error
-    if x.is_complex():  # (a cast to real dropped the imaginary parts)
-        raise TypeError(f"the simulator must return real numbers, got {x.dtype}")
+    x = real_tensor(x, "the simulator's x").detach()
     if x.dim() == 1:
         x = x.unsqueeze(-1)
     if x.dim() != 2 or x.shape[0] != count or x.shape[1] == 0:

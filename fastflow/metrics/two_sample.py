@@ -10,7 +10,7 @@ from sklearn.model_selection import KFold, StratifiedKFold, cross_val_score
 from sklearn.neural_network import MLPClassifier
 from threadpoolctl import threadpool_limits
 
-from fastflow._checks import positive_finite
+from fastflow._checks import positive_finite, real_tensor
 
 __all__ = ["c2st", "mmd"]
 
@@ -22,9 +22,7 @@ def _as_samples(name: str, a) -> torch.Tensor:
     """`a` as a CPU tensor `(n, dim)` of float32 or float64 (as given; integers become float64, half precisions
     float32: bfloat16 has no numpy dtype) after dtype, shape and finiteness checks (complex numbers are refused:
     they lost their imaginary parts)."""
-    t = torch.as_tensor(a).detach().cpu()
-    if t.is_complex():
-        raise TypeError(f"{name} must be real, got {t.dtype}")
+    t = real_tensor(a, name).detach().cpu()
     if t.dtype not in (torch.float32, torch.float64):
         t = t.float() if t.is_floating_point() else t.double()
     if t.ndim != 2:

@@ -10,7 +10,7 @@ from typing import Callable
 
 import torch
 
-from fastflow._checks import check_seed, positive_int
+from fastflow._checks import check_seed, positive_int, real_tensor
 from fastflow.priors import Prior
 from fastflow.tasks.numba_simulator import NumbaSimulator
 
@@ -109,7 +109,7 @@ class Task:
             `(n,)` log-densities in θ's floating dtype, `-inf` where x is impossible under θ.
         """
         theta = self._check_theta(theta)
-        x = _real(x_obs, "x_obs").to(theta.device, theta.dtype)
+        x = real_tensor(x_obs, "x_obs").to(theta.device, theta.dtype)
         if x.shape == (self.dim_x,):
             x = x.expand(theta.shape[0], self.dim_x)
         elif x.shape != (theta.shape[0], self.dim_x):
@@ -156,7 +156,7 @@ class Task:
         return self.moments_fn(self._check_x_obs(x_obs))
 
     def _check_theta(self, theta: torch.Tensor) -> torch.Tensor:
-        theta = _real(theta, "θ")
+        theta = real_tensor(theta, "θ")
         if theta.dtype not in (torch.float32, torch.float64):  # integers, and half precisions (gaussian_mixture's
             theta = theta.float()  # noise came back float32 for them, the others' float16)
         if theta.ndim != 2 or theta.shape[1] != self.dim_theta:
@@ -166,7 +166,7 @@ class Task:
         return theta
 
     def _check_x_obs(self, x_obs: torch.Tensor) -> torch.Tensor:
-        x = _real(x_obs, "x_obs").detach().to("cpu", torch.float64)
+        x = real_tensor(x_obs, "x_obs").detach().to("cpu", torch.float64)
         if x.shape != (self.dim_x,):
             raise ValueError(f"x_obs must have shape ({self.dim_x},) for {self.name}, got {tuple(x.shape)}")
         if not torch.isfinite(x).all():
@@ -177,14 +177,6 @@ class Task:
         if isinstance(i, bool) or not isinstance(i, numbers.Integral) or not 1 <= i <= NUM_OBSERVATIONS:
             raise ValueError(f"observation index must be an int in 1..{NUM_OBSERVATIONS}, got {i!r}")
         return int(i)
-
-
-def _real(values, name: str) -> torch.Tensor:
-    """`values` as a tensor, refusing complex numbers (a cast to real dropped their imaginary parts)."""
-    tensor = torch.as_tensor(values)
-    if tensor.is_complex():
-        raise TypeError(f"{name} must be real, got {tensor.dtype}")
-    return tensor
 
 
 @functools.lru_cache(maxsize=None)
