@@ -5,7 +5,8 @@ from __future__ import annotations
 import math
 import numbers
 
-__all__ = ["check_floating", "check_seed", "nonnegative_int", "positive_finite", "positive_int", "real_tensor"]
+__all__ = ["check_floating", "check_seed", "floating_tensor", "nonnegative_int", "positive_finite", "positive_int",
+           "real_tensor"]
 
 
 def positive_int(value, name: str) -> int:
@@ -52,6 +53,17 @@ def real_tensor(values, name: str):
     if tensor.is_complex():
         raise TypeError(f"{name} must be real, got {tensor.dtype}")
     return tensor
+
+
+def floating_tensor(values, name: str):
+    """`values` as a float32 or float64 tensor (`real_tensor`'s checks): integers and booleans in torch's default
+    dtype, half precisions as float32 (bfloat16 has no numpy dtype, and some CPU kernels have no half version)."""
+    import torch
+
+    tensor = real_tensor(values, name)
+    if not tensor.is_floating_point():
+        return tensor.to(torch.get_default_dtype())
+    return tensor if tensor.dtype in (torch.float32, torch.float64) else tensor.float()
 
 
 def _int_from(value, name: str, minimum: int, what: str) -> int:

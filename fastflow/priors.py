@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from fastflow._checks import positive_int, real_tensor
+from fastflow._checks import floating_tensor, positive_int
 
 __all__ = ["BoxUniform", "Gaussian", "Prior", "check_prior", "prior_from_config"]
 
@@ -50,11 +50,7 @@ class Prior:
     def _check_theta(self, theta) -> torch.Tensor:
         """θ as a float32/float64 tensor `(*, dim)` (numpy arrays taken too; integers in the default dtype, half
         precisions as float32; complex numbers refused: they lost their imaginary parts)."""
-        theta = real_tensor(theta, "θ")
-        if not theta.is_floating_point():
-            theta = theta.to(torch.get_default_dtype())
-        elif theta.dtype not in (torch.float32, torch.float64):  # (Gaussian's triangular solve has no half kernel)
-            theta = theta.float()
+        theta = floating_tensor(theta, "θ")  # (Gaussian's triangular solve has no half kernel)
         if theta.dim() == 0 or theta.shape[-1] != self.dim:
             raise ValueError(f"θ must be (*, {self.dim}) for this prior, got {tuple(theta.shape)}")
         return theta

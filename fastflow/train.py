@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import time
@@ -140,8 +141,7 @@ def fit(
     # its outermost context exits), so every step ran the first step's weights and nothing was learned
     # the global random stream (a loss's draws: flow matching's times and noise) is seeded with `seed` inside, and
     # the caller's is left as it was (reseeding it made the draws after consecutive fits repeat)
-    with autocast_off(device.type), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(seed)
+    with autocast_off(device.type), _seeded_stream(device, seed):
         for epoch in bar:
             model.train()
             order = torch.randperm(train_count, generator=generator).to(device)
@@ -209,6 +209,18 @@ def _stop_at_nonfinite(kind: str, loss: float, epoch: int, history: History, kep
     history.stopped_early = True
 
 
+@contextlib.contextmanager
+def _seeded_stream(device: torch.device, seed: int | None):
+    """torch's global random stream (and `device`'s, on CUDA) seeded with `seed` inside the context, the caller's
+    restored after it; `seed=None`: the caller's stream, untouched."""
+    if seed is None:
+        yield
+        return
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        yield
+
+
 def _autocast(device: torch.device, enabled: bool) -> torch.autocast:
     """bfloat16 products (`torch.autocast` on `device`'s type) where `enabled`, casting the weights anew at each call
     (a nested autocast's cached copies outlive it: they would freeze the weights it sees)."""
@@ -241,9 +253,7 @@ def evaluate(model: nn.Module, loss_fn: Callable[..., torch.Tensor], data: tuple
     model.eval()
     device = data[0].device
     total = torch.zeros((), device=device)
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else [], enabled=seed is not None):
-        if seed is not None:
-            torch.manual_seed(seed)
+    with _seeded_stream(device, seed):
         for start in range(0, count, batch_size):
             chunk = tuple(t[start : start + batch_size] for t in data)
             with _autocast(device, bf16):

@@ -10,7 +10,7 @@ from sklearn.model_selection import KFold, StratifiedKFold, cross_val_score
 from sklearn.neural_network import MLPClassifier
 from threadpoolctl import threadpool_limits
 
-from fastflow._checks import positive_finite, real_tensor
+from fastflow._checks import floating_tensor, positive_finite
 
 __all__ = ["c2st", "mmd"]
 
@@ -19,12 +19,9 @@ CHUNK = 4096
 
 
 def _as_samples(name: str, a) -> torch.Tensor:
-    """`a` as a CPU tensor `(n, dim)` of float32 or float64 (as given; integers become float64, half precisions
-    float32: bfloat16 has no numpy dtype) after dtype, shape and finiteness checks (complex numbers are refused:
-    they lost their imaginary parts)."""
-    t = real_tensor(a, name).detach().cpu()
-    if t.dtype not in (torch.float32, torch.float64):
-        t = t.float() if t.is_floating_point() else t.double()
+    """`a` as a float32/float64 CPU tensor `(n, dim)` (`fastflow._checks.floating_tensor`) after shape and
+    finiteness checks."""
+    t = floating_tensor(a, name).detach().cpu()
     if t.ndim != 2:
         raise ValueError(f"{name} must have shape (n, dim), got {tuple(t.shape)}")
     if t.shape[0] < 2:

@@ -10,7 +10,7 @@ from typing import Callable
 
 import torch
 
-from fastflow._checks import check_seed, positive_int, real_tensor
+from fastflow._checks import check_seed, floating_tensor, positive_int, real_tensor
 from fastflow.priors import Prior
 from fastflow.tasks.numba_simulator import NumbaSimulator
 
@@ -156,9 +156,7 @@ class Task:
         return self.moments_fn(self._check_x_obs(x_obs))
 
     def _check_theta(self, theta: torch.Tensor) -> torch.Tensor:
-        theta = real_tensor(theta, "θ")
-        if theta.dtype not in (torch.float32, torch.float64):  # integers, and half precisions (gaussian_mixture's
-            theta = theta.float()  # noise came back float32 for them, the others' float16)
+        theta = floating_tensor(theta, "θ")  # (half precisions: gaussian_mixture's noise came back float32)
         if theta.ndim != 2 or theta.shape[1] != self.dim_theta:
             raise ValueError(f"θ must have shape (n, {self.dim_theta}) for {self.name}, got {tuple(theta.shape)}")
         if not torch.isfinite(theta).all():
