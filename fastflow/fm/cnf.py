@@ -6,46 +6,18 @@ from __future__ import annotations
 import itertools
 import math
 from dataclasses import asdict, dataclass
-from typing import Callable, Protocol
 
 import torch
 import torch.nn as nn
 
 from fastflow._checks import positive_int
 from fastflow.backends import in_own_dtype
+from fastflow.fm.divergence import DIVERGENCES, Divergence
 from fastflow.fm.fused import mlp_odeint
 from fastflow.fm.nets import VelocityMLP
 from fastflow.fm.solvers import SOLVERS, OdeSolution, check_tolerances, odeint
 
-__all__ = ["CNF", "DIVERGENCES", "Divergence", "OdeConfig", "exact_divergence"]
-
-
-class Divergence(Protocol):
-    """`(velocity, t, x (n, D), *args) -> (v (n, D), div_x v (n,))`; differentiable when grad mode is on."""
-
-    def __call__(self, velocity: Callable[..., torch.Tensor], t: torch.Tensor, x: torch.Tensor, *args) -> tuple[torch.Tensor, torch.Tensor]: ...
-
-
-def exact_divergence(velocity, t, x, *args):
-    """Exact divergence by autograd: one vector-Jacobian product per dimension (D backward passes); zero where v
-    does not depend on x. Under `torch.inference_mode` too (autograd is off there: a plain copy of x records)."""
-    differentiable = torch.is_grad_enabled()
-    with torch.inference_mode(False), torch.enable_grad():
-        if x.is_inference():
-            x = x.clone()  # (an inference tensor records no graph: the divergence came back 0)
-        x_in = x if (differentiable and x.requires_grad) else x.detach().requires_grad_(True)
-        v = velocity(t, x_in, *args)
-        div = x.new_zeros(x.shape[0])
-        if v.requires_grad:
-            for i in range(x.shape[1]):
-                row, = torch.autograd.grad(v[:, i].sum(), x_in, create_graph=differentiable, retain_graph=True,
-                                           allow_unused=True)
-                if row is not None:
-                    div = div + row[:, i]
-    return (v, div) if differentiable else (v.detach(), div.detach())
-
-
-DIVERGENCES: dict[str, Divergence] = {"exact": exact_divergence}
+__all__ = ["CNF", "OdeConfig"]
 
 
 @dataclass(frozen=True)
@@ -86,7 +58,8 @@ class CNF(nn.Module):
         embedding: module applied to the context `(B, C) -> (B, E)` before the velocity.
         sampler: ODE options of `sample`.
         likelihood: ODE options of `log_prob` (the augmented ODE, integrated from t = 1 to t = 0).
-        divergence: a key of `DIVERGENCES` or a `Divergence` callable.
+        divergence: a key of `DIVERGENCES` ("exact", "hutchinson": one Rademacher probe) or a `Divergence`
+            such as `HutchinsonDivergence(num_probes=4)`.
     """
 
     def __init__(self, velocity: nn.Module, dim: int, *, context_dim: int = 0, transforms: list[nn.Module] = (),
@@ -97,6 +70,9 @@ class CNF(nn.Module):
             if divergence not in DIVERGENCES:
                 raise ValueError(f"unknown divergence {divergence!r}; known: {sorted(DIVERGENCES)}")
             divergence = DIVERGENCES[divergence]
+        if not (callable(divergence) and callable(getattr(divergence, "draw", None))):
+            raise TypeError(f"divergence must be a key of DIVERGENCES or a Divergence (draw and __call__), got "
+                            f"{type(divergence).__name__}")
         self.velocity = velocity
         self.dim, self.context_dim = dim, context_dim
         self.transforms = nn.ModuleList(transforms)
@@ -213,8 +189,15 @@ class CNF(nn.Module):
                                  f"x batch shape {tuple(batch_shape)}") from None
             args = (embedded.reshape(x_1.shape[0], embedded.shape[-1]),)
 
+        probes = self.divergence.draw(x_1)  # one draw per solve, sliced with the state by adaptive steps
+        if probes is not None:
+            args = (*args, probes)
+
         def augmented(t, state, *args):
-            v, div = self.divergence(self.velocity, t, state[:, : self.dim], *args)
+            if probes is not None:
+                *args, step_probes = args
+            v, div = self.divergence(self.velocity, t, state[:, : self.dim], *args,
+                                     probes=None if probes is None else step_probes)
             return torch.cat([v, div.unsqueeze(-1)], -1)
 
         state = torch.cat([x_1, x_1.new_zeros(x_1.shape[0], 1)], -1)

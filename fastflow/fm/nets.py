@@ -65,6 +65,19 @@ class VelocityMLP(nn.Module):
 
     def forward(self, t: torch.Tensor, x_t: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         """t scalar or `(n,)`, x_t `(n, D)`, context `(n, E)` or `(E,)` → `(n, D)`."""
+        h = self.inputs(t, x_t, context)
+        sampling = not torch.is_grad_enabled()
+        if sampling and self.activation == "silu" and native_linear_silu_runs(h):
+            return self._native_blocks(h)
+        act = _IN_PLACE.get(self.activation, self.act) if sampling else self.act
+        for layer in self.layers:
+            out = act(layer(h))
+            h = h + out if self.residual and out.shape == h.shape else out
+        return self.output(h)
+
+    def inputs(self, t: torch.Tensor, x_t: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        """The first layer's input `(n, 1 + 2F + D + E)`: [time features, x_t, context] (x_t at `x_columns`),
+        after checking t scalar or `(n,)`, x_t `(n, D)` in the field's dtype, context `(n, E)` or `(E,)`."""
         if x_t.dim() != 2 or x_t.shape[1] != self.dim:
             raise ValueError(f"x_t must be (n, {self.dim}), got {tuple(x_t.shape)}")
         if x_t.dtype != self.output.weight.dtype:
@@ -83,15 +96,12 @@ class VelocityMLP(nn.Module):
             inputs.append(context.to(x_t.dtype).expand(n, self.context_dim))
         elif context is not None:
             raise ValueError("this velocity field is unconditional: pass no context")
-        h = torch.cat(inputs, -1)
-        sampling = not torch.is_grad_enabled()
-        if sampling and self.activation == "silu" and native_linear_silu_runs(h):
-            return self._native_blocks(h)
-        act = _IN_PLACE.get(self.activation, self.act) if sampling else self.act
-        for layer in self.layers:
-            out = act(layer(h))
-            h = h + out if self.residual and out.shape == h.shape else out
-        return self.output(h)
+        return torch.cat(inputs, -1)
+
+    @property
+    def x_columns(self) -> slice:
+        """Where x_t sits in `inputs`."""
+        return slice(self.time_embedding.dim, self.time_embedding.dim + self.dim)
 
     def _native_blocks(self, h: torch.Tensor) -> torch.Tensor:
         """The layers on `h (n, in)` → `(n, D)` without autograd on CPU, SiLU layers native (`linear_silu_into`),
