@@ -64,7 +64,7 @@ class VelocityMLP(nn.Module):
         self.output = nn.Linear(widths[-1], dim)
 
     def forward(self, t: torch.Tensor, x_t: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
-        """t scalar or `(n,)`, x_t `(n, D)`, context `(n, E)` or `(E,)` → `(n, D)`."""
+        """t scalar, `(n,)` or `(n, 1)`, x_t `(n, D)`, context `(n, E)` or `(E,)` → `(n, D)`."""
         h = self.inputs(t, x_t, context)
         sampling = not torch.is_grad_enabled()
         if sampling and self.activation == "silu" and native_linear_silu_runs(h):
@@ -77,7 +77,8 @@ class VelocityMLP(nn.Module):
 
     def inputs(self, t: torch.Tensor, x_t: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         """The first layer's input `(n, 1 + 2F + D + E)`: [time features, x_t, context] (x_t at `x_columns`),
-        after checking t scalar or `(n,)`, x_t `(n, D)` in the field's dtype, context `(n, E)` or `(E,)`."""
+        after checking t scalar, `(n,)` or `(n, 1)` (adaptive solvers' per-sample times), x_t `(n, D)` in the field's
+        dtype, context `(n, E)` or `(E,)`."""
         if x_t.dim() != 2 or x_t.shape[1] != self.dim:
             raise ValueError(f"x_t must be (n, {self.dim}), got {tuple(x_t.shape)}")
         if x_t.dtype != self.output.weight.dtype:
@@ -85,8 +86,9 @@ class VelocityMLP(nn.Module):
                              "(convert one with .to())")
         n = x_t.shape[0]
         t = torch.as_tensor(t, dtype=x_t.dtype, device=x_t.device)
-        if t.dim() > 1 or (t.dim() == 1 and t.shape[0] != n):
-            raise ValueError(f"t must be a scalar or ({n},), got {tuple(t.shape)}")
+        if t.shape not in ((), (n,), (n, 1)):
+            raise ValueError(f"t must be a scalar, ({n},) or ({n}, 1), got {tuple(t.shape)}")
+        t = t.reshape(-1) if t.dim() else t
         inputs = [self.time_embedding(t.expand(n)), x_t]
         if self.context_dim:
             if context is None or context.dim() not in (1, 2) or context.shape[-1] != self.context_dim or (

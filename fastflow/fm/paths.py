@@ -56,6 +56,7 @@ class Path:
         both `(n, D)`."""
         if x_0.dim() != 2 or x_1.shape != x_0.shape:
             raise ValueError(f"x_0 and x_1 must both be (n, D), got {tuple(x_0.shape)} and {tuple(x_1.shape)}")
+        t = torch.as_tensor(t, dtype=x_0.dtype, device=x_0.device)  # (a Python number: one time for all)
         if t.dim() > 1 or (t.dim() == 1 and t.shape[0] != x_0.shape[0]):  # ((n, 1) times paired every row with every time)
             raise ValueError(f"t must be ({x_0.shape[0]},) or a scalar for x of shape {tuple(x_0.shape)}, got {tuple(t.shape)}")
         c = self.coefficients(t.unsqueeze(-1))

@@ -135,10 +135,14 @@ def _evaluate_first(f, t, x, args) -> torch.Tensor:
     k = f(t, x, *args)
     if not isinstance(k, torch.Tensor) or k.shape != x.shape:
         raise ValueError(f"f must return the state's shape {tuple(x.shape)}, got {tuple(getattr(k, 'shape', ())) or type(k)}")
+    if k.dtype != x.dtype:  # (fixed steps promoted the state; adaptive ones failed in index_copy)
+        raise ValueError(f"f must return the state's dtype {x.dtype}, got {k.dtype}")
     return k
 
 
 def _check_times(times) -> list[float]:
+    if isinstance(times, torch.Tensor) and times.requires_grad:
+        raise ValueError("gradients with respect to the times are not supported: pass times without requires_grad")
     times = torch.as_tensor(times, dtype=torch.float64)
     if times.dim() != 1 or times.numel() < 2:
         raise ValueError(f"times must be a 1-D grid of at least 2 points, got shape {tuple(times.shape)}")
@@ -155,8 +159,8 @@ def odeint(f: Callable[..., torch.Tensor], x: torch.Tensor, times, *, method: st
     """Integrate dx/dt = f(t, x, *args) from times[0] to times[-1] for a batch of states.
 
     Arguments:
-        f: `(t, x (n, S), *args) -> (n, S)`; t (in x's dtype) is a 0-d tensor for fixed-step methods and `(n,)`
-            (one time per sample) for adaptive ones.
+        f: `(t, x (n, S), *args) -> (n, S)`; t (in x's dtype) is a 0-d tensor for fixed-step methods and `(n, 1)`
+            (one time per sample, a column: `t * x` means the same for both) for adaptive ones.
         x: `(n, S)` initial states at times[0].
         times: strictly monotone grid `(K + 1,)` (decreasing grids integrate backward in time); fixed-step
             methods take one step per interval; adaptive methods choose their own steps and end one on each
@@ -172,8 +176,8 @@ def odeint(f: Callable[..., torch.Tensor], x: torch.Tensor, times, *, method: st
     """
     if method not in SOLVERS:
         raise ValueError(f"unknown ODE method {method!r}; known: {sorted(SOLVERS)}")
-    if not isinstance(x, torch.Tensor) or x.dim() != 2 or not x.is_floating_point():
-        raise ValueError(f"x must be a floating (n, S) tensor, got {getattr(x, 'shape', type(x))}")
+    if not isinstance(x, torch.Tensor) or x.dim() != 2 or not x.is_floating_point() or x.shape[1] == 0:
+        raise ValueError(f"x must be a floating (n, S) tensor with S >= 1, got {getattr(x, 'shape', type(x))}")
     if not torch.isfinite(x).all():
         raise ValueError("the initial state contains NaN or inf")
     for a in args:
@@ -204,6 +208,11 @@ def _fixed(f, tableau, x, grid, args, trajectory: bool) -> OdeSolution:
                        trajectory=torch.stack(states) if trajectory else None)
 
 
+def _column(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Per-sample times `(n,)` as f gets them: `(n, 1)` in the state's dtype."""
+    return t.to(dtype).unsqueeze(-1)
+
+
 def _rms(values: torch.Tensor) -> torch.Tensor:
     return values.square().mean(-1).sqrt()
 
@@ -222,7 +231,7 @@ def _adaptive(f, tableau, x, grid, args, rtol, atol, max_steps, trajectory: bool
     t = torch.full((n,), t_0, dtype=torch.float64, device=x.device)
     grid_times = torch.tensor(grid, dtype=torch.float64, device=x.device)
     target = torch.ones(n, dtype=torch.long, device=x.device)  # each sample's next grid time
-    k_1 = _evaluate_first(f, t.to(x.dtype), x, args)
+    k_1 = _evaluate_first(f, _column(t, x.dtype), x, args)
     if not torch.isfinite(k_1).all():
         raise RuntimeError(f"the velocity returned NaN or inf at t = {t_0}")
     h = _initial_step(f, tableau, x, t, k_1, args, direction, span, rtol, atol, norm_dtype)
@@ -244,7 +253,7 @@ def _adaptive(f, tableau, x, grid, args, rtol, atol, max_steps, trajectory: bool
         step = torch.minimum(h_a, remaining)
         signed = (direction * step).unsqueeze(-1)  # float64, for the error norm
         signed_x = signed.to(x.dtype)
-        stage_times = [(t_a + c_i * direction * step).to(x.dtype) for c_i in tableau.c]
+        stage_times = [_column(t_a + c_i * direction * step, x.dtype) for c_i in tableau.c]
         k = _stages(f, tableau, stage_times, x_a, signed_x, args_a, k_a)
         solution.evaluations += len(tableau.b) - 1
         x_new = _advance(x_a, signed_x, tableau.b, k)
@@ -294,7 +303,7 @@ def _initial_step(f, tableau, x, t, k_1, args, direction: float, span: float, rt
     h_0 = torch.where((d_0 < 1e-5) | (d_1 < 1e-5), torch.full_like(d_0, 1e-6 * span), 0.01 * d_0 / d_1).double()
     h_0 = h_0.clamp(max=span)
     euler = x + (direction * h_0).unsqueeze(-1).to(x.dtype) * k_1
-    k_euler = f((t + direction * h_0).to(x.dtype), euler, *args)
+    k_euler = f(_column(t + direction * h_0, x.dtype), euler, *args)
     d_2 = _rms((k_euler - k_1).to(norm_dtype) / scale).double() / h_0
     largest = torch.maximum(d_1.double(), d_2)
     h_1 = torch.where(largest <= 1e-15, (h_0 * 1e-3).clamp(min=1e-6 * span),

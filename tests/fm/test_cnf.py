@@ -167,7 +167,7 @@ def test_bad_input():
     with pytest.raises(ValueError, match="context contains NaN"):
         conditional.sample(2, torch.tensor([math.nan, 0.0, 0.0]))
     field = VelocityMLP(2, context_dim=3, hidden=(8,))
-    with pytest.raises(ValueError, match=r"t must be a scalar or \(3,\)"):
+    with pytest.raises(ValueError, match=r"t must be a scalar, \(3,\) or \(3, 1\)"):
         field(torch.zeros(5), torch.zeros(3, 2), torch.zeros(3, 3))
     with pytest.raises(ValueError, match=r"context \(3,\) or \(3, 3\), got \(4, 3\)"):
         field(torch.zeros(3), torch.zeros(3, 2), torch.zeros(4, 3))

@@ -20,6 +20,19 @@ def test_endpoints(name):
     torch.testing.assert_close(x_t, x_1)
 
 
+@pytest.mark.parametrize("name", EXACT_ENDS)
+def test_one_time_for_all_as_a_number_or_a_tensor(name):
+    """A Python float (it raised AttributeError), a 0-d tensor and a row of equal times sample alike, in x's dtype."""
+    path, x_0, x_1 = get_path(name), torch.randn(4, 2), torch.randn(4, 2)
+    torch.manual_seed(0)  # (the stochastic interpolants draw their noise)
+    expected = path.sample(torch.full((4,), 0.3), x_0, x_1)
+    for t in (0.3, torch.tensor(0.3), torch.tensor(0.3, dtype=torch.float64)):
+        torch.manual_seed(0)
+        for got, want in zip(path.sample(t, x_0, x_1), expected):
+            assert got.dtype == torch.float32
+            torch.testing.assert_close(got, want)
+
+
 def test_vp_path_is_variance_preserving_and_nearly_noise_at_zero():
     c = get_path("vp").coefficients(torch.linspace(0, 1, 11, dtype=torch.float64))
     torch.testing.assert_close(c.alpha_t**2 + c.sigma_t**2, torch.ones(11, dtype=torch.float64))

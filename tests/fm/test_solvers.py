@@ -149,7 +149,7 @@ def test_first_step_sees_a_field_that_is_small_but_fast_in_time(method):
     x_0 = torch.full((1, 1), 2.0, dtype=torch.float64)
     for k in (10, 19, 23, 40):
         omega = k * math.pi
-        solution = odeint(lambda t, x: 0.1 * torch.cos(omega * t)[:, None].expand_as(x), x_0, [0.0, 1.0], method=method,
+        solution = odeint(lambda t, x: 0.1 * torch.cos(omega * t).expand_as(x), x_0, [0.0, 1.0], method=method,
                           rtol=1e-5, atol=1e-5)
         assert abs(solution.x.item() - (2.0 + 0.1 * math.sin(omega) / omega)) < 2e-3
 
@@ -186,7 +186,7 @@ def test_bad_input():
     with pytest.raises(RuntimeError, match="NaN or inf at t = 0.0"):  # at once, not after max_steps
         odeint(lambda t, x: x * math.nan, X_0, [0.0, 1.0], method="dopri5")
     with pytest.raises(RuntimeError, match="underflow"):  # NaN from the middle of the span on
-        odeint(lambda t, x: x * torch.where(t[:, None] < 0.5, 1.0, math.nan), X_0, [0.0, 1.0], method="dopri5")
+        odeint(lambda t, x: x * torch.where(t < 0.5, 1.0, math.nan), X_0, [0.0, 1.0], method="dopri5")
     with pytest.raises(TypeError, match="trajectory must be True or False"):
         odeint(rotation, X_0, [0.0, 1.0], trajectory=1)
 
@@ -196,6 +196,28 @@ def test_a_velocity_of_another_shape_is_refused(method):
     """Broadcasting (n, 1) against the state would integrate a different field without a word."""
     with pytest.raises(ValueError, match=r"state's shape \(3, 2\), got \(3, 1\)"):
         odeint(lambda t, x: x[:, :1], X_0[:3], [0.0, 1.0], method=method)
+
+
+@pytest.mark.parametrize("method", ["rk4", "dopri5", "bosh3"])
+def test_a_field_written_for_scalar_times_integrates_alike(method):
+    """dx/dt = t x as torchdiffeq users write it, on a state with as many rows as columns: adaptive methods pass
+    one time per row as a column (n, 1), so that t * x scales rows (as (n,) it scaled columns: off by 0.08)."""
+    x_0 = torch.tensor([[1.0, 2.0], [3.0, 4.0]], dtype=torch.float64)
+    grid = [0.0, 1.0] if SOLVERS[method].adaptive else torch.linspace(0, 1, 101)
+    solution = odeint(lambda t, x: t * x, x_0, grid, method=method, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(solution.x, x_0 * math.exp(0.5), atol=1e-7, rtol=0)
+
+
+def test_states_of_another_dtype_or_no_width_or_differentiable_times_are_refused():
+    """A float64 velocity for a float32 state promoted fixed-step states and failed adaptive ones; a state of width
+    0 gave "step size underflow"; gradients with respect to the times came back None."""
+    for method in ("rk4", "dopri5"):
+        with pytest.raises(ValueError, match="state's dtype torch.float32"):
+            odeint(lambda t, x: (-x).double(), torch.ones(2, 2), [0.0, 1.0], method=method)
+        with pytest.raises(ValueError, match="S >= 1"):
+            odeint(lambda t, x: -x, torch.ones(3, 0), [0.0, 1.0], method=method)
+        with pytest.raises(ValueError, match="gradients with respect to the times"):
+            odeint(lambda t, x: -x, torch.ones(2, 1), torch.tensor([0.0, 1.0], requires_grad=True), method=method)
 
 
 def test_dopri5_keeps_time_in_float64():
@@ -208,7 +230,7 @@ def test_dopri5_gradients_through_a_field_that_keeps_t():
     """A learned time layer saves t for its backward pass: the solver must not overwrite it in place."""
     time_layer = torch.nn.Linear(1, 2).double()
     x_0 = X_0.clone().requires_grad_(True)
-    odeint(lambda t, x: -x + time_layer(t[:, None]), x_0, [0.0, 1.0], method="dopri5").x.sum().backward()
+    odeint(lambda t, x: -x + time_layer(t), x_0, [0.0, 1.0], method="dopri5").x.sum().backward()
     assert torch.isfinite(x_0.grad).all() and torch.isfinite(time_layer.weight.grad).all()
 
 
