@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import math
 import time
 import warnings
@@ -17,7 +18,7 @@ from tqdm.auto import tqdm
 from fastflow._checks import check_seed, positive_finite, positive_int
 from fastflow.backends import autocast_off, cpu_has_bf16_products
 
-__all__ = ["History", "fit"]
+__all__ = ["History", "fit", "recording_autograd"]
 
 
 @dataclass
@@ -49,6 +50,20 @@ def _split(count: int, validation_fraction: float, generator: torch.Generator) -
     return order[validation_count:], order[:validation_count]
 
 
+def recording_autograd(function: Callable) -> Callable:
+    """`function` run with autograd recording, also when called under `torch.no_grad()` or
+    `torch.inference_mode()` (training needs gradients; a caller's mode came back as "element 0 of tensors does not
+    require grad"): tensors made inside are normal ones, and inference tensors passed in are read, not saved."""
+
+    @functools.wraps(function)
+    def recording(*args, **kwargs):
+        with torch.inference_mode(False), torch.enable_grad():
+            return function(*args, **kwargs)
+
+    return recording
+
+
+@recording_autograd
 def fit(
     model: nn.Module,
     loss_fn: Callable[..., torch.Tensor],

@@ -62,6 +62,8 @@ class GaussianMixture(nn.Module):
 
     def rsample(self, n: int) -> torch.Tensor:
         """`(n, dim)` draws."""
+        if n == 0:  # (multinomial refuses to draw none)
+            return self.means.new_empty(0, self.dim)
         index = torch.multinomial(torch.softmax(self.logits.detach(), -1), n, replacement=True)
         eps = torch.randn(n, self.dim, device=self.means.device, dtype=self.means.dtype)
         return self.means[index] + eps * torch.exp(self.log_scales[index])

@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass
 
 import torch.nn as nn
 
-from fastflow._checks import positive_finite, positive_int
+from fastflow._checks import check_seed, positive_finite, positive_int
 from fastflow.flows.bases import GaussianMixture, StandardNormal
 from fastflow.nn.coupling import AffineCoupling, SplineCoupling
 from fastflow.ops.spline import check_num_bins
@@ -55,6 +55,7 @@ class FlowConfig:
         object.__setattr__(self, "num_bins", check_num_bins(self.num_bins))
         # (a NaN bound made every spline the identity; a numpy one made saved posteriors unloadable)
         object.__setattr__(self, "bound", positive_finite(self.bound, "bound"))
+        object.__setattr__(self, "seed", check_seed(self.seed))  # (1.5 and 2**64 failed inside torch at build time)
 
     def to_dict(self) -> dict:
         return asdict(self)

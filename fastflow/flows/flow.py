@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from fastflow._checks import positive_int
+from fastflow._checks import positive_int, real_tensor
 from fastflow.backends import backends, in_own_dtype
 from fastflow.flows.transforms import Transform
 from fastflow.ops.coupling_flow import chain_transforms
@@ -64,14 +64,14 @@ class Flow(nn.Module):
             raise ValueError(f"this flow needs a context of dim {self.context_dim}")
         if context.dim() == 0 or context.shape[-1] != self.context_dim:
             raise ValueError(f"context must have last dimension {self.context_dim}, got {tuple(context.shape)}")
-        embedded = self.embedding(context.reshape(-1, self.context_dim).to(dtype))
+        embedded = self.embedding(real_tensor(context, "context").reshape(-1, self.context_dim).to(dtype))
         return embedded.reshape(*context.shape[:-1], embedded.shape[-1])
 
     # -- density ----------------------------------------------------------------------------------
     @in_own_dtype
     def log_prob(self, theta: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         """log q(θ | context) for θ `(*, D)`; context `(C,)`, or `(*, C)` matching θ's batch shape."""
-        if theta.shape[-1] != self.dim:
+        if theta.dim() == 0 or theta.shape[-1] != self.dim:
             raise ValueError(f"θ must have last dimension {self.dim}, got {tuple(theta.shape)}")
         batch_shape = theta.shape[:-1]
         x = theta.reshape(-1, self.dim)

@@ -13,7 +13,7 @@ from fastflow._checks import check_seed
 from fastflow.flows import BoxToReal, Flow, FlowConfig, Standardize, Transform, build_flow
 from fastflow.inference.posterior import Posterior, register_estimator
 from fastflow.priors import Prior, check_prior
-from fastflow.train import fit
+from fastflow.train import fit, recording_autograd
 
 __all__ = ["NPE", "TrainingConfig", "ZScore", "check_simulations", "fit_posterior", "fit_preprocessing", "preprocessing"]
 
@@ -35,6 +35,7 @@ class TrainingConfig:
     mixed_precision: str = "off"
 
 
+@recording_autograd  # (the estimator is built inside: under inference_mode its weights could never train)
 def fit_posterior(method: str, build: Callable[[dict], nn.Module], loss_fn, prior: Prior, theta, x, *, settings: dict,
                   training: TrainingConfig, seed: int, device, progress: bool) -> Posterior:
     """An estimator's fit: checks the pairs θ `(N, D)`, x `(N, C)`, builds the estimator of `method` from its config

@@ -8,10 +8,11 @@ import warnings
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 import torch.nn as nn
 
-from fastflow._checks import nonnegative_int, positive_int
+from fastflow._checks import nonnegative_int, positive_int, real_tensor
 from fastflow.priors import Prior, prior_from_config
 
 __all__ = ["Posterior", "register_estimator", "FORMAT", "FORMAT_VERSION"]
@@ -51,8 +52,13 @@ class Posterior:
     def device(self) -> torch.device:
         return next(self.estimator.parameters()).device
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The estimator's dtype: θ and x are evaluated in it."""
+        return next(self.estimator.parameters()).dtype
+
     def _check_x(self, x) -> torch.Tensor:
-        x = torch.as_tensor(x, dtype=torch.float32, device=self.device)
+        x = real_tensor(x, "x").to(device=self.device, dtype=self.dtype)
         if x.dim() not in (1, 2) or x.shape[-1] != self.dim_x:
             raise ValueError(f"x must have shape ({self.dim_x},) or (B, {self.dim_x}); got {tuple(x.shape)}")
         if not torch.isfinite(x).all():
@@ -80,15 +86,16 @@ class Posterior:
         """log q(θ | x), `-inf` outside the prior support.
 
         θ `(*, D)` with x `(C,)`, or x `(B, C)` expanding to θ's batch shape, which ends in B (θ `(B, D)` or
-        `(n, B, D)`); `(*,)`."""
-        return self._log_prob(torch.as_tensor(theta, dtype=torch.float32, device=self.device), self._check_x(x))
+        `(n, B, D)`); `(*,)`. The prior's support is tested on θ as given (a float64 θ just outside a box stays
+        outside), the density in the estimator's dtype."""
+        return self._log_prob(real_tensor(theta, "θ").to(self.device), self._check_x(x))
 
     def _log_prob(self, theta: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        if theta.shape[-1] != self.dim_theta:
+        if theta.dim() == 0 or theta.shape[-1] != self.dim_theta:
             raise ValueError(f"θ must have last dimension {self.dim_theta}; got {tuple(theta.shape)}")
         if not torch.isfinite(theta).all():
             raise ValueError("θ contains NaN or inf")
-        log_q = self.estimator.log_prob(theta, x)
+        log_q = self.estimator.log_prob(theta.to(self.dtype), x)
         return log_q.masked_fill(~self.prior.in_support(theta), -math.inf)
 
     # -- summaries --------------------------------------------------------------------------------
@@ -104,7 +111,7 @@ class Posterior:
 
     def quantile(self, q, x, *, num_samples: int = 10_000) -> torch.Tensor:
         """Marginal quantiles at levels `q` (scalar or `(Q,)` in [0, 1]): `([Q,] [B,] D)`."""
-        levels = torch.as_tensor(q, dtype=torch.float32, device=self.device)
+        levels = real_tensor(q, "q").to(device=self.device, dtype=self.dtype)
         if not torch.isfinite(levels).all() or (levels < 0).any() or (levels > 1).any():
             raise ValueError(f"quantile levels must lie in [0, 1], got {q}")
         return torch.quantile(self.sample(num_samples, x), levels, dim=0)
@@ -162,7 +169,7 @@ class Posterior:
             {
                 "format": FORMAT,
                 "format_version": FORMAT_VERSION,
-                "config": self.config,
+                "config": _plain(self.config),
                 "prior": self.prior.config(),
                 "state_dict": {k: v.detach().cpu() for k, v in self.estimator.state_dict().items()},
             },
@@ -190,6 +197,17 @@ class Posterior:
         method = config.get("method")
         if method not in _BUILDERS:
             raise ValueError(f"{path} holds a posterior of unknown method {method!r}; known: {sorted(_BUILDERS)}")
-        estimator = _BUILDERS[method](config)
-        estimator.load_state_dict(payload["state_dict"])
+        with torch.inference_mode(False):  # (built under a caller's inference_mode, the weights could never train or map)
+            estimator = _BUILDERS[method](config)
+            estimator.load_state_dict(payload["state_dict"])
         return cls(estimator.to(device), prior_from_config(payload["prior"]), config=config)
+
+
+def _plain(value):
+    """`value` with numpy scalars as Python numbers, recursively through dicts, lists and tuples: what
+    `torch.load(weights_only=True)` reads back (a numpy learning rate made a saved posterior unloadable)."""
+    if isinstance(value, dict):
+        return {key: _plain(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_plain(item) for item in value)
+    return value.item() if isinstance(value, np.generic) else value

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from fastflow._checks import nonnegative_int, positive_finite, positive_int
+from fastflow._checks import nonnegative_int, positive_finite, positive_int, real_tensor
 from fastflow.backends import autocast_off, check_backend_name, device_key, triton_device
 from fastflow.flows.transforms import Transform
 from fastflow.ops.coupling import affine_coupling, spline_coupling
@@ -101,7 +101,7 @@ class _Coupling(Transform):
             return None
         if context is None:
             raise ValueError(f"{type(self).__name__}: this layer needs a context of dim {self.context_dim}")
-        return context
+        return real_tensor(context, f"{type(self).__name__}: context")  # (a cast to x's dtype dropped imaginary parts)
 
     def _weights(self) -> tuple[torch.Tensor, ...]:
         """The conditioner's (weight, bias) pairs in order, as the coupling ops take them (read from the layers'

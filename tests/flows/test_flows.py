@@ -213,3 +213,18 @@ def test_every_coordinate_depends_on_the_context(permutation):
 
     sensitivity = torch.autograd.functional.jacobian(latent, torch.zeros(1, dtype=torch.float64))
     assert (sensitivity.abs().squeeze(-1) > 1e-6).all()
+
+
+def test_mixture_base_samples_an_empty_batch_of_contexts():
+    """GaussianMixture.rsample(0) called multinomial with 0 draws (raised): NPE's default base could not sample
+    x of shape (0, C)."""
+    flow = build_flow(FlowConfig(base="gmm"), 2, 3)
+    assert flow.sample(4, torch.zeros(0, 3)).shape == (4, 0, 2)
+
+
+def test_flows_refuse_scalar_theta_and_complex_contexts():
+    flow = build_flow(FlowConfig(), 1, 2)
+    with pytest.raises(ValueError, match="last dimension 1"):
+        flow.log_prob(torch.tensor(0.5), torch.zeros(2))
+    with pytest.raises(TypeError, match="context must be real"):
+        flow.log_prob(torch.zeros(3, 1), torch.zeros(3, 2) + 1j)

@@ -1,6 +1,7 @@
 """FMPE: moments against the analytic gaussian_linear posterior, the Posterior API (log_prob, MAP,
 quantiles, save/load), the CLI method registry, and bad input."""
 
+import copy
 import dataclasses
 
 import pytest
@@ -135,3 +136,12 @@ def test_bad_input():
     for options in (dict(alpha=float("nan")), dict(alpha=-1.0), dict(time_distribution="beta")):
         with pytest.raises(ValueError, match="alpha|time distribution"):  # at construction, before any training
             FMPE(prior, **options)
+
+
+def test_a_float64_fmpe_posterior_evaluates_log_prob(linear_posterior):
+    """After posterior.estimator.double(), sample and map worked but log_prob raised (θ was cast to float32)."""
+    _, posterior = linear_posterior
+    posterior = copy.deepcopy(posterior)
+    posterior.estimator.double()
+    theta, x_obs = torch.zeros(3, posterior.dim_theta, dtype=torch.float64), torch.zeros(posterior.dim_x)
+    assert posterior.log_prob(theta, x_obs).dtype == torch.float64

@@ -341,3 +341,64 @@ def test_npe_bad_training_data():
         npe.fit(torch.full((10, 1), 2.0), torch.zeros(10, 1))
     with pytest.raises(ValueError, match="finite"):
         npe.fit(torch.zeros(10, 1), torch.full((10, 1), math.nan))
+
+
+def test_posteriors_fit_under_no_grad_and_inference_mode_and_load_there_too(tmp_path):
+    """Under a caller's no_grad / inference_mode, fit raised "element 0 of tensors does not require grad"; a posterior
+    loaded under inference_mode got inference-tensor weights, and map failed on it for good."""
+    prior = BoxUniform([-1.0, -1.0], [1.0, 1.0])
+    theta = prior.sample(300, generator=torch.Generator().manual_seed(0))
+    x = theta + 0.1 * torch.randn(theta.shape, generator=torch.Generator().manual_seed(1))
+    npe = NPE(prior, flow=FlowConfig(num_layers=2, hidden=16), training=TrainingConfig(max_epochs=2), progress=False)
+    expected = npe.fit(theta, x)
+    for mode in (torch.no_grad, torch.inference_mode):
+        with mode():
+            posterior = npe.fit(theta.clone(), x.clone())
+        for got, want in zip(posterior.estimator.state_dict().values(), expected.estimator.state_dict().values()):
+            torch.testing.assert_close(got, want)
+    posterior.save(tmp_path / "posterior.pt")
+    with torch.inference_mode():
+        loaded = Posterior.load(tmp_path / "posterior.pt")
+    assert loaded.map(x[0], steps=3).shape == (2,)
+
+
+def test_configs_with_numpy_numbers_save_and_load(tmp_path):
+    """A numpy learning rate (from np.logspace) or seed saved fine but could never be loaded (weights_only)."""
+    prior = BoxUniform([-1.0], [1.0])
+    theta = prior.sample(200, generator=torch.Generator().manual_seed(0))
+    training = TrainingConfig(max_epochs=1, learning_rate=np.logspace(-3, -2, 2)[0])
+    posterior = NPE(prior, flow=FlowConfig(num_layers=1, hidden=8, seed=np.int64(3)), training=training,
+                    progress=False).fit(theta, theta + 0.1)
+    posterior.save(tmp_path / "posterior.pt")
+    loaded = Posterior.load(tmp_path / "posterior.pt")
+    assert loaded.config["training"]["learning_rate"] == 1e-3 and type(loaded.config["flow"]["seed"]) is int
+    with pytest.raises(ValueError, match="seed"):
+        FlowConfig(seed=1.5)
+    with pytest.raises(ValueError, match="seed"):
+        FlowConfig(seed=2**64)
+
+
+def test_a_float64_posterior(box_posterior):
+    """The estimator in float64: quantile levels were float32 (torch.quantile raised), θ and x were rounded to
+    float32, and a float64 θ just outside a box prior got a finite density (its support was tested after the cast)."""
+    posterior = copy.deepcopy(box_posterior)
+    posterior.estimator.double()
+    x_obs = torch.tensor([0.0, 0.3])
+    assert posterior.quantile(torch.tensor([0.1, 0.9]), x_obs).dtype == torch.float64
+    theta = torch.tensor([[0.1, 0.2], [1 + 1e-9, 0.0]], dtype=torch.float64)
+    log_q = posterior.log_prob(theta, x_obs)
+    assert log_q.dtype == torch.float64 and log_q[1] == -math.inf and torch.isfinite(log_q[0])
+    assert box_posterior.log_prob(theta, x_obs)[1] == -math.inf
+    torch.testing.assert_close(log_q[0].float(), box_posterior.log_prob(theta[:1].float(), x_obs)[0], atol=1e-4, rtol=0)
+
+
+def test_posterior_refuses_complex_and_scalar_input(box_posterior):
+    """Complex θ, x or quantile levels lost their imaginary parts; a 0-d θ raised IndexError."""
+    with pytest.raises(TypeError, match="θ must be real"):
+        box_posterior.log_prob(torch.tensor([0j, 0.5j]), torch.zeros(2))
+    with pytest.raises(TypeError, match="x must be real"):
+        box_posterior.sample(2, torch.zeros(2) + 1j)
+    with pytest.raises(TypeError, match="q must be real"):
+        box_posterior.quantile(0.5 + 0j, torch.zeros(2))
+    with pytest.raises(ValueError, match="last dimension 2"):
+        box_posterior.log_prob(torch.tensor(0.5), torch.zeros(2))

@@ -373,3 +373,10 @@ def test_layers_and_flows_run_in_their_dtype_under_autocast(backend, monkeypatch
     torch.testing.assert_close(log_q, expected[0])
     torch.testing.assert_close((y, ladj), expected[1])
     torch.testing.assert_close(draws, expected_draws)
+
+
+def test_layers_refuse_complex_contexts():
+    """The cast to x's dtype dropped the imaginary parts (torch only warned)."""
+    for layer in (AffineCoupling(4, 2), SplineCoupling(4, 2)):
+        with pytest.raises(TypeError, match="context must be real"):
+            layer(torch.randn(3, 4), torch.ones(3, 2) * (1 + 1j))
