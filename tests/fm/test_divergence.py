@@ -179,3 +179,14 @@ def test_bad_input():
         HutchinsonDivergence()(field, t, x)
     with pytest.raises(TypeError, match="divergence must be"):
         CNF(field, 3, divergence=exact_divergence)  # a bare function: no draw
+
+
+@pytest.mark.gpu
+def test_on_cuda_as_on_the_cpu():
+    """Large blocks on GPUs (GPU_BLOCK_ELEMENTS): the same values as the CPU's blocks, float64."""
+    field = _field(dim=10, context_dim=3, hidden=(64, 64, 64))
+    t, x, args = _inputs(field, n=3000)
+    expected = mlp_divergence(field, t, x, *args)
+    got = mlp_divergence(field.cuda(), t.cuda(), x.cuda(), *(a.cuda() for a in args))
+    for value, want in zip(got, expected):
+        torch.testing.assert_close(value.cpu(), want, atol=1e-12, rtol=0)
