@@ -14,7 +14,7 @@ from fastflow._checks import positive_int
 from fastflow.backends import in_own_dtype
 from fastflow.fm.divergence import DIVERGENCES, Divergence
 from fastflow.fm.fused import mlp_odeint
-from fastflow.fm.nets import VelocityMLP
+from fastflow.fm.nets import plain_velocity_mlp
 from fastflow.fm.solvers import SOLVERS, OdeSolution, check_tolerances, odeint
 
 __all__ = ["CNF", "OdeConfig"]
@@ -151,7 +151,7 @@ class CNF(nn.Module):
         param = self._parameter()
         x_0 = torch.randn(n * contexts, self.dim, dtype=param.dtype, device=param.device)
         args = () if embedded is None else (embedded.reshape(contexts, embedded.shape[-1]).repeat(n, 1),)
-        if x_0.device.type == "cuda" and isinstance(self.velocity, VelocityMLP) and not SOLVERS[self.sampler.method].adaptive:
+        if x_0.device.type == "cuda" and plain_velocity_mlp(self.velocity) and not SOLVERS[self.sampler.method].adaptive:
             # the fused Triton integrator where it supports the field (backend "auto"), else odeint
             # one context for all draws goes in as (E,): the kernel folds it into the first layer's time bias
             fused_context = embedded.reshape(-1) if embedded is not None and contexts == 1 else (args[0] if args else None)

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from fastflow._checks import positive_int
-from fastflow.fm.nets import VelocityMLP
+from fastflow.fm.nets import VelocityMLP, plain_velocity_mlp
 
 __all__ = [
     "DIVERGENCES", "Divergence", "ExactDivergence", "HutchinsonDivergence", "exact_divergence",
@@ -37,12 +37,18 @@ def _with_graph(velocity: Velocity, t: torch.Tensor, x: torch.Tensor, args, redu
     inference_mode (a plain copy of x records there); detached unless grad mode was on."""
     differentiable = torch.is_grad_enabled()
     with torch.inference_mode(False), torch.enable_grad():
-        if x.is_inference():
-            x = x.clone()  # (an inference tensor records no graph: the divergence came back 0)
+        # an inference tensor records no graph (x's divergence came back 0) and cannot be saved for the backward
+        # pass (a field t * x failed on the solver's times): plain copies
+        x, t, *args = (_recordable(a) for a in (x, t, *args))
         x_in = x if (differentiable and x.requires_grad) else x.detach().requires_grad_(True)
         v = velocity(t, x_in, *args)
         div = reduce(v, x_in, differentiable) if v.requires_grad else x.new_zeros(x.shape[0])
     return (v, div) if differentiable else (v.detach(), div.detach())
+
+
+def _recordable(value):
+    """An inference tensor as a plain copy (autograd can record and save it); anything else as it is."""
+    return value.clone() if isinstance(value, torch.Tensor) and value.is_inference() else value
 
 
 def exact_divergence(velocity: Velocity, t: torch.Tensor, x: torch.Tensor, *args) -> tuple[torch.Tensor, torch.Tensor]:
@@ -117,7 +123,7 @@ def _mlp_block(field: VelocityMLP, h: torch.Tensor, probes: torch.Tensor | None)
             dz = w_x.unsqueeze(0) if probes is None else probes @ w_x  # (1 or b, P, width)
             da = slope.unsqueeze(1) * dz
         else:
-            dz = (tangent.reshape(-1, tangent.shape[-1]) @ layer.weight.t()).view(*tangent.shape[:2], -1)  # one GEMM
+            dz = (tangent.reshape(-1, tangent.shape[-1]) @ layer.weight.t()).view(*tangent.shape[:2], layer.out_features)
             da = dz.mul_(slope.unsqueeze(1)) if in_place else slope.unsqueeze(1) * dz
         if field.residual and a.shape == h.shape:
             if tangent is None:
@@ -164,14 +170,14 @@ class Divergence(Protocol):
 
 @dataclass(frozen=True)
 class ExactDivergence:
-    """The exact trace: forward-mode for a `VelocityMLP` (`mlp_divergence`), autograd for other fields
-    (`exact_divergence`). Costs about D forward passes per evaluation."""
+    """The exact trace: forward-mode for a `VelocityMLP` (`mlp_divergence`; `plain_velocity_mlp`), autograd for
+    other fields (`exact_divergence`). Costs about D forward passes per evaluation."""
 
     def draw(self, x: torch.Tensor) -> None:
         return None
 
     def __call__(self, velocity, t, x, *args, probes=None):
-        if isinstance(velocity, VelocityMLP):
+        if plain_velocity_mlp(velocity):
             return mlp_divergence(velocity, t, x, *args)
         return exact_divergence(velocity, t, x, *args)
 
@@ -200,7 +206,7 @@ class HutchinsonDivergence:
     def __call__(self, velocity, t, x, *args, probes=None):
         if probes is None:
             raise ValueError("the Hutchinson estimate needs the probes of its solve (draw(x))")
-        if isinstance(velocity, VelocityMLP):
+        if plain_velocity_mlp(velocity):
             return mlp_divergence(velocity, t, x, *args, probes=probes)
         return hutchinson_divergence(velocity, t, x, *args, probes=probes)
 

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from fastflow.backends import AUTO_TRITON_PRECISIONS, is_automatic, requested_backend, resolve_backend, triton_precision
-from fastflow.fm.nets import VelocityMLP
+from fastflow.fm.nets import VelocityMLP, plain_velocity_mlp
 from fastflow.fm.solvers import SOLVERS, OdeSolution, _check_times, _stage_times, odeint
 
 __all__ = ["fused_unsupported", "mlp_odeint"]
@@ -31,8 +31,8 @@ _MAX_HIDDEN, _MAX_LAYERS, _MAX_STAGES, _MAX_STATE_DIM = 256, 4, 4, 256
 def fused_unsupported(velocity: torch.nn.Module, x: torch.Tensor, method: str,
                       context: torch.Tensor | None = None) -> str | None:
     """Why the fused kernel cannot integrate this field and these inputs, or None when it can."""
-    if not isinstance(velocity, VelocityMLP):
-        return f"the velocity is a {type(velocity).__name__}, not a VelocityMLP"
+    if not plain_velocity_mlp(velocity):
+        return f"the velocity is a {type(velocity).__name__}, not a VelocityMLP as built (no overridden forward, no hooks)"
     tableau = SOLVERS.get(method)
     if tableau is None or tableau.adaptive or len(tableau.b) > _MAX_STAGES:
         return f"method {method!r} is not a fixed-step method of at most {_MAX_STAGES} stages (euler, midpoint, heun, rk4)"

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from fastflow._checks import nonnegative_int, positive_int
 from fastflow.ops.linear import BLOCK_ROWS, linear_silu_into, native_linear_silu_runs
 
-__all__ = ["ACTIVATIONS", "TimeEmbedding", "VelocityMLP"]
+__all__ = ["ACTIVATIONS", "TimeEmbedding", "VelocityMLP", "plain_velocity_mlp"]
 
 ACTIVATIONS = {"silu": nn.SiLU, "tanh": nn.Tanh, "gelu": nn.GELU, "relu": nn.ReLU}
 # in-place forms, used when no graph is recorded (sampling): they skip one activation-sized allocation per layer
@@ -119,3 +119,11 @@ class VelocityMLP(nn.Module):
                 x = out.add_(x) if self.residual and out.shape == x.shape else out
             torch.addmm(self.output.bias, x, self.output.weight.t(), out=result[rows])
         return result
+
+
+def plain_velocity_mlp(field: nn.Module) -> bool:
+    """Whether `field` computes exactly what `VelocityMLP.forward` computes from its layers (no subclass `forward`,
+    no hooks): then the kernels that rebuild it from its layers (the forward-mode divergence, the fused ODE
+    integrator) may stand in for calling it."""
+    return (isinstance(field, VelocityMLP) and type(field).forward is VelocityMLP.forward
+            and not (field._forward_hooks or field._forward_pre_hooks))

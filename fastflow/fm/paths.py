@@ -208,7 +208,8 @@ def cfm_loss(velocity: Callable[..., torch.Tensor], path: Path, x_1: torch.Tenso
     """Conditional flow-matching loss E ||v(t, x_t[, context]) - dx_t||² (mean over samples, sum over dims).
 
     Arguments:
-        velocity: `(t (n,), x_t (n, D)[, context (n, E)]) -> (n, D)`.
+        velocity: `(t (n, 1), x_t (n, D)[, context (n, E)]) -> (n, D)`: per-sample times as a column, as
+            adaptive ODE solves pass them (`t * x_t` scales rows in both).
         x_1: `(n, D)` data; x_0 ~ N(0, I) is drawn here.
         context: `(n, E)` conditioning variables, or None.
         pairing: "independent" (x_0 drawn independently of x_1), or "ot": minibatch optimal transport within blocks
@@ -228,5 +229,6 @@ def cfm_loss(velocity: Callable[..., torch.Tensor], path: Path, x_1: torch.Tenso
     if pairing == "ot":
         x_0 = ot_pairing(x_0, x_1, pairing_block)
     x_t, dx_t = path.sample(t, x_0, x_1)
+    t = t.unsqueeze(-1)
     v = velocity(t, x_t) if context is None else velocity(t, x_t, context)
     return (v - dx_t).square().sum(-1).mean()

@@ -181,6 +181,62 @@ def test_bad_input():
         CNF(field, 3, divergence=exact_divergence)  # a bare function: no draw
 
 
+@pytest.mark.parametrize("divergence", ["exact", "hutchinson"])
+def test_empty_batches(divergence):
+    """Two hidden layers: the tangents' GEMM could not reshape 0 rows (-1 was ambiguous)."""
+    field = _field(context_dim=2, hidden=(16, 16))
+    v, div = DIVERGENCES[divergence](field, torch.tensor(0.5, dtype=torch.float64), torch.zeros(0, 3, dtype=torch.float64),
+                                     torch.zeros(2, dtype=torch.float64),
+                                     probes=torch.zeros(0, 1, 3, dtype=torch.float64))
+    assert v.shape == (0, 3) and div.shape == (0,)
+    assert CNF(field, 3, context_dim=2, divergence=divergence).log_prob(torch.zeros(0, 3, dtype=torch.float64),
+                                                                       torch.zeros(2, dtype=torch.float64)).shape == (0,)
+
+
+class _TimedLinear(torch.nn.Module):
+    """v = t A x: div v = t tr A, log q(x) = log N(e^{-A/2} x; 0, I) - tr(A) / 2."""
+
+    def __init__(self):
+        super().__init__()
+        self.A = torch.nn.Parameter(torch.tensor([[0.3, 0.1, 0.0], [-0.2, 0.1, 0.4], [0.0, 0.2, -0.5]], dtype=torch.float64))
+
+    def forward(self, t, x):
+        return t * (x @ self.A.T)
+
+
+@pytest.mark.parametrize("divergence", ["exact", "hutchinson"])
+def test_autograd_references_under_inference_mode(divergence):
+    """The solver's times are inference tensors there, and a field t * x saves them for the backward pass: the
+    references failed ("Inference tensors cannot be saved for backward")."""
+    field = _TimedLinear()
+    x = torch.randn(6, 3, dtype=torch.float64)
+    expected = (torch.distributions.Normal(0.0, 1.0).log_prob(x @ torch.linalg.matrix_exp(-field.A.detach() / 2).T).sum(-1)
+                - field.A.detach().trace() / 2)
+    cnf = CNF(field, 3, likelihood=OdeConfig(rtol=1e-9, atol=1e-9),
+              divergence=_AllSigns() if divergence == "hutchinson" else divergence)
+    with torch.inference_mode():
+        torch.testing.assert_close(cnf.log_prob(x), expected, atol=1e-7, rtol=0)
+
+
+def test_a_subclass_with_its_own_forward_goes_through_autograd():
+    """The forward mode rebuilds v from the layers: a subclass's forward (or a hook) was skipped."""
+    class Scaled(VelocityMLP):
+        def forward(self, t, x_t, context=None):
+            return 2 * super().forward(t, x_t, context)
+
+    torch.manual_seed(0)
+    field = Scaled(2, hidden=(16,)).double()
+    t, x = torch.rand(5, dtype=torch.float64), torch.randn(5, 2, dtype=torch.float64)
+    for divergence in (ExactDivergence(), lambda *a: HutchinsonDivergence()(*a, probes=_sign_patterns(5, 2))):
+        v, div = divergence(field, t, x)
+        v_ref, div_ref = exact_divergence(field, t, x)
+        torch.testing.assert_close(v, v_ref)
+        torch.testing.assert_close(div, div_ref)
+    plain = _field(dim=2)
+    plain.register_forward_hook(lambda module, inputs, output: 2 * output)
+    torch.testing.assert_close(ExactDivergence()(plain, t, x)[1], exact_divergence(plain, t, x)[1])
+
+
 @pytest.mark.gpu
 def test_on_cuda_as_on_the_cpu():
     """Large blocks on GPUs (GPU_BLOCK_ELEMENTS): the same values as the CPU's blocks, float64."""

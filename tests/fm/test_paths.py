@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from fastflow.fm import PATHS, VelocityMLP, cfm_loss, get_path, sample_time
+from fastflow.fm import PATHS, VelocityMLP, cfm_loss, get_path, odeint, sample_time
 
 EXACT_ENDS = ["ot", "cosine", "linear", "trig"]
 
@@ -68,10 +68,23 @@ def test_power_law_time_mean():
     assert abs(sample_time(200_000).mean().item() - 0.5) < 3e-3
 
 
+def test_cfm_loss_passes_times_as_a_column_as_adaptive_solves_do():
+    """One convention for per-sample times, (n, 1), in training and in dopri5: a field written t * x scales rows."""
+    shapes = []
+
+    def field(t, x_t):
+        shapes.append(tuple(t.shape))
+        return t * x_t
+
+    cfm_loss(field, get_path("ot"), torch.randn(3, 3))
+    odeint(field, torch.randn(3, 3), [0.0, 1.0], method="dopri5")
+    assert set(shapes) == {(3, 1)}
+
+
 def test_cfm_loss_is_smallest_at_the_true_velocity():
     # data δ at μ under the OT path: the velocity (μ - x_t)/(1 - t) equals the regression target
     mu = torch.tensor([[2.0, -1.0]]).expand(4096, 2)
-    true = lambda t, x_t: (mu - x_t) / (1 - t).unsqueeze(-1).clamp_min(1e-3)
+    true = lambda t, x_t: (mu - x_t) / (1 - t).clamp_min(1e-3)  # (t (n, 1))
     path = get_path("ot")
     assert cfm_loss(true, path, mu) < 1e-2 < cfm_loss(lambda t, x_t: torch.zeros_like(x_t), path, mu)
     net = VelocityMLP(2, context_dim=3, hidden=(16,))
