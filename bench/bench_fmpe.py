@@ -1,6 +1,7 @@
 """FMPE on a task (FASTFLOW_BENCH_TASK, default two_moons) at 10^4 simulations: fastflow against sbi's FMPE
 (defaults) on the same simulations; training time, time to draw 10^4 posterior samples, and C2ST against the
-package's reference over observations 1..FASTFLOW_BENCH_OBSERVATIONS (default 5). A sampler sweep on the trained fastflow model
+package's reference over observations 1..FASTFLOW_BENCH_OBSERVATIONS (default 5); the time of log_prob on 10^4
+reference draws of observation 1 and their mean log q (higher: closer to the posterior). A sampler sweep on the trained fastflow model
 reports each ODE method's velocity evaluations, time and error against a tight Dopri5 (1e-7) solve
 from the same noise, the basis of FMPE's default sampler.
 
@@ -41,10 +42,15 @@ def _scores(task, samples):
     return [c2st(task.reference_posterior_samples(task.observation(i), NUM_SAMPLES, seed=0), samples[i]) for i in OBSERVATIONS]
 
 
-def _sample_all(draw):
+def _timed(call):
     start = time.perf_counter()
-    samples = {i: draw(task_observation) for i, task_observation in _OBS.items()}
-    return (time.perf_counter() - start) / len(_OBS), samples
+    result = call()
+    return time.perf_counter() - start, result
+
+
+def _sample_all(draw):
+    seconds, samples = _timed(lambda: {i: draw(task_observation) for i, task_observation in _OBS.items()})
+    return seconds / len(_OBS), samples
 
 
 def _sweep(posterior, x_obs):
@@ -92,6 +98,11 @@ def test_fmpe(benchmark):
             "fastflow_c2st": scores, "fastflow_mean_c2st": float(np.mean(scores))}
     lines = [f"fastflow FMPE: train {train_seconds:6.1f} s, 10^4 samples {sample_seconds:6.3f} s, "
              f"C2ST {np.mean(scores):.3f} ({', '.join(f'{s:.3f}' for s in scores)})"]
+    reference = task.reference_posterior_samples(task.observation(1), NUM_SAMPLES, seed=1)
+    log_prob_seconds, log_q = _timed(lambda: posterior.log_prob(reference, task.observation(1)))
+    info.update(fastflow_log_prob_seconds=log_prob_seconds, fastflow_mean_log_q=float(log_q.mean()))
+    lines.append(f"fastflow log_prob of 10^4 reference draws (observation 1): {log_prob_seconds:6.2f} s, "
+                 f"mean log q {log_q.mean():.3f}")
     sweep = _sweep(posterior, task.observation(1))
     lines.append("sampler sweep (observation 1, flow space, error vs dopri5 1e-7):")
     lines += [f"  {c.method:8s} steps={c.steps:3d} rtol={c.rtol:.0e}: {e:4d} evals {s:6.3f} s  max err {err:.1e}" for c, e, s, err in sweep]
@@ -108,6 +119,13 @@ def test_fmpe(benchmark):
         sbi_posterior = inference.build_posterior(estimator)
         sbi_seconds, sbi_samples = _sample_all(lambda x: sbi_posterior.sample((NUM_SAMPLES,), x=x, show_progress_bars=False))
         sbi_scores = _scores(task, sbi_samples)
+        for normalized in (True, False):  # sbi's default corrects for the mass outside the prior (by sampling)
+            seconds, log_q = _timed(lambda: sbi_posterior.log_prob(reference, x=task.observation(1),
+                                                                   norm_posterior=normalized))
+            key = "sbi_log_prob" + ("" if normalized else "_unnormalized")
+            info.update({f"{key}_seconds": seconds, f"{key}_mean_log_q": float(log_q.mean())})
+            lines.append(f"sbi log_prob{'' if normalized else ' (norm_posterior=False)'}: {seconds:6.2f} s, "
+                         f"mean log q {log_q.mean():.3f} ({seconds / log_prob_seconds:.1f}x fastflow's time)")
         info.update(sbi_train_seconds=sbi_train, sbi_sample_seconds=sbi_seconds, sbi_c2st=sbi_scores,
                     sbi_mean_c2st=float(np.mean(sbi_scores)), sample_speedup=sbi_seconds / sample_seconds)
         lines.append(f"sbi FMPE:      train {sbi_train:6.1f} s, 10^4 samples {sbi_seconds:6.3f} s, "
