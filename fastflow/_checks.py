@@ -46,9 +46,13 @@ def check_floating(dtype, what: str) -> None:
 
 def real_tensor(values, name: str):
     """`values` (a tensor, array or nested sequence) as a torch tensor; a TypeError for complex numbers, which a
-    cast to a real dtype would silently drop the imaginary parts of."""
+    cast to a real dtype would silently drop the imaginary parts of. Arrays with negative strides (`a[::-1]`, which
+    torch refuses) are copied."""
+    import numpy as np
     import torch
 
+    if isinstance(values, np.ndarray) and any(stride < 0 for stride in values.strides):
+        values = np.ascontiguousarray(values)
     tensor = torch.as_tensor(values)
     if tensor.is_complex():
         raise TypeError(f"{name} must be real, got {tensor.dtype}")

@@ -197,8 +197,13 @@ def native_module(device: torch.device | str) -> ModuleType:
 
 
 def set_num_threads(n: int) -> None:
-    """Use `n` threads in PyTorch and in the OpenMP kernels of fastflow._C."""
+    """Use `n` threads in PyTorch, in the OpenMP kernels of fastflow._C (every thread's calls) and in the Numba
+    kernels of ABC (this thread's calls: Numba keeps the count per thread)."""
     n = positive_int(n, "thread count")
+    import numba
+
+    numba.get_num_threads()  # starts Numba's threading layer now: started later, it reset torch's OpenMP count
+    numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
     torch.set_num_threads(n)
     module, _ = _import_extension("_C")
     if module is not None:

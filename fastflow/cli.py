@@ -22,6 +22,7 @@ def _demo(args: argparse.Namespace) -> int:
     from fastflow.plot import corner, image_path
     from fastflow.tasks import get_task
 
+    _check_output(args.out, "--out")
     _check_output(image_path(args.out), "--out")
     task = get_task("two_moons")
     x_obs = task.observation(args.observation)
@@ -45,6 +46,7 @@ def _posterior(args: argparse.Namespace) -> int:
     from fastflow.tasks import get_task
 
     task = get_task(args.task)
+    _check_output(args.out, "--out")
     out = args.out if args.out.suffix == ".npy" else args.out.with_name(args.out.name + ".npy")  # as np.save names it
     _check_output(out, "--out")
     if not args.x_obs.is_file():
@@ -72,11 +74,20 @@ def _posterior(args: argparse.Namespace) -> int:
 
 
 def _check_output(path: Path, flag: str) -> None:
-    """Fail before any work when `path` cannot be written (its folder is missing, or it is a folder), not after it."""
+    """Fail before any work when `path` cannot be written (its folder is missing, it is a folder, or the file cannot
+    be opened for writing: a read-only folder raised PermissionError after the training), not after it."""
     if not path.parent.is_dir():
         raise ValueError(f"{flag} {path}: the folder {path.parent} does not exist")
-    if path.is_dir():
+    if path.is_dir() or not path.name:
         raise ValueError(f"{flag} {path}: a folder, not a file")
+    existed = path.exists()
+    try:
+        with open(path, "ab"):  # (appends nothing to a file that exists)
+            pass
+        if not existed:
+            path.unlink()
+    except OSError as error:
+        raise ValueError(f"{flag} {path}: cannot be written ({error.strerror})") from None
 
 
 def _bench(args: argparse.Namespace) -> int:

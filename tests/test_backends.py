@@ -164,6 +164,23 @@ def test_set_num_threads_sets_torch_and_openmp():
             set_num_threads(bad)
 
 
+def test_set_num_threads_holds_for_numba_and_after_its_first_parallel_call():
+    """In a fresh process: the ABC kernels ran on every core after set_num_threads(1), and starting Numba's threading
+    layer reset torch's count to every core as well."""
+    import subprocess
+    import sys
+
+    script = ("import numba, torch, fastflow\n"
+              "from fastflow.abc import rejection\n"
+              "from fastflow.tasks import get_task\n"
+              "fastflow.set_num_threads(1)\n"
+              "task = get_task('two_moons')\n"
+              "rejection(task, task.prior, task.observation(1), 2000, quantile=0.05)\n"
+              "print(torch.get_num_threads(), numba.get_num_threads())\n")
+    output = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
+    assert output.split() == ["1", "1"]
+
+
 @pytest.mark.parametrize("threads", [1, 2])
 def test_the_kernels_thread_count_holds_in_every_thread(threads):
     """omp_set_num_threads set the count for the calling thread only: kernels called from another Python thread

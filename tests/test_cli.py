@@ -1,5 +1,7 @@
 """The `fastflow` command: demo and posterior end to end on small budgets, and bad input."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -115,6 +117,22 @@ def test_files_are_checked_before_any_work(tmp_path, capsys):
     assert "a folder, not a file" in capsys.readouterr().err
     assert main(["demo", "--out", str(tmp_path / "demo.txt")]) == 2
     assert "matplotlib writes no .txt images" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not Path("/sys/kernel").is_dir(), reason="needs Linux's /sys, where no one may create files")
+def test_outputs_that_cannot_be_written_fail_before_the_work(tmp_path, capsys):
+    """A PermissionError came out as a traceback after the training (demo, posterior) or the first case (bench);
+    `--out .` gave "PosixPath('.') has an empty name"."""
+    x_path = tmp_path / "x.npy"
+    np.save(x_path, np.zeros(2, dtype=np.float32))
+    for arguments in (["demo", "--out", "/sys/demo.png"],
+                      ["posterior", "two_moons", "--sims", "10", "--x-obs", str(x_path), "--out", "/sys/o.npy"],
+                      ["bench", "--device", "cpu", "--out", "/sys/b.json"]):
+        assert main(arguments) == 2
+        assert "cannot be written" in capsys.readouterr().err
+    for command in (["demo"], ["posterior", "two_moons", "--sims", "10", "--x-obs", str(x_path)]):
+        assert main([*command, "--out", "."]) == 2
+        assert "a folder, not a file" in capsys.readouterr().err
 
 
 def test_the_output_name_reported_is_the_file_written(tmp_path, capsys):

@@ -89,14 +89,25 @@ def numba_below(d: np.ndarray, threshold: float) -> np.ndarray:
 
 
 def numpy_distances(summaries: np.ndarray, s_obs: np.ndarray, weight: np.ndarray, metric: str) -> np.ndarray:
-    """numpy face of `distances` (see the module docstring)."""
+    """numpy face of `distances` (see the module docstring): the coordinates summed one after another, in
+    `row_distance`'s order, so that both faces give the same bits (numpy's pairwise sums differed in the last bit
+    from 9 summaries on, and a tie at the threshold went another way)."""
     diff = summaries - s_obs
-    if metric == "mahalanobis":
-        d = np.linalg.norm(diff @ weight.T, axis=1)
-    elif metric == "l1":
-        d = np.abs(diff * weight).sum(axis=1)
-    else:
-        d = np.sqrt(((diff * weight) ** 2).sum(axis=1))
+    m = diff.shape[1]
+    d = np.zeros(diff.shape[0])
+    for a in range(m):
+        if metric == "mahalanobis":
+            term = np.zeros(diff.shape[0])
+            for b in range(m):
+                term += weight[a, b] * diff[:, b]
+            d += term * term
+        elif metric == "l1":
+            d += np.abs(weight[a] * diff[:, a])
+        else:
+            term = weight[a] * diff[:, a]
+            d += term * term
+    if metric != "l1":
+        d = np.sqrt(d)
     d[~np.isfinite(d)] = np.inf
     return d
 

@@ -19,6 +19,8 @@ import numpy as np
 from scipy.sparse.csgraph import connected_components
 from sklearn.neighbors import NearestNeighbors
 
+from fastflow._checks import positive_finite
+
 __all__ = ["KERNELS", "LLRegression", "adjust_by_mode", "modes"]
 
 
@@ -99,9 +101,10 @@ class LLRegression:
         for name, bound in (("low", self.low), ("high", self.high)):
             if bound is not None and bound.shape != (dim_theta,):
                 raise ValueError(f"{name} must have shape ({dim_theta},), got {bound.shape}")
-        h = float(distances.max()) if bandwidth is None else bandwidth
-        if not (np.isfinite(h) and h > 0):
-            raise ValueError(f"the bandwidth must be positive and finite, got {h!r}")
+        if bandwidth is None:  # (every distance 0, exact matches of discrete summaries: any h weighs them alike)
+            h = float(distances.max()) or 1.0
+        else:
+            h = positive_finite(bandwidth, "the bandwidth")  # (True was h = 1; a torch scalar failed inside numpy)
 
         self.weights_ = KERNELS[self.kernel](distances / h)
         if np.count_nonzero(self.weights_) <= summaries.shape[1] + 1:
@@ -269,6 +272,6 @@ def _float_vector(value, name: str) -> np.ndarray:
     array = np.asarray(value, dtype=np.float64)
     if array.ndim != 1:
         raise ValueError(f"{name} must be a 1-D array, got shape {array.shape}")
-    if name not in ("low", "high") and not np.isfinite(array).all():
-        raise ValueError(f"{name} contains NaN or inf")
+    if np.isnan(array).any() or (name not in ("low", "high") and not np.isfinite(array).all()):
+        raise ValueError(f"{name} contains NaN" + ("" if name in ("low", "high") else " or inf"))
     return array

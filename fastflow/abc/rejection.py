@@ -24,7 +24,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from fastflow._checks import check_seed, positive_finite, positive_int
+from fastflow._checks import check_seed, positive_finite, positive_int, real_tensor
 from fastflow.abc._fused import FusedSimulator
 from fastflow.abc._kernels import KERNELS, METRICS
 from fastflow.priors import Prior, check_prior
@@ -320,7 +320,7 @@ def rejection(
     if chunk_size is None:
         chunk_size = CHUNK_SIZE if fused_simulator is None else FUSED_CHUNK_SIZE
 
-    x = torch.as_tensor(x_obs).detach().cpu().double()
+    x = real_tensor(x_obs, "x_obs").detach().cpu().double()
     if x.ndim != 1:
         raise ValueError(f"x_obs must be 1-D (dim_x,), got shape {tuple(x.shape)}")
     if not torch.isfinite(x).all():

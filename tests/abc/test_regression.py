@@ -94,7 +94,8 @@ def test_log_transform_for_one_sided_bounds_and_heteroscedastic_scale():
         (dict(bandwidth=-1.0), "bandwidth"),
         (dict(bandwidth=float("nan")), "bandwidth"),
         (dict(bandwidth=float("inf")), "bandwidth"),
-        (dict(distances=np.zeros(50)), "bandwidth"),
+        (dict(bandwidth=True), "bandwidth"),
+        (dict(bandwidth=np.array([1.0, 2.0])), "bandwidth"),
         (dict(s_obs=np.zeros(3)), "s_obs must have shape"),
         (dict(s_obs=np.array([np.nan, 0.0])), "NaN"),
         (dict(theta=np.zeros((49, 2))), "same number of rows"),
@@ -113,7 +114,18 @@ def test_bad_input_is_refused(kwargs, message):
                        arguments.pop("distances"), **arguments)
 
 
+def test_exact_matches_only_are_left_as_they_are():
+    """Discrete summaries: every accepted simulation matches s_obs (distance 0), which raised "the bandwidth must
+    be positive"; the adjustment moves nothing (s - s_obs = 0)."""
+    theta = np.random.default_rng(0).uniform(size=(40, 2))
+    summaries = np.tile([1.0, 2.0], (40, 1))
+    adjusted = LLRegression(low=[0.0, 0.0], high=[1.0, 1.0]).fit(theta, summaries, [1.0, 2.0], np.zeros(40)).predict()
+    np.testing.assert_allclose(adjusted, theta, atol=1e-12)
+
+
 def test_unknown_kernel_and_predict_before_fit_are_refused():
+    with pytest.raises(ValueError, match="low contains NaN"):
+        LLRegression(low=[np.nan])  # (it was taken as unbounded)
     with pytest.raises(ValueError, match="unknown kernel"):
         LLRegression(kernel="cosine")
     with pytest.raises(ValueError, match="low < high"):
