@@ -1,6 +1,6 @@
 """Backend dispatch: which implementation of a fused op runs — `reference` (PyTorch), `triton`
-(kernels/, CUDA tensors, or CPU under TRITON_INTERPRET=1) or `native` (fastflow._C on CPU,
-fastflow._C_cuda on CUDA).
+(kernels/, CUDA tensors, or CPU under TRITON_INTERPRET=1) or `native` (fastflow._C, CPU tensors; fastflow._C_cuda,
+built when nvcc is found, holds device queries only: no native kernel runs on CUDA).
 
 `resolve_backend` picks the fastest available one for a device (`"auto"`), or the one forced by the
 argument or the `FASTFLOW_BACKEND` environment variable; a forced backend that cannot run raises
@@ -84,9 +84,8 @@ def _backends(triton_interpret: bool) -> dict[str, BackendStatus]:
         native_reasons.append(cuda_reason)
     elif cuda_module.cuda_device_count() == 0 or not _cuda_devices():
         native_reasons.append("CUDA module built, but no CUDA device is visible")
-    else:
-        native_devices.append("cuda")
-        native_reasons.append("CUDA")
+    else:  # (it was listed as a native device, though no native kernel runs there)
+        native_reasons.append("CUDA module built (device queries only: the native kernels run on CPU tensors)")
     status["native"] = BackendStatus("native", bool(native_devices), "; ".join(native_reasons), tuple(native_devices))
 
     if importlib.util.find_spec("triton") is None:

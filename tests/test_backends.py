@@ -200,6 +200,14 @@ def test_the_kernels_thread_count_holds_in_every_thread(threads):
         set_num_threads(before)
 
 
+@pytest.mark.gpu
+def test_native_is_not_listed_on_cuda():
+    """The CUDA module holds device queries only: native was listed as running on CUDA, where every native op
+    refuses its tensors; "auto" takes Triton, then the reference."""
+    assert backends()["native"].devices == ("cpu",)
+    assert resolve_backend(None, "cuda", supports=("native", "reference")) == "reference"
+
+
 def test_cuda_module_when_built():
     cuda = pytest.importorskip("fastflow._C_cuda", reason="built without a CUDA compiler")
     count = cuda.cuda_device_count()
