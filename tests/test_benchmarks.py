@@ -118,21 +118,23 @@ def test_ode_family_on_cpu_compares_the_reference_without_triton():
         assert r.seconds > 0 and r.baseline in implementations
 
 
-def test_divergence_family_times_every_way_against_the_autograd_loop():
+def test_divergence_family_times_every_way_against_the_chunked_autograd_loop():
     results = benchmarks.run("cpu", quick=True, repeats=1, families=["divergence"])
     assert {r.case for r in results} == {"mlp 3x128 d=2 n=256 exact"}
-    assert {r.implementation for r in results} == {"autograd", "torch.func", "fastflow"}
-    assert all(r.baseline == "autograd" and r.seconds > 0 for r in results)
+    assert {r.implementation for r in results} == {"autograd-chunked", "autograd", "torch.func", "fastflow"}
+    assert all(r.baseline == "autograd-chunked" and r.seconds > 0 for r in results)
 
 
-def test_the_torch_func_baseline_computes_the_trace():
+def test_the_chunked_baselines_compute_the_trace():
     import torch
 
     from fastflow.fm import VelocityMLP, exact_divergence
 
     net = VelocityMLP(3, hidden=(8, 8)).double()
-    x, t = torch.randn(6, 3, dtype=torch.float64), torch.rand(6, dtype=torch.float64)
-    torch.testing.assert_close(benchmarks.jacobian_trace(net, t, x), exact_divergence(net, t, x)[1])
+    x, t = torch.randn(10, 3, dtype=torch.float64), torch.rand(10, dtype=torch.float64)
+    expected = exact_divergence(net, t, x)[1]
+    torch.testing.assert_close(benchmarks.in_chunks(lambda t, x: exact_divergence(net, t, x)[1], (t, x), 3), expected)
+    torch.testing.assert_close(benchmarks.in_chunks(lambda t, x: benchmarks.jacobian_trace(net, t, x), (t, x), 4), expected)
 
 
 @pytest.mark.triton
