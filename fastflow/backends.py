@@ -195,14 +195,15 @@ def native_module(device: torch.device | str) -> ModuleType:
     return module
 
 
+_THREADS: int | None = None  # the count set by `set_num_threads`, applied to Numba when ABC's kernels run
+
+
 def set_num_threads(n: int) -> None:
     """Use `n` threads in PyTorch, in the OpenMP kernels of fastflow._C (every thread's calls) and in the Numba
-    kernels of ABC (this thread's calls: Numba keeps the count per thread)."""
+    kernels of ABC (`numba_threads`, when they run: starting Numba's threading layer here made forked workers abort)."""
+    global _THREADS
     n = positive_int(n, "thread count")
-    import numba
-
-    numba.get_num_threads()  # starts Numba's threading layer now: started later, it reset torch's OpenMP count
-    numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
+    _THREADS = n
     torch.set_num_threads(n)
     module, _ = _import_extension("_C")
     if module is not None:
@@ -220,6 +221,26 @@ def cpu_has_bf16_products() -> bool:
     except OSError:
         return False
     return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def numba_threads() -> None:
+    """Give Numba's parallel kernels (ABC) the count of `set_num_threads`, if it was called (for this thread: Numba
+    keeps the count per thread), and keep torch's: starting Numba's threading layer resets the OpenMP count torch
+    shares (the ABC kernels ran on every core after set_num_threads(1), and torch went back to every core)."""
+    if _THREADS is None:
+        return
+    import numba
+
+    numba.set_num_threads(min(_THREADS, numba.config.NUMBA_NUM_THREADS))  # (starts the layer if it has not started)
+    torch.set_num_threads(_THREADS)
+
+
+@contextlib.contextmanager
+def autograd_recording():
+    """Autograd records inside, also under a caller's `torch.no_grad()` or `torch.inference_mode()`: tensors made
+    inside are normal ones (training, MAP and divergences need gradients)."""
+    with torch.inference_mode(False), torch.enable_grad():
+        yield
 
 
 def autocast_off(device_type: str) -> contextlib.AbstractContextManager:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -22,8 +23,7 @@ def _demo(args: argparse.Namespace) -> int:
     from fastflow.plot import corner, image_path
     from fastflow.tasks import get_task
 
-    _check_output(args.out, "--out")
-    _check_output(image_path(args.out), "--out")
+    _check_output(image_path(_named(args.out, "--out")), "--out")
     task = get_task("two_moons")
     x_obs = task.observation(args.observation)
     start = time.perf_counter()
@@ -46,7 +46,7 @@ def _posterior(args: argparse.Namespace) -> int:
     from fastflow.tasks import get_task
 
     task = get_task(args.task)
-    _check_output(args.out, "--out")
+    _named(args.out, "--out")
     out = args.out if args.out.suffix == ".npy" else args.out.with_name(args.out.name + ".npy")  # as np.save names it
     _check_output(out, "--out")
     if not args.x_obs.is_file():
@@ -73,19 +73,30 @@ def _posterior(args: argparse.Namespace) -> int:
     return 0
 
 
+def _named(path: Path, flag: str) -> Path:
+    """`path` when it names a file (a suffix may be added to it); "." or "/" name none."""
+    if not path.name:
+        raise ValueError(f"{flag} {path}: a folder, not a file")
+    return path
+
+
 def _check_output(path: Path, flag: str) -> None:
     """Fail before any work when `path` cannot be written (its folder is missing, it is a folder, or the file cannot
-    be opened for writing: a read-only folder raised PermissionError after the training), not after it."""
+    be opened for writing: a read-only folder raised PermissionError after the training), not after it. An existing
+    file (or a link's target) is opened for appending, which leaves it as it is; for a new one a temporary file is
+    made and removed in its folder."""
     if not path.parent.is_dir():
         raise ValueError(f"{flag} {path}: the folder {path.parent} does not exist")
     if path.is_dir() or not path.name:
         raise ValueError(f"{flag} {path}: a folder, not a file")
-    existed = path.exists()
+    target = path.resolve()  # (a link's target: a dangling link's is made by the write)
     try:
-        with open(path, "ab"):  # (appends nothing to a file that exists)
-            pass
-        if not existed:
-            path.unlink()
+        if target.exists():
+            with open(target, "ab"):
+                pass
+        else:
+            with tempfile.NamedTemporaryFile(dir=target.parent):
+                pass
     except OSError as error:
         raise ValueError(f"{flag} {path}: cannot be written ({error.strerror})") from None
 

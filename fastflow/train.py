@@ -16,7 +16,7 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from fastflow._checks import check_seed, positive_finite, positive_int
-from fastflow.backends import autocast_off, cpu_has_bf16_products
+from fastflow.backends import autocast_off, autograd_recording, cpu_has_bf16_products
 
 __all__ = ["History", "fit", "recording_autograd"]
 
@@ -57,7 +57,7 @@ def recording_autograd(function: Callable) -> Callable:
 
     @functools.wraps(function)
     def recording(*args, **kwargs):
-        with torch.inference_mode(False), torch.enable_grad():
+        with autograd_recording():
             return function(*args, **kwargs)
 
     return recording

@@ -164,9 +164,10 @@ def test_set_num_threads_sets_torch_and_openmp():
             set_num_threads(bad)
 
 
-def test_set_num_threads_holds_for_numba_and_after_its_first_parallel_call():
+def test_set_num_threads_reaches_numba_when_abc_runs():
     """In a fresh process: the ABC kernels ran on every core after set_num_threads(1), and starting Numba's threading
-    layer reset torch's count to every core as well."""
+    layer reset torch's count to every core as well. The count reaches Numba when ABC runs, and set_num_threads does
+    not start Numba's layer (a layer chosen after it was ignored)."""
     import subprocess
     import sys
 
@@ -174,11 +175,12 @@ def test_set_num_threads_holds_for_numba_and_after_its_first_parallel_call():
               "from fastflow.abc import rejection\n"
               "from fastflow.tasks import get_task\n"
               "fastflow.set_num_threads(1)\n"
+              "numba.config.THREADING_LAYER = 'workqueue'\n"
               "task = get_task('two_moons')\n"
               "rejection(task, task.prior, task.observation(1), 2000, quantile=0.05)\n"
-              "print(torch.get_num_threads(), numba.get_num_threads())\n")
+              "print(torch.get_num_threads(), numba.get_num_threads(), numba.threading_layer())\n")
     output = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
-    assert output.split() == ["1", "1"]
+    assert output.split() == ["1", "1", "workqueue"]
 
 
 @pytest.mark.parametrize("threads", [1, 2])

@@ -135,6 +135,27 @@ def test_outputs_that_cannot_be_written_fail_before_the_work(tmp_path, capsys):
         assert "a folder, not a file" in capsys.readouterr().err
 
 
+def test_the_write_check_leaves_folders_links_and_files_as_they_are(tmp_path, monkeypatch):
+    """`--out samples` beside a folder samples/ writes samples.npy (the check refused the folder); the write check
+    removed a dangling link and left its target behind, and must not touch an existing file."""
+    from fastflow.cli import _check_output
+
+    monkeypatch.chdir(tmp_path)
+    np.save("x.npy", np.zeros(2, dtype=np.float32))
+    Path("samples").mkdir()
+    assert main(["posterior", "two_moons", "--method", "abc", "--sims", "2000", "--num-samples", "10", "--x-obs",
+                 "x.npy", "--out", "samples", "--quiet"]) == 0
+    assert np.load("samples.npy").shape == (10, 2)
+    Path("link.json").symlink_to("target.json")
+    _check_output(Path("link.json"), "--out")
+    assert Path("link.json").is_symlink()
+    Path("kept.txt").write_text("data")
+    _check_output(Path("kept.txt"), "--out")
+    assert Path("kept.txt").read_text() == "data"
+    _check_output(Path("new.json"), "--out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kept.txt", "link.json", "samples", "samples.npy", "x.npy"]
+
+
 def test_the_output_name_reported_is_the_file_written(tmp_path, capsys):
     x_path = tmp_path / "x.npy"
     np.save(x_path, get_task("two_moons").observation(1).numpy())

@@ -88,26 +88,29 @@ def numba_below(d: np.ndarray, threshold: float) -> np.ndarray:
     return _numba_below(d, float(threshold))
 
 
+NUMPY_BLOCK_ROWS = 4096  # rows per block of the numpy distances: the block's coordinates, transposed, stay in cache
+
+
 def numpy_distances(summaries: np.ndarray, s_obs: np.ndarray, weight: np.ndarray, metric: str) -> np.ndarray:
-    """numpy face of `distances` (see the module docstring): the coordinates summed one after another, in
-    `row_distance`'s order, so that both faces give the same bits (numpy's pairwise sums differed in the last bit
-    from 9 summaries on, and a tie at the threshold went another way)."""
-    diff = summaries - s_obs
-    m = diff.shape[1]
-    d = np.zeros(diff.shape[0])
-    for a in range(m):
+    """numpy face of `distances` (see the module docstring): by blocks of rows, the coordinates summed one after
+    another in `row_distance`'s order, so that both faces give the same bits (numpy's pairwise sums differed in the
+    last bit from 9 summaries on, and a tie at the threshold went another way)."""
+    n, m = summaries.shape
+    d = np.empty(n)
+    for start in range(0, n, NUMPY_BLOCK_ROWS):
+        diff = (summaries[start:start + NUMPY_BLOCK_ROWS] - s_obs).T.copy()  # (m, rows): one coordinate per row
+        acc = np.zeros(diff.shape[1])
         if metric == "mahalanobis":
-            term = np.zeros(diff.shape[0])
+            projected = np.zeros_like(diff)
             for b in range(m):
-                term += weight[a, b] * diff[:, b]
-            d += term * term
-        elif metric == "l1":
-            d += np.abs(weight[a] * diff[:, a])
+                projected += weight[:, b, None] * diff[b]
+            for a in range(m):
+                acc += projected[a] * projected[a]
         else:
-            term = weight[a] * diff[:, a]
-            d += term * term
-    if metric != "l1":
-        d = np.sqrt(d)
+            for a in range(m):
+                term = weight[a] * diff[a]
+                acc += np.abs(term) if metric == "l1" else term * term
+        d[start:start + NUMPY_BLOCK_ROWS] = acc if metric == "l1" else np.sqrt(acc)
     d[~np.isfinite(d)] = np.inf
     return d
 

@@ -104,6 +104,8 @@ class LLRegression:
         if bandwidth is None:  # (every distance 0, exact matches of discrete summaries: any h weighs them alike)
             h = float(distances.max()) or 1.0
         else:
+            if np.ndim(bandwidth) == 0 and hasattr(bandwidth, "item"):  # a 0-d array or tensor
+                bandwidth = bandwidth.item()
             h = positive_finite(bandwidth, "the bandwidth")  # (True was h = 1; a torch scalar failed inside numpy)
 
         self.weights_ = KERNELS[self.kernel](distances / h)

@@ -27,6 +27,7 @@ import torch
 from fastflow._checks import check_seed, positive_finite, positive_int, real_tensor
 from fastflow.abc._fused import FusedSimulator
 from fastflow.abc._kernels import KERNELS, METRICS
+from fastflow.backends import numba_threads
 from fastflow.priors import Prior, check_prior
 from fastflow.tasks import Task
 
@@ -320,6 +321,7 @@ def rejection(
     if chunk_size is None:
         chunk_size = CHUNK_SIZE if fused_simulator is None else FUSED_CHUNK_SIZE
 
+    numba_threads()  # (the count of fastflow.set_num_threads, for the parallel kernels below)
     x = real_tensor(x_obs, "x_obs").detach().cpu().double()
     if x.ndim != 1:
         raise ValueError(f"x_obs must be 1-D (dim_x,), got shape {tuple(x.shape)}")

@@ -6,13 +6,14 @@ from __future__ import annotations
 import itertools
 import math
 from dataclasses import asdict, dataclass
+from typing import Callable
 
 import torch
 import torch.nn as nn
 
 from fastflow._checks import positive_int
 from fastflow.backends import in_own_dtype
-from fastflow.fm.divergence import DIVERGENCES, Divergence
+from fastflow.fm.divergence import Divergence, as_divergence
 from fastflow.fm.fused import mlp_odeint
 from fastflow.fm.nets import plain_velocity_mlp
 from fastflow.fm.solvers import SOLVERS, OdeSolution, check_tolerances, odeint
@@ -58,21 +59,15 @@ class CNF(nn.Module):
         embedding: module applied to the context `(B, C) -> (B, E)` before the velocity.
         sampler: ODE options of `sample`.
         likelihood: ODE options of `log_prob` (the augmented ODE, integrated from t = 1 to t = 0).
-        divergence: a key of `DIVERGENCES` ("exact", "hutchinson": one Rademacher probe) or a `Divergence`
-            such as `HutchinsonDivergence(num_probes=4)`.
+        divergence: a key of `DIVERGENCES` ("exact", "hutchinson": one Rademacher probe), a `Divergence` such as
+            `HutchinsonDivergence(num_probes=4)`, or a function `(velocity, t, x, *args) -> (v, div)`.
     """
 
     def __init__(self, velocity: nn.Module, dim: int, *, context_dim: int = 0, transforms: list[nn.Module] = (),
                  embedding: nn.Module | None = None, sampler: OdeConfig = OdeConfig(),
-                 likelihood: OdeConfig = OdeConfig(rtol=1e-5, atol=1e-5), divergence: str | Divergence = "exact"):
+                 likelihood: OdeConfig = OdeConfig(rtol=1e-5, atol=1e-5), divergence: str | Divergence | Callable = "exact"):
         super().__init__()
-        if isinstance(divergence, str):
-            if divergence not in DIVERGENCES:
-                raise ValueError(f"unknown divergence {divergence!r}; known: {sorted(DIVERGENCES)}")
-            divergence = DIVERGENCES[divergence]
-        if not (callable(divergence) and callable(getattr(divergence, "draw", None))):
-            raise TypeError(f"divergence must be a key of DIVERGENCES or a Divergence (draw and __call__), got "
-                            f"{type(divergence).__name__}")
+        divergence = as_divergence(divergence)
         self.velocity = velocity
         self.dim, self.context_dim = dim, context_dim
         self.transforms = nn.ModuleList(transforms)

@@ -18,11 +18,12 @@ import torch
 import torch.nn.functional as F
 
 from fastflow._checks import positive_int
+from fastflow.backends import autograd_recording
 from fastflow.fm.nets import VelocityMLP, plain_velocity_mlp
 
 __all__ = [
-    "DIVERGENCES", "Divergence", "ExactDivergence", "HutchinsonDivergence", "exact_divergence",
-    "hutchinson_divergence", "mlp_divergence",
+    "DIVERGENCES", "DeterministicDivergence", "Divergence", "ExactDivergence", "HutchinsonDivergence", "as_divergence",
+    "exact_divergence", "hutchinson_divergence", "mlp_divergence",
 ]
 
 # tangents per block, rows · P · width: on CPU 1 MB in float32, cache-resident (d = 10, width 128, 10^4 rows: 146 ms
@@ -36,7 +37,7 @@ def _with_graph(velocity: Velocity, t: torch.Tensor, x: torch.Tensor, args, redu
     """v = velocity(t, x, *args) and `reduce(v, x_in)` with x_in recording a graph, also under no_grad /
     inference_mode (a plain copy of x records there); detached unless grad mode was on."""
     differentiable = torch.is_grad_enabled()
-    with torch.inference_mode(False), torch.enable_grad():
+    with autograd_recording():
         # an inference tensor records no graph (x's divergence came back 0) and cannot be saved for the backward
         # pass (a field t * x failed on the solver's times): plain copies
         x, t, *args = (_recordable(a) for a in (x, t, *args))
@@ -209,6 +210,32 @@ class HutchinsonDivergence:
         if plain_velocity_mlp(velocity):
             return mlp_divergence(velocity, t, x, *args, probes=probes)
         return hutchinson_divergence(velocity, t, x, *args, probes=probes)
+
+
+@dataclass(frozen=True)
+class DeterministicDivergence:
+    """A plain function `(velocity, t, x (n, D), *args) -> (v, div (n,))` as a `Divergence` that draws no probes."""
+
+    function: Callable[..., tuple[torch.Tensor, torch.Tensor]]
+
+    def draw(self, x: torch.Tensor) -> None:
+        return None
+
+    def __call__(self, velocity, t, x, *args, probes=None):
+        return self.function(velocity, t, x, *args)
+
+
+def as_divergence(divergence: "str | Divergence | Callable") -> Divergence:
+    """A key of `DIVERGENCES`, a `Divergence`, or a plain function `(velocity, t, x, *args) -> (v, div)` (wrapped in
+    `DeterministicDivergence`), as a `Divergence`."""
+    if isinstance(divergence, str):
+        if divergence not in DIVERGENCES:
+            raise ValueError(f"unknown divergence {divergence!r}; known: {sorted(DIVERGENCES)}")
+        return DIVERGENCES[divergence]
+    if not callable(divergence):
+        raise TypeError(f"divergence must be a key of DIVERGENCES, a Divergence or a function, got "
+                        f"{type(divergence).__name__}")
+    return divergence if callable(getattr(divergence, "draw", None)) else DeterministicDivergence(divergence)
 
 
 DIVERGENCES: dict[str, Divergence] = {"exact": ExactDivergence(), "hutchinson": HutchinsonDivergence()}

@@ -135,8 +135,8 @@ def _evaluate_first(f, t, x, args) -> torch.Tensor:
     k = f(t, x, *args)
     if not isinstance(k, torch.Tensor) or k.shape != x.shape:
         raise ValueError(f"f must return the state's shape {tuple(x.shape)}, got {tuple(getattr(k, 'shape', ())) or type(k)}")
-    if k.dtype != x.dtype:  # (fixed steps promoted the state; adaptive ones failed in index_copy)
-        raise ValueError(f"f must return the state's dtype {x.dtype}, got {k.dtype}")
+    if torch.promote_types(k.dtype, x.dtype) != x.dtype:  # (fixed steps promoted the state; adaptive ones failed)
+        raise ValueError(f"f must return the state's dtype {x.dtype} or a lower precision (autocast), got {k.dtype}")
     return k
 
 

@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 
 from fastflow._checks import nonnegative_int, positive_int, real_tensor
+from fastflow.backends import autograd_recording
 from fastflow.priors import Prior, prior_from_config
 
 __all__ = ["Posterior", "register_estimator", "FORMAT", "FORMAT_VERSION"]
@@ -93,9 +94,10 @@ class Posterior:
     def _log_prob(self, theta: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         if theta.dim() == 0 or theta.shape[-1] != self.dim_theta:
             raise ValueError(f"θ must have last dimension {self.dim_theta}; got {tuple(theta.shape)}")
-        if not torch.isfinite(theta).all():
-            raise ValueError("θ contains NaN or inf")
-        log_q = self.estimator.log_prob(theta.to(self.dtype), x)
+        cast = theta.to(self.dtype)
+        if not torch.isfinite(cast).all():  # (a float64 1e39 is inf in a float32 estimator)
+            raise ValueError(f"θ contains NaN or inf (in the estimator's {self.dtype})")
+        log_q = self.estimator.log_prob(cast, x)
         return log_q.masked_fill(~self.prior.in_support(theta), -math.inf)
 
     # -- summaries --------------------------------------------------------------------------------
@@ -127,7 +129,7 @@ class Posterior:
         steps = nonnegative_int(steps, "steps")
         # gradient ascent also when called under no_grad or inference_mode (x cloned: a caller's inference tensor
         # cannot be saved for backward)
-        with torch.inference_mode(False), torch.enable_grad():
+        with autograd_recording():
             return self._map(self._check_x(x).clone(), num_samples, num_starts, steps, learning_rate)
 
     def _map(self, x: torch.Tensor, num_samples: int, num_starts: int, steps: int, learning_rate: float) -> torch.Tensor:
@@ -200,7 +202,8 @@ class Posterior:
         with torch.inference_mode(False):  # (built under a caller's inference_mode, the weights could never train or map)
             estimator = _BUILDERS[method](config)
             estimator.load_state_dict(payload["state_dict"])
-        return cls(estimator.to(device), prior_from_config(payload["prior"]), config=config)
+            estimator.to(device)  # (a copy to another device would be made of inference tensors too)
+        return cls(estimator, prior_from_config(payload["prior"]), config=config)
 
 
 def _plain(value):

@@ -2,6 +2,7 @@
 bounded transforms, kernels, heteroscedastic correction, predict, bad input."""
 
 import numpy as np
+import torch
 import pytest
 
 from abc_conjugate import PRIOR, X_OBS, posterior_moments, simulate
@@ -112,6 +113,15 @@ def test_bad_input_is_refused(kwargs, message):
     with pytest.raises(ValueError, match=message):
         regression.fit(arguments.pop("theta"), arguments.pop("summaries"), arguments.pop("s_obs"),
                        arguments.pop("distances"), **arguments)
+
+
+def test_zero_dimensional_bandwidths():
+    rng = np.random.default_rng(0)
+    theta, summaries, distances = rng.uniform(size=(50, 2)), rng.normal(size=(50, 2)), rng.uniform(size=50)
+    expected = LLRegression().fit(theta, summaries, np.zeros(2), distances, bandwidth=2.0).predict()
+    for bandwidth in (np.array(2.0), np.float32(2.0), torch.tensor(2.0)):
+        adjusted = LLRegression().fit(theta, summaries, np.zeros(2), distances, bandwidth=bandwidth).predict()
+        np.testing.assert_allclose(adjusted, expected)
 
 
 def test_exact_matches_only_are_left_as_they_are():

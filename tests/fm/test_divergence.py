@@ -178,7 +178,16 @@ def test_bad_input():
     with pytest.raises(ValueError, match="needs the probes"):
         HutchinsonDivergence()(field, t, x)
     with pytest.raises(TypeError, match="divergence must be"):
-        CNF(field, 3, divergence=exact_divergence)  # a bare function: no draw
+        CNF(field, 3, divergence=42)
+
+
+def test_a_plain_divergence_function_as_before():
+    """`(velocity, t, x, *args) -> (v, div)` was the documented interface: such functions (exact_divergence itself)
+    were refused once divergences drew probes."""
+    field = _field(context_dim=2, hidden=(16, 16))
+    x, context = torch.randn(5, 3, dtype=torch.float64), torch.randn(2, dtype=torch.float64)
+    expected = CNF(field, 3, context_dim=2).log_prob(x, context)
+    torch.testing.assert_close(CNF(field, 3, context_dim=2, divergence=exact_divergence).log_prob(x, context), expected)
 
 
 @pytest.mark.parametrize("divergence", ["exact", "hutchinson"])

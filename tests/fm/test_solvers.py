@@ -220,6 +220,20 @@ def test_states_of_another_dtype_or_no_width_or_differentiable_times_are_refused
             odeint(lambda t, x: -x, torch.ones(2, 1), torch.tensor([0.0, 1.0], requires_grad=True), method=method)
 
 
+@pytest.mark.parametrize("method", ["rk4", "dopri5"])
+def test_a_lower_precision_velocity_under_autocast(method):
+    """A bfloat16 velocity (autocast) for a float32 state keeps the state float32 (the dtype check refused it)."""
+    from fastflow.fm import VelocityMLP
+
+    torch.manual_seed(0)
+    net, x_0 = VelocityMLP(2, hidden=(16,)), torch.randn(8, 2)
+    expected = odeint(net, x_0, torch.linspace(0, 1, 11), method=method).x
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        solution = odeint(net, x_0, torch.linspace(0, 1, 11), method=method)
+    assert solution.x.dtype == torch.float32
+    torch.testing.assert_close(solution.x, expected, atol=0.05, rtol=0)
+
+
 def test_dopri5_keeps_time_in_float64():
     """t = 10^4 + s in float32 is 1e-3 coarse: the span's end and the steps are kept in float64 (as in torchdiffeq)."""
     solution = odeint(lambda t, x: torch.ones_like(x), torch.zeros(2, 1), [1e4, 1e4 + 1], method="dopri5")
