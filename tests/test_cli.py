@@ -17,16 +17,36 @@ def test_posterior_command_writes_samples(tmp_path, capsys):
     assert code == 0
     samples = np.load(out_path)
     assert samples.shape == (300, 2) and samples.dtype == np.float32
-    assert np.isfinite(samples).all() and (np.abs(samples) <= 1).all()
     assert "wrote (300, 2) samples" in capsys.readouterr().out
+    # the file holds the posterior's draws for that observation and seed (not, say, prior draws)
+    from fastflow.inference.methods import posterior_samples
+
+    expected = posterior_samples(get_task("two_moons"), "npe", get_task("two_moons").observation(1),
+                                 num_simulations=600, num_samples=300, seed=1, progress=False)
+    np.testing.assert_array_equal(samples, expected.numpy())
 
 
-def test_demo_reports_c2st_time_and_writes_plot(tmp_path, capsys):
-    """Without a suffix matplotlib writes demo.png: the demo reported "demo", a file it did not write."""
+def test_demo_reports_c2st_time_and_writes_plot(tmp_path, capsys, monkeypatch):
+    """Without a suffix matplotlib writes demo.png: the demo reported "demo", a file it did not write. The C2ST
+    printed is the one of the reference draws against the posterior's (a spy on fastflow.metrics.c2st)."""
+    import fastflow.metrics
+    import torch
+
+    calls = []
+
+    def spy(first, second, **kwargs):
+        calls.append((first, second, c2st(first, second, **kwargs)))
+        return calls[-1][2]
+
+    c2st = fastflow.metrics.c2st
+    monkeypatch.setattr(fastflow.metrics, "c2st", spy)
     plot = tmp_path / "demo.png"
     assert main(["demo", "--sims", "1000", "--num-samples", "500", "--out", str(tmp_path / "demo"), "--quiet"]) == 0
     out = capsys.readouterr().out
     assert "C2ST against the reference posterior" in out and "wall time" in out
+    (first, second, score), = calls
+    assert first.shape == second.shape == (500, 2) and not torch.equal(first, second)
+    assert f"C2ST against the reference posterior: {score:.3f}" in out
     assert f"corner plot: {plot}\n" in out
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

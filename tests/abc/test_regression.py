@@ -115,6 +115,20 @@ def test_bad_input_is_refused(kwargs, message):
                        arguments.pop("distances"), **arguments)
 
 
+def test_kernels_follow_their_formulas_and_weigh_the_fit():
+    """R abc's kernels at u = d / h: Epanechnikov 1 - u², triangular 1 - u, uniform 1 on [0, 1], Gaussian of standard
+    deviation h / 2; the fit weighs each draw by its kernel."""
+    u = np.array([0.0, 0.5, 1.0, 1.5])
+    expected = {"epanechnikov": [1.0, 0.75, 0.0, 0.0], "triangular": [1.0, 0.5, 0.0, 0.0],
+                "uniform": [1.0, 1.0, 1.0, 0.0], "gaussian": np.exp(-2.0 * u**2)}
+    rng = np.random.default_rng(1)
+    theta, summaries, distances = rng.uniform(size=(60, 2)), rng.normal(size=(60, 2)), rng.uniform(size=60)
+    for name, values in expected.items():
+        np.testing.assert_allclose(KERNELS[name](u), values, atol=1e-15)
+        weights = LLRegression(kernel=name).fit(theta, summaries, np.zeros(2), distances, bandwidth=1.2).weights_
+        np.testing.assert_allclose(weights, KERNELS[name](distances / 1.2))
+
+
 def test_zero_dimensional_bandwidths():
     rng = np.random.default_rng(0)
     theta, summaries, distances = rng.uniform(size=(50, 2)), rng.normal(size=(50, 2)), rng.uniform(size=50)

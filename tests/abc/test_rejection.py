@@ -139,6 +139,11 @@ def test_task_summary_statistics_are_used():
     result = rejection(task, task.prior, task.observation(1), 5_000, quantile=0.01, summary=task.summary,
                        chunk_size=5_000)
     assert result.summaries.shape == (50, 5) and result.s_obs.shape == (5,)
+    s_obs = np.asarray(task.summary(task.observation(1).double().unsqueeze(0)), dtype=np.float64)[0]
+    np.testing.assert_allclose(result.s_obs, s_obs, rtol=1e-12)
+    # the distances are the weighted norms of the accepted summaries against those of the observation
+    np.testing.assert_allclose(result.distances, np.sqrt((((result.summaries - s_obs) * result.weight) ** 2).sum(1)),
+                               rtol=1e-10)
 
 
 @pytest.mark.parametrize(
