@@ -126,9 +126,12 @@ def test_bad_input():
     with pytest.raises(ValueError, match=r"\(n, D\)"):
         cfm_loss(lambda t, x: x, get_path("ot"), torch.randn(3))
     path, x = get_path("ot"), torch.randn(4, 2)
-    for t in (torch.rand(4, 1), torch.rand(3)):  # ((4, 1) times gave (4, 4, 2): every row at every time)
-        with pytest.raises(ValueError, match=r"t must be \(4,\) or a scalar"):
+    for t in (torch.rand(4, 4), torch.rand(3), torch.rand(4, 1, 1)):
+        with pytest.raises(ValueError, match=r"t must be \(4,\), \(4, 1\) or a scalar"):
             path.sample(t, x, x)
+    times = torch.rand(4)  # ((4, 1) times gave (4, 4, 2), every row at every time; now a column of per-row times)
+    for got, want in zip(path.sample(times.unsqueeze(-1), x, x), path.sample(times, x, x)):
+        torch.testing.assert_close(got, want)
     with pytest.raises(ValueError, match="x_0 and x_1"):
         path.sample(torch.rand(4), x, torch.randn(4, 3))
     assert path.sample(torch.tensor(0.5), x, x)[0].shape == (4, 2)
