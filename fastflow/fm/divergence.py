@@ -111,16 +111,17 @@ def _activation_and_slope(z: torch.Tensor, activation: str) -> tuple[torch.Tenso
     raise ValueError(f"no slope for activation {activation!r}")
 
 
-def _mlp_block(field: VelocityMLP, h: torch.Tensor, probes: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+def _mlp_block(field: VelocityMLP, h: torch.Tensor, probes: torch.Tensor | None,
+               w_x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """v `(b, D)` and the divergence `(b,)` of `field` on inputs h `(b, in)`: tangents J ε_p `(b, P, width)`
-    carried through the layers; exact for probes None (ε_p = e_p, P = D), else mean_p over probes `(b, P, D)`."""
+    carried through the layers; exact for probes None (ε_p = e_p, P = D), else mean_p over probes `(b, P, D)`;
+    w_x `(D, width)`: the first layer's weights on x, transposed."""
     columns, in_place = field.x_columns, not torch.is_grad_enabled()  # (no graph to keep dz for)
     tangent = None  # ∂h/∂x ε_p for the current h; None for the inputs, where it is ε_p placed at `columns`
     for layer in field.layers:
         z = F.linear(h, layer.weight, layer.bias)
         a, slope = _activation_and_slope(z, field.activation)
         if tangent is None:
-            w_x = layer.weight[:, columns].t().contiguous()  # (D, width)
             dz = w_x.unsqueeze(0) if probes is None else probes @ w_x  # (1 or b, P, width)
             da = slope.unsqueeze(1) * dz
         else:
@@ -151,7 +152,8 @@ def mlp_divergence(field: VelocityMLP, t: torch.Tensor, x: torch.Tensor, context
     tangents = field.dim if probes is None else probes.shape[1]
     width = max(layer.out_features for layer in field.layers)
     rows = max(1, (CPU_BLOCK_ELEMENTS if x.device.type == "cpu" else GPU_BLOCK_ELEMENTS) // (tangents * width))
-    blocks = [_mlp_block(field, h[i:i + rows], None if probes is None else probes[i:i + rows])
+    w_x = field.layers[0].weight[:, field.x_columns].t().contiguous()  # (D, width), once for every block
+    blocks = [_mlp_block(field, h[i:i + rows], None if probes is None else probes[i:i + rows], w_x)
               for i in range(0, max(n, 1), rows)]  # (an empty batch: one empty block)
     if len(blocks) == 1:
         return blocks[0]

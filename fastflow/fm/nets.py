@@ -10,6 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fastflow._checks import nonnegative_int, positive_int
+from fastflow.fm.solvers import per_sample_times
 from fastflow.ops.linear import BLOCK_ROWS, linear_silu_into, native_linear_silu_runs
 
 __all__ = ["ACTIVATIONS", "TimeEmbedding", "VelocityMLP", "plain_velocity_mlp"]
@@ -85,11 +86,7 @@ class VelocityMLP(nn.Module):
             raise ValueError(f"x_t is {x_t.dtype} but the field's parameters are {self.output.weight.dtype} "
                              "(convert one with .to())")
         n = x_t.shape[0]
-        t = torch.as_tensor(t, dtype=x_t.dtype, device=x_t.device)
-        if t.shape not in ((), (n,), (n, 1)):
-            raise ValueError(f"t must be a scalar, ({n},) or ({n}, 1), got {tuple(t.shape)}")
-        t = t.reshape(-1) if t.dim() else t
-        inputs = [self.time_embedding(t.expand(n)), x_t]
+        inputs = [self.time_embedding(per_sample_times(t, n, x_t).expand(n)), x_t]
         if self.context_dim:
             if context is None or context.dim() not in (1, 2) or context.shape[-1] != self.context_dim or (
                     context.dim() == 2 and context.shape[0] != n):

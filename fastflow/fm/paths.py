@@ -11,6 +11,7 @@ import torch
 
 from fastflow._checks import positive_int
 from fastflow.fm.pairing import PAIRINGS, ot_pairing
+from fastflow.fm.solvers import per_sample_times
 
 __all__ = [
     "PATHS",
@@ -56,11 +57,7 @@ class Path:
         scalar (one time for all); x_0 and x_1 `(n, D)`; both `(n, D)`."""
         if x_0.dim() != 2 or x_1.shape != x_0.shape:
             raise ValueError(f"x_0 and x_1 must both be (n, D), got {tuple(x_0.shape)} and {tuple(x_1.shape)}")
-        n = x_0.shape[0]
-        t = torch.as_tensor(t, dtype=x_0.dtype, device=x_0.device)  # (a Python number: one time for all)
-        if t.shape not in ((), (n,), (n, 1)):  # ((n, 1) times once broadcast every row against every time)
-            raise ValueError(f"t must be ({n},), ({n}, 1) or a scalar for x of shape {tuple(x_0.shape)}, got {tuple(t.shape)}")
-        c = self.coefficients(t.reshape(-1, 1) if t.dim() else t)
+        c = self.coefficients(per_sample_times(t, x_0.shape[0], x_0).unsqueeze(-1))
         x_t = c.alpha_t * x_1 + c.sigma_t * x_0
         dx_t = c.d_alpha_t * x_1 + c.d_sigma_t * x_0
         if self.stochastic:

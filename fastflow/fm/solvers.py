@@ -208,6 +208,16 @@ def _fixed(f, tableau, x, grid, args, trajectory: bool) -> OdeSolution:
                        trajectory=torch.stack(states) if trajectory else None)
 
 
+def per_sample_times(t, n: int, like: torch.Tensor) -> torch.Tensor:
+    """Times as a velocity field may get them (a number or 0-d tensor, `(n,)`, or the column `(n, 1)` of adaptive
+    solves and `cfm_loss`) as a 0-d or `(n,)` tensor in `like`'s dtype and device; other shapes raise (an `(n, 1)`
+    against `(n,)` rows once broadcast every row against every time)."""
+    t = torch.as_tensor(t, dtype=like.dtype, device=like.device)
+    if t.shape not in ((), (n,), (n, 1)):
+        raise ValueError(f"t must be a scalar, ({n},) or ({n}, 1), got {tuple(t.shape)}")
+    return t.reshape(-1) if t.dim() else t
+
+
 def _column(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Per-sample times `(n,)` as f gets them: `(n, 1)` in the state's dtype."""
     return t.to(dtype).unsqueeze(-1)

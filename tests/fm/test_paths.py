@@ -127,7 +127,7 @@ def test_bad_input():
         cfm_loss(lambda t, x: x, get_path("ot"), torch.randn(3))
     path, x = get_path("ot"), torch.randn(4, 2)
     for t in (torch.rand(4, 4), torch.rand(3), torch.rand(4, 1, 1)):
-        with pytest.raises(ValueError, match=r"t must be \(4,\), \(4, 1\) or a scalar"):
+        with pytest.raises(ValueError, match=r"t must be a scalar, \(4,\) or \(4, 1\)"):
             path.sample(t, x, x)
     times = torch.rand(4)  # ((4, 1) times gave (4, 4, 2), every row at every time; now a column of per-row times)
     for got, want in zip(path.sample(times.unsqueeze(-1), x, x), path.sample(times, x, x)):
