@@ -5,8 +5,9 @@ from __future__ import annotations
 import functools
 
 import torch
+from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
-__all__ = ["first_order"]
+__all__ = ["first_order", "traced"]
 
 
 def first_order(backward):
@@ -23,3 +24,11 @@ def first_order(backward):
         return backward(ctx, *grads)
 
     return checked
+
+
+def traced(*tensors: torch.Tensor) -> bool:
+    """Whether a trace may be watching `tensors` (torch.compile, make_fx, a dispatch mode, fake or functional
+    tensors): then the native kernels must run as their torch.library custom ops, which traces record. Eager calls
+    skip the ops' dispatch (~25-100 µs a call: a third of a 256-row spline-flow training step)."""
+    return (torch.compiler.is_compiling() or is_in_torch_dispatch_mode()
+            or any(type(t) not in (torch.Tensor, torch.nn.Parameter) for t in tensors))

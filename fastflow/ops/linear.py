@@ -1,14 +1,15 @@
 """A hidden layer silu(h wᵀ + b) on CPU with the native bias + SiLU pass (`fastflow._C.bias_silu`): a GEMM
 without bias, then bias and activation in one vectorized pass (~1.6x torch's SiLU, and no bias copy as in
 addmm). The reference is `F.silu(F.linear(h, w, b))`. Under autograd the native calls are torch.library custom
-ops (`fastflow::bias_silu_keep`, `fastflow::silu_backward`), so torch.compile traces `linear_silu`."""
+ops (`fastflow::bias_silu_keep`, `fastflow::silu_backward`), so torch.compile traces `linear_silu`; eager calls
+skip the ops' dispatch."""
 
 from __future__ import annotations
 
 import torch
 
 from fastflow.backends import backends, native_module
-from fastflow.ops.autograd import first_order
+from fastflow.ops.autograd import first_order, traced
 
 __all__ = ["BLOCK_ROWS", "linear_silu", "linear_silu_into", "native_linear_silu_runs"]
 
@@ -21,25 +22,28 @@ def native_linear_silu_runs(h: torch.Tensor) -> bool:
     return h.device.type == "cpu" and h.dtype in (torch.float32, torch.float64) and backends()["native"].available
 
 
-@torch.library.custom_op("fastflow::bias_silu_keep", mutates_args=("x",))
-def _bias_silu_keep(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+def _native_bias_silu_keep(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """v = x + bias written into x `(rows, cols)`; returns silu(v) (new), bias `(cols,)`."""
     out = torch.empty_like(x)
     native_module("cpu").bias_silu(x.numpy(), bias.detach().contiguous().numpy(), out.numpy())
     return out
 
 
-@_bias_silu_keep.register_fake
-def _(x, bias):
-    return torch.empty_like(x)
-
-
-@torch.library.custom_op("fastflow::silu_backward", mutates_args=())
-def _silu_backward(grad: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+def _native_silu_backward(grad: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """grad · silu'(v), both `(rows, cols)` contiguous CPU of one dtype."""
     out = torch.empty_like(v)
     native_module("cpu").silu_backward(grad.detach().contiguous().numpy(), v.detach().numpy(), out.numpy())
     return out
+
+
+# The same as torch.library custom ops, for traces (`traced`); eager calls run the functions above directly.
+_bias_silu_keep = torch.library.custom_op("fastflow::bias_silu_keep", _native_bias_silu_keep, mutates_args=("x",))
+_silu_backward = torch.library.custom_op("fastflow::silu_backward", _native_silu_backward, mutates_args=())
+
+
+@_bias_silu_keep.register_fake
+def _(x, bias):
+    return torch.empty_like(x)
 
 
 @_silu_backward.register_fake
@@ -69,7 +73,7 @@ class _LinearSiLU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, w, b):
         v = torch.mm(h, w.t())
-        out = _bias_silu_keep(v, b)
+        out = (_bias_silu_keep if traced(h, w, b) else _native_bias_silu_keep)(v, b)
         ctx.save_for_backward(h, w, v)
         return out
 
@@ -77,7 +81,7 @@ class _LinearSiLU(torch.autograd.Function):
     @first_order
     def backward(ctx, grad_out):
         h, w, v = ctx.saved_tensors
-        grad_v = _silu_backward(grad_out, v)
+        grad_v = (_silu_backward if traced(grad_out, v) else _native_silu_backward)(grad_out, v)
         grad_h = torch.mm(grad_v, w) if ctx.needs_input_grad[0] else None
         grad_w = torch.mm(grad_v.t(), h) if ctx.needs_input_grad[1] else None
         grad_b = grad_v.sum(0) if ctx.needs_input_grad[2] else None

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from fastflow._checks import check_floating, positive_finite, positive_int
 from fastflow.backends import native_module, resolve_backend, triton_device
-from fastflow.ops.autograd import first_order
+from fastflow.ops.autograd import first_order, traced
 
 __all__ = ["MAX_BINS", "NATIVE_MAX_BINS", "check_num_bins", "native_unsupported", "rq_spline", "rq_spline_native_into",
            "rq_spline_ref", "rq_spline_rows_native_into", "spline_param_count", "DERIVATIVE_SHIFT", "SPLINE_CONSTANTS"]
@@ -167,7 +167,9 @@ def rq_spline(
     supports = ("reference",) + tuple(name for name in ("native", "triton") if why.get(name) is None)
     chosen = resolve_backend(backend, inputs.device, supports=supports, why=why)
     if chosen == "native":
-        return _rq_spline_native(inputs, params, bound, bool(inverse))
+        if traced(inputs, params):
+            return _rq_spline_native(inputs, params, bound, bool(inverse))
+        return _NativeSpline.apply(inputs, params, bound, bool(inverse))
     if chosen == "triton":
         return _TritonSpline.apply(inputs, params, bound, bool(inverse))
     return rq_spline_ref(inputs, params, bound=bound, inverse=inverse)
@@ -231,23 +233,18 @@ def rq_spline_rows_native_into(inputs: torch.Tensor, params: torch.Tensor, outpu
     )
 
 
-@torch.library.custom_op("fastflow::rq_spline", mutates_args=())
-def _rq_spline_native(inputs: torch.Tensor, params: torch.Tensor, bound: float, inverse: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _native_spline(inputs: torch.Tensor, params: torch.Tensor, bound: float, inverse: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The native spline's outputs and log|det| `(*batch)` (new tensors), without autograd."""
     outputs = torch.empty(inputs.shape, dtype=inputs.dtype)
     logabsdet = torch.empty_like(outputs)
     rq_spline_native_into(inputs, params, outputs, logabsdet, bound=bound, inverse=inverse)
     return outputs, logabsdet
 
 
-@_rq_spline_native.register_fake
-def _(inputs, params, bound, inverse):
-    return torch.empty_like(inputs), torch.empty_like(inputs)
-
-
-@torch.library.custom_op("fastflow::rq_spline_backward", mutates_args=())
-def _rq_spline_native_backward(
+def _native_spline_backward(
     inputs: torch.Tensor, params: torch.Tensor, grad_outputs: torch.Tensor, grad_logabsdet: torch.Tensor, bound: float, inverse: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The native spline's gradients w.r.t. inputs `(*batch)` and params `(*batch, 3K-1)` (new tensors)."""
     x, p = _flat(inputs, params)
     grad_x, grad_p = torch.empty_like(x), torch.empty_like(p)
     native_module(x.device).rq_spline_backward(
@@ -255,6 +252,17 @@ def _rq_spline_native_backward(
         grad_logabsdet.detach().contiguous().reshape(-1).numpy(), grad_x.numpy(), grad_p.numpy(), bound, inverse, DERIVATIVE_SHIFT,
     )
     return grad_x.view(inputs.shape), grad_p.view(params.shape)
+
+
+# The same two functions as torch.library custom ops, for traces (`traced`); eager calls skip the ops' dispatch
+# through `_NativeSpline`.
+_rq_spline_native = torch.library.custom_op("fastflow::rq_spline", _native_spline, mutates_args=())
+_rq_spline_native_backward = torch.library.custom_op("fastflow::rq_spline_backward", _native_spline_backward, mutates_args=())
+
+
+@_rq_spline_native.register_fake
+def _(inputs, params, bound, inverse):
+    return torch.empty_like(inputs), torch.empty_like(inputs)
 
 
 @_rq_spline_native_backward.register_fake
@@ -273,8 +281,20 @@ def _rq_spline_backward(ctx, grad_outputs, grad_logabsdet):
     x, params = ctx.saved_tensors
     grad_outputs = torch.zeros_like(x) if grad_outputs is None else grad_outputs
     grad_logabsdet = torch.zeros_like(x) if grad_logabsdet is None else grad_logabsdet
-    grad_x, grad_params = _rq_spline_native_backward(x, params, grad_outputs, grad_logabsdet, ctx.bound, ctx.inverse)
+    backward = _rq_spline_native_backward if traced(x, params, grad_outputs, grad_logabsdet) else _native_spline_backward
+    grad_x, grad_params = backward(x, params, grad_outputs, grad_logabsdet, ctx.bound, ctx.inverse)
     return grad_x, grad_params, None, None
 
 
 _rq_spline_native.register_autograd(_rq_spline_backward, setup_context=_setup_context)
+
+
+class _NativeSpline(torch.autograd.Function):
+    """The custom op `_rq_spline_native` with its registered autograd, called eagerly."""
+
+    @staticmethod
+    def forward(ctx, inputs, params, bound: float, inverse: bool):
+        _setup_context(ctx, (inputs, params, bound, inverse), None)
+        return _native_spline(inputs, params, bound, inverse)
+
+    backward = staticmethod(_rq_spline_backward)

@@ -351,3 +351,35 @@ def test_hidden_layer_custom_ops_pass_opcheck():
     x, bias, grad = torch.randn(5, 7), torch.randn(7), torch.randn(5, 7)
     torch.library.opcheck(_bias_silu_keep, (x.clone(), bias))
     torch.library.opcheck(_silu_backward, (grad, x))
+
+
+def test_native_kernels_are_custom_ops_to_a_dispatch_mode_and_direct_calls_otherwise():
+    """Eager calls of the native spline and hidden layer skip their custom ops' dispatch (`ops.autograd.traced`);
+    under a dispatch mode (make_fx, fake tensors, FlopCounterMode) they run as the custom ops, forward and backward,
+    which a trace records, and give the eager values."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from fastflow.ops.linear import linear_silu
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    x, params = _inputs((8, 3), 4, torch.float32, seed=5)
+    h, weight, bias = torch.randn(8, 5), torch.randn(6, 5, requires_grad=True), torch.randn(6, requires_grad=True)
+
+    def run():
+        leaves = x.clone().requires_grad_(), params.clone().requires_grad_(), weight, bias
+        out, ladj = rq_spline(*leaves[:2], bound=2.0, backend="native")
+        hidden = linear_silu(h, weight, bias)
+        return out, ladj, hidden, torch.autograd.grad(out.sum() + ladj.sum() + hidden.square().sum(), leaves)
+
+    seen = []
+    eager = run()
+    with Record():
+        watched = run()
+    ops = {"fastflow.rq_spline.default", "fastflow.rq_spline_backward.default", "fastflow.bias_silu_keep.default",
+           "fastflow.silu_backward.default"}
+    assert ops <= set(seen)
+    torch.testing.assert_close(watched, eager, rtol=0, atol=0)
