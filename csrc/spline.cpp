@@ -116,50 +116,27 @@ void backward(Array<T> x, Array<T> params, Array<T> grad_out, Array<T> grad_ladj
 }
 
 template <typename T>
-void bias_silu(Array<T> x, Array<T> bias, Array<T> out, const std::string& isa) {
+void bias_silu(Array<T> x, Array<T> bias, const std::string& isa) {
   check(x.ndim() == 2 && bias.ndim() == 1 && bias.shape(0) == x.shape(1), "bias_silu: x must be (rows, cols), bias (cols,)");
-  check(out.ndim() == 2 && out.shape(0) == x.shape(0) && out.shape(1) == x.shape(1), "bias_silu: out must match x");
   const std::string chosen = chosen_isa(isa);
   const int64_t rows = x.shape(0), cols = x.shape(1);
   T* px = x.mutable_data();
-  T* po = out.mutable_data();
   const T* pb = bias.data();
   py::gil_scoped_release release;
 #ifdef FASTFLOW_HAVE_X86_64_V3
-  if (chosen == "x86_64_v3") return x86_64_v3::bias_silu(px, pb, po, rows, cols);
+  if (chosen == "x86_64_v3") return x86_64_v3::bias_silu(px, pb, rows, cols);
 #endif
-  generic::bias_silu(px, pb, po, rows, cols);
-}
-
-template <typename T>
-void silu_backward(Array<T> grad, Array<T> v, Array<T> out, const std::string& isa) {
-  check(grad.size() == v.size() && out.size() == v.size(), "silu_backward: grad, v and out must have one size");
-  const std::string chosen = chosen_isa(isa);
-  const int64_t n = v.size();
-  const T *pg = grad.data(), *pv = v.data();
-  T* po = out.mutable_data();
-  py::gil_scoped_release release;
-#ifdef FASTFLOW_HAVE_X86_64_V3
-  if (chosen == "x86_64_v3") return x86_64_v3::silu_backward(pg, pv, po, n);
-#endif
-  generic::silu_backward(pg, pv, po, n);
+  generic::bias_silu(px, pb, rows, cols);
 }
 
 }  // namespace
 
 void bind_spline(py::module_& m) {
-  const char* bias_silu_doc =
-      "bias_silu(x (rows, cols), bias (cols,), out (rows, cols), isa='auto'): v = x + bias; x <- v, out <- silu(v) "
-      "(out may be x: then x <- silu(v)); C-contiguous, one dtype";
-  const char* silu_backward_doc = "silu_backward(grad, v, out, isa='auto'): out <- grad * silu'(v), one size and dtype";
+  const char* bias_silu_doc = "bias_silu(x (rows, cols), bias (cols,), isa='auto'): x <- silu(x + bias); C-contiguous, one dtype";
   m.def("bias_silu", &bias_silu<float>, bias_silu_doc, py::arg("x").noconvert(), py::arg("bias").noconvert(),
-        py::arg("out").noconvert(), py::arg("isa") = "auto");
+        py::arg("isa") = "auto");
   m.def("bias_silu", &bias_silu<double>, bias_silu_doc, py::arg("x").noconvert(), py::arg("bias").noconvert(),
-        py::arg("out").noconvert(), py::arg("isa") = "auto");
-  m.def("silu_backward", &silu_backward<float>, silu_backward_doc, py::arg("grad").noconvert(),
-        py::arg("v").noconvert(), py::arg("out").noconvert(), py::arg("isa") = "auto");
-  m.def("silu_backward", &silu_backward<double>, silu_backward_doc, py::arg("grad").noconvert(),
-        py::arg("v").noconvert(), py::arg("out").noconvert(), py::arg("isa") = "auto");
+        py::arg("isa") = "auto");
   m.def("spline_isas", &cpu_isas, "Instruction sets of the blocked spline kernels that this CPU runs, best first.");
   const char* fwd_doc =
       "rq_spline_forward(x (n,), params (n, 3K-1), out (n,), ladj (n,), bound, inverse, derivative_shift, isa='auto'): "

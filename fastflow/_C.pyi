@@ -70,9 +70,6 @@ def rq_spline_backward(
 ) -> None:
     """Backward of rq_spline_forward: fills grad_x (n,) and grad_params (n, 3K-1)."""
 
-def bias_silu(x: npt.NDArray[_Float], bias: npt.NDArray[_Float], out: npt.NDArray[_Float], isa: str = "auto") -> None:
-    """v = x + bias for x (rows, cols), bias (cols,): x <- v and out <- silu(v) (out may be x: then x <- silu(v));
-    C-contiguous, one dtype (a conditioner layer's bias and activation)."""
-
-def silu_backward(grad: npt.NDArray[_Float], v: npt.NDArray[_Float], out: npt.NDArray[_Float], isa: str = "auto") -> None:
-    """out <- grad * silu'(v), all of one size and dtype."""
+def bias_silu(x: npt.NDArray[_Float], bias: npt.NDArray[_Float], isa: str = "auto") -> None:
+    """x <- silu(x + bias) for x (rows, cols), bias (cols,), C-contiguous, one dtype (a conditioner layer's bias
+    and activation)."""

@@ -10,9 +10,9 @@ kernels/affine.py). The layers of `fastflow.nn` run on the Triton backend as run
 `TritonAffineStep` takes an affine layer's last SiLU and conditioner layer into that op too, with the merge and the
 next permutation, and `TritonSplineStep` a spline layer's splines with the merge and the next permutation; these
 ops serve direct calls. On CPU the native backend
-runs the spline's elementwise part through `rq_spline` (C++) and the conditioner's hidden layers as a GEMM plus
-one native bias + SiLU pass (`conditioner_native`); without autograd it runs either layer block by block of rows
-(`conditioner_blocks`), the CPU counterpart of that fusion: the hidden activations of a block stay in cache, and
+runs the spline's elementwise part through `rq_spline` (C++) and under autograd the conditioner in torch; without
+autograd it runs either layer block by block of rows (`conditioner_blocks`), the CPU counterpart of that fusion:
+the hidden activations of a block stay in cache, each hidden layer is a GEMM plus one native bias + SiLU pass, and
 buffers are reused instead of faulting in fresh full-batch tensors at every op.
 """
 
@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from fastflow._checks import check_floating, positive_finite
 from fastflow.backends import device_key, resolve_backend, triton_device, triton_precision
 from fastflow.ops.autograd import first_order
-from fastflow.ops.linear import BLOCK_ROWS, linear_silu, linear_silu_into
+from fastflow.ops.linear import BLOCK_ROWS, linear_silu_into
 from fastflow.ops.spline import (SPLINE_CONSTANTS, check_num_bins, native_unsupported, rq_spline,
                                  rq_spline_rows_native_into, spline_param_count)
 
@@ -50,16 +50,6 @@ def conditioner_ref(kept: torch.Tensor, context: torch.Tensor | None, weights: t
     """The conditioner MLP: linear layers `(w1, b1, …, w_last, b_last)` with SiLU between them,
     applied to [kept `(N, K)`, context `(N, C)`]; returns `(N, out)`."""
     return F.linear(conditioner_hidden(kept, context, weights), weights[-2], weights[-1])
-
-
-def conditioner_native(kept: torch.Tensor, context: torch.Tensor | None,
-                       weights: tuple[torch.Tensor, ...]) -> torch.Tensor:
-    """`conditioner_ref` on CPU with autograd, its hidden layers through `linear_silu` (the native bias + SiLU
-    and its backward); `(N, out)`."""
-    h = kept if context is None else torch.cat([kept, context.to(kept.dtype)], dim=1)
-    for layer in range(0, len(weights) - 2, 2):
-        h = linear_silu(h, weights[layer], weights[layer + 1])
-    return F.linear(h, weights[-2], weights[-1])
 
 
 OUTPUT_ALIGN = 8  # GEMM output columns padded to a multiple of this (23 -> 24 columns: 1.7x faster)
@@ -88,7 +78,7 @@ def conditioner_blocks(kept: torch.Tensor, context: torch.Tensor | None, weights
 
 
 def affine_coupling_ref(kept, context, changed, weights, *, scale_bound: float, inverse: bool,
-                        conditioner: Callable = conditioner_ref, transform: Callable | None = None):
+                        transform: Callable | None = None):
     """Reference affine coupling.
 
     Arguments:
@@ -96,12 +86,11 @@ def affine_coupling_ref(kept, context, changed, weights, *, scale_bound: float, 
         context `(N, C)` or None; changed `(N, T)`: the coordinates transformed.
         weights: the conditioner's `(w, b)` pairs; its `2T` outputs are (raw log-scale, shift) per
             changed coordinate. scale_bound: log-scales are bound·tanh(raw / bound).
-        conditioner: computes the conditioner (`conditioner_ref`, or `conditioner_native` on CPU).
         transform: the elementwise map `(raw, changed) -> (out, ladj)` (`_affine_transform`, or the Triton op).
     Returns:
         out `(N, T)` and log|det J| `(N,)` of the map applied (the inverse's when `inverse`).
     """
-    return (transform or _affine_transform)(conditioner(kept, context, weights), changed, scale_bound=scale_bound,
+    return (transform or _affine_transform)(conditioner_ref(kept, context, weights), changed, scale_bound=scale_bound,
                                             inverse=inverse)
 
 
@@ -247,11 +236,10 @@ def _affine_coupling_blocked(kept, context, changed, weights, *, scale_bound: fl
 
 
 def spline_coupling_ref(kept, context, changed, weights, *, num_bins: int, bound: float, inverse: bool,
-                        spline_backend: str = "reference", conditioner: Callable = conditioner_ref):
+                        spline_backend: str = "reference"):
     """Reference spline coupling: the conditioner's `T(3K-1)` outputs parametrize `rq_spline` per
-    changed coordinate. Shapes as `affine_coupling_ref`; `spline_backend` and `conditioner` (e.g.
-    `conditioner_native`) swap in faster parts."""
-    params = conditioner(kept, context, weights).view(changed.shape[0], changed.shape[1], 3 * num_bins - 1)
+    changed coordinate. Shapes as `affine_coupling_ref`; `spline_backend` swaps in a faster spline."""
+    params = conditioner_ref(kept, context, weights).view(changed.shape[0], changed.shape[1], 3 * num_bins - 1)
     out, ladj = rq_spline(changed, params, bound=bound, inverse=inverse, backend=spline_backend)
     return out, ladj.sum(-1)
 
@@ -372,9 +360,8 @@ def affine_coupling(kept, context, changed, weights, *, scale_bound: float, inve
     `torch.backends.cuda.matmul.allow_tf32`); under autograd, and without it for fp32 products on CUDA
     (`fuses_conditioner`), it runs the conditioner in torch and the affine map as the elementwise Triton op with
     its backward kernel (`_TritonAffine`); native (CPU)
-    runs the hidden layers' bias + SiLU natively (`conditioner_native`), and without autograd the whole
-    layer by blocks of rows (`_affine_coupling_blocked`); other inputs run the reference (forcing a backend
-    that cannot run them raises).
+    runs the whole layer by blocks of rows without autograd (`_affine_coupling_blocked`) and the reference under
+    autograd; other inputs run the reference (forcing a backend that cannot run them raises).
     """
     check_layer_shapes(kept, context, changed, weights, 2)
     scale_bound = positive_finite(scale_bound, "scale_bound")
@@ -390,8 +377,6 @@ def affine_coupling(kept, context, changed, weights, *, scale_bound: float, inve
         return reference(kept, context, changed, weights, transform=_affine_transform_triton)
     if chosen == "native" and not recording:
         return _affine_coupling_blocked(kept, context, changed, weights, scale_bound=scale_bound, inverse=inverse)
-    if chosen == "native":
-        return reference(kept, context, changed, weights, conditioner=conditioner_native)
     return reference(kept, context, changed, weights)
 
 
@@ -401,8 +386,8 @@ def spline_coupling(kept, context, changed, weights, *, num_bins: int, bound: fl
     hidden layers; products in `precision` as in `affine_coupling`) and otherwise (under autograd, or fp32
     products on CUDA) runs the conditioner in torch and the spline as the Triton spline op (`rq_spline`, with its
     backward kernel); `native` runs the
-    spline and the hidden layers' bias + SiLU natively (`conditioner_native`), and without autograd the whole
-    layer by blocks of rows (`_spline_coupling_blocked`)."""
+    spline natively (with its backward) and without autograd the whole layer by blocks of rows
+    (`_spline_coupling_blocked`)."""
     num_bins, bound = check_num_bins(num_bins), positive_finite(bound, "bound")
     check_layer_shapes(kept, context, changed, weights, spline_param_count(num_bins))
     how = dispatch(kept, context, changed, weights, backend, precision, num_bins=num_bins)
@@ -418,5 +403,5 @@ def spline_coupling(kept, context, changed, weights, *, num_bins: int, bound: fl
     if chosen == "native" and not recording:
         return _spline_coupling_blocked(kept, context, changed, weights, num_bins=num_bins, bound=bound, inverse=inverse)
     if chosen == "native":
-        return reference(kept, context, changed, weights, spline_backend="native", conditioner=conditioner_native)
+        return reference(kept, context, changed, weights, spline_backend="native")
     return reference(kept, context, changed, weights)
