@@ -144,7 +144,8 @@ def to_json(results: list[Result], device: torch.device, settings: dict | None =
 
 @register("coupling")
 def _coupling_cases(device: torch.device, quick: bool) -> list[Case]:
-    """Coupling flows, 5 layers, width 128: log_prob, sample, log_prob forward+backward. Spline flows
+    """Coupling flows, 5 layers, width 128: log_prob, sample, log_prob forward+backward of one large batch, and
+    log_prob forward+backward on 64 minibatches of `TRAINING_BATCH` rows in turn (training's steps). Spline flows
     (8 bins) on the backends implementing the spline against zuko's coupling spline flow (`zuko-coupling-nsf`:
     zuko's RealNVP with NSF's rational-quadratic transform, the same architecture and parameters as fastflow's
     spline flows), and zuko's NSF for reference (`zuko-nsf`: a masked autoregressive spline with passes=2, whose
@@ -157,7 +158,7 @@ def _coupling_cases(device: torch.device, quick: bool) -> list[Case]:
     from fastflow.flows import FlowConfig
     from fastflow.nn import CouplingFlow
 
-    batch, dims = (2048, (2,)) if quick else (65_536, (2, 8, 32))
+    batch, dims, training_steps = (2048, (2,), 4) if quick else (65_536, (2, 8, 32), 64)
     status = backends()
     backends_on_device = ("triton", "reference") if device.type == "cuda" else ("native", "reference")  # native: CPU
     has_zuko = importlib.util.find_spec("zuko") is not None
@@ -175,15 +176,26 @@ def _coupling_cases(device: torch.device, quick: bool) -> list[Case]:
                 if transform == "spline":
                     flows["zuko-nsf"] = _ZukoAdapter(_zuko_flow("spline", dim, torch.nn.SiLU).to(device))
             x = torch.randn(batch, dim, device=device)
-            prefix = f"{transform} d={dim} n={batch}"
+            minibatches = x[: TRAINING_BATCH * training_steps].split(TRAINING_BATCH)
             for work, run in (("log_prob", lambda f, x=x: without_grad(lambda: f.log_prob(x))),
                               ("sample", lambda f: without_grad(lambda: f.sample(batch))),
-                              ("log_prob+backward", lambda f, x=x: lambda: f.log_prob(x).mean().backward())):
+                              ("log_prob+backward", lambda f, x=x: lambda: f.log_prob(x).mean().backward()),
+                              (f"log_prob+backward {training_steps} batches", lambda f, m=minibatches: lambda: _backward_each(f, m))):
                 implementations = {name: run(flow) for name, flow in flows.items()}
                 if device.type == "cuda":  # once more with TF32 products (the baseline too: a like-for-like ratio)
                     implementations.update({f"{name}-tf32": with_tf32(run(flows[name])) for name in flows if not name.endswith("-relu")})
-                result.append(Case("coupling", f"{prefix} {work}", baseline, implementations))
+                rows = f"n={TRAINING_BATCH}" if work.endswith("batches") else f"n={batch}"
+                result.append(Case("coupling", f"{transform} d={dim} {rows} {work}", baseline, implementations))
     return result
+
+
+TRAINING_BATCH = 256  # rows per training step in the coupling family's minibatch case (fastflow's default batch)
+
+
+def _backward_each(flow, minibatches: tuple[torch.Tensor, ...]) -> None:
+    """log_prob + backward on each minibatch in turn: the training steps of an epoch, less the optimizer's."""
+    for x in minibatches:
+        flow.log_prob(x).mean().backward()
 
 
 def _zuko_flow(transform: str, dim: int, activation: type[torch.nn.Module]):
