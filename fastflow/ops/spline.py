@@ -292,9 +292,6 @@ _rq_spline_native.register_autograd(_rq_spline_backward, setup_context=_setup_co
 class _NativeSpline(torch.autograd.Function):
     """The custom op `_rq_spline_native` with its registered autograd, called eagerly."""
 
-    @staticmethod
-    def forward(ctx, inputs, params, bound: float, inverse: bool):
-        _setup_context(ctx, (inputs, params, bound, inverse), None)
-        return _native_spline(inputs, params, bound, inverse)
-
+    forward = staticmethod(_native_spline)
+    setup_context = staticmethod(_setup_context)
     backward = staticmethod(_rq_spline_backward)
