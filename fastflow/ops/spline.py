@@ -290,8 +290,12 @@ _rq_spline_native.register_autograd(_rq_spline_backward, setup_context=_setup_co
 
 
 class _NativeSpline(torch.autograd.Function):
-    """The custom op `_rq_spline_native` with its registered autograd, called eagerly."""
+    """The custom op `_rq_spline_native` with its registered autograd, called eagerly. (A separate setup_context
+    costs torch an inspect.signature per call, ~55 µs.)"""
 
-    forward = staticmethod(_native_spline)
-    setup_context = staticmethod(_setup_context)
+    @staticmethod
+    def forward(ctx, inputs, params, bound: float, inverse: bool):
+        _setup_context(ctx, (inputs, params, bound, inverse), None)
+        return _native_spline(inputs, params, bound, inverse)
+
     backward = staticmethod(_rq_spline_backward)
