@@ -16,7 +16,9 @@
 #          gpu_profile_<date>_<gpu>.json
 # Each step has its own time limit (FASTFLOW_GPU_MEMCHECK_TIMEOUT, FASTFLOW_GPU_TEST_TIMEOUT, FASTFLOW_GPU_BENCH_TIMEOUT per family,
 # FASTFLOW_GPU_SWEEP_TIMEOUT, FASTFLOW_GPU_PROFILE_TIMEOUT). Seen on an H100 (2026-11-26): build ~30 s, tests 34-112 s
-# with xdist, coupling family ~2 min, ode family cut at 220 s before its last case (3x256 d=10) with 3 repeats of
+# with xdist, coupling family ~2 min (before its minibatch training cases: 64 steps of 256 rows each, about a minute
+# more; rows are written as measured, so FASTFLOW_GPU_BENCH_TIMEOUT=420 keeps the affine rows at the end), ode
+# family cut at 220 s before its last case (3x256 d=10) with 3 repeats of
 # every row; the timed calls now stop after FASTFLOW_GPU_BUDGET seconds (default 3), about halving the slow ODE
 # rows (estimate: ~300 s for the family); rows take up to FASTFLOW_GPU_REPEATS (default 10: one run's zuko rows varied
 # up to 1.8x with 3) within that budget; tests and sweep 147 s before the sweep grew (~5 min now). A device call
