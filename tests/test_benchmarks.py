@@ -40,6 +40,26 @@ def test_quick_run_reports_ratios_against_the_baseline():
     assert any(r.implementation == "fastflow-reference" for r in results)
 
 
+def test_the_minibatch_case_takes_a_training_step_on_every_batch():
+    """The coupling family's minibatch case: the gradients it leaves are the sum of each batch's mean-loss gradient."""
+    import torch
+
+    from fastflow.flows import FlowConfig
+    from fastflow.nn import CouplingFlow
+
+    torch.manual_seed(0)
+    flow = CouplingFlow(2, config=FlowConfig(num_layers=2, hidden=8), backend="reference")
+    batches = torch.randn(12, 2).split(4)
+    benchmarks._backward_each(flow, batches)
+    params = list(flow.parameters())
+    expected = [torch.zeros_like(p) for p in params]
+    for batch in batches:
+        for total, grad in zip(expected, torch.autograd.grad(flow.log_prob(batch).mean(), params)):
+            total += grad
+    for p, total in zip(params, expected):
+        torch.testing.assert_close(p.grad, total)
+
+
 @pytest.mark.skipif(importlib.util.find_spec("zuko") is None, reason="zuko (the bench extra) is not installed")
 def test_zuko_coupling_spline_baseline_has_fastflows_parameters():
     """zuko's NSF (autoregressive, two passes) does more work than a coupling flow; `zuko-coupling-nsf` is zuko's
