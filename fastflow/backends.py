@@ -238,7 +238,7 @@ def numba_threads() -> None:
 @contextlib.contextmanager
 def autograd_recording():
     """Autograd records inside, also under a caller's `torch.no_grad()` or `torch.inference_mode()`: tensors made
-    inside are normal ones (training, MAP and divergences need gradients)."""
+    inside are normal ones (training, MAP and divergences need gradients). A decorator too (`@autograd_recording()`)."""
     with torch.inference_mode(False), torch.enable_grad():
         yield
 

@@ -87,7 +87,7 @@ def _check_output(path: Path, flag: str) -> None:
     made and removed in its folder."""
     if not path.parent.is_dir():
         raise ValueError(f"{flag} {path}: the folder {path.parent} does not exist")
-    if path.is_dir() or not path.name:
+    if path.is_dir():
         raise ValueError(f"{flag} {path}: a folder, not a file")
     target = path.resolve()  # (a link's target: a dangling link's is made by the write)
     try:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import functools
 import math
 import time
 import warnings
@@ -18,7 +17,7 @@ from tqdm.auto import tqdm
 from fastflow._checks import check_seed, positive_finite, positive_int
 from fastflow.backends import autocast_off, autograd_recording, cpu_has_bf16_products
 
-__all__ = ["History", "fit", "recording_autograd"]
+__all__ = ["History", "fit"]
 
 
 @dataclass
@@ -50,20 +49,7 @@ def _split(count: int, validation_fraction: float, generator: torch.Generator) -
     return order[validation_count:], order[:validation_count]
 
 
-def recording_autograd(function: Callable) -> Callable:
-    """`function` run with autograd recording, also when called under `torch.no_grad()` or
-    `torch.inference_mode()` (training needs gradients; a caller's mode came back as "element 0 of tensors does not
-    require grad"): tensors made inside are normal ones, and inference tensors passed in are read, not saved."""
-
-    @functools.wraps(function)
-    def recording(*args, **kwargs):
-        with autograd_recording():
-            return function(*args, **kwargs)
-
-    return recording
-
-
-@recording_autograd
+@autograd_recording()  # (under a caller's no_grad: "element 0 of tensors does not require grad")
 def fit(
     model: nn.Module,
     loss_fn: Callable[..., torch.Tensor],

@@ -10,10 +10,11 @@ import torch
 import torch.nn as nn
 
 from fastflow._checks import check_seed
+from fastflow.backends import autograd_recording
 from fastflow.flows import BoxToReal, Flow, FlowConfig, Standardize, Transform, build_flow
 from fastflow.inference.posterior import Posterior, register_estimator
 from fastflow.priors import Prior, check_prior
-from fastflow.train import fit, recording_autograd
+from fastflow.train import fit
 
 __all__ = ["NPE", "TrainingConfig", "ZScore", "check_simulations", "fit_posterior", "fit_preprocessing", "preprocessing"]
 
@@ -35,7 +36,7 @@ class TrainingConfig:
     mixed_precision: str = "off"
 
 
-@recording_autograd  # (the estimator is built inside: under inference_mode its weights could never train)
+@autograd_recording()  # (the estimator is built inside: under inference_mode its weights could never train)
 def fit_posterior(method: str, build: Callable[[dict], nn.Module], loss_fn, prior: Prior, theta, x, *, settings: dict,
                   training: TrainingConfig, seed: int, device, progress: bool) -> Posterior:
     """An estimator's fit: checks the pairs θ `(N, D)`, x `(N, C)`, builds the estimator of `method` from its config
