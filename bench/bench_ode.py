@@ -2,7 +2,8 @@
 100 steps for fixed-step methods, Dopri5 and Bogacki–Shampine 3(2) at rtol = atol = 1e-5. Reports seconds, velocity evaluations,
 max error against a tight Dopri5 (1e-9) reference on the first 1,000 samples, and the ratio to torchdiffeq rk4 (on
 CUDA the faster of its fp32 and TF32 runs).
-On CUDA with Triton, also the fused integrator (`fastflow.fm.fused.mlp_odeint`: all steps in one launch),
+On CPU, also Euler and RK4 with the hidden layers' products in bfloat16 (`VelocityMLP.sampling_field(bf16=True)`, as
+`OdeConfig(mixed_precision="bf16")` samples). On CUDA with Triton, also the fused integrator (`fastflow.fm.fused.mlp_odeint`: all steps in one launch),
 Euler and RK4, with fp32 ("ieee") and TF32 products, and torchdiffeq rk4 with TF32 cuBLAS products as well.
 
 Run: `python -m pytest bench/bench_ode.py --benchmark-only -s`; samples default to 10^4 on CPU and 10^6 on
@@ -45,6 +46,11 @@ def _cases(net, x_0):
     for method in ("dopri5", "bosh3"):
         cases[f"fastflow {method} 1e-5"] = lambda method=method: (lambda s: (s.x, s.evaluations))(
             odeint(net, x_0, [0.0, 1.0], method=method))
+    if DEVICE == "cpu":  # the hidden layers' products in bfloat16 (OdeConfig(mixed_precision="bf16") in a CNF)
+        field = net.sampling_field(bf16=True)
+        for method in ("euler", "rk4"):
+            cases[f"fastflow {method}-{STEPS} bf16"] = lambda method=method: (lambda s: (s.x, s.evaluations))(
+                odeint(field, x_0, GRID, method=method))
     if DEVICE == "cuda" and "cuda" in backends()["triton"].devices:
         for method in ("euler", "rk4"):
             for precision in ("ieee", "tf32"):
@@ -82,7 +88,8 @@ def test_ode_sampling(benchmark, width, dim):
     net_64.load_state_dict(net.state_dict())
     reference = odeint(net_64.double(), x_0[:1000].double(), [0.0, 1.0], method="dopri5", rtol=1e-9, atol=1e-9).x
     rows = {}
-    cases = _cases(net, x_0)
+    # without autograd, as CNF.sample runs (fastflow's and torchdiffeq's calls alike)
+    cases = {name: torch.no_grad()(fn) for name, fn in _cases(net, x_0).items()}
     baseline_name = f"fastflow rk4-{STEPS}"
     seconds, (x, evaluations) = benchmark.pedantic(lambda: _timed(cases[baseline_name]), rounds=1, iterations=1)
     rows[baseline_name] = (seconds, evaluations, (x[:1000].double() - reference).abs().max().item())

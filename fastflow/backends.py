@@ -24,7 +24,7 @@ from fastflow._checks import positive_int
 
 __all__ = ["BACKENDS", "BackendStatus", "backends", "check_backend_name", "device_key", "native_module", "resolve_backend", "set_num_threads",
            "triton_precision", "is_automatic", "requested_backend", "triton_device", "AUTO_TRITON_PRECISIONS",
-           "autocast_off", "cpu_has_bf16_products", "in_own_dtype"]
+           "autocast_off", "bf16_products", "cpu_has_bf16_products", "in_own_dtype"]
 
 BACKENDS = ("reference", "triton", "native")
 _INSTALL_HINT = "reinstall fastflow with `pip install .` (or `make install`) so that the C++ extension is built"
@@ -221,6 +221,17 @@ def cpu_has_bf16_products() -> bool:
     except OSError:
         return False
     return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+MIXED_PRECISIONS = ("off", "bf16", "auto")
+
+
+def bf16_products(mixed_precision: str, device: torch.device) -> bool:
+    """Whether a `mixed_precision` option ("off", "bf16", or "auto": bfloat16 on CPUs that multiply it in hardware,
+    `cpu_has_bf16_products`) means bfloat16 products on `device`; other values raise."""
+    if mixed_precision not in MIXED_PRECISIONS:
+        raise ValueError(f"mixed_precision must be 'off', 'bf16' or 'auto', got {mixed_precision!r}")
+    return mixed_precision == "bf16" or (mixed_precision == "auto" and device.type == "cpu" and cpu_has_bf16_products())
 
 
 def numba_threads() -> None:

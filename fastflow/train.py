@@ -15,7 +15,7 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from fastflow._checks import check_seed, positive_finite, positive_int
-from fastflow.backends import autocast_off, autograd_recording, cpu_has_bf16_products
+from fastflow.backends import autocast_off, autograd_recording, bf16_products
 
 __all__ = ["History", "fit"]
 
@@ -112,10 +112,8 @@ def fit(
         raise ValueError(f"keep must be 'best' or 'last', got {keep!r}")
     if overfit_tolerance is not None:
         positive_finite(overfit_tolerance, "overfit_tolerance")
-    if mixed_precision not in ("off", "bf16", "auto"):
-        raise ValueError(f"mixed_precision must be 'off', 'bf16' or 'auto', got {mixed_precision!r}")
     device = torch.device(device) if device is not None else next(model.parameters()).device
-    bf16 = mixed_precision == "bf16" or (mixed_precision == "auto" and device.type == "cpu" and cpu_has_bf16_products())
+    bf16 = bf16_products(mixed_precision, device)
     model.to(device)
     data = tuple(t.to(device) for t in data)
     seed = check_seed(seed)

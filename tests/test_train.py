@@ -1,5 +1,6 @@
 """The training loop: a loss that turns NaN or inf stops it clearly."""
 
+import importlib
 import math
 
 import pytest
@@ -186,9 +187,7 @@ def test_bad_keep_and_overfit_tolerance_are_refused():
 def test_mixed_precision_runs_the_loss_under_bf16_autocast(monkeypatch, mixed_precision, hardware, expected):
     """bf16 products in the loss, training and validation ("auto": where the CPU multiplies bf16 in hardware), with
     float32 weights and optimizer; the model still learns."""
-    from fastflow import train
-
-    monkeypatch.setattr(train, "cpu_has_bf16_products", lambda: hardware)
+    monkeypatch.setattr(importlib.import_module("fastflow.backends"), "cpu_has_bf16_products", lambda: hardware)
     model = torch.nn.Linear(2, 1)
     autocast_seen = set()
 

@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 
 from fastflow._checks import positive_int
-from fastflow.backends import in_own_dtype
+from fastflow.backends import bf16_products, in_own_dtype
 from fastflow.fm.divergence import Divergence, as_divergence
 from fastflow.fm.fused import mlp_odeint
 from fastflow.fm.nets import plain_velocity_mlp
@@ -24,24 +24,39 @@ __all__ = ["CNF", "OdeConfig"]
 @dataclass(frozen=True)
 class OdeConfig:
     """How a CNF integrates: `method` from `fastflow.fm.SOLVERS`, `steps` for fixed-step methods,
-    `rtol`/`atol` for adaptive ones."""
+    `rtol`/`atol` for adaptive ones, and `mixed_precision` for sampling: "bf16" multiplies the velocity field's
+    hidden layers in bfloat16 (a `VelocityMLP` on CPU: `VelocityMLP.sampling_field`; another field or device: under
+    `torch.autocast`), "auto" does so on CPUs that multiply bfloat16 in hardware, "off" (the default) never. Densities
+    (`CNF.log_prob`) always integrate in the model's dtype."""
 
     method: str = "dopri5"
     steps: int = 20
     rtol: float = 1e-4
     atol: float = 1e-4
+    mixed_precision: str = "off"
 
     def __post_init__(self):
         if self.method not in SOLVERS:
             raise ValueError(f"unknown ODE method {self.method!r}; known: {sorted(SOLVERS)}")
         positive_int(self.steps, "steps")  # (kept as given: a frozen dataclass, saved in configs)
         check_tolerances(self.rtol, self.atol)
+        bf16_products(self.mixed_precision, torch.device("cpu"))  # (checks the value)
 
     def times(self, t_0: float, t_1: float) -> torch.Tensor:
         return torch.linspace(t_0, t_1, 2 if SOLVERS[self.method].adaptive else self.steps + 1, dtype=torch.float64)
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def _in_bf16(velocity: Callable) -> Callable:
+    """velocity `(t, x, *args) -> v` evaluated under a bfloat16 autocast on x's device, v in x's dtype."""
+
+    def field(t, x, *args):
+        with torch.autocast(x.device.type, dtype=torch.bfloat16):
+            return velocity(t, x, *args).to(x.dtype)
+
+    return field
 
 
 class CNF(nn.Module):
@@ -67,6 +82,9 @@ class CNF(nn.Module):
                  embedding: nn.Module | None = None, sampler: OdeConfig = OdeConfig(),
                  likelihood: OdeConfig = OdeConfig(rtol=1e-5, atol=1e-5), divergence: str | Divergence | Callable = "exact"):
         super().__init__()
+        if likelihood.mixed_precision != "off":
+            raise ValueError(f"the likelihood ODE integrates in the model's dtype: its mixed_precision must be 'off', "
+                             f"got {likelihood.mixed_precision!r}")
         divergence = as_divergence(divergence)
         self.velocity = velocity
         self.dim, self.context_dim = dim, context_dim
@@ -146,15 +164,20 @@ class CNF(nn.Module):
         param = self._parameter()
         x_0 = torch.randn(n * contexts, self.dim, dtype=param.dtype, device=param.device)
         args = () if embedded is None else (embedded.reshape(contexts, embedded.shape[-1]).repeat(n, 1),)
-        if x_0.device.type == "cuda" and plain_velocity_mlp(self.velocity) and not SOLVERS[self.sampler.method].adaptive:
+        # one context for all draws goes to a VelocityMLP as (E,): its first layer's context term is then shared
+        field_context = embedded.reshape(-1) if embedded is not None and contexts == 1 else (args[0] if args else None)
+        bf16 = bf16_products(self.sampler.mixed_precision, x_0.device)
+        if x_0.device.type == "cuda" and not bf16 and plain_velocity_mlp(self.velocity) and not SOLVERS[self.sampler.method].adaptive:
             # the fused Triton integrator where it supports the field (backend "auto"), else odeint
-            # one context for all draws goes in as (E,): the kernel folds it into the first layer's time bias
-            fused_context = embedded.reshape(-1) if embedded is not None and contexts == 1 else (args[0] if args else None)
-            solution = mlp_odeint(self.velocity, x_0, times, self.sampler.method, context=fused_context,
+            solution = mlp_odeint(self.velocity, x_0, times, self.sampler.method, context=field_context,
                                   trajectory=trajectory)
             self.last_evaluations = solution.evaluations
+        elif plain_velocity_mlp(self.velocity) and self.velocity._runs_blocks(x_0):
+            field = self.velocity.sampling_field(field_context, bf16=bf16)
+            solution = self._integrate(x_0, times, self.sampler, field, (), trajectory)
         else:
-            solution = self._integrate(x_0, times, self.sampler, self.velocity, args, trajectory)
+            solution = self._integrate(x_0, times, self.sampler, _in_bf16(self.velocity) if bf16 else self.velocity, args,
+                                       trajectory)
         x = solution.trajectory.reshape(-1, self.dim) if trajectory else solution.x
         for transform in reversed(self.transforms):
             x, _ = transform.inverse(x)

@@ -30,12 +30,14 @@ def test_gaussian_linear_moments_match_analytic(linear_posterior):
     assert_moments_match_analytic(*linear_posterior)
 
 
-def test_bf16_training_matches_analytic_moments_too():
-    """Mixed precision (the loss under a bf16 autocast; FMPE's default on CPUs with bf16 products) trains as well."""
+def test_bf16_training_and_sampling_match_analytic_moments_too():
+    """Mixed precision (the loss under a bf16 autocast, the sampler's hidden layers in bf16; FMPE's default on CPUs
+    with bf16 products) trains and samples as well."""
     task = get_task("gaussian_linear")
     sims = simulate(task.simulate, task.prior, 10_000, seed=1)
     training = dataclasses.replace(SMALL_TRAINING, mixed_precision="bf16")
-    fmpe = FMPE(task.prior, network=VelocityConfig(hidden=(128, 128, 128)), training=training, progress=False)
+    fmpe = FMPE(task.prior, network=VelocityConfig(hidden=(128, 128, 128)), training=training, progress=False,
+                sampler=OdeConfig("rk4", steps=10, mixed_precision="bf16"))
     assert_moments_match_analytic(task, fmpe.fit(sims.theta, sims.x))
 
 
@@ -74,6 +76,7 @@ def test_posterior_api_batches_and_round_trips(linear_posterior, tmp_path):
     path = tmp_path / "fmpe.pt"
     posterior.save(path)
     loaded = Posterior.load(path)
+    assert loaded.estimator.sampler == posterior.estimator.sampler  # mixed_precision "auto" included
     theta = posterior.sample(5, xs[0])
     torch.testing.assert_close(loaded.log_prob(theta, xs[0]), posterior.log_prob(theta, xs[0]))
 
