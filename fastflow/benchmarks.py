@@ -254,13 +254,14 @@ def without_grad(fn: Callable[[], object]) -> Callable[[], object]:
 @register("ode")
 def _ode_cases(device: torch.device, quick: bool) -> list[Case]:
     """CNF sampling ODE on a VelocityMLP (3 hidden layers of 64 or 256, SiLU), RK4 and Euler with 100 steps:
+    on CPU the reference with bfloat16 hidden layers (`fastflow-bf16`, `VelocityMLP.sampling_field`), on CUDA
     the fused Triton integrator (CUDA only; TF32 and 3xTF32 products: fp32 products ran 2.3-3.4x slower than
     the reference on an H200) and the reference `odeint` against torchdiffeq's fixed-grid solver when
     installed (else the reference is the baseline), on CUDA once more with TF32 cuBLAS products (`-tf32`; ratios
     are against the faster of the baseline's two runs, `baseline_runs`).
     10^6 samples on CUDA, 10^4 on CPU, 256 for `quick`."""
     from fastflow.backends import backends
-    from fastflow.fm import VelocityMLP
+    from fastflow.fm import VelocityMLP, odeint
     from fastflow.fm.fused import mlp_odeint
 
     samples = 256 if quick else (1_000_000 if device.type == "cuda" else 10_000)
@@ -277,6 +278,9 @@ def _ode_cases(device: torch.device, quick: bool) -> list[Case]:
         for method in ("rk4", "euler"):
             implementations = {"fastflow-reference": without_grad(
                 lambda net=net, x=x, method=method: mlp_odeint(net, x, grid, method, backend="reference").x)}
+            if device.type == "cpu":  # hidden layers in bfloat16, as OdeConfig(mixed_precision="bf16") samples
+                implementations["fastflow-bf16"] = lambda net=net, x=x, method=method: odeint(
+                    net.sampling_field(bf16=True), x, grid, method=method).x
             if fused:
                 for precision in ("tf32", "tf32x3"):
                     implementations[f"fastflow-triton-{precision}"] = without_grad(
