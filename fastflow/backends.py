@@ -24,7 +24,7 @@ from fastflow._checks import positive_int
 
 __all__ = ["BACKENDS", "BackendStatus", "backends", "check_backend_name", "device_key", "native_module", "resolve_backend", "set_num_threads",
            "triton_precision", "is_automatic", "requested_backend", "triton_device", "AUTO_TRITON_PRECISIONS",
-           "autocast_off", "bf16_products", "cpu_has_bf16_products", "in_own_dtype"]
+           "autocast_off", "bf16_products", "check_mixed_precision", "cpu_has_bf16_products", "in_own_dtype"]
 
 BACKENDS = ("reference", "triton", "native")
 _INSTALL_HINT = "reinstall fastflow with `pip install .` (or `make install`) so that the C++ extension is built"
@@ -223,15 +223,18 @@ def cpu_has_bf16_products() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-MIXED_PRECISIONS = ("off", "bf16", "auto")
+def check_mixed_precision(mixed_precision: str) -> str:
+    """A `mixed_precision` option as given: "off", "bf16" or "auto" (bfloat16 where `bf16_products` says so)."""
+    if mixed_precision not in ("off", "bf16", "auto"):
+        raise ValueError(f"mixed_precision must be 'off', 'bf16' or 'auto', got {mixed_precision!r}")
+    return mixed_precision
 
 
 def bf16_products(mixed_precision: str, device: torch.device) -> bool:
-    """Whether a `mixed_precision` option ("off", "bf16", or "auto": bfloat16 on CPUs that multiply it in hardware,
-    `cpu_has_bf16_products`) means bfloat16 products on `device`; other values raise."""
-    if mixed_precision not in MIXED_PRECISIONS:
-        raise ValueError(f"mixed_precision must be 'off', 'bf16' or 'auto', got {mixed_precision!r}")
-    return mixed_precision == "bf16" or (mixed_precision == "auto" and device.type == "cpu" and cpu_has_bf16_products())
+    """Whether a `mixed_precision` option means bfloat16 products on `device`: "bf16" anywhere, "auto" on CPUs that
+    multiply bfloat16 in hardware (`cpu_has_bf16_products`), "off" never; other values raise."""
+    return check_mixed_precision(mixed_precision) == "bf16" or (
+        mixed_precision == "auto" and device.type == "cpu" and cpu_has_bf16_products())
 
 
 def numba_threads() -> None:

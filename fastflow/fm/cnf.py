@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 
 from fastflow._checks import positive_int
-from fastflow.backends import bf16_products, in_own_dtype
+from fastflow.backends import bf16_products, check_mixed_precision, in_own_dtype
 from fastflow.fm.divergence import Divergence, as_divergence
 from fastflow.fm.fused import mlp_odeint
 from fastflow.fm.nets import plain_velocity_mlp
@@ -40,7 +40,7 @@ class OdeConfig:
             raise ValueError(f"unknown ODE method {self.method!r}; known: {sorted(SOLVERS)}")
         positive_int(self.steps, "steps")  # (kept as given: a frozen dataclass, saved in configs)
         check_tolerances(self.rtol, self.atol)
-        bf16_products(self.mixed_precision, torch.device("cpu"))  # (checks the value)
+        check_mixed_precision(self.mixed_precision)
 
     def times(self, t_0: float, t_1: float) -> torch.Tensor:
         return torch.linspace(t_0, t_1, 2 if SOLVERS[self.method].adaptive else self.steps + 1, dtype=torch.float64)
