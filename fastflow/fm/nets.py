@@ -98,9 +98,9 @@ class VelocityMLP(nn.Module):
             if bf16:
                 raise ValueError("bfloat16 sampling_field runs on CPU float32/float64 fields without a residual first layer")
             return lambda t, x_t: self(t, x_t, context)
-        with torch.no_grad():
+        with torch.no_grad():  # (no graph kept to the parameters)
             context_term = None if context is None else F.linear(context.to(weight.dtype), self._w_context)
-        low = [(layer.weight.bfloat16(), layer.bias.bfloat16()) for layer in self.layers[1:]] if bf16 else None
+            low = [(layer.weight.bfloat16(), layer.bias.bfloat16()) for layer in self.layers[1:]] if bf16 else None
 
         @torch.no_grad()
         def field(t, x_t):
