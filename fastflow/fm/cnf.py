@@ -27,7 +27,9 @@ class OdeConfig:
     `rtol`/`atol` for adaptive ones, and `mixed_precision` for sampling: "bf16" multiplies the velocity field's
     hidden layers in bfloat16 (a `VelocityMLP` on CPU: `VelocityMLP.sampling_field`; another field or device: under
     `torch.autocast`), "auto" does so on CPUs that multiply bfloat16 in hardware, "off" (the default) never. Densities
-    (`CNF.log_prob`) always integrate in the model's dtype."""
+    (`CNF.log_prob`) always integrate in the model's dtype. bfloat16's rounding (~1e-3 of v) is below fixed-step
+    methods' error at FMPE's 10 RK4 steps; adaptive ones at tolerances near it may take more steps (Dopri5 at 1e-5 on
+    a 3x128 field: 50 evaluations against 38)."""
 
     method: str = "dopri5"
     steps: int = 20
