@@ -124,7 +124,8 @@ def fit(
     train_count = train_index.numel()
     steps_per_epoch = math.ceil(train_count / batch_size)
 
-    optimizer = torch.optim.Adam(model.parameters(), lr=learning_rate, fused=True)
+    parameters = list(model.parameters())  # (walking the modules at every step cost ~0.1 ms)
+    optimizer = torch.optim.Adam(parameters, lr=learning_rate, fused=True)
     scheduler = (
         torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max_epochs * steps_per_epoch)
         if lr_schedule == "cosine"
@@ -152,7 +153,7 @@ def fit(
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 if clip_grad_norm is not None:
-                    nn.utils.clip_grad_norm_(model.parameters(), clip_grad_norm)
+                    nn.utils.clip_grad_norm_(parameters, clip_grad_norm)
                 optimizer.step()
                 if scheduler is not None:
                     scheduler.step()

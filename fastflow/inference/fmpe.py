@@ -48,9 +48,16 @@ class _FlowMatchingLoss:
     time_distribution: str
     alpha: float
 
-    def __call__(self, cnf: CNF, theta: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        theta_1, _ = cnf.to_flow_space(theta)
-        return cfm_loss(cnf.velocity, self.path, theta_1, cnf.embed(x), time_distribution=self.time_distribution, alpha=self.alpha)
+    def __call__(self, cnf: CNF, theta_1: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        """The loss on pairs as `_flow_space_pairs` maps them."""
+        return cfm_loss(cnf.velocity, self.path, theta_1, context, time_distribution=self.time_distribution, alpha=self.alpha)
+
+
+def _flow_space_pairs(cnf: CNF, theta: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """θ `(N, D)` in the flow's space and x `(N, C)` embedded, once before training: both maps are fixed (the
+    preprocessing statistics; ~0.3 ms a step when mapped per batch)."""
+    with torch.no_grad():
+        return cnf.to_flow_space(theta)[0], cnf.embed(x)
 
 
 # Defaults measured on two_moons at 10^4 simulations (1 thread), mean C2ST over observations 1..5: 800 epochs
@@ -133,4 +140,5 @@ class FMPE:
                     "likelihood": self.likelihood.to_dict()}
         loss = _FlowMatchingLoss(self.path, self.time_distribution, self.alpha)
         return fit_posterior("fmpe", build_fmpe_cnf, loss, self.prior, theta, x, settings=settings,
-                             training=self.training, seed=self.seed, device=self.device, progress=self.progress)
+                             training=self.training, seed=self.seed, device=self.device, progress=self.progress,
+                             prepare=_flow_space_pairs)

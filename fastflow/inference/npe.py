@@ -38,10 +38,11 @@ class TrainingConfig:
 
 @autograd_recording()  # (the estimator is built inside: under inference_mode its weights could never train)
 def fit_posterior(method: str, build: Callable[[dict], nn.Module], loss_fn, prior: Prior, theta, x, *, settings: dict,
-                  training: TrainingConfig, seed: int, device, progress: bool) -> Posterior:
+                  training: TrainingConfig, seed: int, device, progress: bool, prepare: Callable | None = None) -> Posterior:
     """An estimator's fit: checks the pairs θ `(N, D)`, x `(N, C)`, builds the estimator of `method` from its config
     (`settings` and the sizes; seeded with `seed`), sets its preprocessing statistics, trains it with
-    `fastflow.train.fit` and wraps it as a `Posterior` (with `history`)."""
+    `fastflow.train.fit` on `(θ, x)`, or on `prepare(estimator, θ, x)` (the loss's inputs computed once), and wraps it
+    as a `Posterior` (with `history`)."""
     theta, x = check_simulations(prior, theta, x, method=method.upper())
     config = {"method": method, "dim_theta": theta.shape[1], "dim_x": x.shape[1], "bounded": prior.bounded, **settings,
               "training": asdict(training)}
@@ -49,7 +50,8 @@ def fit_posterior(method: str, build: Callable[[dict], nn.Module], loss_fn, prio
     torch.manual_seed(seed)
     estimator = build(config)
     fit_preprocessing(list(estimator.transforms)[: 2 if prior.bounded else 1], estimator.embedding, prior, theta, x)
-    history = fit(estimator, loss_fn, (theta, x), **asdict(training), seed=seed, device=device, progress=progress)
+    data = (theta, x) if prepare is None else prepare(estimator, theta, x)
+    history = fit(estimator, loss_fn, data, **asdict(training), seed=seed, device=device, progress=progress)
     posterior = Posterior(estimator, prior, config=config)
     posterior.history = history
     return posterior

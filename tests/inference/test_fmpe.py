@@ -100,7 +100,7 @@ def test_default_training_keeps_the_last_weights_unless_it_overfits():
     simulations, slcp's C2ST 0.93 -> 0.86 and gaussian_linear's 0.76 -> 0.56)."""
     from dataclasses import replace
 
-    from fastflow.inference.fmpe import FMPE_TRAINING, _FlowMatchingLoss
+    from fastflow.inference.fmpe import FMPE_TRAINING, _FlowMatchingLoss, _flow_space_pairs
     from fastflow.train import evaluate
 
     task = get_task("gaussian_linear")
@@ -117,7 +117,7 @@ def test_default_training_keeps_the_last_weights_unless_it_overfits():
         posterior = fmpe.fit(sims.theta, sims.x)
         assert posterior.history.overfit == (tolerance is not None)
         loss = _FlowMatchingLoss(fmpe.path, fmpe.time_distribution, fmpe.alpha)
-        losses[tolerance] = evaluate(posterior.estimator, loss, (held_out.theta, held_out.x))
+        losses[tolerance] = evaluate(posterior.estimator, loss, _flow_space_pairs(posterior.estimator, held_out.theta, held_out.x))
     assert losses[FMPE_TRAINING.overfit_tolerance] < 0.5 * losses[None]
 
 
