@@ -115,28 +115,9 @@ void backward(Array<T> x, Array<T> params, Array<T> grad_out, Array<T> grad_ladj
   generic::backward(px, pp, pgo, pgl, pgx, pgp, n, K, T(bound), inverse, T(shift));
 }
 
-template <typename T>
-void bias_silu(Array<T> x, Array<T> bias, const std::string& isa) {
-  check(x.ndim() == 2 && bias.ndim() == 1 && bias.shape(0) == x.shape(1), "bias_silu: x must be (rows, cols), bias (cols,)");
-  const std::string chosen = chosen_isa(isa);
-  const int64_t rows = x.shape(0), cols = x.shape(1);
-  T* px = x.mutable_data();
-  const T* pb = bias.data();
-  py::gil_scoped_release release;
-#ifdef FASTFLOW_HAVE_X86_64_V3
-  if (chosen == "x86_64_v3") return x86_64_v3::bias_silu(px, pb, rows, cols);
-#endif
-  generic::bias_silu(px, pb, rows, cols);
-}
-
 }  // namespace
 
 void bind_spline(py::module_& m) {
-  const char* bias_silu_doc = "bias_silu(x (rows, cols), bias (cols,), isa='auto'): x <- silu(x + bias); C-contiguous, one dtype";
-  m.def("bias_silu", &bias_silu<float>, bias_silu_doc, py::arg("x").noconvert(), py::arg("bias").noconvert(),
-        py::arg("isa") = "auto");
-  m.def("bias_silu", &bias_silu<double>, bias_silu_doc, py::arg("x").noconvert(), py::arg("bias").noconvert(),
-        py::arg("isa") = "auto");
   m.def("spline_isas", &cpu_isas, "Instruction sets of the blocked spline kernels that this CPU runs, best first.");
   const char* fwd_doc =
       "rq_spline_forward(x (n,), params (n, 3K-1), out (n,), ladj (n,), bound, inverse, derivative_shift, isa='auto'): "

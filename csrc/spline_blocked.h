@@ -18,8 +18,7 @@ namespace fastflow_spline {
 
 // Entry points, one set per instruction set: out/ladj `(n,)` from x `(n,)` and params `(n, 3K-1)`;
 // forward_rows takes a coupling layer's x/out `(rows, count)` and padded params `(rows, row_stride)` (each row's
-// count vectors of 3K-1 first) and sums log|det| per row into row_ladj `(rows,)`; the backward gives grad_x `(n,)` and grad_params `(n, 3K-1)` from grad_out, grad_ladj `(n,)`. A conditioner
-// layer's bias and activation: bias_silu writes silu(x + bias) into x `(rows, cols)`, bias `(cols,)`.
+// count vectors of 3K-1 first) and sums log|det| per row into row_ladj `(rows,)`; the backward gives grad_x `(n,)` and grad_params `(n, 3K-1)` from grad_out, grad_ladj `(n,)`.
 #define FASTFLOW_SPLINE_DECLARE(isa)                                                                            \
   namespace isa {                                                                                              \
   void forward(const float* x, const float* params, float* out, float* ladj, int64_t n, int K, float bound,     \
@@ -34,8 +33,6 @@ namespace fastflow_spline {
                 float* grad_params, int64_t n, int K, float bound, bool inverse, float shift);                     \
   void backward(const double* x, const double* params, const double* grad_out, const double* grad_ladj,          \
                 double* grad_x, double* grad_params, int64_t n, int K, double bound, bool inverse, double shift);  \
-  void bias_silu(float* x, const float* bias, int64_t rows, int64_t cols);                                     \
-  void bias_silu(double* x, const double* bias, int64_t rows, int64_t cols);                                   \
   }
 FASTFLOW_SPLINE_DECLARE(generic)
 FASTFLOW_SPLINE_DECLARE(x86_64_v3)

@@ -70,6 +70,3 @@ def rq_spline_backward(
 ) -> None:
     """Backward of rq_spline_forward: fills grad_x (n,) and grad_params (n, 3K-1)."""
 
-def bias_silu(x: npt.NDArray[_Float], bias: npt.NDArray[_Float], isa: str = "auto") -> None:
-    """x <- silu(x + bias) for x (rows, cols), bias (cols,), C-contiguous, one dtype (a conditioner layer's bias
-    and activation)."""

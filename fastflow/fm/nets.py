@@ -11,13 +11,12 @@ import torch.nn.functional as F
 
 from fastflow._checks import nonnegative_int, positive_int
 from fastflow.fm.solvers import per_sample_times
-from fastflow.ops.linear import BLOCK_ROWS, bias_silu_, linear_silu_into, native_linear_silu_runs
+from fastflow.ops.linear import BLOCK_ROWS
 
 __all__ = ["ACTIVATIONS", "TimeEmbedding", "VelocityMLP", "plain_velocity_mlp"]
 
 ACTIVATIONS = {"silu": nn.SiLU, "tanh": nn.Tanh, "gelu": nn.GELU, "relu": nn.ReLU}
 # in-place forms, used when no graph is recorded (sampling): they skip one activation-sized allocation per layer
-# (SiLU on CPU runs natively instead: `VelocityMLP._blocks`)
 _IN_PLACE = {"silu": partial(F.silu, inplace=True), "tanh": torch.tanh_, "relu": partial(F.relu, inplace=True)}
 
 
@@ -171,13 +170,12 @@ class VelocityMLP(nn.Module):
 
     def _blocks(self, x_t: torch.Tensor, rows_term: torch.Tensor | None, shared_term: torch.Tensor,
                 low_precision: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> torch.Tensor:
-        """The layers without autograd on CPU by blocks of `BLOCK_ROWS` rows (cache-resident activations): the first
-        layer from x_t `(n, D)` and its other terms (`_first_layer_terms`), SiLU layers native (`linear_silu_into`),
-        other activations in place; with `low_precision` (each hidden layer's bfloat16 weight and bias) the hidden
-        layers multiply in bfloat16. Returns `(n, D)`."""
+        """The layers without autograd on CPU by blocks of `BLOCK_ROWS` rows (cache-resident activations, one buffer
+        per layer): the first layer from x_t `(n, D)` and its other terms (`_first_layer_terms`), activations in
+        place; with `low_precision` (each hidden layer's bfloat16 weight and bias) the hidden layers multiply in
+        bfloat16. Returns `(n, D)`."""
         n = x_t.shape[0]
         first, hidden = self.layers[0], self.layers[1:]
-        native = self.activation == "silu" and native_linear_silu_runs(x_t)
         act = _IN_PLACE.get(self.activation, self.act)
         w_x = first.weight[:, self.x_columns].t()
         result = x_t.new_empty(n, self.dim)
@@ -187,17 +185,14 @@ class VelocityMLP(nn.Module):
             stop = min(n, start + BLOCK_ROWS)
             h = buffers[0][: stop - start]
             if rows_term is None:
-                torch.mm(x_t[start:stop], w_x, out=h)
+                h = act(torch.addmm(shared_term, x_t[start:stop], w_x, out=h))
             else:
-                torch.addmm(rows_term[start:stop], x_t[start:stop], w_x, out=h)
-            h = bias_silu_(h, shared_term) if native else act(h.add_(shared_term))
+                h = act(torch.addmm(rows_term[start:stop], x_t[start:stop], w_x, out=h).add_(shared_term))
             if low_precision is not None:
                 h = h.bfloat16()
             for index, layer in enumerate(hidden):
                 if low_precision is not None:
                     out = act(F.linear(h, *low_precision[index]))
-                elif native:
-                    out = linear_silu_into(h, layer.weight, layer.bias, buffers[index + 1][: stop - start])
                 else:
                     out = act(torch.addmm(layer.bias, h, layer.weight.t(), out=buffers[index + 1][: stop - start]))
                 h = out.add_(h) if self.residual and out.shape == h.shape else out

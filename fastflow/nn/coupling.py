@@ -199,7 +199,7 @@ class AffineCoupling(_Coupling):
             `torch.backends.cuda.matmul.allow_tf32`, one fused kernel without autograd, and under autograd a fused
             backward kernel too where `fastflow.ops.coupling_flow.trains_fused` (width <= 128); else the
             conditioner in torch and the rest in one Triton kernel each way) or
-            "native" (CPU: blocks of rows without autograd, native bias + SiLU in them). "auto" takes
+            "native" (CPU: the native spline, and blocks of rows without autograd). "auto" takes
             Triton for float32 on CUDA.
     """
 

@@ -12,7 +12,7 @@ next permutation, and `TritonSplineStep` a spline layer's splines with the merge
 ops serve direct calls. On CPU the native backend
 runs the spline's elementwise part through `rq_spline` (C++) and under autograd the conditioner in torch; without
 autograd it runs either layer block by block of rows (`conditioner_blocks`), the CPU counterpart of that fusion:
-the hidden activations of a block stay in cache, each hidden layer is a GEMM plus one native bias + SiLU pass, and
+the hidden activations of a block stay in cache, each hidden layer is a GEMM with its bias and SiLU in place, and
 buffers are reused instead of faulting in fresh full-batch tensors at every op.
 """
 
@@ -61,7 +61,7 @@ def conditioner_blocks(kept: torch.Tensor, context: torch.Tensor | None, weights
     `(m, padded)`) with m <= block_rows, the `out` outputs in the first columns (`padded` rounds `out` up to a
     multiple of `OUTPUT_ALIGN`; zero weights make the rest). One buffer per layer serves every block (each
     yielded output is overwritten by the next block), so the activations stay cache-sized and no full-batch
-    intermediate is allocated; hidden layers run `linear_silu_into` (native bias + SiLU)."""
+    intermediate is allocated; hidden layers run `linear_silu_into`."""
     inputs = kept if context is None else torch.cat([kept, context.to(kept.dtype)], dim=1)
     n = inputs.shape[0]
     padding = -weights[-1].shape[0] % OUTPUT_ALIGN

@@ -214,26 +214,6 @@ def test_row_spline_rejects_short_parameter_rows():
                                   False, 0.5)
 
 
-@pytest.mark.parametrize("dtype, rtol", [(torch.float32, 2e-6), (torch.float64, 1e-13)])
-@pytest.mark.parametrize("rows, cols", [(3, 7), (600, 128)])
-def test_every_instruction_set_of_bias_silu_matches_torch(dtype, rtol, rows, cols):
-    """The conditioner's fused bias + SiLU in place (`_C.bias_silu`) against torch in float64, far tails
-    (|v| ~ 40) included; relative tolerance per dtype (float32: a few ulp)."""
-    from fastflow import _C
-
-    generator = torch.Generator().manual_seed(rows)
-    x = 8 * torch.randn(rows, cols, generator=generator, dtype=torch.float64)
-    x[0, :2] = torch.tensor([-40.0, 40.0])
-    bias = torch.randn(cols, generator=generator, dtype=torch.float64)
-    truth = torch.nn.functional.silu(x.to(dtype).double() + bias.to(dtype).double())
-    for isa in _isas():
-        out = x.to(dtype, copy=True)
-        _C.bias_silu(out.numpy(), bias.to(dtype).numpy(), isa)
-        torch.testing.assert_close(out.double(), truth, rtol=rtol, atol=1e-30, msg=lambda m: f"{isa}: {m}")
-    with pytest.raises(ValueError, match="bias"):
-        _C.bias_silu(x.numpy(), bias[:-1].numpy())
-
-
 def _with_nans(num_bins: int, dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Elements with a NaN input, or with a NaN raw width or height (each position) or NaN raw derivatives (only the
     bin's own knots count), inside and in the tails (x = 5), beside clean elements; returns x, params and which
