@@ -88,7 +88,7 @@ class VelocityMLP(nn.Module):
         `forward(t, x_t, context)` with the first layer's context term computed once (context `(n, E)` or `(E,)`, fixed
         for the solve) and, with `bf16`, the hidden layers' products in bfloat16 (their weights cast once; the first
         layer, the output layer and the state stay in the field's dtype: 2e-3 to 5e-3 of the largest |v| off for 4
-        hidden layers of 128, and 1.5-1.6x faster on a CPU with bfloat16 products). Other devices, or a residual first
+        hidden layers of 128, and 1.4-1.5x faster on a CPU with bfloat16 products). Other devices, or a residual first
         layer: `forward` itself (bf16 refused there)."""
         if self.context_dim and context is None:
             raise ValueError(f"this field needs a context ({self.context_dim},) or (n, {self.context_dim})")
