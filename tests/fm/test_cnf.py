@@ -253,8 +253,8 @@ def _contexts(form: str, n: int, dtype: torch.dtype):
 def test_velocity_without_a_graph_equals_the_recorded_forward(activation, dtype, tolerance, residual, time_form,
                                                               context_form):
     """Sampling (no graph) runs the layers on CPU by blocks of rows, the first from its x_t columns and its time and
-    context terms, activations in place and SiLU layers natively; and `sampling_field` computes the context term
-    once: same values for every form of t and context."""
+    context terms, activations in place; and `sampling_field` computes the context term once: same values for every
+    form of t and context."""
     context_dim = 0 if context_form == "none" else 2
     net = VelocityMLP(3, context_dim=context_dim, hidden=(16, 16, 16), activation=activation, residual=residual).to(dtype)
     x, t, context = torch.randn(N_BLOCKED, 3, dtype=dtype), _times(time_form, N_BLOCKED, dtype), _contexts(
