@@ -18,9 +18,9 @@ SASS_KEYS = ("HGMMA", "HMMA", "MUFU", "FFMA", "FMUL", "FADD", "FSETP", "FSEL", "
              "STL")
 
 
-def compile_for_h100(kernel, pointers, integers, floats, meta: dict, num_warps: int = 4, int_pointers=()):
-    """Compile a @triton.jit kernel for sm_90: pointer arguments float32 (`int_pointers` int32), `integers` i32,
-    `floats` fp32, and `meta` the constexprs plus "num_stages"."""
+def compile_for_h100(kernel, pointers, integers, floats, meta: dict, num_warps: int = 4, int_pointers=(), bf16_pointers=()):
+    """Compile a @triton.jit kernel for sm_90: pointer arguments float32 (`int_pointers` int32, `bf16_pointers`
+    bfloat16), `integers` i32, `floats` fp32, and `meta` the constexprs plus "num_stages"."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -28,7 +28,7 @@ def compile_for_h100(kernel, pointers, integers, floats, meta: dict, num_warps: 
     meta = dict(meta)
     options = {"num_stages": meta.pop("num_stages"), "num_warps": num_warps}
     signature = {**{n: "*fp32" for n in pointers}, **{n: "*i32" for n in int_pointers}, **{n: "i32" for n in integers},
-                 **{n: "fp32" for n in floats}}
+                 **{n: "fp32" for n in floats}, **{n: "*bf16" for n in bf16_pointers}}
     signature.update({name: "constexpr" for name in meta})
     constants = {(kernel.arg_names.index(name),): value for name, value in meta.items()}
     return triton.compile(ASTSource(kernel, signature, constants), target=GPUTarget("cuda", 90, 32), options=options)
@@ -53,23 +53,25 @@ def resources(compiled) -> dict:
 
 def compile_ode(hidden: int, dim: int = 2, context: int = 0, *, approximate: bool, resident: bool | None = None,
                 block_m: int = 64, block_k: int | None = None, num_warps: int | None = None, block_n: int | None = None,
-                k_stages: int = 1, persistent: bool = False, precision: str = "tf32"):
-    """The RK4 integrator of a 3-hidden-layer SiLU field of width `hidden`, TF32 products (or `precision`),
-    compiled for sm_90 (launch settings as `kernels.ode.mlp_odeint_triton`'s)."""
+                k_stages: int = 1, persistent: bool = False, precision: str = "tf32", bf16: bool = False):
+    """The RK4 integrator of a 3-hidden-layer SiLU field of width `hidden`, TF32 products (or `precision`; with `bf16`
+    the hidden layers' on bfloat16 operands, their weights and the scratch tiles bfloat16), compiled for sm_90 (launch
+    settings as `kernels.ode.mlp_odeint_triton`'s)."""
     from fastflow.kernels import ode
 
     block_h = ode.dot_tile(hidden)
     meta = {**ode._coefficients(((), (0.5,), (0.0, 0.5), (0.0, 0.0, 1.0)), (1 / 6, 1 / 3, 1 / 3, 1 / 6)),
             "STAGES": 4, "NUM_LAYERS": 3, "ACTIVATION": 0, "APPROXIMATE": approximate, "RESIDUAL": False,
-            "HAS_CONTEXT": bool(context), "PRECISION": precision,
+            "HAS_CONTEXT": bool(context), "PRECISION": precision, "HIDDEN_OPERANDS": int(bf16),
             "RESIDENT_WEIGHTS": block_h <= 128 if resident is None else resident,
             "BLOCK_M": block_m, "BLOCK_D": ode.dot_tile(dim), "BLOCK_H": block_h, "BLOCK_K": block_k or ode.default_block_k(block_h),
             "BLOCK_N": block_n or block_h, "K_STAGES": k_stages, "PERSISTENT": persistent, "num_stages": 1}
+    low = ["scratch_ptr", "w_h_ptr"] if bf16 else []
     return compile_for_h100(ode._mlp_ode_kernel,
-                            ["x_ptr", "out_ptr", "context_bias_ptr", "time_bias_ptr", "step_ptr", "scratch_ptr", "w_x_ptr",
-                             "w_h_ptr", "b_h_ptr", "w_out_ptr", "b_out_ptr"],
+                            [name for name in ("x_ptr", "out_ptr", "context_bias_ptr", "time_bias_ptr", "step_ptr", "scratch_ptr",
+                                               "w_x_ptr", "w_h_ptr", "b_h_ptr", "w_out_ptr", "b_out_ptr") if name not in low],
                             ["n_rows", "n_dim", "n_hidden", "n_steps", "weight_offset"], [], meta,
-                            num_warps=num_warps or (8 if block_h >= 128 else 4))
+                            num_warps=num_warps or (8 if block_h >= 128 else 4), bf16_pointers=low)
 
 
 def compile_coupling_flow(transform: str, hidden: int, dim: int, context: int = 0, *, approximate: bool,

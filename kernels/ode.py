@@ -10,6 +10,12 @@ The velocity is `fastflow.fm.VelocityMLP` with equal hidden widths, split on the
     z_{l+1} = act(W_l z_l + b_l) (+ z_l when residual),   v = W_out z_L + b_out,
 where the first layer's time and context columns are precomputed once per call (`fastflow.fm.fused`).
 Forward only; `fastflow.fm.fused.mlp_odeint` is the dispatch and `fastflow.fm.odeint` the reference.
+
+With `bf16` the hidden layers multiply bfloat16 operands (`_hidden_input`, `_hidden_dot`: weights cast once per call,
+each hidden input rounded, float32 sums; scratch tiles in bfloat16), which halves the weights' and scratch tiles' bytes
+and doubles the tensor cores' rate against TF32; its reference is `fastflow.fm.fused.bf16_hidden_field`. sm_90 builds
+(Triton 3.6 and 3.9, bench/sm90.py) compile without spills at width 64 (one chunk, 190-198 registers) and width 256
+streamed (block_n 64, block_k 32, 64 or 128 rows); not yet timed on a GPU, so it runs the float32 mode's launch defaults.
 """
 
 import torch
@@ -32,14 +38,42 @@ def _load_transposed(w_ptr, row_0, n_rows, n_cols, rows, cols):
 
 
 @triton.jit
+def _hidden_input(z, HIDDEN_OPERANDS: tl.constexpr):
+    """A hidden layer's input as its product (and its residual) takes it: z itself (HIDDEN_OPERANDS 0), z rounded
+    to bfloat16 (1), or, under the interpreter (whose bfloat16 products are wrong), float32 z rounded to bfloat16's
+    nearest even by its bits (2)."""
+    if HIDDEN_OPERANDS == 1:
+        out = z.to(tl.bfloat16)
+    elif HIDDEN_OPERANDS == 2:
+        bits = z.to(tl.uint32, bitcast=True)
+        out = (((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16).to(tl.float32, bitcast=True)
+    else:
+        out = z
+    return out
+
+
+@triton.jit
+def _hidden_dot(z, w, PRECISION: tl.constexpr, HIDDEN_OPERANDS: tl.constexpr):
+    """z @ w for a hidden layer's input z (`_hidden_input`) and weight tile w: products per PRECISION
+    (HIDDEN_OPERANDS 0), on bfloat16 operands (1), or on float32 operands holding bfloat16 values (2); float32 sums."""
+    if HIDDEN_OPERANDS == 0:
+        out = tl.dot(z, w, input_precision=PRECISION)
+    elif HIDDEN_OPERANDS == 1:
+        out = tl.dot(z, w)
+    else:
+        out = tl.dot(z, w, input_precision="ieee")
+    return out
+
+
+@triton.jit
 def _hidden_matmul(z, w_ptr, scratch_ptr, n_hidden, BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
-                   PRECISION: tl.constexpr, K_STAGES: tl.constexpr):
-    """z `(BLOCK_M, BLOCK_H)` @ Wᵀ for W `(H, H)`. When BLOCK_K < BLOCK_H, z goes through this program's
-    scratch tile `(BLOCK_M, BLOCK_H)` (global memory, cache-resident) and the product is summed over
+                   PRECISION: tl.constexpr, HIDDEN_OPERANDS: tl.constexpr, K_STAGES: tl.constexpr):
+    """z `(BLOCK_M, BLOCK_H)` (`_hidden_input`) @ Wᵀ for W `(H, H)`. When BLOCK_K < BLOCK_H, z goes through this
+    program's scratch tile `(BLOCK_M, BLOCK_H)` (global memory, cache-resident) and the product is summed over
     BLOCK_K-wide chunks in a loop, so that a weight tile holds BLOCK_K × BLOCK_H values."""
     cols = tl.arange(0, BLOCK_H)
     if BLOCK_K == BLOCK_H:
-        out = tl.dot(z, _load_transposed(w_ptr, 0, n_hidden, n_hidden, cols, cols), input_precision=PRECISION)
+        out = _hidden_dot(z, _load_transposed(w_ptr, 0, n_hidden, n_hidden, cols, cols), PRECISION, HIDDEN_OPERANDS)
     else:
         rows = tl.arange(0, BLOCK_M)
         ks = tl.arange(0, BLOCK_K)
@@ -49,15 +83,15 @@ def _hidden_matmul(z, w_ptr, scratch_ptr, n_hidden, BLOCK_M: tl.constexpr, BLOCK
         out = tl.zeros((BLOCK_M, BLOCK_H), dtype=tl.float32)
         for k_0 in tl.range(0, BLOCK_H, BLOCK_K, num_stages=K_STAGES):
             z_k = tl.load(scratch_ptr + rows[:, None] * BLOCK_H + (k_0 + ks)[None, :])
-            out += tl.dot(z_k, _load_transposed(w_ptr, k_0, n_hidden, n_hidden, ks, cols), input_precision=PRECISION)
+            out += _hidden_dot(z_k, _load_transposed(w_ptr, k_0, n_hidden, n_hidden, ks, cols), PRECISION, HIDDEN_OPERANDS)
     return out
 
 
 @triton.jit
 def _velocity(x, time_bias_ptr, context_bias, w_x_ptr, w_h_ptr, b_h_ptr, w_out_ptr, b_out, scratch_ptr, n_dim, n_hidden,
               NUM_LAYERS: tl.constexpr, ACTIVATION: tl.constexpr, APPROXIMATE: tl.constexpr, RESIDUAL: tl.constexpr,
-              HAS_CONTEXT: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
-              BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, K_STAGES: tl.constexpr):
+              HAS_CONTEXT: tl.constexpr, PRECISION: tl.constexpr, HIDDEN_OPERANDS: tl.constexpr, BLOCK_M: tl.constexpr,
+              BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, K_STAGES: tl.constexpr):
     """v `(BLOCK_M, BLOCK_D)` at states x `(BLOCK_M, BLOCK_D)`, with the first layer's time bias `(H,)` at
     time_bias_ptr and, when HAS_CONTEXT, its per-sample context bias `(BLOCK_M, BLOCK_H)`; padded columns
     stay zero (act(0) = 0 for every activation)."""
@@ -72,8 +106,9 @@ def _velocity(x, time_bias_ptr, context_bias, w_x_ptr, w_h_ptr, b_h_ptr, w_out_p
     z = activate(pre_activation, ACTIVATION, APPROXIMATE)
     for layer in tl.static_range(NUM_LAYERS - 1):
         b = tl.load(b_h_ptr + layer * n_hidden + cols_h, mask=cols_h < n_hidden, other=0.0)
+        z = _hidden_input(z, HIDDEN_OPERANDS)
         out = activate(_hidden_matmul(z, w_h_ptr + layer * n_hidden * n_hidden, scratch_ptr, n_hidden, BLOCK_M, BLOCK_H, BLOCK_K,
-                                       PRECISION, K_STAGES) + b[None, :], ACTIVATION, APPROXIMATE)
+                                       PRECISION, HIDDEN_OPERANDS, K_STAGES) + b[None, :], ACTIVATION, APPROXIMATE)
         if RESIDUAL:
             z = z + out
         else:
@@ -84,14 +119,15 @@ def _velocity(x, time_bias_ptr, context_bias, w_x_ptr, w_h_ptr, b_h_ptr, w_out_p
 @triton.jit
 def _velocity_streamed(x, time_bias_ptr, context_rows_ptr, row_ok, w_x_ptr, w_h_ptr, b_h_ptr, w_out_ptr, b_out, scratch_ptr,
                        n_dim, n_hidden, NUM_LAYERS: tl.constexpr, ACTIVATION: tl.constexpr, APPROXIMATE: tl.constexpr,
-                       RESIDUAL: tl.constexpr, HAS_CONTEXT: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
-                       BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
-                       K_STAGES: tl.constexpr):
+                       RESIDUAL: tl.constexpr, HAS_CONTEXT: tl.constexpr, PRECISION: tl.constexpr,
+                       HIDDEN_OPERANDS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr,
+                       BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, K_STAGES: tl.constexpr):
     """`_velocity` for wide layers, BLOCK_N of a layer's outputs at a time, so that no `(BLOCK_M, BLOCK_H)` tensor
     lives in registers: each layer reads its input from one of this program's two scratch tiles
     `(BLOCK_M, BLOCK_H)` (global memory, cache-resident) in BLOCK_K-wide chunks and writes its activations to the
-    other; the last hidden layer's chunks go straight into the output layer. The context bias is read per chunk
-    from `context_rows_ptr` (this tile's rows of the `(n, H)` context bias) when HAS_CONTEXT."""
+    other (as the next layer's products take them, `_hidden_input`); the last hidden layer's chunks go straight into
+    the output layer. The context bias is read per chunk from `context_rows_ptr` (this tile's rows of the `(n, H)`
+    context bias) when HAS_CONTEXT."""
     local = tl.arange(0, BLOCK_M)[:, None] * BLOCK_H
     cols_n = tl.arange(0, BLOCK_N)
     cols_d = tl.arange(0, BLOCK_D)
@@ -108,7 +144,7 @@ def _velocity_streamed(x, time_bias_ptr, context_rows_ptr, row_ok, w_x_ptr, w_h_
         if NUM_LAYERS == 1:
             v += tl.dot(z, _load_transposed(w_out_ptr, n_0, n_hidden, n_dim, cols_n, cols_d), input_precision=PRECISION)
         else:
-            tl.store(scratch_ptr + local + cols[None, :], z)
+            tl.store(scratch_ptr + local + cols[None, :], _hidden_input(z, HIDDEN_OPERANDS))
     for layer in tl.static_range(NUM_LAYERS - 1):
         source = scratch_ptr + (layer % 2) * BLOCK_M * BLOCK_H
         target = scratch_ptr + ((layer + 1) % 2) * BLOCK_M * BLOCK_H
@@ -118,8 +154,8 @@ def _velocity_streamed(x, time_bias_ptr, context_rows_ptr, row_ok, w_x_ptr, w_h_
             cols = n_0 + cols_n
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
             for k_0 in tl.range(0, BLOCK_H, BLOCK_K, num_stages=K_STAGES):
-                acc += tl.dot(tl.load(source + local + (k_0 + ks)[None, :]),
-                              _load_transposed(w_ptr, k_0, n_hidden, n_hidden, ks, cols), input_precision=PRECISION)
+                acc += _hidden_dot(tl.load(source + local + (k_0 + ks)[None, :]),
+                                   _load_transposed(w_ptr, k_0, n_hidden, n_hidden, ks, cols), PRECISION, HIDDEN_OPERANDS)
             b = tl.load(b_h_ptr + layer * n_hidden + cols, mask=cols < n_hidden, other=0.0)
             z = activate(acc + b[None, :], ACTIVATION, APPROXIMATE)
             if RESIDUAL:
@@ -127,7 +163,7 @@ def _velocity_streamed(x, time_bias_ptr, context_rows_ptr, row_ok, w_x_ptr, w_h_
             if layer == NUM_LAYERS - 2:
                 v += tl.dot(z, _load_transposed(w_out_ptr, n_0, n_hidden, n_dim, cols_n, cols_d), input_precision=PRECISION)
             else:
-                tl.store(target + local + cols[None, :], z)
+                tl.store(target + local + cols[None, :], _hidden_input(z, HIDDEN_OPERANDS))
     return v
 
 
@@ -169,17 +205,19 @@ def _accumulate(total, k, W: tl.constexpr, FIRST: tl.constexpr):
 @triton.jit
 def _evaluate(x, time_bias, context_bias, context_rows_ptr, row_ok, w_x, w_h, b_h_ptr, w_out, b_out, scratch, n_dim, n_hidden,
               NUM_LAYERS: tl.constexpr, ACTIVATION: tl.constexpr, APPROXIMATE: tl.constexpr, RESIDUAL: tl.constexpr,
-              HAS_CONTEXT: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
-              BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, K_STAGES: tl.constexpr):
+              HAS_CONTEXT: tl.constexpr, PRECISION: tl.constexpr, HIDDEN_OPERANDS: tl.constexpr, BLOCK_M: tl.constexpr,
+              BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+              K_STAGES: tl.constexpr):
     """The velocity at x `(BLOCK_M, BLOCK_D)`: whole layers in registers (`_velocity`) when BLOCK_N = BLOCK_H,
     else in chunks of BLOCK_N outputs (`_velocity_streamed`)."""
     if BLOCK_N == BLOCK_H:
         v = _velocity(x, time_bias, context_bias, w_x, w_h, b_h_ptr, w_out, b_out, scratch, n_dim, n_hidden, NUM_LAYERS,
-                      ACTIVATION, APPROXIMATE, RESIDUAL, HAS_CONTEXT, PRECISION, BLOCK_M, BLOCK_D, BLOCK_H, BLOCK_K, K_STAGES)
+                      ACTIVATION, APPROXIMATE, RESIDUAL, HAS_CONTEXT, PRECISION, HIDDEN_OPERANDS, BLOCK_M, BLOCK_D, BLOCK_H,
+                      BLOCK_K, K_STAGES)
     else:
         v = _velocity_streamed(x, time_bias, context_rows_ptr, row_ok, w_x, w_h, b_h_ptr, w_out, b_out, scratch, n_dim,
-                               n_hidden, NUM_LAYERS, ACTIVATION, APPROXIMATE, RESIDUAL, HAS_CONTEXT, PRECISION, BLOCK_M,
-                               BLOCK_D, BLOCK_H, BLOCK_K, BLOCK_N, K_STAGES)
+                               n_hidden, NUM_LAYERS, ACTIVATION, APPROXIMATE, RESIDUAL, HAS_CONTEXT, PRECISION,
+                               HIDDEN_OPERANDS, BLOCK_M, BLOCK_D, BLOCK_H, BLOCK_K, BLOCK_N, K_STAGES)
     return v
 
 
@@ -190,7 +228,8 @@ def _integrate_tile(
     A21: tl.constexpr, A31: tl.constexpr, A32: tl.constexpr, A41: tl.constexpr, A42: tl.constexpr, A43: tl.constexpr,
     B1: tl.constexpr, B2: tl.constexpr, B3: tl.constexpr, B4: tl.constexpr,
     STAGES: tl.constexpr, NUM_LAYERS: tl.constexpr, ACTIVATION: tl.constexpr, APPROXIMATE: tl.constexpr,
-    RESIDUAL: tl.constexpr, HAS_CONTEXT: tl.constexpr, PRECISION: tl.constexpr, RESIDENT_WEIGHTS: tl.constexpr,
+    RESIDUAL: tl.constexpr, HAS_CONTEXT: tl.constexpr, PRECISION: tl.constexpr, HIDDEN_OPERANDS: tl.constexpr,
+    RESIDENT_WEIGHTS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
     K_STAGES: tl.constexpr,
 ):
@@ -216,24 +255,25 @@ def _integrate_tile(
             w_x, w_h, w_out = w_x_ptr + step * weight_offset, w_h_ptr + step * weight_offset, w_out_ptr + step * weight_offset
         time_bias = time_bias_ptr + step * STAGES * n_hidden
         k_1 = _evaluate(x, time_bias, context_bias, context_rows, row_ok, w_x, w_h, b_h_ptr, w_out, b_out, scratch, n_dim,
-                        n_hidden, NUM_LAYERS, ACTIVATION, APPROXIMATE, RESIDUAL, HAS_CONTEXT, PRECISION, BLOCK_M, BLOCK_D,
-                        BLOCK_H, BLOCK_K, BLOCK_N, K_STAGES)
+                        n_hidden, NUM_LAYERS, ACTIVATION, APPROXIMATE, RESIDUAL, HAS_CONTEXT, PRECISION, HIDDEN_OPERANDS,
+                        BLOCK_M, BLOCK_D, BLOCK_H, BLOCK_K, BLOCK_N, K_STAGES)
         total = _accumulate(tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32), k_1, B1, True)
         if STAGES >= 2:
             k_2 = _evaluate(x + h * (A21 * k_1), time_bias + n_hidden, context_bias, context_rows, row_ok, w_x, w_h, b_h_ptr,
                             w_out, b_out, scratch, n_dim, n_hidden, NUM_LAYERS, ACTIVATION, APPROXIMATE, RESIDUAL, HAS_CONTEXT,
-                            PRECISION, BLOCK_M, BLOCK_D, BLOCK_H, BLOCK_K, BLOCK_N, K_STAGES)
+                            PRECISION, HIDDEN_OPERANDS, BLOCK_M, BLOCK_D, BLOCK_H, BLOCK_K, BLOCK_N, K_STAGES)
             total = _accumulate(total, k_2, B2, B1 == 0.0)
         if STAGES >= 3:
             k_3 = _evaluate(x + h * _combine2(k_1, k_2, A31, A32), time_bias + 2 * n_hidden, context_bias, context_rows,
                             row_ok, w_x, w_h, b_h_ptr, w_out, b_out, scratch, n_dim, n_hidden, NUM_LAYERS, ACTIVATION,
-                            APPROXIMATE, RESIDUAL, HAS_CONTEXT, PRECISION, BLOCK_M, BLOCK_D, BLOCK_H, BLOCK_K, BLOCK_N, K_STAGES)
+                            APPROXIMATE, RESIDUAL, HAS_CONTEXT, PRECISION, HIDDEN_OPERANDS, BLOCK_M, BLOCK_D, BLOCK_H,
+                            BLOCK_K, BLOCK_N, K_STAGES)
             total = _accumulate(total, k_3, B3, B1 == 0.0 and B2 == 0.0)
         if STAGES >= 4:
             k_4 = _evaluate(x + h * _combine3(k_1, k_2, k_3, A41, A42, A43), time_bias + 3 * n_hidden, context_bias,
                             context_rows, row_ok, w_x, w_h, b_h_ptr, w_out, b_out, scratch, n_dim, n_hidden, NUM_LAYERS,
-                            ACTIVATION, APPROXIMATE, RESIDUAL, HAS_CONTEXT, PRECISION, BLOCK_M, BLOCK_D, BLOCK_H, BLOCK_K,
-                            BLOCK_N, K_STAGES)
+                            ACTIVATION, APPROXIMATE, RESIDUAL, HAS_CONTEXT, PRECISION, HIDDEN_OPERANDS, BLOCK_M,
+                            BLOCK_D, BLOCK_H, BLOCK_K, BLOCK_N, K_STAGES)
             total = _accumulate(total, k_4, B4, B1 == 0.0 and B2 == 0.0 and B3 == 0.0)
         x = x + h * total
     tl.store(out_ptr + state_offsets, x, mask=state_mask)
@@ -251,26 +291,27 @@ def _mlp_ode_kernel(
     B1: tl.constexpr, B2: tl.constexpr, B3: tl.constexpr, B4: tl.constexpr,
     # meta-parameters
     STAGES: tl.constexpr, NUM_LAYERS: tl.constexpr, ACTIVATION: tl.constexpr, APPROXIMATE: tl.constexpr,
-    RESIDUAL: tl.constexpr, HAS_CONTEXT: tl.constexpr, PRECISION: tl.constexpr, RESIDENT_WEIGHTS: tl.constexpr,
+    RESIDUAL: tl.constexpr, HAS_CONTEXT: tl.constexpr, PRECISION: tl.constexpr, HIDDEN_OPERANDS: tl.constexpr,
+    RESIDENT_WEIGHTS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
     K_STAGES: tl.constexpr, PERSISTENT: tl.constexpr,
 ):
     """One program per tile of BLOCK_M samples, or (PERSISTENT) each program takes every num_programs-th tile,
-    reusing its scratch tiles (one of BLOCK_M · BLOCK_H floats, two when streamed)."""
+    reusing its scratch tiles (one of BLOCK_M · BLOCK_H values, two when streamed)."""
     scratch = scratch_ptr + tl.program_id(0).to(tl.int64) * (1 if BLOCK_N == BLOCK_H else 2) * BLOCK_M * BLOCK_H
     if PERSISTENT:
         for tile in range(tl.program_id(0), tl.cdiv(n_rows, BLOCK_M), tl.num_programs(0)):
             _integrate_tile(tile, x_ptr, out_ptr, context_bias_ptr, time_bias_ptr, step_ptr, scratch, w_x_ptr, w_h_ptr,
                             b_h_ptr, w_out_ptr, b_out_ptr, n_rows, n_dim, n_hidden, n_steps, weight_offset,
                             A21, A31, A32, A41, A42, A43, B1, B2, B3, B4, STAGES, NUM_LAYERS, ACTIVATION, APPROXIMATE,
-                            RESIDUAL, HAS_CONTEXT, PRECISION, RESIDENT_WEIGHTS, BLOCK_M, BLOCK_D, BLOCK_H, BLOCK_K, BLOCK_N,
-                            K_STAGES)
+                            RESIDUAL, HAS_CONTEXT, PRECISION, HIDDEN_OPERANDS, RESIDENT_WEIGHTS, BLOCK_M, BLOCK_D,
+                            BLOCK_H, BLOCK_K, BLOCK_N, K_STAGES)
     else:
         _integrate_tile(tl.program_id(0), x_ptr, out_ptr, context_bias_ptr, time_bias_ptr, step_ptr, scratch, w_x_ptr,
                         w_h_ptr, b_h_ptr, w_out_ptr, b_out_ptr, n_rows, n_dim, n_hidden, n_steps, weight_offset,
                         A21, A31, A32, A41, A42, A43, B1, B2, B3, B4, STAGES, NUM_LAYERS, ACTIVATION, APPROXIMATE,
-                        RESIDUAL, HAS_CONTEXT, PRECISION, RESIDENT_WEIGHTS, BLOCK_M, BLOCK_D, BLOCK_H, BLOCK_K, BLOCK_N,
-                        K_STAGES)
+                        RESIDUAL, HAS_CONTEXT, PRECISION, HIDDEN_OPERANDS, RESIDENT_WEIGHTS, BLOCK_M, BLOCK_D, BLOCK_H,
+                        BLOCK_K, BLOCK_N, K_STAGES)
 
 
 def default_block_k(block_h: int) -> int:
@@ -295,7 +336,7 @@ def _coefficients(a: tuple[tuple[float, ...], ...], b: tuple[float, ...]) -> dic
 
 
 def mlp_odeint_triton(x, steps, time_bias, context_bias, w_x, w_hidden, b_hidden, w_out, b_out, *,
-                      a, b, activation: str, residual: bool, precision: str = "ieee",
+                      a, b, activation: str, residual: bool, precision: str = "ieee", bf16: bool = False,
                       approximate: bool | None = None, resident: bool | None = None, block_m: int | None = None,
                       block_k: int | None = None, block_n: int | None = None, k_stages: int = 1,
                       programs: int | None = None, num_warps: int | None = None):
@@ -307,7 +348,11 @@ def mlp_odeint_triton(x, steps, time_bias, context_bias, w_x, w_hidden, b_hidden
         context_bias `(N, H)` or None. w_x `(H, D)`; w_hidden `(L-1, H, H)`, b_hidden `(L-1, H)`;
         w_out `(D, H)`, b_out `(D,)`: float32, contiguous, on one device (checked by the caller).
         a, b: the explicit Butcher tableau's rows and weights (at most 4 stages).
-        precision: tl.dot input precision, "ieee" (fp32), "tf32" or "tf32x3".
+        precision: tl.dot input precision, "ieee" (fp32), "tf32" or "tf32x3" (with `bf16`, of the first and output
+            layers only).
+        bf16: the hidden layers' products on bfloat16 operands (each hidden layer's input rounded to bfloat16, its
+            weights cast once per call), summed in float32; under TRITON_INTERPRET=1 (CPU tensors), whose bfloat16
+            products are wrong, the same roundings on float32 values (`_hidden_input`).
         approximate: activations through the GPU's approximate tanh (`kernels.activations`); None: for TF32
             products on an NVIDIA GPU.
         block_m: samples per program (default 64 for TF32 and 3xTF32 products: sm_90's warpgroup MMA needs 64
@@ -340,15 +385,18 @@ def mlp_odeint_triton(x, steps, time_bias, context_bias, w_x, w_hidden, b_hidden
     if k_stages < 1 or (programs is not None and programs < 1):
         raise ValueError(f"k_stages and programs must be positive, got {k_stages} and {programs}")
     block_m = block_m or (32 if precision == "ieee" else 64)
+    hidden_operands = (1 if x.is_cuda else 2) if bf16 else 0
+    if bf16:
+        w_hidden = w_hidden.bfloat16() if x.is_cuda else w_hidden.bfloat16().float()
     if resident is None:
-        resident = w_hidden.shape[0] * block_h * block_h * 4 <= 64 * 1024
+        resident = w_hidden.shape[0] * block_h * block_h * w_hidden.element_size() <= 64 * 1024
     out = torch.empty_like(x)
     tiles = cdiv(n_rows, block_m)
     if programs is None and block_n < block_h and x.is_cuda:
         programs = 8 * torch.cuda.get_device_properties(x.device).multi_processor_count
     grid = (min(tiles, programs or tiles),)
     scratch_tiles = 2 if block_n < block_h else 1 if block_k < block_h else 0
-    scratch = x.new_empty(grid[0] * scratch_tiles * block_m * block_h) if scratch_tiles else x  # x: unused
+    scratch = x.new_empty(grid[0] * scratch_tiles * block_m * block_h, dtype=w_hidden.dtype) if scratch_tiles else x  # x: unused
     _mlp_ode_kernel[grid](
         x, out, x if context_bias is None else context_bias, time_bias, steps, scratch,
         w_x, w_hidden, b_hidden, w_out, b_out,
@@ -356,7 +404,7 @@ def mlp_odeint_triton(x, steps, time_bias, context_bias, w_x, w_hidden, b_hidden
         **_coefficients(a, b),
         STAGES=len(b), NUM_LAYERS=w_hidden.shape[0] + 1, ACTIVATION=ACTIVATION_IDS[activation],
         APPROXIMATE=approximate_activations(precision, x.device, approximate), RESIDUAL=residual,
-        HAS_CONTEXT=context_bias is not None, PRECISION=precision, RESIDENT_WEIGHTS=resident,
+        HAS_CONTEXT=context_bias is not None, PRECISION=precision, HIDDEN_OPERANDS=hidden_operands, RESIDENT_WEIGHTS=resident,
         BLOCK_M=block_m, BLOCK_D=dot_tile(n_dim), BLOCK_H=block_h, BLOCK_K=block_k, BLOCK_N=block_n, K_STAGES=k_stages,
         PERSISTENT=grid[0] < tiles, num_warps=num_warps or (8 if block_h >= 128 else 4),
         num_stages=1,  # no software pipelining of the step loop (its multi-buffered weight tiles overflow shared

@@ -14,7 +14,7 @@ import torch.nn as nn
 from fastflow._checks import positive_int
 from fastflow.backends import bf16_products, check_mixed_precision, in_own_dtype
 from fastflow.fm.divergence import Divergence, as_divergence
-from fastflow.fm.fused import mlp_odeint
+from fastflow.fm.fused import fused_unsupported, mlp_odeint
 from fastflow.fm.nets import plain_velocity_mlp
 from fastflow.fm.solvers import SOLVERS, OdeSolution, check_tolerances, odeint
 
@@ -25,7 +25,8 @@ __all__ = ["CNF", "OdeConfig"]
 class OdeConfig:
     """How a CNF integrates: `method` from `fastflow.fm.SOLVERS`, `steps` for fixed-step methods,
     `rtol`/`atol` for adaptive ones, and `mixed_precision` for sampling: "bf16" multiplies the velocity field's
-    hidden layers in bfloat16 (a `VelocityMLP` on CPU: `VelocityMLP.sampling_field`; another field or device: under
+    hidden layers in bfloat16 (a `VelocityMLP` on CPU: `VelocityMLP.sampling_field`; on CUDA with a fixed-step method:
+    the fused Triton integrator's bf16 mode, `fastflow.fm.fused.mlp_odeint`; another field or case: under
     `torch.autocast`), "auto" does so on CPUs that multiply bfloat16 in hardware, "off" (the default) never. Densities
     (`CNF.log_prob`) always integrate in the model's dtype. bfloat16's rounding (~1e-3 of v) is below fixed-step
     methods' error at FMPE's 10 RK4 steps; adaptive ones at tolerances near it may take more steps (Dopri5 at 1e-5 on
@@ -169,10 +170,11 @@ class CNF(nn.Module):
         # one context for all draws goes to a VelocityMLP as (E,): its first layer's context term is then shared
         field_context = embedded.reshape(-1) if embedded is not None and contexts == 1 else (args[0] if args else None)
         bf16 = bf16_products(self.sampler.mixed_precision, x_0.device)
-        if x_0.device.type == "cuda" and not bf16 and plain_velocity_mlp(self.velocity) and not SOLVERS[self.sampler.method].adaptive:
+        method = self.sampler.method
+        if x_0.device.type == "cuda" and plain_velocity_mlp(self.velocity) and not SOLVERS[method].adaptive and (
+                not bf16 or fused_unsupported(self.velocity, x_0, method, field_context) is None):
             # the fused Triton integrator where it supports the field (backend "auto"), else odeint
-            solution = mlp_odeint(self.velocity, x_0, times, self.sampler.method, context=field_context,
-                                  trajectory=trajectory)
+            solution = mlp_odeint(self.velocity, x_0, times, method, context=field_context, bf16=bf16, trajectory=trajectory)
             self.last_evaluations = solution.evaluations
         elif plain_velocity_mlp(self.velocity) and self.velocity._runs_blocks(x_0):
             field = self.velocity.sampling_field(field_context, bf16=bf16)

@@ -10,6 +10,10 @@ always under TRITON_INTERPRET=1), summed in another order, agree to ~1e-6 relati
 `precision="tf32"` (used when `torch.backends.cuda.matmul.allow_tf32` is set) rounds the matmul inputs to
 10-bit mantissas, ~1e-3 relative per evaluation, and on an NVIDIA GPU evaluates SiLU/tanh through the hardware's
 approximate tanh (`kernels.activations`, ~2^-11 relative, within that error).
+
+With `bf16=True` the hidden layers multiply bfloat16 operands (each hidden layer's input and weights rounded to
+bfloat16, float32 sums; the first and output layers and the state stay float32, their products TF32 by default); its
+reference is `odeint` on `bf16_hidden_field`, which rounds the same operands in float32 arithmetic.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from fastflow.backends import AUTO_TRITON_PRECISIONS, is_automatic, requested_ba
 from fastflow.fm.nets import VelocityMLP, plain_velocity_mlp
 from fastflow.fm.solvers import SOLVERS, OdeSolution, _check_times, _stage_times, odeint
 
-__all__ = ["fused_unsupported", "mlp_odeint"]
+__all__ = ["bf16_hidden_field", "fused_unsupported", "mlp_odeint"]
 
 # mirrors kernels/ode.py (not imported here: Triton loads only when the Triton backend runs)
 _ACTIVATIONS = ("silu", "tanh", "gelu", "relu")
@@ -57,9 +61,27 @@ def fused_unsupported(velocity: torch.nn.Module, x: torch.Tensor, method: str,
     return None
 
 
+def bf16_hidden_field(velocity: VelocityMLP):
+    """`velocity` as the fused kernel's bf16 mode computes it, in PyTorch (its reference): `(t, x_t (n, D)[, context])
+    -> (n, D)` with each hidden layer's input and weights rounded to bfloat16 and their products summed in float32 (exact
+    products of 8-bit mantissas); the first and output layers as they are. A residual adds the rounded input."""
+    rounded = [layer.weight.bfloat16().float() for layer in velocity.layers[1:]]
+
+    def field(t, x_t, context=None):
+        h = velocity.act(velocity.layers[0](velocity.inputs(t, x_t, context)))
+        for layer, weight in zip(velocity.layers[1:], rounded):
+            h = h.bfloat16().float()
+            out = velocity.act(F.linear(h, weight, layer.bias))
+            h = h + out if velocity.residual else out
+        return velocity.output(h)
+
+    return field
+
+
 def mlp_odeint(velocity: VelocityMLP, x: torch.Tensor, times, method: str = "rk4", *,
                context: torch.Tensor | None = None, backend: str | None = "auto",
-               precision: str | None = None, launch: dict | None = None, trajectory: bool = False) -> OdeSolution:
+               precision: str | None = None, bf16: bool = False, launch: dict | None = None,
+               trajectory: bool = False) -> OdeSolution:
     """`odeint(velocity, x, times, method=method, args=(context,))` through the chosen backend.
 
     Arguments:
@@ -71,9 +93,12 @@ def mlp_odeint(velocity: VelocityMLP, x: torch.Tensor, times, method: str = "rk4
             first layer's time bias), for a conditional field; else None.
         backend: "reference" (odeint), "triton" (fused kernel; unsupported inputs raise ValueError), or
             "auto"/None: Triton for supported float32 CUDA inputs whose products are TF32 (`precision`,
-            `fastflow.backends.AUTO_TRITON_PRECISIONS`), the reference otherwise.
-        precision: the kernel's matmul precision, "ieee", "tf32" or "tf32x3"; None follows
-            `torch.backends.cuda.matmul.allow_tf32` on CUDA ("ieee" on CPU).
+            `fastflow.backends.AUTO_TRITON_PRECISIONS`) or bfloat16 (`bf16`), the reference otherwise.
+        precision: the kernel's matmul precision, "ieee", "tf32" or "tf32x3" (with `bf16`: of the first and output
+            layers); None follows `torch.backends.cuda.matmul.allow_tf32` on CUDA ("ieee" on CPU), or with `bf16`
+            is "tf32" on CUDA.
+        bf16: the hidden layers' products on bfloat16 operands, float32 sums (the reference: `odeint` on
+            `bf16_hidden_field(velocity)`); the automatic choice then takes the kernel wherever it runs.
         launch: the kernel's settings for tuning (`approximate`, `resident`, `block_m`, `block_k`, `num_warps` of
             `kernels.ode.mlp_odeint_triton`); None: its defaults.
         trajectory: also return the states at every time of the grid `(K + 1, n, D)` (the fused kernel then
@@ -98,32 +123,36 @@ def mlp_odeint(velocity: VelocityMLP, x: torch.Tensor, times, method: str = "rk4
                 isinstance(velocity, VelocityMLP) and context.shape[-1] != velocity.context_dim):
             raise ValueError(f"context must be (E,) or (n = {x.shape[0]}, E) with E = {getattr(velocity, 'context_dim', 'E')}, "
                              f"got {tuple(context.shape)}")
-    if not isinstance(trajectory, bool):
-        raise TypeError(f"trajectory must be True or False, got {trajectory!r}")
+    for name, flag in (("trajectory", trajectory), ("bf16", bf16)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name} must be True or False, got {flag!r}")
+    if bf16 and not plain_velocity_mlp(velocity):
+        raise ValueError(f"bf16 products are for a VelocityMLP as built, not a {type(velocity).__name__}")
     grid = _check_times(times)
     if not torch.isfinite(x).all():
         raise ValueError("the initial state contains NaN or inf")
-    resolved_precision = triton_precision(precision, x.device)  # (checked on every path: a bad one passed under autograd)
+    # (the precision is checked on every path: a bad one passed under autograd)
+    resolved_precision = "tf32" if bf16 and precision is None and x.is_cuda else triton_precision(precision, x.device)
     reason = fused_unsupported(velocity, x, method, context)
     if requested_backend(backend) == "triton" and reason is not None:  # named here or by FASTFLOW_BACKEND
         raise ValueError(f"the fused Triton ODE kernel cannot run this: {reason}; use backend='reference' (odeint) instead")
-    if is_automatic(backend) and reason is None and resolved_precision not in AUTO_TRITON_PRECISIONS:
+    if is_automatic(backend) and reason is None and not bf16 and resolved_precision not in AUTO_TRITON_PRECISIONS:
         reason = "fp32 products: the reference is faster (automatic choice only)"
     chosen = resolve_backend(backend, x.device, supports=("reference",) if reason else ("reference", "triton"))
     if chosen == "triton":
-        return _fused(velocity, x, grid, method, context, resolved_precision, launch or {}, trajectory)
+        return _fused(velocity, x, grid, method, context, resolved_precision, bf16, launch or {}, trajectory)
     if context is not None and context.dim() == 1:
         context = context.expand(x.shape[0], -1)
-    return odeint(velocity, x, times, method=method, args=() if context is None else (context,), trajectory=trajectory)
+    return odeint(bf16_hidden_field(velocity) if bf16 else velocity, x, times, method=method,
+                  args=() if context is None else (context,), trajectory=trajectory)
 
 
-def _fused(velocity: VelocityMLP, x, grid: list[float], method: str, context, precision: str | None,
+def _fused(velocity: VelocityMLP, x, grid: list[float], method: str, context, precision: str, bf16: bool,
            launch: dict, trajectory: bool) -> OdeSolution:
     """Pack the field (first-layer time and context terms precomputed) and launch the kernel: once for the whole
     grid, or once per step for a trajectory."""
     from fastflow.kernels.ode import mlp_odeint_triton
 
-    precision = triton_precision(precision, x.device)
     tableau = SOLVERS[method]
     first = velocity.layers[0]
     n_time = velocity.time_embedding.dim
@@ -144,7 +173,8 @@ def _fused(velocity: VelocityMLP, x, grid: list[float], method: str, context, pr
 
     def integrate(start, steps, time_bias):
         return mlp_odeint_triton(start, steps, time_bias, context_bias, *weights, a=tableau.a, b=tableau.b,
-                                 activation=velocity.activation, residual=velocity.residual, precision=precision, **launch)
+                                 activation=velocity.activation, residual=velocity.residual, precision=precision,
+                                 bf16=bf16, **launch)
 
     evaluations = len(tableau.b) * (len(grid) - 1)
     if not trajectory:

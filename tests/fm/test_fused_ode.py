@@ -5,6 +5,10 @@ TRITON_INTERPRET=1 on CPU (tests/conftest.py); bad input and the fallbacks; a GP
 float32 tolerance: the interpreter's products are exact fp32, summed in another order than torch.mm
 (and the first layer split into its time, state and context columns), so final states agree to a few
 ulps per evaluation: atol = 1e-5 · max(1, |x|), rtol = 1e-5 over at most 16 evaluations here.
+
+bfloat16 hidden products (`bf16=True`) against their reference (`bf16_hidden_field`, the same roundings in float32
+arithmetic): atol = rtol = 2e-5 · max(1, |x|); a float32 value within an ulp of a bfloat16 rounding boundary may round
+the other way in one of the two (one activation moved by 2^-8 relative), which the float32 tolerance would not cover.
 """
 
 import pytest
@@ -13,7 +17,7 @@ import torch
 from fastflow.backends import backends
 from fastflow.fm import CNF, OdeConfig, VelocityMLP, odeint
 from fastflow.fm import cnf as cnf_module
-from fastflow.fm.fused import fused_unsupported, mlp_odeint
+from fastflow.fm.fused import bf16_hidden_field, fused_unsupported, mlp_odeint
 
 pytestmark = [
     pytest.mark.triton,
@@ -107,6 +111,54 @@ def test_streamed_layers_and_persistent_programs_match_reference(hidden, context
     torch.testing.assert_close(fused.x, reference.x, atol=1e-5 * max(1.0, reference.x.abs().max().item()), rtol=1e-5)
 
 
+@pytest.mark.parametrize("hidden, context_dim, residual, launch", [
+    ((24, 24), 2, False, {}),                                           # whole layers in registers
+    ((64, 64, 64), 0, True, {}),                                        # residual: adds the rounded input
+    ((100, 100), 0, False, {}),                                         # chunks of 16 through the scratch tile
+    ((130, 130), 2, True, {}),                                          # width 256: weights streamed
+    ((64, 64), 2, False, dict(block_n=16, block_k=32, k_stages=2)),     # streamed layers, both ways chunked
+    ((48, 48, 48), 0, True, dict(block_n=32, programs=1)),             # streamed, persistent, residual
+    ((20,), 3, False, {}),                                              # one hidden layer: nothing rounded
+])
+def test_bf16_hidden_products_match_their_reference(hidden, context_dim, residual, launch):
+    """The kernel's bf16 mode against `odeint` on `bf16_hidden_field` (the reference `mlp_odeint` runs for it), to
+    2e-5; that reference differs from float32 by far more wherever a hidden product exists (so the tolerance
+    tells rounding from not rounding), and stays within 2e-3 of it over these 8 RK4 evaluations."""
+    net = _field(3, hidden, residual=residual, context_dim=context_dim)
+    x = _randn(40, 3)
+    context = _randn(40, context_dim) if context_dim else None
+    grid = torch.tensor([0.0, 0.4, 1.0])
+    fused = mlp_odeint(net, x, grid, "rk4", context=context, backend="triton", bf16=True, launch=launch)
+    reference = mlp_odeint(net, x, grid, "rk4", context=context, backend="reference", bf16=True)
+    scale = max(1.0, reference.x.abs().max().item())
+    torch.testing.assert_close(fused.x, reference.x, atol=2e-5 * scale, rtol=2e-5)
+    assert fused.evaluations == reference.evaluations == 8
+    float32 = odeint(net, x, grid, method="rk4", args=() if context is None else (context,)).x
+    gap = (reference.x - float32).abs().max().item()
+    assert gap <= 2e-3 * scale
+    assert gap > 1e-5 * scale if len(hidden) > 1 else gap <= 1e-5 * scale
+
+
+def test_bf16_hidden_field_rounds_each_hidden_input_and_weight():
+    """`bf16_hidden_field` against the layers written out in float64 with the hidden inputs and weights rounded to
+    bfloat16 (exact products, so only the float32 sums differ: 1e-6)."""
+    net = _field(2, (32, 32, 32), residual=True, context_dim=3).cpu()
+    t, x, context = torch.tensor(0.3), torch.randn(16, 2), torch.randn(16, 3)
+
+    def rounded(tensor):
+        return tensor.bfloat16().double()
+
+    first, hidden = net.layers[0].double(), net.layers[1:]
+    h = torch.nn.functional.silu(first(net.inputs(t, x, context).double()))
+    for layer in hidden:
+        h = rounded(h)
+        h = h + torch.nn.functional.silu(h @ rounded(layer.weight).t() + layer.bias.double())
+    expected = net.output.double()(h)
+    net.float()
+    torch.testing.assert_close(bf16_hidden_field(net)(t, x, context).double(), expected, atol=1e-6, rtol=1e-6)
+    assert not torch.allclose(net(t, x, context).double(), expected, atol=1e-5, rtol=1e-5)
+
+
 def test_shared_context_vector_and_rows_not_a_multiple_of_the_tile():
     net = _field(2, (16, 16), context_dim=3)
     x, context = _randn(70, 2), _randn(3)  # 70 rows: two tiles of 64, the second partial
@@ -174,6 +226,10 @@ def test_unsupported_activation_and_grad_raise():
         mlp_odeint(trainable, x, GRIDS["forward"], "euler", backend="triton")
     with pytest.raises(ValueError, match="precision must be one of"):  # (under autograd a bad one passed unchecked)
         mlp_odeint(trainable, x, GRIDS["forward"], "rk4", precision="bogus")
+    with pytest.raises(TypeError, match="bf16"):
+        mlp_odeint(net, x, GRIDS["forward"], "rk4", bf16="yes")
+    with pytest.raises(ValueError, match="VelocityMLP"):
+        mlp_odeint(torch.nn.Linear(2, 2).to(DEVICE), x, GRIDS["forward"], "rk4", bf16=True)
     assert fused_unsupported(torch.nn.Linear(2, 2), x, "rk4") is not None
 
 
@@ -226,8 +282,35 @@ def test_gpu_realistic_size_matches_reference():
     exact = mlp_odeint(net, x, times, "rk4", context=context, backend="triton", precision="tf32",
                        launch={"approximate": False}).x
     torch.testing.assert_close(tf32, exact, atol=5e-3, rtol=5e-3)
+    # bfloat16 hidden products (TF32 first and output layers, approximate activations) against float32: as TF32's
+    bf16 = mlp_odeint(net, x, times, "rk4", context=context, backend="triton", bf16=True).x
+    torch.testing.assert_close(bf16, reference, atol=2e-2, rtol=2e-2)
     cnf = CNF(net, 10, context_dim=4, sampler=OdeConfig(method="rk4", steps=10))
     assert cnf.sample(1000, torch.randn(4, device="cuda")).isfinite().all()
+
+
+@pytest.mark.gpu
+def test_bf16_sampling_on_cuda_runs_the_fused_kernel(monkeypatch):
+    """`OdeConfig(mixed_precision="bf16")` on CUDA integrates a VelocityMLP in the fused kernel's bf16 mode (exact
+    fp32 first and output layers here, so that its reference agrees to the interpreter's tolerance)."""
+    calls = []
+    fused = cnf_module.mlp_odeint
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs["bf16"])
+        return fused(*args, **kwargs, precision="ieee")
+
+    monkeypatch.setattr(cnf_module, "mlp_odeint", spy)
+    net = _field(2, (64, 64), context_dim=3).cuda()
+    cnf = CNF(net, 2, context_dim=3, sampler=OdeConfig(method="rk4", steps=5, mixed_precision="bf16"))
+    context = torch.randn(3, device="cuda")
+    torch.manual_seed(1)
+    draws = cnf.sample(500, context)
+    assert calls == [True]
+    torch.manual_seed(1)
+    x_0 = torch.randn(500, 2, device="cuda")
+    expected = mlp_odeint(net, x_0, torch.linspace(0.0, 1.0, 6), "rk4", context=context, backend="reference", bf16=True).x
+    torch.testing.assert_close(draws, expected, atol=1e-4, rtol=1e-4)
 
 
 def test_one_context_for_all_samples_is_folded_into_the_time_bias(monkeypatch):
