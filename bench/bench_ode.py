@@ -1,10 +1,11 @@
 """CNF sampling ODE: fastflow's batched solvers against torchdiffeq `odeint` on the same MLP velocity field,
 100 steps for fixed-step methods, Dopri5 and Bogacki–Shampine 3(2) at rtol = atol = 1e-5. Reports seconds, velocity evaluations,
-max error against a tight Dopri5 (1e-9) reference on the first 1,000 samples, and the ratio to torchdiffeq rk4 (on
-CUDA the faster of its fp32 and TF32 runs).
+max error against a tight Dopri5 (1e-9) reference on the first 1,000 samples, and the ratio to torchdiffeq rk4 (the
+fastest of its fp32 run, its run under a bfloat16 autocast and, on CUDA, its TF32 run).
 On CPU, also Euler and RK4 with the hidden layers' products in bfloat16 (`VelocityMLP.sampling_field(bf16=True)`, as
 `OdeConfig(mixed_precision="bf16")` samples). On CUDA with Triton, also the fused integrator (`fastflow.fm.fused.mlp_odeint`: all steps in one launch),
-Euler and RK4, with fp32 ("ieee") and TF32 products, and torchdiffeq rk4 with TF32 cuBLAS products as well.
+Euler and RK4, with fp32 ("ieee"), TF32 and bfloat16 hidden products (`bf16=True`), and torchdiffeq rk4 with TF32
+cuBLAS products as well.
 
 Run: `python -m pytest bench/bench_ode.py --benchmark-only -s`; samples default to 10^4 on CPU and 10^6 on
 CUDA (FASTFLOW_BENCH_ODE_SAMPLES overrides); torchdiffeq comes with the `bench` extra.
@@ -19,7 +20,7 @@ import torch
 
 from fastflow import set_num_threads
 from fastflow.backends import backends
-from fastflow.benchmarks import synchronizer, with_tf32
+from fastflow.benchmarks import synchronizer, with_bf16_autocast, with_tf32
 from fastflow.fm import VelocityMLP, odeint
 from fastflow.fm.fused import mlp_odeint
 
@@ -53,9 +54,10 @@ def _cases(net, x_0):
                 odeint(field, x_0, GRID, method=method))
     if DEVICE == "cuda" and "cuda" in backends()["triton"].devices:
         for method in ("euler", "rk4"):
-            for precision in ("ieee", "tf32"):
+            for precision in ("ieee", "tf32", "bf16"):
                 cases[f"fused {method}-{STEPS} {precision}"] = lambda method=method, precision=precision: (lambda s: (s.x, s.evaluations))(
-                    mlp_odeint(net, x_0, GRID, method, backend="triton", precision=precision))
+                    mlp_odeint(net, x_0, GRID, method, backend="triton", precision=None if precision == "bf16" else precision,
+                               bf16=precision == "bf16"))
     if importlib.util.find_spec("torchdiffeq") is not None:
         from torchdiffeq import odeint as tdq_odeint
 
@@ -72,6 +74,8 @@ def _cases(net, x_0):
         cases[f"torchdiffeq rk4-{STEPS}"] = lambda: counted("rk4", options={"step_size": 1.0 / STEPS})
         if DEVICE == "cuda":  # with TF32 cuBLAS products too: the like-for-like baseline of the fused TF32 rows
             cases[f"torchdiffeq rk4-{STEPS} tf32"] = with_tf32(cases[f"torchdiffeq rk4-{STEPS}"])
+        # and under torch's bfloat16 autocast: the like-for-like baseline of the bfloat16 rows
+        cases[f"torchdiffeq rk4-{STEPS} bf16"] = with_bf16_autocast(cases[f"torchdiffeq rk4-{STEPS}"], torch.device(DEVICE))
         for method in ("dopri5", "bosh3"):
             cases[f"torchdiffeq {method} 1e-5"] = lambda method=method: counted(method, rtol=1e-5, atol=1e-5)
     return cases
@@ -99,8 +103,9 @@ def test_ode_sampling(benchmark, width, dim):
                 fn()  # the Triton compile, outside the timing (the other rows have none)
             seconds, (x, evaluations) = _timed(fn)
             rows[name] = (seconds, evaluations, (x[:1000].double() - reference).abs().max().item())
-    # the faster of torchdiffeq's fp32 and TF32 runs (CUDA), else fastflow's eager RK4
-    anchor = min((rows[name][0] for name in (f"torchdiffeq rk4-{STEPS}", f"torchdiffeq rk4-{STEPS} tf32") if name in rows),
+    # the fastest of torchdiffeq's fp32, bfloat16-autocast and TF32 (CUDA) runs, else fastflow's eager RK4
+    anchor = min((rows[name][0] for name in (f"torchdiffeq rk4-{STEPS}", f"torchdiffeq rk4-{STEPS} tf32",
+                                             f"torchdiffeq rk4-{STEPS} bf16") if name in rows),
                  default=rows[baseline_name][0])
     lines = [f"\nODE sampling, {SAMPLES} samples, dim {dim}, MLP 3x{width}, {DEVICE}, {THREADS} thread(s)"]
     lines += [f"  {name:26s} {s:8.3f} s  {e:5d} evals  max err {err:.1e}  speedup vs torchdiffeq rk4 {anchor / s:5.2f}x"

@@ -174,6 +174,10 @@ def main() -> None:
                                           (256, True, False)):
         facts = resources(compile_ode(hidden, approximate=approximate, resident=resident))
         print(f"width {hidden:3d} approximate={approximate!s:5s} resident={resident!s:5s} {facts}")
+    for hidden, launch in ((64, {}), (256, dict(block_m=128, block_k=32, block_n=64, k_stages=2, num_warps=8)),
+                           (256, dict(block_m=64, block_k=32, block_n=32, k_stages=2, num_warps=8))):
+        facts = resources(compile_ode(hidden, approximate=True, resident=hidden <= 128, bf16=True, **launch))
+        print(f"width {hidden:3d} bfloat16 hidden products {launch or 'defaults'} {facts}")
 
 
 if __name__ == "__main__":

@@ -27,9 +27,18 @@ from pathlib import Path
 
 import torch
 
-ODE_SETTINGS = {  # width: launch settings of `mlp_odeint` (kernels.ode.mlp_odeint_triton), the defaults first
-    64: [{}, dict(block_m=128, block_k=64, num_warps=8)],
-    256: [{}, dict(block_k=16, k_stages=2),  # the default with its weight-chunk loop pipelined
+ODE_SETTINGS = {  # width: launch settings of `mlp_odeint` (kernels.ode.mlp_odeint_triton), the defaults first; "bf16":
+    # the hidden products on bfloat16 operands (`mlp_odeint(bf16=True)`, not a launch setting), not yet timed: its
+    # defaults, then streamed settings that compile without spills on sm_90 (bench/sm90.py), 128 rows quartering the
+    # weight bytes per row against the float32 default's 64
+    64: [{}, dict(bf16=True), dict(block_m=128, block_k=64, num_warps=8), dict(bf16=True, block_m=128, block_k=64, num_warps=8)],
+    256: [{}, dict(bf16=True),
+          *(dict(bf16=True, block_m=m, block_k=k, block_n=n, k_stages=s, num_warps=8, **extra) for m, k, n, s, extra in (
+              (64, 32, 64, 2, {}), (128, 32, 64, 2, {}), (128, 32, 64, 1, {}), (128, 64, 64, 2, {}),
+              (128, 32, 64, 2, dict(programs=264)),
+              (64, 32, 32, 2, {}),  # 127-128 registers: two programs of 8 warps per multiprocessor
+              (128, 32, 32, 2, {}))),
+          dict(block_k=16, k_stages=2),  # the default with its weight-chunk loop pipelined
           *(dict(block_m=m, block_k=k, block_n=64, k_stages=s, num_warps=w) for m, k, s, w in (  # streamed layers
               (64, 32, 1, 8), (64, 32, 2, 8), (128, 32, 2, 8), (128, 64, 2, 8), (128, 32, 3, 8))),
           dict(block_m=64, block_k=32, block_n=32, k_stages=2, num_warps=8),  # no spills with a context either
@@ -79,14 +88,16 @@ def sweep_ode(rows: list[dict], device: torch.device, samples: int = 131_072, st
         x = torch.randn(samples, 2, device=device)
         with torch.no_grad():
             reference = mlp_odeint(net, x, grid, "rk4", backend="reference").x
-            for launch in launches:
+            for setting in launches:
+                launch = {key: value for key, value in setting.items() if key != "bf16"}
                 try:
-                    run = lambda: mlp_odeint(net, x, grid, "rk4", backend="triton", precision="tf32", launch=launch).x  # noqa: E731
+                    run = lambda: mlp_odeint(net, x, grid, "rk4", backend="triton", precision="tf32",  # noqa: E731
+                                             bf16=setting.get("bf16", False), launch=launch).x
                     ms = _milliseconds(run, device)
                     error = (run() - reference).abs().max().item()
-                    _record(rows, kernel="ode", width=width, samples=samples, steps=steps, **launch, ms=ms, max_error=error)
+                    _record(rows, kernel="ode", width=width, samples=samples, steps=steps, **setting, ms=ms, max_error=error)
                 except Exception as failure:  # a setting that does not compile (shared memory) is a result too
-                    _record(rows, kernel="ode", width=width, **launch, error=f"{type(failure).__name__}: {failure}"[:300])
+                    _record(rows, kernel="ode", width=width, **setting, error=f"{type(failure).__name__}: {failure}"[:300])
 
 
 def _benchmark_flow(transform: str, dim: int, hidden: int, device: torch.device):
@@ -247,7 +258,7 @@ def sweep_spline(rows: list[dict], device: torch.device, elements: int = 1_048_5
                 _record(rows, kernel=name, block=block, num_warps=num_warps, error=f"{type(failure).__name__}: {failure}"[:300])
 
 
-SETTING_KEYS = ("fused", "block", "block_m", "block_k", "block_n", "block_hk", "k_stages", "programs", "num_warps", "chunk_columns",
+SETTING_KEYS = ("fused", "bf16", "block", "block_m", "block_k", "block_n", "block_hk", "k_stages", "programs", "num_warps", "chunk_columns",
                 "approximate", "resident")
 
 

@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 
 __all__ = ["Case", "Result", "baseline_runs", "register", "cases", "device_name", "run", "synchronizer", "time_call",
-           "with_tf32", "without_grad"]
+           "with_bf16_autocast", "with_tf32", "without_grad"]
 
 
 @dataclass
@@ -28,9 +28,10 @@ class Case:
 
 
 def baseline_runs(case: Case) -> list[str]:
-    """The case's baseline and, on CUDA, its run with TF32 products (`-tf32`): ratios are against the faster of the
-    two, so that neither precision setting (nor the noise between them) flatters fastflow."""
-    return [name for name in (case.baseline, f"{case.baseline}-tf32") if name in case.implementations]
+    """The case's baseline and its runs with TF32 products (`-tf32`, CUDA) and under a bfloat16 autocast (`-bf16`)
+    where the case has them: ratios are against the fastest, so that no precision setting (nor the noise between
+    them) flatters fastflow."""
+    return [name for name in (case.baseline, f"{case.baseline}-tf32", f"{case.baseline}-bf16") if name in case.implementations]
 
 
 @dataclass
@@ -239,6 +240,15 @@ def with_tf32(fn: Callable[[], object]) -> Callable[[], object]:
     return call
 
 
+def with_bf16_autocast(fn: Callable[[], object], device: torch.device) -> Callable[[], object]:
+    """`fn` run under a bfloat16 autocast on `device` (torch's own mixed precision: the baseline of bfloat16 rows)."""
+    def call():
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            return fn()
+
+    return call
+
+
 def without_grad(fn: Callable[[], object]) -> Callable[[], object]:
     """`fn` run under `torch.no_grad()`."""
     def call():
@@ -256,10 +266,10 @@ def _ode_cases(device: torch.device, quick: bool) -> list[Case]:
     """CNF sampling ODE on a VelocityMLP (3 hidden layers of 64 or 256, SiLU), RK4 and Euler with 100 steps:
     on CPU the reference with bfloat16 hidden layers (`fastflow-bf16`, `VelocityMLP.sampling_field`), on CUDA
     the fused Triton integrator (CUDA only; TF32 and 3xTF32 products: fp32 products ran 2.3-3.4x slower than
-    the reference on an H200) and the reference `odeint` against torchdiffeq's fixed-grid solver when
-    installed (else the reference is the baseline), on CUDA once more with TF32 cuBLAS products (`-tf32`; ratios
-    are against the faster of the baseline's two runs, `baseline_runs`).
-    10^6 samples on CUDA, 10^4 on CPU, 256 for `quick`."""
+    the reference on an H200; and bfloat16 hidden products, `fastflow-triton-bf16`) and the reference `odeint`
+    against torchdiffeq's fixed-grid solver when installed (else the reference is the baseline), once more under a
+    bfloat16 autocast (`-bf16`) and on CUDA with TF32 cuBLAS products (`-tf32`; ratios are against the fastest of the
+    baseline's runs, `baseline_runs`). 10^6 samples on CUDA, 10^4 on CPU, 256 for `quick`."""
     from fastflow.backends import backends
     from fastflow.fm import VelocityMLP, odeint
     from fastflow.fm.fused import mlp_odeint
@@ -286,10 +296,13 @@ def _ode_cases(device: torch.device, quick: bool) -> list[Case]:
                     implementations[f"fastflow-triton-{precision}"] = without_grad(
                         lambda net=net, x=x, method=method, precision=precision:
                         mlp_odeint(net, x, grid, method, backend="triton", precision=precision).x)
+                implementations["fastflow-triton-bf16"] = without_grad(
+                    lambda net=net, x=x, method=method: mlp_odeint(net, x, grid, method, backend="triton", bf16=True).x)
             baseline = "fastflow-reference"
             if has_torchdiffeq:
                 baseline = "torchdiffeq"
                 implementations[baseline] = without_grad(lambda net=net, x=x, method=method: _torchdiffeq(net, x, method, steps))
+            implementations[f"{baseline}-bf16"] = with_bf16_autocast(implementations[baseline], device)
             if device.type == "cuda":  # the cuBLAS paths once more with TF32 products
                 implementations.update({f"{name}-tf32": with_tf32(implementations[name])
                                         for name in ("fastflow-reference", "torchdiffeq") if name in implementations})

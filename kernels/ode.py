@@ -15,7 +15,8 @@ With `bf16` the hidden layers multiply bfloat16 operands (`_hidden_input`, `_hid
 each hidden input rounded, float32 sums; scratch tiles in bfloat16), which halves the weights' and scratch tiles' bytes
 and doubles the tensor cores' rate against TF32; its reference is `fastflow.fm.fused.bf16_hidden_field`. sm_90 builds
 (Triton 3.6 and 3.9, bench/sm90.py) compile without spills at width 64 (one chunk, 190-198 registers) and width 256
-streamed (block_n 64, block_k 32, 64 or 128 rows); not yet timed on a GPU, so it runs the float32 mode's launch defaults.
+streamed (block_n 64, block_k 32; 128 rows without a per-sample context, 64 with one; block_n 32 at 64 rows takes
+127-198 registers); not yet timed on a GPU, so it runs the float32 mode's launch defaults.
 """
 
 import torch

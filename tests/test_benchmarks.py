@@ -91,6 +91,10 @@ def test_ratios_are_against_the_faster_baseline_run(monkeypatch):
     results = {r.implementation: r for r in benchmarks.run("cpu", repeats=1, families=["toy"])}
     assert {r.baseline for r in results.values()} == {"zuko-tf32"}
     assert [results[name].ratio for name in seconds] == pytest.approx([1 / 3, 1.0, 2.0])
+    # a run under a bfloat16 autocast counts too where the case has one
+    case.implementations["zuko-bf16"] = lambda: 0.004
+    results = {r.implementation: r for r in benchmarks.run("cpu", repeats=1, families=["toy"])}
+    assert {r.baseline for r in results.values()} == {"zuko-bf16"} and results["fastflow"].ratio == pytest.approx(0.8)
 
 
 def test_bench_command_writes_json(tmp_path, capsys):
@@ -133,6 +137,8 @@ def test_ode_family_on_cpu_compares_the_reference_without_triton():
     assert {r.case for r in results} == {f"mlp 3x64 d=2 n=256 {method}-100" for method in ("rk4", "euler")}
     implementations = {r.implementation for r in results}
     assert {"fastflow-reference", "fastflow-bf16"} <= implementations
+    if importlib.util.find_spec("torchdiffeq") is not None:  # (the bench extra) and under torch's bfloat16 autocast
+        assert {"torchdiffeq", "torchdiffeq-bf16"} <= implementations
     assert not any("triton" in name for name in implementations)  # the interpreter is for tests, not timings
     for r in results:
         assert r.seconds > 0 and r.baseline in implementations
@@ -168,7 +174,7 @@ def test_gpu_sweep_runs_on_small_sizes_under_the_interpreter(interpreter):
                          flows=[("spline", 2), ("spline", 3), ("affine", 2)])
     sweep.sweep_ode(rows, torch.device("cpu"), samples=20, steps=2,
                     settings={32: [{}, {"resident": False}, dict(block_m=32, block_k=16, num_warps=4),
-                                   dict(block_n=16, k_stages=2, programs=1)]})
+                                   dict(block_n=16, k_stages=2, programs=1), dict(bf16=True, block_n=16, programs=1)]})
     sweep.sweep_spline(rows, torch.device("cpu"), elements=100, settings=[(64, 4)])
     sweep.sweep_affine_step(rows, torch.device("cpu"), batch=40, hidden=16, dim=5, settings=[{}, dict(block_m=32, num_warps=4)])
     sweep.sweep_layers(rows, torch.device("cpu"), batch=40, hidden=16, dim=5, settings=[{}, dict(block_m=16, num_warps=4)])
@@ -176,7 +182,7 @@ def test_gpu_sweep_runs_on_small_sizes_under_the_interpreter(interpreter):
                          settings={transform: [{}, dict(block_m=16, block_hk=16, num_warps=4)] for transform in ("affine", "spline")})
     # coupling runs: 2 settings, and 2 column budgets for splines; training: per flow, the flow (layer steps, fused),
     # then 2 backward settings
-    assert len(rows) == 2 * (2 + 2) + 2 + 4 + 1 + 2 + 4 + 4 + 2 * (2 + 2)
+    assert len(rows) == 2 * (2 + 2) + 2 + 5 + 1 + 2 + 4 + 4 + 2 * (2 + 2)
     assert all("ms" in row and row["ms"] > 0 for row in rows), rows
     assert all(row["max_error"] < 1e-3 for row in rows if row["kernel"] == "ode")
     summary = sweep.fastest_settings(rows)  # per kernel and size: 2 spline dims, affine, ode, 3 spline ops, 2 steps,

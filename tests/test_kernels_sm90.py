@@ -85,6 +85,15 @@ def test_streamed_ode_kernel_fits_an_h100_without_spills(hidden, dim, context):
     assert _compiled_shared_memory("ode_streamed", hidden, dim, context, 1) <= H100_SHARED_MEMORY
 
 
+@pytest.mark.parametrize("kernel, hidden, dim, context", [("ode_bf16", 64, 2, 0), ("ode_bf16", 256, 10, 4),
+                                                          ("ode_streamed_bf16", 256, 2, 0), ("ode_streamed_bf16", 256, 10, 4)])
+def test_bf16_ode_kernel_fits_an_h100(kernel, hidden, dim, context):
+    """The bfloat16 hidden products (weights and scratch tiles bfloat16) at the launch defaults, and streamed (block_n
+    64, block_k 32, pipelined), which must not spill: 128 rows per program without a context (Triton 3.6 and 3.9:
+    254-255 registers), 64 with a per-sample context (244; at 128 rows its chunk of context bias spills 472-560 B)."""
+    assert _compiled_shared_memory(kernel, hidden, dim, context, 1) <= H100_SHARED_MEMORY
+
+
 def _sm90():
     """bench/sm90.py (the sm_90 compile helpers)."""
     import importlib.util
@@ -102,7 +111,8 @@ def _shared_memory(kernel: str, size: int, dim: int, context: int, approximate: 
     conditioner width `size`; "affine_flow" / "spline_flow": their fused runs; "affine_flow_backward" /
     "spline_flow_backward": their backward (splines of `bins` bins); "affine_step_forward" / "affine_step_backward": the affine
     training step after width-`size` hidden layers; "spline_step": a spline layer's step with `size` bins; "ode": the RK4 integrator of a 3-layer field of width `size`;
-    "ode_streamed": the same with streamed layers, which must not spill)."""
+    "ode_streamed": the same with streamed layers, which must not spill; "ode_bf16" / "ode_streamed_bf16": both with
+    bfloat16 hidden products)."""
     from fastflow.kernels import affine, coupling, spline
 
     sm90 = _sm90()
@@ -136,8 +146,12 @@ def _shared_memory(kernel: str, size: int, dim: int, context: int, approximate: 
                                 ["x_ptr", "p_ptr", "grad_out_ptr", "grad_ladj_ptr", "grad_x_ptr", "grad_p_ptr"],
                                 ["n", "num_bins", "count", "stride_x", "stride_grad_out", "stride_ladj_row",
                                  "stride_ladj_column"], floats, meta)
-    elif kernel == "ode":
-        compiled = sm90.compile_ode(size, dim, context, approximate=bool(approximate))
+    elif kernel in ("ode", "ode_bf16"):
+        compiled = sm90.compile_ode(size, dim, context, approximate=bool(approximate), bf16=kernel == "ode_bf16")
+    elif kernel == "ode_streamed_bf16":
+        compiled = sm90.compile_ode(size, dim, context, approximate=bool(approximate), block_m=64 if context else 128,
+                                    block_k=32, block_n=64, k_stages=2, num_warps=8, bf16=True)
+        assert sm90.resources(compiled)["stack"] == 0
     elif kernel == "ode_streamed":
         compiled = sm90.compile_ode(size, dim, context, approximate=bool(approximate), block_m=64, block_k=32, block_n=32,
                                     k_stages=2, persistent=True, num_warps=8)
