@@ -8,7 +8,8 @@ invalid access it reports and those errors.
 Cases: 5-layer coupling flows (width 128, 8 bins), affine and spline at 2, 8 and 32 dims: log_prob and sample
 without autograd (the fused run, TF32; and the layer steps, fp32), training through the layer steps and through the
 fused backward (FASTFLOW_FUSED_BACKWARD=1; splines also at 8 warps); and the fused ODE integrator (3x64 and 3x256
-fields, RK4).
+fields, RK4; TF32, 3xTF32 and bfloat16 hidden products, the last at its defaults and streamed at 128 rows as the
+sweep runs it).
 
 Usage (on a GPU machine; `FASTFLOW_GPU_STEPS=memcheck bash bench/run_gpu.sh OUT` runs it):
     python bench/memcheck_gpu.py OUT.json [CASE ...]     (CASE: e.g. "coupling spline 8", "ode 256")
@@ -80,7 +81,8 @@ def _coupling(transform: str, dim: int, rows: int = 256, hidden: int = 128, devi
 
 
 def _ode(width: int, samples: int = 512, device: str = "cuda") -> None:
-    """The fused RK4 integrator of a 3-hidden-layer field of `width` (2-D) against the reference integrator."""
+    """The fused RK4 integrator of a 3-hidden-layer field of `width` (2-D) against the reference integrator (its
+    bfloat16 mode against `bf16_hidden_field`'s)."""
     from fastflow.fm import VelocityMLP
     from fastflow.fm.fused import mlp_odeint
 
@@ -92,6 +94,11 @@ def _ode(width: int, samples: int = 512, device: str = "cuda") -> None:
         for precision in ("tf32", "tf32x3"):
             fused = mlp_odeint(net, x, grid, "rk4", backend="triton", precision=precision).x
             _report(f"rk4 {precision}", (fused - reference).abs().max().item())
+        reference = mlp_odeint(net, x, grid, "rk4", backend="reference", bf16=True).x
+        streamed = dict(block_m=128, block_k=min(32, width), block_n=min(64, width), k_stages=2, num_warps=8)
+        for name, launch in (("defaults", {}), ("streamed", streamed)):
+            fused = mlp_odeint(net, x, grid, "rk4", backend="triton", bf16=True, launch=launch).x
+            _report(f"rk4 bf16 {name}", (fused - reference).abs().max().item())
 
 
 def run_case(case: str) -> None:
