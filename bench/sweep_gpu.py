@@ -28,26 +28,27 @@ from pathlib import Path
 import torch
 
 ODE_SETTINGS = {  # width: launch settings of `mlp_odeint` (kernels.ode.mlp_odeint_triton), the defaults first; "bf16":
-    # the hidden products on bfloat16 operands (`mlp_odeint(bf16=True)`, not a launch setting), not yet timed: its
-    # defaults, then streamed settings that compile without spills on sm_90 (bench/sm90.py), 128 rows quartering the
-    # weight bytes per row against the float32 default's 64
+    # the hidden products on bfloat16 operands (`mlp_odeint(bf16=True)`, not a launch setting), not yet timed. Ordered by
+    # what a short GPU session most needs to know (each width-256 setting compiles for tens of seconds, and a sweep cut
+    # by its time limit keeps the rows measured): the float32 default, bf16 at its defaults, then the candidates for
+    # the 3x256 target (streamed at 128 rows, quartering the weight bytes per row with bf16), then the rest.
     64: [{}, dict(bf16=True), dict(block_m=128, block_k=64, num_warps=8), dict(bf16=True, block_m=128, block_k=64, num_warps=8)],
     256: [{}, dict(bf16=True),
+          dict(bf16=True, block_m=128, block_k=32, block_n=64, k_stages=2, num_warps=8),  # sm_90: 254 registers, no spills
+          dict(bf16=True, block_m=64, block_k=32, block_n=32, k_stages=2, num_warps=8),  # 127 registers: 2 programs per SM
+          # float32 (TF32) at 128 rows: half the weight reads per row (at 64 rows, RK4-100 over 10^6 samples reads ~3.3 TB
+          # of weights from L2: ~0.6 s at its bandwidth, near the 5x target's 0.72 s; the TF32 products alone take ~0.2 s)
+          dict(block_m=128, block_k=32, block_n=64, k_stages=2, num_warps=8, programs=264),  # 2 per SM (132 SMs)
+          dict(block_m=128, block_k=16, block_n=128, k_stages=2, num_warps=8),  # 80 B of spills
           *(dict(bf16=True, block_m=m, block_k=k, block_n=n, k_stages=s, num_warps=8, **extra) for m, k, n, s, extra in (
-              (64, 32, 64, 2, {}), (128, 32, 64, 2, {}), (128, 32, 64, 1, {}), (128, 64, 64, 2, {}),
-              (128, 32, 64, 2, dict(programs=264)),
-              (64, 32, 32, 2, {}),  # 127-128 registers: two programs of 8 warps per multiprocessor
+              (64, 32, 64, 2, {}), (128, 32, 64, 1, {}), (128, 64, 64, 2, {}), (128, 32, 64, 2, dict(programs=264)),
               (128, 32, 32, 2, {}))),
-          dict(block_k=16, k_stages=2),  # the default with its weight-chunk loop pipelined
+          dict(block_k=16, k_stages=2),  # the float32 default with its weight-chunk loop pipelined
           *(dict(block_m=m, block_k=k, block_n=64, k_stages=s, num_warps=w) for m, k, s, w in (  # streamed layers
               (64, 32, 1, 8), (64, 32, 2, 8), (128, 32, 2, 8), (128, 64, 2, 8), (128, 32, 3, 8))),
           dict(block_m=64, block_k=32, block_n=32, k_stages=2, num_warps=8),  # no spills with a context either
           dict(block_m=64, block_k=16, block_n=128, k_stages=2, num_warps=8),  # sm_90: 218 registers, no spills
-          dict(block_m=64, block_k=16, block_n=64, k_stages=2, num_warps=4),  # no spills, 2 programs per SM
-          # 128 rows halve the weight reads per row (at 64 rows, RK4-100 over 10^6 samples reads ~3.3 TB of weights
-          # from L2: ~0.6 s at its bandwidth, near the 5x target's 0.72 s; the TF32 products alone take ~0.2 s)
-          dict(block_m=128, block_k=16, block_n=128, k_stages=2, num_warps=8),  # 80 B of spills
-          dict(block_m=128, block_k=32, block_n=64, k_stages=2, num_warps=8, programs=264)],  # 2 per SM (132 SMs)
+          dict(block_m=64, block_k=16, block_n=64, k_stages=2, num_warps=4)],  # no spills, 2 programs per SM
 }
 COUPLING_SETTINGS = [{}, *(dict(block_m=m, block_hk=k, num_warps=w) for m, k, w in (  # fused 5-layer runs, default first
     (32, None, 4), (64, 32, 8), (128, 32, 8), (128, 32, 4), (64, 64, 4)))]  # (32, None, 4): the per-layer kernels' default
