@@ -24,6 +24,10 @@
 # up to 1.8x with 3) within that budget; tests and sweep 147 s before the sweep grew (~5 min now). A device call
 # runs at most 600 s, so split the steps over calls: e.g. "tests bench profile" with FASTFLOW_GPU_FAMILIES=coupling,
 # then "sweep", then the ode family. An H100 session (2026-11-26) took ~25 s per sanitized memcheck case.
+# With 15 minutes of device time (a start takes minutes of it), one call of ~8 minutes is what fits: issue 5's open
+# question first, e.g. FASTFLOW_GPU_STEPS="memcheck sweep" FASTFLOW_GPU_MEMCHECK_CASES="ode 256" FASTFLOW_GPU_SWEEPS=ode
+# (the bf16 ODE kernel sanitized, then the ODE settings, ordered so that a cut sweep keeps the candidates), and in a
+# later session "tests bench" with FASTFLOW_GPU_FAMILIES=ode, or the training sweep for issue 4.
 # Usage: bash bench/run_gpu.sh [OUTPUT_DIR]   (default bench/results)
 set -uo pipefail
 cd "$(dirname "$0")/.."
