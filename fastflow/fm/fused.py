@@ -63,14 +63,15 @@ def fused_unsupported(velocity: torch.nn.Module, x: torch.Tensor, method: str,
 
 def bf16_hidden_field(velocity: VelocityMLP):
     """`velocity` as the fused kernel's bf16 mode computes it, in PyTorch (its reference): `(t, x_t (n, D)[, context])
-    -> (n, D)` with each hidden layer's input and weights rounded to bfloat16 and their products summed in float32 (exact
-    products of 8-bit mantissas); the first and output layers as they are. A residual adds the rounded input."""
-    rounded = [layer.weight.bfloat16().float() for layer in velocity.layers[1:]]
+    -> (n, D)` with each hidden layer's input and weights rounded to bfloat16 and their products summed in the field's
+    dtype (exact products of 8-bit mantissas); the first and output layers as they are. A residual adds the rounded
+    input."""
+    rounded = [layer.weight.bfloat16().to(layer.weight.dtype) for layer in velocity.layers[1:]]
 
     def field(t, x_t, context=None):
         h = velocity.act(velocity.layers[0](velocity.inputs(t, x_t, context)))
         for layer, weight in zip(velocity.layers[1:], rounded):
-            h = h.bfloat16().float()
+            h = h.bfloat16().to(h.dtype)
             out = velocity.act(F.linear(h, weight, layer.bias))
             h = h + out if velocity.residual else out
         return velocity.output(h)

@@ -141,19 +141,20 @@ def test_bf16_hidden_products_match_their_reference(hidden, context_dim, residua
 
 def test_bf16_hidden_field_rounds_each_hidden_input_and_weight():
     """`bf16_hidden_field` against the layers written out in float64 with the hidden inputs and weights rounded to
-    bfloat16 (exact products, so only the float32 sums differ: 1e-6)."""
-    net = _field(2, (32, 32, 32), residual=True, context_dim=3).cpu()
+    bfloat16: the same in a float64 field, and to 1e-6 in a float32 one (exact products, float32 sums)."""
+    net = _field(2, (32, 32, 32), residual=True, context_dim=3).cpu().double()
     t, x, context = torch.tensor(0.3), torch.randn(16, 2), torch.randn(16, 3)
 
     def rounded(tensor):
         return tensor.bfloat16().double()
 
-    first, hidden = net.layers[0].double(), net.layers[1:]
-    h = torch.nn.functional.silu(first(net.inputs(t, x, context).double()))
-    for layer in hidden:
+    h = torch.nn.functional.silu(net.layers[0](net.inputs(t, x.double(), context.double())))
+    for layer in net.layers[1:]:
         h = rounded(h)
-        h = h + torch.nn.functional.silu(h @ rounded(layer.weight).t() + layer.bias.double())
-    expected = net.output.double()(h)
+        h = h + torch.nn.functional.silu(h @ rounded(layer.weight).t() + layer.bias)
+    expected = net.output(h)
+    # a float64 field sums in float64: the same values as written out
+    torch.testing.assert_close(bf16_hidden_field(net)(t, x.double(), context.double()), expected, atol=1e-12, rtol=1e-12)
     net.float()
     torch.testing.assert_close(bf16_hidden_field(net)(t, x, context).double(), expected, atol=1e-6, rtol=1e-6)
     assert not torch.allclose(net(t, x, context).double(), expected, atol=1e-5, rtol=1e-5)
