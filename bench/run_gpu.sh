@@ -20,7 +20,7 @@
 # more; rows are written as measured, so FASTFLOW_GPU_BENCH_TIMEOUT=420 keeps the affine rows at the end), ode
 # family cut at 220 s before its last case (3x256 d=10) with 3 repeats of
 # every row; the timed calls now stop after FASTFLOW_GPU_BUDGET seconds (default 3), about halving the slow ODE
-# rows (estimate: ~300 s for the family); rows take up to FASTFLOW_GPU_REPEATS (default 10: one run's zuko rows varied
+# rows (estimate: ~300 s for the family; since then its 3xTF32 rows are gone and bf16 rows came: about as long); rows take up to FASTFLOW_GPU_REPEATS (default 10: one run's zuko rows varied
 # up to 1.8x with 3) within that budget; tests and sweep 147 s before the sweep grew (~5 min now). A device call
 # runs at most 600 s, so split the steps over calls: e.g. "tests bench profile" with FASTFLOW_GPU_FAMILIES=coupling,
 # then "sweep", then the ode family. An H100 session (2026-11-26) took ~25 s per sanitized memcheck case.
