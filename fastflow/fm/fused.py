@@ -65,15 +65,16 @@ def bf16_hidden_field(velocity: VelocityMLP):
     """`velocity` as the fused kernel's bf16 mode computes it, in PyTorch (its reference): `(t, x_t (n, D)[, context])
     -> (n, D)` with each hidden layer's input and weights rounded to bfloat16 and their products summed in the field's
     dtype (exact products of 8-bit mantissas); the first and output layers as they are. A residual adds the rounded
-    input."""
+    input (as `VelocityMLP.forward`, where the widths agree)."""
     rounded = [layer.weight.bfloat16().to(layer.weight.dtype) for layer in velocity.layers[1:]]
 
     def field(t, x_t, context=None):
-        h = velocity.act(velocity.layers[0](velocity.inputs(t, x_t, context)))
-        for layer, weight in zip(velocity.layers[1:], rounded):
-            h = h.bfloat16().to(h.dtype)
-            out = velocity.act(F.linear(h, weight, layer.bias))
-            h = h + out if velocity.residual else out
+        h = velocity.inputs(t, x_t, context)
+        for index, layer in enumerate(velocity.layers):
+            if index:
+                h = h.bfloat16().to(h.dtype)
+            out = velocity.act(F.linear(h, rounded[index - 1], layer.bias) if index else layer(h))
+            h = h + out if velocity.residual and out.shape == h.shape else out
         return velocity.output(h)
 
     return field

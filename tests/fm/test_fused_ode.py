@@ -160,6 +160,18 @@ def test_bf16_hidden_field_rounds_each_hidden_input_and_weight():
     assert not torch.allclose(net(t, x, context).double(), expected, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("hidden", [(16, 32, 32), (11, 11)])  # unequal widths; a residual first layer (9 + 2 inputs)
+def test_bf16_reference_takes_fields_the_kernel_does_not(hidden):
+    """`mlp_odeint(bf16=True)` on a field the kernel refuses runs its reference, residuals where `forward` has them:
+    within bfloat16's rounding of the float32 field (and not equal to it)."""
+    net = _field(2, hidden, residual=True).cpu()
+    t, x = torch.tensor(0.3), torch.randn(32, 2)
+    bf16, exact = bf16_hidden_field(net)(t, x), net(t, x)
+    assert 0 < (bf16 - exact).abs().max() <= 2e-2 * exact.abs().max()
+    assert fused_unsupported(net, x, "rk4") is not None
+    assert mlp_odeint(net, x, GRIDS["forward"], "rk4", bf16=True).x.isfinite().all()
+
+
 def test_shared_context_vector_and_rows_not_a_multiple_of_the_tile():
     net = _field(2, (16, 16), context_dim=3)
     x, context = _randn(70, 2), _randn(3)  # 70 rows: two tiles of 64, the second partial
