@@ -178,7 +178,7 @@ class CNF(nn.Module):
             self.last_evaluations = solution.evaluations
         elif plain_velocity_mlp(self.velocity) and self.velocity._runs_blocks(x_0):
             field = self.velocity.sampling_field(field_context, bf16=bf16)
-            solution = self._integrate(x_0, times, self.sampler, field, (), trajectory)
+            solution = self._integrate(x_0, times, self.sampler, field, field.args, trajectory)
         else:
             solution = self._integrate(x_0, times, self.sampler, _in_bf16(self.velocity) if bf16 else self.velocity, args,
                                        trajectory)
@@ -192,7 +192,7 @@ class CNF(nn.Module):
     def log_prob(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         """log q(x | context) for x `(*, D)` by the augmented ODE; context `(C,)` or `(*, C)`; in the model's dtype
         (a caller's autocast is off inside, as in `sample`)."""
-        if x.shape[-1] != self.dim:
+        if x.dim() == 0 or x.shape[-1] != self.dim:
             raise ValueError(f"x must have last dimension {self.dim}, got {tuple(x.shape)}")
         dtype = self._parameter().dtype
         if x.dtype != dtype:

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from fastflow.backends import AUTO_TRITON_PRECISIONS, is_automatic, requested_backend, resolve_backend, triton_precision
 from fastflow.fm.nets import VelocityMLP, plain_velocity_mlp
-from fastflow.fm.solvers import SOLVERS, OdeSolution, _check_times, _stage_times, odeint
+from fastflow.fm.solvers import SOLVERS, OdeSolution, _check_times, _stage_times, checked_finite, odeint
 
 __all__ = ["bf16_hidden_field", "fused_unsupported", "mlp_odeint"]
 
@@ -180,9 +180,9 @@ def _fused(velocity: VelocityMLP, x, grid: list[float], method: str, context, pr
 
     evaluations = len(tableau.b) * (len(grid) - 1)
     if not trajectory:
-        return OdeSolution(integrate(x, steps, time_bias), evaluations=evaluations)
+        return OdeSolution(checked_finite(integrate(x, steps, time_bias), method), evaluations=evaluations)
     stages = len(tableau.b)
     states = [x]
     for k in range(len(grid) - 1):
         states.append(integrate(states[-1], steps[k : k + 1], time_bias[k * stages : (k + 1) * stages]))
-    return OdeSolution(states[-1], evaluations=evaluations, trajectory=torch.stack(states))
+    return OdeSolution(checked_finite(states[-1], method), evaluations=evaluations, trajectory=torch.stack(states))

@@ -13,7 +13,7 @@ from fastflow._checks import nonnegative_int, positive_int
 from fastflow.fm.solvers import per_sample_times
 from fastflow.ops.linear import BLOCK_ROWS
 
-__all__ = ["ACTIVATIONS", "TimeEmbedding", "VelocityMLP", "plain_velocity_mlp"]
+__all__ = ["ACTIVATIONS", "SamplingField", "TimeEmbedding", "VelocityMLP", "plain_velocity_mlp"]
 
 ACTIVATIONS = {"silu": nn.SiLU, "tanh": nn.Tanh, "gelu": nn.GELU, "relu": nn.ReLU}
 # in-place forms, used when no graph is recorded (sampling): they skip one activation-sized allocation per layer
@@ -33,6 +33,19 @@ class TimeEmbedding(nn.Module):
         t = t.unsqueeze(-1)
         angles = t * self.frequencies.to(t.dtype)
         return torch.cat([t, angles.sin(), angles.cos()], -1)
+
+
+class SamplingField:
+    """A velocity field prepared for sampling solves (`VelocityMLP.sampling_field`): called as
+    `(t, x_t (n, D), *args) -> (n, D)`, where `args` (the per-row tensors `(n, ...)` it was built with, empty where it
+    holds none) go to `odeint(field, x, times, args=field.args)`, which slices them with the state; called without
+    them, it uses its own."""
+
+    def __init__(self, field, args: tuple):
+        self.field, self.args = field, args
+
+    def __call__(self, t, x_t: torch.Tensor, *args) -> torch.Tensor:
+        return self.field(t, x_t, *(args or self.args))
 
 
 class VelocityMLP(nn.Module):
@@ -83,48 +96,66 @@ class VelocityMLP(nn.Module):
         t, context = self._checked(t, x_t, context)
         return self._concatenated(t, x_t, context)
 
-    def sampling_field(self, context: torch.Tensor | None = None, *, bf16: bool = False):
-        """The field as a sampling ODE solve on CPU calls it, `(t, x_t (n, D)) -> (n, D)` without autograd:
-        `forward(t, x_t, context)` with the first layer's context term computed once (context `(n, E)` or `(E,)`, fixed
-        for the solve) and, with `bf16`, the hidden layers' products in bfloat16 (their weights cast once; the first
-        layer, the output layer and the state stay in the field's dtype: 2e-3 to 5e-3 of the largest |v| off for 4
-        hidden layers of 128, and 1.4-1.5x faster on a CPU with bfloat16 products). Other devices, or a residual first
-        layer: `forward` itself (bf16 refused there)."""
-        if self.context_dim and context is None:
-            raise ValueError(f"this field needs a context ({self.context_dim},) or (n, {self.context_dim})")
+    def sampling_field(self, context: torch.Tensor | None = None, *, bf16: bool = False) -> "SamplingField":
+        """The field as a sampling ODE solve on CPU calls it, without autograd: `forward(t, x_t, context)` with the
+        first layer's context term computed once (context `(n, E)` or `(E,)`, fixed for the solve) and, with `bf16`,
+        the hidden layers' products in bfloat16 (their weights cast once; the first layer, the output layer and the
+        state stay in the field's dtype: 2e-3 to 5e-3 of the largest |v| off for 4 hidden layers of 128, and 1.4-1.5x
+        faster on a CPU with bfloat16 products). Other devices, or a residual first layer: `forward` itself (bf16
+        refused there). Solve with `odeint(field, x, times, args=field.args)`: a per-row context's term travels in
+        `args`, so that adaptive solves slice it with the state."""
+        if self.context_dim or context is not None:
+            self._checked_context(context, None)
         weight = self.output.weight
         if not self._runs_blocks(weight):
             if bf16:
                 raise ValueError("bfloat16 sampling_field runs on CPU float32/float64 fields without a residual first layer")
-            return lambda t, x_t: self(t, x_t, context)
-        with torch.no_grad():  # (no graph kept to the parameters)
-            context_term = None if context is None else F.linear(context.to(weight.dtype), self._w_context)
-            low = [(layer.weight.bfloat16(), layer.bias.bfloat16()) for layer in self.layers[1:]] if bf16 else None
+            rows = context  # (forward takes the context itself)
 
-        @torch.no_grad()
-        def field(t, x_t):
-            t, _ = self._checked(t, x_t, context)
-            return self._blocks(x_t, *self._first_layer_terms(t, context_term), low_precision=low)
+            def field(t, x_t, context=context):
+                return self(t, x_t, context)
+        else:
+            with torch.no_grad():  # (no graph kept to the parameters)
+                rows = None if context is None else F.linear(context.to(weight.dtype), self._w_context)
+                low = [(layer.weight.bfloat16(), layer.bias.bfloat16()) for layer in self.layers[1:]] if bf16 else None
 
-        return field
+            @torch.no_grad()
+            def field(t, x_t, context_term=rows):
+                t = self._checked_times(t, x_t)
+                if context_term is not None and context_term.dim() == 2 and context_term.shape[0] != x_t.shape[0]:
+                    raise ValueError(f"this field's context has {context_term.shape[0]} rows, x_t {x_t.shape[0]}")
+                return self._blocks(x_t, *self._first_layer_terms(t, context_term), low_precision=low)
+
+        return SamplingField(field, (rows,) if rows is not None and rows.dim() == 2 else ())
 
     def _checked(self, t, x_t: torch.Tensor, context: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(t as a 0-d or `(n,)` tensor, context `(n, E)`, `(E,)` or None) after checking them (`inputs`)."""
+        """(t as a 0-d or `(n,)` tensor, context `(n, E)`, `(E,)` or None in x_t's dtype) after checking them
+        (`inputs`)."""
+        t = self._checked_times(t, x_t)
+        if self.context_dim or context is not None:
+            context = self._checked_context(context, x_t.shape[0]).to(x_t.dtype)
+        return t, context
+
+    def _checked_times(self, t, x_t: torch.Tensor) -> torch.Tensor:
+        """t as a 0-d or `(n,)` tensor after checking x_t `(n, D)` in the field's dtype and t."""
         if x_t.dim() != 2 or x_t.shape[1] != self.dim:
             raise ValueError(f"x_t must be (n, {self.dim}), got {tuple(x_t.shape)}")
         if x_t.dtype != self.output.weight.dtype:
             raise ValueError(f"x_t is {x_t.dtype} but the field's parameters are {self.output.weight.dtype} "
                              "(convert one with .to())")
-        n = x_t.shape[0]
-        if self.context_dim:
-            if context is None or context.dim() not in (1, 2) or context.shape[-1] != self.context_dim or (
-                    context.dim() == 2 and context.shape[0] != n):
-                raise ValueError(f"this field needs a context ({self.context_dim},) or ({n}, {self.context_dim}), got "
-                                 f"{None if context is None else tuple(context.shape)}")
-            context = context.to(x_t.dtype)
-        elif context is not None:
+        return per_sample_times(t, x_t.shape[0], x_t)
+
+    def _checked_context(self, context: torch.Tensor | None, n: int | None) -> torch.Tensor:
+        """context `(E,)` or `(n, E)` (any n where n is None) for a conditional field; a context for an unconditional
+        one raises."""
+        if not self.context_dim:
             raise ValueError("this velocity field is unconditional: pass no context")
-        return per_sample_times(t, n, x_t), context
+        rows = "n" if n is None else n
+        if context is None or context.dim() not in (1, 2) or context.shape[-1] != self.context_dim or (
+                context.dim() == 2 and n is not None and context.shape[0] != n):
+            raise ValueError(f"this field needs a context ({self.context_dim},) or ({rows}, {self.context_dim}), got "
+                             f"{None if context is None else tuple(context.shape)}")
+        return context
 
     def _concatenated(self, t: torch.Tensor, x_t: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
         n = x_t.shape[0]

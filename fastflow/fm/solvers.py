@@ -204,8 +204,17 @@ def _fixed(f, tableau, x, grid, args, trajectory: bool) -> OdeSolution:
         x = _advance(x, h, tableau.b, k)
         if trajectory:
             states.append(x)
-    return OdeSolution(x, evaluations=len(tableau.b) * (len(grid) - 1),
+    return OdeSolution(checked_finite(x, _method_name(tableau)), evaluations=len(tableau.b) * (len(grid) - 1),
                        trajectory=torch.stack(states) if trajectory else None)
+
+
+def checked_finite(x: torch.Tensor, method: str) -> torch.Tensor:
+    """The final states of a fixed-step solve `(n, S)`, checked once per solve (one sync): NaN or inf there means
+    the velocity returned them or the steps were too large for the field (adaptive solves raise as they step)."""
+    if not torch.isfinite(x).all():
+        raise RuntimeError(f"the {method} solve ended with NaN or inf states: the velocity returned NaN or inf, or the "
+                           "steps are too large for this field (take more steps or an adaptive method)")
+    return x
 
 
 def per_sample_times(t, n: int, like: torch.Tensor) -> torch.Tensor:
@@ -322,4 +331,4 @@ def _initial_step(f, tableau, x, t, k_1, args, direction: float, span: float, rt
 
 
 def _method_name(tableau: ButcherTableau) -> str:
-    return next(name for name, value in SOLVERS.items() if value is tableau)
+    return next((name for name, value in SOLVERS.items() if value is tableau), "custom tableau's")

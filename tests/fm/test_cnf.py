@@ -103,6 +103,31 @@ def test_sample_trajectory_follows_the_exact_paths_in_data_space(sampler):
     assert default.shape == ((9 if sampler.method == "rk4" else 11), 2, 3)
 
 
+@pytest.mark.parametrize("method", ["dopri5", "bosh3"])
+@pytest.mark.parametrize("bf16", [False, True])
+def test_adaptive_sampling_with_several_contexts(method, bf16):
+    """Adaptive solves drop finished rows: each row's context must go with it (the field held the whole batch's
+    context term, and sampling with a (B, C) context under the default dopri5 raised). Same draws as the plain
+    forward with the context rows passed to odeint."""
+    from fastflow.fm import odeint
+
+    net = VelocityMLP(2, context_dim=3, hidden=(32, 32))
+    config = OdeConfig(method=method, rtol=1e-6, atol=1e-6, mixed_precision="bf16" if bf16 else "off")
+    cnf = CNF(net, 2, context_dim=3, sampler=config)
+    context = torch.randn(4, 3) * 3
+    torch.manual_seed(2)
+    samples = cnf.sample(50, context)
+    torch.manual_seed(2)
+    x_0 = torch.randn(200, 2)
+    with torch.no_grad():
+        expected = odeint(net, x_0, [0.0, 1.0], method=method, args=(context.repeat(50, 1),), rtol=config.rtol,
+                          atol=config.atol).x.view(50, 4, 2)
+    assert samples.shape == (50, 4, 2)
+    tolerance = 2e-2 if bf16 else 1e-5
+    torch.testing.assert_close(samples, expected, atol=tolerance * expected.abs().max().item(), rtol=0)
+    assert cnf.sample_trajectory(50, context).shape == (11, 50, 4, 2)
+
+
 def test_sample_trajectory_ends_on_the_samples_and_broadcasts_contexts():
     cnf = CNF(VelocityMLP(2, context_dim=3, hidden=(16,)), 2, context_dim=3, sampler=OdeConfig(method="rk4", steps=4))
     context = torch.randn(5, 3)
@@ -149,6 +174,8 @@ def test_bad_input():
         cnf.sample(3, torch.randn(2))
     with pytest.raises(ValueError, match="last dimension 2"):
         cnf.log_prob(torch.randn(3, 4))
+    with pytest.raises(ValueError, match="last dimension 2"):
+        cnf.log_prob(torch.tensor(0.5))
     with pytest.raises(ValueError, match="NaN"):
         cnf.log_prob(torch.tensor([[math.nan, 0.0]]))
     with pytest.raises(ValueError, match="x is torch.float64 but the flow's parameters are torch.float32"):
@@ -286,6 +313,12 @@ def test_sampling_field_bad_input():
         net.sampling_field()
     with pytest.raises(ValueError, match="x_t must be"):
         net.sampling_field(torch.zeros(1))(0.5, torch.zeros(3, 3))
+    with pytest.raises(ValueError, match=r"needs a context \(1,\) or \(n, 1\), got \(5, 4\)"):
+        net.sampling_field(torch.zeros(5, 4))
+    with pytest.raises(ValueError, match="context has 5 rows, x_t 3"):
+        net.sampling_field(torch.zeros(5, 1))(0.5, torch.zeros(3, 2))
+    with pytest.raises(ValueError, match="unconditional"):
+        VelocityMLP(2, hidden=(8,)).sampling_field(torch.zeros(3))
     residual_first = VelocityMLP(2, context_dim=5, hidden=(16,), residual=True)  # inputs 9 + 2 + 5 = 16 wide
     with pytest.raises(ValueError, match="bfloat16 sampling_field runs on"):
         residual_first.sampling_field(torch.zeros(5), bf16=True)

@@ -196,6 +196,16 @@ def test_bad_input():
         odeint(rotation, X_0, [0.0, 1.0], trajectory=1)
 
 
+@pytest.mark.parametrize("method", ["euler", "rk4"])
+def test_fixed_steps_ending_in_nan_raise(method):
+    """A fixed-step solve whose velocity turns NaN (or whose states overflow) raises at its end, as adaptive ones
+    raise as they step; it returned the NaN states before."""
+    with pytest.raises(RuntimeError, match=f"the {method} solve ended with NaN or inf"):
+        odeint(lambda t, x: x * torch.where(t < 0.5, 1.0, math.nan), X_0, [0.0, 0.5, 1.0], method=method)
+    with pytest.raises(RuntimeError, match="NaN or inf"):
+        odeint(lambda t, x: x * x, torch.full((2, 1), 10.0), torch.linspace(0, 1, 50), method=method)  # blows up at 0.1
+
+
 @pytest.mark.parametrize("method", ["euler", "dopri5"])
 def test_a_velocity_of_another_shape_is_refused(method):
     """Broadcasting (n, 1) against the state would integrate a different field without a word."""
