@@ -80,9 +80,12 @@ class BoxUniform(Prior):
             raise ValueError("BoxUniform bounds must be finite")
         if not (low < high).all():
             raise ValueError("BoxUniform needs low < high in every coordinate")
-        if not (torch.isfinite(low.float()).all() and torch.isfinite(high.float()).all() and (low.float() < high.float()).all()):
-            # (samples are float32: bounds of 1e39 sampled NaN, and [1e8, 1e8 + 1] collapsed to one point)
-            raise ValueError("BoxUniform bounds must be finite and distinct in float32, the samples' precision")
+        if not (torch.isfinite(low.float()).all() and torch.isfinite(high.float()).all() and (low.float() < high.float()).all()
+                and torch.isfinite(high.float() - low.float()).all()):
+            # (samples are float32: bounds of 1e39 sampled NaN, [1e8, 1e8 + 1] collapsed to one point, and
+            # [-2e38, 2e38] sampled inf, its width overflowing)
+            raise ValueError("BoxUniform bounds and widths must be finite and the bounds distinct in float32, the "
+                             "samples' precision")
         self.dim = low.numel()
         self._log_volume = float(torch.log(high - low).sum())
         self._exact_low, self._exact_high = low, high

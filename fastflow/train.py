@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from fastflow._checks import check_seed, positive_finite, positive_int
 from fastflow.backends import autocast_off, autograd_recording, bf16_products
 
-__all__ = ["History", "fit"]
+__all__ = ["History", "fit", "seeded_stream"]
 
 
 @dataclass
@@ -141,7 +141,7 @@ def fit(
     # its outermost context exits), so every step ran the first step's weights and nothing was learned
     # the global random stream (a loss's draws: flow matching's times and noise) is seeded with `seed` inside, and
     # the caller's is left as it was (reseeding it made the draws after consecutive fits repeat)
-    with autocast_off(device.type), _seeded_stream(device, seed):
+    with autocast_off(device.type), seeded_stream(device, seed):
         for epoch in bar:
             model.train()
             order = torch.randperm(train_count, generator=generator).to(device)
@@ -210,7 +210,7 @@ def _stop_at_nonfinite(kind: str, loss: float, epoch: int, history: History, kep
 
 
 @contextlib.contextmanager
-def _seeded_stream(device: torch.device, seed: int | None):
+def seeded_stream(device: torch.device, seed: int | None):
     """torch's global random stream (and `device`'s, on CUDA) seeded with `seed` inside the context, the caller's
     restored after it; `seed=None`: the caller's stream, untouched."""
     if seed is None:
@@ -253,7 +253,7 @@ def evaluate(model: nn.Module, loss_fn: Callable[..., torch.Tensor], data: tuple
     model.eval()
     device = data[0].device
     total = torch.zeros((), device=device)
-    with _seeded_stream(device, seed):
+    with seeded_stream(device, seed):
         for start in range(0, count, batch_size):
             chunk = tuple(t[start : start + batch_size] for t in data)
             with _autocast(device, bf16):

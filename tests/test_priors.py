@@ -69,9 +69,10 @@ def test_bad_input():
         check_prior(torch.distributions.Uniform(torch.zeros(2), torch.ones(2)))
     with pytest.raises(ValueError, match="unknown prior"):
         prior_from_config({"type": "Cauchy"})
-    # in float32, the samples' precision: 1e39 sampled NaN, [1e8, 1e8 + 1] one point, a 1x1 inf covariance ±inf
-    for low, high in (([-1e39], [1e39]), ([1e8], [1e8 + 1])):
-        with pytest.raises(ValueError, match="finite and distinct in float32"):
+    # in float32, the samples' precision: 1e39 sampled NaN, [1e8, 1e8 + 1] one point, [-2e38, 2e38] inf (its width
+    # overflows), a 1x1 inf covariance ±inf
+    for low, high in (([-1e39], [1e39]), ([1e8], [1e8 + 1]), ([-2e38], [2e38])):
+        with pytest.raises(ValueError, match="finite and the bounds distinct in float32"):
             BoxUniform(low, high)
     for covariance in ([[math.inf]], [[1e39]]):
         with pytest.raises(ValueError, match="covariance must be finite"):

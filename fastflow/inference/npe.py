@@ -14,7 +14,7 @@ from fastflow.backends import autograd_recording
 from fastflow.flows import BoxToReal, Flow, FlowConfig, Standardize, Transform, build_flow
 from fastflow.inference.posterior import Posterior, register_estimator
 from fastflow.priors import Prior, check_prior
-from fastflow.train import fit
+from fastflow.train import fit, seeded_stream
 
 __all__ = ["NPE", "TrainingConfig", "ZScore", "check_simulations", "fit_posterior", "fit_preprocessing", "preprocessing"]
 
@@ -47,8 +47,8 @@ def fit_posterior(method: str, build: Callable[[dict], nn.Module], loss_fn, prio
     config = {"method": method, "dim_theta": theta.shape[1], "dim_x": x.shape[1], "bounded": prior.bounded, **settings,
               "training": asdict(training)}
     seed = check_seed(seed)
-    torch.manual_seed(seed)
-    estimator = build(config)
+    with seeded_stream(torch.device("cpu"), seed):  # (the caller's stream left as it was, as `fit` leaves it)
+        estimator = build(config)
     fit_preprocessing(list(estimator.transforms)[: 2 if prior.bounded else 1], estimator.embedding, prior, theta, x)
     data = (theta, x) if prepare is None else prepare(estimator, theta, x)
     history = fit(estimator, loss_fn, data, **asdict(training), seed=seed, device=device, progress=progress)
@@ -70,8 +70,11 @@ class ZScore(nn.Module):
 
 
 def _safe_std(values: torch.Tensor) -> torch.Tensor:
+    """Per-column standard deviations `(C,)` of values `(N, C)`, 1 for a constant column (whatever its scale, a
+    varying column is data: a threshold of 1e-8 took data in small units for constants and dropped them)."""
     std = values.std(0)
-    return torch.where(std > 1e-8, std, torch.ones_like(std))
+    constant = (values.amax(0) == values.amin(0)) | (std == 0)
+    return torch.where(constant, torch.ones_like(std), std)
 
 
 def preprocessing(dim_theta: int, dim_x: int, bounded: bool) -> tuple[list[Transform], ZScore]:

@@ -402,3 +402,29 @@ def test_posterior_refuses_complex_and_scalar_input(box_posterior):
         box_posterior.quantile(0.5 + 0j, torch.zeros(2))
     with pytest.raises(ValueError, match="last dimension 2"):
         box_posterior.log_prob(torch.tensor(0.5), torch.zeros(2))
+
+
+def test_preprocessing_takes_small_scales_and_leaves_constants():
+    """z-scoring takes any varying column's spread (a threshold of 1e-8 left data in units of 1e-9 unscaled: the
+    posterior came back as the prior), and a constant column's std as 1."""
+    from fastflow.inference.npe import fit_preprocessing, preprocessing
+
+    generator = torch.Generator().manual_seed(0)
+    theta = 1e-9 * torch.randn(500, 2, generator=generator)
+    x = torch.stack([theta[:, 0] + 1e-9 * torch.randn(500, generator=generator), torch.full((500,), 3.0)], 1)
+    transforms, embedding = preprocessing(2, 2, bounded=False)
+    fit_preprocessing(transforms, embedding, Gaussian([0.0, 0.0], 1e-18 * torch.eye(2)), theta, x)
+    torch.testing.assert_close(transforms[-1].std, theta.std(0))
+    torch.testing.assert_close(embedding.std, torch.stack([x[:, 0].std(), torch.tensor(1.0)]))
+
+
+def test_fit_leaves_the_callers_random_stream_as_it_was():
+    """The estimator's initialization is seeded inside (as training's draws): fit reseeded the global stream, so
+    every fit with the same seed left the same stream, whatever the caller's seed (draws after fits repeated)."""
+    task = get_task("two_moons")
+    sims = simulate(task.simulate, task.prior, 200, seed=0)
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    NPE(task.prior, training=TrainingConfig(max_epochs=1), progress=False).fit(sims.theta, sims.x)
+    torch.testing.assert_close(torch.rand(3), expected)
