@@ -36,6 +36,11 @@ class Prior:
         """True when every coordinate has a finite lower and upper bound."""
         return bool(torch.isfinite(self.low).all() and torch.isfinite(self.high).all())
 
+    @property
+    def constrained(self) -> bool:
+        """True when some coordinate has a finite bound (its support is not all of R^dim)."""
+        return bool(torch.isfinite(self.low).any() or torch.isfinite(self.high).any())
+
     def in_support(self, theta: torch.Tensor) -> torch.Tensor:
         """Boolean `(*,)`: θ `(*, dim)` lies inside the support (integer θ compared as floats, as `log_prob` takes
         it)."""

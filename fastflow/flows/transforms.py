@@ -49,13 +49,15 @@ class Standardize(Transform):
 
 
 class BoxToReal(Transform):
-    """u = logit((x - low) / (high - low)): maps the open box (low, high) onto R^dim.
+    """Maps the open box (low, high) onto R^dim, coordinate by coordinate: u = logit((x - low) / (high - low)) where
+    both bounds are finite, u = log(x - low) where only low is, u = log(high - x) where only high is, u = x where
+    neither is (as torch's `biject_to` of the support).
 
-    Points on the box's faces are moved 1e-6 of its width inside (finite densities); points outside it get
-    log|det J| = -inf, so a flow's density is 0 there.
+    Points on the box's faces are moved inside (1e-6 of the width, or the dtype's smallest normal distance from a
+    lone bound: finite densities); points outside it get log|det J| = -inf, so a flow's density is 0 there.
 
     Arguments:
-        low, high: `(dim,)` finite bounds.
+        low, high: `(dim,)` bounds, ±inf where unbounded.
     """
 
     def __init__(self, low: torch.Tensor, high: torch.Tensor):
@@ -63,18 +65,36 @@ class BoxToReal(Transform):
         self.register_buffer("low", torch.as_tensor(low, dtype=torch.float32).clone())
         self.register_buffer("high", torch.as_tensor(high, dtype=torch.float32).clone())
 
+    def _sides(self, dtype: torch.dtype):
+        """(two-sided, lower-only, upper-only) masks `(dim,)`, the bounds with 0 for ±inf, and the two-sided
+        coordinates' widths (1 elsewhere), in `dtype`."""
+        low, high = self.low.to(dtype), self.high.to(dtype)
+        has_low, has_high = torch.isfinite(low), torch.isfinite(high)
+        two_sided = has_low & has_high
+        low, high = low.nan_to_num(posinf=0.0, neginf=0.0), high.nan_to_num(posinf=0.0, neginf=0.0)
+        return two_sided, has_low & ~has_high, has_high & ~has_low, low, high, torch.where(two_sided, high - low, 1.0)
+
     def forward(self, x, context=None):
-        width = self.high - self.low
-        unit = (x - self.low) / width
+        two_sided, lower, upper, low, high, width = self._sides(x.dtype)
+        unit = (x - low) / width
         p = unit.clamp(_LOGIT_EPS, 1.0 - _LOGIT_EPS)
-        u = torch.logit(p)
-        ladj = (-torch.log(p) - torch.log1p(-p) - torch.log(width)).sum(-1)
-        return u, ladj.masked_fill(((unit < 0) | (unit > 1)).any(-1), -math.inf)
+        gap = torch.where(upper, high - x, x - low)  # the distance to a lone bound
+        kept_gap = gap.clamp_min(torch.finfo(x.dtype).tiny)
+        one_sided = lower | upper
+        u = torch.where(two_sided, torch.logit(p), torch.where(one_sided, kept_gap.log(), x))
+        ladj = torch.where(two_sided, -torch.log(p) - torch.log1p(-p) - torch.log(width),
+                           torch.where(one_sided, -kept_gap.log(), 0.0)).sum(-1)
+        outside = torch.where(two_sided, (unit < 0) | (unit > 1), one_sided & (gap < 0))
+        return u, ladj.masked_fill(outside.any(-1), -math.inf)
 
     def inverse(self, u, context=None):
-        width = self.high - self.low
-        x = self.low + width * torch.sigmoid(u)
-        ladj = (F.logsigmoid(u) + F.logsigmoid(-u) + torch.log(width)).sum(-1)
+        two_sided, lower, upper, low, high, width = self._sides(u.dtype)
+        one_sided = lower | upper
+        grown = torch.where(one_sided, u, 0.0).exp()  # (exp of the other coordinates' u could overflow: NaN gradients)
+        x = torch.where(two_sided, low + width * torch.sigmoid(u),
+                        torch.where(lower, low + grown, torch.where(upper, high - grown, u)))
+        ladj = torch.where(two_sided, F.logsigmoid(u) + F.logsigmoid(-u) + torch.log(width),
+                           torch.where(one_sided, u, 0.0)).sum(-1)
         return x, ladj
 
 

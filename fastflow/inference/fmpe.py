@@ -101,8 +101,8 @@ FMPE_TRAINING = TrainingConfig(max_epochs=800, patience=800, validation_fraction
 class FMPE:
     """Flow matching posterior estimation.
 
-    θ is mapped to unconstrained space when the prior is a bounded box, then z-scored; x is z-scored (the
-    same preprocessing as `NPE`). `fit(theta, x)` trains and returns a `Posterior` whose estimator is a `CNF`.
+    θ is mapped to unconstrained space where the prior's support has finite bounds, then z-scored; x is z-scored
+    (the same preprocessing as `NPE`). `fit(theta, x)` trains and returns a `Posterior` whose estimator is a `CNF`.
 
     Arguments:
         prior: the prior θ was drawn from.

@@ -44,12 +44,13 @@ def fit_posterior(method: str, build: Callable[[dict], nn.Module], loss_fn, prio
     `fastflow.train.fit` on `(θ, x)`, or on `prepare(estimator, θ, x)` (the loss's inputs computed once), and wraps it
     as a `Posterior` (with `history`)."""
     theta, x = check_simulations(prior, theta, x, method=method.upper())
-    config = {"method": method, "dim_theta": theta.shape[1], "dim_x": x.shape[1], "bounded": prior.bounded, **settings,
+    # "bounded": the θ transforms begin with BoxToReal (some bound finite; the key's name kept for saved posteriors)
+    config = {"method": method, "dim_theta": theta.shape[1], "dim_x": x.shape[1], "bounded": prior.constrained, **settings,
               "training": asdict(training)}
     seed = check_seed(seed)
     with seeded_stream(torch.device("cpu"), seed):  # (the caller's stream left as it was, as `fit` leaves it)
         estimator = build(config)
-    fit_preprocessing(list(estimator.transforms)[: 2 if prior.bounded else 1], estimator.embedding, prior, theta, x)
+    fit_preprocessing(list(estimator.transforms)[: 2 if prior.constrained else 1], estimator.embedding, prior, theta, x)
     data = (theta, x) if prepare is None else prepare(estimator, theta, x)
     history = fit(estimator, loss_fn, data, **asdict(training), seed=seed, device=device, progress=progress)
     posterior = Posterior(estimator, prior, config=config)
@@ -78,8 +79,8 @@ def _safe_std(values: torch.Tensor) -> torch.Tensor:
 
 
 def preprocessing(dim_theta: int, dim_x: int, bounded: bool) -> tuple[list[Transform], ZScore]:
-    """The θ transforms (BoxToReal for a bounded prior, then Standardize) and the x `ZScore` shared by the
-    estimators, with placeholder statistics until `fit_preprocessing` or `load_state_dict`."""
+    """The θ transforms (BoxToReal for a prior with finite bounds, `bounded`, then Standardize) and the x `ZScore`
+    shared by the estimators, with placeholder statistics until `fit_preprocessing` or `load_state_dict`."""
     transforms = [BoxToReal(torch.zeros(dim_theta), torch.ones(dim_theta))] if bounded else []
     transforms.append(Standardize(torch.zeros(dim_theta), torch.ones(dim_theta)))
     return transforms, ZScore(torch.zeros(dim_x), torch.ones(dim_x))
@@ -88,7 +89,7 @@ def preprocessing(dim_theta: int, dim_x: int, bounded: bool) -> tuple[list[Trans
 def fit_preprocessing(transforms: list[Transform], embedding: ZScore, prior: Prior, theta: torch.Tensor, x: torch.Tensor) -> None:
     """Set the statistics of `preprocessing`'s modules from training pairs θ `(N, D)`, x `(N, C)` (in place)."""
     unconstrained = theta
-    if prior.bounded:
+    if prior.constrained:
         box = transforms[0]
         box.low.copy_(prior.low)
         box.high.copy_(prior.high)
@@ -140,8 +141,8 @@ NPE_FLOW = FlowConfig(num_layers=4, hidden=128, num_bins=10, base="gmm", num_com
 class NPE:
     """Neural posterior estimation with a coupling flow.
 
-    θ is mapped to unconstrained space when the prior is a bounded box (so no sample leaves the
-    support), then z-scored; x is z-scored. `fit(theta, x)` trains and returns a `Posterior`.
+    θ is mapped to unconstrained space where the prior's support has finite bounds (`BoxToReal`: no sample leaves
+    the support, and densities integrate to 1 on it), then z-scored; x is z-scored. `fit(theta, x)` trains and returns a `Posterior`.
 
     Arguments:
         prior: the prior θ was drawn from.

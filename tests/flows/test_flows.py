@@ -73,6 +73,32 @@ def test_box_to_real_gives_zero_density_outside_its_box():
     assert (ladj[2:] == -math.inf).all()
 
 
+def test_box_to_real_with_one_sided_and_open_coordinates():
+    """Coordinates bounded on one side map by log(x - low) or log(high - x), unbounded ones pass through (a prior
+    with a lone finite bound got no map, and its posterior's draws left the support); inverse, log-determinant
+    against autograd's Jacobian, the faces finite and points outside at density 0."""
+    box = BoxToReal(torch.tensor([-1.0, 0.0, -math.inf, -math.inf]), torch.tensor([1.0, math.inf, 2.0, math.inf])).double()
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 4, generator=generator, dtype=torch.float64)
+    x = torch.stack([x[:, 0].tanh(), x[:, 1].exp(), 2 - x[:, 2].exp(), 3 * x[:, 3]], 1)
+    u, ladj = box(x)
+    x_back, inverse_ladj = box.inverse(u)
+    torch.testing.assert_close(x_back, x, atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(inverse_ladj, -ladj, atol=1e-12, rtol=1e-12)
+    for i in range(x.shape[0]):
+        jacobian = torch.autograd.functional.jacobian(lambda v: box(v[None])[0][0], x[i])
+        torch.testing.assert_close(ladj[i], torch.linalg.slogdet(jacobian)[1], atol=1e-12, rtol=1e-12)
+    _, face_ladj = box(torch.tensor([[1.0, 0.0, 2.0, 0.0]], dtype=torch.float64))
+    assert torch.isfinite(face_ladj).all()
+    _, outside = box(torch.tensor([[0.0, -0.1, 0.0, 0.0], [0.0, 1.0, 2.5, 0.0]], dtype=torch.float64))
+    assert (outside == -math.inf).all()
+    inside, _ = box.inverse(torch.tensor([[-50.0, -50.0, 50.0, 7.0]], dtype=torch.float64))
+    assert ((inside[0, :3] >= torch.tensor([-1.0, 0.0, -1e300])) & (inside[0, :3] <= torch.tensor([1.0, 1e300, 2.0]))).all()
+    u = torch.tensor([[100.0, -3.0, 1.0, 0.5]], requires_grad=True)  # (exp(100) is inf in float32: unused)
+    box.float().inverse(u)[0].sum().backward()
+    assert torch.isfinite(u.grad).all()
+
+
 def test_spline_is_identity_in_tails_and_monotone():
     params = torch.randn(1, 1, 3 * 5 - 1, dtype=torch.float64).expand(2001, 1, -1)
     x = torch.linspace(-4, 4, 2001, dtype=torch.float64)[:, None]
