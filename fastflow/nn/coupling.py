@@ -66,6 +66,16 @@ class _Coupling(Transform):
     (or the reverse when `flip`); subclasses define `_transform(x, context, inverse)`."""
 
     params_per_coordinate: int
+    # set once, at construction: the parameter slots, the fused runs of layers and their kernels' options derive from
+    # them (a conditioner or bound assigned afterwards was ignored, or ignored on some backends only)
+    _FIXED = frozenset({"conditioner", "dim", "context_dim", "flip", "identity_count", "transformed_count",
+                        "params_per_coordinate", "scale_bound", "num_bins", "bound"})
+
+    def __setattr__(self, name, value):
+        if name in self._FIXED and (name in self.__dict__ or name in self.__dict__.get("_modules", {})):
+            raise AttributeError(f"{type(self).__name__}.{name} is fixed at construction: build another layer (new "
+                                 "weights go in with load_state_dict, or as parameters of the conditioner's Linear layers)")
+        super().__setattr__(name, value)
 
     def __init__(self, dim: int, context_dim: int, *, flip: bool, hidden: int, depth: int):
         super().__init__()

@@ -54,20 +54,29 @@ class CouplingRun:
         self._parameter_slots = [slot for coupling in self.couplings for slot in coupling.parameter_slots]
         first = self.couplings[0]
         self.backend, self.options = first.backend, first.fused_options()
-        offsets = torch.tensor([0] + [w.numel() for w in self.weights()]).cumsum(0)[:-1].view(len(steps), 6)
+        self._shapes = [w.shape for w in read_parameters(self._parameter_slots)]  # (`weights` checks them)
+        offsets = torch.tensor([0] + [shape.numel() for shape in self._shapes]).cumsum(0)[:-1].view(len(steps), 6)
         layouts = torch.tensor([coupling.fused_layout() for coupling in self.couplings])
         self._steps = torch.cat([layouts, offsets], dim=1).to(torch.int32)  # the kernel's steps table (STEP_FIELDS)
         self._max_kept, self._max_changed = int(layouts[:, 1].max()), int(layouts[:, 3].max())
         self._n_hidden = first.conditioner[0].out_features
-        self._layout = [torch.empty(w.shape, device="meta") for w in self.weights()]  # the weights' shapes, for unpacking
+        self._layout = [torch.empty(shape, device="meta") for shape in self._shapes]  # for unpacking
         self._tables: dict[torch.device, tuple] = {}  # device -> (permutations' stamp, steps, column maps)
         self._gradient_positions: dict[tuple[torch.device, int], torch.Tensor] = {}  # (device, context dim) -> index
 
     def weights(self) -> list[torch.Tensor]:
-        """Every layer's (w1, b1, w2, b2, w3, b3), read from the layers on each call (parameters may be replaced)."""
-        return read_parameters(self._parameter_slots)
+        """Every layer's (w1, b1, w2, b2, w3, b3), read from the layers on each call (parameters may be replaced, by
+        tensors of the same shapes: the run's tables were built for those)."""
+        weights = read_parameters(self._parameter_slots)
+        if [w.shape for w in weights] != self._shapes:
+            raise ValueError("a coupling layer's conditioner weights changed shape after it was built (the fused runs "
+                             "of layers take the shapes they were built with): build another layer of that width")
+        return weights
 
     def __call__(self, x: torch.Tensor, context: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The run as a flow calls it: x `(N, D)` and context checked as the layers check them (`_rows`: the fused
+        kernels would read any width), then `on_triton`, else the layers one by one."""
+        x, context = self.couplings[0]._rows(x, context)
         result = self.on_triton(x, context)
         return self._one_by_one(x, context) if result is None else result
 

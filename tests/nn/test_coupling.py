@@ -6,6 +6,7 @@ import torch
 from fastflow.backends import backends
 from fastflow.flows import FlowConfig
 from fastflow.nn import AffineCoupling, CouplingFlow, SplineCoupling
+from fastflow.nn.coupling import MLP
 
 native_missing = not backends()["native"].available
 
@@ -85,6 +86,36 @@ def test_a_conditioner_keeps_its_layers(backend, monkeypatch):
     torch.nn.utils.parametrizations.weight_norm(layer.conditioner[0])
     with pytest.raises(RuntimeError, match="parametrizations"):
         layer(torch.randn(3, 4))
+
+
+def test_a_layers_conditioner_and_options_are_fixed():
+    """A conditioner or option assigned after construction was ignored (the parameter slots and the fused runs
+    keep what the layer was built with; the Triton spline took the old bound, the reference the new one)."""
+    affine, spline = AffineCoupling(4, hidden=16), SplineCoupling(4, hidden=16)
+    for layer, name, value in ((affine, "conditioner", MLP(2, 4, hidden=16)), (affine, "scale_bound", 2.0),
+                               (spline, "bound", 1.0), (spline, "num_bins", 4), (spline, "dim", 5)):
+        with pytest.raises(AttributeError, match=f"{name} is fixed at construction"):
+            setattr(layer, name, value)
+    spline.backend = "reference"  # (the backend may change: runs are rebuilt for it)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_conditioner_weights_of_another_shape(backend, monkeypatch):
+    """Parameters assigned anew with another width: the reference computes with them as given; a run of fused layers
+    was built for the old shapes and read the new weights at the old offsets (spline outputs 1.97 off): it raises."""
+    if backend == "triton":
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    layer = SplineCoupling(3, hidden=16, backend=backend)
+    x = torch.randn(5, 3)
+    layer(x)  # (builds the layer's run on the Triton backend)
+    wider = MLP(1, layer.conditioner[-1].out_features, hidden=32)
+    for index in (0, 2, 4):  # (the Linear layers)
+        layer.conditioner[index].weight, layer.conditioner[index].bias = wider[index].weight, wider[index].bias
+    if backend == "reference":
+        assert layer(x)[0].shape == (5, 3)
+    else:
+        with pytest.raises(ValueError, match="changed shape after it was built"):
+            layer(x)
 
 
 def test_a_flipped_one_dimensional_layer_is_refused():

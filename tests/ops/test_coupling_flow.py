@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from fastflow.backends import backends
-from fastflow.flows import Flow, FlowConfig
+from fastflow.flows import Flow, FlowConfig, build_flow
 from fastflow.flows.bases import StandardNormal
 from fastflow.flows.transforms import LULinear, ReversePermutation, Standardize
 from fastflow.nn import AffineCoupling, CouplingFlow, SplineCoupling
@@ -437,3 +437,15 @@ def test_layers_on_their_own_run_as_one_layer_runs(layer, fused_training, monkey
         assert launches == {"_affine_step_forward_kernel": 1, "_affine_step_backward_kernel": 1}
     else:
         assert launches == {"_spline_step_forward_kernel": 1, "_rq_backward_kernel": 1}
+
+
+def test_runs_check_their_inputs_as_the_layers_do():
+    """The fused kernels read any width: an embedding of the wrong width, or a base of another dimension, gave
+    numbers on the Triton backend where the layers one by one raise."""
+    config = FlowConfig(transform="spline", num_layers=2, hidden=16)
+    flow = build_flow(config, 3, 5, embedding=torch.nn.Linear(5, 4), embedding_dim=3, backend="triton").to(DEVICE)
+    with pytest.raises(ValueError, match=r"context must be \(\*, 3\)"):  # (the embedding gives 4)
+        flow.log_prob(torch.zeros(2, 3, device=DEVICE), torch.ones(2, 5, device=DEVICE))
+    mismatched = Flow([SplineCoupling(3, backend="triton")], StandardNormal(4)).to(DEVICE)
+    with pytest.raises(ValueError, match=r"x must be \(\*, 3\)"):
+        mismatched.log_prob(torch.zeros(2, 4, device=DEVICE))
