@@ -12,7 +12,9 @@ pytestmark = pytest.mark.skipif(native_missing, reason="fastflow._C is not built
 # float64 agrees with the float64 reference to rounding. float32 runs in float inside the kernels: its
 # error against the float64 reference (the truth) may be at most this many times the float32 PyTorch
 # reference's own error, plus a 1e-6 floor (measured ratios: 1-4 for values, up to 7.5 for gradients of
-# narrow bins, K = 13, where both lose digits to cancellation).
+# narrow bins, K = 13, where both lose digits to cancellation; up to 9.3 at K = 36, where the kernel's float sums of
+# the knots add to it: torch's CPU cumsum sums in double, and double sums here cost 2-5 % of the spline's time
+# without lowering the worst ratios of 4,096 draws at K = 24-36).
 FLOAT32_ERROR_RATIO = 10.0
 
 
@@ -35,7 +37,7 @@ def _inputs(shape, num_bins, dtype, seed=0, scale=1.5):
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("inverse", [False, True])
-@pytest.mark.parametrize("shape, num_bins", [((257, 3), 8), ((64, 1), 1), ((31, 5), 13), ((3, 4, 2), 4)])
+@pytest.mark.parametrize("shape, num_bins", [((257, 3), 8), ((64, 1), 1), ((31, 5), 13), ((3, 4, 2), 4), ((128, 2), 36)])
 def test_native_matches_reference_forward_and_backward(dtype, inverse, shape, num_bins):
     """Native in `dtype` against the float64 reference (the truth), values and gradients."""
     x, params = _inputs(shape, num_bins, dtype)
