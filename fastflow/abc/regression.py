@@ -42,7 +42,7 @@ def _gaussian(u: np.ndarray) -> np.ndarray:
 
 
 KERNELS = {"epanechnikov": _epanechnikov, "gaussian": _gaussian, "uniform": _uniform, "triangular": _triangular}
-_MARGIN = 1e-10  # relative distance kept from a bound before the logit/log transform
+_MARGIN = 1e-10  # distance kept from a bound before the logit/log transform, relative to the coordinate's scale
 
 
 class LLRegression:
@@ -156,9 +156,16 @@ class LLRegression:
         low, high = self._bounds(theta.shape[1])
         if ((theta < low) | (theta > high)).any():
             raise ValueError("theta lies outside [low, high]")
-        width = np.where(np.isfinite(high - low), high - low, 1.0)
-        theta = np.clip(theta, low + _MARGIN * width, high - _MARGIN * width)
         both, only_low, only_high = _kinds(low, high)
+        finite_low, finite_high = np.where(np.isfinite(low), low, 0.0), np.where(np.isfinite(high), high, 0.0)
+        # kept from a bound: _MARGIN of the coordinate's scale (its width, or the draws' largest distance from a lone
+        # bound: 1e-10 absolute collapsed parameters of size 1e-11), and at least 4 spacings of the bound (1e-10 from
+        # a bound of 3e6 rounded back onto it: log 0)
+        distance = np.where(only_high, finite_high - theta, theta - finite_low)
+        scale = np.where(both, finite_high - finite_low, distance.max(axis=0, initial=0.0))
+        scale = np.where(scale > 0, scale, 1.0)
+        margin = np.maximum(_MARGIN * scale, 4 * np.spacing(np.maximum(np.abs(finite_low), np.abs(finite_high))))
+        theta = np.clip(theta, low + margin, high - margin)
         out = theta.copy()
         out[:, both] = np.log((theta[:, both] - low[both]) / (high[both] - theta[:, both]))
         out[:, only_low] = np.log(theta[:, only_low] - low[only_low])
@@ -216,7 +223,7 @@ def adjust_by_mode(theta, summaries, s_obs, distances, *, kernel: str = "epanech
     # (a sample of `neighbors` draws or fewer is one mode)
     labels = modes(theta, neighbors=neighbors) if theta.shape[0] > neighbors else np.zeros(theta.shape[0], dtype=int)
     own_fit = np.flatnonzero(np.bincount(labels) >= min_size)
-    bandwidth = float(distances.max())
+    bandwidth = float(distances.max()) or 1.0  # (every distance 0: any h weighs them alike, as LLRegression.fit)
 
     def adjust(rows: np.ndarray) -> np.ndarray:
         regression = LLRegression(kernel=kernel)

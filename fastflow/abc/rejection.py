@@ -125,12 +125,19 @@ class _Plan:
         """The 63-bit seed of chunk `chunk` (torch generator seed, fused kernel RNG key), from (seed, chunk)."""
         return int(np.random.SeedSequence([self.seed, chunk]).generate_state(1, np.uint64)[0] >> np.uint64(1))
 
+    def torch_seed(self, chunk: int) -> int:
+        """The seed of chunk `chunk`'s torch generator: torch's CPU generator keeps 32 bits of a seed (the 63-bit
+        keys of two chunks could give one stream: duplicate simulations), so the run's 32-bit base plus the chunk,
+        distinct for every chunk of a run."""
+        base = int(np.random.SeedSequence([self.seed]).generate_state(1, np.uint32)[0])
+        return (base + chunk) % 2**32
+
     def draw(self, chunk: int) -> tuple[np.ndarray, object]:
         """`(θ (n, dim_theta) float64, x (n, dim_x))` for chunk `chunk` on the general path, from streams
         seeded by (seed, chunk); x is in the simulator's framework."""
         n = self.length(chunk)
         numpy_stream = np.random.SeedSequence([self.seed, chunk]).spawn(1)[0]
-        generator = torch.Generator().manual_seed(self.key(chunk))
+        generator = torch.Generator().manual_seed(self.torch_seed(chunk))
         theta = self.prior.sample(n, generator=generator)
         if isinstance(self.simulator, Task):
             x = self.simulator.simulate(theta, generator=generator)

@@ -203,3 +203,31 @@ def test_a_one_dimensional_unimodal_sample_is_one_mode():
     assert abs(adjusted.mean() - 0.64) < 0.05 and abs(adjusted.var() / 0.2 - 1) < 0.1
     few = rejection(simulate, PRIOR, X_OBS, 100, quantile=0.05, seed=2)  # 5 draws: one mode, no neighbour graph
     assert adjust_by_mode(few.theta, few.summaries, few.s_obs, few.distances).shape == few.theta.shape
+
+
+def test_one_sided_bounds_keep_a_margin_of_the_draws_scale():
+    """A lone bound kept θ 1e-10 away in absolute terms: parameters of size 1e-11 all became 1e-10 (the fit lost
+    them), and 1e-10 above a bound of 3e6 rounded back onto it (log 0: every adjusted θ NaN). The margin is 1e-10 of
+    the draws' largest distance from the bound, and at least a few spacings of the bound."""
+    rng = np.random.default_rng(0)
+    theta = rng.uniform(1e-12, 5e-11, size=(1000, 1))
+    s = np.log(theta) + 0.1 * rng.normal(size=(1000, 1))
+    s_obs = np.array([np.log(2e-11)])
+    distances = np.abs(s - s_obs)[:, 0]
+    regression = LLRegression(low=[0.0], high=[np.inf]).fit(theta, s, s_obs, distances)
+    assert abs(regression.coef_[1, 0] - 1.0) < 0.05  # log θ against log θ + noise
+    adjusted = regression.predict()
+    assert 1e-11 < np.median(adjusted) < 3e-11 and len(np.unique(adjusted)) == len(adjusted)
+    theta = 3e6 + rng.exponential(1.0, size=(300, 1))
+    theta[0] = 3e6  # on the bound
+    s = theta - 3e6 + 0.1 * rng.normal(size=(300, 1))
+    adjusted = LLRegression(low=[3e6], high=[np.inf]).fit(theta, s, np.array([1.0]), np.abs(s[:, 0] - 1.0)).predict()
+    assert np.isfinite(adjusted).all() and (adjusted >= 3e6).all()
+
+
+def test_adjust_by_mode_with_exact_matches():
+    """Every accepted distance 0 (discrete summaries matched exactly): θ comes back unchanged, as from
+    LLRegression (adjust_by_mode passed a bandwidth of 0 and raised)."""
+    theta = np.random.default_rng(0).normal(size=(200, 1))
+    adjusted = adjust_by_mode(theta, np.zeros((200, 1)), np.zeros(1), np.zeros(200))
+    np.testing.assert_allclose(adjusted, theta)

@@ -189,3 +189,17 @@ def test_prior_and_simulator_types_are_checked():
         rejection(simulate, "normal", X_OBS, 100, quantile=0.1)
     with pytest.raises(ValueError, match="prior has dim"):
         rejection(get_task("two_moons"), BoxUniform(torch.zeros(3), torch.ones(3)), np.zeros(2), 100, quantile=0.1)
+
+
+def test_chunks_of_a_run_draw_distinct_streams():
+    """torch's CPU generator keeps 32 bits of a seed: chunks 50,699 and 55,170 of seed 0 had 63-bit keys equal in
+    those bits and simulated the same θ and x (an exact duplicate at distance 0)."""
+    import math
+
+    from fastflow.abc.rejection import _Plan
+
+    task = get_task("two_moons")
+    plan = _Plan(task, task.prior, "torch", None, 55_171, 1, 0, None, None, "euclidean", "numba", None, math.inf)
+    assert plan.key(50_699) % 2**32 == plan.key(55_170) % 2**32  # (the collision the keys alone gave)
+    assert not np.array_equal(plan.draw(50_699)[0], plan.draw(55_170)[0])
+    assert len({plan.torch_seed(chunk) for chunk in range(0, 55_171, 7)}) == len(range(0, 55_171, 7))
