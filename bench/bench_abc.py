@@ -137,6 +137,11 @@ def _copy_bandwidth() -> float:
     return 2 * source.nbytes / best / 1e9
 
 
+def pyabc_population(n_sims: int = PYABC_SIMS) -> int:
+    """pyabc's population: n_sims / 100 draws accepted, between 10 and PYABC_POPULATION."""
+    return max(10, min(PYABC_POPULATION, n_sims // 100))
+
+
 def pyabc_draws_per_second(n_sims: int = PYABC_SIMS) -> tuple[float, int]:
     """pyabc's rejection (one ABCSMC generation from the prior) on the same model: draws/s and draws made."""
     import pyabc
@@ -144,7 +149,7 @@ def pyabc_draws_per_second(n_sims: int = PYABC_SIMS) -> tuple[float, int]:
     for name in ("ABC", "Epsilon", "Distance", "Acceptor", "Sampler", "History", "Population", "Transition"):
         logging.getLogger(name).setLevel(logging.WARNING)
     # the unscaled distance that accepts n_sims / population of the prior's simulations
-    population = max(10, min(PYABC_POPULATION, n_sims // 100))
+    population = pyabc_population(n_sims)
     eps = rejection(TASK, TASK.prior, X_OBS, 10**6, quantile=population / n_sims, scale=None).tolerance
 
     def model(parameters):
@@ -204,9 +209,9 @@ def run(sizes=SIZES) -> dict:
     if importlib.util.find_spec("pyabc") is not None and PYABC_SIMS > 0:
         pyabc_rate, draws = pyabc_draws_per_second()
         fused_rate = max(row["fused"]["draws_per_s"] for row in rows)
-        content["pyabc"] = {"draws": draws, "draws_per_s": pyabc_rate, "fused_vs_pyabc": fused_rate / pyabc_rate,
-                            "load_average": os.getloadavg()}
-        lines.append(f"pyabc rejection ({draws} draws, population {min(PYABC_POPULATION, PYABC_SIMS // 100)}): "
+        content["pyabc"] = {"draws": draws, "population": pyabc_population(), "draws_per_s": pyabc_rate,
+                            "fused_vs_pyabc": fused_rate / pyabc_rate, "load_average": os.getloadavg()}
+        lines.append(f"pyabc rejection ({draws} draws, population {pyabc_population()}): "
                      f"{pyabc_rate:.3g} draws/s; fused / pyabc {fused_rate / pyabc_rate:.0f}x")
     else:
         lines.append("pyabc not installed (pip install 'fastflow[bench]') or FASTFLOW_BENCH_ABC_PYABC_SIMS=0: "

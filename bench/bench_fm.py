@@ -84,7 +84,7 @@ def test_flow_matching_pairing(benchmark):
         sampled = {}
         for sampler_name, sampler in SAMPLERS.items():
             samples, sample_seconds, evaluations = _sample(net, sampler)
-            sampled[sampler_name] = {"c2st": c2st(samples, exact), "seconds": sample_seconds, "evaluations": evaluations}
+            sampled[sampler_name] = {"c2st": c2st(exact, samples), "seconds": sample_seconds, "evaluations": evaluations}
         rows[name] = {"train_seconds": seconds, "samplers": sampled}
 
     def cheapest_accurate(row):

@@ -1,7 +1,8 @@
 """CNF sampling ODE: fastflow's batched solvers against torchdiffeq `odeint` on the same MLP velocity field,
 100 steps for fixed-step methods, Dopri5 and Bogacki–Shampine 3(2) at rtol = atol = 1e-5. Reports seconds, velocity evaluations,
-max error against a tight Dopri5 (1e-9) reference on the first 1,000 samples, and the ratio to torchdiffeq rk4 (the
-fastest of its fp32 run, its run under a bfloat16 autocast and, on CUDA, its TF32 run).
+max error against a tight Dopri5 (1e-9) reference on the first 1,000 samples, the ratio to torchdiffeq rk4 (the
+fastest of its fp32 run, its run under a bfloat16 autocast and, on CUDA, its TF32 run: issue 5's baseline) and, where
+torchdiffeq ran the row's method at its precision (rk4, dopri5, bosh3), the ratio to that run.
 On CPU, also Euler and RK4 with the hidden layers' products in bfloat16 (`VelocityMLP.sampling_field(bf16=True)`, as
 `OdeConfig(mixed_precision="bf16")` samples). On CUDA with Triton, also the fused integrator (`fastflow.fm.fused.mlp_odeint`: all steps in one launch),
 Euler and RK4, with fp32 ("ieee"), TF32 and bfloat16 hidden products (`bf16=True`), and torchdiffeq rk4 with TF32
@@ -108,7 +109,20 @@ def test_ode_sampling(benchmark, width, dim):
                                              f"torchdiffeq rk4-{STEPS} bf16") if name in rows),
                  default=rows[baseline_name][0])
     lines = [f"\nODE sampling, {SAMPLES} samples, dim {dim}, MLP 3x{width}, {DEVICE}, {THREADS} thread(s)"]
-    lines += [f"  {name:26s} {s:8.3f} s  {e:5d} evals  max err {err:.1e}  speedup vs torchdiffeq rk4 {anchor / s:5.2f}x"
-              for name, (s, e, err) in rows.items()]
+    info = {}
+    for name, (s, e, err) in rows.items():
+        same = rows.get(_same_method(name))  # like for like: torchdiffeq's run of this method and precision
+        lines.append(f"  {name:26s} {s:8.3f} s  {e:5d} evals  max err {err:.1e}  speedup vs torchdiffeq rk4 "
+                     f"{anchor / s:5.2f}x" + ("" if same is None else f", vs its {name.split(' ', 1)[1]} {same[0] / s:5.2f}x"))
+        info[name] = {"seconds": s, "evaluations": e, "max_error": err, "vs_torchdiffeq_rk4": anchor / s,
+                      "vs_torchdiffeq_same_method": None if same is None else same[0] / s}
     print("\n".join(lines))
-    benchmark.extra_info.update({name: {"seconds": s, "evaluations": e, "max_error": err} for name, (s, e, err) in rows.items()})
+    benchmark.extra_info.update(info)
+
+
+def _same_method(name: str) -> str | None:
+    """The torchdiffeq row of row `name`'s method, tolerance and precision ("fused rk4-100 ieee": the fp32 run)."""
+    implementation, *spec = name.split(" ")
+    if implementation not in ("fastflow", "fused"):
+        return None
+    return " ".join(["torchdiffeq", *(part for part in spec if part != "ieee")])

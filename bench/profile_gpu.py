@@ -1,10 +1,10 @@
 """Where the time of a benchmark case goes: wall time per call against the device's kernel time, the number of
 kernel launches, and the kernels that take longest (torch.profiler). A case whose wall time far exceeds its
 kernel time is host-bound (dispatch, launches): fewer ops pay there, faster kernels do not. Profiles the
-`fastflow bench` cases named in PROFILED (or on the command line as "CASE::IMPLEMENTATION") and writes JSON.
+`fastflow bench` cases named in PROFILED (or on the command line as "FAMILY::CASE::IMPLEMENTATION") and writes JSON.
 
 Usage (on a GPU machine; `FASTFLOW_GPU_STEPS=profile bash bench/run_gpu.sh OUT` runs it):
-    python bench/profile_gpu.py OUT.json ["CASE::IMPLEMENTATION" ...]
+    python bench/profile_gpu.py OUT.json ["FAMILY::CASE::IMPLEMENTATION" ...]
 """
 
 from __future__ import annotations
@@ -86,9 +86,9 @@ def main() -> None:
     if not torch.cuda.is_available():
         raise SystemExit("profile_gpu.py needs a CUDA device")
     out = Path(sys.argv[1] if len(sys.argv) > 1 else "profile_gpu.json")
-    named = [arg.split("::") for arg in sys.argv[2:]]
-    selected = [("coupling" if case.startswith(("affine", "spline")) else "ode", case, implementation)
-                for case, implementation in named] or PROFILED
+    selected = [tuple(arg.split("::")) for arg in sys.argv[2:]] or PROFILED
+    if any(len(row) != 3 for row in selected):
+        raise SystemExit('name cases as "FAMILY::CASE::IMPLEMENTATION", e.g. "ode::mlp 3x64 d=2 rk4-100::fastflow-triton"')
     rows = profile_cases(torch.device("cuda"), selected)
     out.write_text(json.dumps({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "results": rows},
                               indent=1))

@@ -63,7 +63,8 @@ def cases(device: str | torch.device, *, quick: bool = False, families: list[str
     unknown = set(families or []) - set(_FAMILIES)
     if unknown:
         raise ValueError(f"unknown benchmark families {sorted(unknown)}; known: {sorted(_FAMILIES)}")
-    return [case for name in (families or sorted(_FAMILIES)) for case in _FAMILIES[name](device, quick)]
+    names = list(dict.fromkeys(families)) if families else sorted(_FAMILIES)  # (a family named twice runs once)
+    return [case for name in names for case in _FAMILIES[name](device, quick)]
 
 
 def synchronizer(device: torch.device) -> Callable[[], None]:
@@ -123,12 +124,20 @@ def device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
 
+def _version(distribution: str) -> str | None:
+    """The installed version of `distribution`, None where its module comes from a package of another name (some
+    torch builds ship `triton` as pytorch-triton)."""
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
 def to_json(results: list[Result], device: torch.device, settings: dict | None = None) -> dict:
     """Results with the facts needed to read them later: device, the packages' versions, threads, when, and the
     run's `settings` (quick, repeats, budget, ...)."""
-    versions = {name: importlib.metadata.version(name) if importlib.util.find_spec(module) else None
-                for name, module in (("fastflow", "fastflow"), ("triton", "triton"), ("zuko", "zuko"),
-                                     ("torchdiffeq", "torchdiffeq"))}
+    versions = {name: _version(name) if importlib.util.find_spec(name) else None
+                for name in ("fastflow", "triton", "zuko", "torchdiffeq")}
     return {
         "device": device_name(device),
         "torch": torch.__version__,

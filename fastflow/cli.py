@@ -108,6 +108,8 @@ def _bench(args: argparse.Namespace) -> int:
 
     device = torch.device(args.device)
     if args.out is not None:
+        if args.out.exists():  # (rewritten after every case: a run stopped early leaves only its own results)
+            print(f"--out {args.out} exists: it is replaced by this run's results", file=sys.stderr, flush=True)
         _check_output(args.out, "--out")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda: no CUDA device is visible")
@@ -120,7 +122,8 @@ def _bench(args: argparse.Namespace) -> int:
         print(benchmarks.table(rows), flush=True)
         measured.extend(rows)
         if args.out is not None:
-            settings = {"quick": args.quick, "repeats": args.repeats, "budget": args.budget, "families": args.family}
+            families = list(dict.fromkeys(args.family)) if args.family else None
+            settings = {"quick": args.quick, "repeats": args.repeats, "budget": args.budget, "families": families}
             args.out.write_text(json.dumps(benchmarks.to_json(measured, device, settings), indent=1))
 
     benchmarks.run(device, quick=args.quick, repeats=args.repeats, families=args.family, on_case=report, budget=args.budget)

@@ -54,11 +54,18 @@ def corner(samples: dict[str, torch.Tensor], path: str | Path, *, labels: list[s
     if not samples:
         raise ValueError("corner needs at least one sample set")
     sets = {name: torch.as_tensor(s).detach().cpu().double() for name, s in samples.items()}
+    for name, s in sets.items():
+        if s.dim() != 2 or s.shape[0] == 0:
+            raise ValueError(f"corner takes (n, D) sample sets, got {tuple(s.shape)} for {name!r}")
+        if not torch.isfinite(s).all():
+            raise ValueError(f"the sample set {name!r} contains NaN or inf")
     dims = {s.shape[-1] for s in sets.values()}
     if len(dims) != 1:
         raise ValueError(f"sample sets differ in dimension: {sorted(dims)}")
     dim = dims.pop()
     labels = labels or [f"θ{i + 1}" for i in range(dim)]
+    if len(labels) != dim:
+        raise ValueError(f"{len(labels)} labels for {dim} dimensions")
     stacked = torch.cat(list(sets.values()))
     low, high = stacked.quantile(0.001, dim=0), stacked.quantile(0.999, dim=0)
     pad = 0.05 * (high - low)

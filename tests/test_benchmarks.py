@@ -6,6 +6,7 @@ from pathlib import Path
 from unittest import mock
 
 import pytest
+import torch
 
 from fastflow import benchmarks
 from fastflow.cli import main
@@ -130,6 +131,26 @@ def test_time_budget_cuts_the_repeats_of_slow_calls(capsys):
 def test_unknown_family_is_refused():
     with pytest.raises(ValueError, match="unknown benchmark families"):
         benchmarks.cases("cpu", families=["nope"])
+
+
+def test_a_family_named_twice_runs_once():
+    once = benchmarks.cases("cpu", quick=True, families=["divergence"])
+    assert [case.name for case in benchmarks.cases("cpu", quick=True, families=["divergence", "divergence"])] == [
+        case.name for case in once]
+
+
+def test_versions_of_modules_from_other_distributions_are_none(monkeypatch):
+    """Some torch builds ship the triton module as pytorch-triton: its version lookup failed and ended the run."""
+    import importlib.metadata
+
+    def version(name):
+        if name == "triton":
+            raise importlib.metadata.PackageNotFoundError(name)
+        return "1.0"
+
+    monkeypatch.setattr(importlib.metadata, "version", version)
+    payload = benchmarks.to_json([], torch.device("cpu"))
+    assert payload["triton"] is None and payload["fastflow"] == "1.0"
 
 
 def test_ode_family_on_cpu_compares_the_reference_without_triton():

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from fastflow.fm import CNF, OdeConfig, VelocityMLP
-from fastflow.plot import trajectories
+from fastflow.plot import corner, trajectories
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -42,3 +42,14 @@ def test_bad_input(tmp_path):
     with pytest.raises(ValueError, match="writes no"):
         trajectories(paths, tmp_path / "p.xyz")
     assert not list(tmp_path.iterdir())  # nothing written for bad input
+
+
+def test_corner_bad_input(tmp_path):
+    """A 1-D sample set became an n x n grid of plots (then an IndexError), NaN rows a matplotlib range error."""
+    for bad, message in ((torch.randn(4), r"\(n, D\) sample sets"), (torch.randn(5, 3, 2), r"\(n, D\) sample sets"),
+                         (torch.tensor([[0.0, float("nan")], [1.0, 2.0]]), "NaN or inf")):
+        with pytest.raises(ValueError, match=message):
+            corner({"q": bad}, tmp_path / "c.png")
+    with pytest.raises(ValueError, match="1 labels for 2 dimensions"):
+        corner({"q": torch.randn(50, 2)}, tmp_path / "c.png", labels=["a"])
+    assert not list(tmp_path.iterdir())
