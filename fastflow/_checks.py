@@ -26,14 +26,16 @@ def positive_finite(value, name: str) -> float:
     return float(value)
 
 
-MAX_SEED = 2**63 - 1  # torch's and numpy's generators take seeds up to here (2**64 overflowed inside torch)
+# torch's CPU generator keeps 32 bits of a seed: seeds 0 and 2**32 gave the same flows, fits and draws (and 2**64
+# overflowed inside torch)
+MAX_SEED = 2**32 - 1
 
 
 def check_seed(value) -> int:
-    """`value` as an int seed in 0 … 2**63 - 1 (Python or numpy integers); else a ValueError."""
+    """`value` as an int seed in 0 … 2**32 - 1 (Python or numpy integers); else a ValueError."""
     seed = nonnegative_int(value, "seed")
     if seed > MAX_SEED:
-        raise ValueError(f"seed must be at most 2**63 - 1, got {value!r}")
+        raise ValueError(f"seed must be at most 2**32 - 1 (torch's generator keeps 32 bits of a seed), got {value!r}")
     return seed
 
 

@@ -73,6 +73,9 @@ class Flow(nn.Module):
         """log q(θ | context) for θ `(*, D)`; context `(C,)`, or `(*, C)` matching θ's batch shape."""
         if theta.dim() == 0 or theta.shape[-1] != self.dim:
             raise ValueError(f"θ must have last dimension {self.dim}, got {tuple(theta.shape)}")
+        parameter = next(self.parameters(), None)
+        if parameter is not None and theta.dtype != parameter.dtype:  # (torch's "mat1 and mat2" error deep inside)
+            raise ValueError(f"θ is {theta.dtype} but the flow's parameters are {parameter.dtype} (convert one with .to())")
         batch_shape = theta.shape[:-1]
         x = theta.reshape(-1, self.dim)
         embedded = self._embed(context, x.dtype)
@@ -115,7 +118,8 @@ class Flow(nn.Module):
         return z, log_q
 
     def rsample(self, n: int, context: torch.Tensor | None = None) -> torch.Tensor:
-        """Reparametrized draws `(n, D)` or `(n, B, D)` (differentiable in the parameters)."""
+        """Reparametrized draws `(n, D)` or `(n, B, D)`, differentiable in the transforms' parameters and the base's
+        location and scale parameters (not a mixture base's weights: a draw's component is picked, not differentiated)."""
         return self._sample(n, context, with_log_prob=False)[0]
 
     @torch.no_grad()

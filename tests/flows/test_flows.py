@@ -201,6 +201,8 @@ def test_bad_input_is_rejected():
         flow.sample(0, torch.zeros(3))
     with pytest.raises(ValueError, match="broadcast"):
         flow.log_prob(torch.zeros(4, 2), torch.zeros(5, 3))
+    with pytest.raises(ValueError, match="θ is torch.float64 but the flow's parameters are torch.float32"):
+        flow.log_prob(torch.zeros(4, 2, dtype=torch.float64), torch.zeros(3))  # (torch's mat1/mat2 error inside)
     with pytest.raises(ValueError, match="transform"):
         FlowConfig(transform="maf")
     with pytest.raises(ValueError, match="num_bins"):
