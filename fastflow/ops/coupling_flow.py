@@ -74,11 +74,15 @@ class CouplingRun:
         return weights
 
     def __call__(self, x: torch.Tensor, context: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """The run as a flow calls it: x `(N, D)` and context checked as the layers check them (`_rows`: the fused
-        kernels would read any width), then `on_triton`, else the layers one by one."""
-        x, context = self.couplings[0]._rows(x, context)
-        result = self.on_triton(x, context)
-        return self._one_by_one(x, context) if result is None else result
+        """The run as a flow calls it: `on_triton` on a Triton device, x `(N, D)` and context checked first as the
+        layers check them (`_rows`: the fused kernels would read any width), else the layers one by one (which
+        check their inputs themselves)."""
+        if triton_device(x.device):
+            x, context = self.couplings[0]._rows(x, context)
+            result = self.on_triton(x, context)
+            if result is not None:
+                return result
+        return self._one_by_one(x, context)
 
     def on_triton(self, x: torch.Tensor, context: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The run on the Triton backend where dispatch takes it: one fused launch without autograd, two under
