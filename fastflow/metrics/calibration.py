@@ -49,6 +49,9 @@ def sbc_ranks(posterior, theta, x, *, num_posterior_samples: int = 1000, reduce:
         for start in tqdm(range(0, theta.shape[0], batch_size), disable=not progress, desc="SBC", unit="batch"):
             theta_b, x_b = theta[start:start + batch_size], x[start:start + batch_size]
             draws = posterior.sample(n, x_b)  # (n, B, D)
+            if draws.shape != (n, theta_b.shape[0], theta.shape[1]):  # (an (N, 1) θ broadcast against D coordinates)
+                raise ValueError(f"the posterior's draws have shape {tuple(draws.shape)}, expected (num_posterior_samples, "
+                                 f"batch, D) = {(n, theta_b.shape[0], theta.shape[1])}: θ and the posterior differ in D")
             theta_b = theta_b.to(draws)
             if reduce == "marginals":
                 ranks.append((draws < theta_b).sum(0))

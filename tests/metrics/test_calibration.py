@@ -83,6 +83,8 @@ def test_bad_input_is_refused():
         sbc_ranks(posterior, theta, x[:5])
     with pytest.raises(ValueError, match="reduce"):
         sbc_ranks(posterior, theta, x, reduce="mean")
+    with pytest.raises(ValueError, match="differ in D"):  # an (N, 1) θ broadcast against the draws' 2 coordinates
+        sbc_ranks(posterior, theta[:, :1], x)
     with pytest.raises(ValueError, match="must be finite"):
         sbc_ranks(posterior, theta.index_fill(0, torch.tensor([2]), math.nan), x)
     with pytest.raises(ValueError, match="seed"):
