@@ -76,7 +76,9 @@ def fit(
         lr_schedule: "constant" or "cosine" (annealed to zero over `max_epochs`).
         patience: stop after this many epochs without a better validation loss; the best weights are
             restored. With `validation_fraction=0` every epoch trains and the last weights are kept.
-            A loss that turns NaN/inf stops training with a warning and restores the best (or last) finite weights.
+            A loss that turns NaN/inf stops training with a warning and restores the best (or, without a split, the
+            last) weights seen to give a finite loss (without a split: the weights an epoch started from, scored by
+            its first step; the weights an epoch ends with are unscored until the next one).
         keep: with a validation split, the weights kept when training ends: "best" (the best validation epoch's)
             or "last" (the last epoch's: for losses whose validation estimate cannot rank nearby epochs, as flow
             matching's, where the last epochs of a cosine schedule are better than the best-scored one).
@@ -133,7 +135,8 @@ def fit(
     )
     history = History()
     best_loss, best_state, stale = math.inf, None, 0
-    restore_best = keep == "best" or validation_index.numel() == 0  # (the last finite weights without a split)
+    unscored = None  # without a split: the weights the last epoch ended with, scored by the next epoch's first step
+    restore_best = keep == "best" and validation_index.numel() > 0  # (without a split: the last weights)
     start = time.perf_counter()
     bar = tqdm(range(max_epochs), disable=not progress, desc="training", unit="epoch", leave=False)
     # a caller's autocast is off here (the loss alone takes bf16 products, with mixed_precision): around fit it
@@ -158,15 +161,19 @@ def fit(
                 if scheduler is not None:
                     scheduler.step()
                 running += loss.detach() * index.numel()
+                if step == 0:
+                    first_loss = loss.detach()
             history.train_loss.append(float(running) / train_count)
+            if unscored is not None and (math.isfinite(history.train_loss[-1]) or math.isfinite(float(first_loss))):
+                best_state, unscored, history.best_epoch = unscored, best_state, epoch - 1
             if not math.isfinite(history.train_loss[-1]):
                 _stop_at_nonfinite("training", history.train_loss[-1], epoch, history, best_state,
                                    "lower the learning rate (or clip gradients), or check the data")
                 restore_best = True
                 break
 
-            if validation_index.numel() == 0:  # the last finite weights are kept (a later NaN epoch restores them)
-                history.best_epoch, best_state = epoch, _snapshot(model, best_state)
+            if validation_index.numel() == 0:  # (a NaN epoch restored the unscored weights that gave it its NaN)
+                unscored = _snapshot(model, unscored)
                 continue
             validation_loss = evaluate(model, loss_fn, validation_data, batch_size=max(batch_size, 4096), seed=seed,
                                        bf16=bf16)
