@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from fastflow._checks import check_seed, positive_finite, positive_int
 from fastflow.backends import autocast_off, autograd_recording, bf16_products
 
-__all__ = ["History", "fit", "seeded_stream"]
+__all__ = ["History", "fit", "seeded_stream", "training_rows"]
 
 
 @dataclass
@@ -37,7 +37,15 @@ class History:
         return len(self.train_loss)
 
 
+def training_rows(count: int, validation_fraction: float, seed: int) -> torch.Tensor:
+    """The indices `(count - V,)` of the rows `fit(..., validation_fraction=, seed=)` trains on (the others, V, score
+    the epochs): statistics fitted before training (an estimator's z-scoring) take these rows alone."""
+    return _split(count, validation_fraction, torch.Generator().manual_seed(check_seed(seed)))[0]
+
+
 def _split(count: int, validation_fraction: float, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Training and validation indices of `count` rows, drawn by `generator` (fit's, seeded, which goes on to draw
+    the minibatches)."""
     if not 0.0 <= validation_fraction < 1.0:
         raise ValueError(f"validation_fraction must be in [0, 1), got {validation_fraction}")
     order = torch.randperm(count, generator=generator)

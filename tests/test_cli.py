@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from fastflow.cli import main
+from fastflow.inference.methods import posterior_samples
 from fastflow.tasks import get_task
 
 
@@ -19,8 +20,6 @@ def test_posterior_command_writes_samples(tmp_path, capsys):
     assert samples.shape == (300, 2) and samples.dtype == np.float32
     assert "wrote (300, 2) samples" in capsys.readouterr().out
     # the file holds the posterior's draws for that observation and seed (not, say, prior draws)
-    from fastflow.inference.methods import posterior_samples
-
     expected = posterior_samples(get_task("two_moons"), "npe", get_task("two_moons").observation(1),
                                  num_simulations=600, num_samples=300, seed=1, progress=False)
     np.testing.assert_array_equal(samples, expected.numpy())
@@ -183,3 +182,9 @@ def test_the_output_name_reported_is_the_file_written(tmp_path, capsys):
                  "--num-samples", "50", "--out", str(tmp_path / "samples"), "--quiet"])
     assert code == 0 and (tmp_path / "samples.npy").is_file()
     assert f"to {tmp_path / 'samples.npy'}" in capsys.readouterr().out
+
+
+def test_posterior_samples_refuses_a_complex_observation():
+    """torch.as_tensor(..., dtype=float32) dropped the imaginary part with only a UserWarning."""
+    with pytest.raises(TypeError, match="x_obs must be real"):
+        posterior_samples(get_task("two_moons"), "npe", [0.1 + 5j, -0.2], num_simulations=10, num_samples=10)

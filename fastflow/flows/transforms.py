@@ -91,7 +91,9 @@ class BoxToReal(Transform):
         two_sided, lower, upper, low, high, width = self._sides(u.dtype)
         one_sided = lower | upper
         grown = torch.where(one_sided, u, 0.0).exp()  # (exp of the other coordinates' u could overflow: NaN gradients)
-        x = torch.where(two_sided, low + width * torch.sigmoid(u),
+        # (low + width·sigmoid(u) rounded one step past high once sigmoid(u) rounds to 1: a draw outside the support)
+        inside = torch.minimum(torch.maximum(low + width * torch.sigmoid(u), low), high)
+        x = torch.where(two_sided, inside,
                         torch.where(lower, low + grown, torch.where(upper, high - grown, u)))
         ladj = torch.where(two_sided, F.logsigmoid(u) + F.logsigmoid(-u) + torch.log(width),
                            torch.where(one_sided, u, 0.0)).sum(-1)

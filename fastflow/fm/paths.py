@@ -53,11 +53,18 @@ class Path:
         raise NotImplementedError
 
     def sample(self, t: torch.Tensor, x_0: torch.Tensor, x_1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x_t and the conditional velocity dx_t for t `(n,)` or `(n, 1)` (the column velocity fields get), or a
-        scalar (one time for all); x_0 and x_1 `(n, D)`; both `(n, D)`."""
+        """x_t and the conditional velocity dx_t for t in [0, 1], `(n,)` or `(n, 1)` (the column velocity fields
+        get), or a scalar (one time for all); x_0 and x_1 `(n, D)`; both `(n, D)`."""
         if x_0.dim() != 2 or x_1.shape != x_0.shape:
             raise ValueError(f"x_0 and x_1 must both be (n, D), got {tuple(x_0.shape)} and {tuple(x_1.shape)}")
-        c = self.coefficients(per_sample_times(t, x_0.shape[0], x_0).unsqueeze(-1))
+        t = per_sample_times(t, x_0.shape[0], x_0)
+        if not ((t >= 0) & (t <= 1)).all():  # (NaN too; outside, the paths extrapolated without a word)
+            raise ValueError("the path's times must lie in [0, 1]")
+        return self._sample(t, x_0, x_1)
+
+    def _sample(self, t: torch.Tensor, x_0: torch.Tensor, x_1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`sample` for checked inputs: t `(n,)` or 0-d in x_0's dtype."""
+        c = self.coefficients(t.unsqueeze(-1))
         x_t = c.alpha_t * x_1 + c.sigma_t * x_0
         dx_t = c.d_alpha_t * x_1 + c.d_sigma_t * x_0
         if self.stochastic:
@@ -100,7 +107,11 @@ class CosinePath(Path):
 @dataclass(frozen=True)
 class VPPath(Path):
     """Variance-preserving path of the VP-SDE (Song et al. 2021) with a linear β schedule, time reversed so
-    that t = 1 is data: alpha_t = exp(-T(1 - t) / 2), sigma_t = sqrt(1 - alpha_t²), T(s) = ∫_0^s β."""
+    that t = 1 is data: alpha_t = exp(-T(1 - t) / 2), sigma_t = sqrt(1 - alpha_t²), T(s) = ∫_0^s β. The target's
+    d sigma_t grows as (1 - t)^(-1/2) towards the data, so times are taken at most 1 - `T_MAX_GAP` (as VP score
+    models train on [ε, 1]; at t = 1, which the power-law time distribution draws, one row's target was -5e4)."""
+
+    T_MAX_GAP = 1e-5
 
     beta_min: float = 0.1
     beta_max: float = 20.0
@@ -110,7 +121,7 @@ class VPPath(Path):
             raise ValueError(f"need 0 < beta_min <= beta_max < inf, got {self.beta_min}, {self.beta_max}")
 
     def coefficients(self, t):
-        s = 1 - t
+        s = (1 - t).clamp_min(self.T_MAX_GAP)
         integral = self.beta_min * s + 0.5 * (self.beta_max - self.beta_min) * s**2
         beta = self.beta_min + (self.beta_max - self.beta_min) * s
         alpha = torch.exp(-0.5 * integral)
@@ -226,7 +237,9 @@ def cfm_loss(velocity: Callable[..., torch.Tensor], path: Path, x_1: torch.Tenso
     x_0 = torch.randn_like(x_1)
     if pairing == "ot":
         x_0 = ot_pairing(x_0, x_1, pairing_block)
-    x_t, dx_t = path.sample(t, x_0, x_1)
+    x_t, dx_t = path._sample(t, x_0, x_1)  # (t drawn in [0, 1]: no check, no sync)
     t = t.unsqueeze(-1)
     v = velocity(t, x_t) if context is None else velocity(t, x_t, context)
+    if v.shape != dx_t.shape:  # ((n, 1) or (D,) broadcast against the target and trained on without a word)
+        raise ValueError(f"the velocity must return the state's shape {tuple(dx_t.shape)}, got {tuple(v.shape)}")
     return (v - dx_t).square().sum(-1).mean()

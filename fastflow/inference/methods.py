@@ -6,7 +6,7 @@ from typing import Callable, Protocol
 
 import torch
 
-from fastflow._checks import positive_int
+from fastflow._checks import positive_int, real_tensor
 from fastflow.inference.fmpe import FMPE
 from fastflow.inference.npe import NPE
 from fastflow.inference.posterior import Posterior
@@ -65,7 +65,7 @@ def posterior_samples(
     """`(num_samples, dim_theta)` posterior draws for one observation `x_obs (dim_x,)` by `method`."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; known: {sorted(METHODS)}")
-    x_obs = torch.as_tensor(x_obs, dtype=torch.float32)
+    x_obs = real_tensor(x_obs, "x_obs").to(torch.float32)  # (a complex x_obs lost its imaginary part)
     if x_obs.shape != (task.dim_x,):
         raise ValueError(f"x_obs must be a 1-D array of length {task.dim_x} for this task, got shape {tuple(x_obs.shape)}")
     if not torch.isfinite(x_obs).all():

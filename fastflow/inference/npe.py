@@ -14,7 +14,7 @@ from fastflow.backends import autograd_recording
 from fastflow.flows import BoxToReal, Flow, FlowConfig, Standardize, Transform, build_flow
 from fastflow.inference.posterior import Posterior, register_estimator
 from fastflow.priors import Prior, check_prior
-from fastflow.train import fit, seeded_stream
+from fastflow.train import fit, seeded_stream, training_rows
 
 __all__ = ["NPE", "TrainingConfig", "ZScore", "check_simulations", "fit_posterior", "fit_preprocessing", "preprocessing"]
 
@@ -50,7 +50,10 @@ def fit_posterior(method: str, build: Callable[[dict], nn.Module], loss_fn, prio
     seed = check_seed(seed)
     with seeded_stream(torch.device("cpu"), seed):  # (the caller's stream left as it was, as `fit` leaves it)
         estimator = build(config)
-    fit_preprocessing(list(estimator.transforms)[: 2 if prior.constrained else 1], estimator.embedding, prior, theta, x)
+    # statistics of the training rows alone (the validation rows score the epochs, as in sbi)
+    rows = training_rows(theta.shape[0], training.validation_fraction, seed)
+    fit_preprocessing(list(estimator.transforms)[: 2 if prior.constrained else 1], estimator.embedding, prior,
+                      theta[rows], x[rows])
     data = (theta, x) if prepare is None else prepare(estimator, theta, x)
     history = fit(estimator, loss_fn, data, **asdict(training), seed=seed, device=device, progress=progress)
     posterior = Posterior(estimator, prior, config=config)

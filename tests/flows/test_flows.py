@@ -73,6 +73,14 @@ def test_box_to_real_gives_zero_density_outside_its_box():
     assert (ladj[2:] == -math.inf).all()
 
 
+def test_box_to_real_inverse_stays_inside_its_box():
+    """low + width·sigmoid(u) in float32 rounded one step past high once sigmoid(u) rounds to 1 (U(-3.7, -0.3): u >= 16.6
+    gave -0.29999995 > -0.30000001, a posterior draw its own log_prob put at -inf)."""
+    low, high = torch.tensor([-3.7, -1.1, 0.1]), torch.tensor([-0.3, 0.3, 2.9])
+    x, _ = BoxToReal(low, high).inverse(torch.tensor([[40.0, 40.0, 40.0], [-40.0, -40.0, -40.0], [17.0, 20.0, -17.0]]))
+    assert ((x >= low) & (x <= high)).all(), x
+
+
 def test_box_to_real_with_one_sided_and_open_coordinates():
     """Coordinates bounded on one side map by log(x - low) or log(high - x), unbounded ones pass through (a prior
     with a lone finite bound got no map, and its posterior's draws left the support); inverse, log-determinant

@@ -36,7 +36,14 @@ def test_one_time_for_all_as_a_number_or_a_tensor(name):
 def test_vp_path_is_variance_preserving_and_nearly_noise_at_zero():
     c = get_path("vp").coefficients(torch.linspace(0, 1, 11, dtype=torch.float64))
     torch.testing.assert_close(c.alpha_t**2 + c.sigma_t**2, torch.ones(11, dtype=torch.float64))
-    assert c.alpha_t[0] < 0.01 and c.alpha_t[-1] == 1
+    assert c.alpha_t[0] < 0.01 and 1 - 1e-6 < c.alpha_t[-1] <= 1
+
+
+def test_vp_target_stays_bounded_at_the_data_end():
+    """d sigma_t grows as (1 - t)^(-1/2): at t = 1, which the power-law times draw, the clamp of sigma made one row's
+    target -5e4 (a batch's loss 1.3e7 instead of 7.6); times stop at 1 - 1e-5."""
+    c = get_path("vp").coefficients(torch.tensor([1 - 1e-5, 1.0], dtype=torch.float64))
+    assert c.d_sigma_t[1] == c.d_sigma_t[0] and -100 < c.d_sigma_t[1] < 0
 
 
 @pytest.mark.parametrize("name", sorted(PATHS))
@@ -135,6 +142,12 @@ def test_bad_input():
     with pytest.raises(ValueError, match="x_0 and x_1"):
         path.sample(torch.rand(4), x, torch.randn(4, 3))
     assert path.sample(torch.tensor(0.5), x, x)[0].shape == (4, 2)
+    for t in (1.5, -0.5, math.nan, torch.tensor([0.2, 0.3, 1.01, 0.4])):  # (extrapolated or NaN without a word)
+        with pytest.raises(ValueError, match=r"times must lie in \[0, 1\]"):
+            path.sample(t, x, x)
+    for wrong in (lambda t, x_t: x_t[:, :1], lambda t, x_t: x_t[0]):  # (broadcast against the target, trained on)
+        with pytest.raises(ValueError, match=r"velocity must return the state's shape \(4, 2\)"):
+            cfm_loss(wrong, path, x)
     with pytest.raises(ValueError, match="activation"):
         VelocityMLP(2, activation="sigmoid")
     for options, message in ((dict(hidden=(32.0,)), "hidden width"), (dict(hidden=()), "hidden"),

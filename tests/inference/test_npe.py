@@ -419,6 +419,24 @@ def test_preprocessing_takes_small_scales_and_leaves_constants():
     torch.testing.assert_close(embedding.std, torch.stack([x[:, 0].std(), torch.tensor(1.0)]))
 
 
+@pytest.mark.parametrize("method", ["npe", "fmpe"])
+def test_preprocessing_statistics_come_from_the_training_rows(method):
+    """The validation rows score the epochs: the z-scoring took them in too (sbi takes the training rows)."""
+    from fastflow.inference import FMPE
+    from fastflow.train import training_rows
+
+    task = get_task("two_moons")
+    sims = simulate(task.simulate, task.prior, 200, seed=0)
+    training = TrainingConfig(max_epochs=1, validation_fraction=0.5)
+    estimator = (NPE if method == "npe" else FMPE)(task.prior, training=training, seed=3, progress=False)
+    posterior = estimator.fit(sims.theta, sims.x)
+    rows = training_rows(200, 0.5, seed=3)
+    assert rows.shape == (100,)
+    embedding = posterior.estimator.embedding
+    torch.testing.assert_close(embedding.mean, sims.x[rows].mean(0))
+    torch.testing.assert_close(embedding.std, sims.x[rows].std(0))
+
+
 def test_fit_leaves_the_callers_random_stream_as_it_was():
     """The estimator's initialization is seeded inside (as training's draws): fit reseeded the global stream, so
     every fit with the same seed left the same stream, whatever the caller's seed (draws after fits repeated)."""
