@@ -82,8 +82,8 @@ def fit(
     Arguments:
         data: tensors sharing their first dimension `(N, ...)`, sliced together into minibatches.
         lr_schedule: "constant" or "cosine" (annealed to zero over `max_epochs`).
-        patience: stop after this many epochs without a better validation loss; the best weights are
-            restored. With `validation_fraction=0` every epoch trains and the last weights are kept.
+        patience: stop after this many epochs without a better validation loss; the weights `keep` names are
+            kept (the best, by default). With `validation_fraction=0` every epoch trains and the last weights are kept.
             A loss that turns NaN/inf stops training with a warning and restores the best (or, without a split, the
             last) weights seen to give a finite loss (without a split: the weights an epoch started from, scored by
             its first step; the weights an epoch ends with are unscored until the next one).
