@@ -162,7 +162,10 @@ def rq_gradients(g_y, g_l, inside, bin_index, onehot, w_k, h_k, d_k, d_k1, raw_k
     else:
         grad_x = g_y * s * s * G / den2 + g_l * ladj_dt / w_k
     A_t = 2.0 * s * t + d_k * one_m_2t
-    g_t = g_y * h_k * (A_t * den - A * den_t) / den2 + g_l * ladj_dt
+    if INVERSE:  # x = X + W t with t free of X: exactly -grad_out W (the general form cancels two huge terms)
+        g_t = -grad_out * w_k
+    else:
+        g_t = g_y * h_k * (A_t * den - A * den_t) / den2 + g_l * ladj_dt
     g_s = g_y * h_k * (t * t * den - A * den_s) / den2 + g_l * (2.0 / s + 2.0 * u / G - 2.0 * den_s / den)
     g_d0 = g_y * h_k * u * (den - A) / den2 + g_l * ((1.0 - t) * (1.0 - t) / G - 2.0 * u / den)
     g_d1 = -g_y * h_k * A * u / den2 + g_l * (t * t / G - 2.0 * u / den)
