@@ -80,7 +80,8 @@ def rq_spline_ref(
     derivatives = F.pad(interior, (1, 1), value=1.0)
 
     inside = ~(inputs.abs() > bound)  # NaN counts as inside, so that it reaches the outputs and the log-det
-    clamped = inputs.clamp(-bound, bound)
+    # (clamp's backward gave a NaN input a 0 gradient where the native and Triton kernels give NaN)
+    clamped = torch.where(inside, inputs, inputs.clamp(-bound, bound))
     search_knots = cumheights if inverse else cumwidths
     bin_index = torch.searchsorted(search_knots.contiguous(), clamped.unsqueeze(-1)) - 1
     bin_index = bin_index.clamp(0, num_bins - 1)

@@ -266,6 +266,17 @@ def test_triton_spline_propagates_nans(inverse):
     _assert_nans_propagate(out.cpu(), ladj.cpu(), x, nan, "triton")
 
 
+@pytest.mark.parametrize("inverse", [False, True])
+def test_a_nan_input_gets_a_nan_gradient_on_every_backend(inverse):
+    """The reference's clamp gave a NaN input the gradient 0 where the native kernel gives NaN."""
+    params = torch.randn(2, 3 * 5 - 1, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    for backend in ("reference", "native"):
+        x = torch.tensor([float("nan"), 0.3], dtype=torch.float64, requires_grad=True)
+        out, ladj = rq_spline(x, params, bound=2.0, inverse=inverse, backend=backend)
+        (grad,) = torch.autograd.grad((out + ladj).sum(), x)
+        assert grad[0].isnan() and grad[1].isfinite(), (backend, grad)
+
+
 def test_unknown_instruction_set_is_rejected():
     from fastflow import _C
 
