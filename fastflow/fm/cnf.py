@@ -11,7 +11,7 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
-from fastflow._checks import positive_int
+from fastflow._checks import positive_int, real_tensor
 from fastflow.backends import bf16_products, check_mixed_precision, in_own_dtype
 from fastflow.fm.divergence import Divergence, as_divergence
 from fastflow.fm.fused import fused_unsupported, mlp_odeint
@@ -145,7 +145,8 @@ class CNF(nn.Module):
     @in_own_dtype
     def sample_trajectory(self, n: int, context: torch.Tensor | None = None, times=None) -> torch.Tensor:
         """Draws with their paths from the noise: the states at every time of `times`, in data space,
-        `(K + 1, n, D)`, or `(K + 1, n, B, D)` for a context `(B, C)`; the last are samples as `sample` draws them.
+        `(K + 1, n, D)`, or `(K + 1, n, B, D)` for a context `(B, C)`; the last are samples as `sample` draws them (with an
+        adaptive sampler, to its tolerance: the steps that end on each time of the grid differ from `sample`'s).
 
         times: increasing grid `(K + 1,)` from 0 to at most 1; the sampler's method integrates it (a fixed-step
         method takes one step per interval, an adaptive one ends a step on each time). None: the sampler's grid for
@@ -153,7 +154,7 @@ class CNF(nn.Module):
         """
         if times is None:
             times = self.sampler.times(0.0, 1.0) if not SOLVERS[self.sampler.method].adaptive else torch.linspace(0, 1, 11)
-        grid = torch.as_tensor(times, dtype=torch.float64)
+        grid = real_tensor(times, "times").to(torch.float64)
         if grid.dim() != 1 or grid.numel() < 2 or grid[0] != 0 or not (grid.diff() > 0).all() or grid[-1] > 1:
             raise ValueError(f"times must be an increasing grid from 0 to at most 1, got {times!r}")
         return self._sample(n, context, grid, trajectory=True)

@@ -5,12 +5,13 @@ Bogacki–Shampine 3(2): torchdiffeq's "dopri5" and "bosh3")."""
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
 
-from fastflow._checks import positive_int
+from fastflow._checks import positive_int, real_tensor
 
 __all__ = ["SOLVERS", "ButcherTableau", "OdeSolution", "check_tolerances", "odeint"]
 
@@ -95,11 +96,11 @@ def _combine(weights: Sequence[float], k: list[torch.Tensor]) -> torch.Tensor | 
 
 
 def _advance(x: torch.Tensor, h, weights: Sequence[float], k: list[torch.Tensor]) -> torch.Tensor:
-    """x + h Σ_j w_j k_j (zero weights skipped) for a step h that is a float (one new tensor, accumulated
-    in place) or an `(n, 1)` tensor."""
+    """x + h Σ_j w_j k_j (zero weights skipped) in x's dtype, for a step h that is a float (one new tensor,
+    accumulated in place) or an `(n, 1)` tensor (k in the adaptive solve's working precision, rounded once)."""
     if isinstance(h, torch.Tensor):
         increment = _combine(weights, k)
-        return x if increment is None else torch.addcmul(x, h, increment)
+        return x if increment is None else torch.addcmul(x, h, increment).to(x.dtype)
     out = x
     for w, k_j in zip(weights, k):
         if w != 0.0:
@@ -125,7 +126,7 @@ def _stage_times(grid: Sequence[float], c: Sequence[float], dtype: torch.dtype) 
 
 def check_tolerances(rtol: float, atol: float) -> None:
     """Adaptive tolerances must be finite positive numbers (a NaN one would never accept a step)."""
-    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < math.inf for v in (rtol, atol)):
+    if not all(isinstance(v, numbers.Real) and not isinstance(v, bool) and 0 < v < math.inf for v in (rtol, atol)):
         raise ValueError(f"rtol and atol must be finite positive numbers, got {rtol!r}, {atol!r}")
 
 
@@ -143,7 +144,7 @@ def _evaluate_first(f, t, x, args) -> torch.Tensor:
 def _check_times(times) -> list[float]:
     if isinstance(times, torch.Tensor) and times.requires_grad:
         raise ValueError("gradients with respect to the times are not supported: pass times without requires_grad")
-    times = torch.as_tensor(times, dtype=torch.float64)
+    times = real_tensor(times, "times").to(torch.float64)  # (complex grids lost their imaginary parts)
     if times.dim() != 1 or times.numel() < 2:
         raise ValueError(f"times must be a 1-D grid of at least 2 points, got shape {tuple(times.shape)}")
     if not torch.isfinite(times).all():
@@ -246,11 +247,18 @@ def _adaptive(f, tableau, x, grid, args, rtol, atol, max_steps, trajectory: bool
     direction = 1.0 if t_1 > t_0 else -1.0
     span = abs(t_1 - t_0)
     exponent = -1.0 / tableau.order
+    # stages combined in at least float32: dopri5's weights (up to 11.6, cancelling) lost digits in a bfloat16
+    # velocity's precision (errors 3-7x the float32 combination's of the same values) and overflowed float16 (NaN)
     norm_dtype = torch.promote_types(x.dtype, torch.float32)
+    field = f
+
+    def f(t, state, *args):
+        return field(t, state, *args).to(norm_dtype)
+
     t = torch.full((n,), t_0, dtype=torch.float64, device=x.device)
     grid_times = torch.tensor(grid, dtype=torch.float64, device=x.device)
     target = torch.ones(n, dtype=torch.long, device=x.device)  # each sample's next grid time
-    k_1 = _evaluate_first(f, _column(t, x.dtype), x, args)
+    k_1 = _evaluate_first(field, _column(t, x.dtype), x, args).to(norm_dtype)
     if not torch.isfinite(k_1).all():
         raise RuntimeError(f"the velocity returned NaN or inf at t = {t_0}")
     h = _initial_step(f, tableau, x, t, k_1, args, direction, span, rtol, atol, norm_dtype)
@@ -321,7 +329,7 @@ def _initial_step(f, tableau, x, t, k_1, args, direction: float, span: float, rt
     d_0, d_1 = _rms(x_norm / scale), _rms(k_1.to(norm_dtype) / scale)
     h_0 = torch.where((d_0 < 1e-5) | (d_1 < 1e-5), torch.full_like(d_0, 1e-6 * span), 0.01 * d_0 / d_1).double()
     h_0 = h_0.clamp(max=span)
-    euler = x + (direction * h_0).unsqueeze(-1).to(x.dtype) * k_1
+    euler = (x + (direction * h_0).unsqueeze(-1).to(x.dtype) * k_1).to(x.dtype)
     k_euler = f(_column(t + direction * h_0, x.dtype), euler, *args)
     d_2 = _rms((k_euler - k_1).to(norm_dtype) / scale).double() / h_0
     largest = torch.maximum(d_1.double(), d_2)

@@ -3,6 +3,7 @@ integration, per-sample step control, and bad input."""
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -194,6 +195,17 @@ def test_bad_input():
         odeint(lambda t, x: x * torch.where(t < 0.5, 1.0, math.nan), X_0, [0.0, 1.0], method="dopri5")
     with pytest.raises(TypeError, match="trajectory must be True or False"):
         odeint(rotation, X_0, [0.0, 1.0], trajectory=1)
+    for grid in (torch.tensor([0.0, 1.0 + 5.0j]), np.array([0.0, 1.0 + 5.0j])):  # (integrated over [0, 1])
+        with pytest.raises(TypeError, match="times must be real"):
+            odeint(rotation, X_0, grid)
+
+
+def test_numpy_grids_and_tolerances_are_taken():
+    """A reversed numpy grid (negative strides) failed inside torch; numpy tolerances were refused as not numbers."""
+    grid = np.linspace(0.0, 1.0, 3)
+    forward = odeint(rotation, X_0, grid, method="dopri5", rtol=np.float32(1e-6), atol=np.float64(1e-6))
+    back = odeint(rotation, forward.x, grid[::-1], method="dopri5", rtol=np.float32(1e-6), atol=np.float64(1e-6))
+    torch.testing.assert_close(back.x, X_0, atol=1e-4, rtol=0)
 
 
 @pytest.mark.parametrize("method", ["euler", "rk4"])
@@ -249,6 +261,23 @@ def test_a_lower_precision_velocity_under_autocast(method):
     torch.testing.assert_close(solution.x, expected, atol=0.05, rtol=0)
 
 
+@pytest.mark.parametrize("method", ["dopri5", "bosh3"])
+def test_adaptive_stages_of_a_bfloat16_velocity_combine_in_float32(method):
+    """Stages were combined in the velocity's bfloat16 (dopri5's weights up to 11.6 cancel): an oscillator's errors were
+    3-7x those of the same bfloat16 values returned in float32; now the solves are the same."""
+    omega = torch.tensor([[1.0], [3.0], [7.0]])
+
+    def oscillator(t, x, omega):
+        return torch.cat([x[:, 1:], -(omega**2) * x[:, :1]], 1).bfloat16()
+
+    x_0 = torch.cat([torch.ones(3, 1), torch.zeros(3, 1)], 1)
+    options = dict(method=method, rtol=1e-3, atol=1e-3, args=(omega,))
+    low = odeint(oscillator, x_0, [0.0, 2.0], **options)
+    cast = odeint(lambda t, x, omega: oscillator(t, x, omega).float(), x_0, [0.0, 2.0], **options)
+    assert low.x.dtype == torch.float32 and low.evaluations == cast.evaluations
+    torch.testing.assert_close(low.x, cast.x, atol=0, rtol=0)
+
+
 def test_dopri5_keeps_time_in_float64():
     """t = 10^4 + s in float32 is 1e-3 coarse: the span's end and the steps are kept in float64 (as in torchdiffeq)."""
     solution = odeint(lambda t, x: torch.ones_like(x), torch.zeros(2, 1), [1e4, 1e4 + 1], method="dopri5")
@@ -269,6 +298,10 @@ def test_dopri5_on_a_float16_state():
                       rtol=1e-3, atol=1e-3)
     assert solution.x.dtype == torch.float16
     torch.testing.assert_close(solution.x.float(), torch.full((4, 2), math.exp(-1.0)), atol=3e-3, rtol=0)
+    # fast fields: 11.6 k overflowed float16 in the stage combination (inf - inf: every step rejected, "underflow")
+    fast = odeint(lambda t, x: -2e4 * x, torch.ones(2, 1, dtype=torch.float16), [0.0, 1e-3], method="dopri5",
+                  rtol=1e-3, atol=1e-3)
+    assert fast.x.dtype == torch.float16 and fast.x.abs().max() < 1e-3
 
 
 def test_dopri5_ends_on_a_tiny_last_step():
