@@ -60,20 +60,22 @@ def stub_triton_kernels(assign=setattr) -> None:
 
 
 def _cases(dim: int, rows: int):
-    """(transform, implementation, log_prob(), training()) for fastflow's reference and Triton backends (`-fp32`: the
-    Triton backend as on CUDA with fp32 products, its conditioners in torch) and zuko (the coupling benchmark's
+    """(transform, implementation, log_prob(), training()) for fastflow's reference and Triton backends, the latter as
+    on CUDA: TF32 products with its conditioners fused, training through the layer steps (CUDA's default) or the
+    fused backward (`+fused-backward`, FASTFLOW_FUSED_BACKWARD=1; under the interpreter it is the default, which
+    counted it for the plain row), and `-fp32` (conditioners in torch), and zuko (the coupling benchmark's
     baselines: 5 layers, width 128, SiLU conditioners; its coupling spline flow for splines); call them before
     taking the next case (the dispatch of the implementation holds until then)."""
     from fastflow import benchmarks
     from fastflow.flows import FlowConfig
     from fastflow.nn import CouplingFlow
-    from fastflow.ops import coupling
+    from fastflow.ops import coupling, coupling_flow
 
     x = torch.randn(rows, dim)
     for transform in ("spline", "affine"):
         config = FlowConfig(transform=transform, num_layers=5, hidden=128, num_bins=8)
         flows = {f"fastflow-{backend}": CouplingFlow(dim, config=config, backend=backend) for backend in ("reference", "triton")}
-        flows["fastflow-triton-fp32"] = flows["fastflow-triton"]  # as on CUDA with fp32 products: conditioner in torch
+        flows["fastflow-triton+fused-backward"] = flows["fastflow-triton-fp32"] = flows["fastflow-triton"]
         try:
             kind = "coupling-spline" if transform == "spline" else transform  # zuko's flow of the same architecture
             flows["zuko"] = benchmarks._ZukoAdapter(benchmarks._zuko_flow(kind, dim, torch.nn.SiLU))
@@ -91,8 +93,9 @@ def _cases(dim: int, rows: int):
                     p.grad = None
                 flow.log_prob(x).mean().backward()
 
-            with mock.patch.object(coupling, "fuses_conditioner", lambda precision, device: not name.endswith("fp32")):
-                yield transform, name, log_prob, training  # (the consumer calls them inside the patch)
+            with mock.patch.object(coupling, "fuses_conditioner", lambda precision, device: not name.endswith("fp32")), \
+                    mock.patch.object(coupling_flow, "trains_fused", lambda device: name.endswith("fused-backward")):
+                yield transform, name, log_prob, training  # (the consumer calls them inside the patches)
 
 
 def table(dim: int = 8, rows: int = 256) -> list[tuple[str, str, int, int]]:
@@ -121,10 +124,10 @@ def main() -> None:
     stub_triton_kernels()
     timed = "--time" in sys.argv
     arguments = [a for a in sys.argv[1:] if a != "--time"]
-    print(f"{'transform':10s} {'implementation':20s} {'log_prob':>9s} {'log_prob+backward':>18s}"
+    print(f"{'transform':10s} {'implementation':30s} {'log_prob':>9s} {'log_prob+backward':>18s}"
           + (f" {'host us':>9s} {'host us (+backward)':>20s}" if timed else ""))
     for transform, name, log_prob, training in _cases(int(arguments[0]) if arguments else 8, rows=2 if timed else 256):
-        line = f"{transform:10s} {name:20s} {launches(log_prob):9d} {launches(training):18d}"
+        line = f"{transform:10s} {name:30s} {launches(log_prob):9d} {launches(training):18d}"
         if timed:
             line += f" {host_microseconds(log_prob):9.0f} {host_microseconds(training):20.0f}"
         print(line, flush=True)

@@ -115,21 +115,27 @@ def run_case(case: str) -> None:
 def sanitize(case: str, timeout: float = 240.0, sanitizer: str | None = None) -> dict:
     """`case` in a child process under compute-sanitizer memcheck (`sanitizer`: its path; default
     $COMPUTE_SANITIZER, else found on PATH or in /usr/local/cuda): its verdict, the first invalid accesses
-    reported, and the calls' errors (those before a fault)."""
+    reported, the calls' errors (those before a fault), the child's exit status and `clean`: no sanitizer error, exit
+    status 0 and every call reported (compute-sanitizer's "0 errors" also ends a child that raised, which a crashed
+    case read as a pass; its output's tail is kept then)."""
     sanitizer = (sanitizer or os.environ.get("COMPUTE_SANITIZER") or shutil.which("compute-sanitizer")
                  or "/usr/local/cuda/bin/compute-sanitizer")
     command = [sanitizer, "--tool", "memcheck", "--show-backtrace", "no", "--print-limit", "3",
                sys.executable, __file__, "--case", case]
+    returncode = None
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
-        output = done.stdout + done.stderr
+        output, returncode = done.stdout + done.stderr, done.returncode
     except subprocess.TimeoutExpired as expired:
         output = (expired.stdout or b"").decode() + (expired.stderr or b"").decode() + "\nTIMEOUT"
     summary = re.search(r"ERROR SUMMARY: (\d+) error", output)
     invalid = re.findall(r"=+\s+(Invalid .*|.*out of bounds.*|at .*kernel.*)", output)
-    return {"case": case, "sanitizer_errors": int(summary.group(1)) if summary else None,
-            "first_invalid": invalid[:3], "timed_out": "TIMEOUT" in output,
-            "calls": [json.loads(line[len("RESULT "):]) for line in output.splitlines() if line.startswith("RESULT ")]}
+    calls = [json.loads(line[len("RESULT "):]) for line in output.splitlines() if line.startswith("RESULT ")]
+    errors = int(summary.group(1)) if summary else None
+    clean = errors == 0 and returncode == 0 and bool(calls)
+    return {"case": case, "clean": clean, "sanitizer_errors": errors, "returncode": returncode,
+            "first_invalid": invalid[:3], "timed_out": "TIMEOUT" in output, "calls": calls,
+            **({} if clean else {"output_tail": output[-2000:]})}
 
 
 def main() -> None:
@@ -146,6 +152,8 @@ def main() -> None:
         out.write_text(json.dumps({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
                                    "results": rows}, indent=1))
     print(f"wrote {out}")
+    if not all(row["clean"] for row in rows):
+        raise SystemExit(f"not clean: {[row['case'] for row in rows if not row['clean']]}")
 
 
 if __name__ == "__main__":

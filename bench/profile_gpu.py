@@ -88,7 +88,7 @@ def main() -> None:
     out = Path(sys.argv[1] if len(sys.argv) > 1 else "profile_gpu.json")
     selected = [tuple(arg.split("::")) for arg in sys.argv[2:]] or PROFILED
     if any(len(row) != 3 for row in selected):
-        raise SystemExit('name cases as "FAMILY::CASE::IMPLEMENTATION", e.g. "ode::mlp 3x64 d=2 rk4-100::fastflow-triton"')
+        raise SystemExit('name cases as "FAMILY::CASE::IMPLEMENTATION", e.g. "ode::mlp 3x256 d=2 n=1000000 rk4-100::fastflow-triton-tf32"')
     rows = profile_cases(torch.device("cuda"), selected)
     out.write_text(json.dumps({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "results": rows},
                               indent=1))

@@ -264,7 +264,8 @@ SETTING_KEYS = ("fused", "bf16", "block", "block_m", "block_k", "block_n", "bloc
 
 
 def fastest_settings(rows: list[dict]) -> list[str]:
-    """Per kernel and size, the fastest setting swept and its speed-up over the first (the default): one line each."""
+    """Per kernel and size, the fastest setting swept and its speed-up over the default (the row without settings;
+    "default failed" where it has none: another setting was read as the default): one line each."""
     groups: dict[tuple, list[dict]] = {}
     for row in rows:
         if "ms" in row:
@@ -274,7 +275,9 @@ def fastest_settings(rows: list[dict]) -> list[str]:
         best = min(timed, key=lambda row: row["ms"])
         setting = {key: best[key] for key in SETTING_KEYS if key in best} or "default"
         size = f" width {width}" if width is not None else f" dim {dim}" if dim is not None else ""
-        lines.append(f"{kernel}{size}: fastest {setting} {best['ms']:.3f} ms, {timed[0]['ms'] / best['ms']:.2f}x the first setting")
+        default = next((row for row in timed if not any(key in row for key in SETTING_KEYS)), None)
+        against = f"{default['ms'] / best['ms']:.2f}x the default" if default else "default failed"
+        lines.append(f"{kernel}{size}: fastest {setting} {best['ms']:.3f} ms, {against}")
     return lines
 
 

@@ -138,8 +138,10 @@ def resolve_backend(
 
 TRITON_PRECISIONS = ("ieee", "tf32", "tf32x3")
 # The products' precisions for which automatic dispatch takes the fused ODE kernel on CUDA. Measured on an
-# H200 and an H100 (bench/results/gpu_ode_2026-11-26_*.json): with "ieee" (fp32 on CUDA cores) and "tf32x3"
-# the fused kernels ran slower than the PyTorch reference (cuBLAS fp32); with "tf32" 2.4-17x faster.
+# H200 and an H100 (bench/results/gpu_ode_2026-11-26_*.json, 100 steps of 10^6 samples): with "ieee" (fp32 on CUDA
+# cores) the fused kernels ran 2-3.5x slower than the PyTorch reference (cuBLAS fp32), with "tf32x3" 3.7-4.2x slower
+# for RK4 and at 3x256 (1.3-1.5x faster only for Euler at 3x64); with "tf32" 1.4-2.6x faster at 3x256, 3.0-16x at 3x64
+# (the two machines' earlier and later kernels).
 # (Coupling layers with fp32 products run their conditioner in torch instead: `ops.coupling.fuses_conditioner`.)
 AUTO_TRITON_PRECISIONS = ("tf32",)
 
