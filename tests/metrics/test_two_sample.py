@@ -47,13 +47,15 @@ def test_c2st_of_samples_of_different_sizes():
     assert abs(c2st(X, _normal(200, 2, 9)) - 0.5) < 0.06
     assert c2st(X, _normal(200, 2, 10, shift=5.0)) > 0.99
     shifted = _normal(500, 2, 11) + torch.tensor([0.6, 0.0])
-    for large, small in ((_normal(2500, 2, 12), shifted), (shifted, _normal(2500, 2, 12)[:500])):
-        assert c2st(large, small) > 0.56  # optimum Φ(0.3) = 0.618
+    for X_, Y_ in ((_normal(2500, 2, 12), shifted), (shifted, _normal(2500, 2, 12))):  # either order
+        assert c2st(X_, Y_) > 0.56  # optimum Φ(0.3) = 0.618
     Y = _normal(300, 2, 13)
     assert c2st(X, Y, seed=3) == c2st(X, Y, seed=3)  # the subset is seeded
 
 
 def test_c2st_of_a_small_sample_against_a_large_one():
+    """10 against 500 draws of one distribution: near 0.5 (plain K-folds of the uncut samples left folds of one class,
+    0.60 on average); with 10 draws a side each score is noisy (0.4-0.75), so the mean of 8 seeds is tested."""
     scores = [c2st(_normal(10, 2, seed), _normal(500, 2, seed + 100)) for seed in range(8)]
     assert abs(sum(scores) / len(scores) - 0.5) < 0.1, scores
 
