@@ -57,14 +57,18 @@ def register(family: str):
     return wrap
 
 
-def cases(device: str | torch.device, *, quick: bool = False, families: list[str] | None = None) -> list[Case]:
-    """Every registered case for `device` (`quick`: small sizes, for smoke tests)."""
-    device = torch.device(device)
+def family_names(families: list[str] | None) -> list[str]:
+    """The families `families` names, each once in their order (a family named twice runs once); None: all, sorted."""
     unknown = set(families or []) - set(_FAMILIES)
     if unknown:
         raise ValueError(f"unknown benchmark families {sorted(unknown)}; known: {sorted(_FAMILIES)}")
-    names = list(dict.fromkeys(families)) if families else sorted(_FAMILIES)  # (a family named twice runs once)
-    return [case for name in names for case in _FAMILIES[name](device, quick)]
+    return list(dict.fromkeys(families)) if families else sorted(_FAMILIES)
+
+
+def cases(device: str | torch.device, *, quick: bool = False, families: list[str] | None = None) -> list[Case]:
+    """Every registered case for `device` (`quick`: small sizes, for smoke tests)."""
+    device = torch.device(device)
+    return [case for name in family_names(families) for case in _FAMILIES[name](device, quick)]
 
 
 def synchronizer(device: torch.device) -> Callable[[], None]:

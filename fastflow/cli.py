@@ -122,7 +122,7 @@ def _bench(args: argparse.Namespace) -> int:
         print(benchmarks.table(rows), flush=True)
         measured.extend(rows)
         if args.out is not None:
-            families = list(dict.fromkeys(args.family)) if args.family else None
+            families = benchmarks.family_names(args.family) if args.family else None
             settings = {"quick": args.quick, "repeats": args.repeats, "budget": args.budget, "families": families}
             args.out.write_text(json.dumps(benchmarks.to_json(measured, device, settings), indent=1))
 

@@ -92,7 +92,7 @@ class BoxToReal(Transform):
         one_sided = lower | upper
         grown = torch.where(one_sided, u, 0.0).exp()  # (exp of the other coordinates' u could overflow: NaN gradients)
         # (low + width·sigmoid(u) rounded one step past high once sigmoid(u) rounds to 1: a draw outside the support)
-        inside = torch.minimum(torch.maximum(low + width * torch.sigmoid(u), low), high)
+        inside = (low + width * torch.sigmoid(u)).clamp(low, high)
         x = torch.where(two_sided, inside,
                         torch.where(lower, low + grown, torch.where(upper, high - grown, u)))
         ladj = torch.where(two_sided, F.logsigmoid(u) + F.logsigmoid(-u) + torch.log(width),

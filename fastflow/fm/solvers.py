@@ -250,18 +250,17 @@ def _adaptive(f, tableau, x, grid, args, rtol, atol, max_steps, trajectory: bool
     # stages combined in at least float32: dopri5's weights (up to 11.6, cancelling) lost digits in a bfloat16
     # velocity's precision (errors 3-7x the float32 combination's of the same values) and overflowed float16 (NaN)
     norm_dtype = torch.promote_types(x.dtype, torch.float32)
-    field = f
 
-    def f(t, state, *args):
-        return field(t, state, *args).to(norm_dtype)
+    def f_working(t, state, *args):
+        return f(t, state, *args).to(norm_dtype)
 
     t = torch.full((n,), t_0, dtype=torch.float64, device=x.device)
     grid_times = torch.tensor(grid, dtype=torch.float64, device=x.device)
     target = torch.ones(n, dtype=torch.long, device=x.device)  # each sample's next grid time
-    k_1 = _evaluate_first(field, _column(t, x.dtype), x, args).to(norm_dtype)
+    k_1 = _evaluate_first(f, _column(t, x.dtype), x, args).to(norm_dtype)
     if not torch.isfinite(k_1).all():
         raise RuntimeError(f"the velocity returned NaN or inf at t = {t_0}")
-    h = _initial_step(f, tableau, x, t, k_1, args, direction, span, rtol, atol, norm_dtype)
+    h = _initial_step(f_working, tableau, x, t, k_1, args, direction, span, rtol, atol, norm_dtype)
     solution = OdeSolution(x, evaluations=2)
     if trajectory:
         # written in place as samples reach each time (autograd records the writes)
@@ -281,7 +280,7 @@ def _adaptive(f, tableau, x, grid, args, rtol, atol, max_steps, trajectory: bool
         signed = (direction * step).unsqueeze(-1)  # float64, for the error norm
         signed_x = signed.to(x.dtype)
         stage_times = [_column(t_a + c_i * direction * step, x.dtype) for c_i in tableau.c]
-        k = _stages(f, tableau, stage_times, x_a, signed_x, args_a, k_a)
+        k = _stages(f_working, tableau, stage_times, x_a, signed_x, args_a, k_a)
         solution.evaluations += len(tableau.b) - 1
         x_new = _advance(x_a, signed_x, tableau.b, k)
         with torch.no_grad():
