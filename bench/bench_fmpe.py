@@ -35,7 +35,8 @@ SEEDS = [int(seed) for seed in os.environ.get("FASTFLOW_BENCH_SEEDS", "").split(
 SWEEP = [OdeConfig("euler", steps=20), OdeConfig("heun", steps=10), OdeConfig("midpoint", steps=10),
          OdeConfig("rk4", steps=5), OdeConfig("rk4", steps=10), OdeConfig("rk4", steps=25),
          OdeConfig("dopri5", rtol=1e-3, atol=1e-3), OdeConfig("dopri5", rtol=1e-4, atol=1e-4),
-         OdeConfig("dopri5", rtol=1e-5, atol=1e-5), OdeConfig("rk4", steps=10, mixed_precision="bf16")]
+         OdeConfig("dopri5", rtol=1e-5, atol=1e-5), OdeConfig("rk4", steps=10, mixed_precision="bf16"),
+         OdeConfig("rk4", steps=10, spacing=2.5), OdeConfig("rk4", steps=10, mixed_precision="bf16", spacing=2.5)]
 
 
 def _scores(task, samples):
@@ -106,7 +107,8 @@ def test_fmpe(benchmark):
                  f"mean log q {log_q.mean():.3f}")
     sweep = _sweep(posterior, task.observation(1))
     lines.append("sampler sweep (observation 1, flow space, error vs dopri5 1e-7):")
-    lines += [f"  {c.method:8s} steps={c.steps:3d} rtol={c.rtol:.0e} {c.mixed_precision:4s}: {e:4d} evals {s:6.3f} s  "
+    lines += [f"  {c.method:8s} steps={c.steps:3d} spacing={c.spacing:3.1f} rtol={c.rtol:.0e} {c.mixed_precision:4s}: "
+              f"{e:4d} evals {s:6.3f} s  "
               f"max err {err:.1e}" for c, e, s, err in sweep]
     info["sweep"] = [{"config": c.to_dict(), "evaluations": e, "seconds": s, "max_error": err} for c, e, s, err in sweep]
     print("\n" + "\n".join(lines), flush=True)  # (before sbi's run, which may fail)
