@@ -80,7 +80,12 @@ def _flow_space_pairs(cnf: CNF, theta: torch.Tensor, x: torch.Tensor) -> tuple[t
 # gaussian_linear (seeds 0-1) 32-68 %: they stop at epochs 340-514 (relative to the loss itself the rises do not
 # separate: two_moons 8.5 % early on, gaussian_linear's overfitting 10 %). slcp 0.862 / 0.892 (sbi's FMPE: about
 # 0.85), gaussian_linear 0.557 (NPE 0.538); two_moons never stops and loses little to the held-out pairs:
-# 0.542 / 0.539 / 0.528 / 0.529 over seeds 0-3.
+# 0.542 / 0.539 / 0.528 / 0.529 over seeds 0-3. The rise must last 10 epochs in a row (`overfit_patience`): on a
+# posterior ~0.15 % of a wide box prior's width (1-D, x = θ + N(0, 0.03²), prior [-10, 10]) the loss jumped 2.5x for
+# one epoch at epoch 22 of a run that went on improving 10-fold, and stopping there drew a posterior 6x too wide (41 %
+# of the draws beyond 5 sds) where the full run's is 1.2-1.4x (IQR); over full runs the longest rise there lasted 1
+# epoch. slcp (seeds 0-3) and gaussian_linear (seed 0) stop 10-37 epochs later, with the same best epochs, so the same
+# weights.
 # The loss runs with bfloat16 products on CPUs that multiply bfloat16 in hardware (mixed_precision "auto"): on an AMD
 # EPYC with AVX512-BF16 training took 50.8 s against 66.0 s (two_moons, seed 0, 800 epochs, 1 thread, one process), and
 # scored as float32: two_moons 0.530 / 0.541 / 0.531 (seeds 0-2), slcp 0.861 (stopping at epoch 350 instead of 343),
@@ -118,8 +123,9 @@ class FMPE:
         path: a `fastflow.fm.Path` (default: conditional OT with sigma_min = 1e-3).
         time_distribution, alpha: training times, "uniform" or "power" (p(t) ∝ t^(1/(1+alpha))).
         training: optimizer and stopping options (default `FMPE_TRAINING`: 800 cosine-annealed epochs keeping the
-            last weights, unless the loss on 10 % of the pairs, held out, rises past its best by 20 % of what training
-            gained on it: then training stops with the best epoch's weights, as the model memorizes its pairs).
+            last weights, unless the loss on 10 % of the pairs, held out, stays above its best by 20 % of what
+            training gained on it for 10 epochs: then training stops with the best epoch's weights, as the model
+            memorizes its pairs).
         sampler, likelihood: ODE options of `sample` and `log_prob` (default `FMPE_SAMPLER`: RK4, 10 steps shrinking
             toward the data end (`spacing` 2.5), the hidden layers in bfloat16 on CPUs that multiply it in hardware;
             `FMPE_LIKELIHOOD`: Dopri5 at 1e-5, float32).

@@ -33,6 +33,7 @@ class TrainingConfig:
     lr_schedule: str = "cosine"
     keep: str = "best"
     overfit_tolerance: float | None = None
+    overfit_patience: int = 10
     mixed_precision: str = "off"
 
 

@@ -95,7 +95,7 @@ def test_bounded_prior_samples_stay_inside():
 def test_default_training_keeps_the_last_weights_unless_it_overfits():
     """FMPE_TRAINING keeps the last weights of its cosine-annealed run (its noisy flow-matching loss cannot rank
     nearby epochs: the best-scored epoch was undertrained, see fastflow/inference/fmpe.py), but stops and keeps the
-    best epoch once the validation loss rises past its best by 20 % of what training gained on it: on 100
+    best epoch once the validation loss stays above its best by 20 % of what training gained on it: on 100
     gaussian_linear pairs the last weights of a full run memorized them (held-out loss ~4x the kept ones'; at 10^4
     simulations, slcp's C2ST 0.93 -> 0.86 and gaussian_linear's 0.76 -> 0.56)."""
     from dataclasses import replace
