@@ -99,7 +99,7 @@ def fit(
             first epoch's. None: never.
         overfit_patience: how many consecutive epochs the rise must last (memorizing raises the loss for good; a
             noisy loss jumps for an epoch: flow matching on a narrow posterior, whose single-epoch jump at epoch 22 of
-            an 800-epoch run that went on improving 10-fold stopped it with 5x too wide a posterior).
+            an 800-epoch run that went on improving 10-fold stopped it with 6x too wide a posterior).
         mixed_precision: "bf16": compute the loss (training and validation) under `torch.autocast` with bfloat16
             products (weights, gradients and the optimizer stay float32); "auto": so on a CPU that multiplies
             bfloat16 in hardware (`fastflow.backends.cpu_has_bf16_products`), else as "off" (float32).
