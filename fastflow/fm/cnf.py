@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import itertools
 import math
-import numbers
 from dataclasses import asdict, dataclass
 from typing import Callable
 
 import torch
 import torch.nn as nn
 
-from fastflow._checks import positive_int, real_tensor
+from fastflow._checks import positive_finite, positive_int, real_tensor
 from fastflow.backends import bf16_products, check_mixed_precision, in_own_dtype
 from fastflow.fm.divergence import Divergence, as_divergence
 from fastflow.fm.fused import fused_unsupported, mlp_odeint
@@ -52,8 +51,8 @@ class OdeConfig:
         positive_int(self.steps, "steps")  # (kept as given: a frozen dataclass, saved in configs)
         check_tolerances(self.rtol, self.atol)
         check_mixed_precision(self.mixed_precision)
-        if not (isinstance(self.spacing, numbers.Real) and not isinstance(self.spacing, bool) and 1 <= self.spacing < math.inf):
-            raise ValueError(f"spacing must be a finite number >= 1 (1: even steps), got {self.spacing!r}")
+        if positive_finite(self.spacing, "spacing") < 1:
+            raise ValueError(f"spacing must be >= 1 (1: even steps), got {self.spacing!r}")
 
     def times(self, t_0: float, t_1: float) -> torch.Tensor:
         """The grid `(K + 1,)` from t_0 to t_1 (0 and 1, either way): the ends for an adaptive method, else `steps`

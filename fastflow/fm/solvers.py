@@ -4,14 +4,12 @@ Bogacki–Shampine 3(2): torchdiffeq's "dopri5" and "bosh3")."""
 
 from __future__ import annotations
 
-import math
-import numbers
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
 
-from fastflow._checks import positive_int, real_tensor
+from fastflow._checks import positive_finite, positive_int, real_tensor
 
 __all__ = ["SOLVERS", "ButcherTableau", "OdeSolution", "check_tolerances", "odeint"]
 
@@ -126,8 +124,8 @@ def _stage_times(grid: Sequence[float], c: Sequence[float], dtype: torch.dtype) 
 
 def check_tolerances(rtol: float, atol: float) -> None:
     """Adaptive tolerances must be finite positive numbers (a NaN one would never accept a step)."""
-    if not all(isinstance(v, numbers.Real) and not isinstance(v, bool) and 0 < v < math.inf for v in (rtol, atol)):
-        raise ValueError(f"rtol and atol must be finite positive numbers, got {rtol!r}, {atol!r}")
+    positive_finite(rtol, "rtol")
+    positive_finite(atol, "atol")
 
 
 def _evaluate_first(f, t, x, args) -> torch.Tensor:
